@@ -1,0 +1,48 @@
+"""The contract every algorithm keeps, so that storage never needs to know which one it runs.
+
+An algorithm instance is bound to one window (``limit`` units per ``window`` seconds) and is pure: it reads a
+state (``None`` for a key never seen or forgotten) and the time, and says what a request of ``cost`` units
+would get. ``commit`` returns the state after admitting it. Storage keeps the states, one per key, and makes
+the evaluate-then-commit of all windows of a decision atomic; the Redis scripts implement the same contract.
+
+Preconditions enforced by the caller: ``limit >= 1`` and ``0 <= cost <= limit`` (a cost above the limit is
+denied before any algorithm runs: it can never fit).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Generic, TypeVar
+
+S = TypeVar("S")
+
+Verdict = tuple[bool, int, float, float]
+"""``(allowed, remaining, retry_after, reset_after)``: remaining units after this request (0 when denied),
+seconds until this request would fit (0.0 when allowed), seconds until the key is fully recovered."""
+
+
+class Algorithm(ABC, Generic[S]):
+    """One window of one limit, evaluated by a particular algorithm."""
+
+    name: ClassVar[str]
+    __slots__ = ("limit", "window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+
+    @abstractmethod
+    def evaluate(self, state: S | None, now: float, cost: int) -> Verdict:
+        """What a request of ``cost`` units arriving at ``now`` gets; changes nothing."""
+
+    @abstractmethod
+    def commit(self, state: S | None, now: float, cost: int) -> S:
+        """The state after admitting ``cost`` units at ``now`` (``cost >= 1``; may reuse ``state``)."""
+
+    @abstractmethod
+    def used(self, state: S | None, now: float) -> int:
+        """Units counted against the limit at ``now``."""
+
+    @abstractmethod
+    def idle(self, state: S, now: float) -> bool:
+        """True once ``state`` is indistinguishable from no state: storage may forget the key."""

@@ -1,0 +1,46 @@
+"""Fixed window: a counter per aligned window ``[k * window, (k + 1) * window)``.
+
+Cheapest and easiest to explain, but bursty: up to twice the limit can pass around a window boundary (the end
+of one window and the start of the next). The state packs the window number ``k`` and the units used in it
+into one int, ``k * (limit + 1) + used``: exact (``used <= limit`` always) and 28-36 bytes instead of a tuple.
+"""
+
+from __future__ import annotations
+
+from .base import Algorithm, Verdict
+
+
+class FixedWindow(Algorithm[int]):
+    """O(1) memory; never more than the limit per aligned window."""
+
+    name = "fixed_window"
+    __slots__ = ("base",)
+
+    def __init__(self, limit: int, window: float) -> None:
+        super().__init__(limit, window)
+        self.base = limit + 1
+
+    def _used_now(self, state: int | None, k: int) -> int:
+        if state is None:
+            return 0
+        state_k, used = divmod(state, self.base)
+        return used if state_k == k else 0
+
+    def evaluate(self, state: int | None, now: float, cost: int) -> Verdict:
+        k = int(now // self.window)
+        used = self._used_now(state, k)
+        to_next = (k + 1) * self.window - now
+        if used + cost <= self.limit:
+            after = used + cost
+            return True, self.limit - after, 0.0, to_next if after else 0.0
+        return False, 0, to_next, to_next
+
+    def commit(self, state: int | None, now: float, cost: int) -> int:
+        k = int(now // self.window)
+        return k * self.base + self._used_now(state, k) + cost
+
+    def used(self, state: int | None, now: float) -> int:
+        return self._used_now(state, int(now // self.window))
+
+    def idle(self, state: int, now: float) -> bool:
+        return state // self.base < int(now // self.window)

@@ -1,0 +1,75 @@
+"""Sliding window log: the exact algorithm, and the default.
+
+Every admitted request is logged with its time; a request admitted at ``t`` counts against every check
+in ``[t, t + window)``. A request of ``cost`` fits when the units logged in ``(now - window, now]`` plus
+``cost`` stay within the limit, and when it does not, ``retry_after`` is exactly the time until enough old
+entries leave the window. Memory grows with the number of admitted requests in a window (never with their
+cost): the log is one ``bytearray`` of float64 pairs ``[time, cumulative cost, ...]``, 16 bytes per request
+(a bytearray has a smaller header than an ``array``), and the cumulative costs make every count a binary
+search, not a sum.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from struct import Struct
+
+from .base import Algorithm, Verdict
+
+_ENTRY = Struct("dd")  # (time, cumulative cost), native float64
+_FLOAT = Struct("d")
+# Every _COMPACT_AT appends, expired entries are cut from the front of a log when at least that many have
+# piled up, or half the log: at most about twice the live entries plus 2 * _COMPACT_AT are kept.
+_COMPACT_AT = 32
+
+
+class SlidingLog(Algorithm[bytearray]):
+    """Exact; memory proportional to the requests admitted in one window."""
+
+    name = "sliding_log"
+    __slots__ = ()
+
+    def _live(self, log: bytearray, now: float) -> tuple[int, float, float]:
+        """``(index of the first live entry, cumulative cost before it, cumulative cost of the log)``."""
+        total = _FLOAT.unpack_from(log, len(log) - 8)[0]
+        if _FLOAT.unpack_from(log, 0)[0] > now - self.window:
+            return 0, 0.0, total  # nothing has expired: no search needed
+        with memoryview(log) as raw, raw.cast("d") as values:
+            first = bisect_right(values[::2], now - self.window)
+            return first, values[2 * first - 1], total
+
+    def evaluate(self, state: bytearray | None, now: float, cost: int) -> Verdict:
+        if not state:
+            return True, self.limit - cost, 0.0, self.window if cost else 0.0
+        first, before, total = self._live(state, now)
+        used = total - before
+        last_expiry = max(_ENTRY.unpack_from(state, len(state) - 16)[0] + self.window - now, 0.0)
+        if used + cost <= self.limit:
+            after = int(used) + cost
+            return True, self.limit - after, 0.0, (self.window if cost else last_expiry)
+        # Entries up to and including index `k` must leave the window: the first whose cumulative cost
+        # reaches `total + cost - limit`.
+        with memoryview(state) as raw, raw.cast("d") as values:
+            k = bisect_left(values[1::2], total + cost - self.limit, first)
+            return False, 0, values[2 * k] + self.window - now, last_expiry
+
+    def commit(self, state: bytearray | None, now: float, cost: int) -> bytearray:
+        if state is None:
+            return bytearray(_ENTRY.pack(now, cost))
+        if len(state) % (16 * _COMPACT_AT) == 0:  # every _COMPACT_AT entries, look for expired ones
+            first = self._live(state, now)[0]
+            # Cut expired entries but keep the last of them: its cumulative cost is the base of the rest.
+            expired = first - 1
+            if expired > 0 and (expired >= _COMPACT_AT or 2 * expired >= len(state) // 16):
+                del state[: 16 * expired]
+        state += _ENTRY.pack(now, _FLOAT.unpack_from(state, len(state) - 8)[0] + cost)
+        return state
+
+    def used(self, state: bytearray | None, now: float) -> int:
+        if not state:
+            return 0
+        _, before, total = self._live(state, now)
+        return int(total - before)
+
+    def idle(self, state: bytearray, now: float) -> bool:
+        return not state or _ENTRY.unpack_from(state, len(state) - 16)[0] + self.window <= now

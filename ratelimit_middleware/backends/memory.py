@@ -1,0 +1,159 @@
+"""In-memory storage: one process, zero set-up, exact and thread-safe.
+
+Each rule (one window of one tier) has its own ``OrderedDict`` of key -> algorithm state, kept in least
+recently used order. A decision evaluates every rule under one lock and commits only if all allow, so denied
+requests charge nothing and concurrent threads can never over-admit.
+
+Memory stays bounded without a background thread: every ``_SWEEP_EVERY`` decisions, and whenever a new key
+is stored, idle (fully recovered) states are dropped from the least recently used end of the stores; and
+``max_keys`` caps the total, evicting idle keys first, then the least recently used key of the largest store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from ..algorithms import Verdict
+from ..decision import Decision
+from ..policy import Policy, Rule
+
+__all__ = ["DEFAULT_MAX_KEYS", "MemoryBackend"]
+
+DEFAULT_MAX_KEYS = 1_000_000
+"""About 200 MB of states at most for the O(1) algorithms (see DESIGN.md for bytes per key)."""
+
+_SWEEP_EVERY = 64  # decisions between two sweeps: up to one idle key dropped per decision
+_SWEEP_BATCH = 64  # idle keys dropped at most per store and sweep
+
+
+class MemoryBackend:
+    """Holds the states of one policy's keys in this process."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = DEFAULT_MAX_KEYS,
+    ) -> None:
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+            raise ValueError(f"max_keys must be an int >= 1, got {max_keys!r}")
+        self._policy = policy
+        self._clock = clock
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._stores: list[OrderedDict[Hashable, Any]] = [OrderedDict() for _ in policy.rules]
+        self._until_sweep = _SWEEP_EVERY
+
+    # -- decisions ---------------------------------------------------------------------------------
+
+    def decide(self, user: str, model: str, cost: int) -> Decision:
+        """Evaluate every rule at the current time; commit all or nothing."""
+        policy = self._policy
+        if cost > policy.min_limit:
+            return policy.oversized(cost)
+        now = self._clock()
+        with self._lock:
+            self._until_sweep -= 1
+            if self._until_sweep <= 0:
+                self._sweep(now)
+            if len(self._stores) == 1:  # the common case, without the lists
+                rule = policy.rules[0]
+                store = self._stores[0]
+                key = rule.identity(user, model)
+                state = store.get(key)
+                if state is not None:
+                    store.move_to_end(key)
+                verdict = rule.algorithm.evaluate(state, now, cost)
+                if verdict[0] and cost:
+                    if state is None:
+                        self._make_room(rule, store, now)
+                    store[key] = rule.algorithm.commit(state, now, cost)
+                return rule.decision(verdict, cost)
+            rules = policy.rules
+            keys = [rule.identity(user, model) for rule in rules]
+            states = [self._touch(store, key) for store, key in zip(self._stores, keys, strict=True)]
+            verdicts: list[Verdict] = [
+                rule.algorithm.evaluate(state, now, cost) for rule, state in zip(rules, states, strict=True)
+            ]
+            if cost and all(verdict[0] for verdict in verdicts):
+                for rule, store, key, state in zip(rules, self._stores, keys, states, strict=True):
+                    if state is None:
+                        self._make_room(rule, store, now)
+                    store[key] = rule.algorithm.commit(state, now, cost)
+        return policy.decide(verdicts, cost)
+
+    async def adecide(self, user: str, model: str, cost: int) -> Decision:
+        """``decide`` for event loops: it never waits on I/O, so it simply runs inline."""
+        return self.decide(user, model, cost)
+
+    def used(self, user: str, model: str, rule: Rule) -> int:
+        """Units that ``rule`` counts for this user and model now."""
+        now = self._clock()
+        with self._lock:
+            state = self._stores[rule.index].get(rule.identity(user, model))
+            return rule.algorithm.used(state, now)
+
+    async def aused(self, user: str, model: str, rule: Rule) -> int:
+        return self.used(user, model, rule)
+
+    def reset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
+        """Forget the keys that ``rules`` hold for this user and model."""
+        with self._lock:
+            for rule in rules:
+                self._stores[rule.index].pop(rule.identity(user, model), None)
+
+    async def areset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
+        self.reset(user, model, rules)
+
+    def __len__(self) -> int:
+        return sum(len(store) for store in self._stores)
+
+    # -- storage -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _touch(store: OrderedDict[Hashable, Any], key: Hashable) -> Any:
+        state = store.get(key)
+        if state is not None:
+            store.move_to_end(key)
+        return state
+
+    def _make_room(self, rule: Rule, store: OrderedDict[Hashable, Any], now: float) -> None:
+        """Before a new key is stored: drop a couple of idle keys, and respect ``max_keys``."""
+        self._sweep_store(rule, store, now, 2)
+        if len(self) >= self._max_keys:
+            self._evict(now)
+
+    def _sweep(self, now: float) -> None:
+        self._until_sweep = _SWEEP_EVERY
+        for rule, store in zip(self._policy.rules, self._stores, strict=True):
+            self._sweep_store(rule, store, now, _SWEEP_BATCH)
+
+    @staticmethod
+    def _sweep_store(rule: Rule, store: OrderedDict[Hashable, Any], now: float, limit: int) -> None:
+        """Drop up to ``limit`` idle states from the least recently used end, stopping at a live one.
+
+        Within one store every key has the same window, so idle keys gather at that end: a key unused for a
+        whole window (two for the sliding window counter) is always idle.
+        """
+        idle = rule.algorithm.idle
+        for _ in range(limit):
+            if not store:
+                return
+            key, state = next(iter(store.items()))
+            if not idle(state, now):
+                return
+            del store[key]
+
+    def _evict(self, now: float) -> None:
+        """Bring the total below ``max_keys``: idle keys first, then the LRU key of the largest store."""
+        self._sweep(now)
+        while len(self) >= self._max_keys:
+            largest = max(self._stores, key=len)
+            largest.popitem(last=False)

@@ -1,0 +1,175 @@
+"""What a limit is: an amount per window, one or several windows at once, parsed from strings.
+
+``RateLimitConfig(100, 3600)`` is one window; ``RateLimitConfig.parse("10/minute;1000/day")`` is two windows
+that are checked together (a request must fit both). Every backend and algorithm reads limits from here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import NamedTuple
+
+__all__ = ["LimitSpec", "RateLimitConfig", "Window", "as_config"]
+
+# Window lengths users know from other limiters. A month is 30 days and a year 365 days, as in `limits`.
+_UNIT_SECONDS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hr": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+    "w": 604800.0,
+    "week": 604800.0,
+    "month": 2592000.0,
+    "y": 31536000.0,
+    "year": 31536000.0,
+}
+_ITEM = re.compile(
+    r"^\s*(?P<amount>\d+)\s*(?:/|\s+per\s+)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$",
+    re.IGNORECASE,
+)
+_NAMES = ((86400.0, "day"), (3600.0, "hour"), (60.0, "minute"), (1.0, "second"))
+
+
+def _check_amount(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+    return value
+
+
+def _check_seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"window_seconds must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"window_seconds must be finite and > 0, got {value!r}")
+    return seconds
+
+
+def describe_seconds(seconds: float) -> str:
+    """``3600.0`` -> ``"1 hour"``, ``90.0`` -> ``"90 seconds"``: for messages and ``str()``."""
+    for size, name in _NAMES:
+        count = seconds / size
+        if count >= 1 and count == int(count):
+            n = int(count)
+            return f"{n} {name}" if n == 1 else f"{n} {name}s"
+    return f"{seconds:g} seconds"
+
+
+class Window(NamedTuple):
+    """One limit: at most ``max_requests`` units in any ``seconds`` (as the algorithm defines "any")."""
+
+    max_requests: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.max_requests} per {describe_seconds(self.seconds)}"
+
+
+class RateLimitConfig:
+    """One or more windows that a request must fit all at once.
+
+    ``RateLimitConfig(100, 3600)`` allows 100 units per hour. ``parse`` reads the strings of other limiters:
+    ``"100/hour"``, ``"10 per minute"``, ``"100/5 minutes"``, and several windows joined by ``;`` or ``,``.
+    """
+
+    __slots__ = ("windows",)
+    windows: tuple[Window, ...]
+
+    def __init__(self, max_requests: int, window_seconds: float) -> None:
+        window = Window(_check_amount(max_requests, "max_requests"), _check_seconds(window_seconds))
+        object.__setattr__(self, "windows", (window,))
+
+    @classmethod
+    def from_windows(cls, windows: Iterable[tuple[int, float]]) -> RateLimitConfig:
+        """A config of several ``(max_requests, window_seconds)`` pairs, checked together."""
+        built = tuple(
+            Window(_check_amount(amount, "max_requests"), _check_seconds(seconds))
+            for amount, seconds in windows
+        )
+        if not built:
+            raise ValueError("a RateLimitConfig needs at least one window")
+        config = cls.__new__(cls)
+        object.__setattr__(config, "windows", built)
+        return config
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimitConfig:
+        """Parse ``"10/minute;1000/day"``-style text; raise ``ValueError`` naming the bad part."""
+        if not isinstance(text, str):
+            raise TypeError(f"a limit string must be a str, got {text!r}")
+        parts = [part for part in re.split(r"[;,]", text) if part.strip()]
+        if not parts:
+            raise ValueError(f"no limit in {text!r}: expected e.g. '100/hour' or '10 per minute'")
+        windows = []
+        for part in parts:
+            match = _ITEM.match(part)
+            unit = match["unit"].lower() if match else ""
+            if unit.endswith("s") and unit not in _UNIT_SECONDS:
+                unit = unit[:-1]
+            if match is None or unit not in _UNIT_SECONDS:
+                raise ValueError(
+                    f"bad limit {part.strip()!r} in {text!r}: expected '<amount>/<unit>' or "
+                    f"'<amount> per <n> <unit>' with unit one of second, minute, hour, day, week, "
+                    f"month, year"
+                )
+            count = float(match["count"]) if match["count"] else 1.0
+            if count <= 0:
+                raise ValueError(f"bad limit {part.strip()!r} in {text!r}: the window must be > 0")
+            windows.append((int(match["amount"]), count * _UNIT_SECONDS[unit]))
+        return cls.from_windows(windows)
+
+    def _single(self) -> Window:
+        if len(self.windows) != 1:
+            raise AttributeError(
+                f"{self} has {len(self.windows)} windows; read .windows instead of a single field"
+            )
+        return self.windows[0]
+
+    @property
+    def max_requests(self) -> int:
+        """The amount of a single-window config."""
+        return self._single().max_requests
+
+    @property
+    def window_seconds(self) -> float:
+        """The window length of a single-window config, in seconds."""
+        return self._single().seconds
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("RateLimitConfig is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RateLimitConfig) and other.windows == self.windows
+
+    def __hash__(self) -> int:
+        return hash(self.windows)
+
+    def __str__(self) -> str:
+        return "; ".join(str(window) for window in self.windows)
+
+    def __repr__(self) -> str:
+        return f"RateLimitConfig.parse({str(self)!r})"
+
+
+LimitSpec = RateLimitConfig | str
+"""What every limiter accepts as a limit: a config, or a string for ``RateLimitConfig.parse``."""
+
+
+def as_config(spec: LimitSpec, what: str) -> RateLimitConfig:
+    """Normalise a config or limit string; ``what`` names the argument in errors."""
+    if isinstance(spec, RateLimitConfig):
+        return spec
+    if isinstance(spec, str):
+        return RateLimitConfig.parse(spec)
+    raise TypeError(f"{what} must be a RateLimitConfig or a limit string like '100/hour', got {spec!r}")

@@ -1,0 +1,48 @@
+"""The answer to one rate limit check, immutable, the same whichever backend or algorithm made it."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from .config import describe_seconds
+
+__all__ = ["Decision"]
+
+
+class Decision(NamedTuple):
+    """Whether a request may pass, and the figures clients need to back off.
+
+    For several tiers or windows, the figures are those of the *binding* one: on denial the limit that forces
+    the longest wait, otherwise the one with the fewest units left. ``retry_after`` is ``math.inf`` when the
+    cost is larger than the limit itself: such a request can never pass, however long it waits.
+    """
+
+    allowed: bool
+    limit: int
+    """Units allowed per window by the binding limit."""
+    remaining: int
+    """Units left after this request (0 when denied)."""
+    retry_after: float
+    """Seconds until this request, with its cost, would be allowed (0.0 when allowed)."""
+    reset_after: float
+    """Seconds until the binding key has fully recovered."""
+    tier: str
+    """The binding tier: ``per_user_model``, ``per_model``, ``per_user`` or ``global``."""
+    window_seconds: float
+    """The binding window's length."""
+    cost: int
+    """The units this request asked for."""
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+    @property
+    def reason(self) -> str | None:
+        """Why the request was denied, naming the tier and its limit; ``None`` when allowed."""
+        if self.allowed:
+            return None
+        limit = f"{self.tier} limit of {self.limit} per {describe_seconds(self.window_seconds)}"
+        if math.isinf(self.retry_after):
+            return f"a cost of {self.cost} exceeds the {limit}; it can never be allowed"
+        return f"{limit} exceeded; retry in {self.retry_after:.3f}s"

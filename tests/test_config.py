@@ -1,0 +1,102 @@
+"""RateLimitConfig: construction, parsing of limit strings, and the errors for bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ratelimit_middleware import MultiTierRateLimiter, RateLimitConfig, RateLimiter, Window
+
+
+def test_config_holds_one_window() -> None:
+    config = RateLimitConfig(100, 3600)
+    assert config.max_requests == 100
+    assert config.window_seconds == 3600.0
+    assert config.windows == (Window(100, 3600.0),)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("100/hour", [(100, 3600.0)]),
+        ("10 per minute", [(10, 60.0)]),
+        ("10 PER Minute", [(10, 60.0)]),
+        ("5/second", [(5, 1.0)]),
+        ("5/s", [(5, 1.0)]),
+        ("7/day", [(7, 86400.0)]),
+        ("100/5 minutes", [(100, 300.0)]),
+        ("100 per 5 minutes", [(100, 300.0)]),
+        ("3/10s", [(3, 10.0)]),
+        ("1000/month", [(1000, 30 * 86400.0)]),
+        ("0/hour", [(0, 3600.0)]),
+        ("10/minute;1000/day", [(10, 60.0), (1000, 86400.0)]),
+        (" 10/minute , 1000/day ", [(10, 60.0), (1000, 86400.0)]),
+        ("10/minute;", [(10, 60.0)]),
+    ],
+)
+def test_parse_accepts_common_forms(text: str, expected: list[tuple[int, float]]) -> None:
+    assert RateLimitConfig.parse(text).windows == tuple(Window(a, s) for a, s in expected)
+
+
+@pytest.mark.parametrize(
+    "text", ["", ";", "hundred/hour", "10/fortnight", "10", "-5/hour", "10/0 minutes", "1.5/hour", "10//hour"]
+)
+def test_parse_rejects_bad_strings_naming_them(text: str) -> None:
+    with pytest.raises(ValueError, match="limit") as raised:
+        RateLimitConfig.parse(text)
+    assert repr(text) in str(raised.value)
+
+
+def test_parse_rejects_non_strings() -> None:
+    with pytest.raises(TypeError, match="str"):
+        RateLimitConfig.parse(100)  # type: ignore[arg-type]
+
+
+def test_multi_window_config_has_no_single_fields() -> None:
+    config = RateLimitConfig.parse("10/minute;1000/day")
+    with pytest.raises(AttributeError, match="2 windows"):
+        _ = config.max_requests
+
+
+@pytest.mark.parametrize(
+    ("amount", "seconds", "error", "named"),
+    [
+        (-1, 60, ValueError, "-1"),
+        (10, 0, ValueError, "0"),
+        (10, -5, ValueError, "-5"),
+        (10, math.nan, ValueError, "nan"),
+        (10, math.inf, ValueError, "inf"),
+        (1.5, 60, TypeError, "1.5"),
+        (True, 60, TypeError, "True"),
+        ("10", 60, TypeError, "'10'"),
+        (10, "60", TypeError, "'60'"),
+    ],
+)
+def test_bad_config_names_the_value(amount: object, seconds: object, error: type, named: str) -> None:
+    with pytest.raises(error, match=named):
+        RateLimitConfig(amount, seconds)  # type: ignore[arg-type]
+    with pytest.raises(error, match=named):
+        RateLimiter(amount, seconds)  # type: ignore[arg-type]
+
+
+def test_from_windows_needs_a_window() -> None:
+    with pytest.raises(ValueError, match="at least one window"):
+        RateLimitConfig.from_windows([])
+
+
+def test_config_is_immutable_hashable_and_round_trips() -> None:
+    config = RateLimitConfig.parse("10/minute;1000/day")
+    with pytest.raises(AttributeError):
+        config.windows = ()  # type: ignore[misc]
+    assert config == RateLimitConfig.parse(str(config))
+    assert eval(repr(config)) == config
+    assert len({config, RateLimitConfig.parse("10 per minute; 1000 per day")}) == 1
+    assert str(RateLimitConfig(90, 90)) == "90 per 90 seconds"
+
+
+def test_parsed_configs_and_strings_are_accepted_as_tiers() -> None:
+    limiter = MultiTierRateLimiter(per_user_model=RateLimitConfig.parse("2/minute"), per_model="100/hour")
+    assert limiter.allow("a", "m") == (True, None)
+    with pytest.raises(TypeError, match="per_model"):
+        MultiTierRateLimiter(per_model=100)  # type: ignore[arg-type]

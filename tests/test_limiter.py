@@ -1,0 +1,236 @@
+"""RateLimiter semantics that every algorithm shares: allow/deny, isolation, cost, counts, reset, async."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from ratelimit_middleware import Decision, RateLimitConfig, RateLimiter
+
+from .conftest import FakeClock
+
+
+def make(algorithm: str, clock: FakeClock, limit: int = 3, window: float = 60) -> RateLimiter:
+    return RateLimiter(limit, window, algorithm=algorithm, clock=clock)
+
+
+def test_readme_quick_start_works_as_written() -> None:
+    limiter = RateLimiter(max_requests=100, window_seconds=3600)
+    assert limiter.allow("alice", "gpt-4")
+    count = limiter.get_request_count("alice", "gpt-4")
+    assert count == 1
+
+
+def test_defaults_are_100_per_hour_sliding_log() -> None:
+    limiter = RateLimiter()
+    decision = limiter.check("alice", "gpt-4")
+    assert (decision.limit, decision.window_seconds, decision.remaining) == (100, 3600.0, 99)
+    assert limiter.policy.algorithm == "sliding_log"
+
+
+def test_allows_up_to_the_limit_then_denies(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock)
+    assert [limiter.allow("u", "m") for _ in range(5)] == [True, True, True, False, False]
+
+
+def test_users_and_models_are_isolated(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=1)
+    assert limiter.allow("alice", "gpt-4")
+    assert not limiter.allow("alice", "gpt-4")
+    assert limiter.allow("bob", "gpt-4")
+    assert limiter.allow("alice", "llama")
+
+
+def test_keys_cannot_collide(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=1)
+    assert limiter.allow("a:b", "c")
+    assert limiter.allow("a", "b:c")
+    assert limiter.allow("a\x00b", "c")
+    assert limiter.allow("", "a:b:c")
+    assert limiter.allow("a:b:c", "")
+    assert len(limiter) == 5
+
+
+def test_decision_fields_when_allowed(algorithm: str, clock: FakeClock) -> None:
+    decision = make(algorithm, clock, limit=3).check("u", "m")
+    assert isinstance(decision, Decision)
+    assert decision.allowed and bool(decision)
+    assert (decision.limit, decision.remaining, decision.retry_after) == (3, 2, 0.0)
+    assert decision.reset_after > 0
+    assert (decision.tier, decision.window_seconds, decision.cost) == ("per_user_model", 60.0, 1)
+    assert decision.reason is None
+
+
+def test_decision_fields_when_denied(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=1)
+    limiter.allow("u", "m")
+    decision = limiter.check("u", "m")
+    assert not decision and not decision.allowed
+    assert decision.remaining == 0
+    assert 0 < decision.retry_after <= 2 * 60
+    assert decision.reset_after > 0
+    assert decision.reason is not None
+    assert "per_user_model" in decision.reason and "1 per 1 minute" in decision.reason
+
+
+def test_decision_is_immutable(clock: FakeClock) -> None:
+    decision = RateLimiter(clock=clock).check("u", "m")
+    with pytest.raises(AttributeError):
+        decision.allowed = False  # type: ignore[misc]
+
+
+def test_waiting_retry_after_is_enough(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=4, window=16)
+    for step in range(40):  # a bursty pattern: whenever denied, wait exactly retry_after
+        decision = limiter.check("u", "m")
+        if not decision.allowed:
+            assert decision.retry_after > 0
+            clock.advance(decision.retry_after)
+            assert limiter.allow("u", "m"), f"denied right after waiting retry_after at step {step}"
+        clock.advance(0.5)
+
+
+def test_retry_after_is_not_much_too_long(algorithm: str, clock: FakeClock) -> None:
+    """Just before retry_after has passed, the request is still denied: the wait is tight."""
+    limiter = make(algorithm, clock, limit=4, window=16)
+    while limiter.allow("u", "m"):
+        clock.advance(1)
+    decision = limiter.check("u", "m")
+    clock.advance(decision.retry_after - 0.01)
+    assert not limiter.allow("u", "m")
+
+
+def test_denied_requests_consume_nothing(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=2, window=10)
+    limiter.allow("u", "m")
+    limiter.allow("u", "m")
+    first = limiter.check("u", "m")
+    for _ in range(100):
+        assert not limiter.allow("u", "m")
+    assert limiter.check("u", "m").retry_after == first.retry_after
+    assert limiter.get_request_count("u", "m") == 2
+
+
+def test_everything_recovers_after_a_long_idle(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=2, window=10)
+    while limiter.allow("u", "m"):
+        pass
+    clock.advance(20)
+    assert limiter.get_request_count("u", "m") == 0
+    assert limiter.check("u", "m").remaining == 1
+
+
+def test_cost_counts_as_several_units(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=10)
+    assert limiter.check("u", "m", cost=7).remaining == 3
+    assert not limiter.allow("u", "m", cost=4)
+    assert limiter.allow("u", "m", cost=3)
+    assert limiter.get_request_count("u", "m") == 10
+
+
+def test_cost_above_the_limit_can_never_pass(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=10)
+    decision = limiter.check("u", "m", cost=11)
+    assert not decision.allowed
+    assert math.isinf(decision.retry_after)
+    assert decision.reason is not None and "can never be allowed" in decision.reason
+    assert "11" in decision.reason
+    assert limiter.get_request_count("u", "m") == 0
+    assert len(limiter) == 0
+
+
+def test_cost_zero_is_allowed_and_stores_nothing(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=1)
+    assert limiter.allow("u", "m", cost=0)
+    assert len(limiter) == 0
+    limiter.allow("u", "m")
+    assert limiter.allow("u", "m", cost=0)
+    assert not limiter.allow("u", "m")
+
+
+def test_large_costs_take_one_entry(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=1_000_000)
+    assert limiter.allow("u", "m", cost=50_000)
+    assert limiter.get_request_count("u", "m") == 50_000
+    assert len(limiter) == 1
+
+
+def test_max_requests_zero_denies_everything(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=0)
+    decision = limiter.check("u", "m")
+    assert not decision.allowed
+    assert decision.limit == 0
+    assert math.isinf(decision.retry_after)
+
+
+def test_get_request_count_follows_usage(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=5)
+    assert limiter.get_request_count("u", "m") == 0
+    for expected in range(1, 4):
+        limiter.allow("u", "m")
+        assert limiter.get_request_count("u", "m") == expected
+    assert limiter.get_request_count("other", "m") == 0
+
+
+def test_reset_forgets_one_key(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=1)
+    limiter.allow("u", "m")
+    limiter.allow("v", "m")
+    limiter.reset("u", "m")
+    assert limiter.allow("u", "m")
+    assert not limiter.allow("v", "m")
+    limiter.reset("nobody", "m")  # forgetting an unknown key is fine
+
+
+def test_multi_window_limits_are_checked_together(algorithm: str, clock: FakeClock) -> None:
+    limiter = RateLimiter(limit="2/second;3/minute", algorithm=algorithm, clock=clock)
+    assert limiter.allow("u", "m") and limiter.allow("u", "m")
+    decision = limiter.check("u", "m")
+    assert not decision.allowed and decision.window_seconds == 1.0
+    clock.advance(3)
+    assert limiter.allow("u", "m")
+    decision = limiter.check("u", "m")
+    assert not decision.allowed and decision.window_seconds == 60.0
+    assert decision.limit == 3
+
+
+def test_multi_window_denial_charges_no_window(clock: FakeClock) -> None:
+    limiter = RateLimiter(limit="5/second;2/minute", clock=clock)
+    limiter.allow("u", "m", cost=2)
+    assert not limiter.allow("u", "m")  # denied by the minute window
+    clock.advance(61)
+    assert limiter.allow("u", "m", cost=2)  # nothing was charged to the second window meanwhile
+
+
+def test_limit_keyword_takes_config_or_string(clock: FakeClock) -> None:
+    assert RateLimiter(limit=RateLimitConfig(1, 5), clock=clock).check("u", "m").limit == 1
+    assert RateLimiter(limit="7/hour", clock=clock).check("u", "m").limit == 7
+    with pytest.raises(TypeError, match="not both"):
+        RateLimiter(10, limit="7/hour")
+
+
+def test_async_twins_share_state(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=2)
+
+    async def scenario() -> None:
+        assert await limiter.aallow("u", "m")
+        assert limiter.allow("u", "m")
+        assert not await limiter.aallow("u", "m")
+        assert await limiter.aget_request_count("u", "m") == 2
+        decision = await limiter.acheck("u", "m")
+        assert not decision.allowed
+        await limiter.areset("u", "m")
+        assert await limiter.aallow("u", "m")
+
+    asyncio.run(scenario())
+
+
+def test_async_gather_admits_exactly_the_limit(algorithm: str, clock: FakeClock) -> None:
+    limiter = make(algorithm, clock, limit=25)
+
+    async def scenario() -> list[bool]:
+        return await asyncio.gather(*(limiter.aallow("u", "m") for _ in range(100)))
+
+    assert sum(asyncio.run(scenario())) == 25

@@ -1,0 +1,120 @@
+"""Memory stays bounded: idle keys are swept inside calls, max_keys caps the store, LRU keys go first."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+
+from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware.backends.memory import DEFAULT_MAX_KEYS
+
+from .conftest import FakeClock
+
+
+def test_idle_keys_are_swept_without_a_thread(algorithm: str, clock: FakeClock) -> None:
+    limiter = RateLimiter(5, 10, algorithm=algorithm, clock=clock)
+    for i in range(1000):
+        limiter.allow(f"user-{i}", "m")
+    assert len(limiter) == 1000
+    clock.advance(30)  # every key is idle now, for every algorithm
+    for _ in range(1000 + 64):  # one active user keeps calling; each call sweeps one idle key on average
+        limiter.allow("active", "m")
+        clock.advance(0.001)
+    assert len(limiter) == 1
+
+
+def test_new_keys_reclaim_idle_ones(algorithm: str, clock: FakeClock) -> None:
+    limiter = RateLimiter(5, 10, algorithm=algorithm, clock=clock)
+    for round_ in range(10):  # a churn of one-off users, each round after the last went idle
+        for i in range(200):
+            limiter.allow(f"user-{round_}-{i}", "m")
+        clock.advance(30)
+    assert len(limiter) <= 400
+
+
+def test_live_keys_are_never_swept(algorithm: str, clock: FakeClock) -> None:
+    limiter = RateLimiter(1, 100, algorithm=algorithm, clock=clock)
+    for i in range(300):
+        limiter.allow(f"user-{i}", "m")
+    for _ in range(600):
+        limiter.allow("other", "m")
+    clock.advance(1)
+    assert not any(limiter.allow(f"user-{i}", "m") for i in range(300))
+
+
+def test_max_keys_caps_the_store(algorithm: str, clock: FakeClock) -> None:
+    limiter = RateLimiter(5, 3600, algorithm=algorithm, clock=clock, max_keys=100)
+    for i in range(1000):
+        limiter.allow(f"user-{i}", "m")
+        assert len(limiter) <= 100
+    assert len(limiter) == 100
+
+
+def test_max_keys_evicts_least_recently_used(clock: FakeClock) -> None:
+    limiter = RateLimiter(1, 3600, clock=clock, max_keys=3)
+    for user in ["a", "b", "c"]:
+        limiter.allow(user, "m")
+    assert not limiter.allow("a", "m")  # a is now the most recently used (denials count as use)
+    limiter.allow("d", "m")  # evicts b, the least recently used
+    assert not limiter.allow("a", "m")
+    assert not limiter.allow("c", "m")
+    assert limiter.allow("b", "m")  # b was forgotten: it starts afresh
+
+
+def test_max_keys_evicts_idle_keys_before_live_ones(clock: FakeClock) -> None:
+    limiter = RateLimiter(1, 10, clock=clock, max_keys=3)
+    limiter.allow("old", "m")
+    clock.advance(20)  # "old" is idle now
+    limiter.allow("a", "m")
+    limiter.allow("b", "m")
+    limiter.allow("c", "m")  # over the cap: "old" goes, not a live key
+    assert len(limiter) == 3
+    assert not any(limiter.allow(user, "m") for user in "abc")
+
+
+def test_max_keys_counts_every_tier(clock: FakeClock) -> None:
+    limiter = MultiTierRateLimiter(per_user_model="5/hour", per_model="1000/hour", clock=clock, max_keys=50)
+    for i in range(500):
+        limiter.allow(f"user-{i}", "gpt-4")
+    assert len(limiter) <= 50
+    assert limiter.get_request_count("x", "gpt-4", tier="per_model") == 500  # the shared key survives
+
+
+def test_default_max_keys_is_large() -> None:
+    assert DEFAULT_MAX_KEYS >= 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "budget"),
+    [("gcra", 200), ("fixed_window", 200), ("sliding_window", 200), ("sliding_log", 200 + 16)],
+)
+def test_bytes_per_key_within_budget(algorithm: str, budget: int, clock: FakeClock) -> None:
+    """Every structure the limiter allocates per key, measured with tracemalloc (user ids excluded)."""
+    users = [f"user-{i}" for i in range(20_000)]
+    limiter = RateLimiter(100, 3600, algorithm=algorithm, clock=clock)
+    limiter.allow("warm-up", "m")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for user in users:
+            limiter.allow(user, "m")
+        per_key = (tracemalloc.get_traced_memory()[0] - before) / len(users)
+    finally:
+        tracemalloc.stop()
+    assert per_key <= budget, f"{algorithm}: {per_key:.0f} bytes per key"
+
+
+def test_sliding_log_bytes_per_request(clock: FakeClock) -> None:
+    limiter = RateLimiter(1_000_000, 3600, clock=clock)
+    limiter.allow("u", "m")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(10_000):
+            clock.advance(0.001)
+            limiter.allow("u", "m", cost=3)
+        per_request = (tracemalloc.get_traced_memory()[0] - before) / 10_000
+    finally:
+        tracemalloc.stop()
+    assert per_request <= 16 * 1.15, f"{per_request:.1f} bytes per request"  # array growth slack

@@ -1,0 +1,145 @@
+"""Property-based tests: each algorithm keeps its documented bound under any traffic.
+
+Traffic is a sequence of (time step, cost) pairs on one key; the admitted requests are then checked against
+the bound. Times are multiples of 1/8 s so that the arithmetic is exact in floats.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ratelimit_middleware import RateLimiter
+
+from .conftest import FakeClock
+
+traffic = st.lists(
+    st.tuples(st.integers(min_value=0, max_value=40).map(lambda n: n / 8), st.integers(0, 6)),
+    min_size=1,
+    max_size=120,
+)
+limits = st.integers(min_value=1, max_value=12)
+windows = st.sampled_from([1.0, 2.0, 5.0, 10.0])
+
+
+def run(algorithm: str, limit: int, window: float, steps: list[tuple[float, int]]):  # type: ignore[no-untyped-def]
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(limit, window, algorithm=algorithm, clock=clock)
+    admitted: list[tuple[float, int]] = []
+    results = []
+    for step, cost in steps:
+        clock.advance(step)
+        decision = limiter.check("u", "m", cost)
+        results.append((clock.now, cost, decision))
+        if decision.allowed and cost:
+            admitted.append((clock.now, cost))
+    return admitted, results
+
+
+def units_in(admitted: list[tuple[float, int]], start: float, end: float) -> int:
+    """Units admitted in [start, end)."""
+    return sum(cost for t, cost in admitted if start <= t < end)
+
+
+@settings(max_examples=300, deadline=None)
+@given(limit=limits, window=windows, steps=traffic)
+def test_sliding_log_never_exceeds_the_limit_in_any_window(
+    limit: int, window: float, steps: list[tuple[float, int]]
+) -> None:
+    admitted, _ = run("sliding_log", limit, window, steps)
+    for t, _ in admitted:
+        assert units_in(admitted, t, t + window) <= limit
+
+
+@settings(max_examples=300, deadline=None)
+@given(limit=limits, window=windows, steps=traffic)
+def test_sliding_log_matches_a_reference_log(
+    limit: int, window: float, steps: list[tuple[float, int]]
+) -> None:
+    """Exact: denied only when the request does not fit, and retry_after is exactly right."""
+    _, results = run("sliding_log", limit, window, steps)
+    log: list[tuple[float, int]] = []
+    for now, cost, decision in results:
+        live = [(t, c) for t, c in log if t > now - window]
+        used = sum(c for _, c in live)
+        fits = used + cost <= limit
+        assert decision.allowed == fits, (now, cost, live)
+        if fits:
+            assert decision.remaining == limit - used - cost
+            if cost:
+                log.append((now, cost))
+        elif cost <= limit:
+            # the earliest moment at which enough of the oldest entries have left
+            freed, wait = 0, 0.0
+            for t, c in live:
+                freed += c
+                wait = t + window - now
+                if used - freed + cost <= limit:
+                    break
+            assert decision.retry_after == wait
+
+
+@settings(max_examples=300, deadline=None)
+@given(limit=limits, window=windows, steps=traffic)
+def test_fixed_window_never_exceeds_the_limit_per_aligned_window(
+    limit: int, window: float, steps: list[tuple[float, int]]
+) -> None:
+    admitted, results = run("fixed_window", limit, window, steps)
+    for t, _ in admitted:
+        start = (t // window) * window
+        assert units_in(admitted, start, start + window) <= limit
+    for now, cost, decision in results:  # and denies only what does not fit
+        if not decision.allowed:
+            start = (now // window) * window
+            already = units_in([a for a in admitted if a[0] <= now], start, now + 1e-9)
+            assert already + cost > limit
+
+
+@settings(max_examples=300, deadline=None)
+@given(limit=limits, window=windows, steps=traffic)
+def test_gcra_never_exceeds_burst_plus_replenishment(
+    limit: int, window: float, steps: list[tuple[float, int]]
+) -> None:
+    admitted, _ = run("gcra", limit, window, steps)
+    interval = window / limit
+    for i, (start, _) in enumerate(admitted):
+        total = 0
+        for end, cost in admitted[i:]:
+            total += cost
+            assert total <= limit + (end - start) / interval + 1e-6
+
+
+@settings(max_examples=300, deadline=None)
+@given(limit=limits, window=windows, steps=traffic)
+def test_sliding_window_keeps_its_documented_approximation(
+    limit: int, window: float, steps: list[tuple[float, int]]
+) -> None:
+    admitted, _ = run("sliding_window", limit, window, steps)
+    for t, _ in admitted:
+        start = (t // window) * window
+        assert units_in(admitted, start, start + window) <= limit
+        assert units_in(admitted, t, t + window) <= 2 * limit
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    algorithm=st.sampled_from(["sliding_log", "sliding_window", "gcra", "fixed_window"]),
+    limit=limits,
+    window=windows,
+    steps=traffic,
+)
+def test_retry_after_is_always_enough(
+    algorithm: str, limit: int, window: float, steps: list[tuple[float, int]]
+) -> None:
+    """After any traffic, a denied request waiting exactly retry_after is then allowed."""
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(limit, window, algorithm=algorithm, clock=clock)
+    for step, cost in steps:
+        clock.advance(step)
+        limiter.check("u", "m", cost)
+    for cost in range(1, limit + 1):
+        decision = limiter.check("u", "m", cost)
+        if not decision.allowed:
+            clock.advance(decision.retry_after)
+            assert limiter.check("u", "m", cost).allowed
+            return

@@ -1,0 +1,54 @@
+"""Bad input: a clear exception naming the bad value, never a crash or a silent admission."""
+
+from __future__ import annotations
+
+import pytest
+
+from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
+
+
+@pytest.mark.parametrize(
+    ("user", "model", "cost", "error", "named"),
+    [
+        (None, "m", 1, TypeError, "user"),
+        (42, "m", 1, TypeError, "42"),
+        (b"alice", "m", 1, TypeError, "b'alice'"),
+        ("u", None, 1, TypeError, "model"),
+        ("u", ["m"], 1, TypeError, r"\['m'\]"),
+        ("u", "m", -1, ValueError, "-1"),
+        ("u", "m", 1.5, TypeError, "1.5"),
+        ("u", "m", True, TypeError, "True"),
+        ("u", "m", "3", TypeError, "'3'"),
+    ],
+)
+def test_bad_requests_raise_naming_the_value(
+    user: object, model: object, cost: object, error: type, named: str
+) -> None:
+    limiter = RateLimiter()
+    with pytest.raises(error, match=named):
+        limiter.check(user, model, cost)  # type: ignore[arg-type]
+    assert len(limiter) == 0
+
+
+@pytest.mark.parametrize("method", ["get_request_count", "reset"])
+def test_bad_identities_rejected_everywhere(method: str) -> None:
+    with pytest.raises(TypeError, match="user"):
+        getattr(RateLimiter(), method)(None, "m")
+
+
+def test_unknown_algorithm_lists_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"'token_bucket'.*sliding_log"):
+        RateLimiter(algorithm="token_bucket")
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        MultiTierRateLimiter(per_model="1/hour", algorithm="")
+
+
+@pytest.mark.parametrize("max_keys", [0, -5, 1.5, True, "10"])
+def test_bad_max_keys(max_keys: object) -> None:
+    with pytest.raises(ValueError, match="max_keys"):
+        RateLimiter(max_keys=max_keys)  # type: ignore[arg-type]
+
+
+def test_clock_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="clock"):
+        RateLimiter(clock=12.0)  # type: ignore[arg-type]
