@@ -7,6 +7,7 @@ True
 """
 
 from .algorithms import ALGORITHMS
+from .backends.memory import MemoryStorage
 from .config import RateLimitConfig, Window
 from .decision import Decision
 from .limiter import MultiTierRateLimiter, RateLimiter
@@ -16,6 +17,7 @@ __all__ = [
     "ALGORITHMS",
     "TIERS",
     "Decision",
+    "MemoryStorage",
     "MultiTierRateLimiter",
     "RateLimitConfig",
     "RateLimiter",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from .backends.memory import DEFAULT_MAX_KEYS, MemoryBackend
+from .backends.base import Storage
+from .backends.memory import DEFAULT_MAX_KEYS, MemoryStorage
 from .config import LimitSpec, RateLimitConfig
 from .decision import Decision
 from .policy import Policy, Rule
@@ -37,11 +38,22 @@ class _Limiter:
         tiers: Sequence[tuple[str, LimitSpec | None]],
         *,
         algorithm: str,
-        clock: Callable[[], float],
-        max_keys: int,
+        storage: Storage | None,
+        clock: Callable[[], float] | None,
+        max_keys: int | None,
     ) -> None:
         self.policy = Policy(tiers, algorithm)
-        self._backend = MemoryBackend(self.policy, clock=clock, max_keys=max_keys)
+        if storage is None:
+            storage = MemoryStorage(
+                clock=time.monotonic if clock is None else clock,
+                max_keys=DEFAULT_MAX_KEYS if max_keys is None else max_keys,
+            )
+        elif clock is not None or max_keys is not None:
+            raise TypeError(
+                "clock= and max_keys= configure the default MemoryStorage; pass them to it instead"
+            )
+        self.storage = storage
+        self._backend = storage.bind(self.policy)
 
     def check(self, user: str, model: str, cost: int = 1) -> Decision:
         """Decide on a request of ``cost`` units; an allowed one is counted."""
@@ -94,7 +106,8 @@ class RateLimiter(_Limiter):
 
     ``limit=`` takes a config or a string instead, with several windows if needed: ``"10/minute;1000/day"``.
     ``algorithm`` is one of ``sliding_log`` (exact, the default), ``sliding_window``, ``gcra`` and
-    ``fixed_window``; ``clock`` returns seconds (inject one in tests); ``max_keys`` caps the keys in memory.
+    ``fixed_window``. ``storage`` says where state lives (default: in memory); ``clock`` (seconds, inject one
+    in tests) and ``max_keys`` (keys held at most) configure that default ``MemoryStorage``.
     """
 
     def __init__(
@@ -104,8 +117,9 @@ class RateLimiter(_Limiter):
         *,
         limit: LimitSpec | None = None,
         algorithm: str = "sliding_log",
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = DEFAULT_MAX_KEYS,
+        storage: Storage | None = None,
+        clock: Callable[[], float] | None = None,
+        max_keys: int | None = None,
     ) -> None:
         if limit is None:
             limit = RateLimitConfig(
@@ -114,7 +128,9 @@ class RateLimiter(_Limiter):
             )
         elif max_requests is not None or window_seconds is not None:
             raise TypeError("pass either limit= or max_requests/window_seconds, not both")
-        super().__init__([("per_user_model", limit)], algorithm=algorithm, clock=clock, max_keys=max_keys)
+        super().__init__(
+            [("per_user_model", limit)], algorithm=algorithm, storage=storage, clock=clock, max_keys=max_keys
+        )
 
     def allow(self, user: str, model: str, cost: int = 1) -> bool:
         """True (and counted) if the request fits."""
@@ -130,7 +146,8 @@ class MultiTierRateLimiter(_Limiter):
 
     Each tier takes a config or a limit string (one or more windows): ``per_user_model`` (each user on each
     model), ``per_model`` (all users on one model), ``per_user`` (one user on all models) and
-    ``global_limit`` (all traffic). A denied request charges no tier.
+    ``global_limit`` (all traffic). A denied request charges no tier. The keywords are those of
+    ``RateLimiter``.
     """
 
     def __init__(
@@ -141,8 +158,9 @@ class MultiTierRateLimiter(_Limiter):
         global_limit: LimitSpec | None = None,
         *,
         algorithm: str = "sliding_log",
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = DEFAULT_MAX_KEYS,
+        storage: Storage | None = None,
+        clock: Callable[[], float] | None = None,
+        max_keys: int | None = None,
     ) -> None:
         tiers = [
             ("per_user_model", per_user_model),
@@ -150,7 +168,7 @@ class MultiTierRateLimiter(_Limiter):
             ("per_user", per_user),
             ("global", global_limit),
         ]
-        super().__init__(tiers, algorithm=algorithm, clock=clock, max_keys=max_keys)
+        super().__init__(tiers, algorithm=algorithm, storage=storage, clock=clock, max_keys=max_keys)
 
     def allow(self, user: str, model: str, cost: int = 1) -> tuple[bool, str | None]:
         """``(allowed, reason)``; ``reason`` names the denying tier and limit, ``None`` when allowed."""

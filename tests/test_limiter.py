@@ -8,12 +8,13 @@ import math
 import pytest
 
 from ratelimit_middleware import Decision, RateLimitConfig, RateLimiter
+from ratelimit_middleware.backends.base import Storage
 
 from .conftest import FakeClock
 
 
-def make(algorithm: str, clock: FakeClock, limit: int = 3, window: float = 60) -> RateLimiter:
-    return RateLimiter(limit, window, algorithm=algorithm, clock=clock)
+def make(algorithm: str, storage: Storage, limit: int = 3, window: float = 60) -> RateLimiter:
+    return RateLimiter(limit, window, algorithm=algorithm, storage=storage)
 
 
 def test_readme_quick_start_works_as_written() -> None:
@@ -30,21 +31,21 @@ def test_defaults_are_100_per_hour_sliding_log() -> None:
     assert limiter.policy.algorithm == "sliding_log"
 
 
-def test_allows_up_to_the_limit_then_denies(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock)
+def test_allows_up_to_the_limit_then_denies(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage)
     assert [limiter.allow("u", "m") for _ in range(5)] == [True, True, True, False, False]
 
 
-def test_users_and_models_are_isolated(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=1)
+def test_users_and_models_are_isolated(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=1)
     assert limiter.allow("alice", "gpt-4")
     assert not limiter.allow("alice", "gpt-4")
     assert limiter.allow("bob", "gpt-4")
     assert limiter.allow("alice", "llama")
 
 
-def test_keys_cannot_collide(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=1)
+def test_keys_cannot_collide(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=1)
     assert limiter.allow("a:b", "c")
     assert limiter.allow("a", "b:c")
     assert limiter.allow("a\x00b", "c")
@@ -53,8 +54,8 @@ def test_keys_cannot_collide(algorithm: str, clock: FakeClock) -> None:
     assert len(limiter) == 5
 
 
-def test_decision_fields_when_allowed(algorithm: str, clock: FakeClock) -> None:
-    decision = make(algorithm, clock, limit=3).check("u", "m")
+def test_decision_fields_when_allowed(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    decision = make(algorithm, storage, limit=3).check("u", "m")
     assert isinstance(decision, Decision)
     assert decision.allowed and bool(decision)
     assert (decision.limit, decision.remaining, decision.retry_after) == (3, 2, 0.0)
@@ -63,8 +64,8 @@ def test_decision_fields_when_allowed(algorithm: str, clock: FakeClock) -> None:
     assert decision.reason is None
 
 
-def test_decision_fields_when_denied(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=1)
+def test_decision_fields_when_denied(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=1)
     limiter.allow("u", "m")
     decision = limiter.check("u", "m")
     assert not decision and not decision.allowed
@@ -75,14 +76,14 @@ def test_decision_fields_when_denied(algorithm: str, clock: FakeClock) -> None:
     assert "per_user_model" in decision.reason and "1 per 1 minute" in decision.reason
 
 
-def test_decision_is_immutable(clock: FakeClock) -> None:
-    decision = RateLimiter(clock=clock).check("u", "m")
+def test_decision_is_immutable(clock: FakeClock, storage: Storage) -> None:
+    decision = RateLimiter(storage=storage).check("u", "m")
     with pytest.raises(AttributeError):
         decision.allowed = False  # type: ignore[misc]
 
 
-def test_waiting_retry_after_is_enough(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=4, window=16)
+def test_waiting_retry_after_is_enough(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=4, window=16)
     for step in range(40):  # a bursty pattern: whenever denied, wait exactly retry_after
         decision = limiter.check("u", "m")
         if not decision.allowed:
@@ -92,9 +93,9 @@ def test_waiting_retry_after_is_enough(algorithm: str, clock: FakeClock) -> None
         clock.advance(0.5)
 
 
-def test_retry_after_is_not_much_too_long(algorithm: str, clock: FakeClock) -> None:
+def test_retry_after_is_not_much_too_long(algorithm: str, clock: FakeClock, storage: Storage) -> None:
     """Just before retry_after has passed, the request is still denied: the wait is tight."""
-    limiter = make(algorithm, clock, limit=4, window=16)
+    limiter = make(algorithm, storage, limit=4, window=16)
     while limiter.allow("u", "m"):
         clock.advance(1)
     decision = limiter.check("u", "m")
@@ -102,8 +103,8 @@ def test_retry_after_is_not_much_too_long(algorithm: str, clock: FakeClock) -> N
     assert not limiter.allow("u", "m")
 
 
-def test_denied_requests_consume_nothing(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=2, window=10)
+def test_denied_requests_consume_nothing(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=2, window=10)
     limiter.allow("u", "m")
     limiter.allow("u", "m")
     first = limiter.check("u", "m")
@@ -113,8 +114,8 @@ def test_denied_requests_consume_nothing(algorithm: str, clock: FakeClock) -> No
     assert limiter.get_request_count("u", "m") == 2
 
 
-def test_everything_recovers_after_a_long_idle(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=2, window=10)
+def test_everything_recovers_after_a_long_idle(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=2, window=10)
     while limiter.allow("u", "m"):
         pass
     clock.advance(20)
@@ -122,16 +123,16 @@ def test_everything_recovers_after_a_long_idle(algorithm: str, clock: FakeClock)
     assert limiter.check("u", "m").remaining == 1
 
 
-def test_cost_counts_as_several_units(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=10)
+def test_cost_counts_as_several_units(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=10)
     assert limiter.check("u", "m", cost=7).remaining == 3
     assert not limiter.allow("u", "m", cost=4)
     assert limiter.allow("u", "m", cost=3)
     assert limiter.get_request_count("u", "m") == 10
 
 
-def test_cost_above_the_limit_can_never_pass(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=10)
+def test_cost_above_the_limit_can_never_pass(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=10)
     decision = limiter.check("u", "m", cost=11)
     assert not decision.allowed
     assert math.isinf(decision.retry_after)
@@ -141,8 +142,8 @@ def test_cost_above_the_limit_can_never_pass(algorithm: str, clock: FakeClock) -
     assert len(limiter) == 0
 
 
-def test_cost_zero_is_allowed_and_stores_nothing(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=1)
+def test_cost_zero_is_allowed_and_stores_nothing(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=1)
     assert limiter.allow("u", "m", cost=0)
     assert len(limiter) == 0
     limiter.allow("u", "m")
@@ -150,23 +151,23 @@ def test_cost_zero_is_allowed_and_stores_nothing(algorithm: str, clock: FakeCloc
     assert not limiter.allow("u", "m")
 
 
-def test_large_costs_take_one_entry(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=1_000_000)
+def test_large_costs_take_one_entry(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=1_000_000)
     assert limiter.allow("u", "m", cost=50_000)
     assert limiter.get_request_count("u", "m") == 50_000
     assert len(limiter) == 1
 
 
-def test_max_requests_zero_denies_everything(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=0)
+def test_max_requests_zero_denies_everything(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=0)
     decision = limiter.check("u", "m")
     assert not decision.allowed
     assert decision.limit == 0
     assert math.isinf(decision.retry_after)
 
 
-def test_get_request_count_follows_usage(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=5)
+def test_get_request_count_follows_usage(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=5)
     assert limiter.get_request_count("u", "m") == 0
     for expected in range(1, 4):
         limiter.allow("u", "m")
@@ -174,8 +175,8 @@ def test_get_request_count_follows_usage(algorithm: str, clock: FakeClock) -> No
     assert limiter.get_request_count("other", "m") == 0
 
 
-def test_reset_forgets_one_key(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=1)
+def test_reset_forgets_one_key(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=1)
     limiter.allow("u", "m")
     limiter.allow("v", "m")
     limiter.reset("u", "m")
@@ -184,8 +185,8 @@ def test_reset_forgets_one_key(algorithm: str, clock: FakeClock) -> None:
     limiter.reset("nobody", "m")  # forgetting an unknown key is fine
 
 
-def test_multi_window_limits_are_checked_together(algorithm: str, clock: FakeClock) -> None:
-    limiter = RateLimiter(limit="2/second;3/minute", algorithm=algorithm, clock=clock)
+def test_multi_window_limits_are_checked_together(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = RateLimiter(limit="2/second;3/minute", algorithm=algorithm, storage=storage)
     assert limiter.allow("u", "m") and limiter.allow("u", "m")
     decision = limiter.check("u", "m")
     assert not decision.allowed and decision.window_seconds == 1.0
@@ -196,23 +197,23 @@ def test_multi_window_limits_are_checked_together(algorithm: str, clock: FakeClo
     assert decision.limit == 3
 
 
-def test_multi_window_denial_charges_no_window(clock: FakeClock) -> None:
-    limiter = RateLimiter(limit="5/second;2/minute", clock=clock)
+def test_multi_window_denial_charges_no_window(clock: FakeClock, storage: Storage) -> None:
+    limiter = RateLimiter(limit="5/second;2/minute", storage=storage)
     limiter.allow("u", "m", cost=2)
     assert not limiter.allow("u", "m")  # denied by the minute window
     clock.advance(61)
     assert limiter.allow("u", "m", cost=2)  # nothing was charged to the second window meanwhile
 
 
-def test_limit_keyword_takes_config_or_string(clock: FakeClock) -> None:
-    assert RateLimiter(limit=RateLimitConfig(1, 5), clock=clock).check("u", "m").limit == 1
-    assert RateLimiter(limit="7/hour", clock=clock).check("u", "m").limit == 7
+def test_limit_keyword_takes_config_or_string(clock: FakeClock, storage: Storage) -> None:
+    assert RateLimiter(limit=RateLimitConfig(1, 5), storage=storage).check("u", "m").limit == 1
+    assert RateLimiter(limit="7/hour", storage=storage).check("u", "m").limit == 7
     with pytest.raises(TypeError, match="not both"):
         RateLimiter(10, limit="7/hour")
 
 
-def test_async_twins_share_state(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=2)
+def test_async_twins_share_state(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=2)
 
     async def scenario() -> None:
         assert await limiter.aallow("u", "m")
@@ -227,8 +228,8 @@ def test_async_twins_share_state(algorithm: str, clock: FakeClock) -> None:
     asyncio.run(scenario())
 
 
-def test_async_gather_admits_exactly_the_limit(algorithm: str, clock: FakeClock) -> None:
-    limiter = make(algorithm, clock, limit=25)
+def test_async_gather_admits_exactly_the_limit(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = make(algorithm, storage, limit=25)
 
     async def scenario() -> list[bool]:
         return await asyncio.gather(*(limiter.aallow("u", "m") for _ in range(100)))

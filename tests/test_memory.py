@@ -118,3 +118,13 @@ def test_sliding_log_bytes_per_request(clock: FakeClock) -> None:
     finally:
         tracemalloc.stop()
     assert per_request <= 16 * 1.15, f"{per_request:.1f} bytes per request"  # array growth slack
+
+
+def test_sliding_log_compacts_expired_entries(clock: FakeClock) -> None:
+    clock.now = 0.0
+    limiter = RateLimiter(1000, 1, clock=clock)
+    for _ in range(5000):
+        assert limiter.allow("u", "m")
+        clock.advance(0.01)
+    log = limiter._backend._stores[0][("u", "m")]
+    assert len(log) // 16 <= 100 + 64  # 100 live entries plus at most one batch of expired ones

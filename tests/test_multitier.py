@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ratelimit_middleware import MultiTierRateLimiter, RateLimitConfig
+from ratelimit_middleware.backends.base import Storage
 
 from .conftest import FakeClock
 
@@ -18,9 +19,9 @@ def test_readme_multitier_example_works_as_written() -> None:
     assert allowed is True and reason is None
 
 
-def test_per_model_tier_is_shared_by_all_users(algorithm: str, clock: FakeClock) -> None:
+def test_per_model_tier_is_shared_by_all_users(algorithm: str, clock: FakeClock, storage: Storage) -> None:
     limiter = MultiTierRateLimiter(
-        per_user_model="10/minute", per_model="3/minute", algorithm=algorithm, clock=clock
+        per_user_model="10/minute", per_model="3/minute", algorithm=algorithm, storage=storage
     )
     assert limiter.allow("alice", "gpt-4")[0]
     assert limiter.allow("bob", "gpt-4")[0]
@@ -32,9 +33,9 @@ def test_per_model_tier_is_shared_by_all_users(algorithm: str, clock: FakeClock)
     assert limiter.allow("dave", "llama")[0]
 
 
-def test_denial_by_one_tier_charges_no_other(algorithm: str, clock: FakeClock) -> None:
+def test_denial_by_one_tier_charges_no_other(algorithm: str, clock: FakeClock, storage: Storage) -> None:
     limiter = MultiTierRateLimiter(
-        per_user_model="2/minute", per_model="1/minute", algorithm=algorithm, clock=clock
+        per_user_model="2/minute", per_model="1/minute", algorithm=algorithm, storage=storage
     )
     assert limiter.allow("alice", "gpt-4")[0]
     assert not limiter.allow("alice", "gpt-4")[0]  # per_model denies
@@ -42,8 +43,8 @@ def test_denial_by_one_tier_charges_no_other(algorithm: str, clock: FakeClock) -
     assert limiter.get_request_count("alice", "gpt-4", tier="per_model") == 1
 
 
-def test_denial_by_a_later_window_charges_earlier_tiers_nothing(clock: FakeClock) -> None:
-    limiter = MultiTierRateLimiter(per_user_model="5/minute", global_limit="1/second;2/hour", clock=clock)
+def test_denial_by_a_later_window_charges_earlier_tiers_nothing(clock: FakeClock, storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(per_user_model="5/minute", global_limit="1/second;2/hour", storage=storage)
     limiter.allow("a", "m")
     clock.advance(2)
     limiter.allow("b", "m")
@@ -53,8 +54,8 @@ def test_denial_by_a_later_window_charges_earlier_tiers_nothing(clock: FakeClock
     assert limiter.get_request_count("c", "m") == 0
 
 
-def test_per_user_tier_spans_models(clock: FakeClock) -> None:
-    limiter = MultiTierRateLimiter(per_user="2/minute", clock=clock)
+def test_per_user_tier_spans_models(clock: FakeClock, storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(per_user="2/minute", storage=storage)
     assert limiter.allow("alice", "gpt-4")[0]
     assert limiter.allow("alice", "llama")[0]
     allowed, reason = limiter.allow("alice", "mistral")
@@ -62,15 +63,15 @@ def test_per_user_tier_spans_models(clock: FakeClock) -> None:
     assert limiter.allow("bob", "gpt-4")[0]
 
 
-def test_global_tier_limits_all_traffic(clock: FakeClock) -> None:
-    limiter = MultiTierRateLimiter(global_limit=RateLimitConfig(2, 60), clock=clock)
+def test_global_tier_limits_all_traffic(clock: FakeClock, storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(global_limit=RateLimitConfig(2, 60), storage=storage)
     assert limiter.allow("a", "x")[0]
     assert limiter.allow("b", "y")[0]
     assert not limiter.allow("c", "z")[0]
 
 
-def test_check_returns_the_binding_tier(clock: FakeClock) -> None:
-    limiter = MultiTierRateLimiter(per_user_model="10/minute", per_model="3/minute", clock=clock)
+def test_check_returns_the_binding_tier(clock: FakeClock, storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(per_user_model="10/minute", per_model="3/minute", storage=storage)
     decision = limiter.check("alice", "gpt-4")
     assert decision.allowed and decision.tier == "per_model" and decision.remaining == 2
     limiter.check("bob", "gpt-4")
@@ -79,22 +80,22 @@ def test_check_returns_the_binding_tier(clock: FakeClock) -> None:
     assert not decision.allowed and decision.tier == "per_model" and decision.limit == 3
 
 
-def test_binding_denial_is_the_longest_wait(clock: FakeClock) -> None:
-    limiter = MultiTierRateLimiter(per_user_model="1/second", per_model="1/hour", clock=clock)
+def test_binding_denial_is_the_longest_wait(clock: FakeClock, storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(per_user_model="1/second", per_model="1/hour", storage=storage)
     limiter.allow("a", "m")
     decision = limiter.check("a", "m")
     assert decision.tier == "per_model"
     assert decision.retry_after == pytest.approx(3600)
 
 
-def test_ties_name_the_most_specific_tier(clock: FakeClock) -> None:
-    limiter = MultiTierRateLimiter(per_user_model="1/minute", per_model="1/minute", clock=clock)
+def test_ties_name_the_most_specific_tier(clock: FakeClock, storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(per_user_model="1/minute", per_model="1/minute", storage=storage)
     limiter.allow("a", "m")
     assert limiter.check("a", "m").tier == "per_user_model"
 
 
-def test_reset_defaults_to_user_tiers_and_can_name_shared_ones(clock: FakeClock) -> None:
-    limiter = MultiTierRateLimiter(per_user_model="1/minute", per_model="2/minute", clock=clock)
+def test_reset_defaults_to_user_tiers_and_can_name_shared_ones(clock: FakeClock, storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(per_user_model="1/minute", per_model="2/minute", storage=storage)
     limiter.allow("a", "m")
     limiter.allow("b", "m")
     limiter.reset("a", "m")
@@ -112,10 +113,10 @@ def test_needs_at_least_one_tier() -> None:
         MultiTierRateLimiter()
 
 
-def test_async_multitier(clock: FakeClock) -> None:
+def test_async_multitier(clock: FakeClock, storage: Storage) -> None:
     import asyncio
 
-    limiter = MultiTierRateLimiter(per_user_model="1/minute", clock=clock)
+    limiter = MultiTierRateLimiter(per_user_model="1/minute", storage=storage)
 
     async def scenario() -> tuple[tuple[bool, str | None], tuple[bool, str | None]]:
         return await limiter.aallow("a", "m"), await limiter.aallow("a", "m")

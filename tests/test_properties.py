@@ -6,12 +6,16 @@ the bound. Times are multiples of 1/8 s so that the arithmetic is exact in float
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ratelimit_middleware import RateLimiter
 
-from .conftest import FakeClock
+from .conftest import FakeClock, StorageFactory
+
+# `storage_for` is a stateless factory: sharing it across examples is safe.
+settings.register_profile("contract", suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.load_profile("contract")
 
 traffic = st.lists(
     st.tuples(st.integers(min_value=0, max_value=40).map(lambda n: n / 8), st.integers(0, 6)),
@@ -22,9 +26,11 @@ limits = st.integers(min_value=1, max_value=12)
 windows = st.sampled_from([1.0, 2.0, 5.0, 10.0])
 
 
-def run(algorithm: str, limit: int, window: float, steps: list[tuple[float, int]]):  # type: ignore[no-untyped-def]
+def run(
+    storage_for: StorageFactory, algorithm: str, limit: int, window: float, steps: list[tuple[float, int]]
+):  # type: ignore[no-untyped-def]
     clock = FakeClock(0.0)
-    limiter = RateLimiter(limit, window, algorithm=algorithm, clock=clock)
+    limiter = RateLimiter(limit, window, algorithm=algorithm, storage=storage_for(clock))
     admitted: list[tuple[float, int]] = []
     results = []
     for step, cost in steps:
@@ -44,9 +50,9 @@ def units_in(admitted: list[tuple[float, int]], start: float, end: float) -> int
 @settings(max_examples=300, deadline=None)
 @given(limit=limits, window=windows, steps=traffic)
 def test_sliding_log_never_exceeds_the_limit_in_any_window(
-    limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
 ) -> None:
-    admitted, _ = run("sliding_log", limit, window, steps)
+    admitted, _ = run(storage_for, "sliding_log", limit, window, steps)
     for t, _ in admitted:
         assert units_in(admitted, t, t + window) <= limit
 
@@ -54,10 +60,10 @@ def test_sliding_log_never_exceeds_the_limit_in_any_window(
 @settings(max_examples=300, deadline=None)
 @given(limit=limits, window=windows, steps=traffic)
 def test_sliding_log_matches_a_reference_log(
-    limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
 ) -> None:
     """Exact: denied only when the request does not fit, and retry_after is exactly right."""
-    _, results = run("sliding_log", limit, window, steps)
+    _, results = run(storage_for, "sliding_log", limit, window, steps)
     log: list[tuple[float, int]] = []
     for now, cost, decision in results:
         live = [(t, c) for t, c in log if t > now - window]
@@ -82,9 +88,9 @@ def test_sliding_log_matches_a_reference_log(
 @settings(max_examples=300, deadline=None)
 @given(limit=limits, window=windows, steps=traffic)
 def test_fixed_window_never_exceeds_the_limit_per_aligned_window(
-    limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
 ) -> None:
-    admitted, results = run("fixed_window", limit, window, steps)
+    admitted, results = run(storage_for, "fixed_window", limit, window, steps)
     for t, _ in admitted:
         start = (t // window) * window
         assert units_in(admitted, start, start + window) <= limit
@@ -98,9 +104,9 @@ def test_fixed_window_never_exceeds_the_limit_per_aligned_window(
 @settings(max_examples=300, deadline=None)
 @given(limit=limits, window=windows, steps=traffic)
 def test_gcra_never_exceeds_burst_plus_replenishment(
-    limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
 ) -> None:
-    admitted, _ = run("gcra", limit, window, steps)
+    admitted, _ = run(storage_for, "gcra", limit, window, steps)
     interval = window / limit
     for i, (start, _) in enumerate(admitted):
         total = 0
@@ -112,9 +118,9 @@ def test_gcra_never_exceeds_burst_plus_replenishment(
 @settings(max_examples=300, deadline=None)
 @given(limit=limits, window=windows, steps=traffic)
 def test_sliding_window_keeps_its_documented_approximation(
-    limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
 ) -> None:
-    admitted, _ = run("sliding_window", limit, window, steps)
+    admitted, _ = run(storage_for, "sliding_window", limit, window, steps)
     for t, _ in admitted:
         start = (t // window) * window
         assert units_in(admitted, start, start + window) <= limit
@@ -129,11 +135,11 @@ def test_sliding_window_keeps_its_documented_approximation(
     steps=traffic,
 )
 def test_retry_after_is_always_enough(
-    algorithm: str, limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, algorithm: str, limit: int, window: float, steps: list[tuple[float, int]]
 ) -> None:
     """After any traffic, a denied request waiting exactly retry_after is then allowed."""
     clock = FakeClock(0.0)
-    limiter = RateLimiter(limit, window, algorithm=algorithm, clock=clock)
+    limiter = RateLimiter(limit, window, algorithm=algorithm, storage=storage_for(clock))
     for step, cost in steps:
         clock.advance(step)
         limiter.check("u", "m", cost)

@@ -21,7 +21,7 @@ from ..algorithms import Verdict
 from ..decision import Decision
 from ..policy import Policy, Rule
 
-__all__ = ["DEFAULT_MAX_KEYS", "MemoryBackend"]
+__all__ = ["DEFAULT_MAX_KEYS", "MemoryBackend", "MemoryStorage"]
 
 DEFAULT_MAX_KEYS = 1_000_000
 """About 200 MB of states at most for the O(1) algorithms (see DESIGN.md for bytes per key)."""
@@ -30,20 +30,31 @@ _SWEEP_EVERY = 64  # decisions between two sweeps: up to one idle key dropped pe
 _SWEEP_BATCH = 64  # idle keys dropped at most per store and sweep
 
 
-class MemoryBackend:
-    """Holds the states of one policy's keys in this process."""
+class MemoryStorage:
+    """State in this process: the default storage.
+
+    ``clock`` is a zero-argument callable returning seconds (default ``time.monotonic``; inject one in tests
+    instead of sleeping). ``max_keys`` caps the keys held by each limiter bound to this storage.
+    """
 
     def __init__(
-        self,
-        policy: Policy,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = DEFAULT_MAX_KEYS,
+        self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = DEFAULT_MAX_KEYS
     ) -> None:
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ValueError(f"max_keys must be an int >= 1, got {max_keys!r}")
+        self.clock = clock
+        self.max_keys = max_keys
+
+    def bind(self, policy: Policy) -> MemoryBackend:
+        return MemoryBackend(policy, clock=self.clock, max_keys=self.max_keys)
+
+
+class MemoryBackend:
+    """Holds the states of one policy's keys in this process."""
+
+    def __init__(self, policy: Policy, *, clock: Callable[[], float], max_keys: int) -> None:
         self._policy = policy
         self._clock = clock
         self._max_keys = max_keys
