@@ -100,6 +100,10 @@ class _Limiter:
         """The number of keys currently held."""
         return len(self._backend)
 
+    def __bool__(self) -> bool:
+        """Always true: an empty limiter is still a limiter (``limiter or default`` must keep it)."""
+        return True
+
 
 class RateLimiter(_Limiter):
     """At most ``max_requests`` units per ``window_seconds`` (default 100 per hour) for each user and model.

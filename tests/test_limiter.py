@@ -76,6 +76,11 @@ def test_decision_fields_when_denied(algorithm: str, clock: FakeClock, storage: 
     assert "per_user_model" in decision.reason and "1 per 1 minute" in decision.reason
 
 
+def test_an_empty_limiter_is_truthy(storage: Storage) -> None:
+    limiter = RateLimiter(storage=storage)
+    assert bool(limiter) and (limiter or None) is limiter
+
+
 def test_decision_is_immutable(clock: FakeClock, storage: Storage) -> None:
     decision = RateLimiter(storage=storage).check("u", "m")
     with pytest.raises(AttributeError):

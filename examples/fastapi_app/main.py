@@ -1,0 +1,142 @@
+"""An OpenAI-compatible mock LLM server, rate limited per user and model and per model.
+
+Run it (README's first command does): ``uvicorn main:app --app-dir examples/fastapi_app``. The limits come
+from the environment:
+
+- ``RATELIMIT_PER_USER_MODEL`` (default ``"20/minute"``): each user on each model;
+- ``RATELIMIT_PER_MODEL`` (default ``"600/minute"``): all users of one model together.
+
+Users are told apart by ``X-User-ID``, else their API key (``Authorization: Bearer ...``), else their address;
+the model comes from ``X-Model`` or the body's ``"model"``. ``/health`` is never limited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ratelimit_middleware import MultiTierRateLimiter
+from ratelimit_middleware.asgi import RateLimitMiddleware
+
+MODELS = ["gpt-4o-mini", "llama-3-8b", "mistral-7b"]
+REPLY = "This is a canned answer from the mock model. Rate limits keep every GPU busy but never flooded."
+
+
+def build_limiter() -> MultiTierRateLimiter:
+    """The limiter the app uses, configured from the environment."""
+    return MultiTierRateLimiter(
+        per_user_model=os.environ.get("RATELIMIT_PER_USER_MODEL", "20/minute"),
+        per_model=os.environ.get("RATELIMIT_PER_MODEL", "600/minute"),
+    )
+
+
+def count_tokens(text: str) -> int:
+    """A rough count, about four characters per token, as OpenAI's rule of thumb."""
+    return max(1, len(text) // 4)
+
+
+def _prompt_tokens(messages: list[Any]) -> int:
+    text = "".join(str(message.get("content", "")) for message in messages if isinstance(message, dict))
+    return count_tokens(text)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _stream(model: str, prompt: int, include_usage: bool) -> AsyncIterator[str]:
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    words = REPLY.split(" ")
+
+    def chunk(delta: dict[str, str], finish: str | None) -> str:
+        payload = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(payload)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""}, None)
+    for index, word in enumerate(words):
+        yield chunk({"content": word if index == 0 else " " + word}, None)
+    yield chunk({}, "stop")
+    if include_usage:
+        usage = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": _usage(prompt, count_tokens(REPLY)),
+        }
+        yield f"data: {json.dumps(usage)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def create_app(limiter: MultiTierRateLimiter | None = None) -> FastAPI:
+    """The mock server behind the rate limit middleware."""
+    app = FastAPI(title="Mock LLM API")
+    app.add_middleware(
+        RateLimitMiddleware,
+        limiter=build_limiter() if limiter is None else limiter,
+        exempt_paths=["/health", "/docs", "/openapi.json"],
+    )
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mock"} for name in MODELS],
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, "the body must be JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise HTTPException(400, "'messages' must be a list")
+        model = body.get("model")
+        if model not in MODELS:
+            raise HTTPException(404, f"model {model!r} not found")
+        prompt = _prompt_tokens(body["messages"])
+        if body.get("stream"):
+            options = body.get("stream_options") or {}
+            include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+            return StreamingResponse(_stream(model, prompt, include_usage), media_type="text/event-stream")
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": REPLY},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": _usage(prompt, count_tokens(REPLY)),
+            }
+        )
+
+    return app
+
+
+app = create_app()

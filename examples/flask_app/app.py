@@ -1,0 +1,51 @@
+"""The same contract in Flask: ``RateLimitWSGI`` around the whole app, and one route with its own limit.
+
+Run it: ``flask --app examples/flask_app/app.py run``. Every request is limited per user and model (100 per
+hour by default, ``RATELIMIT_DEFAULT`` to change it); ``/v1/embeddings`` also has a tighter limit of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask, jsonify, request
+
+from ratelimit_middleware.flask import limit
+from ratelimit_middleware.wsgi import RateLimitWSGI
+
+
+def create_app(default_limit: str | None = None, embeddings_limit: str = "5/minute") -> Flask:
+    """The example app; the arguments let tests pick small limits."""
+    app = Flask(__name__)
+    app.wsgi_app = RateLimitWSGI(  # type: ignore[method-assign]
+        app.wsgi_app,
+        limiter=default_limit or os.environ.get("RATELIMIT_DEFAULT", "100/hour"),
+        exempt_paths=["/health"],
+    )
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions() -> Any:
+        body = request.get_json(silent=True) or {}
+        return jsonify(
+            {
+                "object": "chat.completion",
+                "model": body.get("model", "default"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from Flask."}}],
+            }
+        )
+
+    @app.post("/v1/embeddings")
+    @limit(embeddings_limit)
+    def embeddings() -> Any:
+        body = request.get_json(silent=True) or {}
+        return jsonify({"object": "list", "model": body.get("model", "default"), "data": []})
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,182 @@
+"""``RateLimitMiddleware``: a pure ASGI middleware, in the style of Starlette's ``CORSMiddleware``.
+
+``app.add_middleware(RateLimitMiddleware, limiter=..., ...)`` in FastAPI or Starlette, or
+``RateLimitMiddleware(app, ...)`` around any ASGI app (Django's included). Lifespan and websocket scopes pass
+through untouched; responses, streams included, are never buffered: allowed responses only get headers added
+to their ``http.response.start``. The body is read only when a key function asks for it, up to
+``max_body_size``, and replayed to the app byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Literal
+
+from .contract import HTTPResponse
+from .decision import Decision
+from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Gate, LimiterSpec
+from .keys import KeyFunction
+from .request import BodyNotLoaded, RequestView
+
+__all__ = ["RateLimitMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def request_view(scope: Scope) -> RequestView:
+    """The framework-neutral view of an ASGI HTTP scope (headers decoded lazily)."""
+    client = scope.get("client")
+    return RequestView(
+        scope["method"],
+        scope["path"],
+        ((name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]),
+        scope.get("query_string", b"").decode("latin-1"),
+        client[0] if client else None,
+    )
+
+
+async def load_body(receive: Receive, request: RequestView, limit: int) -> Receive:
+    """Read the body into ``request`` (up to ``limit`` bytes) and return a ``receive`` that replays it.
+
+    Over the limit, or cut short by a disconnect, the view gets no body; the app still receives every message
+    that was read, in order, then the rest from the original ``receive``.
+    """
+    messages: deque[Message] = deque()
+    chunks: list[bytes] = []
+    size = 0
+    complete = False
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            break
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            complete = True
+            break
+    request.load_body(b"".join(chunks) if complete else None)
+
+    async def replay() -> Message:
+        return messages.popleft() if messages else await receive()
+
+    return replay
+
+
+def encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1", "replace")) for name, value in headers]
+
+
+async def send_response(send: Send, response: HTTPResponse) -> None:
+    """Send a complete response (a denial or a 503)."""
+    headers = encode_headers(response.headers)
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def admit(
+    gate: Gate, limiter: Checker, request: RequestView, load_body: Callable[[], Awaitable[None]]
+) -> Decision | HTTPResponse | None:
+    """Identify and check one request: a ``Decision``, a response to send, or ``None`` to let it through.
+
+    ``load_body`` is awaited only if a key function needs the body. Shared by the middleware and the
+    Starlette/FastAPI decorators; ``wsgi.admit`` is its synchronous twin.
+    """
+    try:
+        try:
+            user, model = gate.identify(request)
+        except BodyNotLoaded:
+            await load_body()
+            user, model = gate.identify(request)
+    except Exception as error:
+        return gate.failed("the key function", error)
+    try:
+        return await limiter.acheck(user, model)
+    except Exception as error:
+        return gate.failed("the limiter", error)
+
+
+class RateLimitMiddleware:
+    """Rate limit every HTTP request of an ASGI app; answer 429 with back-off headers when denied.
+
+    ``limiter``: a ``RateLimiter``/``MultiTierRateLimiter``, or a limit such as ``"100/hour"``; default 100
+    per hour per user and model, in memory. ``user_key``/``model_key``: key functions (see ``keys``).
+    ``exempt_paths``: patterns never limited (``"/health"``, ``"/docs/*"``); ``path_limits``: ``{pattern:
+    limiter-or-limit}``, the first match replacing the default limiter (``None`` exempts). ``on_error``:
+    ``"allow"`` or ``"deny"`` (503) when a key function or the limiter fails. ``add_headers``: rate limit
+    headers on allowed responses. ``deny_handler(request, decision) -> HTTPResponse`` replaces the 429.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: LimiterSpec | None = None,
+        *,
+        user_key: KeyFunction | None = None,
+        model_key: KeyFunction | None = None,
+        exempt_paths: Iterable[str] = (),
+        path_limits: Mapping[str, LimiterSpec | None] | None = None,
+        exempt_methods: Iterable[str] = ("OPTIONS",),
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        on_error: Literal["allow", "deny"] = "allow",
+        add_headers: bool = True,
+        deny_handler: DenialHandler | None = None,
+    ) -> None:
+        self.app = app
+        self.gate = Gate(
+            limiter,
+            user_key=user_key,
+            model_key=model_key,
+            exempt_paths=exempt_paths,
+            path_limits=path_limits,
+            exempt_methods=exempt_methods,
+            max_body_size=max_body_size,
+            on_error=on_error,
+            add_headers=add_headers,
+            deny_handler=deny_handler,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limiter = self.gate.limiter_for(scope["method"], scope["path"])
+        if limiter is None:
+            await self.app(scope, receive, send)
+            return
+        request = request_view(scope)
+
+        async def read_body() -> None:
+            nonlocal receive
+            receive = await load_body(receive, request, self.gate.max_body_size)
+
+        outcome = await admit(self.gate, limiter, request, read_body)
+        if isinstance(outcome, HTTPResponse):
+            await send_response(send, outcome)
+            return
+        if outcome is None:
+            await self.app(scope, receive, send)
+            return
+        if not outcome.allowed:
+            await send_response(send, self.gate.denied(request, outcome))
+            return
+        extra = encode_headers(self.gate.allowed_headers(outcome))
+        if not extra:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

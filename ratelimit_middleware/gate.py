@@ -1,0 +1,171 @@
+"""What every HTTP integration decides, with the I/O left to the ASGI and WSGI shells.
+
+A ``Gate`` holds the options users pass to a middleware or decorator and answers four questions: which
+limiter applies to this method and path (``None``: exempt), who and which model the request is for, what to
+send once the limiter has decided, and what to do when a key function or the limiter fails. The shells read
+the body when a key function needs it (``BodyNotLoaded``), call ``check`` or ``acheck``, and send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal, Protocol
+
+from .config import RateLimitConfig
+from .contract import HTTPResponse, denial_response, informational_headers, unavailable_response
+from .decision import Decision
+from .keys import KeyFunction, default_model_key, default_user_key
+from .limiter import RateLimiter
+from .request import RequestView
+from .routes import PathRules, normalize_path
+
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "Checker", "DenialHandler", "Gate", "LimiterSpec", "as_checker"]
+
+logger = logging.getLogger("ratelimit_middleware")
+
+DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+"""Bodies are read for key functions up to 1 MiB; larger ones reach the app untouched, unread by keys."""
+
+_MAX_KEY_LENGTH = 256  # longer identities are hashed, so that huge headers cannot bloat the limiter
+_LOG_EVERY_SECONDS = 60.0
+
+
+class Checker(Protocol):
+    """What the HTTP layer needs of a limiter: ``RateLimiter`` and ``MultiTierRateLimiter`` both fit."""
+
+    def check(self, user: str, model: str, cost: int = 1) -> Decision: ...
+
+    async def acheck(self, user: str, model: str, cost: int = 1) -> Decision: ...
+
+
+LimiterSpec = Checker | RateLimitConfig | str
+"""A limiter, or a limit (config or string such as ``"10/minute"``) for a new in-memory ``RateLimiter``."""
+
+DenialHandler = Callable[[RequestView, Decision], HTTPResponse]
+"""Builds the response for a denied request (replaces the default 429)."""
+
+
+def as_checker(spec: LimiterSpec, what: str = "limiter") -> Checker:
+    """A limiter from a limiter, a config or a limit string."""
+    if isinstance(spec, (str, RateLimitConfig)):
+        return RateLimiter(limit=spec)
+    if callable(getattr(spec, "check", None)) and callable(getattr(spec, "acheck", None)):
+        return spec
+    raise TypeError(
+        f"{what} must be a limiter, a RateLimitConfig or a limit string like '10/minute', got {spec!r}"
+    )
+
+
+def _bounded(identity: str) -> str:
+    if len(identity) <= _MAX_KEY_LENGTH:
+        return identity
+    return "sha256:" + hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class _Throttled:
+    """Logs a failure at most once a minute per kind: one line per outage, not one per request."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, type[BaseException]], float] = {}
+
+    def warning(self, stage: str, error: BaseException, outcome: str) -> None:
+        kind = (stage, type(error))
+        now = time.monotonic()
+        if now - self._last.get(kind, -_LOG_EVERY_SECONDS) >= _LOG_EVERY_SECONDS:
+            self._last[kind] = now
+            logger.warning("%s failed (%s); the request was %s", stage, error, outcome, exc_info=error)
+
+
+class Gate:
+    """The decisions of an HTTP integration, independent of ASGI or WSGI."""
+
+    def __init__(
+        self,
+        limiter: LimiterSpec | None = None,
+        *,
+        user_key: KeyFunction | None = None,
+        model_key: KeyFunction | None = None,
+        exempt_paths: Iterable[str] = (),
+        path_limits: Mapping[str, LimiterSpec | None] | None = None,
+        exempt_methods: Iterable[str] = ("OPTIONS",),
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        on_error: Literal["allow", "deny"] = "allow",
+        add_headers: bool = True,
+        deny_handler: DenialHandler | None = None,
+    ) -> None:
+        if on_error not in ("allow", "deny"):
+            raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
+        if isinstance(max_body_size, bool) or not isinstance(max_body_size, int) or max_body_size < 0:
+            raise ValueError(f"max_body_size must be an int >= 0, got {max_body_size!r}")
+        for name, function in (
+            ("user_key", user_key),
+            ("model_key", model_key),
+            ("deny_handler", deny_handler),
+        ):
+            if function is not None and not callable(function):
+                raise TypeError(f"{name} must be callable, got {function!r}")
+        if isinstance(exempt_paths, str):
+            exempt_paths = [exempt_paths]
+        self.limiter: Checker = RateLimiter() if limiter is None else as_checker(limiter)
+        self.user_key = user_key or default_user_key()
+        self.model_key = model_key or default_model_key()
+        self.exempt = PathRules((pattern, None) for pattern in exempt_paths)
+        self.routes = PathRules(
+            (pattern, None if spec is None else as_checker(spec, f"path_limits[{pattern!r}]"))
+            for pattern, spec in (path_limits or {}).items()
+        )
+        self.exempt_methods = frozenset(method.upper() for method in exempt_methods)
+        self.max_body_size = max_body_size
+        self.on_error = on_error
+        self.add_headers = add_headers
+        self.deny_handler = deny_handler
+        self._log = _Throttled()
+
+    def limiter_for(self, method: str, path: str) -> Checker | None:
+        """The limiter for this request, or ``None`` when it is exempt."""
+        if method in self.exempt_methods:
+            return None
+        if not self.exempt and not self.routes:
+            return self.limiter
+        normalized = normalize_path(path)
+        if self.exempt.match(method, normalized)[0]:
+            return None
+        matched, limiter = self.routes.match(method, normalized)
+        return limiter if matched else self.limiter
+
+    def identify(self, request: RequestView) -> tuple[str, str]:
+        """``(user, model)``; raises ``BodyNotLoaded`` when a key function needs the body first.
+
+        A user key function with no answer falls back to the client address, never to one shared bucket.
+        """
+        user = self.user_key(request)
+        if user is None:
+            user = f"ip:{request.client}" if request.client else "anonymous"
+        model = self.model_key(request) or "default"
+        if not isinstance(user, str) or not isinstance(model, str):
+            raise TypeError(f"key functions must return str or None, got user={user!r}, model={model!r}")
+        return _bounded(user), _bounded(model)
+
+    def allowed_headers(self, decision: Decision) -> list[tuple[str, str]]:
+        """Headers to add to an allowed response (none when ``add_headers`` is off)."""
+        return informational_headers(decision) if self.add_headers else []
+
+    def denied(self, request: RequestView, decision: Decision) -> HTTPResponse:
+        """The response for a denied request."""
+        if self.deny_handler is not None:
+            try:
+                return self.deny_handler(request, decision)
+            except Exception as error:
+                self._log.warning("the deny_handler", error, "answered with the default 429")
+        return denial_response(decision)
+
+    def failed(self, stage: str, error: Exception) -> HTTPResponse | None:
+        """After a key function or the limiter raised: ``None`` to let the request through, else a 503."""
+        if self.on_error == "allow":
+            self._log.warning(stage, error, "allowed (on_error='allow')")
+            return None
+        self._log.warning(stage, error, "denied with 503 (on_error='deny')")
+        return unavailable_response()

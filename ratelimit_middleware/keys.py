@@ -1,0 +1,238 @@
+"""Key functions: who is calling, and which model they ask for.
+
+A key function takes a ``RequestView`` and returns a string, or ``None`` when it cannot tell (then the next
+function of a ``first_of`` is tried). The same functions serve the ASGI and WSGI middlewares and the
+decorators. The defaults:
+
+- user: the ``X-User-ID`` header, else the API key (``Authorization: Bearer`` or ``X-API-Key``, hashed), else
+  the client address;
+- model: the ``X-Model`` header, else the JSON body's ``"model"`` field, else ``"default"``.
+
+API keys are never used raw: ``api_key()`` returns ``"key:"`` and a SHA-256 digest, and ``client_ip()``
+returns ``"ip:<address>"``, so the sources cannot collide with each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+
+from .request import RequestView
+
+__all__ = [
+    "KeyFunction",
+    "api_key",
+    "client_ip",
+    "constant",
+    "default_model_key",
+    "default_user_key",
+    "first_of",
+    "from_header",
+    "from_json_body",
+    "from_path",
+    "from_query",
+]
+
+KeyFunction = Callable[[RequestView], "str | None"]
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def from_header(name: str) -> KeyFunction:
+    """The value of header ``name`` (case-insensitive), if present and not blank."""
+    lowered = name.lower()
+
+    def key(request: RequestView) -> str | None:
+        return request.header(lowered)
+
+    return key
+
+
+def from_query(name: str) -> KeyFunction:
+    """The value of query parameter ``name``, if present and not blank."""
+
+    def key(request: RequestView) -> str | None:
+        return request.query.get(name) or None
+
+    return key
+
+
+def from_path(pattern: str | re.Pattern[str]) -> KeyFunction:
+    """A part of the path: a template such as ``"/v1/models/{model}"`` or a regex with one group.
+
+    A template's ``{name}`` matches one path segment; with several placeholders the first is returned.
+    """
+    if isinstance(pattern, re.Pattern):
+        regex = pattern
+    elif "{" in pattern:
+        parts = re.split(r"\{(\w+)\}", pattern)
+        regex = re.compile(
+            "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts))
+            + "/?$"
+        )
+    else:
+        regex = re.compile(pattern)
+    if regex.groups < 1:
+        raise ValueError(
+            f"from_path needs a template with a {{placeholder}} or a regex with a group: {pattern!r}"
+        )
+
+    def key(request: RequestView) -> str | None:
+        match = regex.match(request.path)
+        return (match.group(1) or None) if match else None
+
+    return key
+
+
+def from_json_body(field: str) -> KeyFunction:
+    """A field of the JSON body (``"model"``; dotted for nested objects: ``"metadata.user_id"``).
+
+    Strings and numbers count; other values, bodies that are not JSON objects and bodies over the size cap
+    give ``None``. Asking for it makes the middleware read the body (up to its ``max_body_size``).
+    """
+    path = field.split(".")
+
+    def key(request: RequestView) -> str | None:
+        value: object = request.json()
+        for part in path:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(part)
+        if isinstance(value, str):
+            return value.strip() or None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return None
+
+    return key
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def api_key(header: str = "x-api-key") -> KeyFunction:
+    """``"key:<sha256>"`` of the bearer token in ``Authorization``, else of the ``header`` (``X-API-Key``)."""
+    lowered = header.lower()
+
+    def key(request: RequestView) -> str | None:
+        authorization = request.header("authorization")
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return "key:" + _digest(token.strip())
+        other = request.header(lowered)
+        return "key:" + _digest(other) if other else None
+
+    return key
+
+
+def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
+    networks = []
+    for entry in trusted:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    value = value.strip().strip('"')
+    if value.startswith("["):  # [v6]:port, as Forwarded allows
+        value = value[1 : value.find("]")] if "]" in value else value
+    elif value.count(":") == 1:  # v4:port
+        value = value.split(":", 1)[0]
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _forwarded_for(request: RequestView) -> list[str]:
+    """The addresses proxies appended, oldest first: ``Forwarded: for=`` if present, else X-Forwarded-For."""
+    forwarded = request.header("forwarded")
+    if forwarded:
+        found = []
+        for element in forwarded.split(","):
+            for pair in element.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.lower() == "for":
+                    found.append(value)
+        return found
+    header = request.header("x-forwarded-for")
+    return header.split(",") if header else []
+
+
+def client_ip(trusted_proxies: int | Iterable[str] = 0) -> KeyFunction:
+    """``"ip:<address>"`` of the client.
+
+    Forwarding headers are honoured only behind trusted proxies, as werkzeug's ProxyFix does:
+    ``trusted_proxies=N`` trusts the last N hops (the peer and the N - 1 before it); a list of networks trusts
+    every hop from those networks, starting at the direct peer. Anything else in ``X-Forwarded-For`` or
+    ``Forwarded`` is ignored, so a client cannot choose its own key by sending them.
+    """
+    if isinstance(trusted_proxies, bool) or (isinstance(trusted_proxies, int) and trusted_proxies < 0):
+        raise ValueError(
+            f"trusted_proxies must be a count >= 0 or a list of networks, got {trusted_proxies!r}"
+        )
+    count = trusted_proxies if isinstance(trusted_proxies, int) else None
+    networks = () if isinstance(trusted_proxies, int) else _networks(trusted_proxies)
+
+    def trusted(address: str | None) -> bool:
+        parsed = _parse_ip(address) if address else None
+        return parsed is not None and any(parsed in network for network in networks)
+
+    def key(request: RequestView) -> str | None:
+        address = request.client
+        if count:
+            hops = _forwarded_for(request)
+            if len(hops) >= count:
+                address = hops[-count]
+        elif networks and trusted(address):
+            for hop in reversed(_forwarded_for(request)):
+                address = hop
+                if not trusted(hop):
+                    break
+        if not address:
+            return None
+        parsed = _parse_ip(address)
+        return f"ip:{parsed}" if parsed is not None else None
+
+    return key
+
+
+def constant(value: str) -> KeyFunction:
+    """Always ``value``: e.g. one model name for an app that serves one model."""
+
+    def key(request: RequestView) -> str | None:
+        return value
+
+    return key
+
+
+def first_of(*functions: KeyFunction) -> KeyFunction:
+    """The first answer that is not ``None``."""
+    if not functions:
+        raise ValueError("first_of needs at least one key function")
+
+    def key(request: RequestView) -> str | None:
+        for function in functions:
+            value = function(request)
+            if value is not None:
+                return value
+        return None
+
+    return key
+
+
+def default_user_key() -> KeyFunction:
+    """``X-User-ID``, else the hashed API key, else the client address (no proxies trusted)."""
+    return first_of(from_header("x-user-id"), api_key(), client_ip())
+
+
+def default_model_key() -> KeyFunction:
+    """``X-Model``, else the JSON body's ``"model"``, else ``"default"``."""
+    return first_of(from_header("x-model"), from_json_body("model"), constant("default"))

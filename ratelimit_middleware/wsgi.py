@@ -1,0 +1,221 @@
+"""``RateLimitWSGI``: a WSGI middleware, in the style of werkzeug's ``ProxyFix``.
+
+``app.wsgi_app = RateLimitWSGI(app.wsgi_app)`` in Flask, or around any WSGI app. With no options it limits
+each user on each model to 100 requests per hour, in memory, with the default key functions. The body is read
+only when a key function asks for it, up to ``max_body_size``, and replayed to the app byte for byte by
+replacing ``wsgi.input``. Allowed responses are passed through unbuffered, with headers added.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import IO, Any, Literal
+
+from .contract import HTTPResponse
+from .decision import Decision
+from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Gate, LimiterSpec
+from .keys import KeyFunction
+from .request import BodyNotLoaded, RequestView
+
+__all__ = ["RateLimitWSGI"]
+
+Environ = dict[str, Any]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+_REASONS = {429: "Too Many Requests", 503: "Service Unavailable"}
+
+
+def _headers(environ: Environ) -> Iterable[tuple[str, str]]:
+    for name, value in environ.items():
+        if name.startswith("HTTP_"):
+            yield name[5:].replace("_", "-"), value
+        elif name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            yield name.replace("_", "-"), value
+
+
+def request_view(environ: Environ) -> RequestView:
+    """The framework-neutral view of a WSGI environ."""
+    return RequestView(
+        environ.get("REQUEST_METHOD", "GET"),
+        environ.get("PATH_INFO", "") or "/",
+        _headers(environ),
+        environ.get("QUERY_STRING", ""),
+        environ.get("REMOTE_ADDR") or None,
+    )
+
+
+class _ReplayInput:
+    """``wsgi.input`` that yields the bytes already read, then the rest of the original stream.
+
+    It never reads past ``CONTENT_LENGTH`` from the original (``remaining``; ``None`` when the server marks
+    the input as terminated), which could block on a raw socket.
+    """
+
+    def __init__(self, head: bytes, rest: IO[bytes], remaining: int | None) -> None:
+        self._head = io.BytesIO(head)
+        self._rest = rest
+        self._remaining = remaining
+
+    def _read_rest(self, size: int) -> bytes:
+        if self._remaining is not None:
+            size = self._remaining if size < 0 else min(size, self._remaining)
+            if size == 0:
+                return b""
+        data = self._rest.read(size)
+        if self._remaining is not None:
+            self._remaining -= len(data)
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        size = -1 if size is None else size
+        data = self._head.read(size)
+        if size < 0:
+            return data + self._read_rest(-1)
+        if len(data) < size:
+            data += self._read_rest(size - len(data))
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        size = -1 if size is None else size
+        line = self._head.readline(size)
+        if line.endswith(b"\n") or (size >= 0 and len(line) >= size):
+            return line
+        limit = size - len(line) if size >= 0 else -1
+        if self._remaining is not None:
+            limit = self._remaining if limit < 0 else min(limit, self._remaining)
+            if limit == 0:
+                return line
+        more = self._rest.readline(limit)
+        if self._remaining is not None:
+            self._remaining -= len(more)
+        return line + more
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self) -> Iterable[bytes]:
+        while line := self.readline():
+            yield line
+
+
+def load_body(environ: Environ, request: RequestView, limit: int) -> None:
+    """Read the body into ``request`` (up to ``limit`` bytes) and make ``wsgi.input`` replay it."""
+    stream: IO[bytes] = environ["wsgi.input"]
+    try:
+        length: int | None = int(environ.get("CONTENT_LENGTH") or "")
+    except ValueError:
+        length = None
+    if length is None and not environ.get("wsgi.input_terminated"):
+        request.load_body(b"")  # no length and no terminated stream: WSGI says there is no body to read
+        return
+    if length is not None and length < 0:
+        request.load_body(None)
+        return
+    want = limit + 1 if length is None else min(length, limit + 1)
+    head = stream.read(want) if want else b""
+    over = len(head) > limit
+    request.load_body(None if over else head)
+    environ["wsgi.input"] = _ReplayInput(head, stream, None if length is None else length - len(head))
+
+
+def admit(
+    gate: Gate, limiter: Checker, request: RequestView, load_body: Callable[[], None]
+) -> Decision | HTTPResponse | None:
+    """Identify and check one request: a ``Decision``, a response to send, or ``None`` to let it through.
+
+    ``load_body`` is called only if a key function needs the body. Shared by the middleware and the Flask
+    decorator; ``asgi.admit`` is its asynchronous twin.
+    """
+    try:
+        try:
+            user, model = gate.identify(request)
+        except BodyNotLoaded:
+            load_body()
+            user, model = gate.identify(request)
+    except Exception as error:
+        return gate.failed("the key function", error)
+    try:
+        return limiter.check(user, model)
+    except Exception as error:
+        return gate.failed("the limiter", error)
+
+
+def send_response(start_response: StartResponse, response: HTTPResponse) -> list[bytes]:
+    """Start a complete response (a denial or a 503) and return its body."""
+    status = f"{response.status} {_REASONS.get(response.status, 'Error')}"
+    start_response(status, [*response.headers, ("Content-Length", str(len(response.body)))])
+    return [response.body]
+
+
+class RateLimitWSGI:
+    """Rate limit every request of a WSGI app; answer 429 with back-off headers when denied.
+
+    Options are those of ``RateLimitMiddleware`` (the ASGI middleware).
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        limiter: LimiterSpec | None = None,
+        *,
+        user_key: KeyFunction | None = None,
+        model_key: KeyFunction | None = None,
+        exempt_paths: Iterable[str] = (),
+        path_limits: Mapping[str, LimiterSpec | None] | None = None,
+        exempt_methods: Iterable[str] = ("OPTIONS",),
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        on_error: Literal["allow", "deny"] = "allow",
+        add_headers: bool = True,
+        deny_handler: DenialHandler | None = None,
+    ) -> None:
+        self.app = app
+        self.gate = Gate(
+            limiter,
+            user_key=user_key,
+            model_key=model_key,
+            exempt_paths=exempt_paths,
+            path_limits=path_limits,
+            exempt_methods=exempt_methods,
+            max_body_size=max_body_size,
+            on_error=on_error,
+            add_headers=add_headers,
+            deny_handler=deny_handler,
+        )
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        limiter = self.gate.limiter_for(
+            environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "") or "/"
+        )
+        if limiter is None:
+            return self.app(environ, start_response)
+        request = request_view(environ)
+        outcome = admit(
+            self.gate, limiter, request, lambda: load_body(environ, request, self.gate.max_body_size)
+        )
+        if isinstance(outcome, HTTPResponse):
+            return send_response(start_response, outcome)
+        if outcome is None:
+            return self.app(environ, start_response)
+        if not outcome.allowed:
+            return send_response(start_response, self.gate.denied(request, outcome))
+        extra = self.gate.allowed_headers(outcome)
+        if not extra:
+            return self.app(environ, start_response)
+
+        def start_with_headers(
+            status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+        ) -> Callable[[bytes], object]:
+            return start_response(status, [*headers, *extra], exc_info)
+
+        return self.app(environ, start_with_headers)

@@ -1,0 +1,346 @@
+"""RateLimitMiddleware: real requests through Starlette and FastAPI, and raw ASGI where messages matter."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware.asgi import Message, RateLimitMiddleware
+from ratelimit_middleware.contract import HTTPResponse
+from ratelimit_middleware.keys import from_header
+from ratelimit_middleware.request import RequestView
+
+from .asgi_helpers import body_of, call, headers_of, http_scope, status_of
+
+
+async def echo(request: Request) -> Response:
+    body = await request.body()
+    return JSONResponse({"sha256": hashlib.sha256(body).hexdigest(), "length": len(body)})
+
+
+async def hello(request: Request) -> Response:
+    return PlainTextResponse("hello")
+
+
+async def stream(request: Request) -> Response:
+    async def events() -> Any:
+        for index in range(5):
+            yield f"data: {index}\n\n"
+            await asyncio.sleep(0)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def websocket_echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text(await websocket.receive_text())
+    await websocket.close()
+
+
+def make_app(**options: Any) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", echo, methods=["POST"]),
+            Route("/v1/embeddings", echo, methods=["POST"]),
+            Route("/hello", hello),
+            Route("/health", hello),
+            Route("/stream", stream),
+            WebSocketRoute("/ws", websocket_echo),
+        ]
+    )
+    app.add_middleware(RateLimitMiddleware, **options)
+    return app
+
+
+def post(client: TestClient, user: str = "alice", path: str = "/v1/chat/completions", **kwargs: Any) -> Any:
+    headers = {"X-User-ID": user, **kwargs.pop("headers", {})}
+    return client.post(path, json=kwargs.pop("json", {"model": "gpt-4o"}), headers=headers, **kwargs)
+
+
+def test_allows_then_denies_with_the_429_contract() -> None:
+    client = TestClient(make_app(limiter="2/minute"))
+    first = post(client)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["RateLimit"] == '"per_user_model";r=1;t=60'
+    assert "retry-after" not in first.headers
+    assert "x-ratelimit-limit-requests" in first.headers["access-control-expose-headers"]
+    assert post(client).status_code == 200
+    denied = post(client)
+    assert denied.status_code == 429
+    assert denied.headers["content-type"] == "application/json"
+    assert denied.headers["retry-after"] == "60"
+    assert 59_000 < int(denied.headers["retry-after-ms"]) <= 60_000
+    assert denied.headers["x-should-retry"] == "true"
+    error = denied.json()["error"]
+    assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded" and error["param"] is None
+    assert "2 requests per 1 minute" in error["message"]
+
+
+def test_users_and_models_get_separate_buckets() -> None:
+    client = TestClient(make_app(limiter="1/minute"))
+    assert post(client, "alice").status_code == 200
+    assert post(client, "alice").status_code == 429
+    assert post(client, "bob").status_code == 200
+    assert post(client, "alice", json={"model": "llama"}).status_code == 200
+    assert post(client, "alice", json={"model": "gpt-4o"}, headers={"X-Model": "mistral"}).status_code == 200
+
+
+def test_default_middleware_needs_no_options() -> None:
+    client = TestClient(make_app())
+    response = post(client)
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-limit-requests"] == "100"
+    assert response.headers["RateLimit-Policy"] == '"per_user_model";q=100;w=3600'
+
+
+def test_multitier_limiter_names_the_binding_tier() -> None:
+    limiter = MultiTierRateLimiter(per_user_model="5/minute", per_model="2/minute")
+    client = TestClient(make_app(limiter=limiter))
+    assert post(client, "a").status_code == 200
+    assert post(client, "b").status_code == 200
+    denied = post(client, "c")
+    assert denied.status_code == 429
+    assert denied.headers["RateLimit-Policy"] == '"per_model";q=2;w=60'
+    assert "per_model" in denied.json()["error"]["message"]
+
+
+def test_exempt_paths_and_methods() -> None:
+    client = TestClient(make_app(limiter="1/minute", exempt_paths=["/health"]))
+    for _ in range(3):
+        response = client.get("/health", headers={"X-User-ID": "a"})
+        assert response.status_code == 200 and "x-ratelimit-limit-requests" not in response.headers
+    assert client.options("/hello").status_code != 429  # OPTIONS (CORS preflight) is exempt by default
+    assert client.options("/hello").status_code != 429
+
+
+@pytest.mark.parametrize(
+    "variant", ["/v1/chat/completions/", "//v1/chat/completions", "/v1/./chat/completions"]
+)
+def test_path_limits_cannot_be_dodged(variant: str) -> None:
+    app = make_app(limiter="100/minute", path_limits={"POST /v1/chat/*": "1/minute"})
+    sent_first = asyncio.run(call(app, http_scope("/v1/chat/completions", headers=[("X-User-ID", "a")])))
+    assert status_of(sent_first) == 200
+    sent = asyncio.run(call(app, http_scope(variant, headers=[("X-User-ID", "a")])))
+    assert status_of(sent) == 429
+
+
+def test_path_limits_replace_the_default_and_none_exempts() -> None:
+    app = make_app(limiter="1/minute", path_limits={"/v1/embeddings": "3/minute", "/hello": None})
+    client = TestClient(app)
+    assert [post(client, path="/v1/embeddings").status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert [client.get("/hello", headers={"X-User-ID": "a"}).status_code for _ in range(3)] == [200] * 3
+    assert [post(client).status_code for _ in range(2)] == [200, 429]
+
+
+def test_percent_encoded_path_is_still_limited() -> None:
+    app = make_app(limiter="100/minute", path_limits={"/v1/chat/completions": "1/minute"})
+    asyncio.run(call(app, http_scope("/v1/chat/completions", headers=[("X-User-ID", "a")])))
+    scope = http_scope("/v1/%63hat/completions", headers=[("X-User-ID", "a")])
+    assert status_of(asyncio.run(call(app, scope))) == 429
+
+
+def test_lifespan_and_websocket_pass_through_untouched() -> None:
+    with TestClient(make_app(limiter="0/minute")) as client, client.websocket_connect("/ws") as websocket:
+        websocket.send_text("ping")
+        assert websocket.receive_text() == "ping"
+
+
+def test_streaming_passes_through_unbuffered() -> None:
+    sent = asyncio.run(call(make_app(limiter="5/minute"), http_scope("/stream", "GET", [("X-User-ID", "a")])))
+    assert status_of(sent) == 200
+    chunks = [
+        message["body"] for message in sent if message["type"] == "http.response.body" and message["body"]
+    ]
+    assert chunks == [f"data: {index}\n\n".encode() for index in range(5)]
+    assert headers_of(sent)["x-ratelimit-remaining-requests"] == "4"
+
+
+@pytest.mark.parametrize(
+    ("chunks", "max_body_size"),
+    [
+        ([b'{"model": "gpt-4o", "messages": []}'], 1024),
+        ([b'{"model": ', b'"gpt-4o", ', b'"messages": []}'], 1024),
+        ([b"\x00\xff binary, not JSON \xfe"], 1024),
+        ([b'{"model": "x"}' + b" " * 5000], 100),
+        ([b"a" * 60, b"b" * 60, b"c" * 60], 100),
+        ([b""], 1024),
+    ],
+)
+def test_body_reaches_the_app_byte_for_byte(chunks: list[bytes], max_body_size: int) -> None:
+    app = make_app(limiter="5/minute", max_body_size=max_body_size)
+    sent = asyncio.run(call(app, http_scope(headers=[("X-User-ID", "a")]), chunks))
+    assert status_of(sent) == 200
+    body = b"".join(chunks)
+    assert json.loads(body_of(sent)) == {"sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
+
+
+def test_model_from_the_body_only_under_the_cap() -> None:
+    limiter = RateLimiter(limit="1/minute")
+    app = make_app(limiter=limiter, max_body_size=64)
+    small = b'{"model": "gpt-4o"}'
+    large = b'{"model": "gpt-4o", "pad": "' + b"x" * 100 + b'"}'
+    for body in (small, large):
+        assert status_of(asyncio.run(call(app, http_scope(headers=[("X-User-ID", "a")]), [body]))) == 200
+    assert limiter.get_request_count("a", "gpt-4o") == 1
+    assert limiter.get_request_count("a", "default") == 1  # over the cap: no model from the body
+
+
+def test_body_is_not_read_when_no_key_needs_it() -> None:
+    received: list[Message] = []
+
+    async def run() -> list[Message]:
+        sent: list[Message] = []
+        incoming = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+        async def receive() -> Message:
+            message = incoming.pop(0) if incoming else {"type": "http.disconnect"}
+            received.append(message)
+            return message
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                assert received == []  # the middleware read nothing before the app answered...
+            sent.append(message)
+
+        async def app_that_ignores_the_body(scope: Any, receive: Any, send: Any) -> None:
+            await PlainTextResponse("ok")(scope, receive, send)
+
+        middleware = RateLimitMiddleware(app_that_ignores_the_body, "5/minute")
+        scope = http_scope(headers=[("X-User-ID", "a"), ("X-Model", "m")])
+        await middleware(scope, receive, send)
+        return sent
+
+    assert status_of(asyncio.run(run())) == 200
+
+
+def test_spoofed_forwarded_for_does_not_change_the_user() -> None:
+    client = TestClient(make_app(limiter="1/minute"))
+    assert client.get("/hello", headers={"X-Forwarded-For": "1.1.1.1"}).status_code == 200
+    assert client.get("/hello", headers={"X-Forwarded-For": "2.2.2.2"}).status_code == 429
+
+
+def test_api_keys_identify_users_without_x_user_id() -> None:
+    client = TestClient(make_app(limiter="1/minute"))
+    assert client.get("/hello", headers={"Authorization": "Bearer key-1"}).status_code == 200
+    assert client.get("/hello", headers={"Authorization": "Bearer key-1"}).status_code == 429
+    assert client.get("/hello", headers={"Authorization": "Bearer key-2"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-User-ID": "\x7f\x01 odd", "X-Model": "\x00"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "", "X-API-Key": "   "},
+        {"X-Forwarded-For": ",,,", "Forwarded": "for=;;"},
+        {"X-User-ID": "u" * 10_000},
+        {"Content-Length": "5"},
+    ],
+)
+def test_malformed_headers_never_cause_a_500(headers: dict[str, str]) -> None:
+    app = make_app(limiter="5/minute")
+    scope = http_scope(headers=list(headers.items()))
+    assert status_of(asyncio.run(call(app, scope, [b"{not json"]))) == 200
+
+
+def test_huge_identities_are_hashed_not_stored_raw() -> None:
+    limiter = RateLimiter(limit="5/minute")
+    client = TestClient(make_app(limiter=limiter))
+    assert post(client, user="u" * 10_000).status_code == 200
+    stored_users = [key[0] for key in limiter._backend._stores[0]]  # type: ignore[attr-defined]
+    assert all(len(user) <= 256 for user in stored_users)
+
+
+def failing_key(request: RequestView) -> str:
+    raise RuntimeError("key store is down")
+
+
+def test_failing_key_function_allows_by_default_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    client = TestClient(make_app(limiter="1/minute", user_key=failing_key))
+    with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
+        assert [post(client).status_code for _ in range(3)] == [200, 200, 200]
+    assert "key store is down" in caplog.text
+    logged = [record for record in caplog.records if "key store is down" in record.getMessage()]
+    assert len(logged) == 1  # logged once, not once per request
+
+
+def test_failing_key_function_denies_with_503_when_asked() -> None:
+    client = TestClient(make_app(limiter="1/minute", user_key=failing_key, on_error="deny"))
+    response = post(client)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "rate_limiter_unavailable"
+
+
+class BrokenLimiter:
+    def check(self, user: str, model: str, cost: int = 1) -> Any:
+        raise ConnectionError("backend unreachable")
+
+    async def acheck(self, user: str, model: str, cost: int = 1) -> Any:
+        raise ConnectionError("backend unreachable")
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("allow", 200), ("deny", 503)])
+def test_failing_limiter_follows_the_policy(on_error: str, status: int) -> None:
+    client = TestClient(make_app(limiter=BrokenLimiter(), on_error=on_error))
+    assert post(client).status_code == status
+
+
+def test_custom_deny_handler_and_headers_off() -> None:
+    def handler(request: RequestView, decision: Any) -> HTTPResponse:
+        return HTTPResponse(429, [("Content-Type", "text/plain")], f"slow down {request.path}".encode())
+
+    client = TestClient(make_app(limiter="1/minute", deny_handler=handler, add_headers=False))
+    allowed = post(client)
+    assert allowed.status_code == 200 and "x-ratelimit-limit-requests" not in allowed.headers
+    denied = post(client)
+    assert denied.status_code == 429 and denied.text == "slow down /v1/chat/completions"
+
+
+def test_failing_deny_handler_falls_back_to_the_default_429() -> None:
+    def handler(request: RequestView, decision: Any) -> HTTPResponse:
+        raise ValueError("bug")
+
+    client = TestClient(make_app(limiter="1/minute", deny_handler=handler))
+    post(client)
+    denied = post(client)
+    assert denied.status_code == 429 and denied.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_custom_key_functions() -> None:
+    client = TestClient(
+        make_app(limiter="1/minute", user_key=from_header("X-Team"), model_key=from_header("X-M"))
+    )
+    assert client.get("/hello", headers={"X-Team": "t1", "X-M": "a"}).status_code == 200
+    assert client.get("/hello", headers={"X-Team": "t1", "X-M": "a"}).status_code == 429
+    assert client.get("/hello", headers={"X-Team": "t1", "X-M": "b"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"limiter": 5}, TypeError),
+        ({"limiter": "often"}, ValueError),
+        ({"on_error": "ignore"}, ValueError),
+        ({"max_body_size": -1}, ValueError),
+        ({"user_key": "X-User"}, TypeError),
+        ({"path_limits": {"v1": "1/minute"}}, ValueError),
+        ({"path_limits": {"/v1": 3}}, TypeError),
+    ],
+)
+def test_bad_options_fail_at_start_up(options: dict[str, Any], error: type) -> None:
+    with pytest.raises(error):
+        RateLimitMiddleware(hello, **options)  # type: ignore[arg-type]

@@ -1,0 +1,130 @@
+"""The example FastAPI app served by a real uvicorn, driven by the official openai client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx2
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+from ratelimit_middleware import MultiTierRateLimiter
+
+from .servers import ROOT, uvicorn_server
+
+APP_DIR = ROOT / "examples" / "fastapi_app"
+
+
+@pytest.fixture(scope="module")
+def strict_server() -> Iterator[str]:
+    """1 request per hour per user and model: the second one waits too long to retry."""
+    with uvicorn_server("main:app", APP_DIR, {"RATELIMIT_PER_USER_MODEL": "1/hour"}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def quick_server() -> Iterator[str]:
+    """1 request per second per user and model: the SDK's retry succeeds if it honours retry-after-ms."""
+    with uvicorn_server("main:app", APP_DIR, {"RATELIMIT_PER_USER_MODEL": "1/second"}) as url:
+        yield url
+
+
+def client(url: str, user: str, max_retries: int = 0, statuses: list[int] | None = None) -> openai.OpenAI:
+    hooks = (
+        {"response": [lambda response: statuses.append(response.status_code)]} if statuses is not None else {}
+    )
+    return openai.OpenAI(
+        base_url=f"{url}/v1",
+        api_key="sk-test",
+        max_retries=max_retries,
+        default_headers={"X-User-ID": user},
+        http_client=httpx2.Client(event_hooks=hooks),
+    )
+
+
+def ask(sdk: openai.OpenAI) -> str:
+    completion = sdk.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    return completion.choices[0].message.content or ""
+
+
+def test_openai_client_gets_rate_limit_error_with_our_message(strict_server: str) -> None:
+    statuses: list[int] = []
+    sdk = client(strict_server, "alice", max_retries=3, statuses=statuses)
+    assert "canned answer" in ask(sdk)
+    with pytest.raises(openai.RateLimitError) as raised:
+        ask(sdk)
+    error = raised.value
+    assert error.status_code == 429
+    assert "per_user_model" in error.message and "1 requests per 1 hour" in error.message
+    assert isinstance(error.body, dict) and error.body["code"] == "rate_limit_exceeded"
+    assert error.response.headers["x-should-retry"] == "false"
+    assert statuses == [200, 429]  # a wait over 60 s: the SDK does not retry despite max_retries=3
+
+
+def test_openai_client_retry_honours_retry_after_ms(quick_server: str) -> None:
+    statuses: list[int] = []
+    sdk = client(quick_server, "bob", max_retries=1, statuses=statuses)
+    ask(sdk)
+    # Denied at once with retry-after-ms just under 1000. The SDK's own first back-off is at most 0.5 s, which
+    # would be denied again: one retry succeeds only because it waited what retry-after-ms said.
+    assert "canned answer" in ask(sdk)
+    assert statuses == [200, 429, 200]
+
+
+def test_streaming_through_uvicorn_with_usage(strict_server: str) -> None:
+    sdk = client(strict_server, "carol")
+    stream = sdk.chat.completions.create(
+        model="llama-3-8b",
+        messages=[{"role": "user", "content": "stream please"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text.startswith("This is a canned answer")
+    usage = chunks[-1].usage
+    assert (
+        usage is not None
+        and usage.completion_tokens > 0
+        and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    )
+
+
+def test_models_listing_and_health_exemption(strict_server: str) -> None:
+    sdk = client(strict_server, "dave")
+    assert {model.id for model in sdk.models.list()} >= {"gpt-4o-mini", "llama-3-8b"}
+    with httpx2.Client() as http:
+        for _ in range(3):
+            assert http.get(f"{strict_server}/health").status_code == 200
+
+
+def test_per_model_tier_is_shared_across_users() -> None:
+    import main  # type: ignore[import-not-found]  # examples/fastapi_app, put on sys.path below
+
+    app = main.create_app(MultiTierRateLimiter(per_user_model="10/minute", per_model="2/minute"))
+    http = TestClient(app)
+    body = {"model": "mistral-7b", "messages": [{"role": "user", "content": "x"}]}
+    codes = [
+        http.post("/v1/chat/completions", json=body, headers={"X-User-ID": u}).status_code for u in "abc"
+    ]
+    assert codes == [200, 200, 429]
+
+
+@pytest.fixture(autouse=True)
+def _example_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(APP_DIR))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[]", b'{"model": "gpt-4o-mini"}', b'{"model": "nope", "messages": []}'],
+)
+def test_bad_bodies_get_4xx_not_500(body: bytes) -> None:
+    import main  # type: ignore[import-not-found]
+
+    http = TestClient(main.create_app())
+    response = http.post("/v1/chat/completions", content=body, headers={"X-User-ID": "e"})
+    assert 400 <= response.status_code < 500

@@ -1,0 +1,137 @@
+"""Key functions on the framework-neutral request view."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ratelimit_middleware import keys
+from ratelimit_middleware.request import BodyNotLoaded, RequestView
+
+
+def view(
+    headers: dict[str, str] | None = None,
+    *,
+    path: str = "/v1/chat/completions",
+    query: str = "",
+    client: str | None = "203.0.113.7",
+    body: bytes | None = None,
+) -> RequestView:
+    request = RequestView("POST", path, list((headers or {}).items()), query, client)
+    if body is not None:
+        request.load_body(body)
+    return request
+
+
+def test_from_header_is_case_insensitive_and_ignores_blanks() -> None:
+    key = keys.from_header("X-User-ID")
+    assert key(view({"x-user-id": " alice "})) == "alice"
+    assert key(view({"X-USER-ID": "bob"})) == "bob"
+    assert key(view({"X-User-ID": "  "})) is None
+    assert key(view()) is None
+
+
+def test_from_query() -> None:
+    key = keys.from_query("user")
+    assert key(view(query="user=carol&user=dave")) == "carol"
+    assert key(view(query="user=")) is None
+
+
+def test_from_path_template_and_regex() -> None:
+    assert keys.from_path("/v1/models/{model}")(view(path="/v1/models/gpt-4")) == "gpt-4"
+    assert keys.from_path("/v1/models/{model}")(view(path="/v1/models/gpt-4/")) == "gpt-4"
+    assert keys.from_path("/v1/models/{model}")(view(path="/v1/other")) is None
+    assert keys.from_path(r"^/u/([^/]+)/")(view(path="/u/erin/x")) == "erin"
+    assert keys.from_path(re.compile(r"^/t/(\w+)"))(view(path="/t/abc")) == "abc"
+    with pytest.raises(ValueError, match="placeholder"):
+        keys.from_path("/no/groups")
+
+
+def test_from_json_body_reads_fields_and_tolerates_anything() -> None:
+    key = keys.from_json_body("model")
+    assert key(view(body=b'{"model": "gpt-4o"}')) == "gpt-4o"
+    assert key(view(body=b'{"model": 7}')) == "7"
+    assert key(view(body=b'{"model": ["x"]}')) is None
+    assert key(view(body=b'{"model": true}')) is None
+    assert key(view(body=b"[1, 2]")) is None
+    assert key(view(body=b"not json")) is None
+    assert key(view(body=b"\xff\xfe")) is None
+    assert key(view(body=b"")) is None
+    assert key(view(body=b"[" * 100_000)) is None  # deeply nested: no RecursionError escapes
+    nested = keys.from_json_body("metadata.user_id")
+    assert nested(view(body=b'{"metadata": {"user_id": "u1"}}')) == "u1"
+
+
+def test_body_is_requested_only_when_needed() -> None:
+    with pytest.raises(BodyNotLoaded):
+        keys.from_json_body("model")(view())
+    request = view()
+    request.load_body(None)  # over the size cap
+    assert keys.from_json_body("model")(request) is None
+
+
+def test_api_key_is_hashed_never_raw() -> None:
+    key = keys.api_key()
+    bearer = key(view({"Authorization": "Bearer sk-secret-123"}))
+    assert bearer is not None and bearer.startswith("key:") and "sk-secret" not in bearer
+    assert key(view({"X-API-Key": "sk-secret-123"})) == bearer  # same key, same bucket
+    assert key(view({"Authorization": "Basic abc"})) is None
+    assert key(view({"Authorization": "Bearer "})) is None
+    assert key(view({"X-API-Key": "other"})) != bearer
+
+
+def test_client_ip_ignores_forwarding_headers_by_default() -> None:
+    key = keys.client_ip()
+    spoofed = view({"X-Forwarded-For": "1.2.3.4", "Forwarded": "for=5.6.7.8"}, client="10.0.0.9")
+    assert key(spoofed) == "ip:10.0.0.9"
+    assert key(view(client=None)) is None
+
+
+def test_client_ip_trusts_a_counted_number_of_proxies() -> None:
+    key = keys.client_ip(trusted_proxies=1)
+    assert key(view({"X-Forwarded-For": "6.6.6.6, 198.51.100.4"}, client="10.0.0.1")) == "ip:198.51.100.4"
+    assert key(view({}, client="10.0.0.1")) == "ip:10.0.0.1"
+    two = keys.client_ip(trusted_proxies=2)
+    assert (
+        two(view({"X-Forwarded-For": "6.6.6.6, 198.51.100.4, 10.0.0.2"}, client="10.0.0.1"))
+        == "ip:198.51.100.4"
+    )
+
+
+def test_client_ip_trusts_networks_only_from_trusted_peers() -> None:
+    key = keys.client_ip(trusted_proxies=["10.0.0.0/8"])
+    forwarded = {"X-Forwarded-For": "6.6.6.6, 198.51.100.4, 10.1.1.1"}
+    assert key(view(forwarded, client="10.0.0.1")) == "ip:198.51.100.4"
+    assert key(view(forwarded, client="203.0.113.50")) == "ip:203.0.113.50"  # untrusted peer: ignored
+    rfc7239 = {"Forwarded": 'for="[2001:db8::1]:4711";proto=https, for=10.2.2.2'}
+    assert key(view(rfc7239, client="10.0.0.1")) == "ip:2001:db8::1"
+    assert key(view({"X-Forwarded-For": "garbage"}, client="10.0.0.1")) is None
+    with pytest.raises(ValueError, match="not-a-net"):
+        keys.client_ip(trusted_proxies=["not-a-net"])
+    with pytest.raises(ValueError, match="-1"):
+        keys.client_ip(trusted_proxies=-1)
+
+
+def test_first_of_and_constant() -> None:
+    key = keys.first_of(keys.from_header("a"), keys.from_header("b"), keys.constant("z"))
+    assert key(view({"b": "2"})) == "2"
+    assert key(view({"a": "1", "b": "2"})) == "1"
+    assert key(view()) == "z"
+    with pytest.raises(ValueError, match="at least one"):
+        keys.first_of()
+
+
+def test_default_keys() -> None:
+    user, model = keys.default_user_key(), keys.default_model_key()
+    assert user(view({"X-User-ID": "alice", "Authorization": "Bearer k"})) == "alice"
+    assert user(view({"Authorization": "Bearer k"})) == keys.api_key()(view({"X-API-Key": "k"}))
+    assert user(view()) == "ip:203.0.113.7"
+    assert model(view({"X-Model": "llama"})) == "llama"  # the body is not needed
+    assert model(view(body=b'{"model": "gpt-4o"}')) == "gpt-4o"
+    assert model(view(body=b"{}")) == "default"
+
+
+def test_repeated_headers_are_joined() -> None:
+    request = RequestView("GET", "/", [("X-Forwarded-For", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")])
+    assert request.header("X-Forwarded-For") == "1.1.1.1, 2.2.2.2"

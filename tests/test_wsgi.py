@@ -1,0 +1,202 @@
+"""RateLimitWSGI: real requests through Flask and werkzeug, and raw WSGI where the input stream matters."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import pytest
+from flask import Flask, Response, jsonify, request
+from werkzeug.test import Client, EnvironBuilder
+
+from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware.wsgi import RateLimitWSGI, _ReplayInput
+
+
+def make_app(**options: Any) -> Flask:
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def echo() -> Any:
+        body = request.get_data()
+        return jsonify(sha256=hashlib.sha256(body).hexdigest(), length=len(body))
+
+    @app.get("/hello")
+    def hello() -> str:
+        return "hello"
+
+    @app.get("/health")
+    def health() -> str:
+        return "ok"
+
+    @app.get("/stream")
+    def stream() -> Response:
+        return Response((f"data: {i}\n\n" for i in range(5)), mimetype="text/event-stream")
+
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, **options)  # type: ignore[method-assign]
+    return app
+
+
+def post(client: Any, user: str = "alice", **kwargs: Any) -> Any:
+    headers = {"X-User-ID": user, **kwargs.pop("headers", {})}
+    return client.post("/v1/chat/completions", json=kwargs.pop("json", {"model": "gpt-4o"}), headers=headers)
+
+
+def test_default_needs_no_options_100_per_hour() -> None:
+    app = Flask(__name__)
+    app.get("/")(lambda: "ok")
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app)  # type: ignore[method-assign]
+    response = app.test_client().get("/", headers={"X-User-ID": "a"})
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-limit-requests"] == "100"
+    assert response.headers["RateLimit-Policy"] == '"per_user_model";q=100;w=3600'
+
+
+def test_allows_then_denies_with_the_429_contract() -> None:
+    client = make_app(limiter="2/minute").test_client()
+    assert post(client).headers["x-ratelimit-remaining-requests"] == "1"
+    assert post(client).status_code == 200
+    denied = post(client)
+    assert denied.status_code == 429
+    assert denied.headers["Content-Type"] == "application/json"
+    assert denied.headers["Retry-After"] == "60"
+    assert denied.headers["x-should-retry"] == "true"
+    assert denied.json["error"]["code"] == "rate_limit_exceeded"
+    assert int(denied.headers["Content-Length"]) == len(denied.data)
+
+
+def test_models_from_body_and_header_separate_buckets() -> None:
+    limiter = MultiTierRateLimiter(per_user_model="1/minute")
+    client = make_app(limiter=limiter).test_client()
+    assert post(client, json={"model": "a"}).status_code == 200
+    assert post(client, json={"model": "a"}).status_code == 429
+    assert post(client, json={"model": "b"}).status_code == 200
+    assert post(client, json={"model": "a"}, headers={"X-Model": "c"}).status_code == 200
+
+
+def test_exempt_and_path_limits() -> None:
+    client = make_app(
+        limiter="1/minute", exempt_paths=["/health"], path_limits={"/hello/": "2/minute"}
+    ).test_client()
+    assert [client.get("/health").status_code for _ in range(3)] == [200, 200, 200]
+    assert [client.get("/hello", headers={"X-User-ID": "a"}).status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/hello//", headers={"X-User-ID": "a"}).status_code == 429
+    assert client.get("/x/../hello", headers={"X-User-ID": "a"}).status_code == 429
+
+
+def test_streaming_responses_pass_through_unbuffered() -> None:
+    app = make_app(limiter="5/minute")
+    environ = EnvironBuilder(path="/stream", headers={"X-User-ID": "a"}).get_environ()
+    started: list[tuple[str, list[tuple[str, str]]]] = []
+    iterable = app(environ, lambda status, headers, exc_info=None: started.append((status, headers)))
+    chunks = list(iterable)
+    assert started[0][0] == "200 OK"
+    assert ("x-ratelimit-remaining-requests", "4") in started[0][1]
+    assert [chunk for chunk in chunks if chunk] == [f"data: {i}\n\n".encode() for i in range(5)]
+
+
+@pytest.mark.parametrize(
+    ("body", "max_body_size"),
+    [
+        (b'{"model": "gpt-4o", "messages": []}', 1024),
+        (b"\x00\xff binary, not JSON \xfe", 1024),
+        (b'{"model": "x"}' + b" " * 5000, 100),
+        (b"line one\nline two\n" * 50, 100),
+        (b"", 1024),
+    ],
+)
+def test_body_reaches_the_app_byte_for_byte(body: bytes, max_body_size: int) -> None:
+    client = make_app(limiter="5/minute", max_body_size=max_body_size).test_client()
+    response = client.post("/v1/chat/completions", data=body, headers={"X-User-ID": "a"})
+    assert response.status_code == 200
+    assert response.json == {"sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
+
+
+def test_model_from_the_body_only_under_the_cap() -> None:
+    limiter = RateLimiter(limit="1/minute")
+    client = make_app(limiter=limiter, max_body_size=64).test_client()
+    post(client, json={"model": "gpt-4o"})
+    post(client, json={"model": "gpt-4o", "pad": "x" * 100})
+    assert limiter.get_request_count("alice", "gpt-4o") == 1
+    assert limiter.get_request_count("alice", "default") == 1
+
+
+def test_chunked_body_without_length_is_read_when_terminated() -> None:
+    app = make_app(limiter=RateLimiter(limit="1/minute"))
+    body = b'{"model": "m1"}'
+    builder = EnvironBuilder(path="/v1/chat/completions", method="POST", headers={"X-User-ID": "a"})
+    environ = builder.get_environ()
+    environ.pop("CONTENT_LENGTH", None)
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["wsgi.input_terminated"] = True
+    status: list[str] = []
+    result = b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+    assert status == ["200 OK"]
+    assert json.loads(result)["length"] == len(body)
+
+
+def test_replay_input_never_reads_past_content_length() -> None:
+    rest = io.BytesIO(b"cdefNEXT-REQUEST")
+    stream = _ReplayInput(b"ab", rest, remaining=4)
+    assert stream.read(3) == b"abc"
+    assert stream.readline() == b"def"
+    assert stream.read() == b""
+    assert rest.read() == b"NEXT-REQUEST"
+    lines = _ReplayInput(b"one\ntw", io.BytesIO(b"o\nthree\n"), remaining=8)
+    assert list(lines) == [b"one\n", b"two\n", b"three\n"]
+    assert _ReplayInput(b"a\nb\n", io.BytesIO(b""), remaining=0).readlines() == [b"a\n", b"b\n"]
+
+
+def test_spoofed_forwarded_for_does_not_change_the_user() -> None:
+    client = make_app(limiter="1/minute").test_client()
+    assert client.get("/hello", headers={"X-Forwarded-For": "1.1.1.1"}).status_code == 200
+    assert client.get("/hello", headers={"X-Forwarded-For": "2.2.2.2"}).status_code == 429
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({"X-User-ID": "\x7f odd", "X-Model": " "}, b"{bad json"),
+        ({"Authorization": "Bearer"}, b"[]"),
+        ({"X-Forwarded-For": ",,,"}, b'{"model": {"nested": 1}}'),
+        ({"Content-Type": "application/json"}, b"\xff\xfe\x00"),
+    ],
+)
+def test_malformed_requests_never_cause_a_500(headers: dict[str, str], body: bytes) -> None:
+    client = make_app(limiter="5/minute").test_client()
+    assert client.post("/v1/chat/completions", data=body, headers=headers).status_code == 200
+
+
+def test_bad_content_length_is_not_a_500() -> None:
+    app = make_app(limiter="5/minute")
+    environ = EnvironBuilder(path="/v1/chat/completions", method="POST", data=b"{}").get_environ()
+    environ["CONTENT_LENGTH"] = "-3"
+    status: list[str] = []
+    b"".join(app(environ, lambda s, h, e=None: status.append(s)))
+    assert status and not status[0].startswith("5")
+
+
+def failing_key(view: Any) -> str:
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("allow", 200), ("deny", 503)])
+def test_failing_key_function_follows_the_policy(on_error: str, status: int) -> None:
+    client = make_app(limiter="1/minute", user_key=failing_key, on_error=on_error).test_client()
+    response = client.get("/hello")
+    assert response.status_code == status
+    if status == 503:
+        assert response.headers["Retry-After"] == "1"
+
+
+def test_plain_wsgi_app_without_flask() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"plain"]
+
+    client = Client(RateLimitWSGI(app, "1/minute"))
+    assert client.get("/", headers={"X-User-ID": "u"}).status_code == 200
+    denied = client.get("/", headers={"X-User-ID": "u"})
+    assert denied.status_code == 429 and denied.headers["Retry-After"] == "60"
