@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
-import sys
-from pathlib import Path
+import urllib.request
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .servers import ROOT, free_port, wait_until_up
 
 
 def python_blocks(document: str) -> list[str]:
@@ -27,9 +28,19 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_demo_runs() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py")], capture_output=True, text=True, timeout=60
+def test_readme_first_command_serves_the_example_api() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "serve.sh")],
+        env={**os.environ, "PORT": str(port)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stderr
-    assert "allowed=False" in result.stdout and "per_model" in result.stdout
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, timeout=120)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as response:
+            assert "gpt-4o-mini" in response.read().decode()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)

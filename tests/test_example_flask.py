@@ -1,0 +1,32 @@
+"""The example Flask app: RateLimitWSGI around the app, and a decorated route with its own limit."""
+
+from __future__ import annotations
+
+import sys
+
+from .servers import ROOT
+
+sys.path.insert(0, str(ROOT / "examples" / "flask_app"))
+
+from app import create_app  # type: ignore[import-not-found]
+
+
+def test_whole_app_is_limited_and_health_is_exempt() -> None:
+    client = create_app(default_limit="2/minute").test_client()
+    body = {"model": "gpt-4o", "messages": []}
+    codes = [
+        client.post("/v1/chat/completions", json=body, headers={"X-User-ID": "a"}).status_code
+        for _ in range(3)
+    ]
+    assert codes == [200, 200, 429]
+    assert all(client.get("/health").status_code == 200 for _ in range(5))
+
+
+def test_decorated_route_has_its_own_tighter_limit() -> None:
+    client = create_app(default_limit="100/minute", embeddings_limit="1/minute").test_client()
+    first = client.post("/v1/embeddings", json={"model": "e5"}, headers={"X-User-ID": "a"})
+    assert first.status_code == 200 and first.json["model"] == "e5"
+    denied = client.post("/v1/embeddings", json={"model": "e5"}, headers={"X-User-ID": "a"})
+    assert denied.status_code == 429
+    assert denied.json["error"]["code"] == "rate_limit_exceeded"
+    assert denied.headers["RateLimit-Policy"] == '"per_user_model";q=1;w=60'

@@ -1,0 +1,175 @@
+"""Every Python snippet of INTEGRATION.md runs, and real requests through it behave as the text says."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+from werkzeug.test import Client
+
+from .servers import ROOT
+
+SNIPPET = re.compile(r"<!-- check: ([\w-]+) -->\n```python\n(.*?)```", re.DOTALL)
+TEXT = (ROOT / "INTEGRATION.md").read_text()
+SNIPPETS = dict(SNIPPET.findall(TEXT))
+
+
+def run(name: str) -> dict[str, Any]:
+    namespace: dict[str, Any] = {"__name__": f"integration_{name.replace('-', '_')}"}
+    exec(compile(SNIPPETS[name], f"INTEGRATION.md:{name}", "exec"), namespace)
+    return namespace
+
+
+def statuses(send: Callable[[], Any], times: int) -> list[int]:
+    return [send().status_code for _ in range(times)]
+
+
+def check_fastapi() -> None:
+    client = TestClient(run("fastapi")["app"])
+
+    def chat() -> Any:
+        return client.post("/v1/chat/completions", json={"model": "gpt-4o"}, headers={"X-User-ID": "a"})
+
+    assert statuses(chat, 21) == [200] * 20 + [429]
+    denied = chat()
+    assert denied.headers["retry-after"] and denied.json()["error"]["code"] == "rate_limit_exceeded"
+    assert (
+        client.post("/v1/chat/completions", json={"model": "o1"}, headers={"X-User-ID": "a"}).status_code
+        == 200
+    )
+    assert statuses(lambda: client.get("/health"), 25) == [200] * 25
+
+
+def check_starlette() -> None:
+    client = TestClient(run("starlette")["app"])
+    response = client.post("/v1/completions", headers={"X-User-ID": "a"})
+    assert response.status_code == 200 and response.headers["x-ratelimit-limit-requests"] == "100"
+
+
+def check_flask() -> None:
+    client = run("flask")["app"].test_client()
+    response = client.post("/v1/chat/completions", json={"model": "m"}, headers={"X-User-ID": "a"})
+    assert response.status_code == 200 and response.headers["x-ratelimit-remaining-requests"] == "99"
+
+
+def _django() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.django_site")
+
+
+def check_django_asgi() -> None:
+    _django()
+    client = TestClient(run("django-asgi")["application"])
+    response = client.post("/v1/chat/completions", json={"model": "m"}, headers={"X-User-ID": "a"})
+    assert response.status_code == 200 and response.json() == {"choices": []}
+    assert response.headers["x-ratelimit-remaining-requests"] == "99"
+    assert "x-ratelimit-limit-requests" not in client.get("/healthz").headers
+
+
+def check_django_wsgi() -> None:
+    _django()
+    client = Client(run("django-wsgi")["application"])
+    response = client.post("/v1/chat/completions", json={"model": "m"}, headers={"X-User-ID": "a"})
+    assert response.status_code == 200 and response.headers["x-ratelimit-remaining-requests"] == "99"
+    assert "x-ratelimit-limit-requests" not in client.get("/healthz").headers
+
+
+def check_plain_asgi() -> None:
+    client = TestClient(run("plain-asgi")["app"])
+    assert statuses(lambda: client.get("/", headers={"X-User-ID": "a"}), 11) == [200] * 10 + [429]
+
+
+def check_plain_wsgi() -> None:
+    client = Client(run("plain-wsgi")["app"])
+    assert statuses(lambda: client.get("/", headers={"X-User-ID": "a"}), 11) == [200] * 10 + [429]
+
+
+def check_path_limits() -> None:
+    client = TestClient(run("path-limits")["app"])
+
+    def images(path: str) -> Any:
+        return client.post(path, headers={"X-User-ID": "a"})
+
+    assert statuses(lambda: images("/v1/images/generations"), 5) == [200] * 5
+    assert images("/v1/images/generations/").status_code == 429  # a trailing slash does not dodge the rule
+    assert images("/v1//images/generations").status_code == 429
+
+
+def check_fastapi_decorator() -> None:
+    client = TestClient(run("fastapi-decorator")["app"])
+    assert statuses(lambda: client.post("/v1/moderations", headers={"X-User-ID": "a"}), 11) == [200] * 10 + [
+        429
+    ]
+    assert statuses(lambda: client.get("/v1/usage", headers={"X-User-ID": "a"}), 3) == [200, 200, 429]
+    assert client.get("/v1/usage", headers={"X-User-ID": "a"}).json()["error"]["type"] == "requests"
+
+
+def check_flask_decorator() -> None:
+    client = run("flask-decorator")["app"].test_client()
+
+    def send() -> Any:
+        return client.post("/v1/embeddings", headers={"X-User-ID": "a"})
+
+    assert statuses(send, 6) == [200] * 5 + [429]
+
+
+def check_keys() -> None:
+    client = TestClient(run("keys")["app"])
+
+    def generate(model: str, team: str = "t") -> Any:
+        return client.post(f"/v1/models/{model}/generate", headers={"X-Team": team})
+
+    assert statuses(lambda: generate("llama"), 4) == [200, 200, 200, 429]
+    assert generate("mistral").status_code == 200  # another model from the path: another bucket
+    assert generate("llama", team="other").status_code == 200
+
+
+def check_proxy() -> None:
+    client = run("proxy")["app"].test_client()
+
+    def via_proxy(client_address: str) -> Any:
+        return client.get(
+            "/", headers={"X-Forwarded-For": client_address}, environ_base={"REMOTE_ADDR": "10.0.0.5"}
+        )
+
+    assert statuses(lambda: via_proxy("198.51.100.1"), 3) == [200, 200, 429]
+    assert via_proxy("198.51.100.2").status_code == 200  # another client behind the proxy
+
+    def direct(forged: str) -> Any:
+        return client.get(
+            "/", headers={"X-Forwarded-For": forged}, environ_base={"REMOTE_ADDR": "203.0.113.9"}
+        )
+
+    assert [direct(f"1.1.1.{i}").status_code for i in range(3)] == [200, 200, 429]  # forging does not help
+
+
+def check_failures() -> None:
+    client = TestClient(run("failures")["app"])
+    assert client.get("/").status_code == 503  # no X-Tenant: the key function raises, on_error="deny"
+    assert client.get("/", headers={"X-Tenant": "t"}).status_code == 200
+    denied = client.get("/", headers={"X-Tenant": "t"})
+    assert denied.status_code == 429 and denied.text == "slow down"
+
+
+CHECKS = {
+    name[len("check_") :].replace("_", "-"): check
+    for name, check in globals().items()
+    if name.startswith("check_")
+}
+
+
+@pytest.mark.parametrize("name", sorted(SNIPPETS))
+def test_snippet(name: str) -> None:
+    assert name in CHECKS, f"INTEGRATION.md snippet {name!r} has no check in this file"
+    CHECKS[name]()
+
+
+def test_every_python_block_is_checked() -> None:
+    blocks = TEXT.count("```python")
+    assert blocks == len(SNIPPETS), (
+        "every ```python block of INTEGRATION.md needs a <!-- check: name --> line"
+    )
+    assert set(CHECKS) == set(SNIPPETS)
