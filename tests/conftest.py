@@ -1,17 +1,34 @@
 """Shared fixtures: an injected clock, so that no test sleeps, and the storages every behaviour test runs on.
 
 A behaviour test takes ``storage`` (bound to the test's ``clock``) and passes it to a limiter: it then runs
-once per entry of ``STORAGES``, the shared contract that every backend must keep.
+once per entry of ``STORAGES``, the shared contract that every backend must keep:
+
+- ``memory``: ``MemoryStorage``;
+- ``redis``: ``RedisStorage`` from a URL, so the sync methods use ``redis.Redis`` and the async ones
+  ``redis.asyncio.Redis``;
+- ``redis-asyncio``: ``RedisStorage`` given a ``redis.asyncio.Redis``, every call (sync ones too) run through
+  its async methods on an event loop thread.
+
+The Redis storages run on one real ``redis-server`` for the session (see ``redis_server``), each storage with
+a key prefix of its own so that tests never see each other's keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+import redis.asyncio
 
-from ratelimit_middleware import ALGORITHMS, MemoryStorage
-from ratelimit_middleware.backends.base import Storage
+from ratelimit_middleware import ALGORITHMS, MemoryStorage, RedisStorage
+from ratelimit_middleware.backends.base import Backend, Storage
+from ratelimit_middleware.decision import Decision
+from ratelimit_middleware.policy import Policy, Rule
+
+from .redis_server import LoopThread, RedisServer
 
 
 class FakeClock:
@@ -38,16 +55,155 @@ def algorithm(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+# -- Redis --------------------------------------------------------------------------------------------
+
+
+class _Live:
+    """The session's Redis server and event loop thread, for the storage factories."""
+
+    server: RedisServer | None = None
+    loop: LoopThread | None = None
+    async_client: redis.asyncio.Redis | None = None
+
+
+_prefixes = itertools.count()
+
+
+def unique_prefix(name: str = "t") -> str:
+    """A key prefix no other storage of this session uses."""
+    return f"{name}{os.getpid()}-{next(_prefixes)}"
+
+
+def live_server() -> RedisServer:
+    assert _Live.server is not None, "the redis_server fixture has not started"
+    return _Live.server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the session; the tests fail (never skip) when it cannot run."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    failure = None
+    try:
+        server.start()
+    except RuntimeError as error:
+        failure = str(error)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
+    _Live.server = server
+    yield server
+    _Live.server = None
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_loop(redis_server: RedisServer) -> Iterator[LoopThread]:
+    """An event loop thread with an asyncio client of the session's server."""
+    loop = LoopThread()
+
+    async def connect() -> redis.asyncio.Redis:
+        return redis.asyncio.Redis.from_url(redis_server.url)
+
+    _Live.loop, _Live.async_client = loop, loop.run(connect())
+    yield loop
+    loop.run(_Live.async_client.aclose())
+    _Live.loop = _Live.async_client = None
+    loop.stop()
+
+
+class OnLoopStorage:
+    """A ``RedisStorage`` given an asyncio client, driven through its async methods on ``LoopThread``.
+
+    Sync calls block on the loop thread; async calls await it from the caller's loop. Every Redis command so
+    goes through ``redis.asyncio`` on one loop, whichever methods a test calls.
+    """
+
+    def __init__(self, inner: RedisStorage, loop: LoopThread) -> None:
+        self.inner = inner
+        self.loop = loop
+
+    def bind(self, policy: Policy) -> Backend:
+        return _OnLoopBackend(self.inner.bind(policy), self.loop)
+
+
+class _OnLoopBackend:
+    def __init__(self, inner: Backend, loop: LoopThread) -> None:
+        self.inner = inner
+        self.loop = loop
+
+    def decide(self, user: str, model: str, cost: int) -> Decision:
+        return self.loop.run(self.inner.adecide(user, model, cost))
+
+    async def adecide(self, user: str, model: str, cost: int) -> Decision:
+        return await self.loop.arun(self.inner.adecide(user, model, cost))
+
+    def used(self, user: str, model: str, rule: Rule) -> int:
+        return self.loop.run(self.inner.aused(user, model, rule))
+
+    async def aused(self, user: str, model: str, rule: Rule) -> int:
+        return await self.loop.arun(self.inner.aused(user, model, rule))
+
+    def reset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
+        self.loop.run(self.inner.areset(user, model, rules))
+
+    async def areset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
+        await self.loop.arun(self.inner.areset(user, model, rules))
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def _redis_asyncio(clock: FakeClock) -> Storage:
+    assert _Live.loop is not None and _Live.async_client is not None
+    inner = RedisStorage(_Live.async_client, key_prefix=unique_prefix(), clock=clock)
+    return OnLoopStorage(inner, _Live.loop)
+
+
+def redis_prefix(storage: object) -> str | None:
+    """The key prefix of a Redis storage of the contract, ``None`` for other storages."""
+    if isinstance(storage, OnLoopStorage):
+        storage = storage.inner
+    return storage.key_prefix if isinstance(storage, RedisStorage) else None
+
+
+def held_keys(limiter: Any) -> int:
+    """The keys a limiter holds: ``len()`` in memory, the keys under its prefix in Redis."""
+    prefix = redis_prefix(limiter.storage)
+    if prefix is None:
+        return len(limiter)
+    client = live_server().client()
+    try:
+        return sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=1000))
+    finally:
+        client.close()
+
+
+# -- the contract ---------------------------------------------------------------------------------------
+
 StorageFactory = Callable[[FakeClock], Storage]
 STORAGES: dict[str, StorageFactory] = {
     "memory": lambda clock: MemoryStorage(clock=clock),
+    "redis": lambda clock: RedisStorage(live_server().url, key_prefix=unique_prefix(), clock=clock),
+    "redis-asyncio": _redis_asyncio,
 }
+_NEEDS = {"redis": "redis_server", "redis-asyncio": "redis_loop"}
+NETWORK_STORAGES = frozenset(_NEEDS)
+"""Storages with a round trip per call: tests with heavy loops scale their work down on these."""
 
 
 @pytest.fixture(params=sorted(STORAGES))
-def storage_for(request: pytest.FixtureRequest) -> StorageFactory:
+def storage_name(request: pytest.FixtureRequest) -> str:
+    """Each storage's name in turn, its server started if it needs one."""
+    name = str(request.param)
+    if name in _NEEDS:
+        request.getfixturevalue(_NEEDS[name])
+    return name
+
+
+@pytest.fixture
+def storage_for(storage_name: str) -> StorageFactory:
     """Each storage in turn, as a factory taking the clock."""
-    return STORAGES[str(request.param)]
+    return STORAGES[storage_name]
 
 
 @pytest.fixture

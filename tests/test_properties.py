@@ -1,21 +1,23 @@
 """Property-based tests: each algorithm keeps its documented bound under any traffic.
 
 Traffic is a sequence of (time step, cost) pairs on one key; the admitted requests are then checked against
-the bound. Times are multiples of 1/8 s so that the arithmetic is exact in floats.
+the bound. Times are multiples of 1/8 s so that the arithmetic is exact in floats. Each property runs on every
+storage of the contract, with a sixth of the examples on Redis (a round trip per check).
 """
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit_middleware import RateLimiter
 
-from .conftest import FakeClock, StorageFactory
+from .conftest import NETWORK_STORAGES, FakeClock, StorageFactory
 
-# `storage_for` is a stateless factory: sharing it across examples is safe.
-settings.register_profile("contract", suppress_health_check=[HealthCheck.function_scoped_fixture])
-settings.load_profile("contract")
+Examples = Callable[[int], settings]
 
 traffic = st.lists(
     st.tuples(st.integers(min_value=0, max_value=40).map(lambda n: n / 8), st.integers(0, 6)),
@@ -42,110 +44,134 @@ def run(
     return admitted, results
 
 
+@pytest.fixture
+def examples(storage_name: str) -> Examples:
+    """Hypothesis settings for ``n`` examples in memory, a sixth as many on network storages."""
+
+    def make(n: int) -> settings:
+        return settings(max_examples=n // 6 if storage_name in NETWORK_STORAGES else n, deadline=None)
+
+    return make
+
+
 def units_in(admitted: list[tuple[float, int]], start: float, end: float) -> int:
     """Units admitted in [start, end)."""
     return sum(cost for t, cost in admitted if start <= t < end)
 
 
-@settings(max_examples=300, deadline=None)
-@given(limit=limits, window=windows, steps=traffic)
 def test_sliding_log_never_exceeds_the_limit_in_any_window(
-    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, examples: Examples
 ) -> None:
-    admitted, _ = run(storage_for, "sliding_log", limit, window, steps)
-    for t, _ in admitted:
-        assert units_in(admitted, t, t + window) <= limit
+    @examples(300)
+    @given(limit=limits, window=windows, steps=traffic)
+    def check(limit: int, window: float, steps: list[tuple[float, int]]) -> None:
+        admitted, _ = run(storage_for, "sliding_log", limit, window, steps)
+        for t, _ in admitted:
+            assert units_in(admitted, t, t + window) <= limit
+
+    check()
 
 
-@settings(max_examples=300, deadline=None)
-@given(limit=limits, window=windows, steps=traffic)
-def test_sliding_log_matches_a_reference_log(
-    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
-) -> None:
+def test_sliding_log_matches_a_reference_log(storage_for: StorageFactory, examples: Examples) -> None:
     """Exact: denied only when the request does not fit, and retry_after is exactly right."""
-    _, results = run(storage_for, "sliding_log", limit, window, steps)
-    log: list[tuple[float, int]] = []
-    for now, cost, decision in results:
-        live = [(t, c) for t, c in log if t > now - window]
-        used = sum(c for _, c in live)
-        fits = used + cost <= limit
-        assert decision.allowed == fits, (now, cost, live)
-        if fits:
-            assert decision.remaining == limit - used - cost
-            if cost:
-                log.append((now, cost))
-        elif cost <= limit:
-            # the earliest moment at which enough of the oldest entries have left
-            freed, wait = 0, 0.0
-            for t, c in live:
-                freed += c
-                wait = t + window - now
-                if used - freed + cost <= limit:
-                    break
-            assert decision.retry_after == wait
+
+    @examples(300)
+    @given(limit=limits, window=windows, steps=traffic)
+    def check(limit: int, window: float, steps: list[tuple[float, int]]) -> None:
+        _, results = run(storage_for, "sliding_log", limit, window, steps)
+        log: list[tuple[float, int]] = []
+        for now, cost, decision in results:
+            live = [(t, c) for t, c in log if t > now - window]
+            used = sum(c for _, c in live)
+            fits = used + cost <= limit
+            assert decision.allowed == fits, (now, cost, live)
+            if fits:
+                assert decision.remaining == limit - used - cost
+                if cost:
+                    log.append((now, cost))
+            elif cost <= limit:
+                # the earliest moment at which enough of the oldest entries have left
+                freed, wait = 0, 0.0
+                for t, c in live:
+                    freed += c
+                    wait = t + window - now
+                    if used - freed + cost <= limit:
+                        break
+                assert decision.retry_after == wait
+
+    check()
 
 
-@settings(max_examples=300, deadline=None)
-@given(limit=limits, window=windows, steps=traffic)
 def test_fixed_window_never_exceeds_the_limit_per_aligned_window(
-    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, examples: Examples
 ) -> None:
-    admitted, results = run(storage_for, "fixed_window", limit, window, steps)
-    for t, _ in admitted:
-        start = (t // window) * window
-        assert units_in(admitted, start, start + window) <= limit
-    for now, cost, decision in results:  # and denies only what does not fit
-        if not decision.allowed:
-            start = (now // window) * window
-            already = units_in([a for a in admitted if a[0] <= now], start, now + 1e-9)
-            assert already + cost > limit
+    @examples(300)
+    @given(limit=limits, window=windows, steps=traffic)
+    def check(limit: int, window: float, steps: list[tuple[float, int]]) -> None:
+        admitted, results = run(storage_for, "fixed_window", limit, window, steps)
+        for t, _ in admitted:
+            start = (t // window) * window
+            assert units_in(admitted, start, start + window) <= limit
+        for now, cost, decision in results:  # and denies only what does not fit
+            if not decision.allowed:
+                start = (now // window) * window
+                already = units_in([a for a in admitted if a[0] <= now], start, now + 1e-9)
+                assert already + cost > limit
+
+    check()
 
 
-@settings(max_examples=300, deadline=None)
-@given(limit=limits, window=windows, steps=traffic)
-def test_gcra_never_exceeds_burst_plus_replenishment(
-    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
-) -> None:
-    admitted, _ = run(storage_for, "gcra", limit, window, steps)
-    interval = window / limit
-    for i, (start, _) in enumerate(admitted):
-        total = 0
-        for end, cost in admitted[i:]:
-            total += cost
-            assert total <= limit + (end - start) / interval + 1e-6
+def test_gcra_never_exceeds_burst_plus_replenishment(storage_for: StorageFactory, examples: Examples) -> None:
+    @examples(300)
+    @given(limit=limits, window=windows, steps=traffic)
+    def check(limit: int, window: float, steps: list[tuple[float, int]]) -> None:
+        admitted, _ = run(storage_for, "gcra", limit, window, steps)
+        interval = window / limit
+        for i, (start, _) in enumerate(admitted):
+            total = 0
+            for end, cost in admitted[i:]:
+                total += cost
+                assert total <= limit + (end - start) / interval + 1e-6
+
+    check()
 
 
-@settings(max_examples=300, deadline=None)
-@given(limit=limits, window=windows, steps=traffic)
 def test_sliding_window_keeps_its_documented_approximation(
-    storage_for: StorageFactory, limit: int, window: float, steps: list[tuple[float, int]]
+    storage_for: StorageFactory, examples: Examples
 ) -> None:
-    admitted, _ = run(storage_for, "sliding_window", limit, window, steps)
-    for t, _ in admitted:
-        start = (t // window) * window
-        assert units_in(admitted, start, start + window) <= limit
-        assert units_in(admitted, t, t + window) <= 2 * limit
+    @examples(300)
+    @given(limit=limits, window=windows, steps=traffic)
+    def check(limit: int, window: float, steps: list[tuple[float, int]]) -> None:
+        admitted, _ = run(storage_for, "sliding_window", limit, window, steps)
+        for t, _ in admitted:
+            start = (t // window) * window
+            assert units_in(admitted, start, start + window) <= limit
+            assert units_in(admitted, t, t + window) <= 2 * limit
+
+    check()
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    algorithm=st.sampled_from(["sliding_log", "sliding_window", "gcra", "fixed_window"]),
-    limit=limits,
-    window=windows,
-    steps=traffic,
-)
-def test_retry_after_is_always_enough(
-    storage_for: StorageFactory, algorithm: str, limit: int, window: float, steps: list[tuple[float, int]]
-) -> None:
+def test_retry_after_is_always_enough(storage_for: StorageFactory, examples: Examples) -> None:
     """After any traffic, a denied request waiting exactly retry_after is then allowed."""
-    clock = FakeClock(0.0)
-    limiter = RateLimiter(limit, window, algorithm=algorithm, storage=storage_for(clock))
-    for step, cost in steps:
-        clock.advance(step)
-        limiter.check("u", "m", cost)
-    for cost in range(1, limit + 1):
-        decision = limiter.check("u", "m", cost)
-        if not decision.allowed:
-            clock.advance(decision.retry_after)
-            assert limiter.check("u", "m", cost).allowed
-            return
+
+    @examples(200)
+    @given(
+        algorithm=st.sampled_from(["sliding_log", "sliding_window", "gcra", "fixed_window"]),
+        limit=limits,
+        window=windows,
+        steps=traffic,
+    )
+    def check(algorithm: str, limit: int, window: float, steps: list[tuple[float, int]]) -> None:
+        clock = FakeClock(0.0)
+        limiter = RateLimiter(limit, window, algorithm=algorithm, storage=storage_for(clock))
+        for step, cost in steps:
+            clock.advance(step)
+            limiter.check("u", "m", cost)
+        for cost in range(1, limit + 1):
+            decision = limiter.check("u", "m", cost)
+            if not decision.allowed:
+                clock.advance(decision.retry_after)
+                assert limiter.check("u", "m", cost).allowed
+                return
+
+    check()

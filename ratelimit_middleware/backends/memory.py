@@ -60,6 +60,10 @@ class MemoryBackend:
         self._max_keys = max_keys
         self._lock = threading.Lock()
         self._stores: list[OrderedDict[Hashable, Any]] = [OrderedDict() for _ in policy.rules]
+        # One rule: `decide` skips the per-rule lists (the common case, kept on the hot path).
+        self._single = (
+            (policy.rules[0], self._stores[0], policy.rules[0].algorithm) if len(policy.rules) == 1 else None
+        )
         self._until_sweep = _SWEEP_EVERY
 
     # -- decisions ---------------------------------------------------------------------------------
@@ -74,18 +78,17 @@ class MemoryBackend:
             self._until_sweep -= 1
             if self._until_sweep <= 0:
                 self._sweep(now)
-            if len(self._stores) == 1:  # the common case, without the lists
-                rule = policy.rules[0]
-                store = self._stores[0]
+            if self._single is not None:  # the common case, without the lists
+                rule, store, algorithm = self._single
                 key = rule.identity(user, model)
                 state = store.get(key)
                 if state is not None:
                     store.move_to_end(key)
-                verdict = rule.algorithm.evaluate(state, now, cost)
+                verdict = algorithm.evaluate(state, now, cost)
                 if verdict[0] and cost:
                     if state is None:
                         self._make_room(rule, store, now)
-                    store[key] = rule.algorithm.commit(state, now, cost)
+                    store[key] = algorithm.commit(state, now, cost)
                 return rule.decision(verdict, cost)
             rules = policy.rules
             keys = [rule.identity(user, model) for rule in rules]

@@ -1,0 +1,78 @@
+"""Redis key names: one key per (rule, identity), unambiguous and safe for Redis Cluster.
+
+A key is ``<prefix>:<algorithm>:<tier>:<limit>/<window>:<identity>``, for instance
+``ratelimit:sliding_log:per_user_model:100/3600:{alice}:gpt-4``. The algorithm is part of the name because
+each stores a different type; the limit and window are, so that limiters with different limits never share
+state (limiters configured alike, in any process, do: that is the point).
+
+User and model are escaped (``%`` ``:`` ``{`` ``}`` percent-encoded, the empty string written ``%``) so that
+``("a:b", "c")`` and ``("a", "b:c")`` stay apart and user input can never open or close a hash tag. The
+limiter places one hash tag itself (Redis Cluster hashes only the text in the first ``{...}``):
+
+- ``per_user_model`` ``{user}:model`` and ``per_user`` ``{user}``: every key of one user shares a slot, so
+  these tiers are decided in one script on a cluster too;
+- ``per_model`` ``{model}`` and ``global`` ``{global}``: shared by all users, on slots of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ...policy import Policy, Rule
+
+__all__ = ["check_prefix", "escape", "rule_key_maker"]
+
+_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
+
+
+def escape(text: str) -> bytes:
+    """``text`` with ``% : { }`` percent-encoded, as UTF-8 (lone surrogates kept, so distinct strings stay
+    distinct); ``""`` becomes ``%``, which no other string escapes to, so a hash tag is never empty."""
+    if not text:
+        return b"%"
+    return text.translate(_ESCAPES).encode("utf-8", "surrogatepass")
+
+
+def check_prefix(prefix: object) -> str:
+    """A valid ``key_prefix``: a non-empty str without braces (the limiter places the hash tags)."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"key_prefix must be a str, got {prefix!r}")
+    if not prefix or "{" in prefix or "}" in prefix:
+        raise ValueError(f"key_prefix must be non-empty and contain no '{{' or '}}', got {prefix!r}")
+    return prefix
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _identities(tier: str) -> Callable[[bytes, str, str], bytes]:
+    if tier == "per_user_model":
+        return lambda base, user, model: b"%s{%s}:%s" % (base, escape(user), escape(model))
+    if tier == "per_user":
+        return lambda base, user, model: b"%s{%s}" % (base, escape(user))
+    if tier == "per_model":
+        return lambda base, user, model: b"%s{%s}" % (base, escape(model))
+    return lambda base, user, model: base + b"{global}"
+
+
+def rule_key_maker(prefix: str, policy: Policy) -> Callable[[Rule, str, str], bytes]:
+    """A function ``(rule, user, model) -> key`` for the rules of ``policy``.
+
+    Two rules of one tier with the same limit and window (``"10/minute;10/minute"``) get distinct names
+    (``#2``), as the in-memory backend gives every rule its own store.
+    """
+    bases: list[bytes] = []
+    seen: dict[bytes, int] = {}
+    for rule in policy.rules:
+        base = f"{prefix}:{policy.algorithm}:{rule.tier}:{rule.limit}/{_number(rule.seconds)}".encode()
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            base += b"#%d" % seen[base]
+        bases.append(base + b":")
+    makers = [_identities(rule.tier) for rule in policy.rules]
+
+    def key(rule: Rule, user: str, model: str) -> bytes:
+        return makers[rule.index](bases[rule.index], user, model)
+
+    return key

@@ -1,0 +1,37 @@
+-- Shared helpers, prepended to every algorithm's script (see scripts.py). Each script evaluates every rule
+-- of one decision: KEYS holds one key per rule, ARGV is
+--   mode ('decide' or 'used'), now ('' = Redis TIME), cost, ttl_pad_ms, then limit and window per rule.
+-- Floats cross the reply as strings ('%.17g': exact), since Redis truncates Lua numbers to integers. The
+-- arithmetic mirrors the Python algorithms operation for operation, so both backends agree to the bit.
+
+if redis.replicate_commands then redis.replicate_commands() end -- Redis < 5: TIME before writes
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+-- Python's int(x): truncation toward zero.
+local function trunc(x)
+  if x >= 0 then return math.floor(x) end
+  return math.ceil(x)
+end
+
+-- Python's float floor division x // y (floatobject.c), bit for bit; math.floor(x / y) differs at times.
+local function floordiv(x, y)
+  local mod = math.fmod(x, y)
+  local div = (x - mod) / y
+  if mod ~= 0 and ((y < 0) ~= (mod < 0)) then
+    div = div - 1.0
+  end
+  if div == 0 then return 0.0 end
+  local floored = math.floor(div)
+  if div - floored > 0.5 then floored = floored + 1.0 end
+  return floored
+end
+
+-- Milliseconds for PEXPIRE: at least 1, rounded up, plus the pad an injected clock asks for.
+local function ttl_ms(seconds, pad)
+  local ms = math.ceil(seconds * 1000)
+  if ms < 1 then ms = 1 end
+  return ms + pad
+end

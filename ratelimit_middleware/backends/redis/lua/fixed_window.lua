@@ -1,0 +1,38 @@
+-- Fixed window (algorithms/fixed_window.py): a counter per aligned window [k * window, (k + 1) * window).
+-- One string per key, '<k>:<used>'; the key expires when its window ends.
+
+local function read_state(key)
+  local value = redis.call('GET', key)
+  if not value then return false end
+  local k, units = string.match(value, '^([^:]+):(.+)$')
+  return { k = tonumber(k), used = tonumber(units) }
+end
+
+-- The current window number and the units used in it. A stored window later than now (Redis' clock stepped
+-- back) stays current: time never runs backwards for a key.
+local function current(state, window, now)
+  local k = floordiv(now, window)
+  if not state or state.k < k then return k, 0 end
+  return state.k, state.used
+end
+
+local function evaluate(key, state, limit, window, now, cost)
+  local k, units = current(state, window, now)
+  local to_next = (k + 1) * window - now
+  if units + cost <= limit then
+    local after = units + cost
+    if after ~= 0 then return 1, limit - after, 0, to_next end
+    return 1, limit - after, 0, 0
+  end
+  return 0, 0, to_next, to_next
+end
+
+local function commit(key, state, limit, window, now, cost, pad)
+  local k, units = current(state, window, now)
+  redis.call('SET', key, fmt(k) .. ':' .. fmt(units + cost), 'PX', ttl_ms((k + 1) * window - now, pad))
+end
+
+local function used(key, state, limit, window, now)
+  local _, units = current(state, window, now)
+  return units
+end

@@ -1,0 +1,59 @@
+-- Sliding window counter (algorithms/sliding_window.py): the current aligned window's count plus a share
+-- of the previous one. One string per key, '<k>:<previous>:<current>'; the key expires when window k + 2
+-- begins, when it no longer counts (two windows at most).
+
+local function read_state(key)
+  local value = redis.call('GET', key)
+  if not value then return false end
+  local k, previous, units = string.match(value, '^([^:]+):([^:]+):(.+)$')
+  return { k = tonumber(k), previous = tonumber(previous), current = tonumber(units) }
+end
+
+-- (k, start, now, previous, current) as seen at now. A stored window later than now (Redis' clock stepped
+-- back) stays current, from its start: time never runs backwards for a key.
+local function counts(state, window, now)
+  local k = floordiv(now, window)
+  if state and state.k > k then
+    k = state.k
+    if now < k * window then now = k * window end
+  end
+  local start = k * window
+  if not state then return k, start, now, 0, 0 end
+  if state.k == k then return k, start, now, state.previous, state.current end
+  if state.k == k - 1 then return k, start, now, state.current, 0 end
+  return k, start, now, 0, 0
+end
+
+local function evaluate(key, state, limit, window, now, cost)
+  local k, start, at, previous, units = counts(state, window, now)
+  local tolerance = window * 1e-9
+  local room = limit - units - cost
+  local fits_at
+  if room >= 0 then
+    if previous > room then fits_at = start + window * (1 - room / previous) else fits_at = start end
+  else
+    fits_at = start + window * (2 - (limit - cost) / units)
+  end
+  if at >= fits_at - tolerance then
+    local estimate = previous * (1 - (at - start) / window) + units + cost
+    local remaining = trunc(limit - estimate + 1e-9)
+    if remaining < 0 then remaining = 0 end
+    return 1, remaining, 0, start + 2 * window - at
+  end
+  local reset
+  if units ~= 0 then reset = start + 2 * window - at else reset = start + window - at end
+  return 0, 0, fits_at - at, reset
+end
+
+local function commit(key, state, limit, window, now, cost, pad)
+  local k, start, at, previous, units = counts(state, window, now)
+  local value = fmt(k) .. ':' .. fmt(previous) .. ':' .. fmt(units + cost)
+  redis.call('SET', key, value, 'PX', ttl_ms(start + 2 * window - now, pad))
+end
+
+local function used(key, state, limit, window, now)
+  local k, start, at, previous, units = counts(state, window, now)
+  local share = previous * (1 - (at - start) / window)
+  if share > 0 then return units + trunc(share + 1 - 1e-9) end
+  return units
+end
