@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from .algorithms import ALGORITHMS
 from .backends.memory import MemoryStorage
-from .config import RateLimitConfig, Window
+from .config import Limits, RateLimitConfig, Window
 from .decision import Decision
 from .limiter import MultiTierRateLimiter, RateLimiter
 from .policy import TIERS
+from .reservation import Reservation
 
 if TYPE_CHECKING:
     from .backends.redis import RedisRateLimiter as RedisRateLimiter
@@ -28,10 +29,12 @@ __all__ = [
     "ALGORITHMS",
     "TIERS",
     "Decision",
+    "Limits",
     "MemoryStorage",
     "MultiTierRateLimiter",
     "RateLimitConfig",
     "RateLimiter",
+    "Reservation",
     "Window",
 ]
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ["LimitSpec", "RateLimitConfig", "Window", "as_config"]
+__all__ = ["UNITS", "LimitSpec", "Limits", "RateLimitConfig", "TierSpec", "Window", "as_config"]
 
 # Window lengths users know from other limiters. A month is 30 days and a year 365 days, as in `limits`.
 _UNIT_SECONDS = {
@@ -164,6 +164,57 @@ class RateLimitConfig:
 
 LimitSpec = RateLimitConfig | str
 """What every limiter accepts as a limit: a config, or a string for ``RateLimitConfig.parse``."""
+
+UNITS = ("requests", "tokens", "input_tokens", "output_tokens", "concurrent")
+"""What a limit counts: requests; tokens (input plus output), or input or output tokens only; requests in
+flight."""
+
+
+class Limits:
+    """Everything one tier enforces at once: requests, tokens and requests in flight.
+
+    ``Limits(requests="60/minute", tokens="100000/minute;2000000/day", max_concurrent=4)``. ``tokens`` counts
+    input plus output tokens; ``input_tokens`` and ``output_tokens`` count one side only. Token limits are
+    charged by ``reserve()`` (an estimate, settled later with the real usage); ``max_concurrent`` holds a slot
+    from ``reserve()`` until the reservation is settled or cancelled.
+    """
+
+    __slots__ = ("input_tokens", "max_concurrent", "output_tokens", "requests", "tokens")
+
+    def __init__(
+        self,
+        requests: LimitSpec | None = None,
+        *,
+        tokens: LimitSpec | None = None,
+        input_tokens: LimitSpec | None = None,
+        output_tokens: LimitSpec | None = None,
+        max_concurrent: int | None = None,
+    ) -> None:
+        self.requests = None if requests is None else as_config(requests, "requests")
+        self.tokens = None if tokens is None else as_config(tokens, "tokens")
+        self.input_tokens = None if input_tokens is None else as_config(input_tokens, "input_tokens")
+        self.output_tokens = None if output_tokens is None else as_config(output_tokens, "output_tokens")
+        self.max_concurrent = (
+            None if max_concurrent is None else _check_amount(max_concurrent, "max_concurrent")
+        )
+        if all(getattr(self, name) is None for name in self.__slots__):
+            raise ValueError(
+                "Limits needs at least one of requests, tokens, input_tokens, output_tokens, max_concurrent"
+            )
+
+    def configs(self) -> list[tuple[str, RateLimitConfig]]:
+        """``(unit, config)`` for each windowed limit set, in the order of ``UNITS``."""
+        return [(unit, config) for unit in UNITS[:4] if (config := getattr(self, unit)) is not None]
+
+    def __repr__(self) -> str:
+        fields = [
+            f"{name}={getattr(self, name)!r}" for name in self.__slots__ if getattr(self, name) is not None
+        ]
+        return f"Limits({', '.join(fields)})"
+
+
+TierSpec = Limits | RateLimitConfig | str
+"""What a tier accepts: a request limit (config or string), or ``Limits`` for tokens and concurrency too."""
 
 
 def as_config(spec: LimitSpec, what: str) -> RateLimitConfig:

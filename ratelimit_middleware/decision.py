@@ -33,16 +33,28 @@ class Decision(NamedTuple):
     """The binding window's length."""
     cost: int
     """The units this request asked for."""
+    unit: str = "requests"
+    """What the binding limit counts: ``requests``, ``tokens``, ``input_tokens``, ``output_tokens`` or
+    ``concurrent`` (requests in flight; its ``window_seconds`` is 0)."""
+    used: int | None = None
+    """Units already counted before this request, when the backend reports it (for messages)."""
 
     def __bool__(self) -> bool:
         return self.allowed
+
+    @property
+    def limit_text(self) -> str:
+        """The binding limit in words: ``"per_model limit of 100 requests per 1 minute"``."""
+        if self.unit == "concurrent":
+            return f"{self.tier} limit of {self.limit} concurrent requests"
+        unit = "" if self.unit == "requests" else f" {self.unit.replace('_', ' ')}"
+        return f"{self.tier} limit of {self.limit}{unit} per {describe_seconds(self.window_seconds)}"
 
     @property
     def reason(self) -> str | None:
         """Why the request was denied, naming the tier and its limit; ``None`` when allowed."""
         if self.allowed:
             return None
-        limit = f"{self.tier} limit of {self.limit} per {describe_seconds(self.window_seconds)}"
         if math.isinf(self.retry_after):
-            return f"a cost of {self.cost} exceeds the {limit}; it can never be allowed"
-        return f"{limit} exceeded; retry in {self.retry_after:.3f}s"
+            return f"a cost of {self.cost} exceeds the {self.limit_text}; it can never be allowed"
+        return f"{self.limit_text} exceeded; retry in {self.retry_after:.3f}s"

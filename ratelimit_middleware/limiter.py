@@ -1,8 +1,9 @@
 """The public limiters: validate what callers pass, then let a backend decide under a policy.
 
 ``RateLimiter`` enforces one limit per user and model; ``MultiTierRateLimiter`` enforces several tiers at once
-(per user and model, per model, per user, global), all or nothing. Both run on the in-memory backend here; the
-decision semantics live in ``policy`` and ``algorithms``, the storage in ``backends``.
+(per user and model, per model, per user, global), all or nothing. ``check`` counts requests; ``reserve``
+also charges token budgets and takes concurrency slots, settled later (see ``reservation``). The decision
+semantics live in ``policy`` and ``algorithms``, the storage in ``backends``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from .backends.base import Storage
+from .algorithms import Verdict
+from .backends.base import ReservingBackend, Storage
 from .backends.memory import DEFAULT_MAX_KEYS, MemoryStorage
-from .config import LimitSpec, RateLimitConfig
+from .config import Limits, LimitSpec, RateLimitConfig, TierSpec
 from .decision import Decision
 from .policy import Policy, Rule
+from .reservation import Reservation, check_tokens
 
 __all__ = ["MultiTierRateLimiter", "RateLimiter"]
+
+
+def _nothing(deltas: Sequence[int]) -> None:
+    """A refused reservation charged nothing: settling it changes nothing."""
+
+
+async def _anothing(deltas: Sequence[int]) -> None:
+    """``_nothing`` for event loops."""
 
 
 def _check_request(user: object, model: object, cost: object) -> None:
@@ -35,7 +46,7 @@ class _Limiter:
 
     def __init__(
         self,
-        tiers: Sequence[tuple[str, LimitSpec | None]],
+        tiers: Sequence[tuple[str, TierSpec | None]],
         *,
         algorithm: str,
         storage: Storage | None,
@@ -54,47 +65,141 @@ class _Limiter:
             )
         self.storage = storage
         self._backend = storage.bind(self.policy)
+        if self.uses_reservations and not isinstance(self._backend, ReservingBackend):
+            raise TypeError(f"{storage!r} does not support token or concurrency limits yet")
+
+    @property
+    def uses_reservations(self) -> bool:
+        """True when token or concurrency limits are set: requests go through ``reserve``, not ``check``."""
+        return len(self.policy.all_rules) > len(self.policy.rules)
+
+    def _check_has_request_limits(self) -> None:
+        if not self.policy.rules:
+            raise TypeError(
+                "this limiter has no request limit to check; use reserve() for tokens and concurrency"
+            )
 
     def check(self, user: str, model: str, cost: int = 1) -> Decision:
-        """Decide on a request of ``cost`` units; an allowed one is counted."""
+        """Decide on a request of ``cost`` units against the request limits; an allowed one is counted."""
         if not (type(user) is str and type(model) is str and type(cost) is int and cost >= 0):
             _check_request(user, model, cost)  # the exact types pass above without a call
+        if not self.policy.rules:
+            self._check_has_request_limits()
         return self._backend.decide(user, model, cost)
 
     async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
         """``check`` for event loops."""
         _check_request(user, model, cost)
+        self._check_has_request_limits()
         return await self._backend.adecide(user, model, cost)
 
-    def _count_rule(self, user: str, model: str, tier: str | None) -> Rule:
+    def _costs(self, user: str, model: str, input_tokens: int, output_tokens: int) -> tuple[int, ...]:
         _check_request(user, model, 0)
-        return self.policy.rules_for(tier)[0] if tier else self.policy.rules[0]
+        check_tokens(input_tokens, "input_tokens")
+        check_tokens(output_tokens, "output_tokens")
+        return self.policy.costs(1, input_tokens, output_tokens)
 
-    def get_request_count(self, user: str, model: str, tier: str | None = None) -> int:
-        """Units counted now for this user and model, in the first window of ``tier``.
+    def _reserving(self) -> ReservingBackend:
+        if not isinstance(self._backend, ReservingBackend):
+            raise TypeError(f"{self.storage!r} does not support reserve() yet")
+        return self._backend
+
+    def _reservation(
+        self,
+        user: str,
+        model: str,
+        reserved: tuple[int, int],
+        costs: tuple[int, ...],
+        verdicts: list[Verdict],
+        at: float,
+    ) -> Reservation:
+        decision, decisions = self.policy.reservation(verdicts, costs)
+        backend = self._reserving()
+
+        def adjust(deltas: Sequence[int]) -> None:
+            backend.adjust(user, model, at, deltas)
+
+        async def aadjust(deltas: Sequence[int]) -> None:
+            await backend.aadjust(user, model, at, deltas)
+
+        return Reservation(decision, decisions, reserved, self.policy.settlement, adjust, aadjust)
+
+    def _refused(self, costs: tuple[int, ...], reserved: tuple[int, int]) -> Reservation | None:
+        oversized = self.policy.oversized_reservation(costs)
+        if oversized is None:
+            return None
+        return Reservation(
+            oversized, {oversized.unit: oversized}, reserved, self.policy.settlement, _nothing, _anothing
+        )
+
+    def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
+        """Charge one request, the estimated tokens and a concurrency slot, all or nothing.
+
+        Settle the returned ``Reservation`` with the real usage (or cancel it) when the response is done.
+        """
+        costs = self._costs(user, model, input_tokens, output_tokens)
+        reserved = (input_tokens, output_tokens)
+        refused = self._refused(costs, reserved)
+        if refused is not None:
+            return refused
+        verdicts, at = self._reserving().reserve(user, model, costs)
+        return self._reservation(user, model, reserved, costs, verdicts, at)
+
+    async def areserve(
+        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
+    ) -> Reservation:
+        """``reserve`` for event loops."""
+        costs = self._costs(user, model, input_tokens, output_tokens)
+        reserved = (input_tokens, output_tokens)
+        refused = self._refused(costs, reserved)
+        if refused is not None:
+            return refused
+        verdicts, at = await self._reserving().areserve(user, model, costs)
+        return self._reservation(user, model, reserved, costs, verdicts, at)
+
+    def _count_rule(self, user: str, model: str, tier: str | None, unit: str) -> Rule:
+        _check_request(user, model, 0)
+        if tier is None:
+            rules = [rule for rule in self.policy.all_rules if rule.unit == unit]
+            if not rules:
+                raise ValueError(f"no {unit} limit is configured")
+            return rules[0]
+        return self.policy.rules_for(tier, unit)[0]
+
+    def get_request_count(
+        self, user: str, model: str, tier: str | None = None, unit: str = "requests"
+    ) -> int:
+        """Units counted now for this user and model, in the first window of ``tier`` counting ``unit``.
 
         Without ``tier``, the first configured tier (in the order per_user_model, per_model, per_user,
-        global).
+        global). ``unit`` is ``"requests"``, ``"tokens"``, ``"input_tokens"``, ``"output_tokens"`` or
+        ``"concurrent"`` (requests in flight).
         """
-        return self._backend.used(user, model, self._count_rule(user, model, tier))
+        return self._backend.used(user, model, self._count_rule(user, model, tier, unit))
 
-    async def aget_request_count(self, user: str, model: str, tier: str | None = None) -> int:
+    async def aget_request_count(
+        self, user: str, model: str, tier: str | None = None, unit: str = "requests"
+    ) -> int:
         """``get_request_count`` for event loops."""
-        return await self._backend.aused(user, model, self._count_rule(user, model, tier))
+        return await self._backend.aused(user, model, self._count_rule(user, model, tier, unit))
+
+    def _reset_rules(self, user: str, model: str, tier: str | None) -> tuple[Rule, ...]:
+        _check_request(user, model, 0)
+        # Concurrency slots are never reset: they belong to requests still in flight.
+        return tuple(rule for rule in self.policy.rules_for(tier, None) if rule.unit != "concurrent")
 
     def reset(self, user: str, model: str, tier: str | None = None) -> None:
-        """Forget this user and model in ``tier``; by default in the tiers keyed by the user.
+        """Forget this user and model in ``tier`` (requests and tokens); by default in the tiers keyed by the
+        user.
 
         Shared tiers (per_model, global) are only reset when named, since resetting them frees the budget of
         every user.
         """
-        _check_request(user, model, 0)
-        self._backend.reset(user, model, self.policy.rules_for(tier))
+        self._backend.reset(user, model, self._reset_rules(user, model, tier))
 
     async def areset(self, user: str, model: str, tier: str | None = None) -> None:
         """``reset`` for event loops."""
-        _check_request(user, model, 0)
-        await self._backend.areset(user, model, self.policy.rules_for(tier))
+        await self._backend.areset(user, model, self._reset_rules(user, model, tier))
 
     def __len__(self) -> int:
         """The number of keys currently held."""
@@ -109,6 +214,8 @@ class RateLimiter(_Limiter):
     """At most ``max_requests`` units per ``window_seconds`` (default 100 per hour) for each user and model.
 
     ``limit=`` takes a config or a string instead, with several windows if needed: ``"10/minute;1000/day"``.
+    ``tokens`` (input plus output), ``input_tokens``, ``output_tokens`` and ``max_concurrent`` add token
+    budgets and a cap on requests in flight, enforced by ``reserve``; given alone, there is no request limit.
     ``algorithm`` is one of ``sliding_log`` (exact, the default), ``sliding_window``, ``gcra`` and
     ``fixed_window``. ``storage`` says where state lives (default: in memory); ``clock`` (seconds, inject one
     in tests) and ``max_keys`` (keys held at most) configure that default ``MemoryStorage``.
@@ -120,20 +227,36 @@ class RateLimiter(_Limiter):
         window_seconds: float | None = None,
         *,
         limit: LimitSpec | None = None,
+        tokens: LimitSpec | None = None,
+        input_tokens: LimitSpec | None = None,
+        output_tokens: LimitSpec | None = None,
+        max_concurrent: int | None = None,
         algorithm: str = "sliding_log",
         storage: Storage | None = None,
         clock: Callable[[], float] | None = None,
         max_keys: int | None = None,
     ) -> None:
-        if limit is None:
+        others = (tokens, input_tokens, output_tokens, max_concurrent)
+        if limit is not None and (max_requests is not None or window_seconds is not None):
+            raise TypeError("pass either limit= or max_requests/window_seconds, not both")
+        if limit is None and (
+            max_requests is not None or window_seconds is not None or all(o is None for o in others)
+        ):
             limit = RateLimitConfig(
                 100 if max_requests is None else max_requests,
                 3600 if window_seconds is None else window_seconds,
             )
-        elif max_requests is not None or window_seconds is not None:
-            raise TypeError("pass either limit= or max_requests/window_seconds, not both")
+        spec: TierSpec | None = limit
+        if any(other is not None for other in others):
+            spec = Limits(
+                limit,
+                tokens=tokens,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                max_concurrent=max_concurrent,
+            )
         super().__init__(
-            [("per_user_model", limit)], algorithm=algorithm, storage=storage, clock=clock, max_keys=max_keys
+            [("per_user_model", spec)], algorithm=algorithm, storage=storage, clock=clock, max_keys=max_keys
         )
 
     def allow(self, user: str, model: str, cost: int = 1) -> bool:
@@ -148,18 +271,19 @@ class RateLimiter(_Limiter):
 class MultiTierRateLimiter(_Limiter):
     """Several tiers checked together; a request passes only if every tier allows it.
 
-    Each tier takes a config or a limit string (one or more windows): ``per_user_model`` (each user on each
-    model), ``per_model`` (all users on one model), ``per_user`` (one user on all models) and
-    ``global_limit`` (all traffic). A denied request charges no tier. The keywords are those of
+    Each tier takes a request limit (a config or a string, one or more windows), or ``Limits`` for token
+    budgets and concurrency too: ``per_user_model`` (each user on each model), ``per_model`` (all users on one
+    model), ``per_user`` (one user on all models) and ``global_limit`` (all traffic). A denied request
+    charges no tier. The keywords are those of
     ``RateLimiter``.
     """
 
     def __init__(
         self,
-        per_user_model: LimitSpec | None = None,
-        per_model: LimitSpec | None = None,
-        per_user: LimitSpec | None = None,
-        global_limit: LimitSpec | None = None,
+        per_user_model: TierSpec | None = None,
+        per_model: TierSpec | None = None,
+        per_user: TierSpec | None = None,
+        global_limit: TierSpec | None = None,
         *,
         algorithm: str = "sliding_log",
         storage: Storage | None = None,

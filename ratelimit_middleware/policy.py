@@ -12,7 +12,8 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from .algorithms import Algorithm, Verdict, algorithm_class
-from .config import LimitSpec, Window, as_config
+from .algorithms.concurrency import Concurrency
+from .config import Limits, TierSpec, as_config
 from .decision import Decision
 
 __all__ = ["TIERS", "Policy", "Rule"]
@@ -33,53 +34,95 @@ _new_tuple = tuple.__new__
 
 
 class Rule:
-    """One window of one tier, with its algorithm bound to that window."""
+    """One window of one tier counting one unit, with its algorithm bound to that window."""
 
-    __slots__ = ("algorithm", "identity", "index", "limit", "seconds", "tier", "window")
+    __slots__ = ("algorithm", "identity", "index", "limit", "seconds", "tier", "unit")
 
-    def __init__(self, index: int, tier: str, window: Window, algorithm: str) -> None:
+    def __init__(self, index: int, tier: str, unit: str, limit: int, seconds: float, algorithm: str) -> None:
         self.index = index
         self.tier = tier
-        self.window = window
-        self.limit = window.max_requests
-        self.seconds = window.seconds
+        self.unit = unit
+        self.limit = limit
+        self.seconds = seconds
         self.identity = _IDENTITY[tier]
         # A limit of 0 never evaluates an algorithm: every cost >= 1 is denied before (see `Policy`).
-        self.algorithm: Algorithm[Any] = algorithm_class(algorithm)(max(self.limit, 1), window.seconds)
+        kind = Concurrency if unit == "concurrent" else algorithm_class(algorithm)
+        self.algorithm: Algorithm[Any] = kind(max(limit, 1), seconds)
 
     def decision(self, verdict: Verdict, cost: int) -> Decision:
         allowed, remaining, retry_after, reset_after = verdict
         # tuple.__new__ skips the generated keyword __new__: this runs once per request.
         return _new_tuple(
             Decision,
-            (allowed, self.limit, remaining, retry_after, reset_after, self.tier, self.seconds, cost),
+            (
+                allowed,
+                self.limit,
+                remaining,
+                retry_after,
+                reset_after,
+                self.tier,
+                self.seconds,
+                cost,
+                self.unit,
+                None,
+            ),
         )
 
     def __repr__(self) -> str:
-        return f"Rule({self.tier!r}, {self.window}, {self.algorithm.name!r})"
+        return f"Rule({self.tier!r}, {self.unit!r}, {self.limit}/{self.seconds:g}, {self.algorithm.name!r})"
+
+
+def _combine(rules: Sequence[Rule], verdicts: Sequence[Verdict], costs: Sequence[int]) -> Decision:
+    """The binding decision among ``rules`` (one verdict and cost each): all must allow.
+
+    Denied: the denying rule with the longest wait. Allowed: the one with the fewest units left. Ties go to
+    the earlier rule, so the most specific tier is named first.
+    """
+    binding = 0
+    if all(verdict[0] for verdict in verdicts):
+        for index, verdict in enumerate(verdicts):
+            if verdict[1] < verdicts[binding][1]:
+                binding = index
+    else:
+        binding = -1
+        for index, verdict in enumerate(verdicts):
+            if not verdict[0] and (binding < 0 or verdict[2] > verdicts[binding][2]):
+                binding = index
+    return rules[binding].decision(verdicts[binding], costs[binding])
 
 
 class Policy:
-    """The ordered rules of a limiter and the logic that turns their verdicts into one ``Decision``."""
+    """The ordered rules of a limiter and the logic that turns their verdicts into one ``Decision``.
 
-    __slots__ = ("algorithm", "min_limit", "rules")
+    ``rules`` are the request limits, which ``check`` evaluates; ``all_rules`` add the token and concurrency
+    limits (indexes continue after the request rules), which ``reserve`` evaluates together.
+    """
 
-    def __init__(self, tiers: Sequence[tuple[str, LimitSpec | None]], algorithm: str) -> None:
+    __slots__ = ("algorithm", "all_rules", "min_limit", "rules")
+
+    def __init__(self, tiers: Sequence[tuple[str, TierSpec | None]], algorithm: str) -> None:
         algorithm_class(algorithm)  # fail early on a bad name, even with no tiers
-        rules: list[Rule] = []
+        limits: list[tuple[str, str, int, float]] = []
         for tier, spec in tiers:
             if tier not in _IDENTITY:
                 raise ValueError(f"unknown tier {tier!r}: choose from {', '.join(TIERS)}")
             if spec is None:
                 continue
             name = "global_limit" if tier == "global" else tier
-            for window in as_config(spec, name).windows:
-                rules.append(Rule(len(rules), tier, window, algorithm))
-        if not rules:
+            units = spec.configs() if isinstance(spec, Limits) else [("requests", as_config(spec, name))]
+            limits += [
+                (tier, unit, w.max_requests, w.seconds) for unit, config in units for w in config.windows
+            ]
+            if isinstance(spec, Limits) and spec.max_concurrent is not None:
+                limits.append((tier, "concurrent", spec.max_concurrent, 0.0))
+        if not limits:
             raise ValueError("a limiter needs at least one tier with a limit")
-        self.rules: tuple[Rule, ...] = tuple(rules)
+        ordered = [limit for limit in limits if limit[1] == "requests"]
+        ordered += [limit for limit in limits if limit[1] != "requests"]
+        self.all_rules = tuple(Rule(index, *limit, algorithm) for index, limit in enumerate(ordered))
+        self.rules = tuple(rule for rule in self.all_rules if rule.unit == "requests")
         self.algorithm = algorithm
-        self.min_limit = min(rule.limit for rule in rules)
+        self.min_limit = min((rule.limit for rule in self.rules), default=0)
 
     def oversized(self, cost: int) -> Decision:
         """The denial for a cost above ``min_limit``: it exceeds a limit outright and can never pass."""
@@ -87,33 +130,76 @@ class Policy:
         return rule.decision((False, 0, math.inf, 0.0), cost)
 
     def decide(self, verdicts: Sequence[Verdict], cost: int) -> Decision:
-        """Combine one verdict per rule (in rule order): all must allow.
-
-        Denied: the binding rule is the denying one with the longest wait. Allowed: the one with the fewest
-        units left. Ties go to the earlier rule, so the most specific tier is named first.
-        """
+        """Combine one verdict per request rule (in rule order) for a request of ``cost``."""
         if len(verdicts) == 1:
             return self.rules[0].decision(verdicts[0], cost)
-        binding = 0
-        if all(verdict[0] for verdict in verdicts):
-            for index, verdict in enumerate(verdicts):
-                if verdict[1] < verdicts[binding][1]:
-                    binding = index
-        else:
-            binding = -1
-            for index, verdict in enumerate(verdicts):
-                if not verdict[0] and (binding < 0 or verdict[2] > verdicts[binding][2]):
-                    binding = index
-        return self.rules[binding].decision(verdicts[binding], cost)
+        return _combine(self.rules, verdicts, [cost] * len(verdicts))
 
-    def rules_for(self, tier: str | None) -> tuple[Rule, ...]:
-        """The rules of ``tier``; with ``None``, those keyed by the user (per_user_model, per_user)."""
+    def costs(self, requests: int, input_tokens: int, output_tokens: int) -> tuple[int, ...]:
+        """What a reservation charges each of ``all_rules``."""
+        per_unit = {
+            "requests": requests,
+            "tokens": input_tokens + output_tokens,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "concurrent": 1,
+        }
+        return tuple(per_unit[rule.unit] for rule in self.all_rules)
+
+    def settlement(self, reserved: tuple[int, int], actual: tuple[int, int] | None) -> tuple[int, ...]:
+        """The adjustment of each of ``all_rules`` that settles a reservation.
+
+        ``reserved`` and ``actual`` are ``(input_tokens, output_tokens)``; ``actual=None`` cancels (refunds
+        every token reserved). Token limits move by actual minus reserved (a refund never exceeds what was
+        reserved, since actual usage is at least 0), concurrency slots are given back, requests stay counted.
+        """
+        reserved_in, reserved_out = reserved
+        actual_in, actual_out = actual if actual is not None else (0, 0)
+        per_unit = {
+            "requests": 0,
+            "tokens": actual_in + actual_out - reserved_in - reserved_out,
+            "input_tokens": actual_in - reserved_in,
+            "output_tokens": actual_out - reserved_out,
+            "concurrent": -1,
+        }
+        return tuple(per_unit[rule.unit] for rule in self.all_rules)
+
+    def oversized_reservation(self, costs: Sequence[int]) -> Decision | None:
+        """The denial for a reservation with a cost above its rule's limit (it can never pass), else None."""
+        for rule, cost in zip(self.all_rules, costs, strict=True):
+            if cost > rule.limit:
+                return rule.decision((False, 0, math.inf, 0.0), cost)
+        return None
+
+    def reservation(
+        self, verdicts: Sequence[Verdict], costs: Sequence[int]
+    ) -> tuple[Decision, dict[str, Decision]]:
+        """The binding decision of a reservation over ``all_rules``, and the binding one of each unit."""
+        by_unit: dict[str, Decision] = {}
+        for unit in {rule.unit for rule in self.all_rules}:
+            picked = [i for i, rule in enumerate(self.all_rules) if rule.unit == unit]
+            by_unit[unit] = _combine(
+                [self.all_rules[i] for i in picked], [verdicts[i] for i in picked], [costs[i] for i in picked]
+            )
+        return _combine(self.all_rules, verdicts, costs), by_unit
+
+    def rules_for(self, tier: str | None, unit: str | None = "requests") -> tuple[Rule, ...]:
+        """The rules of ``tier`` counting ``unit`` (any unit for ``None``).
+
+        With ``tier=None``: the tiers keyed by the user (per_user_model, per_user).
+        """
+        rules = (
+            self.all_rules if unit is None else tuple(rule for rule in self.all_rules if rule.unit == unit)
+        )
         if tier is None:
-            return tuple(rule for rule in self.rules if rule.tier in _USER_TIERS)
+            return tuple(rule for rule in rules if rule.tier in _USER_TIERS)
         if tier not in _IDENTITY:
             raise ValueError(f"unknown tier {tier!r}: choose from {', '.join(TIERS)}")
-        found = tuple(rule for rule in self.rules if rule.tier == tier)
+        found = tuple(rule for rule in rules if rule.tier == tier)
         if not found:
-            configured = sorted({rule.tier for rule in self.rules}, key=TIERS.index)
-            raise ValueError(f"tier {tier!r} has no limit here; configured: {', '.join(configured)}")
+            configured = sorted(
+                {(rule.tier, rule.unit) for rule in self.all_rules}, key=lambda t: TIERS.index(t[0])
+            )
+            listing = ", ".join(f"{t} ({u})" for t, u in configured)
+            raise ValueError(f"tier {tier!r} has no {unit or ''} limit here; configured: {listing}")
         return found

@@ -210,3 +210,16 @@ def storage_for(storage_name: str) -> StorageFactory:
 def storage(storage_for: StorageFactory, clock: FakeClock) -> Storage:
     """Each storage in turn, bound to the test's clock."""
     return storage_for(clock)
+
+
+RESERVING_STORAGES = ("memory",)
+"""The storages that enforce token budgets and concurrency limits (reserve, then settle)."""
+
+
+@pytest.fixture(params=RESERVING_STORAGES)
+def reserving_storage(request: pytest.FixtureRequest, clock: FakeClock) -> Storage:
+    """Each storage that supports reservations in turn, bound to the test's clock."""
+    name = str(request.param)
+    if name in _NEEDS:
+        request.getfixturevalue(_NEEDS[name])
+    return STORAGES[name](clock)

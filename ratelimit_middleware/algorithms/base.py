@@ -6,7 +6,8 @@ would get. ``commit`` returns the state after admitting it. Storage keeps the st
 the evaluate-then-commit of all windows of a decision atomic; the Redis scripts implement the same contract.
 
 Preconditions enforced by the caller: ``limit >= 1`` and ``0 <= cost <= limit`` (a cost above the limit is
-denied before any algorithm runs: it can never fit).
+denied before any algorithm runs: it can never fit). ``adjust`` settles an earlier charge after the fact
+(token reservations, released concurrency slots).
 """
 
 from __future__ import annotations
@@ -46,3 +47,12 @@ class Algorithm(ABC, Generic[S]):
     @abstractmethod
     def idle(self, state: S, now: float) -> bool:
         """True once ``state`` is indistinguishable from no state: storage may forget the key."""
+
+    @abstractmethod
+    def adjust(self, state: S | None, now: float, at: float, delta: int) -> S | None:
+        """The state after changing a charge made at time ``at`` by ``delta`` units (``None``: forget it).
+
+        Settles a reservation: a negative ``delta`` refunds (never more than was charged: the caller passes
+        at least ``-charged``), a positive one charges an overage. Either lands where the charge at ``at``
+        was counted (its window, its log entry); once that charge no longer counts, nothing changes.
+        """

@@ -2,7 +2,8 @@
 
 Cheapest and easiest to explain, but bursty: up to twice the limit can pass around a window boundary (the end
 of one window and the start of the next). The state packs the window number ``k`` and the units used in it
-into one int, ``k * (limit + 1) + used``: exact (``used <= limit`` always) and 28-36 bytes instead of a tuple.
+into one int, ``k * (limit + 1) + used``: exact (``used <= limit`` always; an overage settled after the fact
+saturates at the limit) and 28-36 bytes instead of a tuple.
 """
 
 from __future__ import annotations
@@ -44,3 +45,10 @@ class FixedWindow(Algorithm[int]):
 
     def idle(self, state: int, now: float) -> bool:
         return state // self.base < int(now // self.window)
+
+    def adjust(self, state: int | None, now: float, at: float, delta: int) -> int | None:
+        k = int(at // self.window)
+        if k != int(now // self.window):
+            return state  # the charge's window is over: nothing to settle
+        used = min(max(self._used_now(state, k) + delta, 0), self.limit)  # a window cannot be more than full
+        return k * self.base + used

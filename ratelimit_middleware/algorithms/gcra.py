@@ -49,3 +49,14 @@ class GCRA(Algorithm[float]):
 
     def idle(self, state: float, now: float) -> bool:
         return state <= now
+
+    def adjust(self, state: float | None, now: float, at: float, delta: int) -> float | None:
+        if delta >= 0:
+            # As if charged at `at`: the part of that debt that has drained since stays drained.
+            tat = (at if state is None or state < at else state) + delta * self.interval
+            return tat if tat > now else state
+        if state is None or state <= now:
+            return state  # the charge has drained already: nothing left to refund
+        # A refund cannot make the bucket fuller than full: the part already drained stays drained.
+        tat = state + delta * self.interval
+        return tat if tat > now else None

@@ -73,3 +73,40 @@ class SlidingLog(Algorithm[bytearray]):
 
     def idle(self, state: bytearray, now: float) -> bool:
         return not state or _ENTRY.unpack_from(state, len(state) - 16)[0] + self.window <= now
+
+    def adjust(self, state: bytearray | None, now: float, at: float, delta: int) -> bytearray | None:
+        if at <= now - self.window:
+            return state  # the charge no longer counts
+        if state is None:
+            state = bytearray()
+        with memoryview(state) as raw, raw.cast("d") as values:
+            first, end = bisect_left(values[::2], at), bisect_right(values[::2], at)
+            base = values[2 * first - 1] if first else 0.0
+        if first == end:  # nothing was logged at `at` (a reservation of 0): log the overage there
+            if delta <= 0:
+                return state or None
+            state[16 * first : 16 * first] = _ENTRY.pack(at, base)
+            end += 1
+        with memoryview(state) as raw, raw.cast("d") as values:
+            # Entries charged at the same instant expire together, so settle them as one: an overage goes on
+            # the last of them, a refund takes from the last ones first, never below a cost of zero.
+            changes: list[float] = []  # per entry from the end of the run backwards
+            if delta >= 0:
+                changes.append(delta)
+            else:
+                owed = float(-delta)
+                for i in range(end - 1, first - 1, -1):
+                    cost = values[2 * i + 1] - (values[2 * i - 1] if i else 0.0)
+                    taken = min(cost, owed)
+                    changes.append(-taken)
+                    owed -= taken
+                    if not owed:
+                        break
+            start = end - len(changes)
+            running = 0.0
+            for offset, change in enumerate(reversed(changes)):
+                running += change
+                values[2 * (start + offset) + 1] += running
+            for position in range(2 * end + 1, len(values), 2):
+                values[position] += running
+        return state

@@ -68,3 +68,15 @@ class SlidingWindow(Algorithm[int]):
 
     def idle(self, state: int, now: float) -> bool:
         return state // (self.base * self.base) < int(now // self.window) - 1
+
+    def adjust(self, state: int | None, now: float, at: float, delta: int) -> int | None:
+        k = int(now // self.window)
+        previous, current = self._counts(state, k)
+        charged_in = int(at // self.window)
+        if charged_in == k:
+            current = min(max(current + delta, 0), self.limit)
+        elif charged_in == k - 1:
+            previous = min(max(previous + delta, 0), self.limit)
+        else:
+            return state  # the charge no longer counts
+        return (k * self.base + previous) * self.base + current

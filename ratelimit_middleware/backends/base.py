@@ -3,18 +3,22 @@
 A ``Storage`` is the user-facing configuration (``MemoryStorage(max_keys=...)``, later Redis); a limiter binds
 it to its policy once, and the resulting ``Backend`` makes each decision atomically: evaluate every rule of
 the policy, commit all or nothing, and return ``policy.decide(verdicts, cost)`` (or the policy's denial for an
-oversized cost). Sync and async methods share one decision logic; a backend that cannot serve one of the two
-raises ``TypeError`` saying so.
+oversized cost). ``reserve`` does the same over every rule (tokens and concurrency too) with one cost per
+rule, and returns the verdicts with the time of the charge, which ``adjust`` takes to settle it later. Sync
+and async methods share one decision logic; a backend that cannot serve one of the two raises ``TypeError``
+saying so.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
+from ..algorithms import Verdict
 from ..decision import Decision
 from ..policy import Policy, Rule
 
-__all__ = ["Backend", "Storage"]
+__all__ = ["Backend", "ReservingBackend", "Storage"]
 
 
 class Backend(Protocol):
@@ -33,6 +37,19 @@ class Backend(Protocol):
     async def areset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None: ...
 
     def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class ReservingBackend(Backend, Protocol):
+    """A backend that also enforces token and concurrency limits (reserve, then settle)."""
+
+    def reserve(self, user: str, model: str, costs: Sequence[int]) -> tuple[list[Verdict], float]: ...
+
+    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> tuple[list[Verdict], float]: ...
+
+    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None: ...
+
+    async def aadjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None: ...
 
 
 class Storage(Protocol):

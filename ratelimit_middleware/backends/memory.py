@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from ..algorithms import Verdict
@@ -59,7 +59,7 @@ class MemoryBackend:
         self._clock = clock
         self._max_keys = max_keys
         self._lock = threading.Lock()
-        self._stores: list[OrderedDict[Hashable, Any]] = [OrderedDict() for _ in policy.rules]
+        self._stores: list[OrderedDict[Hashable, Any]] = [OrderedDict() for _ in policy.all_rules]
         # One rule: `decide` skips the per-rule lists (the common case, kept on the hot path).
         self._single = (
             (policy.rules[0], self._stores[0], policy.rules[0].algorithm) if len(policy.rules) == 1 else None
@@ -75,9 +75,7 @@ class MemoryBackend:
             return policy.oversized(cost)
         now = self._clock()
         with self._lock:
-            self._until_sweep -= 1
-            if self._until_sweep <= 0:
-                self._sweep(now)
+            self._tick(now)
             if self._single is not None:  # the common case, without the lists
                 rule, store, algorithm = self._single
                 key = rule.identity(user, model)
@@ -90,18 +88,27 @@ class MemoryBackend:
                         self._make_room(rule, store, now)
                     store[key] = algorithm.commit(state, now, cost)
                 return rule.decision(verdict, cost)
-            rules = policy.rules
-            keys = [rule.identity(user, model) for rule in rules]
-            states = [self._touch(store, key) for store, key in zip(self._stores, keys, strict=True)]
-            verdicts: list[Verdict] = [
-                rule.algorithm.evaluate(state, now, cost) for rule, state in zip(rules, states, strict=True)
-            ]
-            if cost and all(verdict[0] for verdict in verdicts):
-                for rule, store, key, state in zip(rules, self._stores, keys, states, strict=True):
+            verdicts = self._evaluate(policy.rules, user, model, [cost] * len(policy.rules), now)
+        return policy.decide(verdicts, cost)
+
+    def _evaluate(
+        self, rules: Sequence[Rule], user: str, model: str, costs: Sequence[int], now: float
+    ) -> list[Verdict]:
+        """Evaluate ``rules`` (under the lock) and commit them all if all allow; the verdicts."""
+        stores = [self._stores[rule.index] for rule in rules]
+        keys = [rule.identity(user, model) for rule in rules]
+        states = [self._touch(store, key) for store, key in zip(stores, keys, strict=True)]
+        verdicts: list[Verdict] = [
+            rule.algorithm.evaluate(state, now, cost)
+            for rule, state, cost in zip(rules, states, costs, strict=True)
+        ]
+        if all(verdict[0] for verdict in verdicts):
+            for rule, store, key, state, cost in zip(rules, stores, keys, states, costs, strict=True):
+                if cost:
                     if state is None:
                         self._make_room(rule, store, now)
                     store[key] = rule.algorithm.commit(state, now, cost)
-        return policy.decide(verdicts, cost)
+        return verdicts
 
     async def adecide(self, user: str, model: str, cost: int) -> Decision:
         """``decide`` for event loops: it never waits on I/O, so it simply runs inline."""
@@ -116,6 +123,36 @@ class MemoryBackend:
 
     async def aused(self, user: str, model: str, rule: Rule) -> int:
         return self.used(user, model, rule)
+
+    def reserve(self, user: str, model: str, costs: Sequence[int]) -> tuple[list[Verdict], float]:
+        """Evaluate every rule of the policy with its own cost, all or nothing; the verdicts and the time.
+
+        The time identifies the charge for a later ``adjust``.
+        """
+        now = self._clock()
+        with self._lock:
+            self._tick(now)
+            return self._evaluate(self._policy.all_rules, user, model, costs, now), now
+
+    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> tuple[list[Verdict], float]:
+        return self.reserve(user, model, costs)
+
+    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
+        """Change the charges made at ``at`` by ``deltas`` (one per rule of the policy; 0 leaves a rule)."""
+        now = self._clock()
+        with self._lock:
+            for rule, delta in zip(self._policy.all_rules, deltas, strict=True):
+                if delta:
+                    store = self._stores[rule.index]
+                    key = rule.identity(user, model)
+                    state = rule.algorithm.adjust(store.get(key), now, at, delta)
+                    if state is None:
+                        store.pop(key, None)
+                    else:
+                        store[key] = state
+
+    async def aadjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
+        self.adjust(user, model, at, deltas)
 
     def reset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
         """Forget the keys that ``rules`` hold for this user and model."""
@@ -144,9 +181,15 @@ class MemoryBackend:
         if len(self) >= self._max_keys:
             self._evict(now)
 
+    def _tick(self, now: float) -> None:
+        """Count a decision; every ``_SWEEP_EVERY`` decisions, sweep idle keys."""
+        self._until_sweep -= 1
+        if self._until_sweep <= 0:
+            self._sweep(now)
+
     def _sweep(self, now: float) -> None:
         self._until_sweep = _SWEEP_EVERY
-        for rule, store in zip(self._policy.rules, self._stores, strict=True):
+        for rule, store in zip(self._policy.all_rules, self._stores, strict=True):
             self._sweep_store(rule, store, now, _SWEEP_BATCH)
 
     @staticmethod

@@ -1,0 +1,263 @@
+"""Token budgets and concurrency limits: reserve, then settle, on every storage that supports them."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ratelimit_middleware import Limits, MemoryStorage, MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware.backends.base import Storage
+
+from .conftest import FakeClock
+
+
+def tokens_limiter(
+    storage: Storage, algorithm: str = "sliding_log", **limits: object
+) -> MultiTierRateLimiter:
+    return MultiTierRateLimiter(per_user_model=Limits(**limits), algorithm=algorithm, storage=storage)  # type: ignore[arg-type]
+
+
+def test_reserve_charges_request_tokens_and_slot_together(reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, requests="10/minute", tokens="1000/minute", max_concurrent=2)
+    reservation = limiter.reserve("u", "m", input_tokens=300, output_tokens=100)
+    assert reservation.allowed
+    assert reservation.decisions["tokens"].remaining == 600
+    assert reservation.decisions["requests"].remaining == 9
+    assert reservation.decisions["concurrent"].remaining == 1
+    assert limiter.get_request_count("u", "m", unit="tokens") == 400
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 1
+
+
+def test_settle_refunds_what_was_not_used(algorithm: str, reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+    reservation = limiter.reserve("u", "m", input_tokens=200, output_tokens=600)
+    reservation.settle(input_tokens=200, output_tokens=50)
+    assert limiter.get_request_count("u", "m", unit="tokens") == 250
+    assert limiter.reserve("u", "m", input_tokens=700).allowed  # the refund made room
+
+
+def test_settle_charges_an_overage(algorithm: str, reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+    limiter.reserve("u", "m", input_tokens=100, output_tokens=100).settle(100, 500)
+    assert limiter.get_request_count("u", "m", unit="tokens") == 600
+    assert not limiter.reserve("u", "m", input_tokens=450).allowed
+
+
+def test_reservations_at_the_same_instant_settle_independently(
+    algorithm: str, reserving_storage: Storage
+) -> None:
+    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+    first = limiter.reserve("u", "m", input_tokens=100)
+    second = limiter.reserve("u", "m", input_tokens=300)  # the injected clock has not moved
+    second.settle(0, 0)
+    first.settle(150, 0)
+    assert limiter.get_request_count("u", "m", unit="tokens") == 150
+
+
+def test_refund_never_exceeds_the_reservation(algorithm: str, reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+    limiter.reserve("u", "m", input_tokens=300).settle(300, 0)
+    limiter.reserve("u", "m", input_tokens=100).settle(0, 0)  # refunds its own 100, nothing of the 300
+    assert limiter.get_request_count("u", "m", unit="tokens") == 300
+
+
+def test_cancel_refunds_every_reserved_token_but_counts_the_request(reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, requests="5/minute", tokens="1000/minute", max_concurrent=1)
+    reservation = limiter.reserve("u", "m", input_tokens=900)
+    reservation.cancel()
+    assert limiter.get_request_count("u", "m", unit="tokens") == 0
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 0
+    assert limiter.get_request_count("u", "m") == 1
+    reservation.cancel()  # settling twice changes nothing
+    reservation.settle(500, 500)
+    assert limiter.get_request_count("u", "m", unit="tokens") == 0
+
+
+def test_settlement_lands_in_the_window_of_the_reservation(
+    algorithm: str, reserving_storage: Storage, clock: FakeClock
+) -> None:
+    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+    clock.now = 6000.0  # a window boundary for the aligned algorithms
+    reservation = limiter.reserve("u", "m", input_tokens=800)
+    clock.advance(150)  # every window of the reservation is over
+    reservation.settle(800, 500)  # an overage that would have landed in a window that has passed
+    assert limiter.get_request_count("u", "m", unit="tokens") == 0
+    assert limiter.reserve("u", "m", input_tokens=1000).allowed
+
+
+def test_token_denial_names_tokens_and_charges_nothing(reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, requests="10/minute", tokens="1000/minute")
+    limiter.reserve("u", "m", input_tokens=900).settle(900, 0)
+    denied = limiter.reserve("u", "m", input_tokens=200)
+    assert not denied.allowed
+    assert denied.decision.unit == "tokens"
+    assert denied.decision.reason is not None and "tokens" in denied.decision.reason
+    assert limiter.get_request_count("u", "m") == 1  # the denied request was not counted
+    denied.settle(0, 0)  # nothing to settle on a denial
+    assert limiter.get_request_count("u", "m", unit="tokens") == 900
+
+
+def test_token_cost_above_the_limit_can_never_pass(reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, tokens="1000/minute")
+    denied = limiter.reserve("u", "m", input_tokens=800, output_tokens=400)
+    assert not denied.allowed and math.isinf(denied.decision.retry_after)
+    assert denied.decision.cost == 1200 and denied.decision.unit == "tokens"
+
+
+def test_input_and_output_limits_count_their_side_only(reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, input_tokens="500/minute", output_tokens="100/minute")
+    assert limiter.reserve("u", "m", input_tokens=400, output_tokens=50).allowed
+    denied = limiter.reserve("u", "m", input_tokens=50, output_tokens=60)
+    assert not denied.allowed and denied.decision.unit == "output_tokens"
+    assert limiter.reserve("u", "m", input_tokens=100, output_tokens=50).allowed
+
+
+def test_concurrency_slots_are_taken_and_released(reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, max_concurrent=2)
+    first, second = limiter.reserve("u", "m"), limiter.reserve("u", "m")
+    third = limiter.reserve("u", "m")
+    assert first.allowed and second.allowed and not third.allowed
+    assert third.decision.unit == "concurrent" and third.decision.retry_after > 0
+    first.settle(0, 0)
+    assert limiter.reserve("u", "m").allowed
+    assert limiter.reserve("v", "m").allowed  # another user has slots of their own
+
+
+def test_context_manager_releases_on_success_and_cancels_on_error(reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, tokens="1000/minute", max_concurrent=1)
+    with limiter.reserve("u", "m", input_tokens=300) as reservation:
+        assert limiter.get_request_count("u", "m", unit="concurrent") == 1
+    assert reservation.settled and limiter.get_request_count("u", "m", unit="tokens") == 300
+    with pytest.raises(RuntimeError), limiter.reserve("u", "m", input_tokens=300):
+        raise RuntimeError("upstream failed")
+    assert limiter.get_request_count("u", "m", unit="tokens") == 300  # the failed call was refunded
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 0
+
+
+def test_no_slot_leaks_after_many_mixed_requests(reserving_storage: Storage, clock: FakeClock) -> None:
+    limiter = tokens_limiter(reserving_storage, max_concurrent=3, tokens="1000000000/minute")
+    for index in range(10_000):
+        clock.advance(0.001)
+        reservation = limiter.reserve("u", "m", input_tokens=10, output_tokens=10)
+        assert reservation.allowed
+        if index % 3 == 0:
+            reservation.cancel()
+        elif index % 3 == 1:
+            reservation.settle(5, 20)
+        else:
+            with reservation:
+                pass
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 0
+
+
+def test_tiers_share_token_budgets(reserving_storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(
+        per_user_model=Limits(tokens="1000/minute"),
+        per_model=Limits(tokens="1500/minute", max_concurrent=10),
+        storage=reserving_storage,
+    )
+    limiter.reserve("a", "m", input_tokens=900).settle(900, 0)
+    denied = limiter.reserve("b", "m", input_tokens=700)
+    assert not denied.allowed and denied.decision.tier == "per_model"
+    assert limiter.get_request_count("b", "m", unit="tokens") == 0  # nothing charged to b's own tier
+
+
+def test_rate_limiter_keywords(reserving_storage: Storage) -> None:
+    limiter = RateLimiter(tokens="100/minute", max_concurrent=1, storage=reserving_storage)
+    assert limiter.uses_reservations
+    with pytest.raises(TypeError, match="no request limit"):
+        limiter.check("u", "m")
+    assert limiter.reserve("u", "m", input_tokens=50).allowed
+    both = RateLimiter(10, 60, tokens="100/minute", storage=reserving_storage)
+    assert both.check("u", "m").allowed and both.reserve("u", "m", input_tokens=10).allowed
+
+
+def test_async_reservations(reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, tokens="1000/minute", max_concurrent=5)
+
+    async def scenario() -> None:
+        reservations = await asyncio.gather(*(limiter.areserve("u", "m", input_tokens=100) for _ in range(8)))
+        assert sum(r.allowed for r in reservations) == 5
+        for reservation in reservations:
+            await reservation.asettle(50, 0)
+        assert await limiter.aget_request_count("u", "m", unit="tokens") == 250
+        async with await limiter.areserve("u", "m", input_tokens=10):
+            pass
+        failing = await limiter.areserve("u", "m", input_tokens=10)
+        await failing.acancel()
+        assert await limiter.aget_request_count("u", "m", unit="concurrent") == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"input_tokens": -1}, ValueError),
+        ({"output_tokens": 1.5}, TypeError),
+        ({"input_tokens": True}, TypeError),
+    ],
+)
+def test_bad_token_counts_raise(kwargs: dict[str, object], error: type, reserving_storage: Storage) -> None:
+    limiter = tokens_limiter(reserving_storage, tokens="1000/minute")
+    with pytest.raises(error):
+        limiter.reserve("u", "m", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="-5"):
+        limiter.reserve("u", "m").settle(-5, 0)
+
+
+def test_limits_validation() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        Limits()
+    with pytest.raises(ValueError, match="-2"):
+        Limits(max_concurrent=-2)
+    with pytest.raises(ValueError, match="bad limit"):
+        Limits(tokens="lots")
+
+
+operations = st.lists(
+    st.tuples(
+        st.integers(0, 30).map(lambda n: n / 4),  # time step
+        st.integers(0, 400),  # estimated tokens
+        st.one_of(st.none(), st.integers(0, 600)),  # actual tokens, None: cancel
+        st.integers(0, 3),  # how many operations later it settles
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=operations)
+def test_sliding_log_settlements_match_a_reference_log(
+    steps: list[tuple[float, int, int | None, int]],
+) -> None:
+    """Exact token accounting under out-of-order settlements, refunds, overages and cancellations."""
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(tokens="1000/10 seconds", storage=MemoryStorage(clock=clock))
+    log: list[list[float]] = []  # [time, cost] of every admitted reservation
+    pending: list[tuple[int, object, list[float], int | None]] = []
+    for index, (step, estimate, actual, delay) in enumerate(steps):
+        clock.advance(step)
+        used = sum(cost for t, cost in log if t > clock.now - 10)
+        reservation = limiter.reserve("u", "m", input_tokens=estimate)
+        assert reservation.allowed == (used + estimate <= 1000)
+        if reservation.allowed:
+            entry = [clock.now, float(estimate)]
+            log.append(entry)
+            pending.append((index + delay, reservation, entry, actual))
+        for due in [p for p in pending if p[0] <= index]:
+            pending.remove(due)
+            _, held, entry, settled_to = due
+            if entry[0] > clock.now - 10:  # a settlement lands only while its charge still counts
+                entry[1] = float(settled_to or 0)
+            if settled_to is None:
+                held.cancel()  # type: ignore[attr-defined]
+            else:
+                held.settle(settled_to, 0)  # type: ignore[attr-defined]
+        expected = sum(cost for t, cost in log if t > clock.now - 10)
+        assert limiter.get_request_count("u", "m", unit="tokens") == expected
