@@ -15,9 +15,11 @@ from typing import Any, Literal
 
 from .contract import HTTPResponse
 from .decision import Decision
-from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Gate, LimiterSpec
+from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Estimator, Gate, LimiterSpec
 from .keys import KeyFunction
 from .request import BodyNotLoaded, RequestView
+from .reservation import Reservation
+from .tokens import DEFAULT_OUTPUT_TOKENS, Meter
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -85,24 +87,61 @@ async def send_response(send: Send, response: HTTPResponse) -> None:
 
 async def admit(
     gate: Gate, limiter: Checker, request: RequestView, load_body: Callable[[], Awaitable[None]]
-) -> Decision | HTTPResponse | None:
-    """Identify and check one request: a ``Decision``, a response to send, or ``None`` to let it through.
+) -> Decision | Reservation | HTTPResponse | None:
+    """Identify and check one request: a ``Decision`` (or a ``Reservation`` for a limiter with token or
+    concurrency limits), a response to send, or ``None`` to let it through.
 
-    ``load_body`` is awaited only if a key function needs the body. Shared by the middleware and the
-    Starlette/FastAPI decorators; ``wsgi.admit`` is its synchronous twin.
+    ``load_body`` is awaited only if a key function or the token estimate needs the body. Shared by the
+    middleware and the Starlette/FastAPI decorators; ``wsgi.admit`` is its synchronous twin.
     """
+    reserver = gate.reserver(limiter)
     try:
         try:
-            user, model = gate.identify(request)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
         except BodyNotLoaded:
             await load_body()
-            user, model = gate.identify(request)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
     except Exception as error:
         return gate.failed("the key function", error)
     try:
+        if reserver is not None:
+            return await reserver.areserve(
+                user, model, input_tokens=input_tokens, output_tokens=output_tokens
+            )
         return await limiter.acheck(user, model)
     except Exception as error:
         return gate.failed("the limiter", error)
+
+
+async def run_metered(
+    gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, send: Send, reservation: Reservation
+) -> None:
+    """Run the app for a reserved request, reading its usage as the response goes by, then settle."""
+    extra = encode_headers(gate.reservation_headers(reservation))
+    meter = Meter(reservation.reserved)
+
+    async def send_metered(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+            meter.start(int(message["status"]), content_type.decode("latin-1"))
+            if extra:
+                message = {**message, "headers": [*headers, *extra]}
+        elif message["type"] == "http.response.body":
+            meter.body(message.get("body", b""))
+        await send(message)
+
+    try:
+        await app(scope, receive, send_metered)
+    finally:
+        actual = meter.settlement()
+        try:
+            if actual is None:
+                await reservation.acancel()
+            else:
+                await reservation.asettle(*actual)
+        except Exception as error:
+            gate.failed("settling the reservation", error)
 
 
 class RateLimitMiddleware:
@@ -114,6 +153,12 @@ class RateLimitMiddleware:
     limiter-or-limit}``, the first match replacing the default limiter (``None`` exempts). ``on_error``:
     ``"allow"`` or ``"deny"`` (503) when a key function or the limiter fails. ``add_headers``: rate limit
     headers on allowed responses. ``deny_handler(request, decision) -> HTTPResponse`` replaces the 429.
+
+    A limiter with token or concurrency limits (``Limits``) has each request reserved: tokens estimated from
+    the body by ``estimator(request) -> (input, output)`` (default: the prompt at about 4 characters per
+    token plus the output cap, ``default_output_tokens`` when the request sets none), settled with the usage
+    the response reports (JSON or server-sent events), refunded when the app fails; the concurrency slot is
+    held until the response ends.
     """
 
     def __init__(
@@ -130,6 +175,8 @@ class RateLimitMiddleware:
         on_error: Literal["allow", "deny"] = "allow",
         add_headers: bool = True,
         deny_handler: DenialHandler | None = None,
+        estimator: Estimator | None = None,
+        default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
     ) -> None:
         self.app = app
         self.gate = Gate(
@@ -143,6 +190,8 @@ class RateLimitMiddleware:
             on_error=on_error,
             add_headers=add_headers,
             deny_handler=deny_handler,
+            estimator=estimator,
+            default_output_tokens=default_output_tokens,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,6 +214,12 @@ class RateLimitMiddleware:
             return
         if outcome is None:
             await self.app(scope, receive, send)
+            return
+        if isinstance(outcome, Reservation):
+            if outcome.allowed:
+                await run_metered(self.gate, self.app, scope, receive, send, outcome)
+            else:
+                await send_response(send, self.gate.reservation_denied(request, outcome))
             return
         if not outcome.allowed:
             await send_response(send, self.gate.denied(request, outcome))

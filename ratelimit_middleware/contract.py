@@ -43,6 +43,9 @@ EXPOSED_HEADERS = ", ".join(
         "x-ratelimit-limit-requests",
         "x-ratelimit-remaining-requests",
         "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
         "Retry-After",
         "retry-after-ms",
         "x-should-retry",
@@ -82,43 +85,99 @@ def retry_after_seconds(decision: Decision) -> int:
     return max(1, math.ceil(_wait(decision)))
 
 
-def informational_headers(decision: Decision) -> list[tuple[str, str]]:
-    """The headers for every limited response, allowed or denied (not ``Retry-After``)."""
-    policy = f'"{decision.tier}"'
-    reset = decision.reset_after if decision.allowed else float(retry_after_seconds(decision))
-    reset_seconds = str(math.ceil(reset))
-    return [
-        ("RateLimit-Policy", f"{policy};q={decision.limit};w={math.ceil(decision.window_seconds)}"),
-        ("RateLimit", f"{policy};r={decision.remaining};t={reset_seconds}"),
+def _policy_name(decision: Decision) -> str:
+    return (
+        decision.tier if decision.unit == "requests" else f"{decision.tier}-{decision.unit.replace('_', '-')}"
+    )
+
+
+def _policy_item(decision: Decision) -> str:
+    """One ``RateLimit-Policy`` item: ``"per_user_model";q=100;w=3600``, with the unit when not requests."""
+    item = f'"{_policy_name(decision)}";q={decision.limit}'
+    if decision.unit == "concurrent":
+        return item + ';qu="concurrent-requests"'
+    item += f";w={math.ceil(decision.window_seconds)}"
+    # Tokens are not a registered quota unit: a vendor parameter names them.
+    return item if decision.unit == "requests" else item + f';x-unit="{decision.unit}"'
+
+
+def _reset(decision: Decision) -> float:
+    return decision.reset_after if decision.allowed else float(retry_after_seconds(decision))
+
+
+def informational_headers(decision: Decision, *others: Decision) -> list[tuple[str, str]]:
+    """The headers for every limited response, allowed or denied (not ``Retry-After``).
+
+    ``decision`` is the binding one; ``others`` are the binding decisions of the other units of a
+    reservation (tokens, concurrency), which get their own policy items and OpenAI's ``-tokens`` headers.
+    """
+    decisions = (decision, *others)
+    reset_seconds = str(math.ceil(_reset(decision)))
+    headers = [
+        ("RateLimit-Policy", ", ".join(_policy_item(d) for d in decisions)),
+        (
+            "RateLimit",
+            ", ".join(f'"{_policy_name(d)}";r={d.remaining};t={math.ceil(_reset(d))}' for d in decisions),
+        ),
         ("X-RateLimit-Limit", str(decision.limit)),
         ("X-RateLimit-Remaining", str(decision.remaining)),
         ("X-RateLimit-Reset", reset_seconds),
-        ("x-ratelimit-limit-requests", str(decision.limit)),
-        ("x-ratelimit-remaining-requests", str(decision.remaining)),
-        ("x-ratelimit-reset-requests", go_duration(reset)),
-        ("Access-Control-Expose-Headers", EXPOSED_HEADERS),
     ]
+    for openai_unit, units in (
+        ("requests", ("requests",)),
+        ("tokens", ("tokens", "input_tokens", "output_tokens")),
+    ):
+        match = next((d for d in decisions if d.unit in units), None)
+        if match is not None:
+            headers += [
+                (f"x-ratelimit-limit-{openai_unit}", str(match.limit)),
+                (f"x-ratelimit-remaining-{openai_unit}", str(match.remaining)),
+                (f"x-ratelimit-reset-{openai_unit}", go_duration(_reset(match))),
+            ]
+    headers.append(("Access-Control-Expose-Headers", EXPOSED_HEADERS))
+    return headers
 
 
-def denial_response(decision: Decision) -> HTTPResponse:
-    """The 429 for a denied decision: OpenAI's error body and every back-off header."""
+def _message(decision: Decision, wait: float) -> str:
+    """OpenAI-style: names the tier and the limit, the amounts for token limits, and the wait."""
+    where = f"Rate limit reached ({decision.tier})"
+    if decision.unit == "concurrent":
+        return (
+            f"{where}: {decision.limit} concurrent requests are in flight. Please try again in {wait:.3f}s."
+        )
+    unit = decision.unit.replace("_", " ")
+    per = f"{unit} per {describe_seconds(decision.window_seconds)}"
+    if math.isinf(decision.retry_after):
+        return (
+            f"{where}: this request needs {decision.cost} {unit}, more than the limit of "
+            f"{decision.limit} {per}; it can never be allowed."
+        )
+    if decision.unit == "requests":
+        return f"{where}: limit {decision.limit} {per}. Please try again in {wait:.3f}s."
+    used = "" if decision.used is None else f", Used {decision.used}"
+    amounts = f"Limit {decision.limit}{used}, Requested {decision.cost}"
+    return f"{where} on {per}: {amounts}. Please try again in {wait:.3f}s."
+
+
+_ERROR_TYPES = {"requests": "requests", "concurrent": "concurrency"}
+
+
+def denial_response(decision: Decision, *others: Decision) -> HTTPResponse:
+    """The 429 for a denied decision: OpenAI's error body and every back-off header.
+
+    ``others`` are the binding decisions of the other units of a reservation, for the informational headers.
+    """
     wait = _wait(decision)
     never = math.isinf(decision.retry_after)
-    limit = f"{decision.limit} requests per {describe_seconds(decision.window_seconds)}"
-    if never:
-        message = (
-            f"Rate limit reached ({decision.tier}): this request costs {decision.cost}, more than the limit "
-            f"of {limit}; it can never be allowed."
-        )
-    else:
-        message = f"Rate limit reached ({decision.tier}): limit {limit}. Please try again in {wait:.3f}s."
-    body = {"error": {"message": message, "type": "requests", "param": None, "code": "rate_limit_exceeded"}}
+    error_type = _ERROR_TYPES.get(decision.unit, "tokens")
+    message = _message(decision, wait)
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": "rate_limit_exceeded"}}
     headers = [
         ("Content-Type", "application/json"),
         ("Retry-After", str(retry_after_seconds(decision))),
         ("retry-after-ms", str(math.ceil(wait * 1000))),
         ("x-should-retry", "false" if never or wait > SHOULD_RETRY_MAX_SECONDS else "true"),
-        *informational_headers(decision),
+        *informational_headers(decision, *others),
     ]
     return HTTPResponse(429, headers, json.dumps(body).encode())
 

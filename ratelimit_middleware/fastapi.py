@@ -23,9 +23,9 @@ from starlette.responses import Response
 
 from .asgi import admit, request_view
 from .contract import HTTPResponse
-from .decision import Decision
 from .gate import DEFAULT_MAX_BODY_SIZE, DenialHandler, Gate, LimiterSpec
 from .keys import KeyFunction
+from .reservation import Reservation
 
 __all__ = ["RateLimit", "RateLimitExceeded", "limit", "rate_limit_exceeded_handler"]
 
@@ -56,27 +56,6 @@ def _to_response(response: HTTPResponse) -> Response:
     return Response(response.body, status_code=response.status, headers=dict(response.headers))
 
 
-def _gate(
-    limiter: LimiterSpec,
-    user_key: KeyFunction | None,
-    model_key: KeyFunction | None,
-    max_body_size: int,
-    on_error: Literal["allow", "deny"],
-    add_headers: bool,
-    deny_handler: DenialHandler | None,
-) -> Gate:
-    return Gate(
-        limiter,
-        user_key=user_key,
-        model_key=model_key,
-        exempt_methods=(),
-        max_body_size=max_body_size,
-        on_error=on_error,
-        add_headers=add_headers,
-        deny_handler=deny_handler,
-    )
-
-
 async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, list[tuple[str, str]]]:
     """``(response to send instead of the endpoint, headers for the endpoint's response)``."""
     view = request_view(request.scope)
@@ -89,7 +68,8 @@ async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, lis
         body = await request.body()  # cached by Starlette: the endpoint can still read it
         view.load_body(body if len(body) <= gate.max_body_size else None)
 
-    outcome: Decision | HTTPResponse | None = await admit(gate, gate.limiter, view, load_body)
+    outcome = await admit(gate, gate.limiter, view, load_body)
+    assert not isinstance(outcome, Reservation)  # Gate.for_route refuses token and concurrency limits
     if isinstance(outcome, HTTPResponse):
         return outcome, []
     if outcome is None:
@@ -114,7 +94,15 @@ def limit(
     Place it below ``@app.get(...)``/``@app.post(...)``. Sync endpoints run in the thread pool, as FastAPI
     runs them.
     """
-    gate = _gate(limiter, user_key, model_key, max_body_size, on_error, add_headers, deny_handler)
+    gate = Gate.for_route(
+        limiter,
+        user_key=user_key,
+        model_key=model_key,
+        max_body_size=max_body_size,
+        on_error=on_error,
+        add_headers=add_headers,
+        deny_handler=deny_handler,
+    )
 
     def decorator(endpoint: F) -> F:
         signature = inspect.signature(endpoint)
@@ -163,7 +151,15 @@ class RateLimit:
         add_headers: bool = True,
         deny_handler: DenialHandler | None = None,
     ) -> None:
-        self.gate = _gate(limiter, user_key, model_key, max_body_size, on_error, add_headers, deny_handler)
+        self.gate = Gate.for_route(
+            limiter,
+            user_key=user_key,
+            model_key=model_key,
+            max_body_size=max_body_size,
+            on_error=on_error,
+            add_headers=add_headers,
+            deny_handler=deny_handler,
+        )
 
     async def __call__(self, request: Request, response: Response) -> None:
         denial, headers = await _check(self.gate, request)

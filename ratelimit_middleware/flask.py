@@ -19,6 +19,7 @@ from .contract import HTTPResponse
 from .gate import DEFAULT_MAX_BODY_SIZE, DenialHandler, Gate, LimiterSpec
 from .keys import KeyFunction
 from .request import RequestView
+from .reservation import Reservation
 from .wsgi import admit, request_view
 
 __all__ = ["limit"]
@@ -53,11 +54,10 @@ def limit(
 
     Place it below ``@app.route(...)``.
     """
-    gate = Gate(
+    gate = Gate.for_route(
         limiter,
         user_key=user_key,
         model_key=model_key,
-        exempt_methods=(),
         max_body_size=max_body_size,
         on_error=on_error,
         add_headers=add_headers,
@@ -69,6 +69,7 @@ def limit(
         request = flask.request
         view = request_view(request.environ)
         outcome = admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
+        assert not isinstance(outcome, Reservation)  # Gate.for_route refuses token and concurrency limits
         if isinstance(outcome, HTTPResponse):
             return _respond(outcome), []
         if outcome is None:

@@ -10,19 +10,33 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from .config import RateLimitConfig
 from .contract import HTTPResponse, denial_response, informational_headers, unavailable_response
 from .decision import Decision
+from .errors import RateLimiterUnavailable, UncheckedDecision
 from .keys import KeyFunction, default_model_key, default_user_key
 from .limiter import RateLimiter
 from .request import RequestView
+from .reservation import Reservation
 from .routes import PathRules, normalize_path
+from .tokens import DEFAULT_OUTPUT_TOKENS
+from .tokens import estimate as estimate_tokens
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "Checker", "DenialHandler", "Gate", "LimiterSpec", "as_checker"]
+__all__ = [
+    "DEFAULT_MAX_BODY_SIZE",
+    "Checker",
+    "DenialHandler",
+    "Estimator",
+    "Gate",
+    "LimiterSpec",
+    "Reserver",
+    "as_checker",
+]
 
 logger = logging.getLogger("ratelimit_middleware")
 
@@ -41,11 +55,30 @@ class Checker(Protocol):
     async def acheck(self, user: str, model: str, cost: int = 1) -> Decision: ...
 
 
+@runtime_checkable
+class Reserver(Checker, Protocol):
+    """A limiter with token or concurrency limits: requests go through ``reserve`` and are settled later."""
+
+    @property
+    def uses_reservations(self) -> bool: ...
+
+    def reserve(
+        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
+    ) -> Reservation: ...
+
+    async def areserve(
+        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
+    ) -> Reservation: ...
+
+
 LimiterSpec = Checker | RateLimitConfig | str
 """A limiter, or a limit (config or string such as ``"10/minute"``) for a new in-memory ``RateLimiter``."""
 
 DenialHandler = Callable[[RequestView, Decision], HTTPResponse]
 """Builds the response for a denied request (replaces the default 429)."""
+
+Estimator = Callable[[RequestView], "tuple[int, int]"]
+"""``(input_tokens, output_tokens)`` a request is expected to use; may call ``request.json()``."""
 
 
 def as_checker(spec: LimiterSpec, what: str = "limiter") -> Checker:
@@ -79,6 +112,11 @@ class _Throttled:
             logger.warning("%s failed (%s); the request was %s", stage, error, outcome, exc_info=error)
 
 
+def _ordered(reservation: Reservation) -> list[Decision]:
+    """A reservation's decisions, requests first (they fill the generic X-RateLimit headers)."""
+    return sorted(reservation.decisions.values(), key=lambda decision: decision.unit != "requests")
+
+
 class Gate:
     """The decisions of an HTTP integration, independent of ASGI or WSGI."""
 
@@ -95,15 +133,24 @@ class Gate:
         on_error: Literal["allow", "deny"] = "allow",
         add_headers: bool = True,
         deny_handler: DenialHandler | None = None,
+        estimator: Estimator | None = None,
+        default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
     ) -> None:
         if on_error not in ("allow", "deny"):
             raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
         if isinstance(max_body_size, bool) or not isinstance(max_body_size, int) or max_body_size < 0:
             raise ValueError(f"max_body_size must be an int >= 0, got {max_body_size!r}")
+        if (
+            isinstance(default_output_tokens, bool)
+            or not isinstance(default_output_tokens, int)
+            or default_output_tokens < 0
+        ):
+            raise ValueError(f"default_output_tokens must be an int >= 0, got {default_output_tokens!r}")
         for name, function in (
             ("user_key", user_key),
             ("model_key", model_key),
             ("deny_handler", deny_handler),
+            ("estimator", estimator),
         ):
             if function is not None and not callable(function):
                 raise TypeError(f"{name} must be callable, got {function!r}")
@@ -122,6 +169,8 @@ class Gate:
         self.on_error = on_error
         self.add_headers = add_headers
         self.deny_handler = deny_handler
+        self.estimator = estimator
+        self.default_output_tokens = default_output_tokens
         self._log = _Throttled()
 
     def limiter_for(self, method: str, path: str) -> Checker | None:
@@ -136,6 +185,14 @@ class Gate:
         matched, limiter = self.routes.match(method, normalized)
         return limiter if matched else self.limiter
 
+    def prepare(self, request: RequestView, reserving: bool) -> tuple[str, str, tuple[int, int]]:
+        """``(user, model, estimated tokens)``; the estimate only when ``reserving`` (else ``(0, 0)``).
+
+        Raises ``BodyNotLoaded`` when a key function or the estimate needs the body first.
+        """
+        user, model = self.identify(request)
+        return user, model, self.estimate(request) if reserving else (0, 0)
+
     def identify(self, request: RequestView) -> tuple[str, str]:
         """``(user, model)``; raises ``BodyNotLoaded`` when a key function needs the body first.
 
@@ -149,21 +206,65 @@ class Gate:
             raise TypeError(f"key functions must return str or None, got user={user!r}, model={model!r}")
         return _bounded(user), _bounded(model)
 
-    def allowed_headers(self, decision: Decision) -> list[tuple[str, str]]:
-        """Headers to add to an allowed response (none when ``add_headers`` is off)."""
-        return informational_headers(decision) if self.add_headers else []
+    @classmethod
+    def for_route(cls, limiter: LimiterSpec, **options: Any) -> Gate:
+        """A gate for one route (the decorators): nothing exempt, and request limits only.
 
-    def denied(self, request: RequestView, decision: Decision) -> HTTPResponse:
-        """The response for a denied request."""
+        Token and concurrency limits follow the response to its end, which only the middlewares see.
+        """
+        gate = cls(limiter, exempt_methods=(), **options)
+        if gate.reserver(gate.limiter) is not None:
+            raise TypeError(
+                "token and concurrency limits need RateLimitMiddleware or RateLimitWSGI, which follow the "
+                "response to its end; a per-route decorator takes request limits only"
+            )
+        return gate
+
+    @staticmethod
+    def reserver(limiter: Checker) -> Reserver | None:
+        """``limiter`` when it has token or concurrency limits (requests are then reserved), else ``None``."""
+        return limiter if isinstance(limiter, Reserver) and limiter.uses_reservations else None
+
+    def estimate(self, request: RequestView) -> tuple[int, int]:
+        """The tokens a request is expected to use; raises ``BodyNotLoaded`` until the body is read."""
+        if self.estimator is not None:
+            return self.estimator(request)
+        return estimate_tokens(request.json(), self.default_output_tokens)
+
+    def allowed_headers(self, decision: Decision, *others: Decision) -> list[tuple[str, str]]:
+        """Headers to add to an allowed response (none when ``add_headers`` is off, nor for a decision made
+        without the limit: they would describe a count nobody made)."""
+        if not self.add_headers or isinstance(decision, UncheckedDecision):
+            return []
+        return informational_headers(decision, *others)
+
+    def denied(self, request: RequestView, decision: Decision, *others: Decision) -> HTTPResponse:
+        """The response for a denied request (``others``: the other units of a reservation)."""
         if self.deny_handler is not None:
             try:
                 return self.deny_handler(request, decision)
             except Exception as error:
                 self._log.warning("the deny_handler", error, "answered with the default 429")
-        return denial_response(decision)
+        return denial_response(decision, *others)
+
+    def reservation_headers(self, reservation: Reservation) -> list[tuple[str, str]]:
+        """Headers for an allowed reservation: every unit's binding limit."""
+        return self.allowed_headers(*_ordered(reservation))
+
+    def reservation_denied(self, request: RequestView, reservation: Reservation) -> HTTPResponse:
+        """The 429 for a denied reservation, naming its binding limit first."""
+        decision = reservation.decision
+        others = [other for other in _ordered(reservation) if other.unit != decision.unit]
+        return self.denied(request, decision, *others)
 
     def failed(self, stage: str, error: Exception) -> HTTPResponse | None:
-        """After a key function or the limiter raised: ``None`` to let the request through, else a 503."""
+        """After a key function or the limiter raised: ``None`` to let the request through, else a 503.
+
+        A limiter whose storage is down and whose own policy is to deny (``RateLimiterUnavailable``) always
+        gets its 503, with the wait it asks for; it logs its outages itself.
+        """
+        if isinstance(error, RateLimiterUnavailable):
+            return unavailable_response(max(1, math.ceil(error.retry_after)))
         if self.on_error == "allow":
             self._log.warning(stage, error, "allowed (on_error='allow')")
             return None

@@ -11,8 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from .algorithms import Verdict
-from .backends.base import ReservingBackend, Storage
+from .backends.base import Reserved, ReservingBackend, Storage
 from .backends.memory import DEFAULT_MAX_KEYS, MemoryStorage
 from .config import Limits, LimitSpec, RateLimitConfig, TierSpec
 from .decision import Decision
@@ -110,10 +109,10 @@ class _Limiter:
         model: str,
         reserved: tuple[int, int],
         costs: tuple[int, ...],
-        verdicts: list[Verdict],
-        at: float,
+        reply: Reserved,
     ) -> Reservation:
-        decision, decisions = self.policy.reservation(verdicts, costs)
+        verdicts, at, used = reply
+        decision, decisions = self.policy.reservation(verdicts, costs, used)
         backend = self._reserving()
 
         def adjust(deltas: Sequence[int]) -> None:
@@ -142,8 +141,7 @@ class _Limiter:
         refused = self._refused(costs, reserved)
         if refused is not None:
             return refused
-        verdicts, at = self._reserving().reserve(user, model, costs)
-        return self._reservation(user, model, reserved, costs, verdicts, at)
+        return self._reservation(user, model, reserved, costs, self._reserving().reserve(user, model, costs))
 
     async def areserve(
         self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
@@ -154,8 +152,8 @@ class _Limiter:
         refused = self._refused(costs, reserved)
         if refused is not None:
             return refused
-        verdicts, at = await self._reserving().areserve(user, model, costs)
-        return self._reservation(user, model, reserved, costs, verdicts, at)
+        reply = await self._reserving().areserve(user, model, costs)
+        return self._reservation(user, model, reserved, costs, reply)
 
     def _count_rule(self, user: str, model: str, tier: str | None, unit: str) -> Rule:
         _check_request(user, model, 0)

@@ -72,23 +72,15 @@ class Rule:
         return f"Rule({self.tier!r}, {self.unit!r}, {self.limit}/{self.seconds:g}, {self.algorithm.name!r})"
 
 
-def _combine(rules: Sequence[Rule], verdicts: Sequence[Verdict], costs: Sequence[int]) -> Decision:
-    """The binding decision among ``rules`` (one verdict and cost each): all must allow.
+def _binding(decisions: Sequence[Decision]) -> Decision:
+    """The binding one of several decisions on one request: all must allow.
 
-    Denied: the denying rule with the longest wait. Allowed: the one with the fewest units left. Ties go to
-    the earlier rule, so the most specific tier is named first.
+    Denied: the denying one with the longest wait. Allowed: the one with the fewest units left. Ties go to
+    the earlier one, so the most specific tier is named first.
     """
-    binding = 0
-    if all(verdict[0] for verdict in verdicts):
-        for index, verdict in enumerate(verdicts):
-            if verdict[1] < verdicts[binding][1]:
-                binding = index
-    else:
-        binding = -1
-        for index, verdict in enumerate(verdicts):
-            if not verdict[0] and (binding < 0 or verdict[2] > verdicts[binding][2]):
-                binding = index
-    return rules[binding].decision(verdicts[binding], costs[binding])
+    if all(decision.allowed for decision in decisions):
+        return min(decisions, key=lambda decision: decision.remaining)
+    return max((d for d in decisions if not d.allowed), key=lambda decision: decision.retry_after)
 
 
 class Policy:
@@ -133,7 +125,9 @@ class Policy:
         """Combine one verdict per request rule (in rule order) for a request of ``cost``."""
         if len(verdicts) == 1:
             return self.rules[0].decision(verdicts[0], cost)
-        return _combine(self.rules, verdicts, [cost] * len(verdicts))
+        return _binding(
+            [rule.decision(verdict, cost) for rule, verdict in zip(self.rules, verdicts, strict=True)]
+        )
 
     def costs(self, requests: int, input_tokens: int, output_tokens: int) -> tuple[int, ...]:
         """What a reservation charges each of ``all_rules``."""
@@ -172,16 +166,18 @@ class Policy:
         return None
 
     def reservation(
-        self, verdicts: Sequence[Verdict], costs: Sequence[int]
+        self, verdicts: Sequence[Verdict], costs: Sequence[int], used: Sequence[int] | None = None
     ) -> tuple[Decision, dict[str, Decision]]:
-        """The binding decision of a reservation over ``all_rules``, and the binding one of each unit."""
-        by_unit: dict[str, Decision] = {}
-        for unit in {rule.unit for rule in self.all_rules}:
-            picked = [i for i, rule in enumerate(self.all_rules) if rule.unit == unit]
-            by_unit[unit] = _combine(
-                [self.all_rules[i] for i in picked], [verdicts[i] for i in picked], [costs[i] for i in picked]
-            )
-        return _combine(self.all_rules, verdicts, costs), by_unit
+        """The binding decision of a reservation over ``all_rules``, and the binding one of each unit.
+
+        ``used`` (one per rule, when the backend reported it) fills ``Decision.used`` for messages.
+        """
+        decisions = [rule.decision(v, c) for rule, v, c in zip(self.all_rules, verdicts, costs, strict=True)]
+        if used is not None:
+            decisions = [d._replace(used=u) for d, u in zip(decisions, used, strict=True)]
+        units = dict.fromkeys(rule.unit for rule in self.all_rules)
+        by_unit = {unit: _binding([d for d in decisions if d.unit == unit]) for unit in units}
+        return _binding(decisions), by_unit
 
     def rules_for(self, tier: str | None, unit: str | None = "requests") -> tuple[Rule, ...]:
         """The rules of ``tier`` counting ``unit`` (any unit for ``None``).

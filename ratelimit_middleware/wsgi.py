@@ -9,15 +9,17 @@ replacing ``wsgi.input``. Allowed responses are passed through unbuffered, with 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import IO, Any, Literal
 
 from .contract import HTTPResponse
 from .decision import Decision
-from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Gate, LimiterSpec
+from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Estimator, Gate, LimiterSpec
 from .keys import KeyFunction
 from .request import BodyNotLoaded, RequestView
+from .reservation import Reservation
+from .tokens import DEFAULT_OUTPUT_TOKENS, Meter
 
 __all__ = ["RateLimitWSGI"]
 
@@ -131,24 +133,82 @@ def load_body(environ: Environ, request: RequestView, limit: int) -> None:
 
 def admit(
     gate: Gate, limiter: Checker, request: RequestView, load_body: Callable[[], None]
-) -> Decision | HTTPResponse | None:
-    """Identify and check one request: a ``Decision``, a response to send, or ``None`` to let it through.
+) -> Decision | Reservation | HTTPResponse | None:
+    """Identify and check one request: a ``Decision`` (or a ``Reservation`` for a limiter with token or
+    concurrency limits), a response to send, or ``None`` to let it through.
 
-    ``load_body`` is called only if a key function needs the body. Shared by the middleware and the Flask
-    decorator; ``asgi.admit`` is its asynchronous twin.
+    ``load_body`` is called only if a key function or the token estimate needs the body. Shared by the
+    middleware and the Flask decorator; ``asgi.admit`` is its asynchronous twin.
     """
+    reserver = gate.reserver(limiter)
     try:
         try:
-            user, model = gate.identify(request)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
         except BodyNotLoaded:
             load_body()
-            user, model = gate.identify(request)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
     except Exception as error:
         return gate.failed("the key function", error)
     try:
+        if reserver is not None:
+            return reserver.reserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens)
         return limiter.check(user, model)
     except Exception as error:
         return gate.failed("the limiter", error)
+
+
+class _Metered:
+    """The app's response iterable, read by a ``Meter`` as the server sends it; settles on ``close()``."""
+
+    def __init__(self, body: Iterable[bytes], meter: Meter, settle: Callable[[], None]) -> None:
+        self._body = body
+        self._meter = meter
+        self._settle = settle
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._body:
+            self._meter.body(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._settle()
+
+
+def run_metered(
+    gate: Gate, app: WSGIApp, environ: Environ, start_response: StartResponse, reservation: Reservation
+) -> Iterable[bytes]:
+    """Run the app for a reserved request, reading its usage as the response goes by; settle at the end."""
+    extra = gate.reservation_headers(reservation)
+    meter = Meter(reservation.reserved)
+
+    def settle() -> None:
+        actual = meter.settlement()
+        try:
+            if actual is None:
+                reservation.cancel()
+            else:
+                reservation.settle(*actual)
+        except Exception as error:
+            gate.failed("settling the reservation", error)
+
+    def start_metered(
+        status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
+        meter.start(int(status.split(" ", 1)[0]), content_type)
+        return start_response(status, [*headers, *extra], exc_info)
+
+    try:
+        body = app(environ, start_metered)
+    except BaseException:
+        settle()
+        raise
+    return _Metered(body, meter, settle)
 
 
 def send_response(start_response: StartResponse, response: HTTPResponse) -> list[bytes]:
@@ -178,6 +238,8 @@ class RateLimitWSGI:
         on_error: Literal["allow", "deny"] = "allow",
         add_headers: bool = True,
         deny_handler: DenialHandler | None = None,
+        estimator: Estimator | None = None,
+        default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
     ) -> None:
         self.app = app
         self.gate = Gate(
@@ -191,6 +253,8 @@ class RateLimitWSGI:
             on_error=on_error,
             add_headers=add_headers,
             deny_handler=deny_handler,
+            estimator=estimator,
+            default_output_tokens=default_output_tokens,
         )
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -207,6 +271,10 @@ class RateLimitWSGI:
             return send_response(start_response, outcome)
         if outcome is None:
             return self.app(environ, start_response)
+        if isinstance(outcome, Reservation):
+            if outcome.allowed:
+                return run_metered(self.gate, self.app, environ, start_response, outcome)
+            return send_response(start_response, self.gate.reservation_denied(request, outcome))
         if not outcome.allowed:
             return send_response(start_response, self.gate.denied(request, outcome))
         extra = self.gate.allowed_headers(outcome)

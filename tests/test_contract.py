@@ -76,7 +76,7 @@ def test_a_cost_that_can_never_pass_says_do_not_retry() -> None:
     headers = dict(response.headers)
     assert headers["x-should-retry"] == "false"
     assert headers["Retry-After"] == "300"
-    assert "costs 500" in json.loads(response.body)["error"]["message"]
+    assert "needs 500 requests" in json.loads(response.body)["error"]["message"]
 
 
 def test_informational_headers_for_allowed_requests() -> None:

@@ -18,7 +18,7 @@ from ..algorithms import Verdict
 from ..decision import Decision
 from ..policy import Policy, Rule
 
-__all__ = ["Backend", "ReservingBackend", "Storage"]
+__all__ = ["Backend", "Reserved", "ReservingBackend", "Storage"]
 
 
 class Backend(Protocol):
@@ -39,13 +39,18 @@ class Backend(Protocol):
     def __len__(self) -> int: ...
 
 
+Reserved = tuple[list[Verdict], float, "list[int] | None"]
+"""What ``reserve`` returns: one verdict per rule, the time of the charge (``adjust`` takes it), and on denial
+the units each rule already counted (``None`` when allowed, or when the backend cannot tell)."""
+
+
 @runtime_checkable
 class ReservingBackend(Backend, Protocol):
     """A backend that also enforces token and concurrency limits (reserve, then settle)."""
 
-    def reserve(self, user: str, model: str, costs: Sequence[int]) -> tuple[list[Verdict], float]: ...
+    def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved: ...
 
-    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> tuple[list[Verdict], float]: ...
+    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved: ...
 
     def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None: ...
 

@@ -20,6 +20,7 @@ from typing import Any
 from ..algorithms import Verdict
 from ..decision import Decision
 from ..policy import Policy, Rule
+from .base import Reserved
 
 __all__ = ["DEFAULT_MAX_KEYS", "MemoryBackend", "MemoryStorage"]
 
@@ -124,17 +125,26 @@ class MemoryBackend:
     async def aused(self, user: str, model: str, rule: Rule) -> int:
         return self.used(user, model, rule)
 
-    def reserve(self, user: str, model: str, costs: Sequence[int]) -> tuple[list[Verdict], float]:
-        """Evaluate every rule of the policy with its own cost, all or nothing; the verdicts and the time.
+    def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
+        """Evaluate every rule of the policy with its own cost, all or nothing.
 
-        The time identifies the charge for a later ``adjust``.
+        Returns the verdicts, the time (it identifies the charge for a later ``adjust``) and, on denial, the
+        units each rule already counts (for messages).
         """
         now = self._clock()
+        rules = self._policy.all_rules
         with self._lock:
             self._tick(now)
-            return self._evaluate(self._policy.all_rules, user, model, costs, now), now
+            verdicts = self._evaluate(rules, user, model, costs, now)
+            if all(verdict[0] for verdict in verdicts):
+                return verdicts, now, None
+            used = [
+                rule.algorithm.used(self._stores[rule.index].get(rule.identity(user, model)), now)
+                for rule in rules
+            ]
+            return verdicts, now, used
 
-    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> tuple[list[Verdict], float]:
+    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         return self.reserve(user, model, costs)
 
     def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:

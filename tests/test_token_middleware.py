@@ -1,0 +1,288 @@
+"""Token budgets and concurrency limits through the real middlewares: reserve, serve, settle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask import Response as FlaskResponse
+from flask import request as flask_request
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from ratelimit_middleware import Limits, MultiTierRateLimiter
+from ratelimit_middleware.asgi import RateLimitMiddleware
+from ratelimit_middleware.wsgi import RateLimitWSGI
+
+from .asgi_helpers import body_of, call, headers_of, http_scope, status_of
+
+
+def usage_event(prompt: int, completion: int) -> str:
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+
+
+async def completions(request: Request) -> Response:
+    """A mock LLM: usage and behaviour chosen by headers."""
+    body = await request.json()
+    prompt, completion = int(request.headers.get("x-in", "10")), int(request.headers.get("x-out", "20"))
+    if "x-raise" in request.headers:
+        raise RuntimeError("the model crashed")
+    status = int(request.headers.get("x-status", "200"))
+    if body.get("stream"):
+
+        async def events() -> Any:
+            yield 'data: {"choices": [{"delta": {"content": "hello"}}]}\n\n'
+            if "x-cut" not in request.headers:
+                yield usage_event(prompt, completion)
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", status_code=status)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+    return JSONResponse({"choices": [], "usage": usage}, status_code=status)
+
+
+def limiter(**limits: Any) -> MultiTierRateLimiter:
+    return MultiTierRateLimiter(per_user_model=Limits(**limits))
+
+
+def asgi_client(limits: MultiTierRateLimiter, **options: Any) -> TestClient:
+    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits, **options)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def chat(client: Any, max_tokens: int = 100, stream: bool = False, **headers: str) -> Any:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": max_tokens}
+    if stream:
+        body["stream"] = True
+    sent = {"X-User-ID": "alice", **{f"x-{k.replace('_', '-')}": v for k, v in headers.items()}}
+    return client.post("/v1/chat/completions", json=body, headers=sent)
+
+
+def test_usage_from_the_json_response_settles_the_reservation() -> None:
+    limits = limiter(tokens="1000/minute")
+    client = asgi_client(limits)
+    response = chat(client, max_tokens=500, **{"in": "12", "out": "30"})
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(
+        1000 - 10 - 500
+    )  # the estimate, at admission
+    assert limits.get_request_count("alice", "m", unit="tokens") == 42  # settled to the real usage
+
+
+def test_usage_from_a_stream_settles_the_reservation() -> None:
+    limits = limiter(tokens="1000/minute")
+    response = chat(asgi_client(limits), stream=True, **{"in": "7", "out": "5"})
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    assert limits.get_request_count("alice", "m", unit="tokens") == 12
+
+
+def test_a_stream_without_usage_is_charged_for_what_it_carried() -> None:
+    limits = limiter(tokens="1000/minute")
+    chat(asgi_client(limits), stream=True, max_tokens=500, cut="1")
+    assert limits.get_request_count("alice", "m", unit="tokens") == 10 + 2  # prompt estimate + "hello"
+
+
+@pytest.mark.parametrize("failure", [{"status": "500"}, {"status": "503"}, {"raise": "1"}, {"status": "400"}])
+def test_failed_calls_are_refunded(failure: dict[str, str]) -> None:
+    limits = limiter(requests="100/minute", tokens="1000/minute", max_concurrent=1)
+    client = asgi_client(limits)
+    assert chat(client, **failure).status_code >= 400
+    assert limits.get_request_count("alice", "m", unit="tokens") == 0
+    assert limits.get_request_count("alice", "m", unit="concurrent") == 0
+    assert limits.get_request_count("alice", "m") == 1  # the request itself stays counted
+
+
+def test_token_denial_is_a_429_of_type_tokens() -> None:
+    limits = limiter(requests="100/minute", tokens="1000/minute")
+    client = asgi_client(limits)
+    chat(client, max_tokens=800, **{"in": "10", "out": "800"})
+    denied = chat(client, max_tokens=300)
+    assert denied.status_code == 429
+    error = denied.json()["error"]
+    assert error["type"] == "tokens" and error["code"] == "rate_limit_exceeded"
+    assert "Limit 1000, Used 810, Requested 310" in error["message"]
+    assert denied.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert denied.headers["x-ratelimit-limit-requests"] == "100"
+    policy = denied.headers["RateLimit-Policy"]
+    assert policy.startswith('"per_user_model-tokens";q=1000;w=60;x-unit="tokens"')
+    assert '"per_user_model";q=100;w=60' in policy
+    assert int(denied.headers["retry-after"]) >= 1
+
+
+def test_requests_too_large_for_the_budget_can_never_pass() -> None:
+    denied = chat(asgi_client(limiter(tokens="1000/minute")), max_tokens=5000)
+    assert denied.status_code == 429
+    assert denied.headers["x-should-retry"] == "false"
+    assert "can never be allowed" in denied.json()["error"]["message"]
+
+
+def test_concurrency_slot_is_held_until_the_stream_ends() -> None:
+    limits = limiter(max_concurrent=1)
+    release = asyncio.Event()
+
+    async def slow_stream(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"data: first\n\n", "more_body": True})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    app = RateLimitMiddleware(slow_stream, limits)
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
+        first = asyncio.create_task(call(app, http_scope(headers=[("X-User-ID", "a")]), [b"{}"]))
+        await asyncio.sleep(0)  # let the first request take its slot and start streaming
+        while limits.get_request_count("a", "default", unit="concurrent") == 0:
+            await asyncio.sleep(0)
+        second = await call(app, http_scope(headers=[("X-User-ID", "a")]), [b"{}"])
+        release.set()
+        done = await first
+        third = await call(app, http_scope(headers=[("X-User-ID", "a")]), [b"{}"])
+        return done, second, third
+
+    done, second, third = asyncio.run(scenario())
+    assert status_of(done) == 200 and body_of(done) == b"data: first\n\ndata: [DONE]\n\n"
+    assert status_of(second) == 429
+    assert (
+        headers_of(second)["ratelimit-policy"] == '"per_user_model-concurrent";q=1;qu="concurrent-requests"'
+    )
+    assert json.loads(body_of(second))["error"]["type"] == "concurrency"
+    assert headers_of(second)["retry-after"] == "1"
+    assert status_of(third) == 200
+
+
+def test_slot_released_when_the_client_disconnects() -> None:
+    limits = limiter(max_concurrent=1)
+
+    async def disconnecting_stream(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        raise asyncio.CancelledError  # the server cancels the app when its client goes away
+
+    app = RateLimitMiddleware(disconnecting_stream, limits)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(call(app, http_scope(headers=[("X-User-ID", "a")]), [b"{}"]))
+    assert limits.get_request_count("a", "default", unit="concurrent") == 0
+
+
+def test_no_slot_or_token_leak_after_10000_mixed_requests() -> None:
+    limits = limiter(max_concurrent=4, tokens="1000000000/minute")
+    outcomes = ["ok", "fail", "raise", "cut"]
+
+    async def mixed(scope: Any, receive: Any, send: Any) -> None:
+        kind = dict(scope["headers"])[b"x-kind"].decode()
+        if kind == "raise":
+            raise RuntimeError("boom")
+        status = 500 if kind == "fail" else 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        if kind == "cut":
+            raise asyncio.CancelledError
+        await send(
+            {"type": "http.response.body", "body": b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}}'}
+        )
+
+    app = RateLimitMiddleware(mixed, limits)
+
+    async def scenario() -> None:
+        for index in range(10_000):
+            scope = http_scope(
+                headers=[("X-User-ID", "a"), ("X-Model", "m"), ("X-Kind", outcomes[index % 4])]
+            )
+            with contextlib.suppress(RuntimeError, asyncio.CancelledError):
+                await call(app, scope, [b'{"max_tokens": 5}'])
+
+    asyncio.run(scenario())
+    assert limits.get_request_count("a", "m", unit="concurrent") == 0
+
+
+class BufferedClient:
+    """Flask's test client reading each whole response, as a WSGI server does (it closes the iterable)."""
+
+    def __init__(self, app: Flask) -> None:
+        self.client = app.test_client()
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.post(*args, buffered=True, **kwargs)
+
+
+def flask_app(limits: MultiTierRateLimiter) -> Flask:
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def chat_view() -> FlaskResponse:
+        if "X-Raise" in flask_request.headers:
+            raise RuntimeError("the model crashed")
+        if (flask_request.get_json() or {}).get("stream"):
+            events = [
+                'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n',
+                usage_event(4, 6),
+                "data: [DONE]\n\n",
+            ]
+            return FlaskResponse(iter(events), mimetype="text/event-stream")
+        body = {"usage": {"prompt_tokens": 3, "completion_tokens": 9}}
+        return FlaskResponse(json.dumps(body), mimetype="application/json")
+
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, limits)  # type: ignore[method-assign]
+    return app
+
+
+def test_wsgi_settles_json_and_stream_usage_and_refunds_errors() -> None:
+    limits = limiter(tokens="1000/minute", max_concurrent=2)
+    client = BufferedClient(flask_app(limits))
+    response = chat(client, max_tokens=400)
+    assert response.status_code == 200 and response.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert limits.get_request_count("alice", "m", unit="tokens") == 12
+    streamed = chat(client, max_tokens=400, stream=True)
+    assert streamed.status_code == 200 and b"[DONE]" in streamed.data
+    assert limits.get_request_count("alice", "m", unit="tokens") == 22
+    assert chat(client, **{"raise": "1"}).status_code == 500
+    assert limits.get_request_count("alice", "m", unit="tokens") == 22
+    assert limits.get_request_count("alice", "m", unit="concurrent") == 0
+
+
+def test_wsgi_token_denial() -> None:
+    client = BufferedClient(flask_app(limiter(tokens="300/minute")))
+    chat(client, max_tokens=250)  # settles to 12
+    denied = chat(client, max_tokens=290)
+    assert denied.status_code == 429 and denied.json["error"]["type"] == "tokens"
+
+
+def test_decorators_refuse_token_limits() -> None:
+    from ratelimit_middleware.fastapi import limit as fastapi_limit
+    from ratelimit_middleware.flask import limit as flask_limit
+
+    for decorator in (fastapi_limit, flask_limit):
+        with pytest.raises(TypeError, match="RateLimitMiddleware"):
+            decorator(limiter(tokens="10/minute"))
+
+
+def test_custom_estimator() -> None:
+    limits = limiter(tokens="1000/minute")
+    client = asgi_client(limits, estimator=lambda request: (900, 0))
+    assert chat(client).headers["x-ratelimit-remaining-tokens"] == "100"
