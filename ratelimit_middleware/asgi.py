@@ -9,6 +9,7 @@ to their ``http.response.start``. The body is read only when a key function asks
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Literal
@@ -71,6 +72,25 @@ async def load_body(receive: Receive, request: RequestView, limit: int) -> Recei
         return messages.popleft() if messages else await receive()
 
     return replay
+
+
+def with_body(scope: Scope, body: bytes) -> tuple[Scope, Receive]:
+    """A copy of ``scope`` whose request body is ``body`` (Content-Length updated), and its ``receive``.
+
+    Only for a body already read whole, so nothing of the original is left to receive.
+    """
+    headers = [(name, value) for name, value in scope["headers"] if name.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()  # like a server: nothing more until the client leaves
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return {**scope, "headers": headers}, receive
 
 
 def encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
@@ -158,7 +178,8 @@ class RateLimitMiddleware:
     the body by ``estimator(request) -> (input, output)`` (default: the prompt at about 4 characters per
     token plus the output cap, ``default_output_tokens`` when the request sets none), settled with the usage
     the response reports (JSON or server-sent events), refunded when the app fails; the concurrency slot is
-    held until the response ends.
+    held until the response ends. ``stream_usage=True`` adds ``stream_options.include_usage`` to streaming
+    requests that did not ask for usage, so that their streams end with the exact usage.
     """
 
     def __init__(
@@ -177,6 +198,7 @@ class RateLimitMiddleware:
         deny_handler: DenialHandler | None = None,
         estimator: Estimator | None = None,
         default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
+        stream_usage: bool = False,
     ) -> None:
         self.app = app
         self.gate = Gate(
@@ -192,6 +214,7 @@ class RateLimitMiddleware:
             deny_handler=deny_handler,
             estimator=estimator,
             default_output_tokens=default_output_tokens,
+            stream_usage=stream_usage,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -217,6 +240,9 @@ class RateLimitMiddleware:
             return
         if isinstance(outcome, Reservation):
             if outcome.allowed:
+                body = self.gate.usage_requesting_body(request)
+                if body is not None:
+                    scope, receive = with_body(scope, body)
                 await run_metered(self.gate, self.app, scope, receive, send, outcome)
             else:
                 await send_response(send, self.gate.reservation_denied(request, outcome))

@@ -9,6 +9,7 @@ the body when a key function needs it (``BodyNotLoaded``), call ``check`` or ``a
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -135,6 +136,7 @@ class Gate:
         deny_handler: DenialHandler | None = None,
         estimator: Estimator | None = None,
         default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
+        stream_usage: bool = False,
     ) -> None:
         if on_error not in ("allow", "deny"):
             raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
@@ -171,6 +173,7 @@ class Gate:
         self.deny_handler = deny_handler
         self.estimator = estimator
         self.default_output_tokens = default_output_tokens
+        self.stream_usage = stream_usage
         self._log = _Throttled()
 
     def limiter_for(self, method: str, path: str) -> Checker | None:
@@ -230,6 +233,24 @@ class Gate:
         if self.estimator is not None:
             return self.estimator(request)
         return estimate_tokens(request.json(), self.default_output_tokens)
+
+    def usage_requesting_body(self, request: RequestView) -> bytes | None:
+        """With ``stream_usage``: the body of a streaming request that did not ask for usage, asking for it.
+
+        OpenAI-compatible servers then end the stream with a usage chunk (``stream_options.include_usage``),
+        which settles the reservation exactly. ``None``: leave the body as it is.
+        """
+        if not self.stream_usage or not request.body_loaded:
+            return None
+        body = request.json()
+        if not isinstance(body, dict) or body.get("stream") is not True:
+            return None
+        options = body.get("stream_options")
+        if options is None:
+            options = {}
+        if not isinstance(options, dict) or options.get("include_usage") is not None:
+            return None
+        return json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode()
 
     def allowed_headers(self, decision: Decision, *others: Decision) -> list[tuple[str, str]]:
         """Headers to add to an allowed response (none when ``add_headers`` is off, nor for a decision made

@@ -240,6 +240,7 @@ class RateLimitWSGI:
         deny_handler: DenialHandler | None = None,
         estimator: Estimator | None = None,
         default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
+        stream_usage: bool = False,
     ) -> None:
         self.app = app
         self.gate = Gate(
@@ -255,6 +256,7 @@ class RateLimitWSGI:
             deny_handler=deny_handler,
             estimator=estimator,
             default_output_tokens=default_output_tokens,
+            stream_usage=stream_usage,
         )
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -273,6 +275,9 @@ class RateLimitWSGI:
             return self.app(environ, start_response)
         if isinstance(outcome, Reservation):
             if outcome.allowed:
+                body = self.gate.usage_requesting_body(request)
+                if body is not None:
+                    environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
                 return run_metered(self.gate, self.app, environ, start_response, outcome)
             return send_response(start_response, self.gate.reservation_denied(request, outcome))
         if not outcome.allowed:

@@ -286,3 +286,44 @@ def test_custom_estimator() -> None:
     limits = limiter(tokens="1000/minute")
     client = asgi_client(limits, estimator=lambda request: (900, 0))
     assert chat(client).headers["x-ratelimit-remaining-tokens"] == "100"
+
+
+async def usage_if_asked(request: Request) -> Response:
+    """A stream that reports usage only when the request asks for it, as OpenAI does."""
+    body = await request.json()
+    assert int(request.headers["content-length"]) == len(await request.body())
+
+    async def events() -> Any:
+        yield 'data: {"choices": [{"delta": {"content": "' + "y" * 400 + '"}}]}\n\n'
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield usage_event(3, 4)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.mark.parametrize(("stream_usage", "charged"), [(True, 7), (False, 10 + 100)])
+def test_stream_usage_asks_openai_compatible_servers_for_usage(stream_usage: bool, charged: int) -> None:
+    limits = limiter(tokens="1000/minute")
+    app = Starlette(routes=[Route("/v1/chat/completions", usage_if_asked, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits, stream_usage=stream_usage)
+    response = chat(TestClient(app), stream=True, max_tokens=500)
+    assert response.status_code == 200
+    assert limits.get_request_count("alice", "m", unit="tokens") == charged
+
+
+def test_stream_usage_in_wsgi() -> None:
+    limits = limiter(tokens="1000/minute")
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def view() -> FlaskResponse:
+        body = flask_request.get_json()
+        events = ['data: {"choices": [{"delta": {"content": "hi"}}]}\n\n']
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(usage_event(5, 6))
+        return FlaskResponse(iter([*events, "data: [DONE]\n\n"]), mimetype="text/event-stream")
+
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, limits, stream_usage=True)  # type: ignore[method-assign]
+    assert chat(BufferedClient(app), stream=True).status_code == 200
+    assert limits.get_request_count("alice", "m", unit="tokens") == 11
