@@ -154,6 +154,25 @@ def check_failures() -> None:
     assert denied.status_code == 429 and denied.text == "slow down"
 
 
+def check_tokens() -> None:
+    client = TestClient(run("tokens")["app"])
+
+    def chat(max_tokens: int) -> Any:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens}
+        return client.post("/v1/chat/completions", json=body, headers={"X-User-ID": "a"})
+
+    first = chat(1500)
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == str(2000 - 2 - 1500)
+    assert chat(1500).status_code == 200  # the first settled to 100 tokens: room again
+    assert chat(1800).status_code == 429 and chat(1800).json()["error"]["type"] == "tokens"
+
+
+def check_reserve() -> None:
+    limiter = run("reserve")["limiter"]
+    assert limiter.get_request_count("alice", "gpt-4o", unit="tokens") == 1180 + 240
+    assert limiter.get_request_count("alice", "gpt-4o", unit="concurrent") == 0
+
+
 CHECKS = {
     name[len("check_") :].replace("_", "-"): check
     for name, check in globals().items()
