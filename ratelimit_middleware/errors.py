@@ -1,0 +1,38 @@
+"""What a limiter answers when its storage cannot be reached: fail closed, or fail open.
+
+A storage that can fail (Redis) takes a policy for it. Failing closed, the limiter raises
+``RateLimiterUnavailable`` (the HTTP middlewares answer 503 with ``Retry-After``, whatever their own
+``on_error``). Failing open, it returns an ``UncheckedDecision``: allowed, but decided without the limit, so
+the middlewares send no rate limit headers with it (they would describe a count nobody made).
+"""
+
+from __future__ import annotations
+
+from .decision import Decision
+
+__all__ = ["RateLimiterUnavailable", "UncheckedDecision"]
+
+
+class RateLimiterUnavailable(Exception):
+    """The limiter cannot reach its storage and its policy is to deny (fail closed).
+
+    ``retry_after``: seconds until the storage is tried again (a client should wait at least that).
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UncheckedDecision(Decision):
+    """An allowed decision made without checking the limit (fail open: the storage cannot be reached).
+
+    Its figures are those of the first limit as if nothing had been counted.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, decision: Decision) -> UncheckedDecision:
+        """``decision`` (an allowed one), marked as unchecked."""
+        return cls._make(decision)
