@@ -128,3 +128,17 @@ def test_bad_bodies_get_4xx_not_500(body: bytes) -> None:
     http = TestClient(main.create_app())
     response = http.post("/v1/chat/completions", content=body, headers={"X-User-ID": "e"})
     assert 400 <= response.status_code < 500
+
+
+def test_metrics_scraped_after_traffic(strict_server: str) -> None:
+    sdk = client(strict_server, "metrics-user")
+    messages = [{"role": "user", "content": "count me"}]
+    sdk.chat.completions.create(model="mistral-7b", messages=messages)  # type: ignore[arg-type]
+    with pytest.raises(openai.RateLimitError):
+        sdk.chat.completions.create(model="mistral-7b", messages=messages)  # type: ignore[arg-type]
+    with httpx2.Client() as http:
+        text = http.get(f"{strict_server}/metrics/").text
+    labels = 'model="mistral-7b",outcome="{}",tier="per_user_model",unit="requests"'
+    assert f"ratelimit_decisions_total{{{labels.format('allowed')}}} 1.0" in text
+    assert f"ratelimit_decisions_total{{{labels.format('denied')}}} 1.0" in text
+    assert "ratelimit_decision_seconds_count" in text

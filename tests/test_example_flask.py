@@ -30,3 +30,13 @@ def test_decorated_route_has_its_own_tighter_limit() -> None:
     assert denied.status_code == 429
     assert denied.json["error"]["code"] == "rate_limit_exceeded"
     assert denied.headers["RateLimit-Policy"] == '"per_user_model";q=1;w=60'
+
+
+def test_metrics_endpoint_counts_the_traffic() -> None:
+    client = create_app(default_limit="2/minute").test_client()
+    for _ in range(3):
+        client.post("/v1/chat/completions", json={"model": "gpt-4o"}, headers={"X-User-ID": "a"})
+    text = client.get("/metrics").text
+    labels = 'model="gpt-4o",outcome="{}",tier="per_user_model",unit="requests"'
+    assert f"ratelimit_decisions_total{{{labels.format('allowed')}}} 2.0" in text
+    assert f"ratelimit_decisions_total{{{labels.format('denied')}}} 1.0" in text

@@ -21,9 +21,11 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import make_asgi_app
 
 from ratelimit_middleware import MultiTierRateLimiter
 from ratelimit_middleware.asgi import RateLimitMiddleware
+from ratelimit_middleware.metrics import PrometheusMetrics
 
 MODELS = ["gpt-4o-mini", "llama-3-8b", "mistral-7b"]
 REPLY = "This is a canned answer from the mock model. Rate limits keep every GPU busy but never flooded."
@@ -84,13 +86,17 @@ async def _stream(model: str, prompt: int, include_usage: bool) -> AsyncIterator
 
 
 def create_app(limiter: MultiTierRateLimiter | None = None) -> FastAPI:
-    """The mock server behind the rate limit middleware."""
+    """The mock server behind the rate limit middleware, with Prometheus metrics at ``/metrics``."""
     app = FastAPI(title="Mock LLM API")
+    metrics = PrometheusMetrics()
     app.add_middleware(
         RateLimitMiddleware,
         limiter=build_limiter() if limiter is None else limiter,
-        exempt_paths=["/health", "/docs", "/openapi.json"],
+        exempt_paths=["/health", "/metrics", "/docs", "/openapi.json"],
+        observers=[metrics],
+        stream_usage=True,
     )
+    app.mount("/metrics", make_asgi_app(registry=metrics.registry))
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 Run it: ``flask --app examples/flask_app/app.py run``. Every request is limited per user and model (100 per
 hour by default, ``RATELIMIT_DEFAULT`` to change it); ``/v1/embeddings`` also has a tighter limit of its own.
+Prometheus metrics are served at ``/metrics``.
 """
 
 from __future__ import annotations
@@ -10,19 +11,25 @@ import os
 from typing import Any
 
 from flask import Flask, jsonify, request
+from prometheus_client import make_wsgi_app
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from ratelimit_middleware.flask import limit
+from ratelimit_middleware.metrics import PrometheusMetrics
 from ratelimit_middleware.wsgi import RateLimitWSGI
 
 
 def create_app(default_limit: str | None = None, embeddings_limit: str = "5/minute") -> Flask:
     """The example app; the arguments let tests pick small limits."""
     app = Flask(__name__)
-    app.wsgi_app = RateLimitWSGI(  # type: ignore[method-assign]
+    metrics = PrometheusMetrics()
+    limited = RateLimitWSGI(
         app.wsgi_app,
         limiter=default_limit or os.environ.get("RATELIMIT_DEFAULT", "100/hour"),
         exempt_paths=["/health"],
+        observers=[metrics],
     )
+    app.wsgi_app = DispatcherMiddleware(limited, {"/metrics": make_wsgi_app(metrics.registry)})  # type: ignore[method-assign]
 
     @app.get("/health")
     def health() -> dict[str, str]:
