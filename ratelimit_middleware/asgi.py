@@ -10,6 +10,7 @@ to their ``http.response.start``. The body is read only when a key function asks
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from .contract import HTTPResponse
 from .decision import Decision
 from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Estimator, Gate, LimiterSpec
 from .keys import KeyFunction
+from .observe import Observer
 from .request import BodyNotLoaded, RequestView
 from .reservation import Reservation
 from .tokens import DEFAULT_OUTPUT_TOKENS, Meter
@@ -114,23 +116,30 @@ async def admit(
     ``load_body`` is awaited only if a key function or the token estimate needs the body. Shared by the
     middleware and the Starlette/FastAPI decorators; ``wsgi.admit`` is its synchronous twin.
     """
-    reserver = gate.reserver(limiter)
+    reserving = gate.reserver(limiter) is not None
     try:
         try:
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserving)
         except BodyNotLoaded:
             await load_body()
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserving)
+        limiter, model = gate.resolve(limiter, request, model)
     except Exception as error:
         return gate.failed("the key function", error)
+    reserver = gate.reserver(limiter)
+    started = time.perf_counter()
     try:
+        outcome: Decision | Reservation
         if reserver is not None:
-            return await reserver.areserve(
+            outcome = await reserver.areserve(
                 user, model, input_tokens=input_tokens, output_tokens=output_tokens
             )
-        return await limiter.acheck(user, model)
+        else:
+            outcome = await limiter.acheck(user, model)
     except Exception as error:
         return gate.failed("the limiter", error)
+    gate.observed(outcome, user, model, started)
+    return outcome
 
 
 async def run_metered(
@@ -162,6 +171,8 @@ async def run_metered(
                 await reservation.asettle(*actual)
         except Exception as error:
             gate.failed("settling the reservation", error)
+        else:
+            gate.settled(reservation, actual)
 
 
 class RateLimitMiddleware:
@@ -180,6 +191,10 @@ class RateLimitMiddleware:
     the response reports (JSON or server-sent events), refunded when the app fails; the concurrency slot is
     held until the response ends. ``stream_usage=True`` adds ``stream_options.include_usage`` to streaming
     requests that did not ask for usage, so that their streams end with the exact usage.
+
+    ``observers`` (``observe.Observer``, e.g. ``metrics.PrometheusMetrics``) see every decision, failure and
+    settlement. ``shadow=True`` evaluates and records everything, adds the headers, but never denies: for
+    rolling limits out safely (a denied request passes uncounted; use a separate limiter per trial policy).
     """
 
     def __init__(
@@ -199,6 +214,8 @@ class RateLimitMiddleware:
         estimator: Estimator | None = None,
         default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
         stream_usage: bool = False,
+        observers: Iterable[Observer] = (),
+        shadow: bool = False,
     ) -> None:
         self.app = app
         self.gate = Gate(
@@ -215,6 +232,8 @@ class RateLimitMiddleware:
             estimator=estimator,
             default_output_tokens=default_output_tokens,
             stream_usage=stream_usage,
+            observers=observers,
+            shadow=shadow,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -244,13 +263,16 @@ class RateLimitMiddleware:
                 if body is not None:
                     scope, receive = with_body(scope, body)
                 await run_metered(self.gate, self.app, scope, receive, send, outcome)
-            else:
+                return
+            if not self.gate.passes(outcome.decision):
                 await send_response(send, self.gate.reservation_denied(request, outcome))
-            return
-        if not outcome.allowed:
+                return
+            extra = encode_headers(self.gate.reservation_headers(outcome))  # shadow mode: nothing reserved
+        elif not self.gate.passes(outcome):
             await send_response(send, self.gate.denied(request, outcome))
             return
-        extra = encode_headers(self.gate.allowed_headers(outcome))
+        else:
+            extra = encode_headers(self.gate.allowed_headers(outcome))
         if not extra:
             await self.app(scope, receive, send)
             return

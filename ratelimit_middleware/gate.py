@@ -22,6 +22,8 @@ from .decision import Decision
 from .errors import RateLimiterUnavailable, UncheckedDecision
 from .keys import KeyFunction, default_model_key, default_user_key
 from .limiter import RateLimiter
+from .observe import Observer, notify
+from .plans import Plans
 from .request import RequestView
 from .reservation import Reservation
 from .routes import PathRules, normalize_path
@@ -137,6 +139,8 @@ class Gate:
         estimator: Estimator | None = None,
         default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
         stream_usage: bool = False,
+        observers: Iterable[Observer] = (),
+        shadow: bool = False,
     ) -> None:
         if on_error not in ("allow", "deny"):
             raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
@@ -174,6 +178,11 @@ class Gate:
         self.estimator = estimator
         self.default_output_tokens = default_output_tokens
         self.stream_usage = stream_usage
+        self.observers = tuple(observers)
+        for observer in self.observers:
+            if not isinstance(observer, Observer):
+                raise TypeError(f"observers must be Observer instances, got {observer!r}")
+        self.shadow = shadow
         self._log = _Throttled()
 
     def limiter_for(self, method: str, path: str) -> Checker | None:
@@ -195,6 +204,14 @@ class Gate:
         """
         user, model = self.identify(request)
         return user, model, self.estimate(request) if reserving else (0, 0)
+
+    @staticmethod
+    def resolve(limiter: Checker, request: RequestView, model: str) -> tuple[Checker, str]:
+        """For ``Plans``: the limiter of the request's plan and model, and the model after aliases."""
+        if isinstance(limiter, Plans):
+            model = limiter.canonical(model)
+            return limiter.limiter(limiter.plan_of(request), model), model
+        return limiter, model
 
     def identify(self, request: RequestView) -> tuple[str, str]:
         """``(user, model)``; raises ``BodyNotLoaded`` when a key function needs the body first.
@@ -285,9 +302,29 @@ class Gate:
         gets its 503, with the wait it asks for; it logs its outages itself.
         """
         if isinstance(error, RateLimiterUnavailable):
+            notify(self.observers, "failure", stage, error, "denied")
             return unavailable_response(max(1, math.ceil(error.retry_after)))
         if self.on_error == "allow":
+            notify(self.observers, "failure", stage, error, "allowed")
             self._log.warning(stage, error, "allowed (on_error='allow')")
             return None
+        notify(self.observers, "failure", stage, error, "denied")
         self._log.warning(stage, error, "denied with 503 (on_error='deny')")
         return unavailable_response()
+
+    def observed(self, outcome: Decision | Reservation, user: str, model: str, started: float) -> None:
+        """Report a decision (made since ``started``, a ``perf_counter`` reading) to the observers."""
+        if self.observers:
+            decision = outcome.decision if isinstance(outcome, Reservation) else outcome
+            elapsed = time.perf_counter() - started
+            shadowed = self.shadow and not decision.allowed
+            notify(self.observers, "decision", decision, user, model, elapsed, shadowed)
+
+    def settled(self, reservation: Reservation, actual: tuple[int, int] | None) -> None:
+        """Report a settled (``actual``) or cancelled (``None``) reservation to the observers."""
+        if self.observers:
+            notify(self.observers, "settlement", reservation.model, reservation.reserved, actual)
+
+    def passes(self, decision: Decision) -> bool:
+        """Whether the request goes on: allowed, or denied in shadow mode (recorded, never enforced)."""
+        return decision.allowed or self.shadow

@@ -121,14 +121,25 @@ class _Limiter:
         async def aadjust(deltas: Sequence[int]) -> None:
             await backend.aadjust(user, model, at, deltas)
 
-        return Reservation(decision, decisions, reserved, self.policy.settlement, adjust, aadjust)
+        return Reservation(
+            user, model, decision, decisions, reserved, self.policy.settlement, adjust, aadjust
+        )
 
-    def _refused(self, costs: tuple[int, ...], reserved: tuple[int, int]) -> Reservation | None:
+    def _refused(
+        self, user: str, model: str, costs: tuple[int, ...], reserved: tuple[int, int]
+    ) -> Reservation | None:
         oversized = self.policy.oversized_reservation(costs)
         if oversized is None:
             return None
         return Reservation(
-            oversized, {oversized.unit: oversized}, reserved, self.policy.settlement, _nothing, _anothing
+            user,
+            model,
+            oversized,
+            {oversized.unit: oversized},
+            reserved,
+            self.policy.settlement,
+            _nothing,
+            _anothing,
         )
 
     def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
@@ -138,7 +149,7 @@ class _Limiter:
         """
         costs = self._costs(user, model, input_tokens, output_tokens)
         reserved = (input_tokens, output_tokens)
-        refused = self._refused(costs, reserved)
+        refused = self._refused(user, model, costs, reserved)
         if refused is not None:
             return refused
         return self._reservation(user, model, reserved, costs, self._reserving().reserve(user, model, costs))
@@ -149,7 +160,7 @@ class _Limiter:
         """``reserve`` for event loops."""
         costs = self._costs(user, model, input_tokens, output_tokens)
         reserved = (input_tokens, output_tokens)
-        refused = self._refused(costs, reserved)
+        refused = self._refused(user, model, costs, reserved)
         if refused is not None:
             return refused
         reply = await self._reserving().areserve(user, model, costs)

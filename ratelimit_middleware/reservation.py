@@ -34,10 +34,22 @@ def check_tokens(value: object, what: str) -> int:
 class Reservation:
     """What ``reserve`` charged, and how to settle it."""
 
-    __slots__ = ("_aadjust", "_adjust", "_open", "_settlement", "decision", "decisions", "reserved")
+    __slots__ = (
+        "_aadjust",
+        "_adjust",
+        "_open",
+        "_settlement",
+        "decision",
+        "decisions",
+        "model",
+        "reserved",
+        "user",
+    )
 
     def __init__(
         self,
+        user: str,
+        model: str,
         decision: Decision,
         decisions: Mapping[str, Decision],
         reserved: tuple[int, int],
@@ -45,6 +57,8 @@ class Reservation:
         adjust: Adjust,
         aadjust: AsyncAdjust,
     ) -> None:
+        self.user = user
+        self.model = model
         self.decision = decision
         """The binding decision over every limit."""
         self.decisions = dict(decisions)

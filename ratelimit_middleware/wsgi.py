@@ -9,6 +9,7 @@ replacing ``wsgi.input``. Allowed responses are passed through unbuffered, with 
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import IO, Any, Literal
@@ -17,6 +18,7 @@ from .contract import HTTPResponse
 from .decision import Decision
 from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Estimator, Gate, LimiterSpec
 from .keys import KeyFunction
+from .observe import Observer
 from .request import BodyNotLoaded, RequestView
 from .reservation import Reservation
 from .tokens import DEFAULT_OUTPUT_TOKENS, Meter
@@ -140,21 +142,28 @@ def admit(
     ``load_body`` is called only if a key function or the token estimate needs the body. Shared by the
     middleware and the Flask decorator; ``asgi.admit`` is its asynchronous twin.
     """
-    reserver = gate.reserver(limiter)
+    reserving = gate.reserver(limiter) is not None
     try:
         try:
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserving)
         except BodyNotLoaded:
             load_body()
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserving)
+        limiter, model = gate.resolve(limiter, request, model)
     except Exception as error:
         return gate.failed("the key function", error)
+    reserver = gate.reserver(limiter)
+    started = time.perf_counter()
     try:
+        outcome: Decision | Reservation
         if reserver is not None:
-            return reserver.reserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens)
-        return limiter.check(user, model)
+            outcome = reserver.reserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens)
+        else:
+            outcome = limiter.check(user, model)
     except Exception as error:
         return gate.failed("the limiter", error)
+    gate.observed(outcome, user, model, started)
+    return outcome
 
 
 class _Metered:
@@ -195,6 +204,8 @@ def run_metered(
                 reservation.settle(*actual)
         except Exception as error:
             gate.failed("settling the reservation", error)
+        else:
+            gate.settled(reservation, actual)
 
     def start_metered(
         status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
@@ -241,6 +252,8 @@ class RateLimitWSGI:
         estimator: Estimator | None = None,
         default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
         stream_usage: bool = False,
+        observers: Iterable[Observer] = (),
+        shadow: bool = False,
     ) -> None:
         self.app = app
         self.gate = Gate(
@@ -257,6 +270,8 @@ class RateLimitWSGI:
             estimator=estimator,
             default_output_tokens=default_output_tokens,
             stream_usage=stream_usage,
+            observers=observers,
+            shadow=shadow,
         )
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -279,10 +294,13 @@ class RateLimitWSGI:
                 if body is not None:
                     environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
                 return run_metered(self.gate, self.app, environ, start_response, outcome)
-            return send_response(start_response, self.gate.reservation_denied(request, outcome))
-        if not outcome.allowed:
+            if not self.gate.passes(outcome.decision):
+                return send_response(start_response, self.gate.reservation_denied(request, outcome))
+            extra = self.gate.reservation_headers(outcome)  # shadow mode: nothing reserved
+        elif not self.gate.passes(outcome):
             return send_response(start_response, self.gate.denied(request, outcome))
-        extra = self.gate.allowed_headers(outcome)
+        else:
+            extra = self.gate.allowed_headers(outcome)
         if not extra:
             return self.app(environ, start_response)
 

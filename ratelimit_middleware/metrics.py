@@ -1,0 +1,90 @@
+"""Prometheus metrics for the rate limiter (the ``prometheus`` extra: ``prometheus_client``).
+
+``PrometheusMetrics`` is an ``Observer``: pass it to a middleware (``observers=[metrics]``) and expose its
+registry (``prometheus_client.make_asgi_app(metrics.registry)``). Labels stay bounded: no user label, and at
+most ``max_models`` model names (later ones are counted as ``"other"``).
+
+- ``ratelimit_decisions_total{outcome, tier, unit, model}``: outcome ``allowed``, ``denied`` or
+  ``shadow_denied`` (denied, let through by shadow mode); the binding tier and unit.
+- ``ratelimit_failures_total{stage, outcome}``: key functions, limiters (storage outages) and settlements
+  that failed, and whether the request was ``allowed`` or ``denied`` by the failure policy.
+- ``ratelimit_decision_seconds``: how long deciding took (a histogram).
+- ``ratelimit_tokens_reserved_total{model}`` and ``ratelimit_tokens_settled_total{model}``: estimated and
+  actual tokens of settled reservations (their ratio is the estimate's error); cancelled ones count as 0
+  settled.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from .decision import Decision
+from .observe import Observer
+
+__all__ = ["PrometheusMetrics"]
+
+_LATENCY_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5)
+
+
+class PrometheusMetrics(Observer):
+    """Counts decisions, failures and tokens into a Prometheus registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, max_models: int = 100) -> None:
+        if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 0:
+            raise ValueError(f"max_models must be an int >= 0, got {max_models!r}")
+        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        self.max_models = max_models
+        self._models: set[str] = set()
+        self._lock = threading.Lock()
+        self.decisions = Counter(
+            "ratelimit_decisions",
+            "Rate limit decisions by outcome, binding tier, unit and model.",
+            ["outcome", "tier", "unit", "model"],
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "ratelimit_failures",
+            "Key functions, limiters and settlements that raised, by what the failure policy did.",
+            ["stage", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ratelimit_decision_seconds", "Time to decide.", buckets=_LATENCY_BUCKETS, registry=self.registry
+        )
+        self.tokens_reserved = Counter(
+            "ratelimit_tokens_reserved",
+            "Tokens estimated by settled reservations.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.tokens_settled = Counter(
+            "ratelimit_tokens_settled",
+            "Tokens actually used by settled reservations.",
+            ["model"],
+            registry=self.registry,
+        )
+
+    def _model(self, model: str) -> str:
+        """``model``, or ``"other"`` once ``max_models`` names are in use (bounded label values)."""
+        if model in self._models:
+            return model
+        with self._lock:
+            if len(self._models) < self.max_models:
+                self._models.add(model)
+                return model
+        return "other"
+
+    def decision(self, decision: Decision, user: str, model: str, seconds: float, shadow: bool) -> None:
+        outcome = "allowed" if decision.allowed else "shadow_denied" if shadow else "denied"
+        self.decisions.labels(outcome, decision.tier, decision.unit, self._model(model)).inc()
+        self.latency.observe(seconds)
+
+    def failure(self, stage: str, error: BaseException, outcome: str) -> None:
+        self.failures.labels(stage.removeprefix("the ").replace(" ", "_"), outcome).inc()
+
+    def settlement(self, model: str, reserved: tuple[int, int], actual: tuple[int, int] | None) -> None:
+        label = self._model(model)
+        self.tokens_reserved.labels(label).inc(sum(reserved))
+        self.tokens_settled.labels(label).inc(sum(actual) if actual is not None else 0)

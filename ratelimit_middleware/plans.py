@@ -1,0 +1,266 @@
+"""Plans: limits that depend on who is calling (free, pro...) and on the model, from code or a policy file.
+
+A plan maps model names (``"*"`` for every other model) to tiers, and each tier to its limits: a request
+limit string or a table of ``requests``, ``tokens``, ``input_tokens``, ``output_tokens`` and
+``max_concurrent``. ``Plans`` builds one limiter per (plan, model entry), all on one storage, and picks the
+limiter of a request from its plan (``plan_key``, a key function: a header, or a lookup of the user) and its
+model, after mapping model ``aliases`` to their canonical names. Pass it to a middleware as the limiter.
+
+``Plans.load(path)`` reads TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML); ``Plans.from_env()``
+reads ``RATELIMIT_POLICY`` (a path) or ``RATELIMIT_POLICY_TOML`` (the policy itself). Every mistake fails at
+start-up with a ``PolicyError`` naming the file, and the field (``plans.free.*.per_user_model.tokens``) or the
+line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .algorithms import ALGORITHMS
+from .backends.base import Storage
+from .config import Limits, RateLimitConfig
+from .decision import Decision
+from .keys import KeyFunction, from_header
+from .limiter import MultiTierRateLimiter
+from .request import RequestView
+from .reservation import Reservation
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["Plans", "PolicyError"]
+
+_TIERS = ("per_user_model", "per_model", "per_user", "global")
+_LIMIT_FIELDS = ("requests", "tokens", "input_tokens", "output_tokens", "max_concurrent")
+_TOP_FIELDS = ("algorithm", "default_plan", "plan_header", "aliases", "plans")
+ANY_MODEL = "*"
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used; the message names the source and the field or line."""
+
+
+def _limits(value: object, where: str) -> Limits | str:
+    if isinstance(value, str):
+        try:
+            RateLimitConfig.parse(value)
+        except ValueError as error:
+            raise PolicyError(f"{where}: {error}") from None
+        return value
+    if not isinstance(value, Mapping):
+        raise PolicyError(
+            f"{where}: expected a limit string like '20/minute' or a table of {', '.join(_LIMIT_FIELDS)}"
+        )
+    unknown = sorted(set(value) - set(_LIMIT_FIELDS))
+    if unknown:
+        raise PolicyError(f"{where}: unknown key {unknown[0]!r}; expected {', '.join(_LIMIT_FIELDS)}")
+    for field, item in value.items():
+        try:
+            Limits(**{field: item})
+        except (TypeError, ValueError) as error:
+            raise PolicyError(f"{where}.{field}: {error}") from None
+    try:
+        return Limits(**value)
+    except (TypeError, ValueError) as error:
+        raise PolicyError(f"{where}: {error}") from None
+
+
+class Plans:
+    """Per-plan, per-model limiters behind one ``check``/``reserve`` interface for the middlewares."""
+
+    def __init__(
+        self,
+        plans: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        *,
+        default_plan: str,
+        plan_key: KeyFunction | None = None,
+        aliases: Mapping[str, str] | None = None,
+        algorithm: str = "sliding_log",
+        storage: Storage | None = None,
+        source: str = "plans",
+    ) -> None:
+        if algorithm not in ALGORITHMS:
+            raise PolicyError(
+                f"{source}: algorithm: unknown {algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
+            )
+        if not isinstance(plans, Mapping) or not plans:
+            raise PolicyError(f"{source}: plans: at least one plan is needed")
+        if default_plan not in plans:
+            raise PolicyError(
+                f"{source}: default_plan: {default_plan!r} is not one of the plans ({', '.join(plans)})"
+            )
+        self.default_plan = default_plan
+        self.plan_key = plan_key
+        self.aliases = dict(aliases or {})
+        self._limiters: dict[tuple[str, str], MultiTierRateLimiter] = {}
+        for plan, models in plans.items():
+            if not isinstance(models, Mapping) or not models:
+                raise PolicyError(f"{source}: plans.{plan}: expected a table of models ('*' for any model)")
+            for model, tiers in models.items():
+                where = f"{source}: plans.{plan}.{model}"
+                if not isinstance(tiers, Mapping) or not tiers:
+                    raise PolicyError(f"{where}: expected a table of tiers ({', '.join(_TIERS)})")
+                unknown = sorted(set(tiers) - set(_TIERS))
+                if unknown:
+                    raise PolicyError(f"{where}: unknown tier {unknown[0]!r}; expected {', '.join(_TIERS)}")
+                specs = {tier: _limits(value, f"{where}.{tier}") for tier, value in tiers.items()}
+                self._limiters[plan, model] = MultiTierRateLimiter(
+                    per_user_model=specs.get("per_user_model"),
+                    per_model=specs.get("per_model"),
+                    per_user=specs.get("per_user"),
+                    global_limit=specs.get("global"),
+                    algorithm=algorithm,
+                    storage=storage,
+                )
+        self.uses_reservations = any(limiter.uses_reservations for limiter in self._limiters.values())
+
+    # -- choosing ---------------------------------------------------------------------------------------
+
+    def canonical(self, model: str) -> str:
+        """``model`` after ``aliases``."""
+        return self.aliases.get(model, model)
+
+    def plan_of(self, request: RequestView) -> str:
+        """The request's plan: ``plan_key``'s answer when it names a plan, else ``default_plan``."""
+        plan = self.plan_key(request) if self.plan_key is not None else None
+        return (
+            plan if plan is not None and any(key[0] == plan for key in self._limiters) else self.default_plan
+        )
+
+    def limiter(self, plan: str, model: str) -> MultiTierRateLimiter:
+        """The limiter of ``plan`` for ``model``: its own entry, else the plan's ``"*"``, else the default
+        plan's."""
+        for key in (
+            (plan, model),
+            (plan, ANY_MODEL),
+            (self.default_plan, model),
+            (self.default_plan, ANY_MODEL),
+        ):
+            if key in self._limiters:
+                return self._limiters[key]
+        raise LookupError(
+            f"no limits for model {model!r} in plan {plan!r} or the default plan; add a '*' entry"
+        )
+
+    def describe(self) -> list[str]:
+        """One line per plan, model and tier: what ``ratelimit-middleware check`` prints."""
+        lines = []
+        for (plan, model), limiter in self._limiters.items():
+            for rule in limiter.policy.all_rules:
+                window = "in flight" if rule.unit == "concurrent" else f"per {rule.seconds:g} s"
+                lines.append(f"{plan:<12} {model:<20} {rule.tier:<16} {rule.limit:>10} {rule.unit} {window}")
+        return lines
+
+    # -- loading ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        source: str = "policy",
+        plan_key: KeyFunction | None = None,
+        storage: Storage | None = None,
+    ) -> Plans:
+        """Plans from a parsed policy (the structure of a policy file)."""
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"{source}: expected a table at the top")
+        unknown = sorted(set(data) - set(_TOP_FIELDS))
+        if unknown:
+            raise PolicyError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(_TOP_FIELDS)}")
+        plans = data.get("plans")
+        if not isinstance(plans, Mapping) or not plans:
+            raise PolicyError(f"{source}: plans: at least one plan is needed")
+        aliases = data.get("aliases", {})
+        if not isinstance(aliases, Mapping) or not all(isinstance(v, str) for v in aliases.values()):
+            raise PolicyError(f"{source}: aliases: expected a table of model name = canonical model name")
+        header = data.get("plan_header")
+        if header is not None and not isinstance(header, str):
+            raise PolicyError(f"{source}: plan_header: expected a header name, got {header!r}")
+        default_plan = data.get("default_plan", next(iter(plans)))
+        return cls(
+            plans,
+            default_plan=str(default_plan),
+            plan_key=plan_key or (from_header(header) if header else None),
+            aliases=aliases,
+            algorithm=str(data.get("algorithm", "sliding_log")),
+            storage=storage,
+            source=source,
+        )
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, plan_key: KeyFunction | None = None, storage: Storage | None = None
+    ) -> Plans:
+        """Plans from a TOML or YAML policy file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise PolicyError(f"{path}: cannot read the policy file: {error.strerror}") from None
+        if path.suffix in (".yaml", ".yml"):
+            data = _parse_yaml(text, str(path))
+        else:
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as error:
+                raise PolicyError(f"{path}: {error}") from None
+        return cls.from_mapping(data, source=str(path), plan_key=plan_key, storage=storage)
+
+    @classmethod
+    def from_env(cls, *, plan_key: KeyFunction | None = None, storage: Storage | None = None) -> Plans | None:
+        """Plans from ``RATELIMIT_POLICY`` (a path) or ``RATELIMIT_POLICY_TOML`` (TOML text); else None."""
+        if os.environ.get("RATELIMIT_POLICY"):
+            return cls.load(os.environ["RATELIMIT_POLICY"], plan_key=plan_key, storage=storage)
+        text = os.environ.get("RATELIMIT_POLICY_TOML")
+        if not text:
+            return None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise PolicyError(f"RATELIMIT_POLICY_TOML: {error}") from None
+        return cls.from_mapping(data, source="RATELIMIT_POLICY_TOML", plan_key=plan_key, storage=storage)
+
+    # -- the limiter interface the middlewares use ------------------------------------------------------
+
+    def _routed(self, user: str, model: str) -> tuple[MultiTierRateLimiter, str]:
+        """Without a request (core use): the default plan, the model after aliases."""
+        canonical = self.canonical(model)
+        return self.limiter(self.default_plan, canonical), canonical
+
+    def check(self, user: str, model: str, cost: int = 1) -> Decision:
+        limiter, model = self._routed(user, model)
+        return limiter.check(user, model, cost)
+
+    async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
+        limiter, model = self._routed(user, model)
+        return await limiter.acheck(user, model, cost)
+
+    def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
+        limiter, model = self._routed(user, model)
+        return limiter.reserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens)
+
+    async def areserve(
+        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
+    ) -> Reservation:
+        limiter, model = self._routed(user, model)
+        return await limiter.areserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise PolicyError(f"{source}: YAML policies need PyYAML: pip install pyyaml") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise PolicyError(f"{source}{line}: {getattr(error, 'problem', None) or error}") from None

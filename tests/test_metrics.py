@@ -1,0 +1,160 @@
+"""Observers, Prometheus metrics, audit events and shadow mode, through the real middlewares."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from ratelimit_middleware import Limits, MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware.asgi import RateLimitMiddleware
+from ratelimit_middleware.metrics import PrometheusMetrics
+from ratelimit_middleware.observe import Event, EventHook, Observer
+from ratelimit_middleware.request import RequestView
+from ratelimit_middleware.wsgi import RateLimitWSGI
+
+
+async def hello(request: Request) -> Response:
+    return PlainTextResponse("hello")
+
+
+async def completion(request: Request) -> Response:
+    return JSONResponse({"usage": {"prompt_tokens": 5, "completion_tokens": 15}})
+
+
+def picky_user(request: RequestView) -> str | None:
+    if request.header("x-break"):
+        raise LookupError("user directory unreachable")
+    return request.header("x-user-id")
+
+
+def client(limiter: Any, **options: Any) -> TestClient:
+    app = Starlette(
+        routes=[Route("/hello", hello), Route("/v1/chat/completions", completion, methods=["POST"])]
+    )
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, user_key=picky_user, **options)
+    return TestClient(app)
+
+
+def sample(metrics: PrometheusMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_scraped_counters_equal_the_scripted_mix() -> None:
+    metrics = PrometheusMetrics()
+    http = client(RateLimiter(limit="3/minute"), observers=[metrics])
+    statuses = [http.get("/hello", headers={"X-User-ID": "u", "X-Model": "m"}).status_code for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    for _ in range(2):  # key function failures, let through by on_error="allow"
+        assert http.get("/hello", headers={"X-Break": "1"}).status_code == 200
+    allowed = {"outcome": "allowed", "tier": "per_user_model", "unit": "requests", "model": "m"}
+    assert sample(metrics, "ratelimit_decisions_total", **allowed) == 3
+    assert sample(metrics, "ratelimit_decisions_total", **{**allowed, "outcome": "denied"}) == 2
+    assert sample(metrics, "ratelimit_failures_total", stage="key_function", outcome="allowed") == 2
+    assert sample(metrics, "ratelimit_decision_seconds_count") == 5
+    text = generate_latest(metrics.registry).decode()
+    assert (
+        'ratelimit_decisions_total{model="m",outcome="denied",tier="per_user_model",unit="requests"} 2.0'
+        in text
+    )
+
+
+class Broken:
+    def check(self, user: str, model: str, cost: int = 1) -> Any:
+        raise ConnectionError("storage down")
+
+    async def acheck(self, user: str, model: str, cost: int = 1) -> Any:
+        raise ConnectionError("storage down")
+
+
+def test_backend_failures_are_counted_with_their_outcome() -> None:
+    metrics = PrometheusMetrics()
+    assert client(Broken(), observers=[metrics], on_error="deny").get("/hello").status_code == 503
+    assert client(Broken(), observers=[metrics]).get("/hello").status_code == 200
+    assert sample(metrics, "ratelimit_failures_total", stage="limiter", outcome="denied") == 1
+    assert sample(metrics, "ratelimit_failures_total", stage="limiter", outcome="allowed") == 1
+
+
+def test_label_sets_stay_bounded_with_10000_users() -> None:
+    metrics = PrometheusMetrics(max_models=5)
+    limiter = RateLimiter(limit="1000/minute")
+    for index in range(10_000):
+        metrics.decision(
+            limiter.check(f"user-{index}", f"model-{index % 50}"),
+            f"user-{index}",
+            f"model-{index % 50}",
+            1e-6,
+            False,
+        )
+    models = {
+        sample.labels["model"]
+        for metric in metrics.registry.collect()
+        for sample in metric.samples
+        if "model" in sample.labels
+    }
+    assert len(models) == 6 and "other" in models
+    assert all(
+        "user" not in sample.labels for metric in metrics.registry.collect() for sample in metric.samples
+    )
+
+
+def test_tokens_reserved_and_settled() -> None:
+    metrics = PrometheusMetrics()
+    http = client(MultiTierRateLimiter(per_user_model=Limits(tokens="10000/minute")), observers=[metrics])
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 90}
+    assert http.post("/v1/chat/completions", json=body, headers={"X-User-ID": "u"}).status_code == 200
+    assert sample(metrics, "ratelimit_tokens_reserved_total", model="m") == 100
+    assert sample(metrics, "ratelimit_tokens_settled_total", model="m") == 20
+
+
+def test_event_hook_sees_denials_and_failures() -> None:
+    events: list[Event] = []
+    http = client(RateLimiter(limit="1/minute"), observers=[EventHook(events.append)])
+    http.get("/hello", headers={"X-User-ID": "u"})
+    http.get("/hello", headers={"X-User-ID": "u"})
+    http.get("/hello", headers={"X-Break": "1"})
+    assert [event.kind for event in events] == ["denied", "failure"]
+    assert events[0].user == "u" and events[0].decision is not None and not events[0].decision.allowed
+    assert isinstance(events[1].error, LookupError) and events[1].outcome == "allowed"
+
+
+def test_shadow_mode_records_and_adds_headers_but_never_denies() -> None:
+    metrics = PrometheusMetrics()
+    http = client(RateLimiter(limit="1/minute"), observers=[metrics], shadow=True)
+    responses = [http.get("/hello", headers={"X-User-ID": "u", "X-Model": "m"}) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert responses[2].headers["x-ratelimit-remaining-requests"] == "0"
+    assert "retry-after" not in responses[2].headers
+    shadowed = {"outcome": "shadow_denied", "tier": "per_user_model", "unit": "requests", "model": "m"}
+    assert sample(metrics, "ratelimit_decisions_total", **shadowed) == 2
+
+
+def test_shadow_mode_for_token_limits_and_in_wsgi() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    from werkzeug.test import Client
+
+    limiter = MultiTierRateLimiter(per_user_model=Limits(tokens="100/minute"))
+    http = Client(RateLimitWSGI(app, limiter, shadow=True))
+    body = {"messages": [], "max_tokens": 500}  # can never fit: recorded, let through
+    response = http.post("/", json=body, headers={"X-User-ID": "u"})
+    assert response.status_code == 200 and response.headers["x-ratelimit-limit-tokens"] == "100"
+
+
+def test_a_failing_observer_never_breaks_a_request() -> None:
+    class Faulty(Observer):
+        def decision(self, *args: Any) -> None:
+            raise RuntimeError("observer bug")
+
+    assert (
+        client(RateLimiter(), observers=[Faulty()]).get("/hello", headers={"X-User-ID": "u"}).status_code
+        == 200
+    )
