@@ -142,3 +142,50 @@ def test_metrics_scraped_after_traffic(strict_server: str) -> None:
     assert f"ratelimit_decisions_total{{{labels.format('allowed')}}} 1.0" in text
     assert f"ratelimit_decisions_total{{{labels.format('denied')}}} 1.0" in text
     assert "ratelimit_decision_seconds_count" in text
+
+
+TOKEN_POLICY = """
+default_plan = "free"
+plan_header = "x-plan"
+[plans.free."*"]
+per_user_model = { requests = "100/minute", tokens = "1000/minute", max_concurrent = 2 }
+[plans.pro."*"]
+per_user_model = { requests = "100/minute", tokens = "100000/minute", max_concurrent = 8 }
+"""
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    policy = tmp_path_factory.mktemp("policy") / "plans.toml"
+    policy.write_text(TOKEN_POLICY)
+    with uvicorn_server("main:app", APP_DIR, {"RATELIMIT_POLICY": str(policy)}) as url:
+        yield url
+
+
+def test_openai_client_gets_token_errors_from_a_policy_file(token_server: str) -> None:
+    sdk = client(token_server, "tina", max_retries=2)
+    messages = [{"role": "user", "content": "hello"}]
+    completion = sdk.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=100)  # type: ignore[arg-type]
+    assert completion.usage is not None
+    with pytest.raises(openai.RateLimitError) as raised:
+        sdk.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=5000)  # type: ignore[arg-type]
+    error = raised.value
+    assert isinstance(error.body, dict) and error.body["type"] == "tokens"
+    assert "tokens per 1 minute" in error.message and "can never be allowed" in error.message
+    assert error.response.headers["x-ratelimit-limit-tokens"] == "1000"
+
+
+def test_the_plan_header_picks_the_budget(token_server: str) -> None:
+    pro = openai.OpenAI(
+        base_url=f"{token_server}/v1",
+        api_key="k",
+        max_retries=0,
+        default_headers={"X-User-ID": "pat", "X-Plan": "pro"},
+    )
+    messages = [{"role": "user", "content": "hello"}]
+    raw = pro.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=messages, max_tokens=5000
+    )  # type: ignore[arg-type]
+    assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
+    streamed = list(pro.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True))  # type: ignore[arg-type]
+    assert streamed[-1].usage is not None  # the middleware asked for usage (stream_usage=True)

@@ -1,7 +1,7 @@
 """An OpenAI-compatible mock LLM server, rate limited per user and model and per model.
 
 Run it (README's first command does): ``uvicorn main:app --app-dir examples/fastapi_app``. The limits come
-from the environment:
+from the environment: ``RATELIMIT_POLICY``, a policy file of plans (``examples/policies/plans.toml``), or
 
 - ``RATELIMIT_PER_USER_MODEL`` (default ``"20/minute"``): each user on each model;
 - ``RATELIMIT_PER_MODEL`` (default ``"600/minute"``): all users of one model together.
@@ -26,13 +26,21 @@ from prometheus_client import make_asgi_app
 from ratelimit_middleware import MultiTierRateLimiter
 from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.metrics import PrometheusMetrics
+from ratelimit_middleware.plans import Plans
 
 MODELS = ["gpt-4o-mini", "llama-3-8b", "mistral-7b"]
 REPLY = "This is a canned answer from the mock model. Rate limits keep every GPU busy but never flooded."
 
 
-def build_limiter() -> MultiTierRateLimiter:
-    """The limiter the app uses, configured from the environment."""
+def build_limiter() -> MultiTierRateLimiter | Plans:
+    """The limiter the app uses, configured from the environment.
+
+    ``RATELIMIT_POLICY`` names a policy file (TOML or YAML plans, see ``examples/policies``); without it,
+    ``RATELIMIT_PER_USER_MODEL`` and ``RATELIMIT_PER_MODEL`` set the request limits.
+    """
+    plans = Plans.from_env()
+    if plans is not None:
+        return plans
     return MultiTierRateLimiter(
         per_user_model=os.environ.get("RATELIMIT_PER_USER_MODEL", "20/minute"),
         per_model=os.environ.get("RATELIMIT_PER_MODEL", "600/minute"),
@@ -85,7 +93,7 @@ async def _stream(model: str, prompt: int, include_usage: bool) -> AsyncIterator
     yield "data: [DONE]\n\n"
 
 
-def create_app(limiter: MultiTierRateLimiter | None = None) -> FastAPI:
+def create_app(limiter: MultiTierRateLimiter | Plans | None = None) -> FastAPI:
     """The mock server behind the rate limit middleware, with Prometheus metrics at ``/metrics``."""
     app = FastAPI(title="Mock LLM API")
     metrics = PrometheusMetrics()
