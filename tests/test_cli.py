@@ -1,0 +1,98 @@
+"""The ratelimit-middleware command, run as a subprocess: output and exit codes, against a real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ratelimit_middleware import RedisStorage
+from ratelimit_middleware.plans import Plans
+
+from .conftest import unique_prefix
+from .redis_server import RedisServer
+from .servers import ROOT, free_port, wait_until_up
+
+POLICY = ROOT / "examples" / "policies" / "plans.toml"
+REQUESTS_ONLY = ROOT / "examples" / "policies" / "requests-only.yaml"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "ratelimit_middleware.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("check", "serve", "inspect", "reset"):
+        assert command in result.stdout
+
+
+def test_check_prints_the_limits() -> None:
+    result = run("check", str(POLICY))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "free" in result.stdout and "40000 tokens per 60 s" in result.stdout and "in flight" in result.stdout
+    )
+
+
+def test_check_fails_naming_the_mistake(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[plans.free."*"]\nper_user_model = { requests = "often" }\n')
+    result = run("check", str(bad))
+    assert result.returncode == 2
+    assert "plans.free.*.per_user_model.requests" in result.stderr and "often" in result.stderr
+    assert run("check", str(tmp_path / "missing.toml")).returncode == 2
+    assert run("frobnicate").returncode == 2
+
+
+def test_inspect_and_reset_against_redis(redis_server: RedisServer) -> None:
+    prefix = unique_prefix("cli")
+    plans = Plans.load(REQUESTS_ONLY, storage=RedisStorage(redis_server.url, key_prefix=prefix))
+    for _ in range(3):
+        plans.check("alice", "gpt-4o")
+    common = ["--policy", str(REQUESTS_ONLY), "--redis-url", redis_server.url, "--key-prefix", prefix]
+    shown = run("inspect", "alice", "gpt-4o", *common)
+    assert shown.returncode == 0, shown.stderr
+    assert "per_user_model   requests                3 / 100 per 3600 s" in shown.stdout
+    assert "global           requests                3 / 50000 per 3600 s" in shown.stdout
+    reset = run("reset", "alice", "gpt-4o", *common)
+    assert reset.returncode == 0 and "reset alice" in reset.stdout
+    after = run("inspect", "alice", "gpt-4o", *common).stdout
+    assert "per_user_model   requests                0 / 100" in after
+    assert "global           requests                3 / 50000" in after  # shared tiers are kept
+
+
+def test_inspect_fails_cleanly_when_redis_is_unreachable() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}"
+    result = run("inspect", "alice", "m", "--policy", str(REQUESTS_ONLY), "--redis-url", dead)
+    assert result.returncode in (1, 2) and "error" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_runs_the_example_api_with_a_policy() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ratelimit_middleware.cli",
+            "serve",
+            "--policy",
+            str(POLICY),
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
