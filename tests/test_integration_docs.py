@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, cast
 
+import grpc
+import grpc.aio
 import pytest
 from starlette.testclient import TestClient
 from werkzeug.test import Client
+
+from ratelimit_middleware import RateLimiter
+from ratelimit_middleware.grpc import RateLimitInterceptor
 
 from .servers import ROOT
 
@@ -171,6 +179,78 @@ def check_reserve() -> None:
     limiter = run("reserve")["limiter"]
     assert limiter.get_request_count("alice", "gpt-4o", unit="tokens") == 1180 + 240
     assert limiter.get_request_count("alice", "gpt-4o", unit="concurrent") == 0
+
+
+@contextmanager
+def _grpc_server(server: Any) -> Iterator[str]:
+    """Start a ``grpc.server`` from a snippet on a free loopback port; yields its address."""
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None).wait(5)
+
+
+def check_grpc() -> None:
+    with _grpc_server(run("grpc")["server"]) as address, grpc.insecure_channel(address) as channel:
+        complete = channel.unary_unary("/llm.Generator/Complete")
+        alice = (("x-user-id", "alice"),)
+        assert [complete(b"hi", metadata=alice) for _ in range(20)] == [b"completion for hi"] * 20
+        with pytest.raises(grpc.RpcError) as denied:
+            complete(b"hi", metadata=alice)
+        error = cast(grpc.Call, denied.value)
+        assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit 20 requests per 1 minute" in (error.details() or "")
+        metadata = dict(error.trailing_metadata() or ())
+        assert {"retry-after-ms", "retry-after", "grpc-status-details-bin"} <= metadata.keys()
+        stream = channel.unary_stream("/llm.Generator/Stream")
+        assert list(stream(b"", metadata=(("x-user-id", "bob"),))) == [b"Hello", b" world"]
+
+
+def check_grpc_aio() -> None:
+    make_server = run("grpc-aio")["make_server"]
+
+    async def scenario() -> None:
+        server = make_server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                complete = channel.unary_unary("/llm.Generator/Complete")
+                tenant = (("x-tenant", "t1"),)
+                for _ in range(2):
+                    assert await complete(b'{"model": "m1"}', metadata=tenant) == b'{"text": "..."}'
+                denied = complete(b'{"model": "m1"}', metadata=tenant)
+                assert await denied.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert await complete(b'{"model": "m2"}', metadata=tenant)  # the model from the message
+                assert await complete(b'{"model": "m1"}', metadata=(("x-tenant", "t2"),))
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+def check_grpc_client() -> None:
+    namespace = run("grpc-client")
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=4), interceptors=[RateLimitInterceptor(RateLimiter(1, 0.2))]
+    )
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("llm.Generator", {"Complete": handler}),)
+    )
+    alice = (("x-user-id", "alice"),)
+    with _grpc_server(server) as address:
+        with grpc.insecure_channel(address) as plain:
+            complete = plain.unary_unary("/llm.Generator/Complete")
+            assert complete(b"", metadata=alice) == b"ok"
+            with pytest.raises(grpc.RpcError) as denied:
+                complete(b"", metadata=alice)
+            assert 0 < namespace["retry_delay"](denied.value) <= 0.2
+        with namespace["connect"](address) as retrying:
+            complete = retrying.unary_unary("/llm.Generator/Complete")
+            assert [complete(b"", metadata=alice, timeout=5) for _ in range(2)] == [b"ok", b"ok"]  # retried
 
 
 CHECKS = {
