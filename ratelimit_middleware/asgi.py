@@ -12,17 +12,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from .contract import HTTPResponse
 from .decision import Decision
-from .gate import DEFAULT_MAX_BODY_SIZE, Checker, DenialHandler, Estimator, Gate, LimiterSpec
-from .keys import KeyFunction
-from .observe import Observer
+from .gate import Checker, Gate, GateOptions, LimiterSpec
 from .request import BodyNotLoaded, RequestView
 from .reservation import Reservation
-from .tokens import DEFAULT_OUTPUT_TOKENS, Meter
+from .tokens import Meter
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -198,43 +199,10 @@ class RateLimitMiddleware:
     """
 
     def __init__(
-        self,
-        app: ASGIApp,
-        limiter: LimiterSpec | None = None,
-        *,
-        user_key: KeyFunction | None = None,
-        model_key: KeyFunction | None = None,
-        exempt_paths: Iterable[str] = (),
-        path_limits: Mapping[str, LimiterSpec | None] | None = None,
-        exempt_methods: Iterable[str] = ("OPTIONS",),
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        on_error: Literal["allow", "deny"] = "allow",
-        add_headers: bool = True,
-        deny_handler: DenialHandler | None = None,
-        estimator: Estimator | None = None,
-        default_output_tokens: int = DEFAULT_OUTPUT_TOKENS,
-        stream_usage: bool = False,
-        observers: Iterable[Observer] = (),
-        shadow: bool = False,
+        self, app: ASGIApp, limiter: LimiterSpec | None = None, **options: Unpack[GateOptions]
     ) -> None:
         self.app = app
-        self.gate = Gate(
-            limiter,
-            user_key=user_key,
-            model_key=model_key,
-            exempt_paths=exempt_paths,
-            path_limits=path_limits,
-            exempt_methods=exempt_methods,
-            max_body_size=max_body_size,
-            on_error=on_error,
-            add_headers=add_headers,
-            deny_handler=deny_handler,
-            estimator=estimator,
-            default_output_tokens=default_output_tokens,
-            stream_usage=stream_usage,
-            observers=observers,
-            shadow=shadow,
-        )
+        self.gate = Gate(limiter, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

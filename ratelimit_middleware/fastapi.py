@@ -14,7 +14,7 @@ import functools
 import inspect
 import json
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -23,9 +23,11 @@ from starlette.responses import Response
 
 from .asgi import admit, request_view
 from .contract import HTTPResponse
-from .gate import DEFAULT_MAX_BODY_SIZE, DenialHandler, Gate, LimiterSpec
-from .keys import KeyFunction
+from .gate import Gate, LimiterSpec, RouteOptions
 from .reservation import Reservation
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["RateLimit", "RateLimitExceeded", "limit", "rate_limit_exceeded_handler"]
 
@@ -79,30 +81,13 @@ async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, lis
     return None, gate.allowed_headers(outcome)
 
 
-def limit(
-    limiter: LimiterSpec,
-    *,
-    user_key: KeyFunction | None = None,
-    model_key: KeyFunction | None = None,
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-    on_error: Literal["allow", "deny"] = "allow",
-    add_headers: bool = True,
-    deny_handler: DenialHandler | None = None,
-) -> Callable[[F], F]:
+def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F], F]:
     """Limit one endpoint: ``limiter`` is a limit string (``"10/minute;500/day"``), a config or a limiter.
 
     Place it below ``@app.get(...)``/``@app.post(...)``. Sync endpoints run in the thread pool, as FastAPI
     runs them.
     """
-    gate = Gate.for_route(
-        limiter,
-        user_key=user_key,
-        model_key=model_key,
-        max_body_size=max_body_size,
-        on_error=on_error,
-        add_headers=add_headers,
-        deny_handler=deny_handler,
-    )
+    gate = Gate.for_route(limiter, **options)
 
     def decorator(endpoint: F) -> F:
         signature = inspect.signature(endpoint)
@@ -143,23 +128,9 @@ class RateLimit:
     def __init__(
         self,
         limiter: LimiterSpec,
-        *,
-        user_key: KeyFunction | None = None,
-        model_key: KeyFunction | None = None,
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        on_error: Literal["allow", "deny"] = "allow",
-        add_headers: bool = True,
-        deny_handler: DenialHandler | None = None,
+        **options: Unpack[RouteOptions],
     ) -> None:
-        self.gate = Gate.for_route(
-            limiter,
-            user_key=user_key,
-            model_key=model_key,
-            max_body_size=max_body_size,
-            on_error=on_error,
-            add_headers=add_headers,
-            deny_handler=deny_handler,
-        )
+        self.gate = Gate.for_route(limiter, **options)
 
     async def __call__(self, request: Request, response: Response) -> None:
         denial, headers = await _check(self.gate, request)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import flask
 
 from .contract import HTTPResponse
-from .gate import DEFAULT_MAX_BODY_SIZE, DenialHandler, Gate, LimiterSpec
-from .keys import KeyFunction
+from .gate import Gate, LimiterSpec, RouteOptions
 from .request import RequestView
 from .reservation import Reservation
 from .wsgi import admit, request_view
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["limit"]
 
@@ -40,29 +42,12 @@ def _respond(response: HTTPResponse) -> flask.Response:
     return flask.Response(response.body, status=response.status, headers=response.headers)
 
 
-def limit(
-    limiter: LimiterSpec,
-    *,
-    user_key: KeyFunction | None = None,
-    model_key: KeyFunction | None = None,
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-    on_error: Literal["allow", "deny"] = "allow",
-    add_headers: bool = True,
-    deny_handler: DenialHandler | None = None,
-) -> Callable[[F], F]:
+def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F], F]:
     """Limit one Flask view; ``limiter`` is a limit string (``"10/minute;500/day"``), a config or a limiter.
 
     Place it below ``@app.route(...)``.
     """
-    gate = Gate.for_route(
-        limiter,
-        user_key=user_key,
-        model_key=model_key,
-        max_body_size=max_body_size,
-        on_error=on_error,
-        add_headers=add_headers,
-        deny_handler=deny_handler,
-    )
+    gate = Gate.for_route(limiter, **options)
 
     def check() -> tuple[flask.Response | None, list[tuple[str, str]]]:
         """``(response to send instead of the view, headers to add to the view's response)``."""

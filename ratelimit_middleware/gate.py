@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, runtime_checkable
 
 from .config import RateLimitConfig
 from .contract import HTTPResponse, denial_response, informational_headers, unavailable_response
@@ -30,14 +30,19 @@ from .routes import PathRules, normalize_path
 from .tokens import DEFAULT_OUTPUT_TOKENS
 from .tokens import estimate as estimate_tokens
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
     "Checker",
     "DenialHandler",
     "Estimator",
     "Gate",
+    "GateOptions",
     "LimiterSpec",
     "Reserver",
+    "RouteOptions",
     "as_checker",
 ]
 
@@ -113,6 +118,30 @@ class _Throttled:
         if now - self._last.get(kind, -_LOG_EVERY_SECONDS) >= _LOG_EVERY_SECONDS:
             self._last[kind] = now
             logger.warning("%s failed (%s); the request was %s", stage, error, outcome, exc_info=error)
+
+
+class RouteOptions(TypedDict, total=False):
+    """The options of a per-route decorator (see ``Gate``)."""
+
+    user_key: KeyFunction | None
+    model_key: KeyFunction | None
+    max_body_size: int
+    on_error: Literal["allow", "deny"]
+    add_headers: bool
+    deny_handler: DenialHandler | None
+    observers: Iterable[Observer]
+    shadow: bool
+
+
+class GateOptions(RouteOptions, total=False):
+    """The options of a middleware (see ``Gate``): the route options, path rules and token metering."""
+
+    exempt_paths: Iterable[str]
+    path_limits: Mapping[str, LimiterSpec | None] | None
+    exempt_methods: Iterable[str]
+    estimator: Estimator | None
+    default_output_tokens: int
+    stream_usage: bool
 
 
 def _ordered(reservation: Reservation) -> list[Decision]:
@@ -227,7 +256,7 @@ class Gate:
         return _bounded(user), _bounded(model)
 
     @classmethod
-    def for_route(cls, limiter: LimiterSpec, **options: Any) -> Gate:
+    def for_route(cls, limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Gate:
         """A gate for one route (the decorators): nothing exempt, and request limits only.
 
         Token and concurrency limits follow the response to its end, which only the middlewares see.
