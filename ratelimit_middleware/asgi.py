@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .contract import HTTPResponse
@@ -96,8 +97,14 @@ def with_body(scope: Scope, body: bytes) -> tuple[Scope, Receive]:
     return {**scope, "headers": headers}, receive
 
 
+@lru_cache(maxsize=256)
+def _header_name(name: str) -> bytes:
+    return name.lower().encode("latin-1")
+
+
 def encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(name.lower().encode("latin-1"), value.encode("latin-1", "replace")) for name, value in headers]
+    """ASGI header pairs: names lower-cased, values in latin-1 (characters outside it replaced)."""
+    return [(_header_name(name), value.encode("latin-1", "replace")) for name, value in headers]
 
 
 async def send_response(send: Send, response: HTTPResponse) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from typing import NamedTuple
 
 from .config import describe_seconds
@@ -85,20 +86,27 @@ def retry_after_seconds(decision: Decision) -> int:
     return max(1, math.ceil(_wait(decision)))
 
 
-def _policy_name(decision: Decision) -> str:
-    return (
-        decision.tier if decision.unit == "requests" else f"{decision.tier}-{decision.unit.replace('_', '-')}"
-    )
+_OPENAI_UNITS = {
+    "requests": "requests",
+    "tokens": "tokens",
+    "input_tokens": "tokens",
+    "output_tokens": "tokens",
+}
+"""Which of OpenAI's ``x-ratelimit-*-requests`` / ``-tokens`` headers a unit fills."""
 
 
-def _policy_item(decision: Decision) -> str:
-    """One ``RateLimit-Policy`` item: ``"per_user_model";q=100;w=3600``, with the unit when not requests."""
-    item = f'"{_policy_name(decision)}";q={decision.limit}'
-    if decision.unit == "concurrent":
-        return item + ';qu="concurrent-requests"'
-    item += f";w={math.ceil(decision.window_seconds)}"
-    # Tokens are not a registered quota unit: a vendor parameter names them.
-    return item if decision.unit == "requests" else item + f';x-unit="{decision.unit}"'
+@lru_cache(maxsize=4096)
+def _policy(tier: str, unit: str, limit: int, window: float) -> tuple[str, str]:
+    """``(quoted policy name, RateLimit-Policy item)`` of one limit: built once, they never change.
+
+    ``"per_user_model";q=100;w=3600``; other units name themselves: ``"per_user_model-tokens"`` with a vendor
+    parameter (tokens are not a registered quota unit), ``qu="concurrent-requests"`` for concurrency.
+    """
+    name = f'"{tier}"' if unit == "requests" else f'"{tier}-{unit.replace("_", "-")}"'
+    if unit == "concurrent":
+        return name, f'{name};q={limit};qu="concurrent-requests"'
+    item = f"{name};q={limit};w={math.ceil(window)}"
+    return name, item if unit == "requests" else f'{item};x-unit="{unit}"'
 
 
 def _reset(decision: Decision) -> float:
@@ -111,29 +119,29 @@ def informational_headers(decision: Decision, *others: Decision) -> list[tuple[s
     ``decision`` is the binding one; ``others`` are the binding decisions of the other units of a
     reservation (tokens, concurrency), which get their own policy items and OpenAI's ``-tokens`` headers.
     """
-    decisions = (decision, *others)
-    reset_seconds = str(math.ceil(_reset(decision)))
+    items, states = [], []
+    by_openai_unit: dict[str, tuple[Decision, float]] = {}
+    for current in (decision, *others):
+        name, item = _policy(current.tier, current.unit, current.limit, current.window_seconds)
+        reset = _reset(current)
+        items.append(item)
+        states.append(f"{name};r={current.remaining};t={math.ceil(reset)}")
+        openai_unit = _OPENAI_UNITS.get(current.unit)
+        if openai_unit is not None and openai_unit not in by_openai_unit:
+            by_openai_unit[openai_unit] = current, reset
     headers = [
-        ("RateLimit-Policy", ", ".join(_policy_item(d) for d in decisions)),
-        (
-            "RateLimit",
-            ", ".join(f'"{_policy_name(d)}";r={d.remaining};t={math.ceil(_reset(d))}' for d in decisions),
-        ),
+        ("RateLimit-Policy", ", ".join(items)),
+        ("RateLimit", ", ".join(states)),
         ("X-RateLimit-Limit", str(decision.limit)),
         ("X-RateLimit-Remaining", str(decision.remaining)),
-        ("X-RateLimit-Reset", reset_seconds),
+        ("X-RateLimit-Reset", str(math.ceil(_reset(decision)))),
     ]
-    for openai_unit, units in (
-        ("requests", ("requests",)),
-        ("tokens", ("tokens", "input_tokens", "output_tokens")),
-    ):
-        match = next((d for d in decisions if d.unit in units), None)
-        if match is not None:
-            headers += [
-                (f"x-ratelimit-limit-{openai_unit}", str(match.limit)),
-                (f"x-ratelimit-remaining-{openai_unit}", str(match.remaining)),
-                (f"x-ratelimit-reset-{openai_unit}", go_duration(_reset(match))),
-            ]
+    for openai_unit, (current, reset) in by_openai_unit.items():
+        headers += [
+            (f"x-ratelimit-limit-{openai_unit}", str(current.limit)),
+            (f"x-ratelimit-remaining-{openai_unit}", str(current.remaining)),
+            (f"x-ratelimit-reset-{openai_unit}", go_duration(reset)),
+        ]
     headers.append(("Access-Control-Expose-Headers", EXPOSED_HEADERS))
     return headers
 

@@ -64,7 +64,9 @@ class _Limiter:
             )
         self.storage = storage
         self._backend = storage.bind(self.policy)
-        if self.uses_reservations and not isinstance(self._backend, ReservingBackend):
+        # Checked once here: isinstance() against a runtime-checkable Protocol is slow on a hot path.
+        self._reserver = self._backend if isinstance(self._backend, ReservingBackend) else None
+        if self.uses_reservations and self._reserver is None:
             raise TypeError(f"{storage!r} does not support token or concurrency limits yet")
 
     @property
@@ -88,8 +90,10 @@ class _Limiter:
 
     async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
         """``check`` for event loops."""
-        _check_request(user, model, cost)
-        self._check_has_request_limits()
+        if not (type(user) is str and type(model) is str and type(cost) is int and cost >= 0):
+            _check_request(user, model, cost)  # the exact types pass above without a call
+        if not self.policy.rules:
+            self._check_has_request_limits()
         return await self._backend.adecide(user, model, cost)
 
     def _costs(self, user: str, model: str, input_tokens: int, output_tokens: int) -> tuple[int, ...]:
@@ -99,9 +103,9 @@ class _Limiter:
         return self.policy.costs(1, input_tokens, output_tokens)
 
     def _reserving(self) -> ReservingBackend:
-        if not isinstance(self._backend, ReservingBackend):
+        if self._reserver is None:
             raise TypeError(f"{self.storage!r} does not support reserve() yet")
-        return self._backend
+        return self._reserver
 
     def _reservation(
         self,
