@@ -253,6 +253,40 @@ def check_grpc_client() -> None:
             assert [complete(b"", metadata=alice, timeout=5) for _ in range(2)] == [b"ok", b"ok"]  # retried
 
 
+def check_plans() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        previous = os.getcwd()
+        os.chdir(folder)  # the snippet writes policy.toml where it runs
+        try:
+            client = TestClient(run("plans")["app"])
+        finally:
+            os.chdir(previous)
+
+    def chat(plan: str | None, model: str = "gpt-4o") -> Any:
+        headers = {"X-User-ID": "a", **({"X-Plan": plan} if plan else {})}
+        return client.post("/v1/chat/completions", json={"model": model, "messages": []}, headers=headers)
+
+    assert [chat(None).status_code for _ in range(2)] == [200, 200]
+    assert chat(None, "gpt-4o-2024-08-06").status_code == 429  # an alias shares the budget of gpt-4o
+    pro = chat("pro")
+    assert pro.status_code == 200 and pro.headers["x-ratelimit-limit-tokens"] == "200000"
+
+
+def check_metrics() -> None:
+    namespace = run("metrics")
+    client = TestClient(namespace["app"])
+    codes = [
+        client.get("/v1/models", headers={"X-User-ID": "a", "X-Model": "m"}).status_code for _ in range(3)
+    ]
+    assert codes == [200, 200, 200]  # shadow mode never denies
+    text = client.get("/metrics/").text
+    labels = 'model="m",outcome="shadow_denied",tier="per_user_model",unit="requests"'
+    assert f"ratelimit_decisions_total{{{labels}}} 1.0" in text
+    assert [event.kind for event in namespace["audit"]] == ["shadow_denied"]
+
+
 CHECKS = {
     name[len("check_") :].replace("_", "-"): check
     for name, check in globals().items()
