@@ -7,10 +7,13 @@ once per entry of ``STORAGES``, the shared contract that every backend must keep
 - ``redis``: ``RedisStorage`` from a URL, so the sync methods use ``redis.Redis`` and the async ones
   ``redis.asyncio.Redis``;
 - ``redis-asyncio``: ``RedisStorage`` given a ``redis.asyncio.Redis``, every call (sync ones too) run through
-  its async methods on an event loop thread.
+  its async methods on an event loop thread;
+- ``redis-cluster``: on a local 3-master Redis Cluster, the sync methods through a ``RedisStorage`` given a
+  ``redis.cluster.RedisCluster`` and the async ones through one given its asyncio twin, sharing keys.
 
-The Redis storages run on one real ``redis-server`` for the session (see ``redis_server``), each storage with
-a key prefix of its own so that tests never see each other's keys.
+The Redis storages run on one real ``redis-server`` (and one cluster) for the session (see ``redis_server``
+and ``redis_cluster``), each storage with a key prefix of its own so that tests never see each other's keys,
+and a generous timeout: these tests are about decisions, the timeout has tests of its own.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 
 from ratelimit_middleware import ALGORITHMS, MemoryStorage, RedisStorage
 from ratelimit_middleware.backends.base import Backend, Storage
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.policy import Policy, Rule
 
-from .redis_server import LoopThread, RedisServer
+from .redis_server import LoopThread, RedisCluster, RedisServer
 
 
 class FakeClock:
@@ -64,6 +69,13 @@ class _Live:
     server: RedisServer | None = None
     loop: LoopThread | None = None
     async_client: redis.asyncio.Redis | None = None
+    cluster: RedisCluster | None = None
+    cluster_client: redis.cluster.RedisCluster | None = None
+
+
+CONTRACT_TIMEOUT = 5.0
+"""The Redis storages' timeout in the behaviour tests: a loaded machine must never turn a slow reply into a
+fail-open decision there."""
 
 
 _prefixes = itertools.count()
@@ -83,6 +95,15 @@ def live_server() -> RedisServer:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A real redis-server for the session; the tests fail (never skip) when it cannot run."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
+    _started(server)
+    _Live.server = server
+    yield server
+    _Live.server = None
+    server.stop()
+
+
+def _started(server: RedisServer | RedisCluster) -> None:
+    """Start ``server``; fail (never skip) when it cannot run."""
     failure = None
     try:
         server.start()
@@ -90,10 +111,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         failure = str(error)
     if failure is not None:
         pytest.fail(failure, pytrace=False)
-    _Live.server = server
-    yield server
-    _Live.server = None
-    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real local Redis Cluster of three masters for the session."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    _started(cluster)
+    _Live.cluster, _Live.cluster_client = cluster, cluster.client()
+    yield cluster
+    _Live.cluster_client.close()
+    _Live.cluster = _Live.cluster_client = None
+    cluster.stop()
+
+
+def live_cluster() -> RedisCluster:
+    assert _Live.cluster is not None, "the redis_cluster fixture has not started"
+    return _Live.cluster
 
 
 @pytest.fixture(scope="session")
@@ -155,27 +189,84 @@ class _OnLoopBackend:
 
 def _redis_asyncio(clock: FakeClock) -> Storage:
     assert _Live.loop is not None and _Live.async_client is not None
-    inner = RedisStorage(_Live.async_client, key_prefix=unique_prefix(), clock=clock)
+    inner = RedisStorage(
+        _Live.async_client, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT
+    )
     return OnLoopStorage(inner, _Live.loop)
+
+
+class ClusterStorage:
+    """Two ``RedisStorage`` on one Redis Cluster with one key prefix: the sync methods go through the one
+    given a ``redis.cluster.RedisCluster``, the async ones through the one given its asyncio twin."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        assert _Live.cluster is not None and _Live.cluster_client is not None
+        prefix = unique_prefix()
+        self.sync = RedisStorage(
+            _Live.cluster_client, key_prefix=prefix, clock=clock, timeout=CONTRACT_TIMEOUT
+        )
+        node = redis.asyncio.cluster.ClusterNode("127.0.0.1", _Live.cluster.ports[0])
+        self.asynchronous = RedisStorage(
+            redis.asyncio.cluster.RedisCluster(startup_nodes=[node]),
+            key_prefix=prefix,
+            clock=clock,
+            timeout=CONTRACT_TIMEOUT,
+        )
+        self.key_prefix = prefix
+
+    def bind(self, policy: Policy) -> Backend:
+        return _ClusterBackend(self.sync.bind(policy), self.asynchronous.bind(policy))
+
+
+class _ClusterBackend:
+    def __init__(self, sync: Backend, asynchronous: Backend) -> None:
+        self.sync = sync
+        self.asynchronous = asynchronous
+
+    def decide(self, user: str, model: str, cost: int) -> Decision:
+        return self.sync.decide(user, model, cost)
+
+    async def adecide(self, user: str, model: str, cost: int) -> Decision:
+        return await self.asynchronous.adecide(user, model, cost)
+
+    def used(self, user: str, model: str, rule: Rule) -> int:
+        return self.sync.used(user, model, rule)
+
+    async def aused(self, user: str, model: str, rule: Rule) -> int:
+        return await self.asynchronous.aused(user, model, rule)
+
+    def reset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
+        self.sync.reset(user, model, rules)
+
+    async def areset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
+        await self.asynchronous.areset(user, model, rules)
+
+    def __len__(self) -> int:
+        return len(self.sync)
 
 
 def redis_prefix(storage: object) -> str | None:
     """The key prefix of a Redis storage of the contract, ``None`` for other storages."""
     if isinstance(storage, OnLoopStorage):
         storage = storage.inner
-    return storage.key_prefix if isinstance(storage, RedisStorage) else None
+    return storage.key_prefix if isinstance(storage, (RedisStorage, ClusterStorage)) else None
 
 
 def held_keys(limiter: Any) -> int:
-    """The keys a limiter holds: ``len()`` in memory, the keys under its prefix in Redis."""
+    """The keys a limiter holds: ``len()`` in memory, the keys under its prefix in Redis (on every node of
+    the cluster for the cluster storage)."""
     prefix = redis_prefix(limiter.storage)
     if prefix is None:
         return len(limiter)
-    client = live_server().client()
-    try:
-        return sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=1000))
-    finally:
-        client.close()
+    servers = live_cluster().nodes if isinstance(limiter.storage, ClusterStorage) else [live_server()]
+    count = 0
+    for server in servers:
+        client = server.client()
+        try:
+            count += sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=1000))
+        finally:
+            client.close()
+    return count
 
 
 # -- the contract ---------------------------------------------------------------------------------------
@@ -183,10 +274,13 @@ def held_keys(limiter: Any) -> int:
 StorageFactory = Callable[[FakeClock], Storage]
 STORAGES: dict[str, StorageFactory] = {
     "memory": lambda clock: MemoryStorage(clock=clock),
-    "redis": lambda clock: RedisStorage(live_server().url, key_prefix=unique_prefix(), clock=clock),
+    "redis": lambda clock: RedisStorage(
+        live_server().url, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT
+    ),
     "redis-asyncio": _redis_asyncio,
+    "redis-cluster": ClusterStorage,
 }
-_NEEDS = {"redis": "redis_server", "redis-asyncio": "redis_loop"}
+_NEEDS = {"redis": "redis_server", "redis-asyncio": "redis_loop", "redis-cluster": "redis_cluster"}
 NETWORK_STORAGES = frozenset(_NEEDS)
 """Storages with a round trip per call: tests with heavy loops scale their work down on these."""
 

@@ -1,13 +1,16 @@
-"""Real Redis for the tests: a throwaway ``redis-server`` on a free loopback port, no persistence.
+"""Real Redis for the tests: throwaway ``redis-server`` processes on free loopback ports, no persistence.
 
-``scripts/test.sh`` installs Debian's ``redis-server`` when it is missing. Without it the Redis tests fail
-(they never skip): a green run always means the Redis backend was tested.
+``RedisServer`` is one server (which the fault tests kill, restart, pause and resume); ``RedisCluster`` is a
+local cluster of three masters joined by ``redis-cli --cluster create``. ``scripts/test.sh`` installs Debian's
+``redis-server`` (with ``redis-cli``) when it is missing. Without it the Redis tests fail (they never skip):
+a green run always means the Redis backend was tested.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -17,11 +20,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
+import redis.cluster
 
 T = TypeVar("T")
 
 MISSING = (
-    "redis-server is not on PATH: the Redis tests need a real server. Install Debian's package "
+    "{} is not on PATH: the Redis tests need a real server. Install Debian's package "
     "(apt-get install -y redis-server) or run scripts/test.sh, which does."
 )
 
@@ -32,11 +36,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
-    """One ``redis-server`` process, started by ``start`` and stopped by ``stop``."""
+def _executable(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(MISSING.format(name))
+    return path
 
-    def __init__(self, directory: Path) -> None:
+
+class RedisServer:
+    """One ``redis-server`` process: ``start``, ``stop``, and for fault tests ``kill``/``restart`` (same port,
+    empty, as after a crash without persistence) and ``pause``/``resume`` (SIGSTOP/SIGCONT)."""
+
+    def __init__(self, directory: Path, *extra: str) -> None:
         self.directory = directory
+        self.extra = extra
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -51,24 +64,30 @@ class RedisServer:
     def client(self, **options: Any) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, **options)
 
+    def _spawn(self) -> None:
+        log = self.directory / f"redis-{self.port}.log"
+        self.process = subprocess.Popen(
+            [_executable("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory), "--logfile", str(log),
+             "--unixsocket", str(self.socket_path), "--unixsocketperm", "700", *self.extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
     def start(self, timeout: float = 10.0) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError(MISSING)
         for _ in range(3):  # another process may take the free port before redis-server binds it
             self.port = _free_port()
-            log = self.directory / f"redis-{self.port}.log"
-            self.process = subprocess.Popen(
-                [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.directory), "--logfile", str(log),
-                 "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            self._spawn()
             if self._wait_for_ping(timeout):
                 return
             self.stop()
         raise RuntimeError(f"redis-server did not start; see the logs in {self.directory}")
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Start again on the same port, after ``kill`` or ``stop``."""
+        self._spawn()
+        if not self._wait_for_ping(timeout):
+            raise RuntimeError(f"redis-server did not restart on port {self.port}")
 
     def _wait_for_ping(self, timeout: float) -> bool:
         client = self.client(socket_connect_timeout=0.5, socket_timeout=0.5)
@@ -82,21 +101,102 @@ class RedisServer:
                     if client.ping():
                         return True
                 except redis.ConnectionError:
-                    time.sleep(0.02)
+                    time.sleep(0.02)  # a starting process: there is no clock to inject here
             return False
         finally:
             client.close()
+
+    def _signal(self, number: signal.Signals) -> None:
+        assert self.process is not None and self.process.poll() is None, "redis-server is not running"
+        self.process.send_signal(number)
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing answers."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as in a crash."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
+        process.send_signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
         process.terminate()
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class RedisCluster:
+    """A local Redis Cluster of three masters (no replicas) on free loopback ports."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        options = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+        self.nodes = [RedisServer(_node_directory(directory, index), *options) for index in range(masters)]
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def client(self, **options: Any) -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.ports[0], **options)
+
+    def start(self, timeout: float = 30.0) -> None:
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{port}" for port in self.ports]
+            created = subprocess.run(
+                [_executable("redis-cli"), "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                 "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )  # fmt: skip
+            if created.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
+            self._wait_until_ok(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ok(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            client = node.client(socket_timeout=1)
+            try:
+                while client.cluster("INFO").get("cluster_state") != "ok":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the cluster did not reach cluster_state:ok")
+                    time.sleep(0.05)  # nodes gossiping their way to agreement: nothing to inject
+            finally:
+                client.close()
+
+    def flush(self) -> None:
+        for node in self.nodes:
+            client = node.client()
+            client.flushall()
+            client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _node_directory(directory: Path, index: int) -> Path:
+    path = directory / f"node-{index}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class LoopThread:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -19,6 +21,7 @@ from werkzeug.test import Client
 from ratelimit_middleware import RateLimiter
 from ratelimit_middleware.grpc import RateLimitInterceptor
 
+from .redis_server import RedisServer
 from .servers import ROOT
 
 SNIPPET = re.compile(r"<!-- check: ([\w-]+) -->\n```python\n(.*?)```", re.DOTALL)
@@ -285,6 +288,55 @@ def check_metrics() -> None:
     labels = 'model="m",outcome="shadow_denied",tier="per_user_model",unit="requests"'
     assert f"ratelimit_decisions_total{{{labels}}} 1.0" in text
     assert [event.kind for event in namespace["audit"]] == ["shadow_denied"]
+
+
+@contextmanager
+def redis_url() -> Iterator[RedisServer]:
+    """A redis-server of the check's own, its URL in ``REDIS_URL`` as the snippets expect."""
+    with tempfile.TemporaryDirectory() as directory:
+        server = RedisServer(Path(directory))
+        server.start()
+        saved = os.environ.get("REDIS_URL")
+        os.environ["REDIS_URL"] = server.url
+        try:
+            yield server
+        finally:
+            if saved is None:
+                del os.environ["REDIS_URL"]
+            else:
+                os.environ["REDIS_URL"] = saved
+            server.stop()
+
+
+def check_redis() -> None:
+    with redis_url() as server:
+        client = TestClient(run("redis")["app"])
+
+        def chat() -> Any:
+            return client.post("/v1/chat/completions", json={"model": "m"}, headers={"X-User-ID": "a"})
+
+        assert statuses(chat, 21) == [200] * 20 + [429]
+        admin = server.client()
+        assert all(key.startswith(b"myapi:") for key in admin.scan_iter())
+        admin.close()
+        server.kill()  # on_error="local": this process now counts alone, and still limits
+        assert statuses(chat, 21) == [200] * 20 + [429]
+
+
+def check_redis_clients() -> None:
+    with redis_url():
+        namespace = run("redis-clients")
+        assert asyncio.run(namespace["handle"]("alice"))
+        assert namespace["limiter"].get_request_count("alice", "gpt-4") == 2  # one count for both
+
+
+def check_redis_failures() -> None:
+    with redis_url() as server:
+        handle = run("redis-failures")["handle"]
+        assert handle("alice") == (200, {})
+        server.kill()
+        status, headers = handle("alice")
+        assert status == 503 and int(headers["Retry-After"]) >= 1
 
 
 CHECKS = {

@@ -6,6 +6,9 @@ from the environment: ``RATELIMIT_POLICY``, a policy file of plans (``examples/p
 - ``RATELIMIT_PER_USER_MODEL`` (default ``"20/minute"``): each user on each model;
 - ``RATELIMIT_PER_MODEL`` (default ``"600/minute"``): all users of one model together.
 
+With ``REDIS_URL`` set (``redis://host:6379/0``), the limits live in that Redis and every process of the app
+shares them; otherwise each process counts in memory.
+
 Users are told apart by ``X-User-ID``, else their API key (``Authorization: Bearer ...``), else their address;
 the model comes from ``X-Model`` or the body's ``"model"``. ``/health`` is never limited.
 """
@@ -36,14 +39,21 @@ def build_limiter() -> MultiTierRateLimiter | Plans:
     """The limiter the app uses, configured from the environment.
 
     ``RATELIMIT_POLICY`` names a policy file (TOML or YAML plans, see ``examples/policies``); without it,
-    ``RATELIMIT_PER_USER_MODEL`` and ``RATELIMIT_PER_MODEL`` set the request limits.
+    ``RATELIMIT_PER_USER_MODEL`` and ``RATELIMIT_PER_MODEL`` set the request limits. ``REDIS_URL`` puts the
+    state in Redis (shared by every process), else it stays in memory.
     """
-    plans = Plans.from_env()
+    storage = None
+    if os.environ.get("REDIS_URL"):
+        from ratelimit_middleware import RedisStorage  # needs the redis extra
+
+        storage = RedisStorage(os.environ["REDIS_URL"])
+    plans = Plans.from_env(storage=storage)
     if plans is not None:
         return plans
     return MultiTierRateLimiter(
         per_user_model=os.environ.get("RATELIMIT_PER_USER_MODEL", "20/minute"),
         per_model=os.environ.get("RATELIMIT_PER_MODEL", "600/minute"),
+        storage=storage,
     )
 
 

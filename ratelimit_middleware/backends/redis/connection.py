@@ -1,169 +1,246 @@
-"""The clients a Redis storage talks through, and the one place that sends them commands.
+"""The one place that sends a storage's commands: scripts by SHA, in as few round trips as possible, in time.
 
-A storage is given a ``redis.Redis`` (sync methods only), a ``redis.asyncio.Redis`` (async methods only) or a
-URL (``redis://``, ``rediss://``, ``unix://``): then a sync client serves the sync methods and an asyncio
-client the async ones, each created on first use (one per event loop, since an asyncio connection belongs to
-the loop that opened it). Nothing here contacts Redis before the first command.
+A ``Connection`` serves the sync methods through one transport (a pool, or a cluster client) and the async
+methods through one per event loop (an asyncio connection belongs to the loop that opened it), all built by
+``clients.Endpoint`` with the limiter's timeout and without retries. Scripts go by EVALSHA; after a Redis
+restart or ``SCRIPT FLUSH`` (NOSCRIPT) they go again by EVAL, which also caches them: a script that got
+NOSCRIPT did not run, so it is never run twice. On a standalone Redis the async calls of an event loop are
+coalesced into pipelined batches (see ``coalescer``).
+
+Time bounds: a sync call waits at most ``timeout`` per socket operation (connect, then each reply); an async
+call has a hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the calling
+task), after which its connection is closed. Errors are redis-py's (``ConnectionError``, ``TimeoutError``,
+``ResponseError``...): the storage decides what they mean.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import sys
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
-import redis
-import redis.asyncio
-import redis.asyncio.client
-import redis.asyncio.cluster
-import redis.client
-import redis.cluster
-import redis.connection
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .clients import Endpoint, RedisClient
+from .coalescer import Coalescer
+from .keyspace import slot_groups
 from .scripts import Script
+from .transport import AsyncCluster, AsyncPool, AsyncTransport, Command, SyncCluster, SyncPool, SyncTransport
 
-__all__ = ["AsyncClient", "Connection", "RedisClient", "SyncClient"]
+__all__ = ["Arg", "Call", "Connection"]
 
-
-class SyncClient(Protocol):
-    """What a sync client must offer: ``redis.Redis`` and its look-alikes."""
-
-    def execute_command(self, *args: Any, **options: Any) -> Any: ...
-
-
-class AsyncClient(Protocol):
-    """What an asyncio client must offer: ``redis.asyncio.Redis`` and its look-alikes."""
-
-    async def execute_command(self, *args: Any, **options: Any) -> Any: ...
-
-
-RedisClient = SyncClient | AsyncClient | str
-"""A ``redis.Redis``, a ``redis.asyncio.Redis``, or a URL."""
-
-_CLUSTER_TYPES = (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)
-_PIPELINE_TYPES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
-_parse_url: Callable[[str], object] = redis.connection.parse_url
+T = TypeVar("T")
 Arg = bytes | str
 
 
+if sys.version_info >= (3, 11):
+
+    async def _within(work: Callable[[], Awaitable[T]], seconds: float) -> T:
+        async with asyncio.timeout(seconds):  # in the calling task: a batch is sent before anything else runs
+            return await work()
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _within(work: Callable[[], Awaitable[T]], seconds: float) -> T:
+        return await asyncio.wait_for(work(), seconds)
+
+
+class Call(NamedTuple):
+    """One script call: the script, its keys (one slot on a cluster) and its arguments."""
+
+    script: Script
+    keys: Sequence[bytes]
+    args: Sequence[Arg]
+
+    def by_sha(self) -> Command:
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
+    def by_source(self) -> Command:
+        return ("EVAL", self.script.source, len(self.keys), *self.keys, *self.args)
+
+
+def _raised(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+class _LoopState(NamedTuple):
+    transport: AsyncTransport
+    coalescer: Coalescer[Call] | None
+
+
 class Connection:
-    """The sync and asyncio clients of one storage; every command goes through ``evaluate``/``delete``."""
+    """The transports of one storage, and the commands a backend needs: scripts and deletes.
 
-    def __init__(self, client: RedisClient) -> None:
-        self._url: str | None = None
-        self._sync: SyncClient | None = None
-        self._async: AsyncClient | None = None
+    ``round_trips`` counts the requests sent to Redis (a pipelined batch counts once), for tests and
+    benchmarks.
+    """
+
+    def __init__(self, client: RedisClient, *, timeout: float) -> None:
+        self.endpoint = Endpoint(client, timeout)
+        self.timeout = timeout
+        self.cluster = self.endpoint.cluster
+        self.round_trips = 0
+        self._sync: SyncTransport | None = None
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._lock = threading.Lock()
-        self._own_sync: redis.Redis | None = None
-        self._loop_clients: dict[asyncio.AbstractEventLoop, redis.asyncio.Redis] = {}
-        if isinstance(client, str):
-            _parse_url(client)  # a bad URL fails here, naming the schemes; nothing connects yet
-            self._url = client
-        elif isinstance(client, _CLUSTER_TYPES):
-            raise TypeError(
-                "Redis Cluster clients are not supported yet: pass a redis.Redis, a redis.asyncio.Redis or a "
-                "redis:// URL"
-            )
-        elif isinstance(client, _PIPELINE_TYPES):
-            raise TypeError("pass a Redis client, not a pipeline: the limiter sends its own commands")
-        elif inspect.iscoroutinefunction(getattr(client, "execute_command", None)):
-            self._async = client
-        elif callable(getattr(client, "execute_command", None)):
-            self._sync = client
-        else:
-            raise TypeError(
-                f"client must be a redis.Redis, a redis.asyncio.Redis or a redis://, rediss:// or unix:// "
-                f"URL, got {client!r}"
-            )
 
-    # -- clients -------------------------------------------------------------------------------------
-
-    def sync_client(self) -> SyncClient:
-        """The client for sync calls; ``TypeError`` if the storage was given an asyncio client."""
-        client = self._sync if self._sync is not None else self._own_sync
-        if client is not None:
-            return client
-        if self._url is None:
-            raise TypeError(
-                "this Redis limiter was given an asyncio client (redis.asyncio.Redis): use the async "
-                "methods (acheck, aallow, aget_request_count, areset), or pass a redis.Redis or a URL"
-            )
-        with self._lock:
-            if self._own_sync is None:
-                self._own_sync = redis.Redis.from_url(self._url)
-            return self._own_sync
-
-    def async_client(self) -> AsyncClient:
-        """The client for async calls in the running loop; ``TypeError`` if given a sync client."""
-        client = self._async
-        if client is not None:
-            return client
-        if self._url is None:
-            raise TypeError(
-                "this Redis limiter was given a sync client (redis.Redis): use the sync methods (check, "
-                "allow, get_request_count, reset), or pass a redis.asyncio.Redis or a URL"
-            )
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            own = self._loop_clients.get(loop)
-            if own is None:
-                # Clients of loops that have closed can serve no one: forget them (``aclose`` them before
-                # their loop ends to close their connections cleanly).
-                for old in [old for old in self._loop_clients if old.is_closed()]:
-                    del self._loop_clients[old]
-                own = self._loop_clients[loop] = redis.asyncio.Redis.from_url(self._url)
-            return own
+    # -- which methods ---------------------------------------------------------------------------------
 
     def check_sync(self) -> None:
-        """Raise the ``TypeError`` of ``sync_client`` without creating a client."""
-        if self._sync is None and self._url is None:
-            self.sync_client()
+        """``TypeError`` if this storage was given an asyncio client."""
+        if not self.endpoint.serves_sync:
+            raise TypeError(
+                "this Redis limiter was given an asyncio client (redis.asyncio.Redis or its RedisCluster): "
+                "use the async methods (acheck, aallow, aget_request_count, areset), or pass a sync "
+                "client or a URL"
+            )
 
     def check_async(self) -> None:
-        """Raise the ``TypeError`` of ``async_client`` without creating a client."""
-        if self._async is None and self._url is None:
-            self.async_client()
+        """``TypeError`` if this storage was given a sync client."""
+        if not self.endpoint.serves_async:
+            raise TypeError(
+                "this Redis limiter was given a sync client (redis.Redis or redis.cluster.RedisCluster): "
+                "use the sync methods (check, allow, get_request_count, reset), or pass an asyncio client "
+                "or a URL"
+            )
+
+    # -- transports ------------------------------------------------------------------------------------
+
+    def _sync_transport(self) -> SyncTransport:
+        transport = self._sync
+        if transport is None:
+            self.check_sync()
+            with self._lock:
+                if self._sync is None:
+                    endpoint = self.endpoint
+                    self._sync = (
+                        SyncCluster(endpoint.sync_cluster)
+                        if endpoint.cluster
+                        else SyncPool(endpoint.sync_pool())
+                    )
+                transport = self._sync
+        return transport
+
+    def _loop_state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            self.check_async()
+            with self._lock:
+                # States of loops that have closed can serve no one: forget them (``aclose`` before a loop
+                # ends closes its connections cleanly).
+                for old in [old for old in self._loops if old.is_closed()]:
+                    del self._loops[old]
+                endpoint = self.endpoint
+                if endpoint.cluster:
+                    state = _LoopState(AsyncCluster(endpoint.async_cluster()), None)
+                else:
+                    coalescer = Coalescer(loop, self._flush, self.timeout)
+                    state = _LoopState(AsyncPool(endpoint.async_pool()), coalescer)
+                self._loops[loop] = state
+        return state
 
     def close(self) -> None:
-        """Close the sync client made from the URL (a client passed in belongs to the caller)."""
+        """Close the sync connections (they reopen on the next call)."""
         with self._lock:
-            client, self._own_sync = self._own_sync, None
-        if client is not None:
-            client.close()
+            transport, self._sync = self._sync, None
+        if transport is not None:
+            transport.close()
 
     async def aclose(self) -> None:
-        """Close the asyncio client made from the URL for the running loop."""
+        """Close the running event loop's connections (they reopen on the next call)."""
         with self._lock:
-            client = self._loop_clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+            state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is not None:
+            await state.transport.aclose()
 
-    # -- commands ------------------------------------------------------------------------------------
+    # -- sync ------------------------------------------------------------------------------------------
 
-    def evaluate(self, script: Script, keys: Sequence[bytes], args: Sequence[Arg]) -> Any:
-        """Run ``script`` by EVALSHA; after a Redis restart or ``SCRIPT FLUSH`` (NOSCRIPT), by EVAL, which
-        also caches it again. Either way the script ran exactly once."""
-        client = self.sync_client()
-        try:
-            return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+    def _send(self, transport: SyncTransport, commands: Sequence[Command]) -> list[Any]:
+        self.round_trips += 1 if transport.pipelined else len(commands)
+        return transport.send(commands)
 
-    async def aevaluate(self, script: Script, keys: Sequence[bytes], args: Sequence[Arg]) -> Any:
-        """``evaluate`` for event loops."""
-        client = self.async_client()
-        try:
-            return await client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+    def run(self, calls: Sequence[Call]) -> list[Any]:
+        """One reply per call, a call's error reply in its place: one round trip on a standalone Redis (and
+        one more for the calls whose script Redis had lost)."""
+        transport = self._sync_transport()
+        replies = self._send(transport, [call.by_sha() for call in calls])
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:
+            for i, reply in zip(
+                lost, self._send(transport, [calls[i].by_source() for i in lost]), strict=True
+            ):
+                replies[i] = reply
+        return replies
+
+    def evaluate(self, call: Call) -> Any:
+        """The reply of one script call."""
+        return _raised(self.run([call])[0])
+
+    def evaluate_all(self, calls: Sequence[Call]) -> list[Any]:
+        """The replies of several script calls (on a cluster, each to its slot); raises the first error."""
+        return [_raised(reply) for reply in self.run(calls)]
+
+    def _deletions(self, keys: Sequence[bytes]) -> list[Command]:
+        groups = slot_groups(keys) if self.cluster else [list(range(len(keys)))]
+        return [("DEL", *(keys[i] for i in group)) for group in groups]
 
     def delete(self, keys: Sequence[bytes]) -> None:
-        """Delete ``keys`` (one command)."""
-        self.sync_client().execute_command("DEL", *keys)
+        """Delete ``keys`` (one command per slot on a cluster)."""
+        transport = self._sync_transport()
+        for reply in self._send(transport, self._deletions(keys)):
+            _raised(reply)
+
+    # -- async -----------------------------------------------------------------------------------------
+
+    async def _deadline(self, work: Callable[[], Awaitable[T]], seconds: float | None = None) -> T:
+        """``work()`` within ``seconds`` (default: the timeout), else ``redis.TimeoutError``."""
+        seconds = self.timeout if seconds is None else seconds
+        if seconds <= 0:
+            raise RedisTimeoutError(f"no reply from Redis within {self.timeout:g} s")
+        try:
+            return await _within(work, seconds)
+        except asyncio.TimeoutError:
+            raise RedisTimeoutError(f"no reply from Redis within {self.timeout:g} s") from None
+
+    async def _asend(self, transport: AsyncTransport, commands: Sequence[Command]) -> list[Any]:
+        self.round_trips += 1 if transport.pipelined else len(commands)
+        return await transport.send(commands)
+
+    async def _arun(self, transport: AsyncTransport, calls: Sequence[Call]) -> list[Any]:
+        replies = await self._asend(transport, [call.by_sha() for call in calls])
+        lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if lost:
+            again = await self._asend(transport, [calls[i].by_source() for i in lost])
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _flush(self, calls: list[Call], seconds: float) -> list[Any]:
+        """A coalesced batch, within the ``seconds`` its oldest call has left."""
+        transport = self._loop_state().transport
+        return await self._deadline(lambda: self._arun(transport, calls), seconds)
+
+    async def aevaluate(self, call: Call) -> Any:
+        """``evaluate`` for event loops: on a standalone Redis, batched with the loop's other calls."""
+        state = self._loop_state()
+        if state.coalescer is not None:
+            return _raised(await state.coalescer.submit(call))
+        return _raised((await self._deadline(lambda: self._arun(state.transport, [call])))[0])
+
+    async def aevaluate_all(self, calls: Sequence[Call]) -> list[Any]:
+        """``evaluate_all`` for event loops: the calls sent together, within one deadline."""
+        state = self._loop_state()
+        replies = await self._deadline(lambda: self._arun(state.transport, calls))
+        return [_raised(reply) for reply in replies]
 
     async def adelete(self, keys: Sequence[bytes]) -> None:
         """``delete`` for event loops."""
-        await self.async_client().execute_command("DEL", *keys)
+        transport = self._loop_state().transport
+        for reply in await self._deadline(lambda: self._asend(transport, self._deletions(keys))):
+            _raised(reply)

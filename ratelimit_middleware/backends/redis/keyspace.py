@@ -12,15 +12,19 @@ limiter places one hash tag itself (Redis Cluster hashes only the text in the fi
 - ``per_user_model`` ``{user}:model`` and ``per_user`` ``{user}``: every key of one user shares a slot, so
   these tiers are decided in one script on a cluster too;
 - ``per_model`` ``{model}`` and ``global`` ``{global}``: shared by all users, on slots of their own.
+
+On a cluster, ``slot_groups`` splits the keys of one decision by slot: one script per slot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from redis.crc import key_slot
 
 from ...policy import Policy, Rule
 
-__all__ = ["check_prefix", "escape", "rule_key_maker"]
+__all__ = ["check_prefix", "escape", "rule_key_maker", "slot_groups"]
 
 _ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
@@ -76,3 +80,11 @@ def rule_key_maker(prefix: str, policy: Policy) -> Callable[[Rule, str, str], by
         return makers[rule.index](bases[rule.index], user, model)
 
     return key
+
+
+def slot_groups(keys: Sequence[bytes]) -> list[list[int]]:
+    """The indexes of ``keys`` grouped by Redis Cluster slot, each group in key order."""
+    groups: dict[int, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key_slot(key), []).append(index)
+    return list(groups.values())

@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 from ...config import LimitSpec
 from ...limiter import RateLimiter
-from .connection import RedisClient
-from .storage import RedisStorage
+from .breaker import CircuitBreaker
+from .clients import RedisClient
+from .failover import OnError
+from .storage import DEFAULT_TIMEOUT, RedisStorage
 
 __all__ = ["RedisRateLimiter"]
 
@@ -16,10 +18,10 @@ class RedisRateLimiter(RateLimiter):
     """``RateLimiter`` with its state in Redis: the same methods, algorithms and decisions, one limit shared
     by every process that uses the same Redis, ``key_prefix`` and limit.
 
-    ``client`` is a ``redis.Redis`` (sync methods), a ``redis.asyncio.Redis`` (``a*`` methods) or a URL
-    (both). ``clock`` is a testing hook replacing Redis' ``TIME`` (see ``RedisStorage``). ``len()`` raises
-    ``TypeError``: the keys live in Redis. Use ``MultiTierRateLimiter(..., storage=RedisStorage(client))``
-    for several tiers.
+    ``client`` is a ``redis.Redis`` or ``RedisCluster`` (sync methods), their ``redis.asyncio`` twins (``a*``
+    methods) or a URL (both). ``timeout``, ``on_error``, ``breaker`` and ``clock`` (a testing hook replacing
+    Redis' ``TIME``) are those of ``RedisStorage``. ``len()`` raises ``TypeError``: the keys live in Redis.
+    Use ``MultiTierRateLimiter(..., storage=RedisStorage(client))`` for several tiers.
     """
 
     storage: RedisStorage
@@ -33,12 +35,12 @@ class RedisRateLimiter(RateLimiter):
         limit: LimitSpec | None = None,
         algorithm: str = "sliding_log",
         key_prefix: str = "ratelimit",
+        timeout: float = DEFAULT_TIMEOUT,
+        on_error: OnError = "allow",
+        breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        super().__init__(
-            max_requests,
-            window_seconds,
-            limit=limit,
-            algorithm=algorithm,
-            storage=RedisStorage(client, key_prefix=key_prefix, clock=clock),
+        storage = RedisStorage(
+            client, key_prefix=key_prefix, timeout=timeout, on_error=on_error, breaker=breaker, clock=clock
         )
+        super().__init__(max_requests, window_seconds, limit=limit, algorithm=algorithm, storage=storage)

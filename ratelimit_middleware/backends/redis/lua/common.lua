@@ -1,12 +1,11 @@
--- Shared helpers, prepended to every algorithm's script (see scripts.py). Each script evaluates every rule
--- of one decision: KEYS holds one key per rule, ARGV is
---   mode ('decide' or 'used'), now ('' = Redis TIME), cost, ttl_pad_ms, then limit and window per rule.
+-- Shared helpers, prepended to every algorithm's script (see scripts.py and driver.lua for KEYS and ARGV).
 -- Floats cross the reply as strings ('%.17g': exact), since Redis truncates Lua numbers to integers. The
 -- arithmetic mirrors the Python algorithms operation for operation, so both backends agree to the bit.
 
 if redis.replicate_commands then redis.replicate_commands() end -- Redis < 5: TIME before writes
 
 local function fmt(x)
+  if x == 0 then return '0' end
   return string.format('%.17g', x)
 end
 
@@ -27,6 +26,13 @@ local function floordiv(x, y)
   local floored = math.floor(div)
   if div - floored > 0.5 then floored = floored + 1.0 end
   return floored
+end
+
+-- min(max(x, 0), limit): a settled count is never negative, and a window never more than full.
+local function clamp(x, limit)
+  if x < 0 then return 0 end
+  if x > limit then return limit end
+  return x
 end
 
 -- Milliseconds for PEXPIRE: at least 1, rounded up, plus the pad an injected clock asks for.

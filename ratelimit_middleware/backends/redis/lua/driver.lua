@@ -1,7 +1,11 @@
--- The decision, appended to every algorithm's script: check every rule, write only if all allow.
+-- The modes of every script, appended to its algorithm. KEYS holds one key per rule; ARGV is
+--   mode ('decide', 'reserve', 'adjust', 'refund' or 'used'), now ('' = Redis TIME), ttl_pad_ms, at
+--   ('adjust' and 'refund': when the charge was made), then per rule: limit, window, amount (its cost for
+--   'decide', 'reserve' and 'refund', its change for 'adjust').
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
--- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad) and
--- used(key, state, limit, window, now).
+-- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad),
+-- adjust(key, state, limit, window, now, at, delta, pad), refund(key, state, limit, window, now, at, cost,
+-- pad) and used(key, state, limit, window, now).
 
 local now
 if ARGV[2] == '' then
@@ -10,28 +14,47 @@ if ARGV[2] == '' then
 else
   now = tonumber(ARGV[2])
 end
-local cost = tonumber(ARGV[3])
-local pad = tonumber(ARGV[4])
+local pad = tonumber(ARGV[3])
 
-if ARGV[1] == 'used' then
-  return used(KEYS[1], read_state(KEYS[1]), tonumber(ARGV[5]), tonumber(ARGV[6]), now)
+local limits, windows, amounts = {}, {}, {}
+for i = 1, #KEYS do
+  limits[i], windows[i], amounts[i] = tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
 end
 
+if ARGV[1] == 'used' then
+  return used(KEYS[1], read_state(KEYS[1]), limits[1], windows[1], now)
+end
+
+-- Settle a charge made at `at` (by 'decide', whose reply ends with that time): 'adjust' moves each rule by
+-- its delta (token settlements), 'refund' takes back each rule's cost (a charge that was never granted).
+if ARGV[1] == 'adjust' or ARGV[1] == 'refund' then
+  local settle = adjust
+  if ARGV[1] == 'refund' then settle = refund end
+  local at = tonumber(ARGV[4])
+  for i = 1, #KEYS do
+    if amounts[i] ~= 0 then settle(KEYS[i], read_state(KEYS[i]), limits[i], windows[i], now, at, amounts[i], pad) end
+  end
+  return fmt(now)
+end
+
+-- Check every rule, write only if all allow. The reply: allowed, remaining, retry_after, reset_after per
+-- rule; for 'reserve', then the time of the charge (which 'adjust' and 'refund' take).
 local states, reply, all_allow = {}, {}, true
 for i = 1, #KEYS do
   local state = read_state(KEYS[i])
   states[i] = state
   local allowed, remaining, retry_after, reset_after =
-    evaluate(KEYS[i], state, tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i]), now, cost)
+    evaluate(KEYS[i], state, limits[i], windows[i], now, amounts[i])
   if allowed == 0 then all_allow = false end
   reply[4 * i - 3] = allowed
   reply[4 * i - 2] = remaining
   reply[4 * i - 1] = fmt(retry_after)
   reply[4 * i] = fmt(reset_after)
 end
-if all_allow and cost > 0 then
+if all_allow then
   for i = 1, #KEYS do
-    commit(KEYS[i], states[i], tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i]), now, cost, pad)
+    if amounts[i] > 0 then commit(KEYS[i], states[i], limits[i], windows[i], now, amounts[i], pad) end
   end
 end
+if ARGV[1] == 'reserve' then reply[4 * #KEYS + 1] = fmt(now) end
 return reply

@@ -29,7 +29,31 @@ end
 
 local function commit(key, state, limit, window, now, cost, pad)
   local k, units = current(state, window, now)
-  redis.call('SET', key, fmt(k) .. ':' .. fmt(units + cost), 'PX', ttl_ms((k + 1) * window - now, pad))
+  redis.call('SET', key, string.format('%d:%d', k, units + cost), 'PX', ttl_ms((k + 1) * window - now, pad))
+end
+
+-- A charge made at `at` moves by delta while its window is the current one (never below 0 nor above the
+-- limit); once that window is over, nothing changes.
+local function adjust(key, state, limit, window, now, at, delta, pad)
+  local k = floordiv(at, window)
+  if k ~= floordiv(now, window) then return end
+  local units = 0
+  if state then
+    if state.k > k then return end -- Redis' clock stepped back: leave the later window alone
+    if state.k == k then units = state.used end
+  end
+  units = clamp(units + delta, limit)
+  if units == 0 then -- the same as no state: leave none
+    if state then redis.call('DEL', key) end
+    return
+  end
+  redis.call('SET', key, string.format('%d:%d', k, units), 'PX', ttl_ms((k + 1) * window - now, pad))
+end
+
+-- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
+-- another slot denied): an adjustment by -cost.
+local function refund(key, state, limit, window, now, at, cost, pad)
+  adjust(key, state, limit, window, now, at, -cost, pad)
 end
 
 local function used(key, state, limit, window, now)

@@ -31,6 +31,30 @@ local function commit(key, state, limit, window, now, cost, pad)
   redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now, pad))
 end
 
+-- An overage is charged as if at `at` (what has drained since stays drained); a refund gives back at most
+-- what has not drained yet (a bucket is never fuller than full).
+local function adjust(key, state, limit, window, now, at, delta, pad)
+  local tat
+  if delta >= 0 then
+    tat = arrival(state, at) + delta * (window / limit)
+    if tat <= now then return end
+  else
+    if not state or state <= now then return end
+    tat = state + delta * (window / limit)
+    if tat <= now then
+      redis.call('DEL', key)
+      return
+    end
+  end
+  redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now, pad))
+end
+
+-- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
+-- another slot denied): an adjustment by -cost.
+local function refund(key, state, limit, window, now, at, cost, pad)
+  adjust(key, state, limit, window, now, at, -cost, pad)
+end
+
 local function used(key, state, limit, window, now)
   if not state or state <= now then return 0 end
   return math.ceil((state - now) / (window / limit) - SLACK)

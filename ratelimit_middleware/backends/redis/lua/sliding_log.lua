@@ -1,28 +1,45 @@
--- Sliding window log (algorithms/sliding_log.py). One ZSET per key: score = the request's time, member =
--- '<cumulative cost, 16 digits>:<cost>', one member per request whatever its cost. The cumulative costs
--- (zero-padded, so equal times still sort in order) make every count two lookups, not a sum: the units in
--- the window are the last member's cumulative cost minus the cumulative cost before the first live one.
--- A request at t counts in [t, t + window): live entries have time > now - window. Expired entries are
--- trimmed on each write; the key expires one window after its newest entry.
+-- Sliding window log (algorithms/sliding_log.py). One ZSET per key, one member per request whatever its
+-- cost: score = the request's time, member = '<cumulative cost before it>:<cost>', the cumulative cost
+-- written with its digit count first ('C123' for 123: 'A'..'P' for 1..16 digits), so that entries of one
+-- instant still sort in log order, in a few bytes. The cumulative costs make every count two lookups, not a
+-- sum: the units in the window are the last entry's cumulative cost and cost, minus the cumulative cost
+-- before the first live entry. A request at t counts in [t, t + window): live entries have time > now -
+-- window. Expired entries are trimmed on writes; the key expires one window after its newest entry.
+-- A settled entry may keep a cost of 0 (as in memory): its member then ends with its time, so that two such
+-- entries never share a member.
 
 local function entry(member)
-  local cum, cost = string.match(member, '^([^:]+):(.+)$')
-  return tonumber(cum), tonumber(cost)
+  local before, cost = string.match(member, '^.(%d+):(%d+)')
+  return tonumber(before), tonumber(cost)
 end
 
--- The last entry's cumulative cost and time, or false for a key never seen (or expired).
+local function member(before, cost, at)
+  local digits = string.format('%d', before)
+  if cost == 0 then return string.format('%c%s:0:%s', 64 + #digits, digits, fmt(at)) end
+  return string.format('%c%s:%d', 64 + #digits, digits, cost)
+end
+
+-- The log's cumulative cost and newest time, and its oldest entry (time, and cumulative cost before it: the
+-- base of the count while nothing has expired); false for a key never seen (or expired).
 local function read_state(key)
   local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   if #last == 0 then return false end
-  return { total = entry(last[1]), last_time = tonumber(last[2]) }
+  local before, cost = entry(last[1])
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return {
+    total = before + cost,
+    last_time = tonumber(last[2]),
+    first_before = (entry(first[1])),
+    first_time = tonumber(first[2]),
+  }
 end
 
 -- The cumulative cost before the first live entry (all of it when none is live).
 local function before_live(key, state, cutoff)
+  if state.first_time > cutoff then return state.first_before end -- nothing has expired
   local first = redis.call('ZRANGEBYSCORE', key, '(' .. fmt(cutoff), '+inf', 'LIMIT', 0, 1)
   if #first == 0 then return state.total end
-  local cum, cost = entry(first[1])
-  return cum - cost
+  return (entry(first[1]))
 end
 
 local function evaluate(key, state, limit, window, now, cost)
@@ -40,14 +57,14 @@ local function evaluate(key, state, limit, window, now, cost)
     return 1, limit - after, 0, last_expiry
   end
   -- Entries up to and including rank k must leave the window: the first live one whose cumulative cost
-  -- reaches total + cost - limit. Binary search by rank (cumulative costs grow with rank).
+  -- (with its own) reaches total + cost - limit. Binary search by rank (cumulative costs grow with rank).
   local target = state.total + cost - limit
   local lo = redis.call('ZCOUNT', key, '-inf', fmt(cutoff))
   local hi = redis.call('ZCARD', key) - 1
   while lo < hi do
     local mid = math.floor((lo + hi) / 2)
-    local cum = entry(redis.call('ZRANGE', key, mid, mid)[1])
-    if cum >= target then hi = mid else lo = mid + 1 end
+    local before, mid_cost = entry(redis.call('ZRANGE', key, mid, mid)[1])
+    if before + mid_cost >= target then hi = mid else lo = mid + 1 end
   end
   local found = redis.call('ZRANGE', key, lo, lo, 'WITHSCORES')
   return 0, 0, tonumber(found[2]) + window - now, last_expiry
@@ -59,10 +76,89 @@ local function commit(key, state, limit, window, now, cost, pad)
     total = state.total
     -- Never log before the newest entry (Redis' clock stepped back): the log stays in time order.
     if state.last_time > now then at = state.last_time end
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - window))
+    if state.first_time <= now - window then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - window))
+    end
   end
-  redis.call('ZADD', key, fmt(at), string.format('%016.0f:%s', total + cost, fmt(cost)))
+  redis.call('ZADD', key, fmt(at), member(total, cost, at))
   redis.call('PEXPIRE', key, ttl_ms(at + window - now, pad))
+end
+
+-- Run `command` on key with `values`, a thousand at a time (Lua's stack limits unpack).
+local function chunked(command, key, values, step)
+  for i = 1, #values, step do
+    redis.call(command, key, unpack(values, i, math.min(i + step - 1, #values)))
+  end
+end
+
+-- The entries logged at `at` settle as one (they expire together): an overage goes on the last of them (or
+-- on a new entry at `at` if there is none), a refund takes from the last ones first, never below a cost of
+-- 0; every later entry's cumulative cost moves by the change. Once `at` has left the window, nothing changes.
+local function adjust(key, state, limit, window, now, at, delta, pad)
+  if at <= now - window then return end
+  local stamp = fmt(at)
+  local run = redis.call('ZRANGEBYSCORE', key, stamp, stamp)
+  local later = redis.call('ZRANGEBYSCORE', key, '(' .. stamp, '+inf', 'WITHSCORES')
+  local base, costs = 0, {}
+  if #run == 0 then
+    if delta <= 0 then return end
+    local previous = redis.call('ZREVRANGEBYSCORE', key, '(' .. stamp, '-inf', 'LIMIT', 0, 1)
+    if #previous > 0 then
+      local before, cost = entry(previous[1])
+      base = before + cost
+    elseif #later > 0 then
+      base = entry(later[1])
+    end
+    costs[1] = delta
+  else
+    base = entry(run[1])
+    for i = 1, #run do
+      local _, cost = entry(run[i])
+      costs[i] = cost
+    end
+    if delta >= 0 then
+      costs[#costs] = costs[#costs] + delta
+    else
+      local owed = -delta
+      for i = #costs, 1, -1 do
+        local taken = math.min(costs[i], owed)
+        costs[i] = costs[i] - taken
+        owed = owed - taken
+        if owed == 0 then break end
+      end
+    end
+  end
+  -- Remove every entry to rewrite before adding any back, so that a new member never meets an old one.
+  local old, new, before = {}, {}, base
+  for i = 1, #run do old[#old + 1] = run[i] end
+  for i = 1, #costs do
+    new[#new + 1] = stamp
+    new[#new + 1] = member(before, costs[i], at)
+    before = before + costs[i]
+  end
+  for i = 1, #later, 2 do
+    local _, cost = entry(later[i])
+    old[#old + 1] = later[i]
+    new[#new + 1] = later[i + 1]
+    new[#new + 1] = member(before, cost, tonumber(later[i + 1]))
+    before = before + cost
+  end
+  chunked('ZREM', key, old, 1000)
+  chunked('ZADD', key, new, 1000)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIRE', key, ttl_ms(tonumber(last[2]) + window - now, pad))
+end
+
+-- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
+-- another slot denied): an adjustment by -cost, after which the entries it emptied go, as if never logged.
+local function refund(key, state, limit, window, now, at, cost, pad)
+  adjust(key, state, limit, window, now, at, -cost, pad)
+  local emptied = {}
+  for _, logged in ipairs(redis.call('ZRANGEBYSCORE', key, fmt(at), fmt(at))) do
+    local _, logged_cost = entry(logged)
+    if logged_cost == 0 then emptied[#emptied + 1] = logged end
+  end
+  if #emptied > 0 then chunked('ZREM', key, emptied, 1000) end
 end
 
 local function used(key, state, limit, window, now)

@@ -47,8 +47,34 @@ end
 
 local function commit(key, state, limit, window, now, cost, pad)
   local k, start, at, previous, units = counts(state, window, now)
-  local value = fmt(k) .. ':' .. fmt(previous) .. ':' .. fmt(units + cost)
+  local value = string.format('%d:%d:%d', k, previous, units + cost)
   redis.call('SET', key, value, 'PX', ttl_ms(start + 2 * window - now, pad))
+end
+
+-- A charge made at `at` moves by delta in the window it was counted in, current or previous (never below 0
+-- nor above the limit); once it no longer counts, nothing changes.
+local function adjust(key, state, limit, window, now, at, delta, pad)
+  local k, start, _, previous, units = counts(state, window, now)
+  local charged_in = floordiv(at, window)
+  if charged_in == k then
+    units = clamp(units + delta, limit)
+  elseif charged_in == k - 1 then
+    previous = clamp(previous + delta, limit)
+  else
+    return
+  end
+  if previous == 0 and units == 0 then -- the same as no state: leave none
+    if state then redis.call('DEL', key) end
+    return
+  end
+  local value = string.format('%d:%d:%d', k, previous, units)
+  redis.call('SET', key, value, 'PX', ttl_ms(start + 2 * window - now, pad))
+end
+
+-- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
+-- another slot denied): an adjustment by -cost.
+local function refund(key, state, limit, window, now, at, cost, pad)
+  adjust(key, state, limit, window, now, at, -cost, pad)
 end
 
 local function used(key, state, limit, window, now)

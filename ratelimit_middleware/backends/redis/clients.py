@@ -1,0 +1,251 @@
+"""The limiter's own connections to the caller's Redis: same server and credentials, its own timeout.
+
+A limiter call must never block longer than its timeout, whatever the client it was given says (redis-py's
+defaults are 5 s socket timeouts and 10 retries with backoff), and must not change that client for its other
+uses. So a storage never sends through the client it is given: it reads the client's connection settings
+(or parses the URL) and builds pools, and cluster clients, of its own, with ``socket_timeout`` and
+``socket_connect_timeout`` set to the limiter's timeout and every retry off: a script that may already have
+run is never sent twice. Nothing here connects: a pool connects on its first command, and a cluster client
+(which maps the cluster as soon as it is created) is made on first use by the caller of ``sync_cluster`` /
+``async_cluster``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
+
+import redis
+import redis.asyncio
+import redis.asyncio.client
+import redis.asyncio.cluster
+import redis.asyncio.connection
+import redis.asyncio.retry
+import redis.client
+import redis.cluster
+import redis.connection
+import redis.retry
+from redis.backoff import NoBackoff
+
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - redis-py without maintenance notifications: nothing to turn off
+    _QUIET: dict[str, Any] = {}
+else:
+    # Maintenance notifications would relax the socket timeouts (to 10 s by default) during a failover,
+    # and cost a command on every new connection: off.
+    _QUIET = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+__all__ = ["AsyncClient", "Endpoint", "RedisClient", "SyncClient"]
+
+
+class SyncClient(Protocol):
+    """A ``redis.Redis`` or ``redis.cluster.RedisCluster`` (only its settings are read)."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any: ...
+
+
+class AsyncClient(Protocol):
+    """A ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` (only its settings are read)."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any: ...
+
+
+RedisClient = SyncClient | AsyncClient | str
+"""A ``redis.Redis``, a ``redis.asyncio.Redis``, either's ``RedisCluster``, or a URL."""
+
+# Per-pool state redis-py keeps in a pool's connection settings: never carried over to our pools.
+_POOL_STATE = frozenset(
+    {
+        "cache",
+        "cache_config",
+        "event_dispatcher",
+        "himport_registry",
+        "maint_notifications_config",
+        "maint_notifications_pool_handler",
+        "orig_host_address",
+        "orig_socket_connect_timeout",
+        "orig_socket_timeout",
+        "oss_cluster_maint_notifications_handler",
+        "retry_on_timeout",
+    }
+)
+# What a cluster client must not be given from a node's settings: the limiter sets these, or the cluster
+# client sets them for each node itself.
+_NOT_FOR_CLUSTER = frozenset(
+    {
+        "connection_class",
+        "connection_pool",
+        "connection_pool_class",
+        "db",
+        "health_check_interval",
+        "host",
+        "max_connections",
+        "path",
+        "port",
+        "redis_connect_func",
+        "response_callbacks",
+        "retry",
+        "retry_on_error",
+        "startup_nodes",
+        *_POOL_STATE,
+    }
+)
+_SYNC_CLUSTER_OPTIONS = frozenset(redis.cluster.REDIS_ALLOWED_KEYS)
+_ASYNC_CLUSTER_OPTIONS = frozenset(inspect.signature(redis.asyncio.cluster.RedisCluster).parameters)
+_PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
+
+
+class _Pool(NamedTuple):
+    """How to make connections to one standalone Redis: a connection class, its settings, a pool size."""
+
+    connection_class: type[Any]
+    settings: Mapping[str, Any]
+    max_connections: int | None
+
+
+class _Cluster(NamedTuple):
+    """How to reach one Redis Cluster: where to start, and the settings of every node's connections."""
+
+    nodes: list[tuple[str, int]]
+    settings: Mapping[str, Any]
+    address_remap: Any
+
+
+def _pool_of(pool: Any) -> _Pool:
+    return _Pool(pool.connection_class, dict(pool.connection_kwargs), getattr(pool, "max_connections", None))
+
+
+def _cluster_of(cluster: Any) -> _Cluster:
+    manager = cluster.nodes_manager
+    nodes = cluster.get_nodes() or list(manager.startup_nodes.values())
+    settings = getattr(cluster, "connection_kwargs", None)  # asyncio: the nodes' settings
+    if settings is None:  # sync: read them from a node's pool
+        pools = [node.redis_connection.connection_pool for node in nodes if node.redis_connection]
+        settings = (
+            dict(pools[0].connection_kwargs, connection_class=pools[0].connection_class) if pools else {}
+        )
+    return _Cluster(
+        [(node.host, int(node.port)) for node in nodes],
+        dict(settings),
+        getattr(manager, "address_remap", None),
+    )
+
+
+def _is_tls(connection_class: object) -> bool:
+    return isinstance(connection_class, type) and issubclass(
+        connection_class, (redis.connection.SSLConnection, redis.asyncio.connection.SSLConnection)
+    )
+
+
+class Endpoint:
+    """What a storage was given, turned into factories of the limiter's own pools and cluster clients.
+
+    ``serves_sync``/``serves_async``: which methods it can serve (a URL serves both); ``cluster``: whether
+    it is a Redis Cluster, whose keys of one script must share a slot.
+    """
+
+    def __init__(self, client: RedisClient, timeout: float) -> None:
+        self.timeout = timeout
+        self._sync_pool: _Pool | None = None
+        self._async_pool: _Pool | None = None
+        self._cluster: _Cluster | None = None
+        self.cluster = False
+        self.serves_sync = self.serves_async = False
+        if isinstance(client, str):
+            # A bad URL fails here, naming the schemes; nothing connects yet.
+            self._sync_pool = _pool_of(redis.ConnectionPool.from_url(client))
+            self._async_pool = _pool_of(redis.asyncio.ConnectionPool.from_url(client))
+            self.serves_sync = self.serves_async = True
+        elif isinstance(client, _PIPELINES):
+            raise TypeError("pass a Redis client, not a pipeline: the limiter sends its own commands")
+        elif isinstance(client, redis.Redis):
+            self._sync_pool = _pool_of(client.connection_pool)
+            self.serves_sync = True
+        elif isinstance(client, redis.asyncio.Redis):
+            self._async_pool = _pool_of(client.connection_pool)
+            self.serves_async = True
+        elif isinstance(client, redis.cluster.RedisCluster):
+            self._cluster = _cluster_of(client)
+            self.cluster = self.serves_sync = True
+        elif isinstance(client, redis.asyncio.cluster.RedisCluster):
+            self._cluster = _cluster_of(client)
+            self.cluster = self.serves_async = True
+        else:
+            raise TypeError(
+                "client must be a redis.Redis, a redis.asyncio.Redis, a redis.cluster.RedisCluster, a "
+                f"redis.asyncio.cluster.RedisCluster or a redis://, rediss:// or unix:// URL, got {client!r}"
+            )
+
+    def _pool_settings(self, pool: _Pool, retry: object, read_timeout: float | None) -> dict[str, Any]:
+        settings = {name: value for name, value in pool.settings.items() if name not in _POOL_STATE}
+        settings.update(
+            socket_timeout=read_timeout,
+            socket_connect_timeout=self.timeout,
+            retry=retry,
+            retry_on_error=[],
+            health_check_interval=0,
+            decode_responses=False,
+            **_QUIET,
+        )
+        return settings
+
+    def _cluster_settings(self, accepted: frozenset[str]) -> dict[str, Any]:
+        assert self._cluster is not None
+        settings = self._cluster.settings
+        options = {
+            name: value
+            for name, value in settings.items()
+            if name in accepted and name not in _NOT_FOR_CLUSTER
+        }
+        if _is_tls(settings.get("connection_class")):
+            options["ssl"] = True
+        options.update(
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            decode_responses=False,
+            address_remap=self._cluster.address_remap,
+            **_QUIET,
+        )
+        return options
+
+    def sync_pool(self) -> redis.ConnectionPool:
+        """A new pool to the standalone Redis, for the sync methods."""
+        assert self._sync_pool is not None
+        return redis.ConnectionPool(
+            connection_class=self._sync_pool.connection_class,
+            max_connections=self._sync_pool.max_connections,
+            **self._pool_settings(self._sync_pool, redis.retry.Retry(NoBackoff(), 0), self.timeout),
+        )
+
+    def async_pool(self) -> redis.asyncio.ConnectionPool:
+        """A new pool to the standalone Redis, for the async methods (one per event loop)."""
+        assert self._async_pool is not None
+        return redis.asyncio.ConnectionPool(
+            connection_class=self._async_pool.connection_class,
+            max_connections=self._async_pool.max_connections,
+            # No per-read timeout: every async call has a deadline of ``timeout`` for all its reads.
+            **self._pool_settings(self._async_pool, redis.asyncio.retry.Retry(NoBackoff(), 0), None),
+        )
+
+    def sync_cluster(self) -> redis.cluster.RedisCluster:
+        """A new cluster client (it connects to map the cluster now), for the sync methods."""
+        assert self._cluster is not None
+        node: Any = redis.cluster.ClusterNode
+        nodes = [node(host, port) for host, port in self._cluster.nodes]
+        return redis.cluster.RedisCluster(
+            startup_nodes=nodes,
+            retry=redis.retry.Retry(NoBackoff(), 0),
+            **self._cluster_settings(_SYNC_CLUSTER_OPTIONS),
+        )
+
+    def async_cluster(self) -> redis.asyncio.cluster.RedisCluster:
+        """A new cluster client for the async methods (one per loop; it maps the cluster on first use)."""
+        assert self._cluster is not None
+        nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in self._cluster.nodes]
+        return redis.asyncio.cluster.RedisCluster(
+            startup_nodes=nodes,
+            retry=redis.asyncio.retry.Retry(NoBackoff(), 0),
+            **self._cluster_settings(_ASYNC_CLUSTER_OPTIONS),
+        )

@@ -1,0 +1,113 @@
+"""When Redis fails: the ``on_error`` policy of a storage, its circuit breaker, one log line per outage.
+
+- ``"allow"`` (fail open): decisions are allowed, unchecked (``UncheckedDecision``, sent without rate limit
+  headers);
+- ``"deny"`` (fail closed): decisions raise ``RateLimiterUnavailable`` (503 with ``Retry-After`` in HTTP);
+- ``"local"``: an in-memory limiter with the same policy decides, per process, until Redis answers again.
+
+Counts and resets are not decisions: they raise ``RateLimiterUnavailable`` whatever the policy, since a
+count or reset that quietly did nothing would be wrong. No Redis exception reaches the caller.
+
+The breaker (see ``breaker``) sends nothing to a Redis that keeps failing: the policy answers at once, and
+one call probes Redis every ``recovery`` seconds until it answers. The ``ratelimit_middleware`` logger gets
+one warning when the breaker opens (the outage) and one when Redis answers again (the recovery); failures
+that do not open it are logged at debug level.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from redis.exceptions import RedisClusterException, RedisError
+
+from ...backends.base import Backend
+from ...backends.memory import MemoryStorage
+from ...decision import Decision
+from ...errors import RateLimiterUnavailable, UncheckedDecision
+from ...policy import Policy
+from .breaker import CircuitBreaker
+
+__all__ = ["ON_ERROR", "REDIS_ERRORS", "Failover", "Fallback", "OnError"]
+
+OnError = Literal["allow", "deny", "local"]
+ON_ERROR: tuple[OnError, ...] = ("allow", "deny", "local")
+
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+"""What counts as Redis failing: connection errors, timeouts, error replies, cluster errors."""
+
+logger = logging.getLogger("ratelimit_middleware")
+
+
+class Failover:
+    """The failure policy of one storage, shared by every limiter bound to it."""
+
+    def __init__(self, on_error: OnError, breaker: CircuitBreaker, clock: Callable[[], float] | None) -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be 'allow', 'deny' or 'local', got {on_error!r}")
+        if not isinstance(breaker, CircuitBreaker):
+            raise TypeError(f"breaker must be a CircuitBreaker, got {breaker!r}")
+        self.on_error = on_error
+        self.breaker = breaker
+        self.fallbacks = 0  # decisions answered by the policy in the current outage
+        self.local_storage = MemoryStorage(clock=time.monotonic if clock is None else clock)
+
+    def attempt(self) -> bool:
+        """May this call go to Redis? False while the breaker is open (the policy answers)."""
+        return self.breaker.allow()
+
+    def succeeded(self) -> None:
+        outage = self.breaker.succeeded()
+        if outage is not None:
+            logger.warning(
+                "Redis answers again after %.1f s; %d decisions were made with on_error=%r meanwhile",
+                outage,
+                self.fallbacks,
+                self.on_error,
+            )
+            self.fallbacks = 0
+
+    def failed(self, error: BaseException) -> None:
+        if self.breaker.failed():
+            logger.warning(
+                "Redis cannot be reached (%s: %s); decisions follow on_error=%r until it answers again, "
+                "tried every %g s",
+                type(error).__name__,
+                error,
+                self.on_error,
+                self.breaker.recovery,
+            )
+        else:
+            logger.debug("a Redis call failed (%s: %s)", type(error).__name__, error)
+
+    def unavailable(self) -> RateLimiterUnavailable:
+        """The error for a call that Redis could not serve."""
+        return RateLimiterUnavailable(
+            "the rate limiter cannot reach Redis", retry_after=max(self.breaker.retry_after(), 1.0)
+        )
+
+    def bind(self, policy: Policy) -> Fallback:
+        return Fallback(self, policy)
+
+
+class Fallback:
+    """The policy's answer to one limiter's decisions while Redis cannot serve them."""
+
+    def __init__(self, failover: Failover, policy: Policy) -> None:
+        self._failover = failover
+        self._policy = policy
+        self._local: Backend | None = None
+
+    def decide(self, user: str, model: str, cost: int) -> Decision:
+        failover = self._failover
+        failover.fallbacks += 1
+        if failover.on_error == "allow":
+            rule = self._policy.rules[0]
+            return UncheckedDecision.of(rule.decision((True, max(rule.limit - cost, 0), 0.0, 0.0), cost))
+        if failover.on_error == "deny":
+            raise failover.unavailable()
+        if self._local is None:
+            self._local = failover.local_storage.bind(self._policy)
+        return self._local.decide(user, model, cost)

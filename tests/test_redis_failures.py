@@ -1,0 +1,365 @@
+"""When Redis is slow or gone: timeouts, the on_error policies, the circuit breaker, logging, HTTP answers.
+
+Each fault test gets a redis-server of its own to kill, restart, pause (SIGSTOP) and resume. The breaker's
+clock is injected, so recovery is driven by moving it, never by sleeping; the only waits are the limiter's
+own timeouts (0.1 s) and a restarting server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from starlette.testclient import TestClient
+from werkzeug.test import Client
+
+from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
+from ratelimit_middleware.asgi import RateLimitMiddleware
+from ratelimit_middleware.backends.redis import CircuitBreaker
+from ratelimit_middleware.decision import Decision
+from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecision
+from ratelimit_middleware.wsgi import RateLimitWSGI
+
+from .conftest import FakeClock, unique_prefix
+from .redis_server import RedisServer
+
+TIMEOUT = 0.1
+LATENCY_BOUND = 1.0
+"""What a call may take with Redis paused: ten timeouts, far below redis-py's default seconds."""
+
+POLICIES = ["allow", "deny", "local"]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to break."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def breaker_clock() -> FakeClock:
+    return FakeClock()
+
+
+def make_limiter(
+    target: Any, on_error: str, breaker_clock: FakeClock, *, limit: int = 2, **options: Any
+) -> RedisRateLimiter:
+    breaker = CircuitBreaker(failures=3, recovery=5.0, clock=breaker_clock)
+    return RedisRateLimiter(
+        target,
+        limit,
+        60,
+        key_prefix=unique_prefix(),
+        timeout=TIMEOUT,
+        on_error=on_error,  # type: ignore[arg-type]
+        breaker=breaker,
+        **options,
+    )
+
+
+def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    """``(result or the exception raised, seconds taken)``."""
+    started = time.perf_counter()
+    try:
+        result = call()
+    except RateLimiterUnavailable as error:
+        result = error
+    return result, time.perf_counter() - started
+
+
+def check_policy(on_error: str, outcomes: list[Any]) -> None:
+    """What a run of decisions during an outage looks like under each policy (limit 2, one allowed before
+    the outage, which the local limiter never saw)."""
+    if on_error == "allow":
+        assert all(isinstance(outcome, UncheckedDecision) and outcome.allowed for outcome in outcomes)
+    elif on_error == "deny":
+        assert all(isinstance(outcome, RateLimiterUnavailable) for outcome in outcomes)
+        assert all(outcome.retry_after >= 1 for outcome in outcomes)
+    else:
+        assert all(type(outcome) is Decision for outcome in outcomes)
+        assert [outcome.allowed for outcome in outcomes] == [True, True] + [False] * (len(outcomes) - 2)
+
+
+def outage_logs(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
+    """(outage warnings, recovery warnings) on the ratelimit_middleware logger."""
+    records = [r for r in caplog.records if r.name == "ratelimit_middleware" and r.levelno >= logging.WARNING]
+    down = sum("cannot be reached" in r.getMessage() for r in records)
+    up = sum(r.getMessage().startswith("Redis answers again") for r in records)
+    return down, up
+
+
+# -- the breaker alone -------------------------------------------------------------------------------------
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_once_per_recovery() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(failures=3, recovery=2.0, clock=clock)
+    assert not breaker.failed() and not breaker.failed()
+    assert breaker.succeeded() is None  # a success in between starts the count again
+    assert not breaker.failed() and not breaker.failed() and breaker.failed()
+    assert breaker.is_open and not breaker.allow() and breaker.retry_after() == 2.0
+    clock.advance(1.5)
+    assert not breaker.allow() and breaker.retry_after() == 0.5
+    clock.advance(0.5)
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one
+    assert not breaker.failed()  # the probe failed: wait again, no second "opened"
+    assert not breaker.allow()
+    clock.advance(2.0)
+    assert breaker.allow()
+    assert breaker.succeeded() == pytest.approx(4.0)  # open for four seconds
+    assert not breaker.is_open and breaker.allow() and breaker.retry_after() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [({"failures": 0}, ValueError), ({"recovery": 0}, ValueError), ({"recovery": float("inf")}, ValueError),
+     ({"failures": True}, ValueError), ({"clock": 3}, TypeError)],
+)  # fmt: skip
+def test_breaker_options_are_checked(options: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        CircuitBreaker(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [({"timeout": 0}, ValueError, "timeout"), ({"timeout": 61}, ValueError, "timeout"),
+     ({"timeout": "1"}, ValueError, "timeout"), ({"on_error": "ignore"}, ValueError, "on_error"),
+     ({"breaker": object()}, TypeError, "breaker")],
+)  # fmt: skip
+def test_storage_options_are_checked(options: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        RedisStorage("redis://127.0.0.1:1", **options)
+
+
+# -- the caller's client -------------------------------------------------------------------------------------
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts the commands sent through it."""
+
+    sent = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent += 1
+        return super().execute_command(*args, **options)
+
+
+def test_the_callers_client_is_neither_used_nor_changed(
+    server: RedisServer, breaker_clock: FakeClock
+) -> None:
+    client = CountingRedis(port=server.port)  # redis-py's defaults: 5 s timeouts, 10 retries
+    settings = dict(client.connection_pool.connection_kwargs)
+    limiter = make_limiter(client, "deny", breaker_clock)
+    assert limiter.allow("u", "m")
+    assert client.sent == 0
+    assert client.connection_pool.connection_kwargs == settings
+    assert client.get_connection_kwargs()["socket_timeout"] == 5
+    assert client.ping() and client.sent == 1  # and it still works for its own uses
+    client.close()
+
+
+# -- Redis paused past the timeout ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_error", POLICIES)
+def test_a_paused_redis_costs_at_most_the_timeout_and_the_limiter_recovers(
+    server: RedisServer, breaker_clock: FakeClock, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    client = redis.Redis(port=server.port)  # redis-py's defaults would wait 5 s per try, 11 tries
+    limiter = make_limiter(client, on_error, breaker_clock)
+    assert limiter.allow("u", "m")
+    connection = limiter.storage.connection
+    before = connection.round_trips
+    server.pause()
+    try:
+        outcomes, seconds = zip(*(timed(lambda: limiter.check("u", "m")) for _ in range(5)), strict=True)
+        sent = connection.round_trips
+        assert sent - before == 3  # three calls waited for their timeout, then the breaker opened
+        assert limiter.storage.breaker.is_open
+        more, more_seconds = zip(*(timed(lambda: limiter.check("u", "m")) for _ in range(3)), strict=True)
+        assert connection.round_trips == sent  # open: nothing more was sent to the paused server
+    finally:
+        server.resume()
+    assert max(seconds + more_seconds) < LATENCY_BOUND
+    check_policy(on_error, [*outcomes, *more])
+    assert outage_logs(caplog) == (1, 0)
+    # Redis answers again: the next probe goes through and the limiter recovers by itself.
+    breaker_clock.advance(5.0)
+    assert limiter.check("v", "m").allowed
+    assert not limiter.storage.breaker.is_open
+    assert outage_logs(caplog) == (1, 1)
+    # The replies that came late were never read as answers to later commands: counts are exact.
+    assert limiter.allow("v", "m") and not limiter.allow("v", "m")
+    assert limiter.get_request_count("v", "m") == 2
+    assert 1 <= limiter.get_request_count("u", "m") <= 2  # the timed-out scripts ran once Redis woke up
+    limiter.storage.close()
+    client.close()
+
+
+@pytest.mark.parametrize("on_error", POLICIES)
+def test_async_calls_have_a_hard_deadline(
+    server: RedisServer, breaker_clock: FakeClock, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    async def scenario() -> None:
+        client = redis.asyncio.Redis(port=server.port)
+        limiter = make_limiter(client, on_error, breaker_clock)
+        assert await limiter.aallow("u", "m")
+        server.pause()
+        try:
+            started = time.perf_counter()
+            first = await asyncio.gather(
+                *(limiter.acheck("u", "m") for _ in range(3)), return_exceptions=True
+            )  # three concurrent calls share one timed-out round trip, and open the breaker
+            seconds = time.perf_counter() - started
+            later = [await asyncio.gather(limiter.acheck("u", "m"), return_exceptions=True) for _ in range(2)]
+        finally:
+            server.resume()
+        assert seconds < LATENCY_BOUND
+        check_policy(on_error, [*first, *(outcome for batch in later for outcome in batch)])
+        assert limiter.storage.breaker.is_open and outage_logs(caplog) == (1, 0)
+        breaker_clock.advance(5.0)
+        assert (await limiter.acheck("v", "m")).allowed
+        assert await limiter.aallow("v", "m") and not await limiter.aallow("v", "m")
+        assert outage_logs(caplog) == (1, 1)
+        await limiter.storage.aclose()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+# -- Redis killed mid-run, then restarted --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_error", POLICIES)
+def test_a_killed_redis_fails_fast_and_the_limiter_recovers_after_a_restart(
+    server: RedisServer, breaker_clock: FakeClock, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    limiter = make_limiter(server.url, on_error, breaker_clock)
+    assert limiter.allow("u", "m")
+    server.kill()
+    outcomes, seconds = zip(*(timed(lambda: limiter.check("u", "m")) for _ in range(6)), strict=True)
+    assert max(seconds) < LATENCY_BOUND
+    check_policy(on_error, list(outcomes))
+    assert limiter.storage.breaker.is_open and outage_logs(caplog) == (1, 0)
+    with pytest.raises(RateLimiterUnavailable):  # a count is not a decision: never made up
+        limiter.get_request_count("u", "m")
+    with pytest.raises(RateLimiterUnavailable):
+        limiter.reset("u", "m")
+    server.restart()  # empty, and without the scripts: NOSCRIPT, then EVAL
+    breaker_clock.advance(5.0)
+    assert [limiter.allow("u", "m") for _ in range(3)] == [True, True, False]
+    assert limiter.get_request_count("u", "m") == 2
+    assert outage_logs(caplog) == (1, 1)
+    limiter.storage.close()
+
+
+@pytest.mark.parametrize("on_error", POLICIES)
+def test_async_limiters_recover_after_a_restart(
+    server: RedisServer, breaker_clock: FakeClock, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    limiter = make_limiter(server.url, on_error, breaker_clock)
+
+    async def decisions(count: int) -> list[Any]:
+        return await asyncio.gather(*(limiter.acheck("u", "m") for _ in range(count)), return_exceptions=True)
+
+    assert asyncio.run(decisions(1))[0].allowed
+    server.kill()
+    outcomes = asyncio.run(decisions(5))
+    check_policy(on_error, outcomes)
+    assert outage_logs(caplog) == (1, 0)
+    server.restart()
+    breaker_clock.advance(5.0)
+    # Half-open: one call probes Redis; the calls made meanwhile still get the policy's answer.
+    probe, *meanwhile = asyncio.run(decisions(3))
+    assert probe.allowed and type(probe) is Decision
+    check_policy(on_error, [*outcomes, *meanwhile])
+    assert outage_logs(caplog) == (1, 1)
+    assert [decision.allowed for decision in asyncio.run(decisions(2))] == [True, False]
+
+
+def test_a_redis_that_refuses_writes_follows_the_policy_too(
+    server: RedisServer, breaker_clock: FakeClock
+) -> None:
+    """Redis answers, with an error (out of memory): no exception reaches the caller either."""
+    limiter = make_limiter(server.url, "allow", breaker_clock)
+    admin = server.client()
+    admin.config_set("maxmemory", 1)
+    try:
+        decision = limiter.check("u", "m")
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    assert isinstance(decision, UncheckedDecision) and decision.allowed
+    assert limiter.check("u", "m").allowed and type(limiter.check("u", "m")) is Decision
+
+
+def test_local_fallback_keeps_every_tier(server: RedisServer, breaker_clock: FakeClock) -> None:
+    storage = RedisStorage(server.url, key_prefix=unique_prefix(), timeout=TIMEOUT, on_error="local")
+    limiter = MultiTierRateLimiter(per_user_model="3/minute", per_model="4/minute", storage=storage)
+    server.kill()
+    assert [limiter.allow(user, "m")[0] for user in "aab"] == [True, True, True]
+    allowed, reason = limiter.allow("b", "m")
+    assert allowed
+    allowed, reason = limiter.allow("c", "m")
+    assert not allowed and reason is not None and "per_model" in reason
+
+
+# -- over HTTP ----------------------------------------------------------------------------------------------
+
+
+async def hello(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+def wsgi_hello(environ: Any, start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+@pytest.mark.parametrize("middleware_on_error", ["allow", "deny"])
+def test_fail_closed_is_a_503_with_retry_after_whatever_the_middleware_says(
+    server: RedisServer, breaker_clock: FakeClock, middleware_on_error: str
+) -> None:
+    limiter = make_limiter(server.url, "deny", breaker_clock)
+    asgi = TestClient(RateLimitMiddleware(hello, limiter=limiter, on_error=middleware_on_error))  # type: ignore[arg-type]
+    wsgi = Client(RateLimitWSGI(wsgi_hello, limiter=limiter, on_error=middleware_on_error))  # type: ignore[arg-type]
+    assert asgi.get("/", headers={"X-User-ID": "a"}).status_code == 200
+    server.kill()
+    for response in [asgi.get("/", headers={"X-User-ID": "a"}) for _ in range(4)]:
+        assert response.status_code == 503
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.json()["error"]["code"] == "rate_limiter_unavailable"
+    response = wsgi.get("/", headers={"X-User-ID": "a"})
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) == 5  # the breaker's wait
+
+
+def test_fail_open_sends_no_rate_limit_headers(server: RedisServer, breaker_clock: FakeClock) -> None:
+    limiter = make_limiter(server.url, "allow", breaker_clock)
+    client = TestClient(RateLimitMiddleware(hello, limiter=limiter))
+    assert "x-ratelimit-remaining-requests" in client.get("/", headers={"X-User-ID": "a"}).headers
+    server.kill()
+    for _ in range(4):
+        response = client.get("/", headers={"X-User-ID": "a"})
+        assert response.status_code == 200
+        assert not any(name.lower().startswith(("x-ratelimit", "ratelimit")) for name in response.headers)
+
+
+def test_local_fallback_answers_429_with_headers(server: RedisServer, breaker_clock: FakeClock) -> None:
+    limiter = make_limiter(server.url, "local", breaker_clock)
+    client = TestClient(RateLimitMiddleware(hello, limiter=limiter))
+    server.kill()
+    responses = [client.get("/", headers={"X-User-ID": "a"}) for _ in range(3)]
+    assert [response.status_code for response in responses] == [200, 200, 429]
+    assert responses[1].headers["x-ratelimit-remaining-requests"] == "0"
