@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import redis
 import redis.cluster
 
+from .servers import stop
+
 T = TypeVar("T")
 
 MISSING = (
@@ -129,12 +131,7 @@ class RedisServer:
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 class RedisCluster:
