@@ -90,7 +90,7 @@ class Policy:
     limits (indexes continue after the request rules), which ``reserve`` evaluates together.
     """
 
-    __slots__ = ("algorithm", "all_rules", "min_limit", "rules")
+    __slots__ = ("_units", "algorithm", "all_rules", "min_limit", "rules")
 
     def __init__(self, tiers: Sequence[tuple[str, TierSpec | None]], algorithm: str) -> None:
         algorithm_class(algorithm)  # fail early on a bad name, even with no tiers
@@ -115,6 +115,10 @@ class Policy:
         self.rules = tuple(rule for rule in self.all_rules if rule.unit == "requests")
         self.algorithm = algorithm
         self.min_limit = min((rule.limit for rule in self.rules), default=0)
+        by_unit: dict[str, list[int]] = {}
+        for rule in self.all_rules:
+            by_unit.setdefault(rule.unit, []).append(rule.index)
+        self._units = {unit: tuple(indexes) for unit, indexes in by_unit.items()}
 
     def oversized(self, cost: int) -> Decision:
         """The denial for a cost above ``min_limit``: it exceeds a limit outright and can never pass."""
@@ -175,8 +179,7 @@ class Policy:
         decisions = [rule.decision(v, c) for rule, v, c in zip(self.all_rules, verdicts, costs, strict=True)]
         if used is not None:
             decisions = [d._replace(used=u) for d, u in zip(decisions, used, strict=True)]
-        units = dict.fromkeys(rule.unit for rule in self.all_rules)
-        by_unit = {unit: _binding([d for d in decisions if d.unit == unit]) for unit in units}
+        by_unit = {unit: _binding([decisions[i] for i in indexes]) for unit, indexes in self._units.items()}
         return _binding(decisions), by_unit
 
     def rules_for(self, tier: str | None, unit: str | None = "requests") -> tuple[Rule, ...]:
