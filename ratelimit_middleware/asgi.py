@@ -192,6 +192,8 @@ class RateLimitMiddleware:
     limiter-or-limit}``, the first match replacing the default limiter (``None`` exempts). ``on_error``:
     ``"allow"`` or ``"deny"`` (503) when a key function or the limiter fails. ``add_headers``: rate limit
     headers on allowed responses. ``deny_handler(request, decision) -> HTTPResponse`` replaces the 429.
+    ``exempt_methods`` (default ``("OPTIONS",)``, CORS preflights) are never limited; ``max_body_size``
+    (default 1 MiB) caps what is read of a body for key functions and token estimates.
 
     A limiter with token or concurrency limits (``Limits``) has each request reserved: tokens estimated from
     the body by ``estimator(request) -> (input, output)`` (default: the prompt at about 4 characters per
