@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import pytest
 import redis.asyncio
@@ -29,7 +29,7 @@ import redis.asyncio.cluster
 import redis.cluster
 
 from ratelimit_middleware import ALGORITHMS, MemoryStorage, RedisStorage
-from ratelimit_middleware.backends.base import Backend, Storage
+from ratelimit_middleware.backends.base import Backend, Reserved, ReservingBackend, Storage
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.policy import Policy, Rule
 
@@ -183,6 +183,22 @@ class _OnLoopBackend:
     async def areset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
         await self.loop.arun(self.inner.areset(user, model, rules))
 
+    @property
+    def _reserving(self) -> ReservingBackend:
+        return cast(ReservingBackend, self.inner)
+
+    def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
+        return self.loop.run(self._reserving.areserve(user, model, costs))
+
+    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
+        return await self.loop.arun(self._reserving.areserve(user, model, costs))
+
+    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
+        self.loop.run(self._reserving.aadjust(user, model, at, deltas))
+
+    async def aadjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
+        await self.loop.arun(self._reserving.aadjust(user, model, at, deltas))
+
     def __len__(self) -> int:
         return len(self.inner)
 
@@ -306,7 +322,7 @@ def storage(storage_for: StorageFactory, clock: FakeClock) -> Storage:
     return storage_for(clock)
 
 
-RESERVING_STORAGES = ("memory",)
+RESERVING_STORAGES = ("memory", "redis", "redis-asyncio")
 """The storages that enforce token budgets and concurrency limits (reserve, then settle)."""
 
 

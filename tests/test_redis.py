@@ -112,7 +112,9 @@ except ImportError as error:
 def test_lua_scripts_ship_as_package_data() -> None:
     lua = files("ratelimit_middleware.backends.redis") / "lua"
     names = sorted(entry.name for entry in lua.iterdir() if entry.name.endswith(".lua"))
-    assert names == sorted(["common.lua", "driver.lua", *(f"{name}.lua" for name in ALGORITHMS)])
+    assert names == sorted(
+        ["common.lua", "concurrency.lua", "driver.lua", *(f"{name}.lua" for name in ALGORITHMS)]
+    )
     assert '"backends/redis/lua/*.lua"' in (ROOT / "pyproject.toml").read_text()
     for name in ALGORITHMS:
         assert "local function evaluate" in script_for(name).source

@@ -21,6 +21,7 @@ from .conftest import live_server, unique_prefix
 from .redis_server import RedisServer
 
 PAD = "600000"  # the injected times stand still while Redis' own clock runs: keep keys alive
+LEASE = "60.0"  # the lease of concurrency slots (unused by these rules, but part of every call)
 
 
 def verdict(reply: list[Any]) -> tuple[bool, int, float, float]:
@@ -37,7 +38,8 @@ class OnRedis:
         self.rule = [str(limit), repr(window)]
 
     def run(self, mode: str, now: float, amount: int, at: float | None = None) -> Any:
-        args: list[Arg] = [mode, repr(now), PAD, "" if at is None else repr(at), *self.rule, str(amount)]
+        at_arg = "" if at is None else repr(at)
+        args: list[Arg] = [mode, repr(now), PAD, at_arg, LEASE, *self.rule, str(amount)]
         return self.connection.evaluate(Call(self.script, [self.key], args))
 
 

@@ -17,14 +17,15 @@ that do not open it are logged at debug level.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from ...backends.base import Backend
-from ...backends.memory import MemoryStorage
+from ...backends.base import Reserved
+from ...backends.memory import MemoryBackend, MemoryStorage
 from ...decision import Decision
 from ...errors import RateLimiterUnavailable, UncheckedDecision
 from ...policy import Policy
@@ -98,7 +99,12 @@ class Fallback:
     def __init__(self, failover: Failover, policy: Policy) -> None:
         self._failover = failover
         self._policy = policy
-        self._local: Backend | None = None
+        self._local: MemoryBackend | None = None
+
+    def _local_backend(self) -> MemoryBackend:
+        if self._local is None:
+            self._local = self._failover.local_storage.bind(self._policy)
+        return self._local
 
     def decide(self, user: str, model: str, cost: int) -> Decision:
         failover = self._failover
@@ -108,6 +114,30 @@ class Fallback:
             return UncheckedDecision.of(rule.decision((True, max(rule.limit - cost, 0), 0.0, 0.0), cost))
         if failover.on_error == "deny":
             raise failover.unavailable()
-        if self._local is None:
-            self._local = failover.local_storage.bind(self._policy)
-        return self._local.decide(user, model, cost)
+        return self._local_backend().decide(user, model, cost)
+
+    def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
+        """A reservation while Redis cannot serve it: allowed unchecked (``allow``),
+        ``RateLimiterUnavailable`` (``deny``), or made in memory (``local``).
+
+        Its time is negative (``-inf`` unchecked, minus the in-memory time for ``local``; ``-0.0`` too), which
+        a Redis charge never is: ``adjust`` so sends its settlement here, never to Redis.
+        """
+        failover = self._failover
+        failover.fallbacks += 1
+        if failover.on_error == "allow":
+            verdicts = [
+                (True, max(rule.limit - cost, 0), 0.0, 0.0)
+                for rule, cost in zip(self._policy.all_rules, costs, strict=True)
+            ]
+            return verdicts, -math.inf, None
+        if failover.on_error == "deny":
+            raise failover.unavailable()
+        verdicts, at, used = self._local_backend().reserve(user, model, costs)
+        return verdicts, -at, used
+
+    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
+        """Settle a reservation that ``reserve`` made (``at`` negative): nothing for an unchecked one."""
+        if math.isinf(at) or self._local is None:
+            return
+        self._local.adjust(user, model, -at, deltas)

@@ -3,7 +3,9 @@
 A key is ``<prefix>:<algorithm>:<tier>:<limit>/<window>:<identity>``, for instance
 ``ratelimit:sliding_log:per_user_model:100/3600:{alice}:gpt-4``. The algorithm is part of the name because
 each stores a different type; the limit and window are, so that limiters with different limits never share
-state (limiters configured alike, in any process, do: that is the point).
+state (limiters configured alike, in any process, do: that is the point). Token and concurrency rules add
+their unit after the algorithm (``ratelimit:sliding_log:tokens:per_user_model:1000/60:{alice}:gpt-4``,
+``ratelimit:concurrency:concurrent:per_user:5/0:{alice}``), so they never share a request rule's key.
 
 User and model are escaped (``%`` ``:`` ``{`` ``}`` percent-encoded, the empty string written ``%``) so that
 ``("a:b", "c")`` and ``("a", "b:c")`` stay apart and user input can never open or close a hash tag. The
@@ -68,13 +70,15 @@ def rule_key_maker(prefix: str, policy: Policy) -> Callable[[Rule, str, str], by
     """
     bases: list[bytes] = []
     seen: dict[bytes, int] = {}
-    for rule in policy.rules:
-        base = f"{prefix}:{policy.algorithm}:{rule.tier}:{rule.limit}/{_number(rule.seconds)}".encode()
+    for rule in policy.all_rules:
+        # Request keys keep their historical name; other units (tokens, concurrency slots) name theirs.
+        kind = policy.algorithm if rule.unit == "requests" else f"{rule.algorithm.name}:{rule.unit}"
+        base = f"{prefix}:{kind}:{rule.tier}:{rule.limit}/{_number(rule.seconds)}".encode()
         seen[base] = seen.get(base, 0) + 1
         if seen[base] > 1:
             base += b"#%d" % seen[base]
         bases.append(base + b":")
-    makers = [_identities(rule.tier) for rule in policy.rules]
+    makers = [_identities(rule.tier) for rule in policy.all_rules]
 
     def key(rule: Rule, user: str, model: str) -> bytes:
         return makers[rule.index](bases[rule.index], user, model)

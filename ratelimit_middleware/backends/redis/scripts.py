@@ -1,7 +1,8 @@
 """The Lua scripts, one per algorithm, read from the ``lua`` folder beside this module.
 
-Each script is ``common.lua`` + ``<algorithm>.lua`` + ``driver.lua``: shared helpers, the algorithm's
-functions (mirroring ``algorithms/<algorithm>.py``), and the all-or-nothing decision over every rule.
+Each script is ``common.lua`` + ``<algorithm>.lua`` + ``concurrency.lua`` + ``driver.lua``: shared helpers,
+the algorithm's functions (mirroring ``algorithms/<algorithm>.py``), the concurrency leases, and the
+all-or-nothing decision over every rule.
 """
 
 from __future__ import annotations
@@ -33,5 +34,5 @@ def script_for(algorithm: str) -> Script:
     """The script deciding every rule of a policy that uses ``algorithm``."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"no Redis script for algorithm {algorithm!r}")
-    source = "\n".join((_read("common"), _read(algorithm), _read("driver")))
+    source = "\n".join((_read("common"), _read(algorithm), _read("concurrency"), _read("driver")))
     return Script(algorithm, source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())

@@ -18,12 +18,14 @@ When Redis is slow or gone, ``failover`` answers (``on_error``): no Redis except
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from ...algorithms import Verdict
 from ...decision import Decision
 from ...policy import Policy, Rule
+from ..base import Reserved
 from .breaker import CircuitBreaker
 from .clients import RedisClient
 from .connection import Arg, Call, Connection
@@ -31,7 +33,7 @@ from .failover import REDIS_ERRORS, Failover, OnError
 from .keyspace import check_prefix, rule_key_maker, slot_groups
 from .scripts import script_for
 
-__all__ = ["CLOCK_TTL_PAD_MS", "DEFAULT_TIMEOUT", "RedisBackend", "RedisStorage"]
+__all__ = ["CLOCK_TTL_PAD_MS", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "RedisBackend", "RedisStorage"]
 
 T = TypeVar("T")
 
@@ -40,6 +42,10 @@ DEFAULT_TIMEOUT = 0.1
 most this before ``on_error`` answers (and the circuit breaker then answers at once)."""
 
 _CACHED_COSTS = 64  # costs whose decision arguments are kept ready
+
+DEFAULT_LEASE = 60.0
+"""Seconds a concurrency slot is held at most: a worker that dies without settling its reservation frees
+its slot after this long (the lease expires; it is not renewed while a response streams)."""
 
 CLOCK_TTL_PAD_MS = 60_000
 """With an injected ``clock``, Redis still expires keys on its own clock: every TTL is lengthened by this
@@ -65,6 +71,11 @@ class RedisStorage:
     tests can move time without sleeping; TTLs then get ``CLOCK_TTL_PAD_MS`` extra); leave it unset in
     production, where Redis' clock is the one clock every process agrees on. Constructing a storage never
     contacts Redis. Needs Redis 5 or later (Valkey too); tested on Redis 7.
+
+    Token budgets and concurrency limits (``reserve``) work on a standalone Redis; a Redis Cluster refuses
+    them (``TypeError``) for now. A concurrency slot is a lease of ``lease`` seconds (default 60): a worker
+    that dies holding one frees it when it expires. Leases are not renewed: a response that streams longer
+    than ``lease`` seconds stops holding its slot then.
     """
 
     def __init__(
@@ -76,7 +87,11 @@ class RedisStorage:
         on_error: OnError = "allow",
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] | None = None,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= 86_400:
+            raise ValueError(f"lease must be a number of seconds > 0 and <= 86400, got {lease!r}")
+        self.lease = float(lease)
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
@@ -96,8 +111,19 @@ class RedisStorage:
         return self.failover.breaker
 
     def bind(self, policy: Policy) -> RedisBackend:
+        if self.connection.cluster and len(policy.all_rules) > len(policy.rules):
+            raise TypeError(
+                "token and concurrency limits are not supported on a Redis Cluster yet: use a standalone "
+                "Redis (or MemoryStorage) for limiters with tokens, input_tokens, output_tokens or "
+                "max_concurrent"
+            )
         return RedisBackend(
-            policy, self.connection, self.failover, key_prefix=self.key_prefix, clock=self.clock
+            policy,
+            self.connection,
+            self.failover,
+            key_prefix=self.key_prefix,
+            clock=self.clock,
+            lease=self.lease,
         )
 
     def close(self) -> None:
@@ -132,6 +158,7 @@ class RedisBackend:
         *,
         key_prefix: str,
         clock: Callable[[], float] | None,
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         self._policy = policy
         self._connection = connection
@@ -141,15 +168,21 @@ class RedisBackend:
         self._script = script_for(policy.algorithm)
         self._key = rule_key_maker(key_prefix, policy)
         self._pad = "0" if clock is None else str(CLOCK_TTL_PAD_MS)
-        # The algorithm's own limit (at least 1: a limit of 0 denies before any script runs) and window.
-        self._rule_args = [(str(rule.algorithm.limit), repr(rule.algorithm.window)) for rule in policy.rules]
+        self._lease = repr(float(lease))
+        # The algorithm's own limit (at least 1: a limit of 0 denies before any script runs) and window (0
+        # for a concurrency limit: the script keeps leases for those).
+        self._rule_args = [
+            (str(rule.algorithm.limit), "0" if rule.unit == "concurrent" else repr(rule.algorithm.window))
+            for rule in policy.all_rules
+        ]
         self._all = list(range(len(policy.rules)))
+        self._every = list(range(len(policy.all_rules)))
         self._spread = connection.cluster and len(policy.rules) > 1  # keys on several slots, maybe
         self._decide_args: dict[int, list[Arg]] = {}  # by cost, when Redis keeps the time
 
     def _args(self, mode: str, rules: Sequence[int], amount: int, at: Arg = "") -> list[Arg]:
         now = "" if self._clock is None else repr(float(self._clock()))
-        args: list[Arg] = [mode, now, self._pad, at]
+        args: list[Arg] = [mode, now, self._pad, at, self._lease]
         text = str(amount)
         for index in rules:
             args += (*self._rule_args[index], text)
@@ -304,6 +337,81 @@ class RedisBackend:
         if rules:
             keys = [self._key(rule, user, model) for rule in rules]
             await self._aguarded(lambda: self._connection.adelete(keys), self._unavailable)
+
+    # -- reservations (tokens and concurrency; a standalone Redis) ----------------------------------------
+
+    def _reserve_call(self, user: str, model: str, costs: Sequence[int]) -> Call:
+        key = self._key
+        keys = [key(rule, user, model) for rule in self._policy.all_rules]
+        args = self._args("reserve", [], 0)
+        for index, cost in zip(self._every, costs, strict=True):
+            args += (*self._rule_args[index], str(cost))
+        return Call(self._script, keys, args)
+
+    def _reserved(self, reply: Sequence[Any]) -> Reserved:
+        count = len(self._every)
+        verdicts = _verdicts(reply[: 4 * count + 1])
+        used = [int(units) for units in reply[4 * count + 1 :]] if len(reply) > 4 * count + 1 else None
+        return verdicts, float(reply[4 * count]), used
+
+    def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
+        """Evaluate every rule (requests, tokens, concurrency) with its own cost in one script, all or
+        nothing; the verdicts, the Redis time of the charge and, on denial, the units each rule counts.
+
+        When Redis cannot serve, ``on_error`` answers (see ``Fallback.reserve``).
+        """
+        self._connection.check_sync()
+        call = self._reserve_call(user, model, costs)
+        return self._guarded(
+            lambda: self._reserved(self._connection.evaluate(call)),
+            lambda: self._fallback.reserve(user, model, costs),
+        )
+
+    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
+        """``reserve`` for event loops."""
+        self._connection.check_async()
+        call = self._reserve_call(user, model, costs)
+
+        async def send() -> Reserved:
+            return self._reserved(await self._connection.aevaluate(call))
+
+        return await self._aguarded(send, lambda: self._fallback.reserve(user, model, costs))
+
+    def _adjust_call(self, user: str, model: str, at: float, deltas: Sequence[int]) -> Call | None:
+        rules = [rule for rule, delta in zip(self._policy.all_rules, deltas, strict=True) if delta]
+        if not rules:
+            return None
+        key = self._key
+        args = self._args("adjust", [], 0, repr(float(at)))
+        for rule in rules:
+            args += (*self._rule_args[rule.index], str(deltas[rule.index]))
+        return Call(self._script, [key(rule, user, model) for rule in rules], args)
+
+    def _adjust_failed(self) -> None:
+        """A settlement Redis could not take: ``deny`` raises; otherwise it is dropped (the tokens stay
+        charged, the slot frees up when its lease expires)."""
+        if self._failover.on_error == "deny":
+            self._unavailable()
+
+    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
+        """Settle the charge made at ``at``: each rule moves by its delta (-1 gives a lease back)."""
+        self._connection.check_sync()
+        if math.copysign(1.0, at) < 0:  # a negative time: made by the fallback, not in Redis
+            self._fallback.adjust(user, model, at, deltas)
+            return
+        call = self._adjust_call(user, model, at, deltas)
+        if call is not None:
+            self._guarded(lambda: self._connection.evaluate(call), self._adjust_failed)
+
+    async def aadjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
+        """``adjust`` for event loops."""
+        self._connection.check_async()
+        if math.copysign(1.0, at) < 0:
+            self._fallback.adjust(user, model, at, deltas)
+            return
+        call = self._adjust_call(user, model, at, deltas)
+        if call is not None:
+            await self._aguarded(lambda: self._connection.aevaluate(call), self._adjust_failed)
 
     def __len__(self) -> int:
         raise TypeError(

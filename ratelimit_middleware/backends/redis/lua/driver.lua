@@ -1,7 +1,8 @@
 -- The modes of every script, appended to its algorithm. KEYS holds one key per rule; ARGV is
 --   mode ('decide', 'reserve', 'adjust', 'refund' or 'used'), now ('' = Redis TIME), ttl_pad_ms, at
---   ('adjust' and 'refund': when the charge was made), then per rule: limit, window, amount (its cost for
---   'decide', 'reserve' and 'refund', its change for 'adjust').
+--   ('adjust' and 'refund': when the charge was made), lease (seconds a concurrency slot is held at most),
+--   then per rule: limit, window, amount (its cost for 'decide', 'reserve' and 'refund', its change for
+--   'adjust'). A rule with window 0 is a concurrency limit (concurrency.lua's leases).
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
 -- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad),
 -- adjust(key, state, limit, window, now, at, delta, pad), refund(key, state, limit, window, now, at, cost,
@@ -15,13 +16,15 @@ else
   now = tonumber(ARGV[2])
 end
 local pad = tonumber(ARGV[3])
+local lease = tonumber(ARGV[5])
 
 local limits, windows, amounts = {}, {}, {}
 for i = 1, #KEYS do
-  limits[i], windows[i], amounts[i] = tonumber(ARGV[2 + 3 * i]), tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
+  limits[i], windows[i], amounts[i] = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i])
 end
 
 if ARGV[1] == 'used' then
+  if windows[1] == 0 then return lease_used(KEYS[1], now) end
   return used(KEYS[1], read_state(KEYS[1]), limits[1], windows[1], now)
 end
 
@@ -32,7 +35,11 @@ if ARGV[1] == 'adjust' or ARGV[1] == 'refund' then
   if ARGV[1] == 'refund' then settle = refund end
   local at = tonumber(ARGV[4])
   for i = 1, #KEYS do
-    if amounts[i] ~= 0 then settle(KEYS[i], read_state(KEYS[i]), limits[i], windows[i], now, at, amounts[i], pad) end
+    if amounts[i] ~= 0 and windows[i] == 0 then
+      local delta = amounts[i]
+      if ARGV[1] == 'refund' then delta = -delta end
+      lease_adjust(KEYS[i], at, delta, pad, lease)
+    elseif amounts[i] ~= 0 then settle(KEYS[i], read_state(KEYS[i]), limits[i], windows[i], now, at, amounts[i], pad) end
   end
   return fmt(now)
 end
@@ -41,10 +48,15 @@ end
 -- rule; for 'reserve', then the time of the charge (which 'adjust' and 'refund' take).
 local states, reply, all_allow = {}, {}, true
 for i = 1, #KEYS do
-  local state = read_state(KEYS[i])
+  local state, allowed, remaining, retry_after, reset_after
+  if windows[i] == 0 then
+    state = lease_read(KEYS[i], now)
+    allowed, remaining, retry_after, reset_after = lease_evaluate(state, limits[i], amounts[i])
+  else
+    state = read_state(KEYS[i])
+    allowed, remaining, retry_after, reset_after = evaluate(KEYS[i], state, limits[i], windows[i], now, amounts[i])
+  end
   states[i] = state
-  local allowed, remaining, retry_after, reset_after =
-    evaluate(KEYS[i], state, limits[i], windows[i], now, amounts[i])
   if allowed == 0 then all_allow = false end
   reply[4 * i - 3] = allowed
   reply[4 * i - 2] = remaining
@@ -53,8 +65,20 @@ for i = 1, #KEYS do
 end
 if all_allow then
   for i = 1, #KEYS do
-    if amounts[i] > 0 then commit(KEYS[i], states[i], limits[i], windows[i], now, amounts[i], pad) end
+    if amounts[i] > 0 and windows[i] == 0 then
+      lease_take(KEYS[i], now, amounts[i], pad, lease)
+    elseif amounts[i] > 0 then commit(KEYS[i], states[i], limits[i], windows[i], now, amounts[i], pad) end
   end
 end
 if ARGV[1] == 'reserve' then reply[4 * #KEYS + 1] = fmt(now) end
+-- 'reserve' denied: then the units each rule counts (before this request), for messages.
+if ARGV[1] == 'reserve' and not all_allow then
+  for i = 1, #KEYS do
+    if windows[i] == 0 then
+      reply[4 * #KEYS + 1 + i] = states[i]
+    else
+      reply[4 * #KEYS + 1 + i] = used(KEYS[i], states[i], limits[i], windows[i], now)
+    end
+  end
+end
 return reply

@@ -1,0 +1,270 @@
+"""Token budgets and concurrency limits on Redis: what only Redis has (the behaviour itself runs on Redis in
+``test_reservations.py`` through the ``reserving_storage`` fixture).
+
+Concurrency slots are leases in a ZSET that expire, so that a worker that dies holding one cannot leak it;
+tokens and slots have keys of their own; a reservation and its settlement are one round trip each; the
+``on_error`` policies hold for reservations; a Redis Cluster refuses these limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ratelimit_middleware import ALGORITHMS, Limits, MemoryStorage, MultiTierRateLimiter, RedisStorage
+from ratelimit_middleware.errors import RateLimiterUnavailable
+from ratelimit_middleware.reservation import Reservation
+
+from .conftest import CONTRACT_TIMEOUT, FakeClock, unique_prefix
+from .redis_server import RedisCluster, RedisServer
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+def limiter_on(storage: RedisStorage, **limits: object) -> MultiTierRateLimiter:
+    return MultiTierRateLimiter(per_user_model=Limits(**limits), storage=storage)  # type: ignore[arg-type]
+
+
+def storage_on(server: RedisServer, clock: FakeClock | None, **options: object) -> RedisStorage:
+    return RedisStorage(
+        server.url,
+        key_prefix=unique_prefix(),
+        clock=clock,
+        timeout=CONTRACT_TIMEOUT,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_a_killed_workers_slot_is_freed_when_its_lease_expires(
+    redis_server: RedisServer, client: redis.Redis, clock: FakeClock
+) -> None:
+    storage = storage_on(redis_server, clock, lease=5)
+    limiter = limiter_on(storage, max_concurrent=1)
+    held = limiter.reserve("u", "m")  # the worker dies: this reservation is never settled
+    assert held.allowed
+    clock.advance(4.9)
+    assert not limiter.reserve("u", "m").allowed
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 1
+    clock.advance(0.2)  # the lease is over
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 0
+    fresh = limiter.reserve("u", "m")
+    assert fresh.allowed
+    held.settle(0, 0)  # a late settlement of the expired lease gives back nothing else
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 1
+    (key,) = client.keys(f"{storage.key_prefix}:*")
+    assert client.type(key) == b"zset" and 0 < client.pttl(key) <= 5_000 + 60_000  # expires in Redis too
+
+
+def test_a_lease_expires_in_redis_time_without_an_injected_clock(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    storage = storage_on(redis_server, None, lease=0.2)
+    limiter = limiter_on(storage, max_concurrent=1)
+    assert limiter.reserve("u", "m").allowed
+    assert not limiter.reserve("u", "m").allowed
+    time.sleep(0.3)  # a short bounded wait: the lease runs on Redis' own clock
+    assert limiter.reserve("u", "m").allowed
+    assert all(0 < client.pttl(key) <= 200 for key in client.keys(f"{storage.key_prefix}:*"))
+
+
+def test_leases_at_one_instant_are_released_one_each(redis_server: RedisServer, clock: FakeClock) -> None:
+    limiter = limiter_on(storage_on(redis_server, clock), max_concurrent=3)
+    reservations = [limiter.reserve("u", "m") for _ in range(3)]  # the injected clock stands still
+    assert all(r.allowed for r in reservations) and not limiter.reserve("u", "m").allowed
+    for index, reservation in enumerate(reservations):
+        reservation.settle(0, 0)
+        reservation.settle(0, 0)  # twice changes nothing
+        assert limiter.get_request_count("u", "m", unit="concurrent") == 2 - index
+
+
+def test_token_and_slot_keys_differ_from_request_keys(
+    redis_server: RedisServer, client: redis.Redis, clock: FakeClock
+) -> None:
+    storage = storage_on(redis_server, clock)
+    limiter = limiter_on(
+        storage, requests="1000/minute", tokens="1000/minute", input_tokens="1000/minute", max_concurrent=2
+    )
+    assert limiter.reserve("u", "m", input_tokens=10).allowed
+    names = {key.decode() for key in client.keys(f"{storage.key_prefix}:*")}
+    prefix = storage.key_prefix
+    assert names == {
+        f"{prefix}:concurrency:concurrent:per_user_model:2/0:{{u}}:m",
+        f"{prefix}:sliding_log:per_user_model:1000/60:{{u}}:m",
+        f"{prefix}:sliding_log:input_tokens:per_user_model:1000/60:{{u}}:m",
+        f"{prefix}:sliding_log:tokens:per_user_model:1000/60:{{u}}:m",
+    }
+    assert limiter.get_request_count("u", "m") == 1
+    assert limiter.get_request_count("u", "m", unit="tokens") == 10
+
+
+def test_a_reservation_and_its_settlement_are_one_round_trip_each(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    storage = storage_on(redis_server, clock)
+    limiter = MultiTierRateLimiter(
+        per_user_model=Limits(requests="10/minute", tokens="1000/minute", max_concurrent=2),
+        per_model=Limits(tokens="5000/minute"),
+        global_limit=Limits(max_concurrent=100),
+        storage=storage,
+    )
+    limiter.reserve("u", "m").cancel()  # loads the script
+    storage.connection.round_trips = 0
+    reservation = limiter.reserve("u", "m", input_tokens=100)
+    assert reservation.allowed and storage.connection.round_trips == 1
+    reservation.settle(50, 10)
+    assert storage.connection.round_trips == 2
+
+
+def test_a_denial_reports_what_each_rule_counts(redis_server: RedisServer, clock: FakeClock) -> None:
+    limiter = limiter_on(storage_on(redis_server, clock), tokens="1000/minute", max_concurrent=5)
+    limiter.reserve("u", "m", input_tokens=900).settle(900, 0)
+    denied = limiter.reserve("u", "m", input_tokens=200)
+    assert not denied.allowed and denied.decision.unit == "tokens"
+    assert denied.decision.used == 900
+    assert denied.decisions["concurrent"].used == 0
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 0  # the denial took no slot
+
+
+# -- when Redis is gone ----------------------------------------------------------------------------------
+
+
+def dead_storage(on_error: str, clock: FakeClock) -> RedisStorage:
+    return RedisStorage(
+        "redis://127.0.0.1:1",
+        key_prefix=unique_prefix(),
+        timeout=0.1,
+        on_error=on_error,  # type: ignore[arg-type]
+        clock=clock,
+    )
+
+
+def test_on_error_allow_admits_reservations_unchecked(clock: FakeClock) -> None:
+    limiter = limiter_on(dead_storage("allow", clock), tokens="1000/minute", max_concurrent=1)
+    for _ in range(3):
+        reservation = limiter.reserve("u", "m", input_tokens=900)
+        assert reservation.allowed
+        reservation.settle(900, 500)  # nothing to settle: no error
+
+
+def test_on_error_deny_refuses_reservations(clock: FakeClock) -> None:
+    limiter = limiter_on(dead_storage("deny", clock), tokens="1000/minute", max_concurrent=1)
+    with pytest.raises(RateLimiterUnavailable):
+        limiter.reserve("u", "m", input_tokens=10)
+
+    async def scenario() -> None:
+        with pytest.raises(RateLimiterUnavailable):
+            await limiter.areserve("u", "m", input_tokens=10)
+
+    asyncio.run(scenario())
+
+
+def test_on_error_local_reserves_and_settles_in_memory(clock: FakeClock) -> None:
+    limiter = limiter_on(dead_storage("local", clock), tokens="1000/minute", max_concurrent=1)
+    first = limiter.reserve("u", "m", input_tokens=600)
+    assert first.allowed
+    assert not limiter.reserve("u", "m", input_tokens=10).allowed  # the local slot is taken
+    first.settle(100, 0)  # settles in memory: the slot and 500 tokens come back
+    second = limiter.reserve("u", "m", input_tokens=900)
+    assert second.allowed
+
+    async def scenario() -> None:
+        await second.acancel()
+        third = await limiter.areserve("u", "m", input_tokens=900)
+        assert third.allowed
+        await third.acancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_redis_cluster_refuses_token_and_concurrency_limits(redis_cluster: RedisCluster) -> None:
+    storage = RedisStorage(redis_cluster.client(), key_prefix=unique_prefix())
+    with pytest.raises(TypeError, match="Redis Cluster"):
+        limiter_on(storage, tokens="1000/minute")
+    with pytest.raises(TypeError, match="Redis Cluster"):
+        limiter_on(storage, max_concurrent=3)
+    assert limiter_on(storage, requests="10/minute").check("u", "m").allowed  # request limits still work
+
+
+def test_lease_must_be_positive(redis_server: RedisServer) -> None:
+    with pytest.raises(ValueError, match="lease"):
+        RedisStorage(redis_server.url, lease=0)
+
+
+def test_settling_on_redis_time_gives_the_lease_back(redis_server: RedisServer) -> None:
+    limiter = limiter_on(storage_on(redis_server, None), tokens="1000/minute", max_concurrent=1)
+    for _ in range(3):
+        reservation = limiter.reserve("u", "m", input_tokens=100)
+        assert reservation.allowed
+        reservation.settle(10, 0)
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 0
+    assert limiter.get_request_count("u", "m", unit="tokens") == 30
+
+    async def scenario() -> None:
+        async with await limiter.areserve("u", "m", input_tokens=5):
+            assert await limiter.aget_request_count("u", "m", unit="concurrent") == 1
+        assert await limiter.aget_request_count("u", "m", unit="concurrent") == 0
+
+    asyncio.run(scenario())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    algorithm=st.sampled_from(sorted(ALGORITHMS)),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 40).map(lambda n: n / 4),  # clock step
+            st.integers(0, 400),  # input tokens reserved
+            st.one_of(st.none(), st.integers(0, 600)),  # tokens used, None: cancel
+            st.integers(0, 3),  # how many steps later it settles
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_redis_reserves_and_settles_exactly_as_memory(
+    redis_server: RedisServer, algorithm: str, steps: list[tuple[float, int, int | None, int]]
+) -> None:
+    clock = FakeClock(1000.0)
+    limiters = [
+        MultiTierRateLimiter(
+            per_user_model=Limits(requests="20/10 seconds", tokens="1000/10 seconds", max_concurrent=3),
+            algorithm=algorithm,
+            storage=storage,
+        )
+        for storage in (MemoryStorage(clock=clock), storage_on(redis_server, clock))
+    ]
+    pending: list[tuple[int, list[Reservation], int | None]] = []
+    for index, (step, estimate, actual, delay) in enumerate(steps):
+        clock.advance(step)
+        reservations = [limiter.reserve("u", "m", input_tokens=estimate) for limiter in limiters]
+        memory, on_redis = (r.decision for r in reservations)
+        assert (on_redis.allowed, on_redis.unit, on_redis.remaining, on_redis.used) == (
+            memory.allowed,
+            memory.unit,
+            memory.remaining,
+            memory.used,
+        )
+        assert on_redis.retry_after == memory.retry_after
+        if memory.allowed:
+            pending.append((index + delay, reservations, actual))
+        for due in [p for p in pending if p[0] <= index]:
+            pending.remove(due)
+            for reservation in due[1]:
+                if due[2] is None:
+                    reservation.cancel()
+                else:
+                    reservation.settle(due[2], 0)
+        for unit in ("requests", "tokens", "concurrent"):
+            counts = [limiter.get_request_count("u", "m", unit=unit) for limiter in limiters]
+            assert counts[0] == counts[1], unit
