@@ -189,3 +189,20 @@ def test_the_plan_header_picks_the_budget(token_server: str) -> None:
     assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
     streamed = list(pro.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True))  # type: ignore[arg-type]
     assert streamed[-1].usage is not None  # the middleware asked for usage (stream_usage=True)
+
+
+def test_default_limits_cover_requests_tokens_and_concurrency() -> None:
+    import main  # type: ignore[import-not-found]
+
+    http = TestClient(main.create_app())
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 100}
+    response = http.post("/v1/chat/completions", json=body, headers={"X-User-ID": "budget"})
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-limit-requests"] == "20"
+    assert response.headers["x-ratelimit-limit-tokens"] == "40000"
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(40000 - 10 - 100)
+    assert '"per_user_model-concurrent";q=4;qu="concurrent-requests"' in response.headers["RateLimit-Policy"]
+    too_big = http.post(
+        "/v1/chat/completions", json={**body, "max_tokens": 50000}, headers={"X-User-ID": "budget"}
+    )
+    assert too_big.status_code == 429 and too_big.json()["error"]["type"] == "tokens"

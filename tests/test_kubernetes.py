@@ -75,5 +75,4 @@ def test_the_policy_is_mounted_where_the_app_looks_and_is_valid() -> None:
     config_map = named("ConfigMap", volume["configMap"]["name"])
     policy = config_map["data"][path.name]
     plans = Plans.from_mapping(tomllib.loads(policy), source="configmap")
-    assert not plans.uses_reservations  # request limits: what every storage enforces
     assert plans.describe()

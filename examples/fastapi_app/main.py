@@ -1,10 +1,15 @@
-"""An OpenAI-compatible mock LLM server, rate limited per user and model and per model.
+"""An OpenAI-compatible mock LLM server, limited in requests, tokens and requests in flight.
 
 Run it (README's first command does): ``uvicorn main:app --app-dir examples/fastapi_app``. The limits come
 from the environment: ``RATELIMIT_POLICY``, a policy file of plans (``examples/policies/plans.toml``), or
 
-- ``RATELIMIT_PER_USER_MODEL`` (default ``"20/minute"``): each user on each model;
-- ``RATELIMIT_PER_MODEL`` (default ``"600/minute"``): all users of one model together.
+- ``RATELIMIT_PER_USER_MODEL`` (default ``"20/minute"``), ``RATELIMIT_TOKENS_PER_USER_MODEL``
+  (``"40000/minute"``) and ``RATELIMIT_CONCURRENT_PER_USER_MODEL`` (``4``): each user on each model;
+- ``RATELIMIT_PER_MODEL`` (``"600/minute"``), ``RATELIMIT_TOKENS_PER_MODEL`` (``"2000000/minute"``) and
+  ``RATELIMIT_CONCURRENT_PER_MODEL`` (``64``): all users of one model together.
+
+Tokens are reserved from the request (prompt and ``max_tokens``) and settled with the ``usage`` each
+response reports, streams included.
 
 With ``REDIS_URL`` set (``redis://host:6379/0``), the limits live in that Redis and every process of the app
 shares them; otherwise each process counts in memory.
@@ -26,7 +31,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import make_asgi_app
 
-from ratelimit_middleware import MultiTierRateLimiter
+from ratelimit_middleware import Limits, MultiTierRateLimiter
 from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.metrics import PrometheusMetrics
 from ratelimit_middleware.plans import Plans
@@ -38,8 +43,8 @@ REPLY = "This is a canned answer from the mock model. Rate limits keep every GPU
 def build_limiter() -> MultiTierRateLimiter | Plans:
     """The limiter the app uses, configured from the environment.
 
-    ``RATELIMIT_POLICY`` names a policy file (TOML or YAML plans, see ``examples/policies``); without it,
-    ``RATELIMIT_PER_USER_MODEL`` and ``RATELIMIT_PER_MODEL`` set the request limits. ``REDIS_URL`` puts the
+    ``RATELIMIT_POLICY`` names a policy file (TOML or YAML plans, see ``examples/policies``); without it, the
+    variables listed in the module docstring set requests, tokens and concurrency. ``REDIS_URL`` puts the
     state in Redis (shared by every process), else it stays in memory.
     """
     storage = None
@@ -50,9 +55,18 @@ def build_limiter() -> MultiTierRateLimiter | Plans:
     plans = Plans.from_env(storage=storage)
     if plans is not None:
         return plans
+    environ = os.environ.get
     return MultiTierRateLimiter(
-        per_user_model=os.environ.get("RATELIMIT_PER_USER_MODEL", "20/minute"),
-        per_model=os.environ.get("RATELIMIT_PER_MODEL", "600/minute"),
+        per_user_model=Limits(
+            environ("RATELIMIT_PER_USER_MODEL", "20/minute"),
+            tokens=environ("RATELIMIT_TOKENS_PER_USER_MODEL", "40000/minute"),
+            max_concurrent=int(environ("RATELIMIT_CONCURRENT_PER_USER_MODEL", "4")),
+        ),
+        per_model=Limits(
+            environ("RATELIMIT_PER_MODEL", "600/minute"),
+            tokens=environ("RATELIMIT_TOKENS_PER_MODEL", "2000000/minute"),
+            max_concurrent=int(environ("RATELIMIT_CONCURRENT_PER_MODEL", "64")),
+        ),
         storage=storage,
     )
 
