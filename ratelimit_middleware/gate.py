@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, cast
 from .config import RateLimitConfig
 from .contract import HTTPResponse, denial_response, informational_headers, unavailable_response
 from .decision import Decision
-from .errors import RateLimiterUnavailable, UncheckedDecision
+from .errors import FallbackDecision, RateLimiterUnavailable, UncheckedDecision
 from .keys import KeyFunction, default_model_key, default_user_key
 from .limiter import RateLimiter
 from .observe import Observer, notify
@@ -348,6 +348,8 @@ class Gate:
             elapsed = time.perf_counter() - started
             shadowed = self.shadow and not decision.allowed
             notify(self.observers, "decision", decision, user, model, elapsed, shadowed)
+            if isinstance(decision, FallbackDecision):
+                notify(self.observers, "fallback", decision.policy, decision)
 
     def settled(self, reservation: Reservation, actual: tuple[int, int] | None) -> None:
         """Report a settled (``actual``) or cancelled (``None``) reservation to the observers."""

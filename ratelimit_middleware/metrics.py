@@ -7,7 +7,10 @@ most ``max_models`` model names (later ones are counted as ``"other"``).
 - ``ratelimit_decisions_total{outcome, tier, unit, model}``: outcome ``allowed``, ``denied`` or
   ``shadow_denied`` (denied, let through by shadow mode); the binding tier and unit.
 - ``ratelimit_failures_total{stage, outcome}``: key functions, limiters (storage outages) and settlements
-  that failed, and whether the request was ``allowed`` or ``denied`` by the failure policy.
+  that failed, and whether the request was ``allowed`` or ``denied`` by the failure policy (a storage that
+  fails closed shows here as ``limiter``, ``denied``).
+- ``ratelimit_fallbacks_total{policy}``: decisions a storage's ``on_error`` policy made while the storage
+  could not be reached: ``allow`` (fail open, unchecked) or ``local`` (in memory).
 - ``ratelimit_decision_seconds``: how long deciding took (a histogram).
 - ``ratelimit_tokens_reserved_total{model}`` and ``ratelimit_tokens_settled_total{model}``: estimated and
   actual tokens of settled reservations (their ratio is the estimate's error); cancelled ones count as 0
@@ -50,6 +53,12 @@ class PrometheusMetrics(Observer):
             ["stage", "outcome"],
             registry=self.registry,
         )
+        self.fallbacks = Counter(
+            "ratelimit_fallbacks",
+            "Decisions made by a storage's failure policy (allow, local) while it could not be reached.",
+            ["policy"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "ratelimit_decision_seconds", "Time to decide.", buckets=_LATENCY_BUCKETS, registry=self.registry
         )
@@ -83,6 +92,9 @@ class PrometheusMetrics(Observer):
 
     def failure(self, stage: str, error: BaseException, outcome: str) -> None:
         self.failures.labels(stage.removeprefix("the ").replace(" ", "_"), outcome).inc()
+
+    def fallback(self, policy: str, decision: Decision) -> None:
+        self.fallbacks.labels(policy).inc()
 
     def settlement(self, model: str, reserved: tuple[int, int], actual: tuple[int, int] | None) -> None:
         label = self._model(model)

@@ -32,6 +32,9 @@ class Observer:
     def settlement(self, model: str, reserved: tuple[int, int], actual: tuple[int, int] | None) -> None:
         """A reservation was settled with ``actual`` ``(input, output)`` tokens, or cancelled (``None``)."""
 
+    def fallback(self, policy: str, decision: Decision) -> None:
+        """The storage was unreachable and its ``on_error`` ``policy`` (allow, local) decided instead."""
+
 
 @dataclass(frozen=True)
 class Event:

@@ -158,3 +158,21 @@ def test_a_failing_observer_never_breaks_a_request() -> None:
         client(RateLimiter(), observers=[Faulty()]).get("/hello", headers={"X-User-ID": "u"}).status_code
         == 200
     )
+
+
+def test_storage_outages_are_counted_by_policy() -> None:
+    from ratelimit_middleware import RedisStorage
+
+    from .servers import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}"  # nothing listens there
+    metrics = PrometheusMetrics()
+    for on_error, expected in (("allow", 200), ("local", 200), ("deny", 503)):
+        limiter = RateLimiter(limit="5/minute", storage=RedisStorage(dead, on_error=on_error))  # type: ignore[arg-type]
+        http = client(limiter, observers=[metrics])
+        assert [http.get("/hello", headers={"X-User-ID": "u"}).status_code for _ in range(2)] == [
+            expected
+        ] * 2
+    assert sample(metrics, "ratelimit_fallbacks_total", policy="allow") == 2
+    assert sample(metrics, "ratelimit_fallbacks_total", policy="local") == 2
+    assert sample(metrics, "ratelimit_failures_total", stage="limiter", outcome="denied") == 2

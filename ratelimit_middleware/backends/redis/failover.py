@@ -27,7 +27,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from ...backends.base import Reserved
 from ...backends.memory import MemoryBackend, MemoryStorage
 from ...decision import Decision
-from ...errors import RateLimiterUnavailable, UncheckedDecision
+from ...errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ...policy import Policy
 from .breaker import CircuitBreaker
 
@@ -114,7 +114,7 @@ class Fallback:
             return UncheckedDecision.of(rule.decision((True, max(rule.limit - cost, 0), 0.0, 0.0), cost))
         if failover.on_error == "deny":
             raise failover.unavailable()
-        return self._local_backend().decide(user, model, cost)
+        return LocalDecision.of(self._local_backend().decide(user, model, cost))
 
     def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         """A reservation while Redis cannot serve it: allowed unchecked (``allow``),
