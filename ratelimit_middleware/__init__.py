@@ -11,6 +11,7 @@ without the ``redis`` extra installed.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .algorithms import ALGORITHMS
@@ -37,6 +38,9 @@ __all__ = [
     "Reservation",
     "Window",
 ]
+
+# Quiet by default, as a library should be: the application's logging configuration decides what is shown.
+logging.getLogger("ratelimit_middleware").addHandler(logging.NullHandler())
 
 _REDIS_NAMES = frozenset({"RedisRateLimiter", "RedisStorage"})
 
