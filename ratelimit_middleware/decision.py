@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from .config import describe_seconds
 
-__all__ = ["Decision"]
+__all__ = ["Decision", "ShadowDecision"]
 
 
 class Decision(NamedTuple):
@@ -58,3 +58,12 @@ class Decision(NamedTuple):
         if math.isinf(self.retry_after):
             return f"a cost of {self.cost} exceeds the {self.limit_text}; it can never be allowed"
         return f"{self.limit_text} exceeded; retry in {self.retry_after:.3f}s"
+
+
+class ShadowDecision(Decision):
+    """A denial let through by shadow mode: ``allowed`` is True, every other figure is the denial's.
+
+    Nothing was counted for it (a denied request charges nothing). Observers see it as a shadow denial.
+    """
+
+    __slots__ = ()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, cast
 
 from .config import RateLimitConfig
 from .contract import HTTPResponse, denial_response, informational_headers, unavailable_response
-from .decision import Decision
+from .decision import Decision, ShadowDecision
 from .errors import FallbackDecision, RateLimiterUnavailable, UncheckedDecision
 from .keys import KeyFunction, default_model_key, default_user_key
 from .limiter import RateLimiter
@@ -237,8 +237,7 @@ class Gate:
     def resolve(limiter: Checker, request: RequestView, model: str) -> tuple[Checker, str]:
         """For ``Plans``: the limiter of the request's plan and model, and the model after aliases."""
         if isinstance(limiter, Plans):
-            model = limiter.canonical(model)
-            return limiter.limiter(limiter.plan_of(request), model), model
+            return limiter.route(request, model)
         return limiter, model
 
     def identify(self, request: RequestView) -> tuple[str, str]:
@@ -346,7 +345,9 @@ class Gate:
         if self.observers:
             decision = outcome.decision if isinstance(outcome, Reservation) else outcome
             elapsed = time.perf_counter() - started
-            shadowed = self.shadow and not decision.allowed
+            if isinstance(decision, ShadowDecision):  # a denial that a Shadow limiter let through
+                decision = decision._replace(allowed=False)
+            shadowed = not decision.allowed and (self.shadow or isinstance(decision, ShadowDecision))
             notify(self.observers, "decision", decision, user, model, elapsed, shadowed)
             if isinstance(decision, FallbackDecision):
                 notify(self.observers, "fallback", decision.policy, decision)

@@ -7,16 +7,17 @@ limiter of a request from its plan (``plan_key``, a key function: a header, or a
 model, after mapping model ``aliases`` to their canonical names. Pass it to a middleware as the limiter.
 
 ``Plans.load(path)`` reads TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML); ``Plans.from_env()``
-reads ``RATELIMIT_POLICY`` (a path) or ``RATELIMIT_POLICY_TOML`` (the policy itself). Every mistake fails at
-start-up with a ``PolicyError`` naming the file, and the field (``plans.free.*.per_user_model.tokens``) or the
-line.
+reads ``RATELIMIT_POLICY`` (a path) or ``RATELIMIT_POLICY_TOML`` (the policy itself). Plans listed in
+``shadow_plans`` are evaluated and recorded but never deny (``Shadow``): a new plan's limits roll out safely.
+Every mistake fails at start-up with a ``PolicyError`` naming the file, and the field
+(``plans.free.*.per_user_model.tokens``) or the line.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .keys import KeyFunction, from_header
 from .limiter import MultiTierRateLimiter
 from .request import RequestView
 from .reservation import Reservation
+from .shadow import Shadow
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,7 +40,7 @@ __all__ = ["Plans", "PolicyError"]
 
 _TIERS = ("per_user_model", "per_model", "per_user", "global")
 _LIMIT_FIELDS = ("requests", "tokens", "input_tokens", "output_tokens", "max_concurrent")
-_TOP_FIELDS = ("algorithm", "default_plan", "plan_header", "aliases", "plans")
+_TOP_FIELDS = ("algorithm", "default_plan", "plan_header", "aliases", "shadow_plans", "plans")
 ANY_MODEL = "*"
 
 
@@ -83,6 +85,7 @@ class Plans:
         aliases: Mapping[str, str] | None = None,
         algorithm: str = "sliding_log",
         storage: Storage | None = None,
+        shadow_plans: Iterable[str] = (),
         source: str = "plans",
     ) -> None:
         if algorithm not in ALGORITHMS:
@@ -95,6 +98,10 @@ class Plans:
             raise PolicyError(
                 f"{source}: default_plan: {default_plan!r} is not one of the plans ({', '.join(plans)})"
             )
+        shadow_plans = frozenset(shadow_plans)
+        unknown_shadow = sorted(shadow_plans - set(plans))
+        if unknown_shadow:
+            raise PolicyError(f"{source}: shadow_plans: {unknown_shadow[0]!r} is not one of the plans")
         self.default_plan = default_plan
         self.plan_key = plan_key
         self.aliases = dict(aliases or {})
@@ -119,6 +126,10 @@ class Plans:
                     storage=storage,
                 )
         self.uses_reservations = any(limiter.uses_reservations for limiter in self._limiters.values())
+        self.shadow_plans = shadow_plans
+        self._shadows = {
+            key: Shadow(limiter) for key, limiter in self._limiters.items() if key[0] in shadow_plans
+        }
 
     # -- choosing ---------------------------------------------------------------------------------------
 
@@ -133,9 +144,18 @@ class Plans:
             plan if plan is not None and any(key[0] == plan for key in self._limiters) else self.default_plan
         )
 
+    def route(self, request: RequestView, model: str) -> tuple[Shadow | MultiTierRateLimiter, str]:
+        """The limiter of a request (its plan's, in shadow for ``shadow_plans``) and its canonical model."""
+        model = self.canonical(model)
+        key = self._key(self.plan_of(request), model)
+        return self._shadows.get(key) or self._limiters[key], model
+
     def limiter(self, plan: str, model: str) -> MultiTierRateLimiter:
         """The limiter of ``plan`` for ``model``: its own entry, else the plan's ``"*"``, else the default
         plan's."""
+        return self._limiters[self._key(plan, model)]
+
+    def _key(self, plan: str, model: str) -> tuple[str, str]:
         for key in (
             (plan, model),
             (plan, ANY_MODEL),
@@ -143,7 +163,7 @@ class Plans:
             (self.default_plan, ANY_MODEL),
         ):
             if key in self._limiters:
-                return self._limiters[key]
+                return key
         raise LookupError(
             f"no limits for model {model!r} in plan {plan!r} or the default plan; add a '*' entry"
         )
@@ -184,6 +204,9 @@ class Plans:
         if header is not None and not isinstance(header, str):
             raise PolicyError(f"{source}: plan_header: expected a header name, got {header!r}")
         default_plan = data.get("default_plan", next(iter(plans)))
+        shadow_plans = data.get("shadow_plans", [])
+        if not isinstance(shadow_plans, list) or not all(isinstance(plan, str) for plan in shadow_plans):
+            raise PolicyError(f"{source}: shadow_plans: expected a list of plan names, got {shadow_plans!r}")
         return cls(
             plans,
             default_plan=str(default_plan),
@@ -191,6 +214,7 @@ class Plans:
             aliases=aliases,
             algorithm=str(data.get("algorithm", "sliding_log")),
             storage=storage,
+            shadow_plans=shadow_plans,
             source=source,
         )
 

@@ -176,3 +176,58 @@ def test_storage_outages_are_counted_by_policy() -> None:
     assert sample(metrics, "ratelimit_fallbacks_total", policy="allow") == 2
     assert sample(metrics, "ratelimit_fallbacks_total", policy="local") == 2
     assert sample(metrics, "ratelimit_failures_total", stage="limiter", outcome="denied") == 2
+
+
+def test_one_policy_in_shadow_while_the_others_are_enforced() -> None:
+    from ratelimit_middleware.shadow import Shadow
+
+    metrics = PrometheusMetrics()
+    app = Starlette(
+        routes=[Route("/hello", hello), Route("/v1/chat/completions", completion, methods=["POST"])]
+    )
+    trial = Shadow(RateLimiter(limit="1/minute"))
+    app.add_middleware(
+        RateLimitMiddleware, limiter="1/minute", path_limits={"/hello": trial}, observers=[metrics]
+    )
+    http = TestClient(app)
+    send = {"headers": {"X-User-ID": "u", "X-Model": "m"}}
+    shadowed = [http.get("/hello", **send) for _ in range(3)]  # type: ignore[arg-type]
+    assert [r.status_code for r in shadowed] == [200, 200, 200]
+    assert shadowed[2].headers["x-ratelimit-remaining-requests"] == "0"
+    enforced = [http.post("/v1/chat/completions", json={}, **send).status_code for _ in range(2)]  # type: ignore[arg-type]
+    assert enforced == [200, 429]
+    labels = {"tier": "per_user_model", "unit": "requests", "model": "m"}
+    assert sample(metrics, "ratelimit_decisions_total", outcome="shadow_denied", **labels) == 2
+    assert sample(metrics, "ratelimit_decisions_total", outcome="denied", **labels) == 1
+
+
+def test_shadow_token_limits_charge_nothing_when_they_would_deny() -> None:
+    from ratelimit_middleware.shadow import Shadow
+
+    inner = MultiTierRateLimiter(per_user_model=Limits(tokens="100/minute", max_concurrent=1))
+    http = client(Shadow(inner))
+    body = {"model": "m", "messages": [], "max_tokens": 90}  # after the first (settled to 20), 20 + 90 > 100
+    assert [
+        http.post("/v1/chat/completions", json=body, headers={"X-User-ID": "u"}).status_code for _ in range(3)
+    ] == [200] * 3
+    assert inner.get_request_count("u", "m", unit="tokens") == 20  # the first one, settled to its real usage
+    assert inner.get_request_count("u", "m", unit="concurrent") == 0
+
+
+def test_shadow_plans_from_a_policy_file(tmp_path: Any) -> None:
+    from ratelimit_middleware.plans import Plans, PolicyError
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        'shadow_plans = ["trial"]\nplan_header = "x-plan"\n'
+        '[plans.free."*"]\nper_user_model = "1/minute"\n[plans.trial."*"]\nper_user_model = "1/minute"\n'
+    )
+    http = client(Plans.load(policy))
+    trial = [http.get("/hello", headers={"X-User-ID": "u", "X-Plan": "trial"}).status_code for _ in range(2)]
+    free = [http.get("/hello", headers={"X-User-ID": "u"}).status_code for _ in range(2)]
+    assert trial == [200, 200] and free == [200, 429]
+    policy.write_text('shadow_plans = ["gold"]\n[plans.free."*"]\nper_user_model = "1/minute"\n')
+    import pytest
+
+    with pytest.raises(PolicyError, match="shadow_plans: 'gold'"):
+        Plans.load(policy)
