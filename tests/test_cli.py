@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from ratelimit_middleware import RedisStorage
@@ -72,27 +73,43 @@ def test_inspect_fails_cleanly_when_redis_is_unreachable() -> None:
     assert result.returncode in (1, 2) and "error" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_serve_runs_the_example_api_with_a_policy() -> None:
+def serve(*args: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ratelimit_middleware.cli",
-            "serve",
-            "--policy",
-            str(POLICY),
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "ratelimit_middleware.cli", "serve", "--port", str(port), *args],
         cwd=ROOT,
         env=os.environ.copy(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_serve_runs_the_example_api_with_a_policy() -> None:
+    process, url = serve("--policy", str(POLICY))
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", process)
+        wait_until_up(f"{url}/health", process)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+
+
+def test_serve_keeps_its_state_in_redis(redis_server: RedisServer) -> None:
+    process, url = serve("--policy", str(REQUESTS_ONLY), "--redis-url", redis_server.url)
+    try:
+        wait_until_up(f"{url}/health", process)
+        request = urllib.request.Request(
+            f"{url}/v1/models", headers={"X-User-ID": "served-user", "X-Model": "gpt-4o"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.headers["x-ratelimit-remaining-requests"] == "99"
+        client = redis_server.client()
+        try:
+            keys = [key.decode() for key in client.scan_iter(match="ratelimit:*served-user*")]
+        finally:
+            client.close()
+        assert keys, "the served app kept no state in Redis"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)
