@@ -21,14 +21,6 @@ from .reservation import Reservation, check_tokens
 __all__ = ["MultiTierRateLimiter", "RateLimiter"]
 
 
-def _nothing(deltas: Sequence[int]) -> None:
-    """A refused reservation charged nothing: settling it changes nothing."""
-
-
-async def _anothing(deltas: Sequence[int]) -> None:
-    """``_nothing`` for event loops."""
-
-
 def _check_request(user: object, model: object, cost: object) -> None:
     if not isinstance(user, str):
         raise TypeError(f"user must be a str, got {user!r}")
@@ -135,16 +127,7 @@ class _Limiter:
         oversized = self.policy.oversized_reservation(costs)
         if oversized is None:
             return None
-        return Reservation(
-            user,
-            model,
-            oversized,
-            {oversized.unit: oversized},
-            reserved,
-            self.policy.settlement,
-            _nothing,
-            _anothing,
-        )
+        return Reservation.uncharged(user, model, oversized, {oversized.unit: oversized}, reserved)
 
     def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
         """Charge one request, the estimated tokens and a concurrency slot, all or nothing.

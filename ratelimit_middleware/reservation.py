@@ -31,6 +31,18 @@ def check_tokens(value: object, what: str) -> int:
     return value
 
 
+def _no_settlement(reserved: tuple[int, int], actual: tuple[int, int] | None) -> tuple[int, ...]:
+    return ()
+
+
+def _nothing(deltas: Sequence[int]) -> None:
+    """Nothing was charged: nothing to adjust."""
+
+
+async def _anothing(deltas: Sequence[int]) -> None:
+    """``_nothing`` for event loops."""
+
+
 class Reservation:
     """What ``reserve`` charged, and how to settle it."""
 
@@ -69,6 +81,19 @@ class Reservation:
         self._adjust = adjust
         self._aadjust = aadjust
         self._open = decision.allowed  # a denied reservation charged nothing: there is nothing to settle
+
+    @classmethod
+    def uncharged(
+        cls,
+        user: str,
+        model: str,
+        decision: Decision,
+        decisions: Mapping[str, Decision],
+        reserved: tuple[int, int],
+    ) -> Reservation:
+        """A reservation that charged nothing (refused outright, or let through by shadow mode): settling or
+        cancelling it changes nothing."""
+        return cls(user, model, decision, decisions, reserved, _no_settlement, _nothing, _anothing)
 
     @property
     def allowed(self) -> bool:

@@ -9,7 +9,6 @@ rolls out one new limit while the others keep being enforced.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from .decision import Decision, ShadowDecision
@@ -25,27 +24,16 @@ def _let_through(decision: Decision) -> Decision:
     return decision if decision.allowed else ShadowDecision._make(decision._replace(allowed=True))
 
 
-def _nothing(deltas: Sequence[int]) -> None:
-    """A denied reservation charged nothing: settling it changes nothing."""
-
-
-async def _anothing(deltas: Sequence[int]) -> None:
-    """``_nothing`` for event loops."""
-
-
 def _let_reservation_through(reservation: Reservation) -> Reservation:
     if reservation.allowed:
         return reservation
     decisions = {unit: _let_through(decision) for unit, decision in reservation.decisions.items()}
-    return Reservation(
+    return Reservation.uncharged(
         reservation.user,
         reservation.model,
         _let_through(reservation.decision),
         decisions,
         reservation.reserved,
-        lambda reserved, actual: (),
-        _nothing,
-        _anothing,
     )
 
 
