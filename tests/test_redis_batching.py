@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
 from ratelimit_middleware import RedisRateLimiter
@@ -124,15 +121,6 @@ def test_a_caller_cancelled_before_its_batch_goes_out_is_not_counted(redis_serve
         await limiter.storage.aclose()
 
     asyncio.run(scenario())
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of the test's own, to pause."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_bursts_take_turns_and_time_queued_counts_against_the_timeout(server: RedisServer) -> None:
