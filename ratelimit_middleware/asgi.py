@@ -13,13 +13,13 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .contract import HTTPResponse
 from .decision import Decision
 from .gate import Checker, Gate, GateOptions, LimiterSpec
-from .request import BodyNotLoaded, RequestView
+from .renewal import keep
+from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
 from .tokens import Meter
 
@@ -35,13 +35,44 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class ScopeHeaders(ServerHeaders):
+    """The headers of an ASGI scope, read in place.
+
+    ``get`` looks names up among the raw bytes, through a ``dict`` of them (built in C) when every name is
+    lower-case ASCII and none repeats, as servers send them; otherwise through the decoded, joined mapping.
+    """
+
+    __slots__ = ("_index", "_raw")
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        super().__init__()
+        if not isinstance(raw, (list, tuple)):
+            raw = list(raw)
+        self._raw = raw
+        index = dict(raw)
+        names = b"".join(index)
+        self._index = index if len(index) == len(raw) and names.isascii() and names.islower() else None
+
+    def pairs(self) -> Iterable[tuple[str, str]]:
+        return ((name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw)
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        if self._index is None:
+            return self.joined().get(name, default)
+        try:
+            value = self._index.get(name.encode("latin-1"))
+        except UnicodeEncodeError:
+            return default
+        return default if value is None else value.decode("latin-1")
+
+
 def request_view(scope: Scope) -> RequestView:
-    """The framework-neutral view of an ASGI HTTP scope (headers decoded lazily)."""
+    """The framework-neutral view of an ASGI HTTP scope (headers read in place)."""
     client = scope.get("client")
     return RequestView(
         scope["method"],
         scope["path"],
-        ((name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]),
+        ScopeHeaders(scope["headers"]),
         scope.get("query_string", b"").decode("latin-1"),
         client[0] if client else None,
     )
@@ -97,14 +128,24 @@ def with_body(scope: Scope, body: bytes) -> tuple[Scope, Receive]:
     return {**scope, "headers": headers}, receive
 
 
-@lru_cache(maxsize=256)
-def _header_name(name: str) -> bytes:
-    return name.lower().encode("latin-1")
+_ENCODED_NAMES: dict[str, bytes] = {}
+_MAX_ENCODED_NAMES = 256  # the contract sends about 20 names; a deny_handler may add a few
+
+
+def _encoded_name(name: str) -> bytes:
+    encoded = name.lower().encode("latin-1")
+    if len(_ENCODED_NAMES) < _MAX_ENCODED_NAMES:
+        _ENCODED_NAMES[name] = encoded
+    return encoded
 
 
 def encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """ASGI header pairs: names lower-cased, values in latin-1 (characters outside it replaced)."""
-    return [(_header_name(name), value.encode("latin-1", "replace")) for name, value in headers]
+    names = _ENCODED_NAMES
+    return [
+        (names[name] if name in names else _encoded_name(name), value.encode("latin-1", "replace"))
+        for name, value in headers
+    ]
 
 
 async def send_response(send: Send, response: HTTPResponse) -> None:
@@ -124,18 +165,19 @@ async def admit(
     ``load_body`` is awaited only if a key function or the token estimate needs the body. Shared by the
     middleware and the Starlette/FastAPI decorators; ``wsgi.admit`` is its synchronous twin.
     """
-    reserving = gate.reserver(limiter) is not None
+    reserver = gate.reserver(limiter)
     try:
         try:
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserving)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
         except BodyNotLoaded:
             await load_body()
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserving)
-        limiter, model = gate.resolve(limiter, request, model)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+        resolved, model = gate.resolve(limiter, request, model)
     except Exception as error:
         return gate.failed("the key function", error)
-    reserver = gate.reserver(limiter)
-    started = time.perf_counter()
+    if resolved is not limiter:  # a plan's limiter
+        limiter, reserver = resolved, gate.reserver(resolved)
+    started = time.perf_counter() if gate.observers else 0.0
     try:
         outcome: Decision | Reservation
         if reserver is not None:
@@ -153,7 +195,8 @@ async def admit(
 async def run_metered(
     gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, send: Send, reservation: Reservation
 ) -> None:
-    """Run the app for a reserved request, reading its usage as the response goes by, then settle."""
+    """Run the app for a reserved request, reading its usage as the response goes by and renewing its
+    concurrency leases meanwhile, then settle."""
     extra = encode_headers(gate.reservation_headers(reservation))
     meter = Meter(reservation.reserved)
 
@@ -168,9 +211,11 @@ async def run_metered(
             meter.body(message.get("body", b""))
         await send(message)
 
+    stop_renewing = keep(reservation)  # the concurrency leases, while the response runs
     try:
         await app(scope, receive, send_metered)
     finally:
+        stop_renewing()
         actual = meter.settlement()
         try:
             if actual is None:
@@ -249,7 +294,7 @@ class RateLimitMiddleware:
             await send_response(send, self.gate.denied(request, outcome))
             return
         else:
-            extra = encode_headers(self.gate.allowed_headers(outcome))
+            extra = self.gate.allowed_raw_headers(outcome)
         if not extra:
             await self.app(scope, receive, send)
             return

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from functools import lru_cache
-from typing import NamedTuple
+from operator import attrgetter
+from typing import AnyStr, Generic, NamedTuple
 
 from .config import describe_seconds
 from .decision import Decision
@@ -28,6 +30,7 @@ __all__ = [
     "denial_response",
     "go_duration",
     "informational_headers",
+    "raw_informational_headers",
     "retry_after_seconds",
     "unavailable_response",
 ]
@@ -66,14 +69,12 @@ def go_duration(seconds: float) -> str:
     """Go-style durations as in OpenAI's reset headers: ``"20ms"``, ``"1.5s"``, ``"6m0s"``, ``"1h2m3s"``."""
     if seconds < 1:
         return f"{max(math.ceil(seconds * 1000), 0)}ms"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{int(hours)}h{int(minutes)}m{text}"
-    if minutes:
-        return f"{int(minutes)}m{text}"
-    return text
+    text = f"{seconds % 60:.3f}".rstrip("0").rstrip(".") + "s"
+    if seconds < 60:
+        return text
+    whole = int(seconds)
+    hours, minutes = divmod(whole // 60, 60)
+    return f"{hours}h{minutes}m{text}" if hours else f"{minutes}m{text}"
 
 
 def _wait(decision: Decision) -> float:
@@ -94,23 +95,145 @@ _OPENAI_UNITS = {
 }
 """Which of OpenAI's ``x-ratelimit-*-requests`` / ``-tokens`` headers a unit fills."""
 
+_ERROR_TYPES = {"requests": "requests", "concurrent": "concurrency"}
+
+
+class _Parts(Generic[AnyStr]):
+    """The constant parts of one limit's informational headers, as text or as ASGI bytes."""
+
+    __slots__ = ("limit", "openai", "policy", "state")
+
+    def __init__(
+        self, policy: AnyStr, state: AnyStr, limit: AnyStr, openai: tuple[AnyStr, ...] | None
+    ) -> None:
+        self.policy: AnyStr = policy
+        """Its ``RateLimit-Policy`` item."""
+        self.state: AnyStr = state
+        """The start of its ``RateLimit`` item: ``"per_user_model";r=``."""
+        self.limit: AnyStr = limit
+        self.openai: tuple[AnyStr, ...] | None = openai
+        """OpenAI's limit, remaining and reset header names for its unit, if it has them."""
+
+
+class _Rule(NamedTuple):
+    """What never changes in the headers and messages of one limit."""
+
+    text: _Parts[str]
+    raw: _Parts[bytes]
+    per: str
+    """``"requests per 1 hour"``, for messages."""
+    error_type: str
+
+
+def _encode_value(text: str) -> bytes:
+    return text.encode("latin-1", "replace")
+
+
+def _encode_name(name: str) -> bytes:
+    return name.lower().encode("latin-1")
+
 
 @lru_cache(maxsize=4096)
-def _policy(tier: str, unit: str, limit: int, window: float) -> tuple[str, str]:
-    """``(quoted policy name, RateLimit-Policy item)`` of one limit: built once, they never change.
+def _rule(tier: str, unit: str, limit: int, window: float) -> _Rule:
+    """The constant parts of one limit's headers and messages: built once, they never change.
 
     ``"per_user_model";q=100;w=3600``; other units name themselves: ``"per_user_model-tokens"`` with a vendor
     parameter (tokens are not a registered quota unit), ``qu="concurrent-requests"`` for concurrency.
     """
     name = f'"{tier}"' if unit == "requests" else f'"{tier}-{unit.replace("_", "-")}"'
     if unit == "concurrent":
-        return name, f'{name};q={limit};qu="concurrent-requests"'
-    item = f"{name};q={limit};w={math.ceil(window)}"
-    return name, item if unit == "requests" else f'{item};x-unit="{unit}"'
+        policy = f'{name};q={limit};qu="concurrent-requests"'
+    else:
+        policy = f"{name};q={limit};w={math.ceil(window)}"
+        if unit != "requests":
+            policy = f'{policy};x-unit="{unit}"'
+    openai_unit = _OPENAI_UNITS.get(unit)
+    openai = None
+    if openai_unit is not None:
+        openai = tuple(f"x-ratelimit-{field}-{openai_unit}" for field in ("limit", "remaining", "reset"))
+    text = _Parts(policy, f"{name};r=", str(limit), openai)
+    raw = _Parts(
+        _encode_value(policy),
+        _encode_value(text.state),
+        _encode_value(text.limit),
+        None if openai is None else tuple(_encode_name(header) for header in openai),
+    )
+    per = f"{unit.replace('_', ' ')} per {describe_seconds(window)}"
+    return _Rule(text, raw, per, _ERROR_TYPES.get(unit, "tokens"))
 
 
-def _reset(decision: Decision) -> float:
-    return decision.reset_after if decision.allowed else float(retry_after_seconds(decision))
+class _Wire(Generic[AnyStr]):
+    """How the informational headers are written: as text, or as ASGI sends them (``asgi.encode_headers``:
+    names lower-cased, values in latin-1 with characters outside it replaced)."""
+
+    def __init__(
+        self,
+        parts: Callable[[_Rule], _Parts[AnyStr]],
+        name: Callable[[str], AnyStr],
+        value: Callable[[str], AnyStr],
+        number: Callable[[str], AnyStr],
+    ) -> None:
+        self.parts: Callable[[_Rule], _Parts[AnyStr]] = parts
+        self.number: Callable[[str], AnyStr] = number
+        """Writes the figures that change (ASCII digits and durations)."""
+        names = [name(header) for header in _INFORMATIONAL_NAMES]
+        self.policy: AnyStr = names[0]
+        self.state: AnyStr = names[1]
+        self.limit: AnyStr = names[2]
+        self.remaining: AnyStr = names[3]
+        self.reset: AnyStr = names[4]
+        self.expose: tuple[AnyStr, AnyStr] = (names[5], value(EXPOSED_HEADERS))
+        self.comma: AnyStr = value(", ")
+        self.then: AnyStr = value(";t=")
+
+
+_INFORMATIONAL_NAMES = (
+    "RateLimit-Policy",
+    "RateLimit",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Access-Control-Expose-Headers",
+)
+_TEXT = _Wire(attrgetter("text"), str, str, str)
+_RAW = _Wire(attrgetter("raw"), _encode_name, _encode_value, str.encode)
+
+
+def _figures(wire: _Wire[AnyStr], decision: Decision) -> tuple[_Parts[AnyStr], AnyStr, float, AnyStr]:
+    """``(constant parts, remaining, reset seconds, reset seconds rounded up)`` of one decision."""
+    reset = decision.reset_after if decision.allowed else float(retry_after_seconds(decision))
+    parts = wire.parts(_rule(decision.tier, decision.unit, decision.limit, decision.window_seconds))
+    return parts, wire.number(str(decision.remaining)), reset, wire.number(str(math.ceil(reset)))
+
+
+def _informational(
+    wire: _Wire[AnyStr], decision: Decision, others: tuple[Decision, ...]
+) -> list[tuple[AnyStr, AnyStr]]:
+    parts, remaining, reset, seconds = _figures(wire, decision)
+    headers = [
+        (wire.policy, parts.policy),
+        (wire.state, parts.state + remaining + wire.then + seconds),
+        (wire.limit, parts.limit),
+        (wire.remaining, remaining),
+        (wire.reset, seconds),
+    ]
+    if parts.openai is not None:
+        headers += zip(parts.openai, (parts.limit, remaining, wire.number(go_duration(reset))), strict=True)
+    if others:  # a reservation: every unit's item, and OpenAI's headers of each unit named once
+        policies, states, named = [parts.policy], [headers[1][1]], [parts.openai]
+        for other in others:
+            parts, remaining, reset, seconds = _figures(wire, other)
+            policies.append(parts.policy)
+            states.append(parts.state + remaining + wire.then + seconds)
+            if parts.openai is not None and parts.openai not in named:
+                named.append(parts.openai)
+                headers += zip(
+                    parts.openai, (parts.limit, remaining, wire.number(go_duration(reset))), strict=True
+                )
+        headers[0] = (wire.policy, wire.comma.join(policies))
+        headers[1] = (wire.state, wire.comma.join(states))
+    headers.append(wire.expose)
+    return headers
 
 
 def informational_headers(decision: Decision, *others: Decision) -> list[tuple[str, str]]:
@@ -119,75 +242,57 @@ def informational_headers(decision: Decision, *others: Decision) -> list[tuple[s
     ``decision`` is the binding one; ``others`` are the binding decisions of the other units of a
     reservation (tokens, concurrency), which get their own policy items and OpenAI's ``-tokens`` headers.
     """
-    items, states = [], []
-    by_openai_unit: dict[str, tuple[Decision, float]] = {}
-    for current in (decision, *others):
-        name, item = _policy(current.tier, current.unit, current.limit, current.window_seconds)
-        reset = _reset(current)
-        items.append(item)
-        states.append(f"{name};r={current.remaining};t={math.ceil(reset)}")
-        openai_unit = _OPENAI_UNITS.get(current.unit)
-        if openai_unit is not None and openai_unit not in by_openai_unit:
-            by_openai_unit[openai_unit] = current, reset
-    headers = [
-        ("RateLimit-Policy", ", ".join(items)),
-        ("RateLimit", ", ".join(states)),
-        ("X-RateLimit-Limit", str(decision.limit)),
-        ("X-RateLimit-Remaining", str(decision.remaining)),
-        ("X-RateLimit-Reset", str(math.ceil(_reset(decision)))),
-    ]
-    for openai_unit, (current, reset) in by_openai_unit.items():
-        headers += [
-            (f"x-ratelimit-limit-{openai_unit}", str(current.limit)),
-            (f"x-ratelimit-remaining-{openai_unit}", str(current.remaining)),
-            (f"x-ratelimit-reset-{openai_unit}", go_duration(reset)),
-        ]
-    headers.append(("Access-Control-Expose-Headers", EXPOSED_HEADERS))
-    return headers
+    return _informational(_TEXT, decision, others)
 
 
-def _message(decision: Decision, wait: float) -> str:
+def raw_informational_headers(decision: Decision, *others: Decision) -> list[tuple[bytes, bytes]]:
+    """``informational_headers`` as an ASGI server takes them (``asgi.encode_headers`` of them), written
+    from parts encoded once per limit."""
+    return _informational(_RAW, decision, others)
+
+
+def _message(decision: Decision, rule: _Rule, wait: float) -> str:
     """OpenAI-style: names the tier and the limit, the amounts for token limits, and the wait."""
     where = f"Rate limit reached ({decision.tier})"
     if decision.unit == "concurrent":
         return (
             f"{where}: {decision.limit} concurrent requests are in flight. Please try again in {wait:.3f}s."
         )
-    unit = decision.unit.replace("_", " ")
-    per = f"{unit} per {describe_seconds(decision.window_seconds)}"
     if math.isinf(decision.retry_after):
         return (
-            f"{where}: this request needs {decision.cost} {unit}, more than the limit of "
-            f"{decision.limit} {per}; it can never be allowed."
+            f"{where}: this request needs {decision.cost} {decision.unit.replace('_', ' ')}, more than the "
+            f"limit of {decision.limit} {rule.per}; it can never be allowed."
         )
     if decision.unit == "requests":
-        return f"{where}: limit {decision.limit} {per}. Please try again in {wait:.3f}s."
+        return f"{where}: limit {decision.limit} {rule.per}. Please try again in {wait:.3f}s."
     used = "" if decision.used is None else f", Used {decision.used}"
     amounts = f"Limit {decision.limit}{used}, Requested {decision.cost}"
-    return f"{where} on {per}: {amounts}. Please try again in {wait:.3f}s."
-
-
-_ERROR_TYPES = {"requests": "requests", "concurrent": "concurrency"}
+    return f"{where} on {rule.per}: {amounts}. Please try again in {wait:.3f}s."
 
 
 def denial_response(decision: Decision, *others: Decision) -> HTTPResponse:
     """The 429 for a denied decision: OpenAI's error body and every back-off header.
 
     ``others`` are the binding decisions of the other units of a reservation, for the informational headers.
+    The body is what ``json.dumps`` makes of ``{"error": {"message": ..., "type": ..., "param": None, "code":
+    "rate_limit_exceeded"}}``, written out around the one string that changes.
     """
+    rule = _rule(decision.tier, decision.unit, decision.limit, decision.window_seconds)
     wait = _wait(decision)
-    never = math.isinf(decision.retry_after)
-    error_type = _ERROR_TYPES.get(decision.unit, "tokens")
-    message = _message(decision, wait)
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": "rate_limit_exceeded"}}
+    message = json.dumps(_message(decision, rule, wait))
+    body = (
+        f'{{"error": {{"message": {message}, "type": "{rule.error_type}", "param": null, '
+        '"code": "rate_limit_exceeded"}}'
+    )
+    should_retry = "false" if math.isinf(decision.retry_after) or wait > SHOULD_RETRY_MAX_SECONDS else "true"
     headers = [
         ("Content-Type", "application/json"),
         ("Retry-After", str(retry_after_seconds(decision))),
         ("retry-after-ms", str(math.ceil(wait * 1000))),
-        ("x-should-retry", "false" if never or wait > SHOULD_RETRY_MAX_SECONDS else "true"),
+        ("x-should-retry", should_retry),
         *informational_headers(decision, *others),
     ]
-    return HTTPResponse(429, headers, json.dumps(body).encode())
+    return HTTPResponse(429, headers, body.encode())
 
 
 def unavailable_response(retry_after: int = 1) -> HTTPResponse:

@@ -17,7 +17,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, cast
 
 from .config import RateLimitConfig
-from .contract import HTTPResponse, denial_response, informational_headers, unavailable_response
+from .contract import (
+    HTTPResponse,
+    denial_response,
+    informational_headers,
+    raw_informational_headers,
+    unavailable_response,
+)
 from .decision import Decision, ShadowDecision
 from .errors import FallbackDecision, RateLimiterUnavailable, UncheckedDecision
 from .keys import KeyFunction, default_model_key, default_user_key
@@ -198,6 +204,7 @@ class Gate:
             (pattern, None if spec is None else as_checker(spec, f"path_limits[{pattern!r}]"))
             for pattern, spec in (path_limits or {}).items()
         )
+        self._by_path = bool(self.exempt or self.routes)
         self.exempt_methods = frozenset(method.upper() for method in exempt_methods)
         self.max_body_size = max_body_size
         self.on_error = on_error
@@ -217,7 +224,7 @@ class Gate:
         """The limiter for this request, or ``None`` when it is exempt."""
         if method in self.exempt_methods:
             return None
-        if not self.exempt and not self.routes:
+        if not self._by_path:
             return self.limiter
         normalized = normalize_path(path)
         if self.exempt.match(method, normalized)[0]:
@@ -297,12 +304,18 @@ class Gate:
             return None
         return json.dumps({**body, "stream_options": {**options, "include_usage": True}}).encode()
 
+    def informs(self, decision: Decision) -> bool:
+        """Whether an allowed response gets the informational headers: not when ``add_headers`` is off, nor
+        for a decision made without the limit (they would describe a count nobody made)."""
+        return self.add_headers and not isinstance(decision, UncheckedDecision)
+
     def allowed_headers(self, decision: Decision, *others: Decision) -> list[tuple[str, str]]:
-        """Headers to add to an allowed response (none when ``add_headers`` is off, nor for a decision made
-        without the limit: they would describe a count nobody made)."""
-        if not self.add_headers or isinstance(decision, UncheckedDecision):
-            return []
-        return informational_headers(decision, *others)
+        """Headers to add to an allowed response (see ``informs``)."""
+        return informational_headers(decision, *others) if self.informs(decision) else []
+
+    def allowed_raw_headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
+        """``allowed_headers`` of one decision as an ASGI server takes them."""
+        return raw_informational_headers(decision) if self.informs(decision) else []
 
     def denied(self, request: RequestView, decision: Decision, *others: Decision) -> HTTPResponse:
         """The response for a denied request (``others``: the other units of a reservation)."""

@@ -52,6 +52,7 @@ from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.gate import Checker, Gate, LimiterSpec, Reserver
 from ratelimit_middleware.keys import KeyFunction, from_header
 from ratelimit_middleware.observe import Observer
+from ratelimit_middleware.renewal import LeaseKeeper, Stop, keep
 from ratelimit_middleware.request import RequestView
 from ratelimit_middleware.reservation import Reservation
 
@@ -172,9 +173,12 @@ def _refusal(response: HTTPResponse) -> _Refusal:
 class _Hold:
     """One call's reservation, settled exactly once: when its handler ends, or when the RPC terminates."""
 
-    def __init__(self, gate: Gate, reservation: Reservation, method: str, usage: UsageReader | None) -> None:
+    def __init__(
+        self, gate: Gate, reservation: Reservation, method: str, usage: UsageReader | None, renewing: Stop
+    ) -> None:
         self._gate = gate
         self._reservation = reservation
+        self._renewing = renewing  # stops renewing the concurrency leases
         self._method = method
         self._usage = usage
         self._actual: tuple[int, int] | None = None
@@ -201,7 +205,8 @@ class _Hold:
                 return False
             self._open = False
             self._failed = failed
-            return True
+        self._renewing()
+        return True
 
     def _settlement(self) -> tuple[int, int] | None:
         """The tokens to charge: the usage read, else the estimate; ``None`` (refund) when the call failed."""
@@ -302,6 +307,7 @@ class _Core:
         self.estimator = estimator
         self.usage = usage
         self.request_body = request_body
+        self.leases = LeaseKeeper()  # renews the concurrency leases of the sync server's calls
 
     def limiter_for(self, method: str) -> Checker | None:
         """The limiter for this full method name, or ``None`` when it is exempt."""
@@ -334,13 +340,17 @@ class _Core:
             return self.failed(stage, error)
         return _Ask(view, limiter, reserver, user, model, tokens)
 
-    def judge(self, ask: _Ask, outcome: Decision | Reservation, started: float) -> _Admission | _Refusal:
-        """What the limiter's answer means for the call."""
+    def judge(
+        self, ask: _Ask, outcome: Decision | Reservation, started: float, renew: Callable[[Reservation], Stop]
+    ) -> _Admission | _Refusal:
+        """What the limiter's answer means for the call; ``renew`` keeps an allowed reservation's leases."""
         self.gate.observed(outcome, ask.user, ask.model, started)
         if isinstance(outcome, Reservation):
             if not self.gate.passes(outcome.decision):
                 return _refusal(self.gate.reservation_denied(ask.view, outcome))
-            hold = _Hold(self.gate, outcome, ask.view.path, self.usage) if outcome.allowed else None
+            hold = None
+            if outcome.allowed:
+                hold = _Hold(self.gate, outcome, ask.view.path, self.usage, renew(outcome))
             return _Admission(_metadata(self.gate.reservation_headers(outcome)), hold)
         if not self.gate.passes(outcome):
             return _refusal(self.gate.denied(ask.view, outcome))
@@ -365,7 +375,7 @@ class _Core:
                 outcome = ask.limiter.check(ask.user, ask.model)
         except Exception as error:
             return self.failed("the limiter", error)
-        return self.judge(ask, outcome, started)
+        return self.judge(ask, outcome, started, self.leases.keep)
 
     async def aadmit(
         self, limiter: Checker, details: grpc.HandlerCallDetails, peer: str | None, message: object
@@ -386,7 +396,7 @@ class _Core:
                 outcome = await ask.limiter.acheck(ask.user, ask.model)
         except Exception as error:
             return self.failed("the limiter", error)
-        return self.judge(ask, outcome, started)
+        return self.judge(ask, outcome, started, keep)
 
 
 def _behavior(handler: grpc.RpcMethodHandler[Any, Any]) -> tuple[str, Callable[..., Any]]:

@@ -9,10 +9,10 @@ semantics live in ``policy`` and ``algorithms``, the storage in ``backends``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from .backends.base import Reserved, ReservingBackend, Storage
-from .backends.memory import DEFAULT_MAX_KEYS, MemoryStorage
+from .backends.memory import DEFAULT_MAX_KEYS, MemoryBackend, MemoryStorage
 from .config import Limits, LimitSpec, RateLimitConfig, TierSpec
 from .decision import Decision
 from .policy import Policy, Rule
@@ -60,6 +60,11 @@ class _Limiter:
         self._reserver = self._backend if isinstance(self._backend, ReservingBackend) else None
         if self.uses_reservations and self._reserver is None:
             raise TypeError(f"{storage!r} does not support token or concurrency limits yet")
+        # What allow() calls once the arguments are valid: the in-memory backend answers without a Decision.
+        self._allows: Callable[[str, str, int], bool] = self._allowed
+        self._aallows: Callable[[str, str, int], Awaitable[bool]] = self._aallowed
+        if isinstance(self._backend, MemoryBackend) and self.policy.rules:
+            self._allows, self._aallows = self._backend.allows, self._backend.aallows
 
     @property
     def uses_reservations(self) -> bool:
@@ -88,6 +93,12 @@ class _Limiter:
             self._check_has_request_limits()
         return await self._backend.adecide(user, model, cost)
 
+    def _allowed(self, user: str, model: str, cost: int) -> bool:
+        return self.check(user, model, cost).allowed
+
+    async def _aallowed(self, user: str, model: str, cost: int) -> bool:
+        return (await self.acheck(user, model, cost)).allowed
+
     def _costs(self, user: str, model: str, input_tokens: int, output_tokens: int) -> tuple[int, ...]:
         _check_request(user, model, 0)
         check_tokens(input_tokens, "input_tokens")
@@ -107,19 +118,12 @@ class _Limiter:
         costs: tuple[int, ...],
         reply: Reserved,
     ) -> Reservation:
-        verdicts, at, used = reply
-        decision, decisions = self.policy.reservation(verdicts, costs, used)
-        backend = self._reserving()
-
-        def adjust(deltas: Sequence[int]) -> None:
-            backend.adjust(user, model, at, deltas)
-
-        async def aadjust(deltas: Sequence[int]) -> None:
-            await backend.aadjust(user, model, at, deltas)
-
-        return Reservation(
-            user, model, decision, decisions, reserved, self.policy.settlement, adjust, aadjust
-        )
+        decision, decisions = self.policy.reservation(reply.verdicts, costs, reply.used)
+        if reply.fallback is not None:  # decided by the storage's failure policy: say so
+            mark = reply.fallback.of
+            decision, decisions = mark(decision), {unit: mark(each) for unit, each in decisions.items()}
+        charge = (self._reserving(), reply.receipt, self.policy.settlement)
+        return Reservation(user, model, decision, decisions, reserved, charge)
 
     def _refused(
         self, user: str, model: str, costs: tuple[int, ...], reserved: tuple[int, int]
@@ -127,7 +131,7 @@ class _Limiter:
         oversized = self.policy.oversized_reservation(costs)
         if oversized is None:
             return None
-        return Reservation.uncharged(user, model, oversized, {oversized.unit: oversized}, reserved)
+        return Reservation(user, model, oversized, {oversized.unit: oversized}, reserved)  # charges nothing
 
     def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
         """Charge one request, the estimated tokens and a concurrency slot, all or nothing.
@@ -256,12 +260,16 @@ class RateLimiter(_Limiter):
         )
 
     def allow(self, user: str, model: str, cost: int = 1) -> bool:
-        """True (and counted) if the request fits."""
-        return self.check(user, model, cost).allowed
+        """True (and counted) if the request fits: ``check(...).allowed``, without building the decision."""
+        if not (type(user) is str and type(model) is str and type(cost) is int and cost >= 0):
+            _check_request(user, model, cost)  # the exact types pass above without a call
+        return self._allows(user, model, cost)
 
     async def aallow(self, user: str, model: str, cost: int = 1) -> bool:
         """``allow`` for event loops."""
-        return (await self.acheck(user, model, cost)).allowed
+        if not (type(user) is str and type(model) is str and type(cost) is int and cost >= 0):
+            _check_request(user, model, cost)
+        return await self._aallows(user, model, cost)
 
 
 class MultiTierRateLimiter(_Limiter):

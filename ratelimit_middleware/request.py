@@ -10,12 +10,56 @@ ASGI) and run the key functions again. Bodies are read only up to a size cap; ov
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from urllib.parse import parse_qsl
 
-__all__ = ["BodyNotLoaded", "RequestView"]
+__all__ = ["BodyNotLoaded", "RequestView", "ServerHeaders"]
 
 _UNSET = object()
+
+
+def _joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Lower-cased names; repeated headers joined with ``", "`` as HTTP allows."""
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        name = name.lower()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+class ServerHeaders(Mapping[str, str]):
+    """A server's request headers, read in place: lower-cased names, repeated headers joined with ``", "``.
+
+    Subclasses give every pair (``pairs``) and a ``get`` that finds one header without decoding the others,
+    which is all that key functions usually ask; the whole mapping is built only when iterated.
+    """
+
+    __slots__ = ("_all",)
+
+    def __init__(self) -> None:
+        self._all: dict[str, str] | None = None
+
+    def pairs(self) -> Iterable[tuple[str, str]]:
+        """Every header's name and value, decoded, in the server's order."""
+        raise NotImplementedError
+
+    def joined(self) -> dict[str, str]:
+        """The whole mapping, built once."""
+        if self._all is None:
+            self._all = _joined(self.pairs())
+        return self._all
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.joined())
+
+    def __len__(self) -> int:
+        return len(self.joined())
 
 
 class BodyNotLoaded(BaseException):
@@ -44,16 +88,21 @@ class RequestView:
         self,
         method: str,
         path: str,
-        raw_headers: Iterable[tuple[str, str]],
+        raw_headers: Iterable[tuple[str, str]] | ServerHeaders,
         query_string: str = "",
         client: str | None = None,
     ) -> None:
+        """``raw_headers``: name and value pairs, or a server's headers read in place (``ServerHeaders``)."""
         self.method = method.upper()
         self.path = path
         self.query_string = query_string
         self.client = client
-        self._raw_headers = raw_headers
-        self._headers: dict[str, str] | None = None
+        if isinstance(raw_headers, ServerHeaders):
+            self._raw_headers: Iterable[tuple[str, str]] = ()
+            self._headers: Mapping[str, str] | None = raw_headers
+        else:
+            self._raw_headers = raw_headers
+            self._headers = None
         self._query: dict[str, str] | None = None
         self._body: bytes | None = None  # None: not loaded; b"" after loading an empty or over-cap body
         self._json: object = _UNSET
@@ -62,16 +111,12 @@ class RequestView:
     def headers(self) -> Mapping[str, str]:
         """Lower-cased header names; repeated headers joined with ``", "`` as HTTP allows."""
         if self._headers is None:
-            headers: dict[str, str] = {}
-            for name, value in self._raw_headers:
-                name = name.lower()
-                headers[name] = f"{headers[name]}, {value}" if name in headers else value
-            self._headers = headers
+            self._headers = _joined(self._raw_headers)
         return self._headers
 
     def header(self, name: str) -> str | None:
         """One header's value, stripped; ``None`` when absent or blank."""
-        value = self.headers.get(name.lower())
+        value = (self.headers if self._headers is None else self._headers).get(name.lower())
         if value is None:
             return None
         value = value.strip()

@@ -7,19 +7,25 @@ refunded, an overage is charged, in the window the reservation was made in; the 
 ``cancel()`` refunds every reserved token (for failed upstream calls) and gives the slot back. A reservation
 settles once; later calls do nothing. As a context manager it cancels on an exception and otherwise settles
 with the estimate unless settled already.
+
+On Redis a concurrency slot is a lease that expires (so that a dead worker cannot hold it for ever):
+``lease`` says after how many seconds, and ``renew()`` extends it while the response is still running (the
+middlewares do so for long responses and streams).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from .decision import Decision
 
+if TYPE_CHECKING:
+    from .backends.base import ReservingBackend
+
 __all__ = ["Reservation"]
 
-Adjust = Callable[[Sequence[int]], None]
-AsyncAdjust = Callable[[Sequence[int]], Awaitable[None]]
 Settlement = Callable[[tuple[int, int], "tuple[int, int] | None"], tuple[int, ...]]
 
 
@@ -31,28 +37,14 @@ def check_tokens(value: object, what: str) -> int:
     return value
 
 
-def _no_settlement(reserved: tuple[int, int], actual: tuple[int, int] | None) -> tuple[int, ...]:
-    return ()
-
-
-def _nothing(deltas: Sequence[int]) -> None:
-    """Nothing was charged: nothing to adjust."""
-
-
-async def _anothing(deltas: Sequence[int]) -> None:
-    """``_nothing`` for event loops."""
-
-
 class Reservation:
     """What ``reserve`` charged, and how to settle it."""
 
     __slots__ = (
-        "_aadjust",
-        "_adjust",
-        "_open",
-        "_settlement",
+        "_charge",
         "decision",
         "decisions",
+        "lease",
         "model",
         "reserved",
         "user",
@@ -65,9 +57,7 @@ class Reservation:
         decision: Decision,
         decisions: Mapping[str, Decision],
         reserved: tuple[int, int],
-        settlement: Settlement,
-        adjust: Adjust,
-        aadjust: AsyncAdjust,
+        charge: tuple[ReservingBackend, object, Settlement] | None = None,
     ) -> None:
         self.user = user
         self.model = model
@@ -77,23 +67,13 @@ class Reservation:
         """The binding decision of each unit (``"requests"``, ``"tokens"``, ``"concurrent"``...)."""
         self.reserved = reserved
         """``(input_tokens, output_tokens)`` reserved."""
-        self._settlement = settlement
-        self._adjust = adjust
-        self._aadjust = aadjust
-        self._open = decision.allowed  # a denied reservation charged nothing: there is nothing to settle
-
-    @classmethod
-    def uncharged(
-        cls,
-        user: str,
-        model: str,
-        decision: Decision,
-        decisions: Mapping[str, Decision],
-        reserved: tuple[int, int],
-    ) -> Reservation:
-        """A reservation that charged nothing (refused outright, or let through by shadow mode): settling or
-        cancelling it changes nothing."""
-        return cls(user, model, decision, decisions, reserved, _no_settlement, _nothing, _anothing)
+        # What settles the charge until it is settled: its backend, the backend's receipt and the policy's
+        # settlement. None once settled, and for a reservation that charged nothing (denied, refused
+        # outright, or let through by shadow mode).
+        self._charge = charge if decision.allowed else None
+        self.lease = self._charge[0].lease if self._charge and "concurrent" in decisions else None
+        """Seconds after which the concurrency slots taken expire unless renewed; ``None`` when they do not
+        expire (in memory) or none were taken."""
 
     @property
     def allowed(self) -> bool:
@@ -102,39 +82,67 @@ class Reservation:
     @property
     def settled(self) -> bool:
         """True once settled or cancelled (or when denied: nothing was charged)."""
-        return not self._open
+        return self._charge is None
 
-    def _deltas(self, actual: tuple[int, int] | None) -> tuple[int, ...] | None:
-        if not self._open:
-            return None
-        self._open = False
+    def _settling(
+        self, actual: tuple[int, int] | None
+    ) -> tuple[ReservingBackend, object, tuple[int, ...]] | None:
+        """The backend, receipt and adjustments that settle the charge with ``actual`` usage (``None``:
+        cancel), or ``None`` when there is nothing (left) to settle."""
         if actual is not None:
             actual = (check_tokens(actual[0], "input_tokens"), check_tokens(actual[1], "output_tokens"))
-        return self._settlement(self.reserved, actual)
+        if self._charge is None:
+            return None
+        backend, receipt, settlement = self._charge
+        self._charge = None
+        return backend, receipt, settlement(self.reserved, actual)
 
     def settle(self, input_tokens: int, output_tokens: int) -> None:
         """Charge the real usage instead of the estimate, and give the concurrency slot back."""
-        deltas = self._deltas((input_tokens, output_tokens))
-        if deltas is not None:
-            self._adjust(deltas)
+        settling = self._settling((input_tokens, output_tokens))
+        if settling is not None:
+            backend, receipt, deltas = settling
+            backend.adjust(self.user, self.model, receipt, deltas)
 
     async def asettle(self, input_tokens: int, output_tokens: int) -> None:
         """``settle`` for event loops."""
-        deltas = self._deltas((input_tokens, output_tokens))
-        if deltas is not None:
-            await self._aadjust(deltas)
+        settling = self._settling((input_tokens, output_tokens))
+        if settling is not None:
+            backend, receipt, deltas = settling
+            await backend.aadjust(self.user, self.model, receipt, deltas)
 
     def cancel(self) -> None:
         """Refund every reserved token and give the concurrency slot back (the request stays counted)."""
-        deltas = self._deltas(None)
-        if deltas is not None:
-            self._adjust(deltas)
+        settling = self._settling(None)
+        if settling is not None:
+            backend, receipt, deltas = settling
+            backend.adjust(self.user, self.model, receipt, deltas)
 
     async def acancel(self) -> None:
         """``cancel`` for event loops."""
-        deltas = self._deltas(None)
-        if deltas is not None:
-            await self._aadjust(deltas)
+        settling = self._settling(None)
+        if settling is not None:
+            backend, receipt, deltas = settling
+            await backend.aadjust(self.user, self.model, receipt, deltas)
+
+    def renew(self) -> bool:
+        """Extend the leases of the concurrency slots held to ``lease`` seconds from now.
+
+        True while the reservation holds its slots (also when they never expire); False once settled, or when
+        a lease had already expired (or the storage could not be reached): the slot may have been taken by
+        another request meanwhile, so it is not taken again.
+        """
+        if self._charge is None:
+            return False
+        backend, receipt, _ = self._charge
+        return self.lease is None or backend.renew(self.user, self.model, receipt)
+
+    async def arenew(self) -> bool:
+        """``renew`` for event loops."""
+        if self._charge is None:
+            return False
+        backend, receipt, _ = self._charge
+        return self.lease is None or await backend.arenew(self.user, self.model, receipt)
 
     def __enter__(self) -> Reservation:
         return self
@@ -159,5 +167,5 @@ class Reservation:
             await self.asettle(*self.reserved)
 
     def __repr__(self) -> str:
-        state = "open" if self._open else "settled"
+        state = "settled" if self._charge is None else "open"
         return f"<Reservation {state} allowed={self.allowed} reserved={self.reserved}>"

@@ -28,7 +28,7 @@ def _let_reservation_through(reservation: Reservation) -> Reservation:
     if reservation.allowed:
         return reservation
     decisions = {unit: _let_through(decision) for unit, decision in reservation.decisions.items()}
-    return Reservation.uncharged(
+    return Reservation(  # charging nothing: settling it changes nothing
         reservation.user,
         reservation.model,
         _let_through(reservation.decision),

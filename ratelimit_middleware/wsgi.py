@@ -17,7 +17,8 @@ from typing import IO, TYPE_CHECKING, Any
 from .contract import HTTPResponse
 from .decision import Decision
 from .gate import Checker, Gate, GateOptions, LimiterSpec
-from .request import BodyNotLoaded, RequestView
+from .renewal import LeaseKeeper
+from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
 from .tokens import Meter
 
@@ -32,22 +33,46 @@ StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 _REASONS = {429: "Too Many Requests", 503: "Service Unavailable"}
+_UNPREFIXED = frozenset(("CONTENT_TYPE", "CONTENT_LENGTH"))
 
 
-def _headers(environ: Environ) -> Iterable[tuple[str, str]]:
-    for name, value in environ.items():
-        if name.startswith("HTTP_"):
-            yield name[5:].replace("_", "-"), value
-        elif name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            yield name.replace("_", "-"), value
+class EnvironHeaders(ServerHeaders):
+    """The headers of a WSGI environ, read in place: ``HTTP_*`` variables, ``CONTENT_TYPE`` and
+    ``CONTENT_LENGTH``.
+
+    ``get`` reads the one variable a name maps to, as werkzeug's ``EnvironHeaders`` does: exact for an
+    environ in CGI form (upper-case names, repeated headers already joined by the server, as PEP 3333 asks).
+    """
+
+    __slots__ = ("_environ",)
+
+    def __init__(self, environ: Environ) -> None:
+        super().__init__()
+        self._environ = environ
+
+    def pairs(self) -> Iterable[tuple[str, str]]:
+        for name, value in self._environ.items():
+            if name.startswith("HTTP_"):
+                yield name[5:].replace("_", "-"), value
+            elif name in _UNPREFIXED:
+                yield name.replace("_", "-"), value
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        if "_" in name:  # no variable maps to it: "_" in a variable's name stands for "-"
+            return default
+        if not name.isascii():
+            return self.joined().get(name, default)
+        key = name.upper().replace("-", "_")
+        value = self._environ.get(key if key in _UNPREFIXED else "HTTP_" + key)
+        return default if value is None else value
 
 
 def request_view(environ: Environ) -> RequestView:
-    """The framework-neutral view of a WSGI environ."""
+    """The framework-neutral view of a WSGI environ (headers read in place)."""
     return RequestView(
         environ.get("REQUEST_METHOD", "GET"),
         environ.get("PATH_INFO", "") or "/",
-        _headers(environ),
+        EnvironHeaders(environ),
         environ.get("QUERY_STRING", ""),
         environ.get("REMOTE_ADDR") or None,
     )
@@ -143,18 +168,19 @@ def admit(
     ``load_body`` is called only if a key function or the token estimate needs the body. Shared by the
     middleware and the Flask decorator; ``asgi.admit`` is its asynchronous twin.
     """
-    reserving = gate.reserver(limiter) is not None
+    reserver = gate.reserver(limiter)
     try:
         try:
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserving)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
         except BodyNotLoaded:
             load_body()
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserving)
-        limiter, model = gate.resolve(limiter, request, model)
+            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+        resolved, model = gate.resolve(limiter, request, model)
     except Exception as error:
         return gate.failed("the key function", error)
-    reserver = gate.reserver(limiter)
-    started = time.perf_counter()
+    if resolved is not limiter:  # a plan's limiter
+        limiter, reserver = resolved, gate.reserver(resolved)
+    started = time.perf_counter() if gate.observers else 0.0
     try:
         outcome: Decision | Reservation
         if reserver is not None:
@@ -190,13 +216,21 @@ class _Metered:
 
 
 def run_metered(
-    gate: Gate, app: WSGIApp, environ: Environ, start_response: StartResponse, reservation: Reservation
+    gate: Gate,
+    app: WSGIApp,
+    environ: Environ,
+    start_response: StartResponse,
+    reservation: Reservation,
+    leases: LeaseKeeper,
 ) -> Iterable[bytes]:
-    """Run the app for a reserved request, reading its usage as the response goes by; settle at the end."""
+    """Run the app for a reserved request, reading its usage as the response goes by and having ``leases``
+    renew its concurrency leases meanwhile; settle at the end."""
     extra = gate.reservation_headers(reservation)
     meter = Meter(reservation.reserved)
+    stop_renewing = leases.keep(reservation)
 
     def settle() -> None:
+        stop_renewing()
         actual = meter.settlement()
         try:
             if actual is None:
@@ -241,6 +275,7 @@ class RateLimitWSGI:
     ) -> None:
         self.app = app
         self.gate = Gate(limiter, **options)
+        self.leases = LeaseKeeper()  # renews the concurrency leases of responses still running
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         limiter = self.gate.limiter_for(
@@ -261,7 +296,7 @@ class RateLimitWSGI:
                 body = self.gate.usage_requesting_body(request)
                 if body is not None:
                     environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
-                return run_metered(self.gate, self.app, environ, start_response, outcome)
+                return run_metered(self.gate, self.app, environ, start_response, outcome, self.leases)
             if not self.gate.passes(outcome.decision):
                 return send_response(start_response, self.gate.reservation_denied(request, outcome))
             extra = self.gate.reservation_headers(outcome)  # shadow mode: nothing reserved

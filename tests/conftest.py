@@ -203,11 +203,21 @@ class _OnLoopBackend:
     async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         return await self.loop.arun(self._reserving.areserve(user, model, costs))
 
-    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
-        self.loop.run(self._reserving.aadjust(user, model, at, deltas))
+    @property
+    def lease(self) -> float | None:
+        return self._reserving.lease
 
-    async def aadjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
-        await self.loop.arun(self._reserving.aadjust(user, model, at, deltas))
+    def adjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
+        self.loop.run(self._reserving.aadjust(user, model, receipt, deltas))
+
+    async def aadjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
+        await self.loop.arun(self._reserving.aadjust(user, model, receipt, deltas))
+
+    def renew(self, user: str, model: str, receipt: object) -> bool:
+        return self.loop.run(self._reserving.arenew(user, model, receipt))
+
+    async def arenew(self, user: str, model: str, receipt: object) -> bool:
+        return await self.loop.arun(self._reserving.arenew(user, model, receipt))
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -266,6 +276,30 @@ class _ClusterBackend:
 
     async def areset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
         await self.asynchronous.areset(user, model, rules)
+
+    # A reservation's receipt works on both (the same keys, on the same cluster).
+
+    @property
+    def lease(self) -> float | None:
+        return cast(ReservingBackend, self.sync).lease
+
+    def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
+        return cast(ReservingBackend, self.sync).reserve(user, model, costs)
+
+    async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
+        return await cast(ReservingBackend, self.asynchronous).areserve(user, model, costs)
+
+    def adjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
+        cast(ReservingBackend, self.sync).adjust(user, model, receipt, deltas)
+
+    async def aadjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
+        await cast(ReservingBackend, self.asynchronous).aadjust(user, model, receipt, deltas)
+
+    def renew(self, user: str, model: str, receipt: object) -> bool:
+        return cast(ReservingBackend, self.sync).renew(user, model, receipt)
+
+    async def arenew(self, user: str, model: str, receipt: object) -> bool:
+        return await cast(ReservingBackend, self.asynchronous).arenew(user, model, receipt)
 
     def __len__(self) -> int:
         return len(self.sync)
@@ -330,16 +364,3 @@ def storage_for(storage_name: str) -> StorageFactory:
 def storage(storage_for: StorageFactory, clock: FakeClock) -> Storage:
     """Each storage in turn, bound to the test's clock."""
     return storage_for(clock)
-
-
-RESERVING_STORAGES = ("memory", "redis", "redis-asyncio")
-"""The storages that enforce token budgets and concurrency limits (reserve, then settle)."""
-
-
-@pytest.fixture(params=RESERVING_STORAGES)
-def reserving_storage(request: pytest.FixtureRequest, clock: FakeClock) -> Storage:
-    """Each storage that supports reservations in turn, bound to the test's clock."""
-    name = str(request.param)
-    if name in _NEEDS:
-        request.getfixturevalue(_NEEDS[name])
-    return STORAGES[name](clock)

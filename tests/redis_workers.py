@@ -1,4 +1,5 @@
-"""Run in spawned processes by ``test_redis_processes``: hammer shared limits through one Redis.
+"""Run in spawned processes by ``test_redis_processes`` and ``test_renewal``: hammer shared limits through one
+Redis, hold a concurrency slot until killed.
 
 Kept apart from the test modules so that a spawned process imports only this, redis and the limiter.
 """
@@ -10,7 +11,8 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from ratelimit_middleware import ALGORITHMS, MultiTierRateLimiter, RedisRateLimiter, RedisStorage
+from ratelimit_middleware import ALGORITHMS, Limits, MultiTierRateLimiter, RedisRateLimiter, RedisStorage
+from ratelimit_middleware.renewal import LeaseKeeper
 
 LIMIT = 200
 ATTEMPTS = 120  # per process and algorithm: four processes try 480 times for 200 places
@@ -48,3 +50,17 @@ def hammer(
         if attempt < MULTI_TIER_ATTEMPTS:
             admitted["multi_tier"] += tiers.allow(f"user-{index}", "gpt-4")[0]
     results.put(admitted)
+
+
+def hold_a_slot(url: str, prefix: str, lease: float, held: Any) -> None:
+    """Take the one concurrency slot and keep renewing it, as a worker serving a long stream does, until
+    killed (``held`` is set once the slot is taken)."""
+    limiter = MultiTierRateLimiter(
+        per_user_model=Limits(max_concurrent=1), storage=RedisStorage(url, key_prefix=prefix, lease=lease)
+    )
+    reservation = limiter.reserve("u", "m")
+    assert reservation.allowed
+    LeaseKeeper().keep(reservation)
+    held.set()
+    while True:
+        time.sleep(1)

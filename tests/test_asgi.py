@@ -9,6 +9,8 @@ import logging
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -17,7 +19,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
 from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
-from ratelimit_middleware.asgi import Message, RateLimitMiddleware
+from ratelimit_middleware.asgi import Message, RateLimitMiddleware, ScopeHeaders, request_view
 from ratelimit_middleware.contract import HTTPResponse
 from ratelimit_middleware.keys import from_header
 from ratelimit_middleware.request import RequestView
@@ -344,3 +346,47 @@ def test_custom_key_functions() -> None:
 def test_bad_options_fail_at_start_up(options: dict[str, Any], error: type) -> None:
     with pytest.raises(error):
         RateLimitMiddleware(hello, **options)  # type: ignore[arg-type]
+
+
+# The view reads a scope's headers in place (a dict of the raw bytes when that is exact); it must answer every
+# look-up as the decoded, joined mapping does, whatever the case, repeats or bytes of the names.
+_raw_names = st.sampled_from(
+    [
+        b"x-user-id",
+        b"X-User-ID",
+        b"x-model",
+        b"authorization",
+        b"x-api-key",
+        b"host",
+        b"\xc0-name",
+        b"\xe0-name",
+        b"1-2",
+    ]
+)
+_raw_values = st.binary(max_size=8).filter(lambda value: b"," not in value) | st.sampled_from(
+    [b" u1 ", b"", b"\xe9t\xe9"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_raw_names, _raw_values), max_size=6))
+def test_scope_headers_answer_as_the_joined_mapping(raw: list[tuple[bytes, bytes]]) -> None:
+    decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
+    plain = RequestView("GET", "/", decoded)
+    view = request_view({"type": "http", "method": "GET", "path": "/", "headers": raw})
+    for name in (
+        "x-user-id",
+        "X-User-ID",
+        "x-model",
+        "authorization",
+        "x-api-key",
+        "host",
+        "\xe0-name",
+        "1-2",
+        "ŧ",
+        "x",
+    ):
+        assert view.header(name) == plain.header(name)
+        assert view.headers.get(name.lower()) == plain.headers.get(name.lower())
+    assert dict(view.headers) == dict(plain.headers)
+    assert ScopeHeaders(iter(raw)).get("x-model") == plain.headers.get("x-model")  # any iterable of pairs

@@ -6,12 +6,19 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ratelimit_middleware import Decision
+from ratelimit_middleware.asgi import encode_headers
+from ratelimit_middleware.config import describe_seconds
 from ratelimit_middleware.contract import (
+    EXPOSED_HEADERS,
+    HTTPResponse,
     denial_response,
     go_duration,
     informational_headers,
+    raw_informational_headers,
     retry_after_seconds,
     unavailable_response,
 )
@@ -95,3 +102,151 @@ def test_unavailable_response_is_a_503_with_retry() -> None:
     assert response.status == 503
     assert dict(response.headers)["Retry-After"] == "1"
     assert json.loads(response.body)["error"]["code"] == "rate_limiter_unavailable"
+
+
+# The headers and bodies are built from parts cached per limit (text and ASGI bytes). These properties check
+# them, over changing figures and limits, against a plain build of the contract without any cache.
+
+
+def _reference_go_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{max(math.ceil(seconds * 1000), 0)}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    if minutes:
+        return f"{int(minutes)}m{text}"
+    return text
+
+
+def _reference_informational(decision: Decision, *others: Decision) -> list[tuple[str, str]]:
+    items, states = [], []
+    by_openai_unit: dict[str, tuple[Decision, float]] = {}
+    for current in (decision, *others):
+        name = (
+            f'"{current.tier}"'
+            if current.unit == "requests"
+            else f'"{current.tier}-{current.unit.replace("_", "-")}"'
+        )
+        if current.unit == "concurrent":
+            items.append(f'{name};q={current.limit};qu="concurrent-requests"')
+        else:
+            item = f"{name};q={current.limit};w={math.ceil(current.window_seconds)}"
+            items.append(item if current.unit == "requests" else f'{item};x-unit="{current.unit}"')
+        reset = current.reset_after if current.allowed else float(retry_after_seconds(current))
+        states.append(f"{name};r={current.remaining};t={math.ceil(reset)}")
+        openai_unit = (
+            "requests" if current.unit == "requests" else "tokens" if "tokens" in current.unit else None
+        )
+        if openai_unit is not None and openai_unit not in by_openai_unit:
+            by_openai_unit[openai_unit] = current, reset
+    reset = decision.reset_after if decision.allowed else float(retry_after_seconds(decision))
+    headers = [
+        ("RateLimit-Policy", ", ".join(items)),
+        ("RateLimit", ", ".join(states)),
+        ("X-RateLimit-Limit", str(decision.limit)),
+        ("X-RateLimit-Remaining", str(decision.remaining)),
+        ("X-RateLimit-Reset", str(math.ceil(reset))),
+    ]
+    for openai_unit, (current, current_reset) in by_openai_unit.items():
+        headers += [
+            (f"x-ratelimit-limit-{openai_unit}", str(current.limit)),
+            (f"x-ratelimit-remaining-{openai_unit}", str(current.remaining)),
+            (f"x-ratelimit-reset-{openai_unit}", _reference_go_duration(current_reset)),
+        ]
+    return [*headers, ("Access-Control-Expose-Headers", EXPOSED_HEADERS)]
+
+
+def _reference_denial(decision: Decision, *others: Decision) -> HTTPResponse:
+    never = math.isinf(decision.retry_after)
+    wait = decision.window_seconds if never else decision.retry_after
+    where = f"Rate limit reached ({decision.tier})"
+    unit = decision.unit.replace("_", " ")
+    per = f"{unit} per {describe_seconds(decision.window_seconds)}"
+    if decision.unit == "concurrent":
+        message = (
+            f"{where}: {decision.limit} concurrent requests are in flight. Please try again in {wait:.3f}s."
+        )
+    elif never:
+        message = (
+            f"{where}: this request needs {decision.cost} {unit}, more than the limit of "
+            f"{decision.limit} {per}; it can never be allowed."
+        )
+    elif decision.unit == "requests":
+        message = f"{where}: limit {decision.limit} {per}. Please try again in {wait:.3f}s."
+    else:
+        used = "" if decision.used is None else f", Used {decision.used}"
+        message = (
+            f"{where} on {per}: Limit {decision.limit}{used}, Requested {decision.cost}. "
+            f"Please try again in {wait:.3f}s."
+        )
+    error_type = {"requests": "requests", "concurrent": "concurrency"}.get(decision.unit, "tokens")
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": "rate_limit_exceeded"}}
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Retry-After", str(max(1, math.ceil(wait)))),
+        ("retry-after-ms", str(math.ceil(wait * 1000))),
+        ("x-should-retry", "false" if never or wait > 60 else "true"),
+        *_reference_informational(decision, *others),
+    ]
+    return HTTPResponse(429, headers, json.dumps(body).encode())
+
+
+seconds = st.one_of(
+    st.floats(min_value=0, max_value=200_000, allow_nan=False),
+    st.integers(0, 5000).map(lambda n: n * 60 + 0.0005),  # rounding at the minute
+    st.sampled_from([0.0004, 0.9995, 59.9995, 59.9996, 3599.9996, 60.0, 3600.0]),
+)
+decisions = st.builds(
+    Decision,
+    allowed=st.booleans(),
+    limit=st.integers(1, 10**9),
+    remaining=st.integers(0, 10**9),
+    retry_after=st.one_of(seconds, st.just(math.inf)),
+    reset_after=seconds,
+    tier=st.sampled_from(["per_user_model", "per_model", "global", "plan-gold", "tïer", "ŧier"]),
+    window_seconds=st.sampled_from([0.5, 1.0, 60.0, 90.0, 3600.0, 86400.0]),
+    cost=st.integers(1, 10**6),
+    unit=st.sampled_from(["requests", "tokens", "input_tokens", "output_tokens", "concurrent"]),
+    used=st.one_of(st.none(), st.integers(0, 10**6)),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(seconds)
+def test_go_duration_matches_the_plain_build(value: float) -> None:
+    assert go_duration(value) == _reference_go_duration(value)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(decisions, min_size=1, max_size=4))
+def test_headers_match_the_plain_build_in_text_and_asgi_bytes(batch: list[Decision]) -> None:
+    headers = informational_headers(*batch)
+    assert headers == _reference_informational(*batch)
+    assert raw_informational_headers(*batch) == encode_headers(headers)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(decisions, min_size=1, max_size=4))
+def test_denials_match_the_plain_build(batch: list[Decision]) -> None:
+    denied = batch[0]._replace(allowed=False, retry_after=batch[0].retry_after or 0.5)
+    assert denial_response(denied, *batch[1:]) == _reference_denial(denied, *batch[1:])
+
+
+def test_repeated_figures_of_one_limit_give_fresh_equal_headers() -> None:
+    first, second = allowed(remaining=7), allowed(remaining=6, reset_after=11.0)
+    for decision in (first, second, first, second):
+        assert informational_headers(decision) == _reference_informational(decision)
+        assert raw_informational_headers(decision) == encode_headers(_reference_informational(decision))
+    informational_headers(first).append(("X-Mutated", "1"))  # a caller's list is its own
+    assert informational_headers(first) == _reference_informational(first)
+
+
+def test_encode_headers_remembers_only_a_bounded_number_of_names() -> None:
+    names = [f"X-Custom-{i}" for i in range(400)]
+    for _ in range(2):
+        assert encode_headers([(name, "vé\u0100") for name in names]) == [
+            (name.lower().encode(), "vé?".encode("latin-1")) for name in names
+        ]

@@ -1,9 +1,10 @@
-"""Token budgets and concurrency limits on Redis: what only Redis has (the behaviour itself runs on Redis in
-``test_reservations.py`` through the ``reserving_storage`` fixture).
+"""Token budgets and concurrency limits on Redis: what only Redis has (the behaviour itself runs on Redis,
+asyncio Redis and Redis Cluster in ``test_reservations.py`` through the ``storage`` fixture).
 
-Concurrency slots are leases in a ZSET that expire, so that a worker that dies holding one cannot leak it;
-tokens and slots have keys of their own; a reservation and its settlement are one round trip each; the
-``on_error`` policies hold for reservations; a Redis Cluster refuses these limits.
+Concurrency slots are leases in a ZSET that expire, so that a worker that dies holding one cannot leak it,
+and that a running response renews; tokens and slots have keys of their own; a reservation and its
+settlement are one round trip each; the ``on_error`` policies hold for reservations (and mark their
+decisions); on a Redis Cluster a reservation spread over slots is all or nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit_middleware import ALGORITHMS, Limits, MemoryStorage, MultiTierRateLimiter, RedisStorage
-from ratelimit_middleware.errors import RateLimiterUnavailable
+from ratelimit_middleware.errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ratelimit_middleware.reservation import Reservation
 
 from .conftest import CONTRACT_TIMEOUT, FakeClock, unique_prefix
@@ -154,6 +155,9 @@ def test_on_error_allow_admits_reservations_unchecked(clock: FakeClock) -> None:
     for _ in range(3):
         reservation = limiter.reserve("u", "m", input_tokens=900)
         assert reservation.allowed
+        assert isinstance(reservation.decision, UncheckedDecision)
+        assert all(isinstance(each, UncheckedDecision) for each in reservation.decisions.values())
+        assert reservation.renew()  # nothing expires
         reservation.settle(900, 500)  # nothing to settle: no error
 
 
@@ -172,7 +176,7 @@ def test_on_error_deny_refuses_reservations(clock: FakeClock) -> None:
 def test_on_error_local_reserves_and_settles_in_memory(clock: FakeClock) -> None:
     limiter = limiter_on(dead_storage("local", clock), tokens="1000/minute", max_concurrent=1)
     first = limiter.reserve("u", "m", input_tokens=600)
-    assert first.allowed
+    assert first.allowed and isinstance(first.decision, LocalDecision)
     assert not limiter.reserve("u", "m", input_tokens=10).allowed  # the local slot is taken
     first.settle(100, 0)  # settles in memory: the slot and 500 tokens come back
     second = limiter.reserve("u", "m", input_tokens=900)
@@ -187,13 +191,85 @@ def test_on_error_local_reserves_and_settles_in_memory(clock: FakeClock) -> None
     asyncio.run(scenario())
 
 
-def test_a_redis_cluster_refuses_token_and_concurrency_limits(redis_cluster: RedisCluster) -> None:
-    storage = RedisStorage(redis_cluster.client(), key_prefix=unique_prefix())
-    with pytest.raises(TypeError, match="Redis Cluster"):
-        limiter_on(storage, tokens="1000/minute")
-    with pytest.raises(TypeError, match="Redis Cluster"):
-        limiter_on(storage, max_concurrent=3)
-    assert limiter_on(storage, requests="10/minute").check("u", "m").allowed  # request limits still work
+def test_a_cluster_reservation_over_several_slots_is_all_or_nothing(redis_cluster: RedisCluster) -> None:
+    storage = RedisStorage(redis_cluster.client(), key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
+    limiter = MultiTierRateLimiter(
+        per_user_model=Limits(tokens="1000/minute", max_concurrent=5),
+        per_model=Limits(tokens="1500/minute", max_concurrent=2),
+        storage=storage,
+    )
+    first = limiter.reserve("a", "m", input_tokens=900)
+    assert first.allowed
+    assert len(first._charge[1].parts) == 2  # type: ignore[index,attr-defined]  # two slots charged
+    denied = limiter.reserve("b", "m", input_tokens=700)  # per_model's tokens deny on its slot
+    assert not denied.allowed and denied.decision.tier == "per_model" and denied.decision.used == 900
+    # b's own slot allowed and charged, then got its charge back: tokens and the concurrency lease.
+    assert limiter.get_request_count("b", "m", tier="per_user_model", unit="tokens") == 0
+    assert limiter.get_request_count("b", "m", tier="per_user_model", unit="concurrent") == 0
+    second = limiter.reserve("c", "m", input_tokens=100)
+    assert second.allowed
+    full = limiter.reserve("d", "m", input_tokens=1)  # per_model's two slots are taken
+    assert not full.allowed and full.decision.unit == "concurrent"
+    assert limiter.get_request_count("d", "m", tier="per_user_model", unit="concurrent") == 0
+    first.settle(100, 0)  # settled on both slots, each at the time of its own charge
+    assert limiter.get_request_count("a", "m", tier="per_user_model", unit="tokens") == 100
+    assert limiter.get_request_count("a", "m", tier="per_model", unit="tokens") == 200
+    assert limiter.get_request_count("a", "m", tier="per_model", unit="concurrent") == 1
+    assert second.renew() and not first.renew()
+
+
+def test_a_renewed_lease_outlives_its_first_expiry(redis_server: RedisServer, clock: FakeClock) -> None:
+    limiter = limiter_on(storage_on(redis_server, clock, lease=5), max_concurrent=1)
+    held = limiter.reserve("u", "m")
+    assert held.lease == 5.0
+    for _ in range(4):
+        clock.advance(4)
+        assert held.renew()
+        assert not limiter.reserve("u", "m").allowed  # still held at 16 s, long after the first 5
+    held.settle(0, 0)
+    assert not held.renew()  # settled: nothing left to renew
+    assert limiter.reserve("u", "m").allowed
+
+
+def test_an_expired_lease_is_not_taken_again(redis_server: RedisServer, clock: FakeClock) -> None:
+    limiter = limiter_on(storage_on(redis_server, clock, lease=5), max_concurrent=1)
+    late = limiter.reserve("u", "m")
+    clock.advance(5.1)  # its lease is over: the slot goes to another request
+    other = limiter.reserve("u", "m")
+    assert other.allowed
+    assert not late.renew()
+    late.settle(0, 0)  # gives back nothing of the other's
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 1
+    assert other.renew()
+
+
+def test_leases_of_one_instant_are_renewed_and_released_each_on_its_own(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    limiter = limiter_on(storage_on(redis_server, clock, lease=5), max_concurrent=2)
+    renewed, left = limiter.reserve("u", "m"), limiter.reserve("u", "m")  # the injected clock stands still
+    clock.advance(4)
+    assert renewed.renew()
+    clock.advance(2)  # `left`'s lease is over; `renewed` holds until 9
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 1
+    left.cancel()
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 1
+    renewed.settle(0, 0)
+    assert limiter.get_request_count("u", "m", unit="concurrent") == 0
+
+
+def test_renewal_is_one_round_trip_and_fails_quietly_without_redis(
+    server: RedisServer, clock: FakeClock
+) -> None:
+    storage = storage_on(server, clock)
+    limiter = MultiTierRateLimiter(
+        per_user_model=Limits(max_concurrent=2), global_limit=Limits(max_concurrent=100), storage=storage
+    )
+    held = limiter.reserve("u", "m")
+    storage.connection.round_trips = 0
+    assert held.renew() and storage.connection.round_trips == 1
+    server.stop()
+    assert not held.renew()  # not confirmed: Redis is gone (no exception)
 
 
 def test_lease_must_be_positive(redis_server: RedisServer) -> None:

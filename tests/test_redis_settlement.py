@@ -1,6 +1,6 @@
 """The scripts' ``adjust`` mode is the Python algorithms' ``adjust``: settling a charge after the fact.
 
-The cluster's refunds use it today, and token reservations on Redis will (``backends/base.ReservingBackend``).
+Token settlements use it, and the cluster's refunds (``refund`` mode, which is ``adjust`` by minus the cost).
 Under random charges, settlements (refunds and overages, of charges made at any earlier time) and clock
 steps, the script and the pure Python algorithm agree on every count and every verdict.
 """
@@ -21,7 +21,7 @@ from .conftest import live_server, unique_prefix
 from .redis_server import RedisServer
 
 PAD = "600000"  # the injected times stand still while Redis' own clock runs: keep keys alive
-LEASE = "60.0"  # the lease of concurrency slots (unused by these rules, but part of every call)
+LEASE = "60.0"  # the lease of concurrency slots and its id (unused by these rules, but part of every call)
 
 
 def verdict(reply: list[Any]) -> tuple[bool, int, float, float]:
@@ -39,7 +39,7 @@ class OnRedis:
 
     def run(self, mode: str, now: float, amount: int, at: float | None = None) -> Any:
         at_arg = "" if at is None else repr(at)
-        args: list[Arg] = [mode, repr(now), PAD, at_arg, LEASE, *self.rule, str(amount)]
+        args: list[Arg] = [mode, repr(now), PAD, at_arg, LEASE, "", *self.rule, str(amount)]
         return self.connection.evaluate(Call(self.script, [self.key], args))
 
 

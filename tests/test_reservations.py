@@ -21,8 +21,8 @@ def tokens_limiter(
     return MultiTierRateLimiter(per_user_model=Limits(**limits), algorithm=algorithm, storage=storage)  # type: ignore[arg-type]
 
 
-def test_reserve_charges_request_tokens_and_slot_together(reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, requests="10/minute", tokens="1000/minute", max_concurrent=2)
+def test_reserve_charges_request_tokens_and_slot_together(storage: Storage) -> None:
+    limiter = tokens_limiter(storage, requests="10/minute", tokens="1000/minute", max_concurrent=2)
     reservation = limiter.reserve("u", "m", input_tokens=300, output_tokens=100)
     assert reservation.allowed
     assert reservation.decisions["tokens"].remaining == 600
@@ -32,25 +32,23 @@ def test_reserve_charges_request_tokens_and_slot_together(reserving_storage: Sto
     assert limiter.get_request_count("u", "m", unit="concurrent") == 1
 
 
-def test_settle_refunds_what_was_not_used(algorithm: str, reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+def test_settle_refunds_what_was_not_used(algorithm: str, storage: Storage) -> None:
+    limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     reservation = limiter.reserve("u", "m", input_tokens=200, output_tokens=600)
     reservation.settle(input_tokens=200, output_tokens=50)
     assert limiter.get_request_count("u", "m", unit="tokens") == 250
     assert limiter.reserve("u", "m", input_tokens=700).allowed  # the refund made room
 
 
-def test_settle_charges_an_overage(algorithm: str, reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+def test_settle_charges_an_overage(algorithm: str, storage: Storage) -> None:
+    limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=100, output_tokens=100).settle(100, 500)
     assert limiter.get_request_count("u", "m", unit="tokens") == 600
     assert not limiter.reserve("u", "m", input_tokens=450).allowed
 
 
-def test_reservations_at_the_same_instant_settle_independently(
-    algorithm: str, reserving_storage: Storage
-) -> None:
-    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+def test_reservations_at_the_same_instant_settle_independently(algorithm: str, storage: Storage) -> None:
+    limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     first = limiter.reserve("u", "m", input_tokens=100)
     second = limiter.reserve("u", "m", input_tokens=300)  # the injected clock has not moved
     second.settle(0, 0)
@@ -58,15 +56,15 @@ def test_reservations_at_the_same_instant_settle_independently(
     assert limiter.get_request_count("u", "m", unit="tokens") == 150
 
 
-def test_refund_never_exceeds_the_reservation(algorithm: str, reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+def test_refund_never_exceeds_the_reservation(algorithm: str, storage: Storage) -> None:
+    limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=300).settle(300, 0)
     limiter.reserve("u", "m", input_tokens=100).settle(0, 0)  # refunds its own 100, nothing of the 300
     assert limiter.get_request_count("u", "m", unit="tokens") == 300
 
 
-def test_cancel_refunds_every_reserved_token_but_counts_the_request(reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, requests="5/minute", tokens="1000/minute", max_concurrent=1)
+def test_cancel_refunds_every_reserved_token_but_counts_the_request(storage: Storage) -> None:
+    limiter = tokens_limiter(storage, requests="5/minute", tokens="1000/minute", max_concurrent=1)
     reservation = limiter.reserve("u", "m", input_tokens=900)
     reservation.cancel()
     assert limiter.get_request_count("u", "m", unit="tokens") == 0
@@ -78,9 +76,9 @@ def test_cancel_refunds_every_reserved_token_but_counts_the_request(reserving_st
 
 
 def test_settlement_lands_in_the_window_of_the_reservation(
-    algorithm: str, reserving_storage: Storage, clock: FakeClock
+    algorithm: str, storage: Storage, clock: FakeClock
 ) -> None:
-    limiter = tokens_limiter(reserving_storage, algorithm, tokens="1000/minute")
+    limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     clock.now = 6000.0  # a window boundary for the aligned algorithms
     reservation = limiter.reserve("u", "m", input_tokens=800)
     clock.advance(150)  # every window of the reservation is over
@@ -89,8 +87,8 @@ def test_settlement_lands_in_the_window_of_the_reservation(
     assert limiter.reserve("u", "m", input_tokens=1000).allowed
 
 
-def test_token_denial_names_tokens_and_charges_nothing(reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, requests="10/minute", tokens="1000/minute")
+def test_token_denial_names_tokens_and_charges_nothing(storage: Storage) -> None:
+    limiter = tokens_limiter(storage, requests="10/minute", tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=900).settle(900, 0)
     denied = limiter.reserve("u", "m", input_tokens=200)
     assert not denied.allowed
@@ -101,23 +99,23 @@ def test_token_denial_names_tokens_and_charges_nothing(reserving_storage: Storag
     assert limiter.get_request_count("u", "m", unit="tokens") == 900
 
 
-def test_token_cost_above_the_limit_can_never_pass(reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, tokens="1000/minute")
+def test_token_cost_above_the_limit_can_never_pass(storage: Storage) -> None:
+    limiter = tokens_limiter(storage, tokens="1000/minute")
     denied = limiter.reserve("u", "m", input_tokens=800, output_tokens=400)
     assert not denied.allowed and math.isinf(denied.decision.retry_after)
     assert denied.decision.cost == 1200 and denied.decision.unit == "tokens"
 
 
-def test_input_and_output_limits_count_their_side_only(reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, input_tokens="500/minute", output_tokens="100/minute")
+def test_input_and_output_limits_count_their_side_only(storage: Storage) -> None:
+    limiter = tokens_limiter(storage, input_tokens="500/minute", output_tokens="100/minute")
     assert limiter.reserve("u", "m", input_tokens=400, output_tokens=50).allowed
     denied = limiter.reserve("u", "m", input_tokens=50, output_tokens=60)
     assert not denied.allowed and denied.decision.unit == "output_tokens"
     assert limiter.reserve("u", "m", input_tokens=100, output_tokens=50).allowed
 
 
-def test_concurrency_slots_are_taken_and_released(reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, max_concurrent=2)
+def test_concurrency_slots_are_taken_and_released(storage: Storage) -> None:
+    limiter = tokens_limiter(storage, max_concurrent=2)
     first, second = limiter.reserve("u", "m"), limiter.reserve("u", "m")
     third = limiter.reserve("u", "m")
     assert first.allowed and second.allowed and not third.allowed
@@ -127,8 +125,8 @@ def test_concurrency_slots_are_taken_and_released(reserving_storage: Storage) ->
     assert limiter.reserve("v", "m").allowed  # another user has slots of their own
 
 
-def test_context_manager_releases_on_success_and_cancels_on_error(reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, tokens="1000/minute", max_concurrent=1)
+def test_context_manager_releases_on_success_and_cancels_on_error(storage: Storage) -> None:
+    limiter = tokens_limiter(storage, tokens="1000/minute", max_concurrent=1)
     with limiter.reserve("u", "m", input_tokens=300) as reservation:
         assert limiter.get_request_count("u", "m", unit="concurrent") == 1
     assert reservation.settled and limiter.get_request_count("u", "m", unit="tokens") == 300
@@ -138,8 +136,8 @@ def test_context_manager_releases_on_success_and_cancels_on_error(reserving_stor
     assert limiter.get_request_count("u", "m", unit="concurrent") == 0
 
 
-def test_no_slot_leaks_after_many_mixed_requests(reserving_storage: Storage, clock: FakeClock) -> None:
-    limiter = tokens_limiter(reserving_storage, max_concurrent=3, tokens="1000000000/minute")
+def test_no_slot_leaks_after_many_mixed_requests(storage: Storage, clock: FakeClock) -> None:
+    limiter = tokens_limiter(storage, max_concurrent=3, tokens="1000000000/minute")
     for index in range(10_000):
         clock.advance(0.001)
         reservation = limiter.reserve("u", "m", input_tokens=10, output_tokens=10)
@@ -154,11 +152,34 @@ def test_no_slot_leaks_after_many_mixed_requests(reserving_storage: Storage, clo
     assert limiter.get_request_count("u", "m", unit="concurrent") == 0
 
 
-def test_tiers_share_token_budgets(reserving_storage: Storage) -> None:
+def test_renewal_keeps_a_slot_for_as_long_as_the_response_runs(storage: Storage, clock: FakeClock) -> None:
+    limiter = tokens_limiter(storage, tokens="1000/minute", max_concurrent=1)
+    held = limiter.reserve("u", "m", input_tokens=10)
+    assert held.lease == (None if isinstance(storage, MemoryStorage) else 60.0)  # memory: slots never expire
+    for _ in range(5):
+        clock.advance(30)
+        assert held.renew()
+    assert not limiter.reserve("u", "m").allowed  # 150 s later, the slot is still held
+    held.settle(10, 0)
+    assert not held.renew()
+    assert limiter.reserve("u", "m").allowed
+    assert tokens_limiter(storage, tokens="1000/minute").reserve("v", "m").lease is None  # no slot, no lease
+
+    async def scenario() -> None:
+        reservation = await limiter.areserve("w", "m")
+        clock.advance(30)
+        assert await reservation.arenew()
+        await reservation.acancel()
+        assert not await reservation.arenew()
+
+    asyncio.run(scenario())
+
+
+def test_tiers_share_token_budgets(storage: Storage) -> None:
     limiter = MultiTierRateLimiter(
         per_user_model=Limits(tokens="1000/minute"),
         per_model=Limits(tokens="1500/minute", max_concurrent=10),
-        storage=reserving_storage,
+        storage=storage,
     )
     limiter.reserve("a", "m", input_tokens=900).settle(900, 0)
     denied = limiter.reserve("b", "m", input_tokens=700)
@@ -166,18 +187,18 @@ def test_tiers_share_token_budgets(reserving_storage: Storage) -> None:
     assert limiter.get_request_count("b", "m", unit="tokens") == 0  # nothing charged to b's own tier
 
 
-def test_rate_limiter_keywords(reserving_storage: Storage) -> None:
-    limiter = RateLimiter(tokens="100/minute", max_concurrent=1, storage=reserving_storage)
+def test_rate_limiter_keywords(storage: Storage) -> None:
+    limiter = RateLimiter(tokens="100/minute", max_concurrent=1, storage=storage)
     assert limiter.uses_reservations
     with pytest.raises(TypeError, match="no request limit"):
         limiter.check("u", "m")
     assert limiter.reserve("u", "m", input_tokens=50).allowed
-    both = RateLimiter(10, 60, tokens="100/minute", storage=reserving_storage)
+    both = RateLimiter(10, 60, tokens="100/minute", storage=storage)
     assert both.check("u", "m").allowed and both.reserve("u", "m", input_tokens=10).allowed
 
 
-def test_async_reservations(reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, tokens="1000/minute", max_concurrent=5)
+def test_async_reservations(storage: Storage) -> None:
+    limiter = tokens_limiter(storage, tokens="1000/minute", max_concurrent=5)
 
     async def scenario() -> None:
         reservations = await asyncio.gather(*(limiter.areserve("u", "m", input_tokens=100) for _ in range(8)))
@@ -202,8 +223,8 @@ def test_async_reservations(reserving_storage: Storage) -> None:
         ({"input_tokens": True}, TypeError),
     ],
 )
-def test_bad_token_counts_raise(kwargs: dict[str, object], error: type, reserving_storage: Storage) -> None:
-    limiter = tokens_limiter(reserving_storage, tokens="1000/minute")
+def test_bad_token_counts_raise(kwargs: dict[str, object], error: type, storage: Storage) -> None:
+    limiter = tokens_limiter(storage, tokens="1000/minute")
     with pytest.raises(error):
         limiter.reserve("u", "m", **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="-5"):

@@ -9,10 +9,13 @@ from typing import Any
 
 import pytest
 from flask import Flask, Response, jsonify, request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from werkzeug.test import Client, EnvironBuilder
 
 from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
-from ratelimit_middleware.wsgi import RateLimitWSGI, _ReplayInput
+from ratelimit_middleware.request import RequestView
+from ratelimit_middleware.wsgi import RateLimitWSGI, _ReplayInput, request_view
 
 
 def make_app(**options: Any) -> Flask:
@@ -200,3 +203,45 @@ def test_plain_wsgi_app_without_flask() -> None:
     assert client.get("/", headers={"X-User-ID": "u"}).status_code == 200
     denied = client.get("/", headers={"X-User-ID": "u"})
     assert denied.status_code == 429 and denied.headers["Retry-After"] == "60"
+
+
+# The view reads an environ's headers in place, one variable per look-up, as werkzeug does; for an environ in
+# CGI form it answers as the mapping of every HTTP_* variable does.
+_variables = st.sampled_from(
+    [
+        "HTTP_X_USER_ID",
+        "HTTP_X_MODEL",
+        "HTTP_AUTHORIZATION",
+        "CONTENT_TYPE",
+        "CONTENT_LENGTH",
+        "HTTP_HOST",
+        "PATH_INFO",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_variables, st.text(max_size=6), max_size=6))
+def test_environ_headers_answer_as_the_mapping_of_every_variable(environ: dict[str, str]) -> None:
+    pairs = [
+        (name[5:].replace("_", "-") if name.startswith("HTTP_") else name.replace("_", "-"), value)
+        for name, value in environ.items()
+        if name.startswith("HTTP_") or name in ("CONTENT_TYPE", "CONTENT_LENGTH")
+    ]
+    plain = RequestView("GET", "/", pairs)
+    view = request_view(environ)
+    for name in (
+        "x-user-id",
+        "X-User-ID",
+        "x_user_id",
+        "x-model",
+        "authorization",
+        "content-type",
+        "content-length",
+        "host",
+        "path-info",
+        "ŧ",
+    ):
+        assert view.header(name) == plain.header(name)
+        assert view.headers.get(name.lower()) == plain.headers.get(name.lower())
+    assert dict(view.headers) == dict(plain.headers)

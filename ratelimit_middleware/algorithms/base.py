@@ -4,6 +4,7 @@ An algorithm instance is bound to one window (``limit`` units per ``window`` sec
 state (``None`` for a key never seen or forgotten) and the time, and says what a request of ``cost`` units
 would get. ``commit`` returns the state after admitting it. Storage keeps the states, one per key, and makes
 the evaluate-then-commit of all windows of a decision atomic; the Redis scripts implement the same contract.
+``admit`` is both steps at once, for a single window whose caller only needs the answer (``allow``).
 
 Preconditions enforced by the caller: ``limit >= 1`` and ``0 <= cost <= limit`` (a cost above the limit is
 denied before any algorithm runs: it can never fit). ``adjust`` settles an earlier charge after the fact
@@ -39,6 +40,14 @@ class Algorithm(ABC, Generic[S]):
     @abstractmethod
     def commit(self, state: S | None, now: float, cost: int) -> S:
         """The state after admitting ``cost`` units at ``now`` (``cost >= 1``; may reuse ``state``)."""
+
+    def admit(self, state: S | None, now: float, cost: int) -> S | None:
+        """The state after admitting ``cost`` units at ``now`` if they fit, else ``None`` (``cost >= 1``).
+
+        Exactly ``commit`` if ``evaluate`` allows. The algorithms override it with one pass that skips the
+        figures only a ``Decision`` needs: it is the whole work of ``allow`` on a single window.
+        """
+        return self.commit(state, now, cost) if self.evaluate(state, now, cost)[0] else None
 
     @abstractmethod
     def used(self, state: S | None, now: float) -> int:

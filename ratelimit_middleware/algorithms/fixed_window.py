@@ -40,6 +40,12 @@ class FixedWindow(Algorithm[int]):
         k = int(now // self.window)
         return k * self.base + self._used_now(state, k) + cost
 
+    def admit(self, state: int | None, now: float, cost: int) -> int | None:
+        base = self.base
+        start = int(now // self.window) * base  # window k with nothing used; the states of k follow it
+        used = state - start if state is not None and start <= state < start + base else 0
+        return start + used + cost if used + cost <= self.limit else None
+
     def used(self, state: int | None, now: float) -> int:
         return self._used_now(state, int(now // self.window))
 

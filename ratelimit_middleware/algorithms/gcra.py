@@ -22,18 +22,18 @@ class GCRA(Algorithm[float]):
     """Smooth, O(1) memory (one float per key); the limit is the burst."""
 
     name = "gcra"
-    __slots__ = ("interval", "tolerance")
+    __slots__ = ("ceiling", "interval")
 
     def __init__(self, limit: int, window: float) -> None:
         super().__init__(limit, window)
         self.interval = window / limit
-        self.tolerance = window * _SLACK
+        self.ceiling = window + window * _SLACK  # the most debt a request may leave
 
     def evaluate(self, state: float | None, now: float, cost: int) -> Verdict:
         tat = now if state is None or state < now else state
         debt = tat + cost * self.interval - now
         window = self.window
-        if debt <= window + self.tolerance:
+        if debt <= self.ceiling:
             remaining = int((window - debt) / self.interval + _SLACK)
             return True, remaining if remaining > 0 else 0, 0.0, debt
         return False, 0, debt - window, tat - now
@@ -41,6 +41,11 @@ class GCRA(Algorithm[float]):
     def commit(self, state: float | None, now: float, cost: int) -> float:
         tat = now if state is None or state < now else state
         return tat + cost * self.interval
+
+    def admit(self, state: float | None, now: float, cost: int) -> float | None:
+        tat = now if state is None or state < now else state
+        tat += cost * self.interval
+        return tat if tat - now <= self.ceiling else None
 
     def used(self, state: float | None, now: float) -> int:
         if state is None or state <= now:

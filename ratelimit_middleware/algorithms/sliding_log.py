@@ -18,6 +18,7 @@ from .base import Algorithm, Verdict
 
 _ENTRY = Struct("dd")  # (time, cumulative cost), native float64
 _FLOAT = Struct("d")
+_float_at = _FLOAT.unpack_from  # (value,) at a byte offset
 # Every _COMPACT_AT appends, expired entries are cut from the front of a log when at least that many have
 # piled up, or half the log: at most about twice the live entries plus 2 * _COMPACT_AT are kept.
 _COMPACT_AT = 32
@@ -31,8 +32,8 @@ class SlidingLog(Algorithm[bytearray]):
 
     def _live(self, log: bytearray, now: float) -> tuple[int, float, float]:
         """``(index of the first live entry, cumulative cost before it, cumulative cost of the log)``."""
-        total = _FLOAT.unpack_from(log, len(log) - 8)[0]
-        if _FLOAT.unpack_from(log, 0)[0] > now - self.window:
+        total = _float_at(log, len(log) - 8)[0]
+        if _float_at(log, 0)[0] > now - self.window:
             return 0, 0.0, total  # nothing has expired: no search needed
         with memoryview(log) as raw, raw.cast("d") as values:
             first = bisect_right(values[::2], now - self.window)
@@ -56,13 +57,27 @@ class SlidingLog(Algorithm[bytearray]):
     def commit(self, state: bytearray | None, now: float, cost: int) -> bytearray:
         if state is None:
             return bytearray(_ENTRY.pack(now, cost))
+        return self._append(state, now, _float_at(state, len(state) - 8)[0] + cost)
+
+    def admit(self, state: bytearray | None, now: float, cost: int) -> bytearray | None:
+        if not state:
+            return bytearray(_ENTRY.pack(now, cost))
+        total = _float_at(state, len(state) - 8)[0]
+        # `_live` without a call and a tuple when nothing has expired (the common case on a busy key).
+        before = 0.0 if _float_at(state, 0)[0] > now - self.window else self._live(state, now)[1]
+        if total - before + cost > self.limit:
+            return None
+        return self._append(state, now, total + cost)
+
+    def _append(self, state: bytearray, now: float, cumulative: float) -> bytearray:
+        """``state`` with an entry for ``now`` at ``cumulative`` cost, after cutting expired entries."""
         if len(state) % (16 * _COMPACT_AT) == 0:  # every _COMPACT_AT entries, look for expired ones
             first = self._live(state, now)[0]
             # Cut expired entries but keep the last of them: its cumulative cost is the base of the rest.
             expired = first - 1
             if expired > 0 and (expired >= _COMPACT_AT or 2 * expired >= len(state) // 16):
                 del state[: 16 * expired]
-        state += _ENTRY.pack(now, _FLOAT.unpack_from(state, len(state) - 8)[0] + cost)
+        state += _ENTRY.pack(now, cumulative)
         return state
 
     def used(self, state: bytearray | None, now: float) -> int:

@@ -16,11 +16,12 @@ class SlidingWindow(Algorithm[int]):
     """O(1) memory; approximate sliding window."""
 
     name = "sliding_window"
-    __slots__ = ("base", "tolerance")
+    __slots__ = ("base", "span", "tolerance")
 
     def __init__(self, limit: int, window: float) -> None:
         super().__init__(limit, window)
         self.base = limit + 1
+        self.span = self.base * self.base  # the states of one window
         # `fits_at` is computed in window k and again in window k + 1 after waiting for it: allow for the
         # rounding between the two forms, far below a microsecond.
         self.tolerance = window * 1e-9
@@ -29,25 +30,31 @@ class SlidingWindow(Algorithm[int]):
         """``(previous, current)`` as seen from window ``k``."""
         if state is None:
             return 0, 0
-        rest, current = divmod(state, self.base)
-        state_k, previous = divmod(rest, self.base)
-        if state_k == k:
-            return previous, current
-        if state_k == k - 1:
-            return current, 0
+        # The states of window k are k * base**2 + previous * base + current: the offset from the first
+        # of them is `(previous, current)` in base `base`, below 0 for the window before.
+        offset = state - k * self.span
+        if 0 <= offset < self.span:
+            return divmod(offset, self.base)
+        if -self.span <= offset < 0:
+            return (offset + self.span) % self.base, 0  # window k - 1: its current is now previous
         return 0, 0
+
+    def _fits_at(self, start: float, previous: int, current: int, cost: int) -> float:
+        """The earliest time a request of ``cost`` fits in the window starting at ``start``, or later."""
+        window = self.window
+        # The share of `previous` shrinks linearly over the window.
+        room = self.limit - current - cost
+        if room >= 0:
+            return start + window * (1 - room / previous) if previous > room else start
+        # Only in the next window, where `current` becomes the shrinking previous window.
+        return start + window * (2 - (self.limit - cost) / current)
 
     def evaluate(self, state: int | None, now: float, cost: int) -> Verdict:
         window = self.window
         k = int(now // window)
         start = k * window
         previous, current = self._counts(state, k)
-        # The earliest time this request fits: the share of `previous` shrinks linearly over window k.
-        room = self.limit - current - cost
-        if room >= 0:
-            fits_at = start + window * (1 - room / previous) if previous > room else start
-        else:  # only in window k + 1, where `current` becomes the shrinking previous window
-            fits_at = start + window * (2 - (self.limit - cost) / current)
+        fits_at = self._fits_at(start, previous, current, cost)
         if now >= fits_at - self.tolerance:
             estimate = previous * (1 - (now - start) / window) + current + cost
             remaining = max(int(self.limit - estimate + 1e-9), 0)
@@ -60,6 +67,13 @@ class SlidingWindow(Algorithm[int]):
         previous, current = self._counts(state, k)
         return (k * self.base + previous) * self.base + current + cost
 
+    def admit(self, state: int | None, now: float, cost: int) -> int | None:
+        k = int(now // self.window)
+        previous, current = self._counts(state, k)
+        if now < self._fits_at(k * self.window, previous, current, cost) - self.tolerance:
+            return None
+        return (k * self.base + previous) * self.base + current + cost
+
     def used(self, state: int | None, now: float) -> int:
         k = int(now // self.window)
         previous, current = self._counts(state, k)
@@ -67,7 +81,7 @@ class SlidingWindow(Algorithm[int]):
         return current + int(share + 1 - 1e-9) if share > 0 else current
 
     def idle(self, state: int, now: float) -> bool:
-        return state // (self.base * self.base) < int(now // self.window) - 1
+        return state // self.span < int(now // self.window) - 1
 
     def adjust(self, state: int | None, now: float, at: float, delta: int) -> int | None:
         k = int(now // self.window)

@@ -4,18 +4,19 @@ A ``Storage`` is the user-facing configuration (``MemoryStorage(max_keys=...)``,
 it to its policy once, and the resulting ``Backend`` makes each decision atomically: evaluate every rule of
 the policy, commit all or nothing, and return ``policy.decide(verdicts, cost)`` (or the policy's denial for an
 oversized cost). ``reserve`` does the same over every rule (tokens and concurrency too) with one cost per
-rule, and returns the verdicts with the time of the charge, which ``adjust`` takes to settle it later. Sync
-and async methods share one decision logic; a backend that cannot serve one of the two raises ``TypeError``
-saying so.
+rule, and returns the verdicts with a receipt for the charge, which ``adjust`` takes to settle it later and
+``renew`` to keep its concurrency slots past their lease. Sync and async methods share one decision logic; a
+backend that cannot serve one of the two raises ``TypeError`` saying so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from ..algorithms import Verdict
 from ..decision import Decision
+from ..errors import FallbackDecision
 from ..policy import Policy, Rule
 
 __all__ = ["Backend", "Reserved", "ReservingBackend", "Storage"]
@@ -39,9 +40,18 @@ class Backend(Protocol):
     def __len__(self) -> int: ...
 
 
-Reserved = tuple[list[Verdict], float, "list[int] | None"]
-"""What ``reserve`` returns: one verdict per rule, the time of the charge (``adjust`` takes it), and on denial
-the units each rule already counted (``None`` when allowed, or when the backend cannot tell)."""
+class Reserved(NamedTuple):
+    """What ``reserve`` returns."""
+
+    verdicts: list[Verdict]
+    """One per rule of ``policy.all_rules``."""
+    receipt: object
+    """What identifies the charge to the backend that made it (``adjust`` and ``renew`` take it back)."""
+    used: list[int] | None = None
+    """On denial, the units each rule already counted (``None`` when allowed or when the backend cannot
+    tell)."""
+    fallback: type[FallbackDecision] | None = None
+    """Set when a storage's failure policy answered instead of the storage: its decisions are marked so."""
 
 
 @runtime_checkable
@@ -52,9 +62,16 @@ class ReservingBackend(Backend, Protocol):
 
     async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved: ...
 
-    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None: ...
+    lease: float | None
+    """Seconds a concurrency slot is held unless renewed; ``None`` when slots never expire."""
 
-    async def aadjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None: ...
+    def adjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None: ...
+
+    async def aadjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None: ...
+
+    def renew(self, user: str, model: str, receipt: object) -> bool: ...
+
+    async def arenew(self, user: str, model: str, receipt: object) -> bool: ...
 
 
 class Storage(Protocol):

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ..algorithms import Verdict
 from ..decision import Decision
@@ -55,6 +55,8 @@ class MemoryStorage:
 class MemoryBackend:
     """Holds the states of one policy's keys in this process."""
 
+    lease: float | None = None  # slots never expire: they live and die with the process
+
     def __init__(self, policy: Policy, *, clock: Callable[[], float], max_keys: int) -> None:
         self._policy = policy
         self._clock = clock
@@ -66,6 +68,10 @@ class MemoryBackend:
             (policy.rules[0], self._stores[0], policy.rules[0].algorithm) if len(policy.rules) == 1 else None
         )
         self._until_sweep = _SWEEP_EVERY
+        self.allows: Callable[[str, str, int], bool] = (
+            self._decided if self._single is None else self._single_allows()
+        )
+        """``decide(...).allowed`` without building the ``Decision``: all that ``allow`` needs."""
 
     # -- decisions ---------------------------------------------------------------------------------
 
@@ -75,7 +81,9 @@ class MemoryBackend:
         if cost > policy.min_limit:
             return policy.oversized(cost)
         now = self._clock()
-        with self._lock:
+        # acquire/release, not `with`: the context manager protocol costs twice as much per call.
+        self._lock.acquire()
+        try:
             self._tick(now)
             if self._single is not None:  # the common case, without the lists
                 rule, store, algorithm = self._single
@@ -90,7 +98,51 @@ class MemoryBackend:
                     store[key] = algorithm.commit(state, now, cost)
                 return rule.decision(verdict, cost)
             verdicts = self._evaluate(policy.rules, user, model, [cost] * len(policy.rules), now)
+        finally:
+            self._lock.release()
         return policy.decide(verdicts, cost)
+
+    def _decided(self, user: str, model: str, cost: int) -> bool:
+        return self.decide(user, model, cost).allowed
+
+    def _single_allows(self) -> Callable[[str, str, int], bool]:
+        """``allows`` for a single rule: a closure over everything it reads, since it runs once per request.
+
+        For ``1 <= cost <= limit`` (nearly every call), ``Algorithm.admit`` evaluates and commits in one pass;
+        anything else goes through ``decide``.
+        """
+        rule = self._policy.rules[0]
+        store, admit, limit = self._stores[0], rule.algorithm.admit, rule.limit
+        get, move_to_end, clock = store.get, store.move_to_end, self._clock
+        acquire, release = self._lock.acquire, self._lock.release
+        identity = rule.identity
+        pair = rule.tier == "per_user_model"  # its key, built inline: (user, model)
+        decide, backend = self.decide, self
+
+        def allows(user: str, model: str, cost: int) -> bool:
+            if not 0 < cost <= limit:
+                return decide(user, model, cost).allowed
+            now = clock()
+            key = (user, model) if pair else identity(user, model)
+            acquire()
+            try:
+                backend._until_sweep -= 1  # `_tick` inline: the same count as `decide`, without a call
+                if backend._until_sweep <= 0:
+                    backend._sweep(now)
+                state = get(key)
+                if state is not None:
+                    move_to_end(key)
+                admitted = admit(state, now, cost)
+                if admitted is None:
+                    return False
+                if state is None:
+                    backend._make_room(rule, store, now)
+                store[key] = admitted
+                return True
+            finally:
+                release()
+
+        return allows
 
     def _evaluate(
         self, rules: Sequence[Rule], user: str, model: str, costs: Sequence[int], now: float
@@ -115,6 +167,10 @@ class MemoryBackend:
         """``decide`` for event loops: it never waits on I/O, so it simply runs inline."""
         return self.decide(user, model, cost)
 
+    async def aallows(self, user: str, model: str, cost: int) -> bool:
+        """``allows`` for event loops, inline like ``adecide``."""
+        return self.allows(user, model, cost)
+
     def used(self, user: str, model: str, rule: Rule) -> int:
         """Units that ``rule`` counts for this user and model now."""
         now = self._clock()
@@ -128,8 +184,8 @@ class MemoryBackend:
     def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         """Evaluate every rule of the policy with its own cost, all or nothing.
 
-        Returns the verdicts, the time (it identifies the charge for a later ``adjust``) and, on denial, the
-        units each rule already counts (for messages).
+        The receipt is the time of the charge (``adjust`` settles the charges made then); on denial the reply
+        also holds the units each rule already counts (for messages).
         """
         now = self._clock()
         rules = self._policy.all_rules
@@ -137,18 +193,20 @@ class MemoryBackend:
             self._tick(now)
             verdicts = self._evaluate(rules, user, model, costs, now)
             if all(verdict[0] for verdict in verdicts):
-                return verdicts, now, None
+                return Reserved(verdicts, now)
             used = [
                 rule.algorithm.used(self._stores[rule.index].get(rule.identity(user, model)), now)
                 for rule in rules
             ]
-            return verdicts, now, used
+            return Reserved(verdicts, now, used)
 
     async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         return self.reserve(user, model, costs)
 
-    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
-        """Change the charges made at ``at`` by ``deltas`` (one per rule of the policy; 0 leaves a rule)."""
+    def adjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
+        """Change the charges made at time ``receipt`` by ``deltas`` (one per rule of the policy; 0 leaves a
+        rule)."""
+        at = cast(float, receipt)
         now = self._clock()
         with self._lock:
             for rule, delta in zip(self._policy.all_rules, deltas, strict=True):
@@ -161,8 +219,15 @@ class MemoryBackend:
                     else:
                         store[key] = state
 
-    async def aadjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
-        self.adjust(user, model, at, deltas)
+    async def aadjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
+        self.adjust(user, model, receipt, deltas)
+
+    def renew(self, user: str, model: str, receipt: object) -> bool:
+        """Nothing to do: slots in memory are held until given back (they die with the process)."""
+        return True
+
+    async def arenew(self, user: str, model: str, receipt: object) -> bool:
+        return True
 
     def reset(self, user: str, model: str, rules: tuple[Rule, ...]) -> None:
         """Forget the keys that ``rules`` hold for this user and model."""

@@ -17,10 +17,9 @@ that do not open it are logged at debug level.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -31,7 +30,7 @@ from ...errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ...policy import Policy
 from .breaker import CircuitBreaker
 
-__all__ = ["ON_ERROR", "REDIS_ERRORS", "Failover", "Fallback", "OnError"]
+__all__ = ["ON_ERROR", "REDIS_ERRORS", "Failover", "Fallback", "LocalCharge", "OnError"]
 
 OnError = Literal["allow", "deny", "local"]
 ON_ERROR: tuple[OnError, ...] = ("allow", "deny", "local")
@@ -120,8 +119,8 @@ class Fallback:
         """A reservation while Redis cannot serve it: allowed unchecked (``allow``),
         ``RateLimiterUnavailable`` (``deny``), or made in memory (``local``).
 
-        Its time is negative (``-inf`` unchecked, minus the in-memory time for ``local``; ``-0.0`` too), which
-        a Redis charge never is: ``adjust`` so sends its settlement here, never to Redis.
+        Its receipt is a ``LocalCharge`` (or ``None`` unchecked), which a Redis charge never is: ``adjust``
+        so sends its settlement here, never to Redis.
         """
         failover = self._failover
         failover.fallbacks += 1
@@ -130,14 +129,20 @@ class Fallback:
                 (True, max(rule.limit - cost, 0), 0.0, 0.0)
                 for rule, cost in zip(self._policy.all_rules, costs, strict=True)
             ]
-            return verdicts, -math.inf, None
+            return Reserved(verdicts, None, fallback=UncheckedDecision)
         if failover.on_error == "deny":
             raise failover.unavailable()
-        verdicts, at, used = self._local_backend().reserve(user, model, costs)
-        return verdicts, -at, used
+        verdicts, receipt, used, _ = self._local_backend().reserve(user, model, costs)
+        return Reserved(verdicts, LocalCharge(receipt), used, LocalDecision)
 
-    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
-        """Settle a reservation that ``reserve`` made (``at`` negative): nothing for an unchecked one."""
-        if math.isinf(at) or self._local is None:
-            return
-        self._local.adjust(user, model, -at, deltas)
+    def adjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
+        """Settle a reservation that ``reserve`` made: nothing for an unchecked one."""
+        if isinstance(receipt, LocalCharge) and self._local is not None:
+            self._local.adjust(user, model, receipt.receipt, deltas)
+
+
+class LocalCharge(NamedTuple):
+    """The receipt of a reservation made in memory while Redis could not be reached."""
+
+    receipt: object
+    """The in-memory backend's own."""

@@ -11,16 +11,18 @@ their own. A decision then runs one script per slot, each checking and charging 
 reservation); if one slot denies while others allowed, the others' charges are refunded (the script's
 ``refund`` mode, at the time of the charge, which each reply ends with). A denied request so charges
 nothing, as on one Redis; meanwhile a reservation may make a concurrent request on the same key see a
-fuller window, so a cluster can deny slightly more than one Redis would, never admit more.
+fuller window, so a cluster can deny slightly more than one Redis would, never admit more. Token and
+concurrency reservations work the same way, and remember the time of the charge on each slot for their
+settlement.
 
 When Redis is slow or gone, ``failover`` answers (``on_error``): no Redis exception reaches the caller.
 """
 
 from __future__ import annotations
 
-import math
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from ...algorithms import Verdict
 from ...decision import Decision
@@ -33,7 +35,7 @@ from .failover import REDIS_ERRORS, Failover, OnError
 from .keyspace import check_prefix, rule_key_maker, slot_groups
 from .scripts import script_for
 
-__all__ = ["CLOCK_TTL_PAD_MS", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "RedisBackend", "RedisStorage"]
+__all__ = ["CLOCK_TTL_PAD_MS", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "Charge", "RedisBackend", "RedisStorage"]
 
 T = TypeVar("T")
 
@@ -44,8 +46,8 @@ most this before ``on_error`` answers (and the circuit breaker then answers at o
 _CACHED_COSTS = 64  # costs whose decision arguments are kept ready
 
 DEFAULT_LEASE = 60.0
-"""Seconds a concurrency slot is held at most: a worker that dies without settling its reservation frees
-its slot after this long (the lease expires; it is not renewed while a response streams)."""
+"""Seconds a concurrency slot is held unless renewed: a worker that dies without settling its reservation
+frees its slot after this long at most (the middlewares renew the leases of responses still running)."""
 
 CLOCK_TTL_PAD_MS = 60_000
 """With an injected ``clock``, Redis still expires keys on its own clock: every TTL is lengthened by this
@@ -72,10 +74,9 @@ class RedisStorage:
     production, where Redis' clock is the one clock every process agrees on. Constructing a storage never
     contacts Redis. Needs Redis 5 or later (Valkey too); tested on Redis 7.
 
-    Token budgets and concurrency limits (``reserve``) work on a standalone Redis; a Redis Cluster refuses
-    them (``TypeError``) for now. A concurrency slot is a lease of ``lease`` seconds (default 60): a worker
-    that dies holding one frees it when it expires. Leases are not renewed: a response that streams longer
-    than ``lease`` seconds stops holding its slot then.
+    A concurrency slot (``reserve``) is a lease of ``lease`` seconds (default 60): a worker that dies holding
+    one frees it when it expires; ``Reservation.renew`` extends it for responses that run longer (the
+    middlewares renew every third of the lease).
     """
 
     def __init__(
@@ -111,12 +112,6 @@ class RedisStorage:
         return self.failover.breaker
 
     def bind(self, policy: Policy) -> RedisBackend:
-        if self.connection.cluster and len(policy.all_rules) > len(policy.rules):
-            raise TypeError(
-                "token and concurrency limits are not supported on a Redis Cluster yet: use a standalone "
-                "Redis (or MemoryStorage) for limiters with tokens, input_tokens, output_tokens or "
-                "max_concurrent"
-            )
         return RedisBackend(
             policy,
             self.connection,
@@ -136,6 +131,16 @@ class RedisStorage:
 
     def __repr__(self) -> str:
         return f"RedisStorage(key_prefix={self.key_prefix!r}, on_error={self.on_error!r})"
+
+
+class Charge(NamedTuple):
+    """The receipt of a reservation made in Redis."""
+
+    parts: tuple[tuple[tuple[int, ...], Arg], ...]
+    """Indexes of the rules charged together (one slot of a cluster; all of them on one Redis), each with the
+    Redis time of their charge."""
+    lease_id: str
+    """Names the reservation's concurrency leases (``""`` when it took none)."""
 
 
 def _verdicts(reply: Sequence[Any]) -> list[Verdict]:
@@ -168,7 +173,8 @@ class RedisBackend:
         self._script = script_for(policy.algorithm)
         self._key = rule_key_maker(key_prefix, policy)
         self._pad = "0" if clock is None else str(CLOCK_TTL_PAD_MS)
-        self._lease = repr(float(lease))
+        self.lease = float(lease)
+        self._lease = repr(self.lease)
         # The algorithm's own limit (at least 1: a limit of 0 denies before any script runs) and window (0
         # for a concurrency limit: the script keeps leases for those).
         self._rule_args = [
@@ -177,61 +183,93 @@ class RedisBackend:
         ]
         self._all = list(range(len(policy.rules)))
         self._every = list(range(len(policy.all_rules)))
-        self._spread = connection.cluster and len(policy.rules) > 1  # keys on several slots, maybe
+        self._leased = tuple(rule.index for rule in policy.all_rules if rule.unit == "concurrent")
+        self._cluster = connection.cluster  # keys on several slots, maybe
         self._decide_args: dict[int, list[Arg]] = {}  # by cost, when Redis keeps the time
 
-    def _args(self, mode: str, rules: Sequence[int], amount: int, at: Arg = "") -> list[Arg]:
+    def _args(
+        self, mode: str, rules: Sequence[int], amounts: Sequence[int], at: Arg = "", lease_id: str = ""
+    ) -> list[Arg]:
+        """A script's ARGV (see driver.lua) for ``rules`` moved by ``amounts`` (one per rule)."""
         now = "" if self._clock is None else repr(float(self._clock()))
-        args: list[Arg] = [mode, now, self._pad, at, self._lease]
-        text = str(amount)
-        for index in rules:
-            args += (*self._rule_args[index], text)
+        args: list[Arg] = [mode, now, self._pad, at, self._lease, lease_id]
+        for index, amount in zip(rules, amounts, strict=True):
+            args += (*self._rule_args[index], str(amount))
         return args
 
     def _decision_args(self, cost: int) -> list[Arg]:
         """The arguments of a decision on every rule: the same for every request of one cost."""
         if self._clock is not None:
-            return self._args("decide", self._all, cost)
+            return self._args("decide", self._all, [cost] * len(self._all))
         args = self._decide_args.get(cost)
         if args is None:
-            args = self._args("decide", self._all, cost)
+            args = self._args("decide", self._all, [cost] * len(self._all))
             if len(self._decide_args) < _CACHED_COSTS:
                 self._decide_args[cost] = args
         return args
 
-    def _keys(self, user: str, model: str) -> list[bytes]:
+    def _keys(self, user: str, model: str, rules: Sequence[Rule]) -> list[bytes]:
         key = self._key
-        return [key(rule, user, model) for rule in self._policy.rules]
+        return [key(rule, user, model) for rule in rules]
 
-    def _calls(self, keys: Sequence[bytes], groups: Sequence[Sequence[int]], cost: int) -> list[Call]:
+    def _groups(self, keys: Sequence[bytes], rules: list[int]) -> list[list[int]]:
+        """The rules (indexes into ``keys``) charged by one script each: one per slot on a cluster."""
+        return [[rules[i] for i in group] for group in slot_groups(keys)] if self._cluster else [rules]
+
+    def _calls(
+        self, keys: Sequence[bytes], groups: Sequence[Sequence[int]], costs: Sequence[int], lease_id: str = ""
+    ) -> list[Call]:
+        """A reservation per group of rules (``costs`` holds one per rule)."""
         return [
-            Call(self._script, [keys[i] for i in group], self._args("reserve", group, cost))
+            Call(
+                self._script,
+                [keys[i] for i in group],
+                self._args("reserve", group, [costs[i] for i in group], "", lease_id),
+            )
             for group in groups
         ]
 
-    def _settle(
-        self, keys: Sequence[bytes], groups: Sequence[Sequence[int]], replies: Sequence[Any], cost: int
-    ) -> tuple[list[Verdict], list[Call]]:
-        """The verdicts of a decision spread over slots, and the refunds it needs: if a slot denied, every
-        slot that allowed (and so charged) gets its charge back."""
-        verdicts: list[Verdict] = [(True, 0, 0.0, 0.0)] * len(keys)
-        charged: list[tuple[Sequence[int], Arg]] = []
-        for group, reply in zip(groups, replies, strict=True):
-            group_verdicts = _verdicts(reply)
-            for index, verdict in zip(group, group_verdicts, strict=True):
-                verdicts[index] = verdict
-            if all(verdict[0] for verdict in group_verdicts):
-                charged.append((group, reply[-1]))
-        if not cost or len(charged) == len(groups):
-            return verdicts, []
-        refunds = [
-            Call(self._script, [keys[i] for i in group], self._args("refund", group, cost, at))
-            for group, at in charged
-        ]
-        return verdicts, refunds
+    def _gather(
+        self,
+        keys: Sequence[bytes],
+        groups: Sequence[Sequence[int]],
+        replies: Sequence[Any],
+        costs: Sequence[int],
+        lease_id: str = "",
+    ) -> tuple[Reserved, list[Call]]:
+        """The verdicts of reservations made per group, and the refunds they need: if a group denied, every
+        group that allowed (and so charged) gets its charge back, all or nothing as on one Redis.
 
-    def _groups(self, keys: Sequence[bytes]) -> list[list[int]]:
-        return slot_groups(keys) if self._spread else [self._all]
+        On denial, the units each rule counted: as the denying groups reported them, and for the others
+        as their verdicts imply (their limit, less what remains after this request's cost).
+        """
+        size = len(keys)
+        verdicts: list[Verdict] = [(True, 0, 0.0, 0.0)] * size
+        used: list[int] = [0] * size
+        parts: list[tuple[tuple[int, ...], Arg]] = []
+        rules = self._policy.all_rules
+        for group, reply in zip(groups, replies, strict=True):
+            count = len(group)
+            denied = len(reply) > 4 * count + 1  # then it reported what each of its rules counts
+            for n, (index, verdict) in enumerate(zip(group, _verdicts(reply[: 4 * count]), strict=True)):
+                verdicts[index] = verdict
+                if denied:
+                    used[index] = int(reply[4 * count + 1 + n])
+                else:
+                    used[index] = max(rules[index].limit - verdict[1] - costs[index], 0)
+            if not denied:  # so charged: the reply ends with the time of the charge
+                parts.append((tuple(group), reply[4 * count]))
+        if len(parts) == len(groups):
+            return Reserved(verdicts, Charge(tuple(parts), lease_id)), []
+        refunds = [
+            Call(
+                self._script,
+                [keys[i] for i in group],
+                self._args("refund", group, [costs[i] for i in group], at, lease_id),
+            )
+            for group, at in parts
+        ]
+        return Reserved(verdicts, None, used), refunds
 
     # -- failures ----------------------------------------------------------------------------------------
 
@@ -267,31 +305,33 @@ class RedisBackend:
     # -- decisions -----------------------------------------------------------------------------------
 
     def _decide(self, user: str, model: str, cost: int) -> Decision:
-        keys = self._keys(user, model)
-        groups = self._groups(keys)
+        keys = self._keys(user, model, self._policy.rules)
+        groups = self._groups(keys, self._all)
         connection = self._connection
         if len(groups) == 1:
             reply = connection.evaluate(Call(self._script, keys, self._decision_args(cost)))
             return self._policy.decide(_verdicts(reply), cost)
-        verdicts, refunds = self._settle(
-            keys, groups, connection.evaluate_all(self._calls(keys, groups, cost)), cost
+        costs = [cost] * len(keys)
+        reserved, refunds = self._gather(
+            keys, groups, connection.evaluate_all(self._calls(keys, groups, costs)), costs
         )
-        if refunds:
+        if refunds and cost:
             connection.evaluate_all(refunds)
-        return self._policy.decide(verdicts, cost)
+        return self._policy.decide(reserved.verdicts, cost)
 
     async def _adecide(self, user: str, model: str, cost: int) -> Decision:
-        keys = self._keys(user, model)
-        groups = self._groups(keys)
+        keys = self._keys(user, model, self._policy.rules)
+        groups = self._groups(keys, self._all)
         connection = self._connection
         if len(groups) == 1:
             reply = await connection.aevaluate(Call(self._script, keys, self._decision_args(cost)))
             return self._policy.decide(_verdicts(reply), cost)
-        replies = await connection.aevaluate_all(self._calls(keys, groups, cost))
-        verdicts, refunds = self._settle(keys, groups, replies, cost)
-        if refunds:
+        costs = [cost] * len(keys)
+        replies = await connection.aevaluate_all(self._calls(keys, groups, costs))
+        reserved, refunds = self._gather(keys, groups, replies, costs)
+        if refunds and cost:
             await connection.aevaluate_all(refunds)
-        return self._policy.decide(verdicts, cost)
+        return self._policy.decide(reserved.verdicts, cost)
 
     def decide(self, user: str, model: str, cost: int) -> Decision:
         """Evaluate every rule (in one script per slot); all or nothing is charged."""
@@ -312,7 +352,7 @@ class RedisBackend:
         )
 
     def _used_call(self, user: str, model: str, rule: Rule) -> Call:
-        return Call(self._script, [self._key(rule, user, model)], self._args("used", [rule.index], 0))
+        return Call(self._script, [self._key(rule, user, model)], self._args("used", [rule.index], [0]))
 
     def used(self, user: str, model: str, rule: Rule) -> int:
         """Units that ``rule`` counts for this user and model now."""
@@ -338,54 +378,77 @@ class RedisBackend:
             keys = [self._key(rule, user, model) for rule in rules]
             await self._aguarded(lambda: self._connection.adelete(keys), self._unavailable)
 
-    # -- reservations (tokens and concurrency; a standalone Redis) ----------------------------------------
+    # -- reservations (tokens and concurrency) -------------------------------------------------------
 
-    def _reserve_call(self, user: str, model: str, costs: Sequence[int]) -> Call:
-        key = self._key
-        keys = [key(rule, user, model) for rule in self._policy.all_rules]
-        args = self._args("reserve", [], 0)
-        for index, cost in zip(self._every, costs, strict=True):
-            args += (*self._rule_args[index], str(cost))
-        return Call(self._script, keys, args)
+    def _reserve(
+        self, user: str, model: str, costs: Sequence[int]
+    ) -> tuple[list[bytes], list[list[int]], str]:
+        keys = self._keys(user, model, self._policy.all_rules)
+        lease_id = secrets.token_hex(8) if self._leased else ""  # unique: names this reservation's leases
+        return keys, self._groups(keys, self._every), lease_id
 
-    def _reserved(self, reply: Sequence[Any]) -> Reserved:
+    def _reserved(self, reply: Sequence[Any], lease_id: str) -> Reserved:
+        """The reply of one script over every rule (one Redis): allowed, it ends with the time of the charge;
+        denied, also with the units each rule counts."""
         count = len(self._every)
-        verdicts = _verdicts(reply[: 4 * count + 1])
-        used = [int(units) for units in reply[4 * count + 1 :]] if len(reply) > 4 * count + 1 else None
-        return verdicts, float(reply[4 * count]), used
+        verdicts = _verdicts(reply[: 4 * count])
+        if len(reply) == 4 * count + 1:
+            return Reserved(verdicts, Charge(((tuple(self._every), reply[-1]),), lease_id))
+        return Reserved(verdicts, None, [int(units) for units in reply[4 * count + 1 :]])
 
     def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
-        """Evaluate every rule (requests, tokens, concurrency) with its own cost in one script, all or
-        nothing; the verdicts, the Redis time of the charge and, on denial, the units each rule counts.
+        """Evaluate every rule (requests, tokens, concurrency) with its own cost in one script (one per slot
+        on a cluster), all or nothing; the verdicts, a ``Charge`` for the settlement and, on denial, the
+        units each rule counts.
 
         When Redis cannot serve, ``on_error`` answers (see ``Fallback.reserve``).
         """
         self._connection.check_sync()
-        call = self._reserve_call(user, model, costs)
-        return self._guarded(
-            lambda: self._reserved(self._connection.evaluate(call)),
-            lambda: self._fallback.reserve(user, model, costs),
-        )
+        keys, groups, lease_id = self._reserve(user, model, costs)
+        connection = self._connection
+
+        def send() -> Reserved:
+            if len(groups) == 1:
+                return self._reserved(
+                    connection.evaluate(self._calls(keys, groups, costs, lease_id)[0]), lease_id
+                )
+            replies = connection.evaluate_all(self._calls(keys, groups, costs, lease_id))
+            reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
+            if refunds:
+                connection.evaluate_all(refunds)
+            return reserved
+
+        return self._guarded(send, lambda: self._fallback.reserve(user, model, costs))
 
     async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         """``reserve`` for event loops."""
         self._connection.check_async()
-        call = self._reserve_call(user, model, costs)
+        keys, groups, lease_id = self._reserve(user, model, costs)
+        connection = self._connection
 
         async def send() -> Reserved:
-            return self._reserved(await self._connection.aevaluate(call))
+            calls = self._calls(keys, groups, costs, lease_id)
+            if len(groups) == 1:
+                return self._reserved(await connection.aevaluate(calls[0]), lease_id)
+            reserved, refunds = self._gather(
+                keys, groups, await connection.aevaluate_all(calls), costs, lease_id
+            )
+            if refunds:
+                await connection.aevaluate_all(refunds)
+            return reserved
 
         return await self._aguarded(send, lambda: self._fallback.reserve(user, model, costs))
 
-    def _adjust_call(self, user: str, model: str, at: float, deltas: Sequence[int]) -> Call | None:
-        rules = [rule for rule, delta in zip(self._policy.all_rules, deltas, strict=True) if delta]
-        if not rules:
-            return None
-        key = self._key
-        args = self._args("adjust", [], 0, repr(float(at)))
-        for rule in rules:
-            args += (*self._rule_args[rule.index], str(deltas[rule.index]))
-        return Call(self._script, [key(rule, user, model) for rule in rules], args)
+    def _adjust_calls(self, user: str, model: str, charge: Charge, deltas: Sequence[int]) -> list[Call]:
+        """One script per part of the charge whose rules move (at that part's time)."""
+        calls = []
+        for part, at in charge.parts:
+            rules = [index for index in part if deltas[index]]
+            if rules:
+                keys = self._keys(user, model, [self._policy.all_rules[i] for i in rules])
+                args = self._args("adjust", rules, [deltas[i] for i in rules], at, charge.lease_id)
+                calls.append(Call(self._script, keys, args))
+        return calls
 
     def _adjust_failed(self) -> None:
         """A settlement Redis could not take: ``deny`` raises; otherwise it is dropped (the tokens stay
@@ -393,25 +456,62 @@ class RedisBackend:
         if self._failover.on_error == "deny":
             self._unavailable()
 
-    def adjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
-        """Settle the charge made at ``at``: each rule moves by its delta (-1 gives a lease back)."""
+    def adjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
+        """Settle a charge: each rule moves by its delta (a concurrency rule's -1 gives its lease back)."""
         self._connection.check_sync()
-        if math.copysign(1.0, at) < 0:  # a negative time: made by the fallback, not in Redis
-            self._fallback.adjust(user, model, at, deltas)
+        if not isinstance(receipt, Charge):  # made by the failure policy, not in Redis
+            self._fallback.adjust(user, model, receipt, deltas)
             return
-        call = self._adjust_call(user, model, at, deltas)
-        if call is not None:
-            self._guarded(lambda: self._connection.evaluate(call), self._adjust_failed)
+        calls = self._adjust_calls(user, model, receipt, deltas)
+        if calls:
+            self._guarded(lambda: self._connection.evaluate_all(calls), self._adjust_failed)
 
-    async def aadjust(self, user: str, model: str, at: float, deltas: Sequence[int]) -> None:
+    async def aadjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
         """``adjust`` for event loops."""
         self._connection.check_async()
-        if math.copysign(1.0, at) < 0:
-            self._fallback.adjust(user, model, at, deltas)
+        if not isinstance(receipt, Charge):
+            self._fallback.adjust(user, model, receipt, deltas)
             return
-        call = self._adjust_call(user, model, at, deltas)
-        if call is not None:
-            await self._aguarded(lambda: self._connection.aevaluate(call), self._adjust_failed)
+        calls = self._adjust_calls(user, model, receipt, deltas)
+        if calls:
+            await self._aguarded(lambda: self._connection.aevaluate_all(calls), self._adjust_failed)
+
+    def _renew_calls(self, user: str, model: str, charge: Charge) -> list[Call]:
+        """One script per slot holding leases of the charge (one call on one Redis)."""
+        leased = [self._policy.all_rules[i] for i in self._leased]
+        keys = self._keys(user, model, leased)
+        groups = self._groups(keys, list(range(len(leased))))
+        return [
+            Call(
+                self._script,
+                [keys[i] for i in group],
+                self._args("renew", [leased[i].index for i in group], [1] * len(group), "", charge.lease_id),
+            )
+            for group in groups
+        ]
+
+    def _held(self, replies: Sequence[Any]) -> bool:
+        return sum(int(reply) for reply in replies) == len(self._leased)
+
+    def renew(self, user: str, model: str, receipt: object) -> bool:
+        """Extend a charge's leases to ``lease`` seconds from now; True if it still held every one."""
+        self._connection.check_sync()
+        if not isinstance(receipt, Charge) or not self._leased:
+            return True  # in memory (the failure policy's) or unchecked: nothing expires
+        calls = self._renew_calls(user, model, receipt)
+        return self._guarded(lambda: self._held(self._connection.evaluate_all(calls)), lambda: False)
+
+    async def arenew(self, user: str, model: str, receipt: object) -> bool:
+        """``renew`` for event loops."""
+        self._connection.check_async()
+        if not isinstance(receipt, Charge) or not self._leased:
+            return True
+        calls = self._renew_calls(user, model, receipt)
+
+        async def send() -> bool:
+            return self._held(await self._connection.aevaluate_all(calls))
+
+        return await self._aguarded(send, lambda: False)
 
     def __len__(self) -> int:
         raise TypeError(

@@ -1,8 +1,10 @@
 -- Concurrency (algorithms/concurrency.py) as leases, for the rules whose window is 0: one ZSET per key of
--- lease ids scored by their expiry time. Expired leases (a worker that died holding one) are dropped on
--- every evaluation, and the key expires with its last lease: a slot can never leak for good.
+-- leases scored by their expiry time. A reservation names its leases `<lease id>#<n>` (n from 0 to its cost
+-- minus 1; the id is unique per reservation), so that it can renew and give back exactly its own. Expired
+-- leases (a worker that died holding one, or a stream that stopped renewing) are dropped on every
+-- evaluation, and the key expires with its last lease: a slot can never leak for good.
 
--- The leases taken now (expired ones removed first).
+-- The leases held now (expired ones removed first).
 local function lease_read(key, now)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))
   return redis.call('ZCARD', key)
@@ -13,30 +15,33 @@ local function lease_evaluate(taken, limit, cost)
   return 0, 0, 1, 1 -- RETRY_AFTER: when a slot frees up is unknowable
 end
 
--- Take `cost` leases expiring at `at` + lease; leases taken at one instant share a score (and so are
--- interchangeable), each with a member of its own.
-local function lease_take(key, at, cost, pad, lease)
-  local score = fmt(at + lease)
-  for _ = 1, cost do
-    local n = 0
-    while redis.call('ZADD', key, 'NX', score, score .. '#' .. n) == 0 do n = n + 1 end
-  end
+-- Take `cost` leases expiring `lease` seconds after `now`. Every lease of the key expires by then, so the
+-- key's TTL is set to that too.
+local function lease_take(key, id, cost, now, pad, lease)
+  local score = fmt(now + lease)
+  for n = 0, cost - 1 do redis.call('ZADD', key, score, id .. '#' .. n) end
   redis.call('PEXPIRE', key, ttl_ms(lease, pad))
 end
 
--- Give back -delta leases of the charge made at `at` (any of those taken at that instant: they expire
--- together); a lease that already expired is gone and nothing happens.
-local function lease_adjust(key, at, delta, pad, lease)
-  if delta > 0 then
-    lease_take(key, at, delta, pad, lease)
-    return
+-- Give back `count` leases of reservation `id`; one that already expired is gone and nothing happens.
+local function lease_release(key, id, count)
+  for n = 0, count - 1 do redis.call('ZREM', key, id .. '#' .. n) end
+end
+
+-- Extend the `cost` leases of reservation `id` to `lease` seconds from now; the number still held (one that
+-- expired is not taken again: its slot may have gone to another request meanwhile).
+local function lease_renew(key, id, cost, now, pad, lease)
+  lease_read(key, now)
+  local score, held = fmt(now + lease), 0
+  for n = 0, cost - 1 do
+    local member = id .. '#' .. n
+    if redis.call('ZSCORE', key, member) then
+      redis.call('ZADD', key, score, member)
+      held = held + 1
+    end
   end
-  local score = fmt(at + lease)
-  for _ = 1, -delta do
-    local found = redis.call('ZRANGEBYSCORE', key, score, score, 'LIMIT', 0, 1)
-    if #found == 0 then return end
-    redis.call('ZREM', key, found[1])
-  end
+  if held > 0 then redis.call('PEXPIRE', key, ttl_ms(lease, pad)) end
+  return held
 end
 
 local function lease_used(key, now)

@@ -1,8 +1,9 @@
 -- The modes of every script, appended to its algorithm. KEYS holds one key per rule; ARGV is
---   mode ('decide', 'reserve', 'adjust', 'refund' or 'used'), now ('' = Redis TIME), ttl_pad_ms, at
---   ('adjust' and 'refund': when the charge was made), lease (seconds a concurrency slot is held at most),
---   then per rule: limit, window, amount (its cost for 'decide', 'reserve' and 'refund', its change for
---   'adjust'). A rule with window 0 is a concurrency limit (concurrency.lua's leases).
+--   mode ('decide', 'reserve', 'adjust', 'refund', 'renew' or 'used'), now ('' = Redis TIME), ttl_pad_ms,
+--   at ('adjust' and 'refund': when the charge was made), lease (seconds a concurrency slot is held unless
+--   renewed), lease id (the reservation's, naming its leases), then per rule: limit, window, amount (its cost
+--   for 'decide', 'reserve', 'refund' and 'renew', its change for 'adjust'). A rule with window 0 is a
+--   concurrency limit (concurrency.lua's leases).
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
 -- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad),
 -- adjust(key, state, limit, window, now, at, delta, pad), refund(key, state, limit, window, now, at, cost,
@@ -17,10 +18,11 @@ else
 end
 local pad = tonumber(ARGV[3])
 local lease = tonumber(ARGV[5])
+local lease_id = ARGV[6]
 
 local limits, windows, amounts = {}, {}, {}
 for i = 1, #KEYS do
-  limits[i], windows[i], amounts[i] = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i])
+  limits[i], windows[i], amounts[i] = tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i])
 end
 
 if ARGV[1] == 'used' then
@@ -28,17 +30,23 @@ if ARGV[1] == 'used' then
   return used(KEYS[1], read_state(KEYS[1]), limits[1], windows[1], now)
 end
 
--- Settle a charge made at `at` (by 'decide', whose reply ends with that time): 'adjust' moves each rule by
--- its delta (token settlements), 'refund' takes back each rule's cost (a charge that was never granted).
+-- Keep a reservation's leases (the keys of its concurrency rules only): the number of leases still held.
+if ARGV[1] == 'renew' then
+  local held = 0
+  for i = 1, #KEYS do held = held + lease_renew(KEYS[i], lease_id, amounts[i], now, pad, lease) end
+  return held
+end
+
+-- Settle a charge made at `at` (by 'reserve', whose reply ends with that time): 'adjust' moves each rule by
+-- its delta (token settlements; a concurrency rule's is minus its slots, given back), 'refund' takes back
+-- each rule's cost (a charge that was never granted).
 if ARGV[1] == 'adjust' or ARGV[1] == 'refund' then
   local settle = adjust
   if ARGV[1] == 'refund' then settle = refund end
   local at = tonumber(ARGV[4])
   for i = 1, #KEYS do
     if amounts[i] ~= 0 and windows[i] == 0 then
-      local delta = amounts[i]
-      if ARGV[1] == 'refund' then delta = -delta end
-      lease_adjust(KEYS[i], at, delta, pad, lease)
+      lease_release(KEYS[i], lease_id, math.abs(amounts[i]))
     elseif amounts[i] ~= 0 then settle(KEYS[i], read_state(KEYS[i]), limits[i], windows[i], now, at, amounts[i], pad) end
   end
   return fmt(now)
@@ -66,7 +74,7 @@ end
 if all_allow then
   for i = 1, #KEYS do
     if amounts[i] > 0 and windows[i] == 0 then
-      lease_take(KEYS[i], now, amounts[i], pad, lease)
+      lease_take(KEYS[i], lease_id, amounts[i], now, pad, lease)
     elseif amounts[i] > 0 then commit(KEYS[i], states[i], limits[i], windows[i], now, amounts[i], pad) end
   end
 end
