@@ -55,6 +55,8 @@ class _Limiter:
                 "clock= and max_keys= configure the default MemoryStorage; pass them to it instead"
             )
         self.storage = storage
+        self.uses_reservations = len(self.policy.all_rules) > len(self.policy.rules)
+        """True when token or concurrency limits are set: requests go through ``reserve``, not ``check``."""
         self._backend = storage.bind(self.policy)
         # Checked once here: isinstance() against a runtime-checkable Protocol is slow on a hot path.
         self._reserver = self._backend if isinstance(self._backend, ReservingBackend) else None
@@ -65,11 +67,6 @@ class _Limiter:
         self._aallows: Callable[[str, str, int], Awaitable[bool]] = self._aallowed
         if isinstance(self._backend, MemoryBackend) and self.policy.rules:
             self._allows, self._aallows = self._backend.allows, self._backend.aallows
-
-    @property
-    def uses_reservations(self) -> bool:
-        """True when token or concurrency limits are set: requests go through ``reserve``, not ``check``."""
-        return len(self.policy.all_rules) > len(self.policy.rules)
 
     def _check_has_request_limits(self) -> None:
         if not self.policy.rules:
