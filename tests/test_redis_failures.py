@@ -22,6 +22,7 @@ from werkzeug.test import Client
 from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.backends.redis import CircuitBreaker
+from ratelimit_middleware.backends.redis.transport import SyncPool
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ratelimit_middleware.wsgi import RateLimitWSGI
@@ -195,6 +196,21 @@ def test_a_paused_redis_costs_at_most_the_timeout_and_the_limiter_recovers(
     assert 1 <= limiter.get_request_count("u", "m") <= 2  # the timed-out scripts ran once Redis woke up
     limiter.storage.close()
     client.close()
+
+
+def test_a_sync_call_waits_only_for_what_is_left_of_its_deadline(redis_server: RedisServer) -> None:
+    """Every socket wait of a sync call is shortened to what is left of the call's one deadline, whatever
+    the connection's own timeout; a call whose deadline has passed sends nothing."""
+    pool = redis.ConnectionPool.from_url(redis_server.url, socket_timeout=5.0)
+    transport = SyncPool(pool)
+    connection: Any = pool.get_connection()
+    pool.release(connection)
+    key = f"{unique_prefix()}:late"
+    with pytest.raises(redis.exceptions.TimeoutError, match="timeout ran out"):
+        transport.send([("INCR", key)], time.monotonic() - 0.001)
+    assert transport.send([("GET", key)], time.monotonic() + 0.5) == [None]  # the late INCR was never sent
+    assert connection._sock.gettimeout() <= 0.5  # not the connection's 5 s
+    transport.close()
 
 
 @pytest.mark.parametrize("on_error", POLICIES)

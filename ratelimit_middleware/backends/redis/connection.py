@@ -7,10 +7,11 @@ restart or ``SCRIPT FLUSH`` (NOSCRIPT) they go again by EVAL, which also caches 
 NOSCRIPT did not run, so it is never run twice. On a standalone Redis the async calls of an event loop are
 coalesced into pipelined batches (see ``coalescer``).
 
-Time bounds: a sync call waits at most ``timeout`` per socket operation (connect, then each reply); an async
-call has a hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the calling
-task), after which its connection is closed. Errors are redis-py's (``ConnectionError``, ``TimeoutError``,
-``ResponseError``...): the storage decides what they mean.
+Time bounds: a sync call has one deadline of ``timeout`` for all its round trips, each socket wait cut to
+what is left of it (on a cluster, checked between commands); an async call has a hard deadline of
+``timeout`` for all of its round trips (``asyncio.timeout``, in the calling task), after which its
+connection is closed. Errors are redis-py's (``ConnectionError``, ``TimeoutError``, ``ResponseError``...):
+the storage decides what they mean.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -161,19 +163,20 @@ class Connection:
 
     # -- sync ------------------------------------------------------------------------------------------
 
-    def _send(self, transport: SyncTransport, commands: Sequence[Command]) -> list[Any]:
+    def _send(self, transport: SyncTransport, commands: Sequence[Command], deadline: float) -> list[Any]:
         self.round_trips += 1 if transport.pipelined else len(commands)
-        return transport.send(commands)
+        return transport.send(commands, deadline)
 
     def run(self, calls: Sequence[Call]) -> list[Any]:
         """One reply per call, a call's error reply in its place: one round trip on a standalone Redis (and
-        one more for the calls whose script Redis had lost)."""
+        one more for the calls whose script Redis had lost), all within one ``timeout``."""
         transport = self._sync_transport()
-        replies = self._send(transport, [call.by_sha() for call in calls])
+        deadline = time.monotonic() + self.timeout
+        replies = self._send(transport, [call.by_sha() for call in calls], deadline)
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
             for i, reply in zip(
-                lost, self._send(transport, [calls[i].by_source() for i in lost]), strict=True
+                lost, self._send(transport, [calls[i].by_source() for i in lost], deadline), strict=True
             ):
                 replies[i] = reply
         return replies
@@ -193,7 +196,7 @@ class Connection:
     def delete(self, keys: Sequence[bytes]) -> None:
         """Delete ``keys`` (one command per slot on a cluster)."""
         transport = self._sync_transport()
-        for reply in self._send(transport, self._deletions(keys)):
+        for reply in self._send(transport, self._deletions(keys), time.monotonic() + self.timeout):
             _raised(reply)
 
     # -- async -----------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ __all__ = ["CLOCK_TTL_PAD_MS", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "Charge", "Re
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 0.1
-"""Seconds a limiter call may wait for Redis (connect, and each reply): a stalled Redis costs a request at
+"""Seconds a limiter call may wait for Redis (all its round trips): a stalled Redis costs a request at
 most this before ``on_error`` answers (and the circuit breaker then answers at once)."""
 
 _CACHED_COSTS = 64  # costs whose decision arguments are kept ready

@@ -2,7 +2,10 @@
 
 ``send(commands)`` returns one reply per command, in order, with a command's error reply (a
 ``ResponseError``, such as NOSCRIPT) in its place; a connection error or timeout is raised for the whole
-batch. A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
+batch. The sync transports also take the call's ``deadline`` (``time.monotonic()``): every socket wait of
+a standalone Redis is shortened to what is left of it, and a cluster sends no command once it has passed.
+
+A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
 read in order on one connection, which is closed (never reused) if anything goes wrong midway, so that a
 late reply can never be read as the answer to a later command. A cluster is reached through redis-py's
 cluster client, which routes each command to its slot's node and follows MOVED and ASK redirections.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -20,6 +24,7 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _pack_command: Callable[[tuple[Any, ...]], Any] | None
 try:
@@ -73,7 +78,7 @@ class SyncTransport(Protocol):
     pipelined: bool
     """True when a batch is one round trip (a standalone Redis); False when each command is one."""
 
-    def send(self, commands: Sequence[Command]) -> list[Any]: ...
+    def send(self, commands: Sequence[Command], deadline: float) -> list[Any]: ...
 
     def close(self) -> None: ...
 
@@ -86,6 +91,16 @@ class AsyncTransport(Protocol):
     async def aclose(self) -> None: ...
 
 
+def _wait_until(connection: Any, deadline: float) -> None:
+    """Let ``connection``'s next socket operation wait only until ``deadline``."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RedisTimeoutError("the limiter's timeout ran out")
+    sock = connection._sock  # redis-py's socket: its timeout bounds every read and write
+    if sock is not None:
+        sock.settimeout(left)
+
+
 class SyncPool:
     """A standalone Redis, for the sync methods: every batch pipelined on one pooled connection."""
 
@@ -94,13 +109,15 @@ class SyncPool:
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self.pool = pool
 
-    def send(self, commands: Sequence[Command]) -> list[Any]:
+    def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
         pool = self.pool
-        connection: Any = pool.get_connection()
+        connection: Any = pool.get_connection()  # connecting waits at most the timeout itself
         try:
+            _wait_until(connection, deadline)
             connection.send_packed_command([pack(commands)])
             replies: list[Any] = []
             for _ in commands:
+                _wait_until(connection, deadline)
                 try:
                     replies.append(connection.read_response())
                 except ResponseError as error:  # the reply was read whole: the connection is in step
@@ -169,10 +186,12 @@ class SyncCluster:
                 client = self._client
         return client
 
-    def send(self, commands: Sequence[Command]) -> list[Any]:
+    def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
         client: Any = self._cluster()
         replies: list[Any] = []
         for command in commands:
+            if time.monotonic() >= deadline:
+                raise RedisTimeoutError("the limiter's timeout ran out")
             try:
                 replies.append(client.execute_command(*command))
             except ResponseError as error:
