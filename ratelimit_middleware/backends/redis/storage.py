@@ -380,9 +380,8 @@ class RedisBackend:
 
     # -- reservations (tokens and concurrency) -------------------------------------------------------
 
-    def _reserve(
-        self, user: str, model: str, costs: Sequence[int]
-    ) -> tuple[list[bytes], list[list[int]], str]:
+    def _reserve(self, user: str, model: str) -> tuple[list[bytes], list[list[int]], str]:
+        """A reservation's keys, its groups of rules (one per slot) and the id of its leases."""
         keys = self._keys(user, model, self._policy.all_rules)
         lease_id = secrets.token_hex(8) if self._leased else ""  # unique: names this reservation's leases
         return keys, self._groups(keys, self._every), lease_id
@@ -404,16 +403,14 @@ class RedisBackend:
         When Redis cannot serve, ``on_error`` answers (see ``Fallback.reserve``).
         """
         self._connection.check_sync()
-        keys, groups, lease_id = self._reserve(user, model, costs)
+        keys, groups, lease_id = self._reserve(user, model)
         connection = self._connection
 
         def send() -> Reserved:
+            calls = self._calls(keys, groups, costs, lease_id)
             if len(groups) == 1:
-                return self._reserved(
-                    connection.evaluate(self._calls(keys, groups, costs, lease_id)[0]), lease_id
-                )
-            replies = connection.evaluate_all(self._calls(keys, groups, costs, lease_id))
-            reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
+                return self._reserved(connection.evaluate(calls[0]), lease_id)
+            reserved, refunds = self._gather(keys, groups, connection.evaluate_all(calls), costs, lease_id)
             if refunds:
                 connection.evaluate_all(refunds)
             return reserved
@@ -423,7 +420,7 @@ class RedisBackend:
     async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         """``reserve`` for event loops."""
         self._connection.check_async()
-        keys, groups, lease_id = self._reserve(user, model, costs)
+        keys, groups, lease_id = self._reserve(user, model)
         connection = self._connection
 
         async def send() -> Reserved:
