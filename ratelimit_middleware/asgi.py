@@ -168,10 +168,10 @@ async def admit(
     reserver = gate.reserver(limiter)
     try:
         try:
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+            user, model, tokens = gate.prepare(request, reserver is not None)
         except BodyNotLoaded:
             await load_body()
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+            user, model, tokens = gate.prepare(request, reserver is not None)
         resolved, model = gate.resolve(limiter, request, model)
     except Exception as error:
         return gate.failed("the key function", error)
@@ -179,13 +179,7 @@ async def admit(
         limiter, reserver = resolved, gate.reserver(resolved)
     started = time.perf_counter() if gate.observers else 0.0
     try:
-        outcome: Decision | Reservation
-        if reserver is not None:
-            outcome = await reserver.areserve(
-                user, model, input_tokens=input_tokens, output_tokens=output_tokens
-            )
-        else:
-            outcome = await limiter.acheck(user, model)
+        outcome = await gate.adecide(limiter, reserver, user, model, tokens)
     except Exception as error:
         return gate.failed("the limiter", error)
     gate.observed(outcome, user, model, started)

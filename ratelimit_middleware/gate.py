@@ -275,6 +275,25 @@ class Gate:
         return gate
 
     @staticmethod
+    def decide(
+        limiter: Checker, reserver: Reserver | None, user: str, model: str, tokens: tuple[int, int]
+    ) -> Decision | Reservation:
+        """The limiter's answer for an identified request: a reservation of ``tokens`` (input, output) when
+        it has token or concurrency limits (``reserver``, see below), else a decision."""
+        if reserver is not None:
+            return reserver.reserve(user, model, input_tokens=tokens[0], output_tokens=tokens[1])
+        return limiter.check(user, model)
+
+    @staticmethod
+    async def adecide(
+        limiter: Checker, reserver: Reserver | None, user: str, model: str, tokens: tuple[int, int]
+    ) -> Decision | Reservation:
+        """``decide`` for event loops."""
+        if reserver is not None:
+            return await reserver.areserve(user, model, input_tokens=tokens[0], output_tokens=tokens[1])
+        return await limiter.acheck(user, model)
+
+    @staticmethod
     def reserver(limiter: Checker) -> Reserver | None:
         """``limiter`` when it has token or concurrency limits (requests are then reserved), else ``None``."""
         # An attribute look-up, not isinstance(): a runtime-checkable Protocol costs microseconds per check.

@@ -365,14 +365,7 @@ class _Core:
             return ask
         started = time.perf_counter()
         try:
-            outcome: Decision | Reservation
-            if ask.reserver is not None:
-                input_tokens, output_tokens = ask.tokens
-                outcome = ask.reserver.reserve(
-                    ask.user, ask.model, input_tokens=input_tokens, output_tokens=output_tokens
-                )
-            else:
-                outcome = ask.limiter.check(ask.user, ask.model)
+            outcome = Gate.decide(ask.limiter, ask.reserver, ask.user, ask.model, ask.tokens)
         except Exception as error:
             return self.failed("the limiter", error)
         return self.judge(ask, outcome, started, self.leases.keep)
@@ -386,14 +379,7 @@ class _Core:
             return ask
         started = time.perf_counter()
         try:
-            outcome: Decision | Reservation
-            if ask.reserver is not None:
-                input_tokens, output_tokens = ask.tokens
-                outcome = await ask.reserver.areserve(
-                    ask.user, ask.model, input_tokens=input_tokens, output_tokens=output_tokens
-                )
-            else:
-                outcome = await ask.limiter.acheck(ask.user, ask.model)
+            outcome = await Gate.adecide(ask.limiter, ask.reserver, ask.user, ask.model, ask.tokens)
         except Exception as error:
             return self.failed("the limiter", error)
         return self.judge(ask, outcome, started, keep)

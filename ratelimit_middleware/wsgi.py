@@ -171,10 +171,10 @@ def admit(
     reserver = gate.reserver(limiter)
     try:
         try:
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+            user, model, tokens = gate.prepare(request, reserver is not None)
         except BodyNotLoaded:
             load_body()
-            user, model, (input_tokens, output_tokens) = gate.prepare(request, reserver is not None)
+            user, model, tokens = gate.prepare(request, reserver is not None)
         resolved, model = gate.resolve(limiter, request, model)
     except Exception as error:
         return gate.failed("the key function", error)
@@ -182,11 +182,7 @@ def admit(
         limiter, reserver = resolved, gate.reserver(resolved)
     started = time.perf_counter() if gate.observers else 0.0
     try:
-        outcome: Decision | Reservation
-        if reserver is not None:
-            outcome = reserver.reserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens)
-        else:
-            outcome = limiter.check(user, model)
+        outcome = gate.decide(limiter, reserver, user, model, tokens)
     except Exception as error:
         return gate.failed("the limiter", error)
     gate.observed(outcome, user, model, started)
