@@ -11,7 +11,16 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ["UNITS", "LimitSpec", "Limits", "RateLimitConfig", "TierSpec", "Window", "as_config"]
+__all__ = [
+    "UNITS",
+    "LimitSpec",
+    "Limits",
+    "RateLimitConfig",
+    "TierSpec",
+    "Window",
+    "as_config",
+    "check_amount",
+]
 
 # Window lengths users know from other limiters. A month is 30 days and a year 365 days, as in `limits`.
 _UNIT_SECONDS = {
@@ -39,7 +48,8 @@ _ITEM = re.compile(
 _NAMES = ((86400.0, "day"), (3600.0, "hour"), (60.0, "minute"), (1.0, "second"))
 
 
-def _check_amount(value: object, what: str) -> int:
+def check_amount(value: object, what: str) -> int:
+    """``value`` if it is an int >= 0 (a limit, a cost, a token count); else the error naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {value!r}")
     if value < 0:
@@ -87,14 +97,14 @@ class RateLimitConfig:
     windows: tuple[Window, ...]
 
     def __init__(self, max_requests: int, window_seconds: float) -> None:
-        window = Window(_check_amount(max_requests, "max_requests"), _check_seconds(window_seconds))
+        window = Window(check_amount(max_requests, "max_requests"), _check_seconds(window_seconds))
         object.__setattr__(self, "windows", (window,))
 
     @classmethod
     def from_windows(cls, windows: Iterable[tuple[int, float]]) -> RateLimitConfig:
         """A config of several ``(max_requests, window_seconds)`` pairs, checked together."""
         built = tuple(
-            Window(_check_amount(amount, "max_requests"), _check_seconds(seconds))
+            Window(check_amount(amount, "max_requests"), _check_seconds(seconds))
             for amount, seconds in windows
         )
         if not built:
@@ -195,7 +205,7 @@ class Limits:
         self.input_tokens = None if input_tokens is None else as_config(input_tokens, "input_tokens")
         self.output_tokens = None if output_tokens is None else as_config(output_tokens, "output_tokens")
         self.max_concurrent = (
-            None if max_concurrent is None else _check_amount(max_concurrent, "max_concurrent")
+            None if max_concurrent is None else check_amount(max_concurrent, "max_concurrent")
         )
         if all(getattr(self, name) is None for name in self.__slots__):
             raise ValueError(

@@ -13,10 +13,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .backends.base import Reserved, ReservingBackend, Storage
 from .backends.memory import DEFAULT_MAX_KEYS, MemoryBackend, MemoryStorage
-from .config import Limits, LimitSpec, RateLimitConfig, TierSpec
+from .config import Limits, LimitSpec, RateLimitConfig, TierSpec, check_amount
 from .decision import Decision
 from .policy import Policy, Rule
-from .reservation import Reservation, check_tokens
+from .reservation import Reservation
 
 __all__ = ["MultiTierRateLimiter", "RateLimiter"]
 
@@ -26,10 +26,7 @@ def _check_request(user: object, model: object, cost: object) -> None:
         raise TypeError(f"user must be a str, got {user!r}")
     if not isinstance(model, str):
         raise TypeError(f"model must be a str, got {model!r}")
-    if isinstance(cost, bool) or not isinstance(cost, int):
-        raise TypeError(f"cost must be an int, got {cost!r}")
-    if cost < 0:
-        raise ValueError(f"cost must be >= 0, got {cost!r}")
+    check_amount(cost, "cost")
 
 
 class _Limiter:
@@ -98,8 +95,8 @@ class _Limiter:
 
     def _costs(self, user: str, model: str, input_tokens: int, output_tokens: int) -> tuple[int, ...]:
         _check_request(user, model, 0)
-        check_tokens(input_tokens, "input_tokens")
-        check_tokens(output_tokens, "output_tokens")
+        check_amount(input_tokens, "input_tokens")
+        check_amount(output_tokens, "output_tokens")
         return self.policy.costs(1, input_tokens, output_tokens)
 
     def _reserving(self) -> ReservingBackend:

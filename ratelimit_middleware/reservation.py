@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from .config import check_amount
 from .decision import Decision
 
 if TYPE_CHECKING:
@@ -27,14 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["Reservation"]
 
 Settlement = Callable[[tuple[int, int], "tuple[int, int] | None"], tuple[int, ...]]
-
-
-def check_tokens(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{what} must be >= 0, got {value!r}")
-    return value
 
 
 class Reservation:
@@ -90,7 +83,7 @@ class Reservation:
         """The backend, receipt and adjustments that settle the charge with ``actual`` usage (``None``:
         cancel), or ``None`` when there is nothing (left) to settle."""
         if actual is not None:
-            actual = (check_tokens(actual[0], "input_tokens"), check_tokens(actual[1], "output_tokens"))
+            actual = (check_amount(actual[0], "input_tokens"), check_amount(actual[1], "output_tokens"))
         if self._charge is None:
             return None
         backend, receipt, settlement = self._charge
