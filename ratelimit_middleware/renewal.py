@@ -6,8 +6,9 @@ does so on an event loop (a timer per reservation, renewing through the asyncio 
 does it for threaded servers (WSGI, sync gRPC) from one daemon thread. In memory slots never expire, and
 neither does anything here: both return at once.
 
-A renewal never disturbs the response: if it fails (Redis unreachable), or comes too late (the lease had
-expired, and the slot may have gone to another request), it is logged and the response goes on.
+A renewal never disturbs the response: if it comes too late (the lease had expired, and the slot may have
+gone to another request) or raises, it is logged and the response goes on; while Redis is unreachable the
+storage logs its outage once, not every renewal.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ def _renewal_every(reservation: Reservation) -> float | None:
     return None if reservation.lease is None else reservation.lease / 3
 
 
-def _reported(reservation: Reservation, held: bool | BaseException) -> None:
-    """Log a renewal that failed or came too late (a settled reservation has nothing left to renew)."""
+def _reported(reservation: Reservation, held: bool | BaseException | None) -> None:
+    """Log a renewal that raised or came too late (a settled reservation has nothing left to renew; None:
+    the storage could not be reached, and logs that itself)."""
     if isinstance(held, BaseException):
         logger.warning("renewing a concurrency lease failed (%s: %s)", type(held).__name__, held)
-    elif not held and not reservation.settled:
+    elif held is False and not reservation.settled:
         logger.warning(
-            "a concurrency lease of user %r on model %r could not be renewed (expired, or Redis is "
-            "unreachable): the response goes on, its slot may be taken by another request",
+            "a concurrency lease of user %r on model %r expired before it was renewed: the response goes "
+            "on, its slot may be taken by another request",
             reservation.user,
             reservation.model,
         )
@@ -59,7 +61,7 @@ def keep(reservation: Reservation) -> Stop:
 
     async def renew() -> None:
         try:
-            held: bool | BaseException = await reservation.arenew()
+            held: bool | BaseException | None = await reservation.arenew()
         except Exception as error:
             held = error
         _reported(reservation, held)
@@ -130,7 +132,7 @@ class LeaseKeeper:
                 self._due[reservation] = now + (_renewal_every(reservation) or 0.0)
         for reservation in due:  # outside the lock: a renewal is a round trip
             try:
-                held: bool | BaseException = reservation.renew()
+                held: bool | BaseException | None = reservation.renew()
             except Exception as error:
                 held = error
             _reported(reservation, held)

@@ -118,19 +118,19 @@ class Reservation:
             backend, receipt, deltas = settling
             await backend.aadjust(self.user, self.model, receipt, deltas)
 
-    def renew(self) -> bool:
+    def renew(self) -> bool | None:
         """Extend the leases of the concurrency slots held to ``lease`` seconds from now.
 
         True while the reservation holds its slots (also when they never expire); False once settled, or when
-        a lease had already expired (or the storage could not be reached): the slot may have been taken by
-        another request meanwhile, so it is not taken again.
+        a lease had already expired: the slot may have been taken by another request meanwhile, so it is not
+        taken again. None when the storage could not be reached (it logs its outage itself).
         """
         if self._charge is None:
             return False
         backend, receipt, _ = self._charge
         return self.lease is None or backend.renew(self.user, self.model, receipt)
 
-    async def arenew(self) -> bool:
+    async def arenew(self) -> bool | None:
         """``renew`` for event loops."""
         if self._charge is None:
             return False

@@ -213,10 +213,10 @@ class _OnLoopBackend:
     async def aadjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
         await self.loop.arun(self._reserving.aadjust(user, model, receipt, deltas))
 
-    def renew(self, user: str, model: str, receipt: object) -> bool:
+    def renew(self, user: str, model: str, receipt: object) -> bool | None:
         return self.loop.run(self._reserving.arenew(user, model, receipt))
 
-    async def arenew(self, user: str, model: str, receipt: object) -> bool:
+    async def arenew(self, user: str, model: str, receipt: object) -> bool | None:
         return await self.loop.arun(self._reserving.arenew(user, model, receipt))
 
     def __len__(self) -> int:
@@ -295,10 +295,10 @@ class _ClusterBackend:
     async def aadjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
         await cast(ReservingBackend, self.asynchronous).aadjust(user, model, receipt, deltas)
 
-    def renew(self, user: str, model: str, receipt: object) -> bool:
+    def renew(self, user: str, model: str, receipt: object) -> bool | None:
         return cast(ReservingBackend, self.sync).renew(user, model, receipt)
 
-    async def arenew(self, user: str, model: str, receipt: object) -> bool:
+    async def arenew(self, user: str, model: str, receipt: object) -> bool | None:
         return await cast(ReservingBackend, self.asynchronous).arenew(user, model, receipt)
 
     def __len__(self) -> int:

@@ -269,7 +269,7 @@ def test_renewal_is_one_round_trip_and_fails_quietly_without_redis(
     storage.connection.round_trips = 0
     assert held.renew() and storage.connection.round_trips == 1
     server.stop()
-    assert not held.renew()  # not confirmed: Redis is gone (no exception)
+    assert held.renew() is None  # unknown: Redis is gone (no exception)
 
 
 def test_lease_must_be_positive(redis_server: RedisServer) -> None:

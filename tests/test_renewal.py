@@ -9,6 +9,7 @@ of a fraction of a second and wait a few of them (short, bounded waits: the beha
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import signal
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -186,3 +188,26 @@ def test_a_killed_workers_slot_frees_up_once_it_stops_renewing(redis_server: Red
     finally:
         worker.kill()
         worker.join(10)
+
+
+def test_the_keeper_warns_of_an_expired_lease_but_not_of_each_renewal_in_an_outage(
+    server: RedisServer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lease lost is worth a warning; Redis being gone is the storage's to log, once per outage."""
+    limiter = slots(server, clock, lease=6)
+    keeper = LeaseKeeper(clock)
+    late, kept = limiter.reserve("u", "m"), limiter.reserve("v", "m")
+    keeper.keep(late)
+    clock.advance(6.1)  # `late`'s lease ran out before its turn came
+    with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
+        keeper.renew_due()
+    assert [r.getMessage() for r in caplog.records if "expired before it was renewed" in r.getMessage()]
+    keeper.keep(kept)
+    server.stop()
+    caplog.clear()
+    for _ in range(3):
+        clock.advance(2.5)
+        with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
+            keeper.renew_due()
+    assert kept.renew() is None
+    assert not [r for r in caplog.records if "lease" in r.getMessage()]

@@ -490,25 +490,26 @@ class RedisBackend:
     def _held(self, replies: Sequence[Any]) -> bool:
         return sum(int(reply) for reply in replies) == len(self._leased)
 
-    def renew(self, user: str, model: str, receipt: object) -> bool:
-        """Extend a charge's leases to ``lease`` seconds from now; True if it still held every one."""
+    def renew(self, user: str, model: str, receipt: object) -> bool | None:
+        """Extend a charge's leases to ``lease`` seconds from now; True if it still held every one, None when
+        Redis could not be reached (the failure policy logs the outage once)."""
         self._connection.check_sync()
         if not isinstance(receipt, Charge) or not self._leased:
             return True  # in memory (the failure policy's) or unchecked: nothing expires
         calls = self._renew_calls(user, model, receipt)
-        return self._guarded(lambda: self._held(self._connection.evaluate_all(calls)), lambda: False)
+        return self._guarded(lambda: self._held(self._connection.evaluate_all(calls)), lambda: None)
 
-    async def arenew(self, user: str, model: str, receipt: object) -> bool:
+    async def arenew(self, user: str, model: str, receipt: object) -> bool | None:
         """``renew`` for event loops."""
         self._connection.check_async()
         if not isinstance(receipt, Charge) or not self._leased:
             return True
         calls = self._renew_calls(user, model, receipt)
 
-        async def send() -> bool:
+        async def send() -> bool | None:
             return self._held(await self._connection.aevaluate_all(calls))
 
-        return await self._aguarded(send, lambda: False)
+        return await self._aguarded(send, lambda: None)
 
     def __len__(self) -> int:
         raise TypeError(
