@@ -45,7 +45,7 @@ def cluster_keys(cluster: RedisCluster, prefix: str) -> dict[bytes, int]:
 
 
 def test_a_sync_cluster_client_serves_the_sync_methods(cluster_client: redis.cluster.RedisCluster) -> None:
-    limiter = RedisRateLimiter(cluster_client, 2, 60, key_prefix=unique_prefix())
+    limiter = RedisRateLimiter(cluster_client, 2, 60, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
     assert limiter.allow("u", "m") and limiter.allow("u", "m") and not limiter.allow("u", "m")
     with pytest.raises(TypeError, match="sync client"):
         asyncio.run(limiter.aallow("u", "m"))
@@ -80,7 +80,7 @@ def test_one_script_per_slot_and_user_keys_share_one(
     redis_cluster: RedisCluster, cluster_client: redis.cluster.RedisCluster
 ) -> None:
     prefix = unique_prefix()
-    storage = RedisStorage(cluster_client, key_prefix=prefix)
+    storage = RedisStorage(cluster_client, key_prefix=prefix, timeout=CONTRACT_TIMEOUT)
     limiter = MultiTierRateLimiter(
         per_user_model="5/minute;20/hour",
         per_model="100/minute",

@@ -3,7 +3,8 @@
 ``send(commands)`` returns one reply per command, in order, with a command's error reply (a
 ``ResponseError``, such as NOSCRIPT) in its place; a connection error or timeout is raised for the whole
 batch. The sync transports also take the call's ``deadline`` (``time.monotonic()``): every socket wait of
-a standalone Redis is shortened to what is left of it, and a cluster sends no command once it has passed.
+a standalone Redis is shortened to what is left of it, and a cluster sends no further command once it has
+passed.
 
 A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
 read in order on one connection, which is closed (never reused) if anything goes wrong midway, so that a
@@ -189,8 +190,10 @@ class SyncCluster:
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
         client: Any = self._cluster()
         replies: list[Any] = []
-        for command in commands:
-            if time.monotonic() >= deadline:
+        for index, command in enumerate(commands):
+            # The first command always goes (mapping the cluster on first use is not a wait on Redis);
+            # after it, none once the deadline has passed.
+            if index and time.monotonic() >= deadline:
                 raise RedisTimeoutError("the limiter's timeout ran out")
             try:
                 replies.append(client.execute_command(*command))
