@@ -32,10 +32,27 @@ MISSING = (
 )
 
 
-def _free_port() -> int:
+_CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on its port + 10000 (so its port is <= 55535)
+
+
+def _free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(cluster: bool = False) -> int:
+    """A free loopback port; for a cluster node, one whose bus port is free (and exists) too."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        bus = port + _CLUSTER_BUS_OFFSET
+        if not cluster or (bus <= 65_535 and _free(bus)):
+            return port
 
 
 def _executable(name: str) -> str:
@@ -52,6 +69,7 @@ class RedisServer:
     def __init__(self, directory: Path, *extra: str) -> None:
         self.directory = directory
         self.extra = extra
+        self.cluster = "--cluster-enabled" in extra
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -78,7 +96,7 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> None:
         for _ in range(3):  # another process may take the free port before redis-server binds it
-            self.port = _free_port()
+            self.port = _free_port(self.cluster)
             self._spawn()
             if self._wait_for_ping(timeout):
                 return
