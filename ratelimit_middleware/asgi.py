@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from .contract import HTTPResponse
+from .contract import HTTPResponse, RawResponse
 from .decision import Decision
 from .gate import Checker, Gate, GateOptions, LimiterSpec
 from .renewal import keep
@@ -45,7 +45,7 @@ class ScopeHeaders(ServerHeaders):
     __slots__ = ("_index", "_raw")
 
     def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
-        super().__init__()
+        self._all = None  # ServerHeaders.__init__, without the call
         if not isinstance(raw, (list, tuple)):
             raw = list(raw)
         self._raw = raw
@@ -148,9 +148,9 @@ def encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, byte
     ]
 
 
-async def send_response(send: Send, response: HTTPResponse) -> None:
+async def send_response(send: Send, response: HTTPResponse | RawResponse) -> None:
     """Send a complete response (a denial or a 503)."""
-    headers = encode_headers(response.headers)
+    headers = response.headers if isinstance(response, RawResponse) else encode_headers(response.headers)
     headers.append((b"content-length", str(len(response.body)).encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})
@@ -179,7 +179,10 @@ async def admit(
         limiter, reserver = resolved, gate.reserver(resolved)
     started = time.perf_counter() if gate.observers else 0.0
     try:
-        outcome = await gate.adecide(limiter, reserver, user, model, tokens)
+        if getattr(limiter, "inline", False) is True:  # in memory: nothing to await
+            outcome = gate.decide(limiter, reserver, user, model, tokens)
+        else:
+            outcome = await gate.adecide(limiter, reserver, user, model, tokens)
     except Exception as error:
         return gate.failed("the limiter", error)
     gate.observed(outcome, user, model, started)
@@ -285,7 +288,7 @@ class RateLimitMiddleware:
                 return
             extra = encode_headers(self.gate.reservation_headers(outcome))  # shadow mode: nothing reserved
         elif not self.gate.passes(outcome):
-            await send_response(send, self.gate.denied(request, outcome))
+            await send_response(send, self.gate.raw_denied(request, outcome))
             return
         else:
             extra = self.gate.allowed_raw_headers(outcome)

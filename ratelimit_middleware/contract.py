@@ -19,6 +19,7 @@ import json
 import math
 from collections.abc import Callable
 from functools import lru_cache
+from json.encoder import encode_basestring_ascii
 from operator import attrgetter
 from typing import AnyStr, Generic, NamedTuple
 
@@ -27,9 +28,11 @@ from .decision import Decision
 
 __all__ = [
     "HTTPResponse",
+    "RawResponse",
     "denial_response",
     "go_duration",
     "informational_headers",
+    "raw_denial_response",
     "raw_informational_headers",
     "retry_after_seconds",
     "unavailable_response",
@@ -96,6 +99,16 @@ _OPENAI_UNITS = {
 """Which of OpenAI's ``x-ratelimit-*-requests`` / ``-tokens`` headers a unit fills."""
 
 _ERROR_TYPES = {"requests": "requests", "concurrent": "concurrency"}
+
+_MAX_REMEMBERED_RESETS = 1024
+
+
+class RawResponse(NamedTuple):
+    """An ``HTTPResponse`` whose headers are written as an ASGI server takes them (bytes, lower-case)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
 
 class _Parts(Generic[AnyStr]):
@@ -185,6 +198,30 @@ class _Wire(Generic[AnyStr]):
         self.expose: tuple[AnyStr, AnyStr] = (names[5], value(EXPOSED_HEADERS))
         self.comma: AnyStr = value(", ")
         self.then: AnyStr = value(";t=")
+        self.json: tuple[AnyStr, AnyStr] = (names[6], value("application/json"))
+        self.retry_after: AnyStr = names[7]
+        self.retry_after_ms: AnyStr = names[8]
+        self.should_retry: tuple[tuple[AnyStr, AnyStr], tuple[AnyStr, AnyStr]] = (
+            (names[9], value("true")),
+            (names[9], value("false")),
+        )
+        self._resets: dict[float, tuple[AnyStr, AnyStr]] = {}
+
+    def written_reset(self, seconds: float) -> tuple[AnyStr, AnyStr]:
+        """``seconds`` rounded up and as a Go duration, written.
+
+        Remembered: most resets repeat (an allowed sliding log resets a whole window ahead, a denial in
+        whole seconds), and writing a duration costs more than the rest of a header.
+        """
+        texts = self._resets.get(seconds)
+        if texts is None:
+            if len(self._resets) >= _MAX_REMEMBERED_RESETS:
+                self._resets.clear()
+            texts = self._resets[seconds] = (
+                self.number(str(math.ceil(seconds))),
+                self.number(go_duration(seconds)),
+            )
+        return texts
 
 
 _INFORMATIONAL_NAMES = (
@@ -194,22 +231,27 @@ _INFORMATIONAL_NAMES = (
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",
     "Access-Control-Expose-Headers",
+    "Content-Type",
+    "Retry-After",
+    "retry-after-ms",
+    "x-should-retry",
 )
 _TEXT = _Wire(attrgetter("text"), str, str, str)
 _RAW = _Wire(attrgetter("raw"), _encode_name, _encode_value, str.encode)
 
 
-def _figures(wire: _Wire[AnyStr], decision: Decision) -> tuple[_Parts[AnyStr], AnyStr, float, AnyStr]:
-    """``(constant parts, remaining, reset seconds, reset seconds rounded up)`` of one decision."""
+def _figures(wire: _Wire[AnyStr], decision: Decision) -> tuple[_Parts[AnyStr], AnyStr, AnyStr, AnyStr]:
+    """``(constant parts, remaining, reset in whole seconds, reset as a Go duration)`` of one decision."""
     reset = decision.reset_after if decision.allowed else float(retry_after_seconds(decision))
     parts = wire.parts(_rule(decision.tier, decision.unit, decision.limit, decision.window_seconds))
-    return parts, wire.number(str(decision.remaining)), reset, wire.number(str(math.ceil(reset)))
+    seconds, duration = wire.written_reset(reset)
+    return parts, wire.number(str(decision.remaining)), seconds, duration
 
 
 def _informational(
     wire: _Wire[AnyStr], decision: Decision, others: tuple[Decision, ...]
 ) -> list[tuple[AnyStr, AnyStr]]:
-    parts, remaining, reset, seconds = _figures(wire, decision)
+    parts, remaining, seconds, duration = _figures(wire, decision)
     headers = [
         (wire.policy, parts.policy),
         (wire.state, parts.state + remaining + wire.then + seconds),
@@ -218,18 +260,16 @@ def _informational(
         (wire.reset, seconds),
     ]
     if parts.openai is not None:
-        headers += zip(parts.openai, (parts.limit, remaining, wire.number(go_duration(reset))), strict=True)
+        headers += zip(parts.openai, (parts.limit, remaining, duration), strict=True)
     if others:  # a reservation: every unit's item, and OpenAI's headers of each unit named once
         policies, states, named = [parts.policy], [headers[1][1]], [parts.openai]
         for other in others:
-            parts, remaining, reset, seconds = _figures(wire, other)
+            parts, remaining, seconds, duration = _figures(wire, other)
             policies.append(parts.policy)
             states.append(parts.state + remaining + wire.then + seconds)
             if parts.openai is not None and parts.openai not in named:
                 named.append(parts.openai)
-                headers += zip(
-                    parts.openai, (parts.limit, remaining, wire.number(go_duration(reset))), strict=True
-                )
+                headers += zip(parts.openai, (parts.limit, remaining, duration), strict=True)
         headers[0] = (wire.policy, wire.comma.join(policies))
         headers[1] = (wire.state, wire.comma.join(states))
     headers.append(wire.expose)
@@ -251,23 +291,65 @@ def raw_informational_headers(decision: Decision, *others: Decision) -> list[tup
     return _informational(_RAW, decision, others)
 
 
-def _message(decision: Decision, rule: _Rule, wait: float) -> str:
-    """OpenAI-style: names the tier and the limit, the amounts for token limits, and the wait."""
+def _message(decision: Decision, rule: _Rule, wait: str) -> str:
+    """OpenAI-style: names the tier and the limit, the amounts for token limits, and the wait (``"1.250"``
+    seconds)."""
     where = f"Rate limit reached ({decision.tier})"
     if decision.unit == "concurrent":
-        return (
-            f"{where}: {decision.limit} concurrent requests are in flight. Please try again in {wait:.3f}s."
-        )
+        return f"{where}: {decision.limit} concurrent requests are in flight. Please try again in {wait}s."
     if math.isinf(decision.retry_after):
         return (
             f"{where}: this request needs {decision.cost} {decision.unit.replace('_', ' ')}, more than the "
             f"limit of {decision.limit} {rule.per}; it can never be allowed."
         )
     if decision.unit == "requests":
-        return f"{where}: limit {decision.limit} {rule.per}. Please try again in {wait:.3f}s."
+        return f"{where}: limit {decision.limit} {rule.per}. Please try again in {wait}s."
     used = "" if decision.used is None else f", Used {decision.used}"
     amounts = f"Limit {decision.limit}{used}, Requested {decision.cost}"
-    return f"{where} on {rule.per}: {amounts}. Please try again in {wait:.3f}s."
+    return f"{where} on {rule.per}: {amounts}. Please try again in {wait}s."
+
+
+def _body(decision: Decision, rule: _Rule, wait: str) -> str:
+    """What ``json.dumps`` makes of OpenAI's error object, written out around the message."""
+    return (
+        f'{{"error": {{"message": {encode_basestring_ascii(_message(decision, rule, wait))}, '
+        f'"type": "{rule.error_type}", "param": null, "code": "rate_limit_exceeded"}}}}'
+    )
+
+
+_WAIT_MARK = "\x00"  # stands for the wait in a body built once: json writes it as \u0000, found nowhere else
+
+
+@lru_cache(maxsize=4096)
+def _body_around_wait(tier: str, unit: str, limit: int, window: float) -> tuple[bytes, bytes]:
+    """The body of a request or concurrency limit's denial, which changes only with the wait, split around
+    it: built once per limit."""
+    rule = _rule(tier, unit, limit, window)
+    stub = Decision(False, limit, 0, 0.0, 0.0, tier, window, 1, unit)
+    head, tail = _body(stub, rule, _WAIT_MARK).rsplit(encode_basestring_ascii(_WAIT_MARK)[1:-1], 1)
+    return head.encode(), tail.encode()
+
+
+def _denial(
+    wire: _Wire[AnyStr], decision: Decision, others: tuple[Decision, ...]
+) -> tuple[list[tuple[AnyStr, AnyStr]], bytes]:
+    """The headers and body of the 429 for a denied decision, written for ``wire``."""
+    rule = _rule(decision.tier, decision.unit, decision.limit, decision.window_seconds)
+    never = math.isinf(decision.retry_after)
+    wait = _wait(decision)
+    if not never and (decision.unit == "requests" or decision.unit == "concurrent"):
+        head, tail = _body_around_wait(decision.tier, decision.unit, decision.limit, decision.window_seconds)
+        body = head + f"{wait:.3f}".encode() + tail
+    else:
+        body = _body(decision, rule, f"{wait:.3f}").encode()
+    headers: list[tuple[AnyStr, AnyStr]] = [
+        wire.json,
+        (wire.retry_after, wire.number(str(max(1, math.ceil(wait))))),
+        (wire.retry_after_ms, wire.number(str(math.ceil(wait * 1000)))),
+        wire.should_retry[never or wait > SHOULD_RETRY_MAX_SECONDS],
+    ]
+    headers += _informational(wire, decision, others)
+    return headers, body
 
 
 def denial_response(decision: Decision, *others: Decision) -> HTTPResponse:
@@ -275,24 +357,15 @@ def denial_response(decision: Decision, *others: Decision) -> HTTPResponse:
 
     ``others`` are the binding decisions of the other units of a reservation, for the informational headers.
     The body is what ``json.dumps`` makes of ``{"error": {"message": ..., "type": ..., "param": None, "code":
-    "rate_limit_exceeded"}}``, written out around the one string that changes.
+    "rate_limit_exceeded"}}``.
     """
-    rule = _rule(decision.tier, decision.unit, decision.limit, decision.window_seconds)
-    wait = _wait(decision)
-    message = json.dumps(_message(decision, rule, wait))
-    body = (
-        f'{{"error": {{"message": {message}, "type": "{rule.error_type}", "param": null, '
-        '"code": "rate_limit_exceeded"}}'
-    )
-    should_retry = "false" if math.isinf(decision.retry_after) or wait > SHOULD_RETRY_MAX_SECONDS else "true"
-    headers = [
-        ("Content-Type", "application/json"),
-        ("Retry-After", str(retry_after_seconds(decision))),
-        ("retry-after-ms", str(math.ceil(wait * 1000))),
-        ("x-should-retry", should_retry),
-        *informational_headers(decision, *others),
-    ]
-    return HTTPResponse(429, headers, body.encode())
+    return HTTPResponse(429, *_denial(_TEXT, decision, others))
+
+
+def raw_denial_response(decision: Decision, *others: Decision) -> RawResponse:
+    """``denial_response`` with its headers as an ASGI server takes them (``asgi.encode_headers`` of them),
+    written from parts encoded once per limit."""
+    return RawResponse(429, *_denial(_RAW, decision, others))
 
 
 def unavailable_response(retry_after: int = 1) -> HTTPResponse:

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, cast
 from .config import RateLimitConfig
 from .contract import (
     HTTPResponse,
+    RawResponse,
     denial_response,
     informational_headers,
+    raw_denial_response,
     raw_informational_headers,
     unavailable_response,
 )
@@ -344,6 +346,12 @@ class Gate:
             except Exception as error:
                 self._log.warning("the deny_handler", error, "answered with the default 429")
         return denial_response(decision, *others)
+
+    def raw_denied(self, request: RequestView, decision: Decision) -> HTTPResponse | RawResponse:
+        """``denied`` for ASGI: the default 429 written in bytes from the start, or the ``deny_handler``'s."""
+        if self.deny_handler is None:
+            return raw_denial_response(decision)
+        return self.denied(request, decision)
 
     def reservation_headers(self, reservation: Reservation) -> list[tuple[str, str]]:
         """Headers for an allowed reservation: every unit's binding limit."""

@@ -55,6 +55,9 @@ class _Limiter:
         self.uses_reservations = len(self.policy.all_rules) > len(self.policy.rules)
         """True when token or concurrency limits are set: requests go through ``reserve``, not ``check``."""
         self._backend = storage.bind(self.policy)
+        self.inline = isinstance(self._backend, MemoryBackend)
+        """True when the async methods never await (in-memory storage): an event loop may call the sync ones
+        instead, and save a coroutine per call."""
         # Checked once here: isinstance() against a runtime-checkable Protocol is slow on a hot path.
         self._reserver = self._backend if isinstance(self._backend, ReservingBackend) else None
         if self.uses_reservations and self._reserver is None:

@@ -18,6 +18,7 @@ from ratelimit_middleware.contract import (
     denial_response,
     go_duration,
     informational_headers,
+    raw_denial_response,
     raw_informational_headers,
     retry_after_seconds,
     unavailable_response,
@@ -232,7 +233,9 @@ def test_headers_match_the_plain_build_in_text_and_asgi_bytes(batch: list[Decisi
 @given(st.lists(decisions, min_size=1, max_size=4))
 def test_denials_match_the_plain_build(batch: list[Decision]) -> None:
     denied = batch[0]._replace(allowed=False, retry_after=batch[0].retry_after or 0.5)
-    assert denial_response(denied, *batch[1:]) == _reference_denial(denied, *batch[1:])
+    reference = _reference_denial(denied, *batch[1:])
+    assert denial_response(denied, *batch[1:]) == reference
+    assert raw_denial_response(denied, *batch[1:]) == (429, encode_headers(reference.headers), reference.body)
 
 
 def test_repeated_figures_of_one_limit_give_fresh_equal_headers() -> None:
@@ -250,3 +253,12 @@ def test_encode_headers_remembers_only_a_bounded_number_of_names() -> None:
         assert encode_headers([(name, "vé\u0100") for name in names]) == [
             (name.lower().encode(), "vé?".encode("latin-1")) for name in names
         ]
+
+
+def test_written_resets_are_remembered_within_a_bound() -> None:
+    from ratelimit_middleware.contract import _MAX_REMEMBERED_RESETS, _TEXT
+
+    for i in range(3 * _MAX_REMEMBERED_RESETS):
+        decision = allowed(reset_after=i / 7)
+        assert informational_headers(decision) == _reference_informational(decision)
+        assert len(_TEXT._resets) <= _MAX_REMEMBERED_RESETS
