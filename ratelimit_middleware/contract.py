@@ -111,10 +111,16 @@ class RawResponse(NamedTuple):
     body: bytes
 
 
+_Header = tuple[AnyStr, AnyStr]
+_Denied = tuple[_Header[AnyStr], _Header[AnyStr], list[_Header[AnyStr]]]
+"""``Retry-After``, ``x-should-retry`` and the informational headers of a denial."""
+_MAX_REMEMBERED_DENIALS = 64  # per limit: waits of up to about a minute, as clients count them down
+
+
 class _Parts(Generic[AnyStr]):
     """The constant parts of one limit's informational headers, as text or as ASGI bytes."""
 
-    __slots__ = ("limit", "openai", "policy", "state")
+    __slots__ = ("denials", "limit", "openai", "policy", "state")
 
     def __init__(
         self, policy: AnyStr, state: AnyStr, limit: AnyStr, openai: tuple[AnyStr, ...] | None
@@ -126,6 +132,8 @@ class _Parts(Generic[AnyStr]):
         self.limit: AnyStr = limit
         self.openai: tuple[AnyStr, ...] | None = openai
         """OpenAI's limit, remaining and reset header names for its unit, if it has them."""
+        self.denials: dict[int, _Denied[AnyStr]] = {}
+        """The headers of its denials that depend on the whole seconds to wait only, by those seconds."""
 
 
 class _Rule(NamedTuple):
@@ -332,7 +340,7 @@ def _body_around_wait(tier: str, unit: str, limit: int, window: float) -> tuple[
 
 def _denial(
     wire: _Wire[AnyStr], decision: Decision, others: tuple[Decision, ...]
-) -> tuple[list[tuple[AnyStr, AnyStr]], bytes]:
+) -> tuple[list[_Header[AnyStr]], bytes]:
     """The headers and body of the 429 for a denied decision, written for ``wire``."""
     rule = _rule(decision.tier, decision.unit, decision.limit, decision.window_seconds)
     never = math.isinf(decision.retry_after)
@@ -342,14 +350,41 @@ def _denial(
         body = head + f"{wait:.3f}".encode() + tail
     else:
         body = _body(decision, rule, f"{wait:.3f}").encode()
-    headers: list[tuple[AnyStr, AnyStr]] = [
-        wire.json,
-        (wire.retry_after, wire.number(str(max(1, math.ceil(wait))))),
-        (wire.retry_after_ms, wire.number(str(math.ceil(wait * 1000)))),
-        wire.should_retry[never or wait > SHOULD_RETRY_MAX_SECONDS],
-    ]
-    headers += _informational(wire, decision, others)
+    retry_after, should_retry, informational = _denied_headers(wire, rule, decision, others, never, wait)
+    headers = [wire.json, retry_after, (wire.retry_after_ms, wire.number(str(math.ceil(wait * 1000))))]
+    headers.append(should_retry)
+    headers += informational
     return headers, body
+
+
+def _denied_headers(
+    wire: _Wire[AnyStr],
+    rule: _Rule,
+    decision: Decision,
+    others: tuple[Decision, ...],
+    never: bool,
+    wait: float,
+) -> _Denied[AnyStr]:
+    """The headers of a denial that depend on the whole seconds to wait only (for one unit: a limit's
+    denials repeat them until the next second), remembered per limit."""
+    seconds = max(1, math.ceil(wait))
+    memo = wire.parts(rule).denials
+    remembered = not (others or never or decision.remaining)  # one unit, a wait, nothing remaining
+    if remembered:
+        denied = memo.get(seconds)
+        if denied is not None:
+            return denied
+    # Over a minute, whole seconds tell the same as the wait: `seconds > 60` exactly when `wait > 60`.
+    denied = (
+        (wire.retry_after, wire.number(str(seconds))),
+        wire.should_retry[never or wait > SHOULD_RETRY_MAX_SECONDS],
+        _informational(wire, decision, others),
+    )
+    if remembered:
+        if len(memo) >= _MAX_REMEMBERED_DENIALS:
+            memo.clear()
+        memo[seconds] = denied
+    return denied
 
 
 def denial_response(decision: Decision, *others: Decision) -> HTTPResponse:

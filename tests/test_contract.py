@@ -13,8 +13,10 @@ from ratelimit_middleware import Decision
 from ratelimit_middleware.asgi import encode_headers
 from ratelimit_middleware.config import describe_seconds
 from ratelimit_middleware.contract import (
+    _MAX_REMEMBERED_DENIALS,
     EXPOSED_HEADERS,
     HTTPResponse,
+    _rule,
     denial_response,
     go_duration,
     informational_headers,
@@ -262,3 +264,17 @@ def test_written_resets_are_remembered_within_a_bound() -> None:
         decision = allowed(reset_after=i / 7)
         assert informational_headers(decision) == _reference_informational(decision)
         assert len(_TEXT._resets) <= _MAX_REMEMBERED_RESETS
+
+
+def test_denials_of_one_limit_are_remembered_by_the_second_within_a_bound() -> None:
+    first = None
+    for tenths in range(0, 2000, 3):  # waits from 0.5 s to 200 s: every second, and some several times
+        decision = Decision(False, 10, 0, 0.5 + tenths / 10, 0.0, "per_model", 3600.0, 1)
+        response = raw_denial_response(decision)
+        reference = _reference_denial(decision)
+        assert response == (429, encode_headers(reference.headers), reference.body)
+        first = first or response
+    again = raw_denial_response(Decision(False, 10, 0, 0.5, 0.0, "per_model", 3600.0, 1))
+    assert again == first and again.headers is not first.headers
+    parts = _rule("per_model", "requests", 10, 3600.0).raw
+    assert 0 < len(parts.denials) <= _MAX_REMEMBERED_DENIALS
