@@ -268,7 +268,8 @@ def _informational(
         (wire.reset, seconds),
     ]
     if parts.openai is not None:
-        headers += zip(parts.openai, (parts.limit, remaining, duration), strict=True)
+        limit_name, remaining_name, reset_name = parts.openai
+        headers += ((limit_name, parts.limit), (remaining_name, remaining), (reset_name, duration))
     if others:  # a reservation: every unit's item, and OpenAI's headers of each unit named once
         policies, states, named = [parts.policy], [headers[1][1]], [parts.openai]
         for other in others:
@@ -277,7 +278,8 @@ def _informational(
             states.append(parts.state + remaining + wire.then + seconds)
             if parts.openai is not None and parts.openai not in named:
                 named.append(parts.openai)
-                headers += zip(parts.openai, (parts.limit, remaining, duration), strict=True)
+                limit_name, remaining_name, reset_name = parts.openai
+                headers += ((limit_name, parts.limit), (remaining_name, remaining), (reset_name, duration))
         headers[0] = (wire.policy, wire.comma.join(policies))
         headers[1] = (wire.state, wire.comma.join(states))
     headers.append(wire.expose)
