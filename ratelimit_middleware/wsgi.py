@@ -58,13 +58,31 @@ class EnvironHeaders(ServerHeaders):
                 yield name.replace("_", "-"), value
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        if "_" in name:  # no variable maps to it: "_" in a variable's name stands for "-"
-            return default
-        if not name.isascii():
-            return self.joined().get(name, default)
-        key = name.upper().replace("-", "_")
-        value = self._environ.get(key if key in _UNPREFIXED else "HTTP_" + key)
+        key = _VARIABLES.get(name)
+        if key is None:
+            key = _variable(name)
+            if key is None:  # a name outside ASCII: compare it with every header
+                return self.joined().get(name, default)
+        value = self._environ.get(key)
         return default if value is None else value
+
+
+_VARIABLES: dict[str, str] = {}
+_MAX_VARIABLES = 256  # key functions ask for a handful of names
+
+
+def _variable(name: str) -> str | None:
+    """The environ variable of header ``name`` (``""``: none can hold it); ``None`` for non-ASCII names."""
+    if not name.isascii():
+        return None
+    if "_" in name:  # no variable maps to it: "_" in a variable's name stands for "-"
+        key = ""
+    else:
+        key = name.upper().replace("-", "_")
+        key = key if key in _UNPREFIXED else "HTTP_" + key
+    if len(_VARIABLES) < _MAX_VARIABLES:
+        _VARIABLES[name] = key
+    return key
 
 
 def request_view(environ: Environ) -> RequestView:

@@ -245,3 +245,13 @@ def test_environ_headers_answer_as_the_mapping_of_every_variable(environ: dict[s
         assert view.header(name) == plain.header(name)
         assert view.headers.get(name.lower()) == plain.headers.get(name.lower())
     assert dict(view.headers) == dict(plain.headers)
+
+
+def test_environ_variables_of_header_names_are_remembered_within_a_bound() -> None:
+    from ratelimit_middleware.wsgi import _MAX_VARIABLES, _VARIABLES
+
+    environ = {f"HTTP_X_CUSTOM_{i}": str(i) for i in range(400)}
+    view = request_view(environ)
+    for _ in range(2):
+        assert [view.header(f"X-Custom-{i}") for i in range(400)] == [str(i) for i in range(400)]
+    assert len(_VARIABLES) <= _MAX_VARIABLES
