@@ -36,6 +36,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/bench_core.py           # full run, about a minute or two
     .venv/bin/python benchmarks/bench_core.py --quick   # shorter and rougher
+    .venv/bin/python benchmarks/bench_core.py --algorithm sliding_log --algorithm gcra  # only these
 
 It prints progress lines, then Markdown tables that can be pasted into DESIGN.md.
 """
@@ -387,10 +388,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Throughput and memory of the in-memory core, against limits."
     )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats; smaller N")
+    parser.add_argument(
+        "--algorithm",
+        action="append",
+        choices=list(ALGORITHMS),
+        help="measure only this algorithm (repeat the option for several; default: all four)",
+    )
     args = parser.parse_args(argv)
     repeats, seconds = (3, 0.1) if args.quick else (7, 0.2)
     sizes = (20_000, 50_000) if args.quick else (50_000, 100_000, 150_000)
-    order = list(ALGORITHMS)
+    order = [name for name in ALGORITHMS if name in (args.algorithm or ALGORITHMS)]
 
     started = time.perf_counter()
     print(
@@ -430,12 +437,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         held = ", ".join(f"{mem.ours_keys[n]:,}" for n in sizes)
         print(f"  {algorithm:<15} ours {ours_each} (keys held: {held})")
         print(f"  {'':<15} limits {theirs_each} ({mem.peer})")
-    clock = itertools.count(1_000.0, 0.001).__next__  # 1 ms per request: distinct entries
-    ours_log = measure_log(lambda: Ours("sliding_log", 10**6, clock=clock))
-    theirs_log = measure_log(lambda: Theirs(strategies.MovingWindowRateLimiter, 10**6))
-    print(f"== memory: one key holding 1 and {LOG_ENTRIES:,} requests")
-    for name, log in (("sliding_log", ours_log), ("limits moving window", theirs_log)):
-        print(f"  {name:<21} {log.single:,} B and {log.full:,} B: {log.per_request:.1f} B per stored request")
+    logs: tuple[LogMemory, LogMemory] | None = None  # (ours, limits), for sliding_log
+    if "sliding_log" in order:
+        clock = itertools.count(1_000.0, 0.001).__next__  # 1 ms per request: distinct entries
+        logs = (
+            measure_log(lambda: Ours("sliding_log", 10**6, clock=clock)),
+            measure_log(lambda: Theirs(strategies.MovingWindowRateLimiter, 10**6)),
+        )
+        print(f"== memory: one key holding 1 and {LOG_ENTRIES:,} requests")
+        for name, log in zip(("sliding_log", "limits moving window"), logs, strict=True):
+            print(f"  {name:<21} {log.single:,} B and {log.full:,} B: ", end="")
+            print(f"{log.per_request:.1f} B per stored request")
     print()
 
     print("### Throughput (decisions per second, median)")
@@ -470,14 +482,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         for mem in memory
     ]
-    mem_table.append(
-        [
-            LABELS["sliding_log"],
-            f"per stored request (1 key, {LOG_ENTRIES // 1000}k requests)",
-            f"{ours_log.per_request:.1f}",
-            f"{theirs_log.per_request:.1f}",
-        ]
-    )
+    if logs is not None:
+        mem_table.append(
+            [
+                LABELS["sliding_log"],
+                f"per stored request (1 key, {LOG_ENTRIES // 1000}k requests)",
+                *(f"{log.per_request:.1f}" for log in logs),
+            ]
+        )
     print(markdown(["algorithm", "measure", "ours", "limits"], mem_table))
     print()
     key_string = sys.getsizeof(RateLimitItemPerHour(MEMORY_LIMIT).key_for("user-99999", MODEL))

@@ -29,9 +29,17 @@ steps = st.one_of(grid_steps, float_steps)
 limits = st.integers(min_value=1, max_value=12)
 windows = st.sampled_from([1.0, 2.0, 5.0, 10.0, 0.3])
 
-# (time step, cost, refund or overage settled on the last admitted charge, 0 for none)
+# (time step, cost, refund or overage settled on the last admitted charge, 0 for none). About half the costs
+# are 1 and half the steps settle nothing: states of plain request counting (the sliding log keeps those in
+# its compact layouts) last for a while, besides states of any costs.
 algorithm_traffic = st.lists(
-    st.tuples(steps, st.integers(1, 12), st.integers(-3, 2)), min_size=1, max_size=80
+    st.tuples(
+        steps,
+        st.one_of(st.just(1), st.integers(1, 12)),
+        st.one_of(st.just(0), st.integers(-3, 2)),
+    ),
+    min_size=1,
+    max_size=80,
 )
 
 
@@ -164,3 +172,26 @@ def test_allow_validates_like_check(algorithm: str) -> None:
         asyncio.run(limiter.aallow("u", "m", True))
     assert not limiter.allow("u", "m", 6)  # above the limit: denied, never counted
     assert limiter.get_request_count("u", "m") == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=limits,
+    window=st.sampled_from([0.3, 0.7, 1.0, 3.3, 10.0]),
+    start=st.floats(0.0, 10_000.0),
+    traffic=limiter_traffic,
+)
+def test_sliding_window_allows_once_retry_after_has_passed(
+    limit: int, window: float, start: float, traffic: list[tuple[float, str, int]]
+) -> None:
+    """What ``check`` denies, ``allow`` admits once ``retry_after`` has passed: the fast path keeps the slack
+    for the rounding between the two ways the sliding window computes that moment (from the window of the
+    denial and from the next one), which differ in the last bits for times that are not round in binary."""
+    clock = FakeClock(start)
+    limiter = RateLimiter(limit, window, algorithm="sliding_window", clock=clock)
+    for step, user, cost in traffic:
+        clock.advance(step)
+        decision = limiter.check(user, "m", cost)
+        if not decision.allowed and 0 < cost <= limit:
+            clock.advance(decision.retry_after)
+            assert limiter.allow(user, "m", cost)

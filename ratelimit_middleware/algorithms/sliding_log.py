@@ -4,17 +4,32 @@ Every admitted request is logged with its time; a request admitted at ``t`` coun
 in ``[t, t + window)``. A request of ``cost`` fits when the units logged in ``(now - window, now]`` plus
 ``cost`` stay within the limit, and when it does not, ``retry_after`` is exactly the time until enough old
 entries leave the window. Memory grows with the number of admitted requests in a window (never with their
-cost): the log is one ``bytearray`` of float64 pairs ``[time, cumulative cost, ...]``, 16 bytes per request
-(a bytearray has a smaller header than an ``array``), and the cumulative costs make every count a binary
-search, not a sum.
+cost). A log has one of three layouts, told apart by type, and only ever moves down this list:
+
+- a ``float``, the time of a single request of cost 1: a key seen once in a window, the most common log,
+  costs 24 bytes instead of a container;
+- an ``array('d')`` of times, requests of cost 1 each (request counting): 8 bytes per request, and the
+  cumulative cost up to entry ``i`` is implicit, ``i + 1``;
+- a ``bytearray`` of float64 pairs ``[time, cumulative cost, ...]``, for any costs: 16 bytes per request (a
+  bytearray has a smaller header than an ``array``). A log takes this layout when it first logs a cost other
+  than 1 or settles a charge (``adjust``, token reservations).
+
+In every layout the cumulative costs (explicit or implicit) make every count a binary search, not a sum.
 """
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
+from itertools import count
 from struct import Struct
+from typing import TypeAlias
 
 from .base import Algorithm, Verdict
+
+Log: TypeAlias = "float | array[float] | bytearray"
+"""A sliding log in one of its layouts (see the module docstring)."""
 
 _ENTRY = Struct("dd")  # (time, cumulative cost), native float64
 _FLOAT = Struct("d")
@@ -24,85 +39,90 @@ _float_at = _FLOAT.unpack_from  # (value,) at a byte offset
 _COMPACT_AT = 32
 
 
-class SlidingLog(Algorithm[bytearray]):
+class SlidingLog(Algorithm[Log]):
     """Exact; memory proportional to the requests admitted in one window."""
 
     name = "sliding_log"
     __slots__ = ()
 
-    def _live(self, log: bytearray, now: float) -> tuple[int, float, float]:
-        """``(index of the first live entry, cumulative cost before it, cumulative cost of the log)``."""
-        total = _float_at(log, len(log) - 8)[0]
-        if _float_at(log, 0)[0] > now - self.window:
-            return 0, 0.0, total  # nothing has expired: no search needed
-        with memoryview(log) as raw, raw.cast("d") as values:
-            first = bisect_right(values[::2], now - self.window)
-            return first, values[2 * first - 1], total
+    # -- every layout --------------------------------------------------------------------------------
 
-    def evaluate(self, state: bytearray | None, now: float, cost: int) -> Verdict:
-        if not state:
+    def evaluate(self, state: Log | None, now: float, cost: int) -> Verdict:
+        if state is None:
             return True, self.limit - cost, 0.0, self.window if cost else 0.0
-        first, before, total = self._live(state, now)
-        used = total - before
-        last_expiry = max(_ENTRY.unpack_from(state, len(state) - 16)[0] + self.window - now, 0.0)
+        if isinstance(state, bytearray):
+            return self._evaluate_pairs(state, now, cost)
+        times = _times(state)
+        used = len(times) - self._first_live(times, now)
+        last_expiry = max(times[-1] + self.window - now, 0.0)
         if used + cost <= self.limit:
-            after = int(used) + cost
-            return True, self.limit - after, 0.0, (self.window if cost else last_expiry)
-        # Entries up to and including index `k` must leave the window: the first whose cumulative cost
-        # reaches `total + cost - limit`.
-        with memoryview(state) as raw, raw.cast("d") as values:
-            k = bisect_left(values[1::2], total + cost - self.limit, first)
-            return False, 0, values[2 * k] + self.window - now, last_expiry
+            return True, self.limit - used - cost, 0.0, (self.window if cost else last_expiry)
+        # With a cost of 1 per entry, entries up to and including index `k` must leave the window, where
+        # `k + 1` (the cumulative cost there) reaches `len(times) + cost - limit`.
+        k = len(times) + cost - self.limit - 1
+        return False, 0, times[k] + self.window - now, last_expiry
 
-    def commit(self, state: bytearray | None, now: float, cost: int) -> bytearray:
+    def commit(self, state: Log | None, now: float, cost: int) -> Log:
+        if isinstance(state, bytearray):
+            return self._append(state, now, _float_at(state, len(state) - 8)[0] + cost)
+        if cost == 1:
+            return self._log_one(state, now)
         if state is None:
             return bytearray(_ENTRY.pack(now, cost))
-        return self._append(state, now, _float_at(state, len(state) - 8)[0] + cost)
+        pairs = _pairs(state)  # the first cost other than 1; so far, the cumulative cost is the length
+        return self._append(pairs, now, len(_times(state)) + cost)
 
-    def admit(self, state: bytearray | None, now: float, cost: int) -> bytearray | None:
-        if not state:
-            return bytearray(_ENTRY.pack(now, cost))
-        total = _float_at(state, len(state) - 8)[0]
-        # `_live` without a call and a tuple when nothing has expired (the common case on a busy key).
-        before = 0.0 if _float_at(state, 0)[0] > now - self.window else self._live(state, now)[1]
-        if total - before + cost > self.limit:
-            return None
-        return self._append(state, now, total + cost)
+    def admit(self, state: Log | None, now: float, cost: int) -> Log | None:
+        if type(state) is array and cost == 1:  # request counting on a busy key: the common case
+            start = now - self.window
+            live = len(state) - (0 if state[0] > start else bisect_right(state, start))
+            if live >= self.limit:
+                return None
+            if len(state) % _COMPACT_AT:  # `_log_one` without a call, between two looks for expired entries
+                state.append(now)
+                return state
+            return self._log_one(state, now)
+        if isinstance(state, bytearray):
+            total = _float_at(state, len(state) - 8)[0]
+            # `_live` without a call and a tuple when nothing has expired (the common case on a busy key).
+            before = 0.0 if _float_at(state, 0)[0] > now - self.window else self._live(state, now)[1]
+            if total - before + cost > self.limit:
+                return None
+            return self._append(state, now, total + cost)
+        if cost != 1:
+            return super().admit(state, now, cost)  # evaluate, then commit (which moves the log to pairs)
+        if state is None:
+            return now
+        return None if self.used(state, now) >= self.limit else self._log_one(state, now)
 
-    def _append(self, state: bytearray, now: float, cumulative: float) -> bytearray:
-        """``state`` with an entry for ``now`` at ``cumulative`` cost, after cutting expired entries."""
-        if len(state) % (16 * _COMPACT_AT) == 0:  # every _COMPACT_AT entries, look for expired ones
-            first = self._live(state, now)[0]
-            # Cut expired entries but keep the last of them: its cumulative cost is the base of the rest.
-            expired = first - 1
-            if expired > 0 and (expired >= _COMPACT_AT or 2 * expired >= len(state) // 16):
-                del state[: 16 * expired]
-        state += _ENTRY.pack(now, cumulative)
-        return state
-
-    def used(self, state: bytearray | None, now: float) -> int:
-        if not state:
+    def used(self, state: Log | None, now: float) -> int:
+        if state is None:
             return 0
-        _, before, total = self._live(state, now)
-        return int(total - before)
+        if isinstance(state, bytearray):
+            _, before, total = self._live(state, now)
+            return int(total - before)
+        times = _times(state)
+        return len(times) - self._first_live(times, now)
 
-    def idle(self, state: bytearray, now: float) -> bool:
-        return not state or _ENTRY.unpack_from(state, len(state) - 16)[0] + self.window <= now
+    def idle(self, state: Log, now: float) -> bool:
+        last: float = (
+            _float_at(state, len(state) - 16)[0] if isinstance(state, bytearray) else _times(state)[-1]
+        )
+        return last + self.window <= now
 
-    def adjust(self, state: bytearray | None, now: float, at: float, delta: int) -> bytearray | None:
+    def adjust(self, state: Log | None, now: float, at: float, delta: int) -> Log | None:
         if at <= now - self.window:
             return state  # the charge no longer counts
-        if state is None:
-            state = bytearray()
-        with memoryview(state) as raw, raw.cast("d") as values:
+        log = state if isinstance(state, bytearray) else _pairs(state)
+        with memoryview(log) as raw, raw.cast("d") as values:
             first, end = bisect_left(values[::2], at), bisect_right(values[::2], at)
             base = values[2 * first - 1] if first else 0.0
         if first == end:  # nothing was logged at `at` (a reservation of 0): log the overage there
             if delta <= 0:
-                return state or None
-            state[16 * first : 16 * first] = _ENTRY.pack(at, base)
+                return state
+            log[16 * first : 16 * first] = _ENTRY.pack(at, base)
             end += 1
-        with memoryview(state) as raw, raw.cast("d") as values:
+        with memoryview(log) as raw, raw.cast("d") as values:
             # Entries charged at the same instant expire together, so settle them as one: an overage goes on
             # the last of them, a refund takes from the last ones first, never below a cost of zero.
             changes: list[float] = []  # per entry from the end of the run backwards
@@ -124,4 +144,71 @@ class SlidingLog(Algorithm[bytearray]):
                 values[2 * (start + offset) + 1] += running
             for position in range(2 * end + 1, len(values), 2):
                 values[position] += running
+        return log
+
+    # -- times: a float or an array('d') -------------------------------------------------------------
+
+    def _first_live(self, times: Sequence[float], now: float) -> int:
+        """The index of the first entry of ``times`` still in the window."""
+        start = now - self.window
+        return 0 if times[0] > start else bisect_right(times, start)
+
+    def _log_one(self, state: float | array[float] | None, now: float) -> float | array[float]:
+        """``state`` with a request of cost 1 at ``now``, after cutting expired entries."""
+        if state is None:
+            return now
+        if not isinstance(state, array):  # one request: replaced once expired, else joined by this one
+            return now if state <= now - self.window else array("d", (state, now))
+        if len(state) % _COMPACT_AT == 0:  # every _COMPACT_AT entries, look for expired ones
+            expired = self._first_live(state, now)
+            if expired >= _COMPACT_AT or 2 * expired >= len(state):
+                del state[:expired]
+        state.append(now)
         return state
+
+    # -- pairs: a bytearray of (time, cumulative cost) -----------------------------------------------
+
+    def _live(self, log: bytearray, now: float) -> tuple[int, float, float]:
+        """``(index of the first live entry, cumulative cost before it, cumulative cost of the log)``."""
+        total = _float_at(log, len(log) - 8)[0]
+        if _float_at(log, 0)[0] > now - self.window:
+            return 0, 0.0, total  # nothing has expired: no search needed
+        with memoryview(log) as raw, raw.cast("d") as values:
+            first = bisect_right(values[::2], now - self.window)
+            return first, values[2 * first - 1], total
+
+    def _evaluate_pairs(self, log: bytearray, now: float, cost: int) -> Verdict:
+        first, before, total = self._live(log, now)
+        used = total - before
+        last_expiry = max(_ENTRY.unpack_from(log, len(log) - 16)[0] + self.window - now, 0.0)
+        if used + cost <= self.limit:
+            after = int(used) + cost
+            return True, self.limit - after, 0.0, (self.window if cost else last_expiry)
+        # Entries up to and including index `k` must leave the window: the first whose cumulative cost
+        # reaches `total + cost - limit`.
+        with memoryview(log) as raw, raw.cast("d") as values:
+            k = bisect_left(values[1::2], total + cost - self.limit, first)
+            return False, 0, values[2 * k] + self.window - now, last_expiry
+
+    def _append(self, log: bytearray, now: float, cumulative: float) -> bytearray:
+        """``log`` with an entry for ``now`` at ``cumulative`` cost, after cutting expired entries."""
+        if len(log) % (16 * _COMPACT_AT) == 0:  # every _COMPACT_AT entries, look for expired ones
+            first = self._live(log, now)[0]
+            # Cut expired entries but keep the last of them: its cumulative cost is the base of the rest.
+            expired = first - 1
+            if expired > 0 and (expired >= _COMPACT_AT or 2 * expired >= len(log) // 16):
+                del log[: 16 * expired]
+        log += _ENTRY.pack(now, cumulative)
+        return log
+
+
+def _times(state: float | array[float] | None) -> Sequence[float]:
+    """The times of a log of unit costs, as a sequence (none for no log)."""
+    if state is None:
+        return ()
+    return state if isinstance(state, array) else (state,)
+
+
+def _pairs(state: float | array[float] | None) -> bytearray:
+    """A log of unit costs in the pair layout: entry ``i`` at cumulative cost ``i + 1`` (empty for no log)."""
+    return bytearray(b"".join(map(_ENTRY.pack, _times(state), count(1))))
