@@ -1,10 +1,10 @@
-"""The sliding log's three layouts are one algorithm: the same answers and figures as the pair layout.
+"""The sliding log's four layouts are one algorithm: the same answers and figures as the pair layout.
 
-A log of requests of cost 1 is a float (one request) or an ``array('d')`` of times, with the cumulative costs
-implicit; it moves to the pair layout (a bytearray of ``(time, cumulative cost)``) when it first logs another
-cost or settles a charge. These tests pin when each move happens, and drive the same traffic through a log
-left to choose its layout and through a reference kept in the pair layout from its first entry, comparing
-every verdict and count.
+A log of requests of cost 1 is a float (one request), ``bytes`` of a few times or an ``array('d')`` of more,
+with the cumulative costs implicit; it moves to the pair layout (a bytearray of ``(time, cumulative
+cost)``) when it first logs another cost or settles a charge. These tests pin when each move happens, and
+drive the same traffic through a log left to choose its layout and through a reference kept in the pair
+layout from its first entry, comparing every verdict and count.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit_middleware import RateLimiter
-from ratelimit_middleware.algorithms.sliding_log import Log, SlidingLog
+from ratelimit_middleware.algorithms.sliding_log import _FEW, Log, SlidingLog
 
 from .conftest import FakeClock
 
@@ -26,7 +26,10 @@ def entries(log: Log) -> list[tuple[float, float]]:
     """``(time, cumulative cost)`` of every entry, whatever the layout."""
     if isinstance(log, bytearray):
         return list(struct.iter_unpack("dd", log))
-    times = list(log) if isinstance(log, array) else [log]
+    if isinstance(log, bytes):
+        times = [time for (time,) in struct.iter_unpack("d", log)]
+    else:
+        times = list(log) if isinstance(log, array) else [log]
     return [(t, float(i)) for i, t in enumerate(times, 1)]
 
 
@@ -42,13 +45,28 @@ def test_unit_costs_stay_compact_until_another_cost() -> None:
     state = log.admit(None, 0.0, 1)
     assert type(state) is float and state == 0.0  # a time of zero is still a log, not "no log"
     state = log.commit(state, 1.0, 1)
-    assert type(state) is array and list(state) == [0.0, 1.0]
+    assert type(state) is bytes and entries(state) == [(0.0, 1.0), (1.0, 2.0)]
     state = log.admit(state, 2.0, 1)
-    assert type(state) is array and list(state) == [0.0, 1.0, 2.0]
+    assert type(state) is bytes and entries(state) == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]
     state = log.admit(state, 3.0, 2)  # the first other cost: pairs, cumulative costs made explicit
     assert type(state) is bytearray and entries(state) == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 5.0)]
     state = log.commit(state, 4.0, 1)  # and pairs for good
     assert type(state) is bytearray and entries(state)[-1] == (4.0, 6.0)
+
+
+def test_a_few_times_are_bytes_cut_to_the_live_ones_and_more_an_array() -> None:
+    log = SlidingLog(100, 100.0)
+    state = None
+    for second in range(_FEW - 1):
+        state = log.admit(state, float(second), 1)
+    assert type(state) is bytes and len(state) == 8 * (_FEW - 1)
+    state = log.admit(state, 102.0, 1)  # [0, 2] have expired: cut, and the rest stays bytes
+    assert type(state) is bytes and [time for time, _ in entries(state)] == [*range(3, _FEW - 1), 102.0]
+    while type(state) is bytes:
+        state = log.admit(state, 102.5, 1)
+    assert type(state) is array and len(state) == _FEW + 1  # in place from now on
+    assert log.admit(state, 102.5, 1) is state
+    assert log.admit(log.commit(log.admit(None, 1.0, 1), 2.0, 1), 200.0, 1) == 200.0  # all expired: a float
 
 
 def test_a_first_request_of_another_cost_starts_in_pairs() -> None:
@@ -62,7 +80,7 @@ def test_a_single_expired_request_is_replaced() -> None:
     log = SlidingLog(1, 60.0)
     assert log.admit(0.0, 59.0, 1) is None
     assert log.admit(0.0, 60.0, 1) == 60.0  # [0, 60) is over: the new time alone, still a float
-    assert log.commit(0.0, 59.0, 1) == array("d", [0.0, 59.0])
+    assert log.commit(0.0, 59.0, 1) == struct.pack("dd", 0.0, 59.0)
 
 
 def test_settling_a_charge_moves_to_pairs_only_when_something_changes() -> None:

@@ -8,8 +8,11 @@ cost). A log has one of three layouts, told apart by type, and only ever moves d
 
 - a ``float``, the time of a single request of cost 1: a key seen once in a window, the most common log,
   costs 24 bytes instead of a container;
-- an ``array('d')`` of times, requests of cost 1 each (request counting): 8 bytes per request, and the
-  cumulative cost up to entry ``i`` is implicit, ``i + 1``;
+- ``bytes`` of float64 times, a few requests of cost 1 each (up to ``_FEW``): 33 bytes and 8 per request,
+  copied on every append (a few dozen bytes), and cut to the live entries then;
+- an ``array('d')`` of times, more requests of cost 1 each: 8 bytes per request (plus an 80-byte header and
+  up to 1/16 spare), appended in place. In these two the cumulative cost up to entry ``i`` is implicit,
+  ``i + 1``;
 - a ``bytearray`` of float64 pairs ``[time, cumulative cost, ...]``, for any costs: 16 bytes per request (a
   bytearray has a smaller header than an ``array``). A log takes this layout when it first logs a cost other
   than 1 or settles a charge (``adjust``, token reservations).
@@ -28,7 +31,9 @@ from typing import TypeAlias
 
 from .base import Algorithm, Verdict
 
-Log: TypeAlias = "float | array[float] | bytearray"
+Times: TypeAlias = "float | bytes | array[float]"
+"""A log of requests of cost 1 each."""
+Log: TypeAlias = "Times | bytearray"
 """A sliding log in one of its layouts (see the module docstring)."""
 
 _ENTRY = Struct("dd")  # (time, cumulative cost), native float64
@@ -37,6 +42,7 @@ _float_at = _FLOAT.unpack_from  # (value,) at a byte offset
 # Every _COMPACT_AT appends, expired entries are cut from the front of a log when at least that many have
 # piled up, or half the log: at most about twice the live entries plus 2 * _COMPACT_AT are kept.
 _COMPACT_AT = 32
+_FEW = 16  # at most this many times are kept in `bytes`, more in an `array`
 
 
 class SlidingLog(Algorithm[Log]):
@@ -82,6 +88,15 @@ class SlidingLog(Algorithm[Log]):
                 state.append(now)
                 return state
             return self._log_one(state, now)
+        if type(state) is bytes and cost == 1:  # the same for a key with a few requests in its window
+            start = now - self.window
+            first = 0 if _float_at(state, 0)[0] > start else bisect_right(memoryview(state).cast("d"), start)
+            if len(state) // 8 - first >= self.limit:
+                return None
+            kept = state[8 * first :] if first else state
+            if not kept:
+                return now
+            return kept + _FLOAT.pack(now) if len(kept) < 8 * _FEW else self._log_one(kept, now)
         if isinstance(state, bytearray):
             total = _float_at(state, len(state) - 8)[0]
             # `_live` without a call and a tuple when nothing has expired (the common case on a busy key).
@@ -146,25 +161,35 @@ class SlidingLog(Algorithm[Log]):
                 values[position] += running
         return log
 
-    # -- times: a float or an array('d') -------------------------------------------------------------
+    # -- times: a float, bytes or an array('d') ------------------------------------------------------
 
     def _first_live(self, times: Sequence[float], now: float) -> int:
         """The index of the first entry of ``times`` still in the window."""
         start = now - self.window
         return 0 if times[0] > start else bisect_right(times, start)
 
-    def _log_one(self, state: float | array[float] | None, now: float) -> float | array[float]:
+    def _log_one(self, state: Times | None, now: float) -> Times:
         """``state`` with a request of cost 1 at ``now``, after cutting expired entries."""
         if state is None:
             return now
-        if not isinstance(state, array):  # one request: replaced once expired, else joined by this one
-            return now if state <= now - self.window else array("d", (state, now))
-        if len(state) % _COMPACT_AT == 0:  # every _COMPACT_AT entries, look for expired ones
-            expired = self._first_live(state, now)
-            if expired >= _COMPACT_AT or 2 * expired >= len(state):
-                del state[:expired]
-        state.append(now)
-        return state
+        if isinstance(state, array):
+            if len(state) % _COMPACT_AT == 0:  # every _COMPACT_AT entries, look for expired ones
+                expired = self._first_live(state, now)
+                if expired >= _COMPACT_AT or 2 * expired >= len(state):
+                    del state[:expired]
+            state.append(now)
+            return state
+        if isinstance(state, bytes):
+            live = state[8 * self._first_live(_times(state), now) :]
+            if not live:
+                return now
+            if len(live) < 8 * _FEW:
+                return live + _FLOAT.pack(now)
+            times = array("d", live)
+            times.append(now)
+            return times
+        # One request: replaced once expired, else joined by this one.
+        return now if state <= now - self.window else _FLOAT.pack(state) + _FLOAT.pack(now)
 
     # -- pairs: a bytearray of (time, cumulative cost) -----------------------------------------------
 
@@ -202,13 +227,17 @@ class SlidingLog(Algorithm[Log]):
         return log
 
 
-def _times(state: float | array[float] | None) -> Sequence[float]:
+def _times(state: Times | None) -> Sequence[float]:
     """The times of a log of unit costs, as a sequence (none for no log)."""
     if state is None:
         return ()
-    return state if isinstance(state, array) else (state,)
+    if isinstance(state, array):
+        return state
+    if isinstance(state, bytes):
+        return memoryview(state).cast("d")
+    return (state,)
 
 
-def _pairs(state: float | array[float] | None) -> bytearray:
+def _pairs(state: Times | None) -> bytearray:
     """A log of unit costs in the pair layout: entry ``i`` at cumulative cost ``i + 1`` (empty for no log)."""
     return bytearray(b"".join(map(_ENTRY.pack, _times(state), count(1))))
