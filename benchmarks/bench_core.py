@@ -297,6 +297,22 @@ class LogMemory:
         return (self.full - self.single) / (LOG_ENTRIES - 1)
 
 
+HELD = (1, 2, 3, 4, 5, 8, 16, 17, 32, 100)  # requests per key, for the sliding log's bytes per key
+
+
+def bytes_per_key_holding(held: int, users: list[str]) -> float:
+    """The sliding log's bytes per key once each of ``users`` has ``held`` requests in its window."""
+    ours = Ours("sliding_log", 10**6, clock=itertools.count(1_000.0, 1e-4).__next__)  # distinct times
+
+    def requests() -> None:
+        decide = ours.decide
+        for _ in range(held):
+            for user in users:
+                decide(user, MODEL)
+
+    return traced_growth(ours, requests) / len(users)
+
+
 def measure_log(make: Callable[[], Contender]) -> LogMemory:
     return LogMemory(log_growth(make(), 1), log_growth(make(), LOG_ENTRIES))
 
@@ -448,6 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, log in zip(("sliding_log", "limits moving window"), logs, strict=True):
             print(f"  {name:<21} {log.single:,} B and {log.full:,} B: ", end="")
             print(f"{log.per_request:.1f} B per stored request")
+        users = [f"user-{i}" for i in range(sizes[0])]
+        print(f"== memory: sliding_log bytes per key holding n requests (N = {sizes[0]:,}; goal 200 + 16 n)")
+        for held in HELD:
+            per_key = bytes_per_key_holding(held, users)
+            verdict = "within" if per_key <= 200 + 16 * held else "OVER"
+            print(f"  n = {held:<4} {per_key:7.1f} B  {verdict} {200 + 16 * held}")
     print()
 
     print("### Throughput (decisions per second, median)")
