@@ -16,10 +16,7 @@ from array import array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ratelimit_middleware import RateLimiter
 from ratelimit_middleware.algorithms.sliding_log import _FEW, Log, SlidingLog
-
-from .conftest import FakeClock
 
 
 def entries(log: Log) -> list[tuple[float, float]]:
@@ -97,16 +94,14 @@ def test_settling_a_charge_moves_to_pairs_only_when_something_changes() -> None:
 
 
 def test_an_integer_clock_works() -> None:
-    clock = FakeClock(0)  # seconds as ints: the first log is the int 0
-    limiter = RateLimiter(2, 10, clock=clock)
-    assert limiter.allow("u", "m")
-    clock.now = 1
-    assert limiter.allow("u", "m")
-    clock.now = 5
-    decision = limiter.check("u", "m")
-    assert not decision.allowed and decision.retry_after == 5 and decision.reset_after == 6
-    clock.now = 10
-    assert limiter.allow("u", "m")
+    """Seconds as ints (a FakeClock(0), say): the first log is the int 0, and the next layouts take ints."""
+    log = SlidingLog(2, 10)
+    state = log.admit(None, 0, 1)
+    assert state == 0 and state is not None  # a log, not "no log"
+    state = log.admit(state, 1, 1)
+    assert log.evaluate(state, 5, 1) == (False, 0, 5.0, 6.0)
+    assert log.admit(state, 5, 1) is None
+    assert log.admit(state, 10, 1) is not None
 
 
 steps = st.one_of(
