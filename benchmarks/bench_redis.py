@@ -31,8 +31,10 @@ root::
 
     .venv/bin/python benchmarks/bench_redis.py           # full run, a few minutes
     .venv/bin/python benchmarks/bench_redis.py --quick   # shorter and rougher
+    .venv/bin/python benchmarks/bench_redis.py --mode async --algorithm sliding_log --repeats 9
 
-It prints progress lines, then Markdown tables that can be pasted into DESIGN.md.
+It prints progress lines (with the lowest and highest ratio of the repeats), then Markdown tables that can be
+pasted into DESIGN.md.
 """
 
 from __future__ import annotations
@@ -262,8 +264,12 @@ class Row:
     def round_trips(self, name: str) -> float:
         return statistics.median(self.trips[name])
 
+    def ratios(self) -> list[float]:
+        """Ours / limits, per repeat."""
+        return [a / b for a, b in zip(self.rates["ours"], self.rates["limits"], strict=True)]
+
     def ratio(self) -> float:
-        return statistics.median(a / b for a, b in zip(self.rates["ours"], self.rates["limits"], strict=True))
+        return statistics.median(self.ratios())
 
 
 def run_once(server: Server, scenario: Scenario, name: str, decisions: int) -> tuple[float, float]:
@@ -292,7 +298,8 @@ def measure(server: Server, scenario: Scenario, repeats: int, decisions: int) ->
             row.trips[name].append(trips)
     print(
         f"  {scenario.mode:5} {scenario.algorithm:14} {scenario.label:22} ours {row.median('ours'):>9,.0f}/s"
-        f"  limits {row.median('limits'):>9,.0f}/s  x{row.ratio():.2f}",
+        f"  limits {row.median('limits'):>9,.0f}/s  x{row.ratio():.2f} (x{min(row.ratios()):.2f} to"
+        f" x{max(row.ratios()):.2f})",
         flush=True,
     )
     return row
@@ -347,7 +354,7 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns:
     return "\n".join(lines)
 
 
-def scenarios() -> list[Scenario]:
+def scenarios(modes: Sequence[str], algorithms: Sequence[str]) -> list[Scenario]:
     found = [
         Scenario("async", algorithm, keys)
         for algorithm in ("sliding_log", "sliding_window", "fixed_window", "gcra")
@@ -360,14 +367,21 @@ def scenarios() -> list[Scenario]:
         for keys in ("hot key", "10k keys")
     ]
     found.append(Scenario("sync", "sliding_log", "10k keys", multi_tier=True))
-    return found
+    return [scenario for scenario in found if scenario.mode in modes and scenario.algorithm in algorithms]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and decisions: rougher figures")
+    parser.add_argument(
+        "--mode", choices=["async", "sync"], action="append", help="only these rows (repeatable)"
+    )
+    parser.add_argument("--algorithm", choices=list(NEAREST), action="append", help="only these (repeatable)")
+    parser.add_argument("--repeats", type=int, help="repeats of each row (default 5; 1 with --quick)")
     options = parser.parse_args()
     repeats, decisions, sync_decisions = (1, 10_000, 3_000) if options.quick else (5, 40_000, 10_000)
+    repeats = options.repeats or repeats
+    algorithms = options.algorithm or list(NEAREST)
     server = Server()
     try:
         print(
@@ -379,7 +393,7 @@ def main() -> None:
         )
         rows = [
             measure(server, scenario, repeats, decisions if scenario.mode == "async" else sync_decisions)
-            for scenario in scenarios()
+            for scenario in scenarios(options.mode or ["async", "sync"], algorithms)
         ]
         memory = [
             measure_memory(server, algorithm, requests, users)
@@ -387,6 +401,7 @@ def main() -> None:
                 ("sliding_log", 1, KEYS), ("sliding_log", 10, 1_000), ("sliding_window", 1, KEYS),
                 ("fixed_window", 1, KEYS), ("gcra", 1, KEYS),
             ]
+            if algorithm in algorithms
         ]  # fmt: skip
     finally:
         server.stop()

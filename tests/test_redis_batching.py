@@ -7,13 +7,23 @@ import math
 import time
 from typing import Any
 
+import pytest
 import redis
 
-from ratelimit_middleware import RedisRateLimiter
+from ratelimit_middleware import (
+    MemoryStorage,
+    MultiTierRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    RedisStorage,
+)
+from ratelimit_middleware.backends.base import Storage
 from ratelimit_middleware.backends.redis.coalescer import MAX_BATCH
+from ratelimit_middleware.backends.redis.connection import Call
+from ratelimit_middleware.backends.redis.scripts import script_for
 from ratelimit_middleware.errors import RateLimiterUnavailable
 
-from .conftest import CONTRACT_TIMEOUT, unique_prefix
+from .conftest import CONTRACT_TIMEOUT, FakeClock, unique_prefix
 from .redis_server import RedisServer
 
 
@@ -69,22 +79,145 @@ def test_large_bursts_are_cut_into_batches(redis_server: RedisServer) -> None:
     asyncio.run(scenario())
 
 
-def test_a_failing_call_fails_alone(redis_server: RedisServer) -> None:
-    """A script error in a batch (a key of the wrong type) answers that call, by the policy, and no other."""
+@pytest.mark.parametrize("position", [0, 1, 3])
+def test_a_failing_call_fails_alone(redis_server: RedisServer, position: int) -> None:
+    """A script error in a batch (a key of the wrong type) answers that call, by the policy, and no other,
+    wherever it stands in the batch (the calls run in one script)."""
     limiter = limiter_on(redis_server, 5, on_error="deny")
     admin = redis_server.client()
     admin.set(f"{limiter.storage.key_prefix}:sliding_log:per_user_model:5/60:{{bad}}:m", "not a log")
+    users = ["a", "b", "a"]
+    users.insert(position, "bad")
 
     async def scenario() -> list[Any]:
-        calls = [limiter.acheck(user, "m") for user in ["a", "bad", "b", "a"]]
+        calls = [limiter.acheck(user, "m") for user in users]
         results = await asyncio.gather(*calls, return_exceptions=True)
         await limiter.storage.aclose()
         return results
 
-    first, bad, second, third = asyncio.run(scenario())
+    results = asyncio.run(scenario())
+    bad = results.pop(position)
     assert isinstance(bad, RateLimiterUnavailable)
     assert isinstance(bad.__context__, redis.ResponseError) and "WRONGTYPE" in str(bad.__context__)
-    assert (first.remaining, second.remaining, third.remaining) == (4, 4, 3)
+    assert [decision.remaining for decision in results] == [4, 4, 3]
+    admin.close()
+
+
+def _limiters(storage: Storage, algorithm: str) -> list[Any]:
+    """Three policies of one algorithm (so one script): one rule, two tiers (two keys a call), and
+    reservations (tokens and a concurrency slot)."""
+    return [
+        RateLimiter(5, 10, algorithm=algorithm, storage=storage),
+        MultiTierRateLimiter(
+            per_user_model="4/10 seconds", per_model="7/minute", algorithm=algorithm, storage=storage
+        ),
+        RateLimiter(tokens="50/minute", max_concurrent=3, algorithm=algorithm, storage=storage),
+    ]
+
+
+def test_a_batch_decides_as_its_calls_one_after_another(redis_server: RedisServer, algorithm: str) -> None:
+    """The calls of a batch run in one script, one after another: checks (costs 0, 1 and more), counts and
+    reservations of three policies sharing the script, interleaved, decide exactly as in memory in turn."""
+    clock = FakeClock()
+    storage = RedisStorage(
+        redis_server.url, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT, clock=clock
+    )
+    ours, theirs = _limiters(storage, algorithm), _limiters(MemoryStorage(clock=clock), algorithm)
+    calls = [
+        (which, user, amount)
+        for amount in (1, 1, 0, 2, 1, 3, 1, 1, 0, 1, 2, 1)
+        for which, user in ((0, "u"), (1, "u"), (1, "v"), (2, "u"))
+    ]
+    assert len(calls) <= MAX_BATCH
+
+    def expected(which: int, user: str, amount: int) -> Any:
+        if which == 2:
+            return theirs[2].reserve(user, "m", input_tokens=amount * 4).decision
+        if amount == 3:  # a count instead of a check
+            return theirs[which].get_request_count(user, "m")
+        return theirs[which].check(user, "m", amount)
+
+    async def actual(which: int, user: str, amount: int) -> Any:
+        if which == 2:
+            return (await ours[2].areserve(user, "m", input_tokens=amount * 4)).decision
+        if amount == 3:
+            return await ours[which].aget_request_count(user, "m")
+        return await ours[which].acheck(user, "m", amount)
+
+    async def scenario() -> None:
+        await ours[0].aget_request_count("warm", "up")
+        for _ in range(2):
+            storage.connection.round_trips = 0
+            got = await asyncio.gather(*(actual(*call) for call in calls))
+            assert storage.connection.round_trips == 1
+            assert got == [expected(*call) for call in calls]
+            clock.advance(4)
+        await storage.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_each_run_of_calls_to_one_script_is_one_script_call(redis_server: RedisServer) -> None:
+    clock = FakeClock()
+    storage = RedisStorage(
+        redis_server.url, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT, clock=clock
+    )
+    memory = MemoryStorage(clock=clock)
+    ours = {name: RateLimiter(2, 10, algorithm=name, storage=storage) for name in ("sliding_log", "gcra")}
+    theirs = {name: RateLimiter(2, 10, algorithm=name, storage=memory) for name in ("sliding_log", "gcra")}
+    order = ["sliding_log", "sliding_log", "gcra", "gcra", "gcra", "sliding_log", "gcra"]
+    admin = redis_server.client()
+
+    async def scenario() -> list[Any]:
+        await ours["gcra"].aget_request_count("warm", "up")
+        await ours["sliding_log"].aget_request_count("warm", "up")
+        decisions = await asyncio.gather(*(ours[name].acheck("u", "m") for name in order))
+        await storage.aclose()
+        return decisions
+
+    before = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert asyncio.run(scenario()) == [theirs[name].check("u", "m") for name in order]
+    assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == before + 2 + 4  # the warm-ups, 4 runs
+    admin.close()
+
+
+def test_a_call_the_script_fails_on_fails_alone(redis_server: RedisServer) -> None:
+    """A Lua error in one call of a batch (here arguments that are not numbers) is that call's reply."""
+    limiter = limiter_on(redis_server, 5)
+    connection = limiter.storage.connection
+    script = script_for("sliding_log")
+    good = ["decide", "", "0", "", "60.0", "", "5", "60.0", "1"]
+    bad = [*good[:6], "five", "60.0", "1"]
+
+    async def scenario() -> list[Any]:
+        calls = [
+            Call(script, [f"{unique_prefix()}:{n}".encode()], args)
+            for n, args in enumerate([good, bad, good])
+        ]
+        results = await asyncio.gather(
+            *(connection.aevaluate(call) for call in calls), return_exceptions=True
+        )
+        await limiter.storage.aclose()
+        return results
+
+    first, failed, last = asyncio.run(scenario())
+    assert first == last == [1, 4, b"0", b"60"]
+    assert isinstance(failed, redis.ResponseError) and "attempt to perform arithmetic" in str(failed)
+
+
+def test_the_calls_of_a_batch_share_one_reading_of_redis_time(redis_server: RedisServer) -> None:
+    limiter = limiter_on(redis_server, 100)
+    admin = redis_server.client()
+
+    async def scenario() -> None:
+        assert all(await asyncio.gather(*(limiter.aallow("u", "m") for _ in range(20))))
+        await limiter.storage.aclose()
+
+    before = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
+    asyncio.run(scenario())
+    assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == before + 1  # one script for the batch
+    [key] = admin.keys(f"{limiter.storage.key_prefix}:*")
+    assert len({score for _, score in admin.zrange(key, 0, -1, withscores=True)}) == 1  # logged at one time
     admin.close()
 
 

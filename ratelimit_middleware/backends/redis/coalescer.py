@@ -5,6 +5,11 @@ a write, a read and the parser's work). A ``Coalescer`` queues the calls of an e
 batches of at most ``max_batch``, one pipelined write and one read of all replies each:
 
 - A lone call waits for nothing but the next loop iteration.
+- Consecutive calls of a batch that run one script go as one call of it, in its ``batch`` mode (driver.lua):
+  Redis then sets up one script run for them all, not one each (that setup costs about as much as a short
+  script's own work), and this process packs one command and reads one reply. The calls still run one after
+  another, in order, each all or nothing, and each gets its own reply or error; those that take Redis' time
+  share one reading of it.
 - One batch is in flight at a time. Redis runs commands one after another anyway, so a second batch in
   flight would not be served sooner; instead, the calls that arrive meanwhile form the next batch, sent the
   moment the reply comes, before that reply's callers resume. Redis then works on one batch while this
@@ -18,20 +23,66 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from itertools import groupby
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from .connection import Arg, Call
 
 __all__ = ["MAX_BATCH", "Coalescer"]
 
-T = TypeVar("T")
+T = TypeVar("T", bound="Call")
 
 MAX_BATCH = 64
 """Calls per round trip at most. A burst larger than this is split into batches that take turns, which
-keeps Redis and this process busy at the same time (and each batch's scripts short)."""
+keeps Redis and this process busy at the same time (and each batch's script short)."""
+
+
+def _merged(calls: Sequence[T]) -> tuple[list[T], list[int]]:
+    """The calls to send for ``calls``, in order, each run of calls to one script as one call of it in
+    ``batch`` mode; and how many of ``calls`` each carries."""
+    sent: list[T] = []
+    counts: list[int] = []
+    for _, group in groupby(calls, key=attrgetter("script")):
+        run = list(group)
+        sent.append(run[0] if len(run) == 1 else _batch(run))
+        counts.append(len(run))
+    return sent, counts
+
+
+def _batch(calls: Sequence[T]) -> T:
+    """One call of ``calls``' script that runs them all (see driver.lua)."""
+    keys: list[bytes] = []
+    args: list[Arg] = ["batch"]
+    previous: Sequence[Arg] = ()
+    for call in calls:
+        keys += call.keys
+        if call.args == previous:  # the same arguments as the call before (one policy, one cost): sent once
+            args += (str(len(call.keys)), "0")
+        else:
+            args += (str(len(call.keys)), str(len(call.args)), *call.args)
+            previous = call.args
+    return calls[0]._replace(keys=keys, args=args)
+
+
+def _split(replies: Sequence[Any], counts: Sequence[int]) -> list[Any]:
+    """One reply per call, from the replies to the calls sent for them (an error in place of a batch's reply
+    goes to each of its calls)."""
+    split: list[Any] = []
+    for count, reply in zip(counts, replies, strict=True):
+        if count == 1:
+            split.append(reply)
+        elif isinstance(reply, Exception):
+            split += [reply] * count
+        else:
+            split += reply
+    return split
 
 
 class Coalescer(Generic[T]):
-    """Batches the calls of one event loop; ``submit`` returns a future of the call's reply.
+    """Batches the script calls of one event loop; ``submit`` returns a future of the call's reply.
 
     ``flush(calls, seconds)`` returns one reply per call (a call's own error reply in its place) within
     ``seconds``, or raises for the whole batch, and every call of the batch gets that error.
@@ -82,8 +133,9 @@ class Coalescer(Generic[T]):
 
     async def _deliver(self, batch: list[tuple[T, asyncio.Future[Any], float]], seconds: float) -> None:
         futures = [future for _, future, _ in batch]
+        sent, counts = _merged([call for call, _, _ in batch])
         try:
-            replies: list[Any] | BaseException = await self._flush([call for call, _, _ in batch], seconds)
+            replies: list[Any] | BaseException = _split(await self._flush(sent, seconds), counts)
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()

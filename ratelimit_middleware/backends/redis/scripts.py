@@ -2,7 +2,7 @@
 
 Each script is ``common.lua`` + ``<algorithm>.lua`` + ``concurrency.lua`` + ``driver.lua``: shared helpers,
 the algorithm's functions (mirroring ``algorithms/<algorithm>.py``), the concurrency leases, and the
-all-or-nothing decision over every rule.
+all-or-nothing decision over every rule (for one call, or for each call of a batch: see ``coalescer``).
 """
 
 from __future__ import annotations

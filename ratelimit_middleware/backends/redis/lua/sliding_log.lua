@@ -22,10 +22,10 @@ end
 -- The log's cumulative cost and newest time, and its oldest entry (time, and cumulative cost before it: the
 -- base of the count while nothing has expired); false for a key never seen (or expired).
 local function read_state(key)
-  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  local last = redis.call('ZRANGE', key, '-1', '-1', 'WITHSCORES')
   if #last == 0 then return false end
   local before, cost = entry(last[1])
-  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local first = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
   return {
     total = before + cost,
     last_time = tonumber(last[2]),
@@ -37,7 +37,7 @@ end
 -- The cumulative cost before the first live entry (all of it when none is live).
 local function before_live(key, state, cutoff)
   if state.first_time > cutoff then return state.first_before end -- nothing has expired
-  local first = redis.call('ZRANGEBYSCORE', key, '(' .. fmt(cutoff), '+inf', 'LIMIT', 0, 1)
+  local first = redis.call('ZRANGEBYSCORE', key, '(' .. fmt(cutoff), '+inf', 'LIMIT', '0', '1')
   if #first == 0 then return state.total end
   return (entry(first[1]))
 end
@@ -102,7 +102,7 @@ local function adjust(key, state, limit, window, now, at, delta, pad)
   local base, costs = 0, {}
   if #run == 0 then
     if delta <= 0 then return end
-    local previous = redis.call('ZREVRANGEBYSCORE', key, '(' .. stamp, '-inf', 'LIMIT', 0, 1)
+    local previous = redis.call('ZREVRANGEBYSCORE', key, '(' .. stamp, '-inf', 'LIMIT', '0', '1')
     if #previous > 0 then
       local before, cost = entry(previous[1])
       base = before + cost
@@ -145,7 +145,7 @@ local function adjust(key, state, limit, window, now, at, delta, pad)
   end
   chunked('ZREM', key, old, 1000)
   chunked('ZADD', key, new, 1000)
-  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  local last = redis.call('ZRANGE', key, '-1', '-1', 'WITHSCORES')
   redis.call('PEXPIRE', key, ttl_ms(tonumber(last[2]) + window - now, pad))
 end
 
