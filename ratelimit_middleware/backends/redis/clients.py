@@ -28,6 +28,8 @@ import redis.connection
 import redis.retry
 from redis.backoff import NoBackoff
 
+from .transport import DeadlineConnection, DeadlineSSLConnection
+
 try:
     from redis.maint_notifications import MaintNotificationsConfig
 except ImportError:  # pragma: no cover - redis-py without maintenance notifications: nothing to turn off
@@ -230,14 +232,21 @@ class Endpoint:
         )
 
     def sync_cluster(self) -> redis.cluster.RedisCluster:
-        """A new cluster client (it connects to map the cluster now), for the sync methods."""
+        """A new cluster client (it connects to map the cluster now), for the sync methods: its connections
+        are ``DeadlineConnection``, so that no wait of redis-py's own outlasts the call that made it wait."""
         assert self._cluster is not None
+        options = self._cluster_settings(_SYNC_CLUSTER_OPTIONS)
+        connection_class = DeadlineSSLConnection if options.pop("ssl", False) else DeadlineConnection
+        (host, port), *others = self._cluster.nodes
         node: Any = redis.cluster.ClusterNode
-        nodes = [node(host, port) for host, port in self._cluster.nodes]
         return redis.cluster.RedisCluster(
-            startup_nodes=nodes,
+            # Given a URL (its node is one more startup node), redis-py builds each node's pool with the
+            # connection class; without one it passes the settings to redis.Redis, which takes none.
+            url=f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}",
+            startup_nodes=[node(*address) for address in others],
+            connection_class=connection_class,
             retry=redis.retry.Retry(NoBackoff(), 0),
-            **self._cluster_settings(_SYNC_CLUSTER_OPTIONS),
+            **options,
         )
 
     def async_cluster(self) -> redis.asyncio.cluster.RedisCluster:

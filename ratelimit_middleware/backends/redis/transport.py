@@ -2,14 +2,14 @@
 
 ``send(commands)`` returns one reply per command, in order, with a command's error reply (a
 ``ResponseError``, such as NOSCRIPT) in its place; a connection error or timeout is raised for the whole
-batch. The sync transports also take the call's ``deadline`` (``time.monotonic()``): every socket wait of
-a standalone Redis is shortened to what is left of it, and a cluster sends no further command once it has
-passed.
+batch. The sync transports also take the call's ``deadline`` (``time.monotonic()``): every socket wait of the
+call is cut to what is left of it, on a cluster connecting to nodes and mapping the cluster again included
+(see ``DeadlineConnection``), and a first mapping of the cluster is waited for until then only.
 
 A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
 read in order on one connection, which is closed (never reused) if anything goes wrong midway, so that a
-late reply can never be read as the answer to a later command. A cluster is reached through redis-py's
-cluster client, which routes each command to its slot's node and follows MOVED and ASK redirections.
+late reply can never be read as the answer to a later command. A cluster is mapped by redis-py's cluster
+client, whose node pools the commands then go through one by one (sync) or which sends them (asyncio).
 """
 
 from __future__ import annotations
@@ -18,13 +18,18 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
-from redis.exceptions import ResponseError
+import redis.connection
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _pack_command: Callable[[tuple[Any, ...]], Any] | None
@@ -40,6 +45,8 @@ __all__ = [
     "AsyncPool",
     "AsyncTransport",
     "Command",
+    "DeadlineConnection",
+    "DeadlineSSLConnection",
     "SyncCluster",
     "SyncPool",
     "SyncTransport",
@@ -92,14 +99,43 @@ class AsyncTransport(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _wait_until(connection: Any, deadline: float) -> None:
-    """Let ``connection``'s next socket operation wait only until ``deadline``."""
+def _left(deadline: float) -> float:
+    """Seconds left until ``deadline``; ``TimeoutError`` once it has passed."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise RedisTimeoutError("the limiter's timeout ran out")
+    return left
+
+
+def _wait_until(connection: Any, deadline: float) -> None:
+    """Let ``connection``'s next socket operation wait only until ``deadline``."""
+    left = _left(deadline)
     sock = connection._sock  # redis-py's socket: its timeout bounds every read and write
     if sock is not None:
         sock.settimeout(left)
+
+
+def _exchange(pool: redis.ConnectionPool, commands: Sequence[Command], deadline: float) -> list[Any]:
+    """``commands`` written at once on a connection of ``pool``, and their replies read in order (error
+    replies in place), every wait cut to ``deadline``; the connection is closed if anything goes wrong
+    midway."""
+    connection: Any = pool.get_connection()
+    try:
+        _wait_until(connection, deadline)
+        connection.send_packed_command([pack(commands)])
+        replies: list[Any] = []
+        for _ in commands:
+            _wait_until(connection, deadline)
+            try:
+                replies.append(connection.read_response())
+            except ResponseError as error:  # the reply was read whole: the connection is in step
+                replies.append(error)
+        return replies
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)
 
 
 class SyncPool:
@@ -111,24 +147,7 @@ class SyncPool:
         self.pool = pool
 
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
-        pool = self.pool
-        connection: Any = pool.get_connection()  # connecting waits at most the timeout itself
-        try:
-            _wait_until(connection, deadline)
-            connection.send_packed_command([pack(commands)])
-            replies: list[Any] = []
-            for _ in commands:
-                _wait_until(connection, deadline)
-                try:
-                    replies.append(connection.read_response())
-                except ResponseError as error:  # the reply was read whole: the connection is in step
-                    replies.append(error)
-            return replies
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
+        return _exchange(self.pool, commands, deadline)  # connecting waits at most the timeout itself
 
     def close(self) -> None:
         self.pool.disconnect()
@@ -164,11 +183,91 @@ class AsyncPool:
         await self.pool.disconnect()
 
 
+# The sync cluster relies on redis-py internals, all named here: a connection's ``_sock`` (``_wait_until``)
+# and ``_connect``, which opens the socket with ``socket_connect_timeout`` and leaves it (for a TLS handshake
+# too) with ``socket_timeout`` (``DeadlineConnection``); the cluster client's ``nodes_manager``, its map of
+# the slots (``SyncCluster._send``); and its building of each node's pool from the connection class it is
+# given along with a URL (``clients.Endpoint.sync_cluster``).
+
+
+class _Call(threading.local):
+    deadline: float | None = None
+    """The deadline of the sync cluster call running on this thread, if any."""
+
+
+_call = _Call()
+
+
+class DeadlineConnection(redis.connection.Connection):
+    """A connection of the sync cluster client, whose waits end by the deadline of the call on its thread.
+
+    redis-py waits on its own within a call: connecting to a node and the handshake that follows (CLIENT
+    SETINFO, AUTH...), mapping the cluster again (CLUSTER SLOTS on one node after another). While
+    ``SyncCluster.send`` runs on a thread, every connect, write and read of that thread is cut to what is
+    left of the call's deadline, and fails at once when nothing is: a call never outlasts its deadline,
+    however many waits it takes. On any other thread it is a plain connection (its own timeouts).
+    """
+
+    def _connect(self) -> Any:
+        parent: Any = super()  # untyped in redis-py
+        deadline = _call.deadline
+        if deadline is None:
+            return parent._connect()
+        timeouts = self.socket_connect_timeout, self.socket_timeout
+        self.socket_connect_timeout = self.socket_timeout = _left(deadline)
+        try:
+            return parent._connect()
+        finally:
+            self.socket_connect_timeout, self.socket_timeout = timeouts
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        deadline = _call.deadline
+        if deadline is not None:
+            _wait_until(self, deadline)
+        parent: Any = super()  # untyped in redis-py
+        parent.send_packed_command(command, check_health)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = _call.deadline
+        if deadline is not None:
+            _wait_until(self, deadline)
+        return super().read_response(*args, **kwargs)
+
+
+class DeadlineSSLConnection(DeadlineConnection, redis.connection.SSLConnection):
+    """``DeadlineConnection`` over TLS."""
+
+
+_REDIRECTS = 5
+"""MOVED or ASK replies a command follows (each a round trip within its deadline) before it fails."""
+
+
+_new_node: Any = redis.cluster.ClusterNode  # untyped in redis-py
+
+
+def _slot(command: Command) -> int:
+    """The slot of a command's keys (which share one): after the script and its key count for EVAL and
+    EVALSHA, first for the others."""
+    return key_slot(_encode(command[3] if command[0] in ("EVAL", "EVALSHA") else command[1]))
+
+
 class SyncCluster:
     """A Redis Cluster, for the sync methods: each command to its slot's node, one after the other.
 
-    The cluster client is made on first use (it maps the cluster when created), so that constructing a
-    limiter never contacts Redis; a failure to make it is a failure of that call, tried again on the next.
+    redis-py's cluster client maps the slots to nodes and keeps a pool per node, but the commands go through
+    those pools here, each written and read within the call's deadline: its ``execute_command`` waits a full
+    socket timeout per command and then sleeps or maps the cluster again, whatever time is left. A MOVED or
+    ASK reply (the slot moved, or is moving) is no failure: the command goes to the node named, while time is
+    left; neither reply ran it, whereas a script that timed out may have run, so that is never sent again.
+
+    A node that failed or answered MOVED is suspect: the cluster is mapped again (in what is left of the
+    call) before the next command to it, to learn where its slots went. Only its calls pay for that.
+
+    The cluster client is made on first use, so that constructing a limiter never contacts Redis. Making it
+    maps the cluster (CLUSTER SLOTS from one startup node after another, then COMMAND), which can take longer
+    than one call may wait: it is made on a thread of its own, each of its waits up to the timeout, and the
+    calls wait for it until their deadlines only. A mapping that outlasts a call so still serves the next
+    ones; a failure to make it fails the calls waiting for it, and the next call makes it again.
     """
 
     pipelined = False
@@ -176,34 +275,79 @@ class SyncCluster:
     def __init__(self, make: Callable[[], redis.cluster.RedisCluster]) -> None:
         self._make = make
         self._client: redis.cluster.RedisCluster | None = None
+        self._making: Future[redis.cluster.RedisCluster] | None = None
         self._lock = threading.Lock()
+        self._suspects: set[str] = set()  # names of the nodes to map the cluster again before using
 
-    def _cluster(self) -> redis.cluster.RedisCluster:
+    def _cluster(self, deadline: float) -> redis.cluster.RedisCluster:
         client = self._client
-        if client is None:
+        if client is not None:
+            return client
+        with self._lock:
+            making = self._making
+            if making is None:
+                making = self._making = Future()
+                threading.Thread(
+                    target=self._made, args=(making,), name="ratelimit-cluster-map", daemon=True
+                ).start()
+        try:
+            return making.result(_left(deadline))
+        except FutureTimeout:
+            raise RedisTimeoutError("the limiter's timeout ran out while mapping the cluster") from None
+
+    def _made(self, making: Future[redis.cluster.RedisCluster]) -> None:
+        """Make the cluster client for ``making`` (on a thread of its own)."""
+        try:
+            client = self._make()
+        except BaseException as error:
             with self._lock:
-                if self._client is None:
-                    self._client = self._make()
-                client = self._client
-        return client
+                self._making = None  # the next call tries again
+            making.set_exception(error)
+            return
+        with self._lock:
+            current = self._making is making
+            if current:
+                self._client, self._making = client, None
+        if not current:  # closed meanwhile
+            client.close()
+        making.set_result(client)
 
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
-        client: Any = self._cluster()
-        replies: list[Any] = []
-        for index, command in enumerate(commands):
-            # The first command always goes (mapping the cluster on first use is not a wait on Redis);
-            # after it, none once the deadline has passed.
-            if index and time.monotonic() >= deadline:
-                raise RedisTimeoutError("the limiter's timeout ran out")
+        _call.deadline = deadline
+        try:
+            client = self._cluster(deadline)
+            return [self._send(client, command, deadline) for command in commands]
+        finally:
+            _call.deadline = None
+
+    def _send(self, client: Any, command: Command, deadline: float) -> Any:
+        nodes = client.nodes_manager
+        slot = _slot(command)
+        node = nodes.get_node_from_slot(slot)
+        if node.name in self._suspects:
+            self._suspects.discard(node.name)
+            nodes.initialize()
+            node = nodes.get_node_from_slot(slot)
+        sent = [command]
+        for _ in range(1 + _REDIRECTS):
             try:
-                replies.append(client.execute_command(*command))
-            except ResponseError as error:
-                replies.append(error)
-        return replies
+                reply = _exchange(client.get_redis_connection(node).connection_pool, sent, deadline)[-1]
+            except (RedisConnectionError, RedisTimeoutError):
+                self._suspects.add(node.name)
+                raise
+            if not isinstance(reply, AskError):
+                return reply
+            if isinstance(reply, MovedError):  # the slot has moved: map again before this node's next command
+                self._suspects.add(node.name)
+                sent = [command]
+            else:  # the slot is moving: this command (only) goes to the importing node
+                sent = [("ASKING",), command]
+            node = client.get_node(reply.host, reply.port) or _new_node(reply.host, reply.port)
+        return reply
 
     def close(self) -> None:
         with self._lock:
-            client, self._client = self._client, None
+            client, self._client, self._making = self._client, None, None
         if client is not None:
             client.close()
 

@@ -1,0 +1,291 @@
+"""A sync call on a Redis Cluster ends by its deadline: stalled, killed and busy nodes, first use, redirects.
+
+On the session's real local cluster of three masters. Each test asserts that every call takes less than its
+timeout plus a scheduling slack, that the ``on_error`` policy answered the calls that could not be served,
+and that the limiter answers again once the node does. The caller's client has long timeouts of its own:
+the limiter's timeout bounds its calls whatever they are. Slots moved by a test are moved back, paused nodes
+resumed and killed ones restarted before it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.cluster
+from redis.crc import key_slot
+
+from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
+from ratelimit_middleware.backends.redis import CircuitBreaker
+from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecision
+
+from .conftest import unique_prefix
+from .redis_server import RedisCluster
+
+TIMEOUT = 0.2
+SLACK = 0.3
+"""Scheduling slack on top of the timeout: a call takes less than ``TIMEOUT + SLACK``."""
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def caller(redis_cluster: RedisCluster) -> Iterator[redis.cluster.RedisCluster]:
+    """The caller's cluster client, with timeouts far longer than the limiter's."""
+    client = redis_cluster.client(socket_timeout=30, socket_connect_timeout=30)
+    yield client
+    client.close()
+
+
+def limiter(client: redis.cluster.RedisCluster, on_error: Any = "deny", timeout: float = TIMEOUT) -> Any:
+    """A fresh limiter (nothing mapped yet) whose breaker never opens, so that every call goes to Redis."""
+    return RedisRateLimiter(
+        client,
+        100,
+        60,
+        key_prefix=unique_prefix(),
+        timeout=timeout,
+        on_error=on_error,
+        breaker=CircuitBreaker(failures=1000),
+    )
+
+
+def node_of(cluster: RedisCluster, client: redis.cluster.RedisCluster, name: str) -> int:
+    """The index of the node that holds the slot of ``name`` (a user or a model: their hash tag)."""
+    return cluster.ports.index(client.get_node_from_key(name).port)
+
+
+def name_on(cluster: RedisCluster, client: redis.cluster.RedisCluster, index: int) -> str:
+    """A new name whose slot is on node ``index``."""
+    return next(
+        name
+        for name in (f"n{next(_names)}" for _ in itertools.count())
+        if node_of(cluster, client, name) == index
+    )
+
+
+def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    """How long ``call()`` took, and what it returned (or the ``RateLimiterUnavailable`` it raised)."""
+    started = time.perf_counter()
+    try:
+        result = call()
+    except RateLimiterUnavailable as error:
+        result = error
+    return time.perf_counter() - started, result
+
+
+@contextlib.contextmanager
+def paused(cluster: RedisCluster, *indexes: int) -> Iterator[None]:
+    for index in indexes:
+        cluster.nodes[index].pause()
+    try:
+        yield
+    finally:
+        for index in indexes:
+            cluster.nodes[index].resume()
+
+
+@pytest.mark.parametrize("on_error", ["deny", "allow"])
+def test_a_stalled_node_costs_its_calls_the_timeout_and_no_others(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, on_error: str
+) -> None:
+    """Calls on a paused node end by their deadline and follow the policy; the others are served at once;
+    all are served once the node resumes."""
+    rate = limiter(caller, on_error)
+    stalled = name_on(redis_cluster, caller, 0)
+    other = name_on(redis_cluster, caller, 1)
+    assert rate.allow(stalled, "m") and rate.allow(other, "m")
+    with paused(redis_cluster, 0):
+        elapsed, decision = timed(lambda: rate.check(stalled, "m"))
+        assert elapsed < TIMEOUT + SLACK
+        if on_error == "deny":
+            assert isinstance(decision, RateLimiterUnavailable)
+        else:
+            assert isinstance(decision, UncheckedDecision) and decision.allowed
+        # The other nodes' calls are served (the cluster is not mapped again through the stalled node).
+        elapsed, decision = timed(lambda: rate.check(other, "m"))
+        assert elapsed < TIMEOUT + SLACK
+        assert not isinstance(decision, (RateLimiterUnavailable, UncheckedDecision)) and decision.allowed
+    assert rate.get_request_count(stalled, "m") >= 1  # answers again
+    rate.storage.close()
+
+
+def test_a_batch_ends_by_its_deadline_when_its_second_node_stalls_after_a_slow_first(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """One decision on two slots is two commands in turn: the first node answers late, the second not at
+    all; the second waits only for what the first left (not a timeout of its own)."""
+    timeout = 0.5  # longer than the slack: a second full timeout would show
+    user = name_on(redis_cluster, caller, 0)
+    model = name_on(redis_cluster, caller, 1)
+    storage = RedisStorage(
+        caller,
+        key_prefix=unique_prefix(),
+        timeout=timeout,
+        on_error="deny",
+        breaker=CircuitBreaker(failures=1000),
+    )
+    rate = MultiTierRateLimiter(per_user_model="10/minute", per_model="100/minute", storage=storage)
+    assert rate.allow(user, model)[0]
+    with paused(redis_cluster, 1):
+        late = threading.Timer(0.35, redis_cluster.nodes[0].resume)  # node 0 answers after 0.35 s
+        redis_cluster.nodes[0].pause()
+        late.start()
+        try:
+            elapsed, decision = timed(lambda: rate.check(user, model))
+        finally:
+            late.join()
+        assert elapsed < timeout + SLACK
+        assert isinstance(decision, RateLimiterUnavailable)
+    assert rate.allow(user, model)[0]
+    storage.close()
+
+
+def test_first_use_while_a_startup_node_stalls_ends_by_the_deadline(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """The first call maps the cluster, asking the startup nodes in turn: a stalled one costs the call at
+    most its timeout (it may then fail), and a later call maps it again."""
+    user = name_on(redis_cluster, caller, 1)
+    limiters = [limiter(caller) for _ in range(4)]
+    with paused(redis_cluster, 0):
+        for rate in limiters:
+            elapsed, decision = timed(lambda rate=rate: rate.check(user, "m"))
+            assert elapsed < TIMEOUT + SLACK
+            assert isinstance(decision, RateLimiterUnavailable) or decision.allowed
+    for rate in limiters:
+        assert rate.allow(user, "m")
+        rate.storage.close()
+
+
+def test_first_use_while_every_node_stalls_ends_by_the_deadline(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """However many startup nodes there are to try, mapping the cluster waits only for what is left."""
+    rate = limiter(caller)
+    user = name_on(redis_cluster, caller, 0)
+    with paused(redis_cluster, 0, 1, 2):
+        elapsed, decision = timed(lambda: rate.check(user, "m"))
+        assert elapsed < TIMEOUT + SLACK
+        assert isinstance(decision, RateLimiterUnavailable)
+    assert rate.allow(user, "m")
+    rate.storage.close()
+
+
+def test_a_mapping_longer_than_the_timeout_goes_on_and_serves_the_next_calls(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """Mapping the cluster (CLUSTER SLOTS, then COMMAND and its long reply) takes milliseconds: with a
+    shorter timeout the first calls answer by the policy, and the mapping, going on without them, serves
+    the next ones."""
+    timeout = 0.002
+    rate = limiter(caller, timeout=timeout)
+    user = name_on(redis_cluster, caller, 0)
+    give_up = time.monotonic() + 5
+    while True:
+        elapsed, decision = timed(lambda: rate.check(user, "m"))
+        assert elapsed < timeout + SLACK
+        if not isinstance(decision, RateLimiterUnavailable):
+            break
+        assert time.monotonic() < give_up, "the cluster was never mapped"
+        time.sleep(0.01)  # the mapping going on: nothing to inject
+    assert decision.allowed
+    rate.storage.close()
+
+
+def test_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """Refused connections, then the restarted master's refusals (CLUSTERDOWN until it may serve again, about
+    2 s): every call within the bound, the other nodes serving throughout."""
+    rate = limiter(caller)
+    user = name_on(redis_cluster, caller, 2)
+    other = name_on(redis_cluster, caller, 0)
+    assert rate.allow(user, "m")
+    node = redis_cluster.nodes[2]
+    node.kill()
+    try:
+        elapsed, decision = timed(lambda: rate.check(user, "m"))
+        assert elapsed < TIMEOUT + SLACK and isinstance(decision, RateLimiterUnavailable)
+        assert rate.allow(other, "m")
+    finally:
+        node.restart()
+    give_up = time.monotonic() + 10
+    while True:
+        elapsed, decision = timed(lambda: rate.check(user, "m"))
+        assert elapsed < TIMEOUT + SLACK
+        if not isinstance(decision, RateLimiterUnavailable):
+            break
+        assert time.monotonic() < give_up, "the restarted node never served again"
+        time.sleep(0.05)  # a restarting master: nothing to inject
+    assert decision.allowed
+    rate.storage.close()
+
+
+class Slots:
+    """Moves an empty slot between nodes as ``redis-cli --cluster reshard`` does (IMPORTING on the target,
+    MIGRATING on the source, then NODE on every node, the target first)."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.clients = [node.client(socket_timeout=5) for node in cluster.nodes]
+        self.ids = [client.execute_command("CLUSTER", "MYID") for client in self.clients]
+
+    def begin(self, slot: int, source: int, target: int) -> None:
+        self.clients[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[source])
+        self.clients[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[target])
+
+    def end(self, slot: int, target: int) -> None:
+        for index in sorted(range(len(self.clients)), key=lambda index: index != target):
+            self.clients[index].execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.ids[target])
+
+    def keys(self, slot: int, index: int) -> list[bytes]:
+        return list(self.clients[index].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100))
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def test_a_moving_or_moved_slot_is_followed_within_the_deadline(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """ASK while a slot migrates and MOVED once it has (the limiter's map is then stale) are redirects, not
+    failures: the command goes to the node named. A redirect to a stalled node costs the timeout, no more."""
+    rate = limiter(caller)
+    stale = limiter(caller)
+    slots = Slots(redis_cluster)
+    user = next(
+        name
+        for name in (name_on(redis_cluster, caller, 0) for _ in itertools.count())
+        if not slots.keys(key_slot(name.encode()), 0)  # an empty slot: it moves without keys to carry
+    )
+    slot = key_slot(user.encode())
+    for mapped in (rate, stale):  # both map the cluster: the slot on node 0
+        assert mapped.allow(name_on(redis_cluster, caller, 1), "m")
+    try:
+        slots.begin(slot, 0, 2)
+        elapsed, allowed = timed(lambda: rate.allow(user, "m"))  # ASK: node 0 lacks the key
+        assert elapsed < TIMEOUT + SLACK and allowed is True
+        assert slots.keys(slot, 2)  # the script ran on node 2, which imports the slot
+        slots.end(slot, 2)
+        elapsed, allowed = timed(lambda: rate.allow(user, "m"))  # MOVED
+        assert elapsed < TIMEOUT + SLACK and allowed is True
+        assert rate.get_request_count(user, "m") == 2
+        with paused(redis_cluster, 2):
+            elapsed, decision = timed(lambda: stale.check(user, "m"))  # MOVED, to a stalled node
+            assert elapsed < TIMEOUT + SLACK and isinstance(decision, RateLimiterUnavailable)
+        assert stale.allow(user, "m")
+    finally:
+        slots.end(slot, 2)
+        for key in slots.keys(slot, 2):
+            slots.clients[2].delete(key)
+        slots.begin(slot, 2, 0)
+        slots.end(slot, 0)
+        slots.close()
+        rate.storage.close()
+        stale.storage.close()
