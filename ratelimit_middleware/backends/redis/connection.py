@@ -10,8 +10,8 @@ coalesced into pipelined batches (see ``coalescer``).
 Time bounds: a sync call has one deadline of ``timeout`` for all its round trips, each socket wait cut to
 what is left of it (on a cluster too, connecting and mapping it again included: see ``transport``); an
 async call has a hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the
-calling task), after which its connection is closed. Errors are redis-py's (``ConnectionError``, ``TimeoutError``, ``ResponseError``...):
-the storage decides what they mean.
+calling task), after which its connection is closed. Errors are redis-py's (``ConnectionError``,
+``TimeoutError``, ``ResponseError``...): the storage decides what they mean.
 """
 
 from __future__ import annotations
