@@ -184,8 +184,8 @@ def _rule(tier: str, unit: str, limit: int, window: float) -> _Rule:
 
 
 class _Wire(Generic[AnyStr]):
-    """How the informational headers are written: as text, or as ASGI sends them (``asgi.encode_headers``:
-    names lower-cased, values in latin-1 with characters outside it replaced)."""
+    """How the headers are written: as text, or as ASGI sends them (``asgi.encode_headers``: names
+    lower-cased, values in latin-1 with characters outside it replaced)."""
 
     def __init__(
         self,
@@ -197,7 +197,7 @@ class _Wire(Generic[AnyStr]):
         self.parts: Callable[[_Rule], _Parts[AnyStr]] = parts
         self.number: Callable[[str], AnyStr] = number
         """Writes the figures that change (ASCII digits and durations)."""
-        names = [name(header) for header in _INFORMATIONAL_NAMES]
+        names = [name(header) for header in _HEADER_NAMES]
         self.policy: AnyStr = names[0]
         self.state: AnyStr = names[1]
         self.limit: AnyStr = names[2]
@@ -232,7 +232,7 @@ class _Wire(Generic[AnyStr]):
         return texts
 
 
-_INFORMATIONAL_NAMES = (
+_HEADER_NAMES = (  # the informational headers', then the denial's own
     "RateLimit-Policy",
     "RateLimit",
     "X-RateLimit-Limit",

@@ -177,6 +177,20 @@ def test_first_use_while_every_node_stalls_ends_by_the_deadline(
     rate.storage.close()
 
 
+def served(rate: Any, user: str, bound: float, within: float, poll: float) -> Any:
+    """The first decision ``rate`` makes for ``user`` with Redis (not by its policy), trying every ``poll``
+    seconds for ``within`` seconds (a server getting ready: there is no clock to inject), each call within
+    ``bound``."""
+    give_up = time.monotonic() + within
+    while True:
+        elapsed, decision = timed(lambda: rate.check(user, "m"))
+        assert elapsed < bound
+        if not isinstance(decision, RateLimiterUnavailable):
+            return decision
+        assert time.monotonic() < give_up, "the cluster never served the call"
+        time.sleep(poll)
+
+
 def test_a_mapping_longer_than_the_timeout_goes_on_and_serves_the_next_calls(
     redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
 ) -> None:
@@ -186,15 +200,7 @@ def test_a_mapping_longer_than_the_timeout_goes_on_and_serves_the_next_calls(
     timeout = 0.002
     rate = limiter(caller, timeout=timeout)
     user = name_on(redis_cluster, caller, 0)
-    give_up = time.monotonic() + 5
-    while True:
-        elapsed, decision = timed(lambda: rate.check(user, "m"))
-        assert elapsed < timeout + SLACK
-        if not isinstance(decision, RateLimiterUnavailable):
-            break
-        assert time.monotonic() < give_up, "the cluster was never mapped"
-        time.sleep(0.01)  # the mapping going on: nothing to inject
-    assert decision.allowed
+    assert served(rate, user, timeout + SLACK, within=5, poll=0.01).allowed  # the mapping going on meanwhile
     rate.storage.close()
 
 
@@ -215,15 +221,7 @@ def test_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
         assert rate.allow(other, "m")
     finally:
         node.restart()
-    give_up = time.monotonic() + 10
-    while True:
-        elapsed, decision = timed(lambda: rate.check(user, "m"))
-        assert elapsed < TIMEOUT + SLACK
-        if not isinstance(decision, RateLimiterUnavailable):
-            break
-        assert time.monotonic() < give_up, "the restarted node never served again"
-        time.sleep(0.05)  # a restarting master: nothing to inject
-    assert decision.allowed
+    assert served(rate, user, TIMEOUT + SLACK, within=10, poll=0.05).allowed  # a restarting master meanwhile
     rate.storage.close()
 
 
