@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+import redis.connection
 from starlette.testclient import TestClient
 from werkzeug.test import Client
 
 from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.backends.redis import CircuitBreaker
-from ratelimit_middleware.backends.redis.transport import SyncPool
+from ratelimit_middleware.backends.redis.transport import SyncPool, with_deadlines
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ratelimit_middleware.wsgi import RateLimitWSGI
@@ -369,3 +370,29 @@ def test_local_fallback_answers_429_with_headers(server: RedisServer, breaker_cl
     responses = [client.get("/", headers={"X-User-ID": "a"}) for _ in range(3)]
     assert [response.status_code for response in responses] == [200, 200, 429]
     assert responses[1].headers["x-ratelimit-remaining-requests"] == "0"
+
+
+@pytest.mark.parametrize("deadlines", [True, False], ids=["with_deadlines", "plain"])
+def test_connecting_waits_only_until_the_call_s_deadline(server: RedisServer, deadlines: bool) -> None:
+    """A new connection's connect and handshake wait what is left of the sync call, not the pool's socket
+    timeouts (1.5 s here; a caller's pool may have longer): a stalled server costs the call its deadline
+    only. The plain connection class shows what the limiter's pools no longer do."""
+    plain = redis.connection.Connection
+    pool = redis.ConnectionPool(
+        connection_class=with_deadlines(plain) if deadlines else plain,
+        host="127.0.0.1",
+        port=server.port,
+        socket_timeout=1.5,
+        socket_connect_timeout=1.5,
+    )
+    server.pause()  # the kernel still accepts the connection: the handshake's reply never comes
+    try:
+        started = time.monotonic()
+        with pytest.raises((redis.TimeoutError, redis.ConnectionError)):
+            SyncPool(pool).send([("PING",)], started + 0.2)
+        elapsed = time.monotonic() - started
+    finally:
+        server.resume()
+    assert (elapsed < 0.5) is deadlines
+    assert SyncPool(pool).send([("PING",)], time.monotonic() + 5.0) == [b"PONG"]
+    pool.disconnect()

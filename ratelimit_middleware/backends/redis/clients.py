@@ -28,7 +28,7 @@ import redis.connection
 import redis.retry
 from redis.backoff import NoBackoff
 
-from .transport import DeadlineConnection, DeadlineSSLConnection
+from .transport import with_deadlines
 
 try:
     from redis.maint_notifications import MaintNotificationsConfig
@@ -216,7 +216,7 @@ class Endpoint:
         """A new pool to the standalone Redis, for the sync methods."""
         assert self._sync_pool is not None
         return redis.ConnectionPool(
-            connection_class=self._sync_pool.connection_class,
+            connection_class=with_deadlines(self._sync_pool.connection_class),  # connecting within a call
             max_connections=self._sync_pool.max_connections,
             **self._pool_settings(self._sync_pool, redis.retry.Retry(NoBackoff(), 0), self.timeout),
         )
@@ -233,10 +233,10 @@ class Endpoint:
 
     def sync_cluster(self) -> redis.cluster.RedisCluster:
         """A new cluster client (it connects to map the cluster now), for the sync methods: its connections
-        are ``DeadlineConnection``, so that no wait of redis-py's own outlasts the call that made it wait."""
+        are ``with_deadlines``, so that no wait of redis-py's own outlasts the call that made it wait."""
         assert self._cluster is not None
         options = self._cluster_settings(_SYNC_CLUSTER_OPTIONS)
-        connection_class = DeadlineSSLConnection if options.pop("ssl", False) else DeadlineConnection
+        plain = redis.connection.SSLConnection if options.pop("ssl", False) else redis.connection.Connection
         (host, port), *others = self._cluster.nodes
         node: Any = redis.cluster.ClusterNode
         return redis.cluster.RedisCluster(
@@ -244,7 +244,7 @@ class Endpoint:
             # connection class; without one it passes the settings to redis.Redis, which takes none.
             url=f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}",
             startup_nodes=[node(*address) for address in others],
-            connection_class=connection_class,
+            connection_class=with_deadlines(plain),
             retry=redis.retry.Retry(NoBackoff(), 0),
             **options,
         )

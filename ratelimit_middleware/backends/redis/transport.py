@@ -3,8 +3,8 @@
 ``send(commands)`` returns one reply per command, in order, with a command's error reply (a
 ``ResponseError``, such as NOSCRIPT) in its place; a connection error or timeout is raised for the whole
 batch. The sync transports also take the call's ``deadline`` (``time.monotonic()``): every socket wait of the
-call is cut to what is left of it, on a cluster connecting to nodes and mapping the cluster again included
-(see ``DeadlineConnection``), and a first mapping of the cluster is waited for until then only.
+call is cut to what is left of it, connecting included, and on a cluster mapping it again too (see
+``with_deadlines``); a first mapping of the cluster is waited for until then only.
 
 A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
 read in order on one connection, which is closed (never reused) if anything goes wrong midway, so that a
@@ -15,9 +15,10 @@ client, whose node pools the commands then go through one by one (sync) or which
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
@@ -45,12 +46,11 @@ __all__ = [
     "AsyncPool",
     "AsyncTransport",
     "Command",
-    "DeadlineConnection",
-    "DeadlineSSLConnection",
     "SyncCluster",
     "SyncPool",
     "SyncTransport",
     "pack",
+    "with_deadlines",
 ]
 
 Command = tuple[Any, ...]
@@ -147,7 +147,8 @@ class SyncPool:
         self.pool = pool
 
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
-        return _exchange(self.pool, commands, deadline)  # connecting waits at most the timeout itself
+        with _until(deadline):  # the pool's connections are ``with_deadlines``: connecting included
+            return _exchange(self.pool, commands, deadline)
 
     def close(self) -> None:
         self.pool.disconnect()
@@ -185,28 +186,34 @@ class AsyncPool:
 
 # The sync cluster relies on redis-py internals, all named here: a connection's ``_sock`` (``_wait_until``)
 # and ``_connect``, which opens the socket with ``socket_connect_timeout`` and leaves it (for a TLS handshake
-# too) with ``socket_timeout`` (``DeadlineConnection``); the cluster client's ``nodes_manager``, its map of
+# too) with ``socket_timeout`` (``with_deadlines``); the cluster client's ``nodes_manager``, its map of
 # the slots (``SyncCluster._send``); and its building of each node's pool from the connection class it is
 # given along with a URL (``clients.Endpoint.sync_cluster``).
 
 
 class _Call(threading.local):
     deadline: float | None = None
-    """The deadline of the sync cluster call running on this thread, if any."""
+    """The deadline of the sync call running on this thread, if any."""
 
 
 _call = _Call()
 
 
-class DeadlineConnection(redis.connection.Connection):
-    """A connection of the sync cluster client, whose waits end by the deadline of the call on its thread.
+@contextlib.contextmanager
+def _until(deadline: float) -> Iterator[None]:
+    """While it lasts, every wait of a ``with_deadlines`` connection on this thread ends by ``deadline``."""
+    _call.deadline = deadline
+    try:
+        yield
+    finally:
+        _call.deadline = None
 
-    redis-py waits on its own within a call: connecting to a node and the handshake that follows (CLIENT
-    SETINFO, AUTH...), mapping the cluster again (CLUSTER SLOTS on one node after another). While
-    ``SyncCluster.send`` runs on a thread, every connect, write and read of that thread is cut to what is
-    left of the call's deadline, and fails at once when nothing is: a call never outlasts its deadline,
-    however many waits it takes. On any other thread it is a plain connection (its own timeouts).
-    """
+
+class _Deadlines:
+    """The waits of ``with_deadlines`` connections (a mixin of redis-py's connection classes)."""
+
+    socket_connect_timeout: float | None
+    socket_timeout: float | None
 
     def _connect(self) -> Any:
         parent: Any = super()  # untyped in redis-py
@@ -224,18 +231,35 @@ class DeadlineConnection(redis.connection.Connection):
         deadline = _call.deadline
         if deadline is not None:
             _wait_until(self, deadline)
-        parent: Any = super()  # untyped in redis-py
+        parent: Any = super()
         parent.send_packed_command(command, check_health)
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         deadline = _call.deadline
         if deadline is not None:
             _wait_until(self, deadline)
-        return super().read_response(*args, **kwargs)
+        parent: Any = super()
+        return parent.read_response(*args, **kwargs)
 
 
-class DeadlineSSLConnection(DeadlineConnection, redis.connection.SSLConnection):
-    """``DeadlineConnection`` over TLS."""
+_WITH_DEADLINES: dict[type[Any], type[Any]] = {}
+
+
+def with_deadlines(connection_class: type[Any]) -> type[Any]:
+    """``connection_class`` (a redis-py connection class) whose waits end by the deadline of the sync call
+    on their thread.
+
+    redis-py waits on its own within a call: connecting and the handshake that follows (CLIENT SETINFO,
+    AUTH...), and on a cluster mapping it again (CLUSTER SLOTS on one node after another). While a sync
+    transport's ``send`` runs on a thread, every connect, write and read of that thread is cut to what is
+    left of the call's deadline, and fails at once when nothing is: a call never outlasts its deadline,
+    however many waits it takes. On any other thread it is the plain class (its own timeouts).
+    """
+    made = _WITH_DEADLINES.get(connection_class)
+    if made is None:  # one per class, made once
+        made = type(f"Deadline{connection_class.__name__}", (_Deadlines, connection_class), {})
+        _WITH_DEADLINES[connection_class] = made
+    return made
 
 
 _REDIRECTS = 5
@@ -313,12 +337,9 @@ class SyncCluster:
         making.set_result(client)
 
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
-        _call.deadline = deadline
-        try:
+        with _until(deadline):
             client = self._cluster(deadline)
             return [self._send(client, command, deadline) for command in commands]
-        finally:
-            _call.deadline = None
 
     def _send(self, client: Any, command: Command, deadline: float) -> Any:
         nodes = client.nodes_manager
