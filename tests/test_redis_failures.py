@@ -202,7 +202,9 @@ def test_a_paused_redis_costs_at_most_the_timeout_and_the_limiter_recovers(
 def test_a_sync_call_waits_only_for_what_is_left_of_its_deadline(redis_server: RedisServer) -> None:
     """Every socket wait of a sync call is shortened to what is left of the call's one deadline, whatever
     the connection's own timeout; a call whose deadline has passed sends nothing."""
-    pool = redis.ConnectionPool.from_url(redis_server.url, socket_timeout=5.0)
+    pool = redis.ConnectionPool.from_url(
+        redis_server.url, socket_timeout=5.0, connection_class=with_deadlines(redis.connection.Connection)
+    )  # the connections of the limiter's own pools
     transport = SyncPool(pool)
     connection: Any = pool.get_connection()
     pool.release(connection)

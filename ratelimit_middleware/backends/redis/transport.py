@@ -115,17 +115,15 @@ def _wait_until(connection: Any, deadline: float) -> None:
         sock.settimeout(left)
 
 
-def _exchange(pool: redis.ConnectionPool, commands: Sequence[Command], deadline: float) -> list[Any]:
+def _exchange(pool: redis.ConnectionPool, commands: Sequence[Command]) -> list[Any]:
     """``commands`` written at once on a connection of ``pool``, and their replies read in order (error
-    replies in place), every wait cut to ``deadline``; the connection is closed if anything goes wrong
-    midway."""
+    replies in place); the connection is closed if anything goes wrong midway. Run it ``_until`` the
+    call's deadline: the pool's connections are ``with_deadlines``, so that every wait ends by it."""
     connection: Any = pool.get_connection()
     try:
-        _wait_until(connection, deadline)
         connection.send_packed_command([pack(commands)])
         replies: list[Any] = []
         for _ in commands:
-            _wait_until(connection, deadline)
             try:
                 replies.append(connection.read_response())
             except ResponseError as error:  # the reply was read whole: the connection is in step
@@ -147,8 +145,8 @@ class SyncPool:
         self.pool = pool
 
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
-        with _until(deadline):  # the pool's connections are ``with_deadlines``: connecting included
-            return _exchange(self.pool, commands, deadline)
+        with _until(deadline):  # every wait of the pool's ``with_deadlines`` connections, connecting included
+            return _exchange(self.pool, commands)
 
     def close(self) -> None:
         self.pool.disconnect()
@@ -339,9 +337,9 @@ class SyncCluster:
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
         with _until(deadline):
             client = self._cluster(deadline)
-            return [self._send(client, command, deadline) for command in commands]
+            return [self._send(client, command) for command in commands]
 
-    def _send(self, client: Any, command: Command, deadline: float) -> Any:
+    def _send(self, client: Any, command: Command) -> Any:
         nodes = client.nodes_manager
         slot = _slot(command)
         node = nodes.get_node_from_slot(slot)
@@ -352,7 +350,7 @@ class SyncCluster:
         sent = [command]
         for _ in range(1 + _REDIRECTS):
             try:
-                reply = _exchange(client.get_redis_connection(node).connection_pool, sent, deadline)[-1]
+                reply = _exchange(client.get_redis_connection(node).connection_pool, sent)[-1]
             except (RedisConnectionError, RedisTimeoutError):
                 self._suspects.add(node.name)
                 raise
