@@ -93,10 +93,7 @@ class SlidingLog(Algorithm[Log]):
             first = 0 if _float_at(state, 0)[0] > start else bisect_right(memoryview(state).cast("d"), start)
             if len(state) // 8 - first >= self.limit:
                 return None
-            kept = state[8 * first :] if first else state
-            if not kept:
-                return now
-            return kept + _FLOAT.pack(now) if len(kept) < 8 * _FEW else self._log_one(kept, now)
+            return _with_time(state[8 * first :] if first else state, now)
         if isinstance(state, bytearray):
             total = _float_at(state, len(state) - 8)[0]
             # `_live` without a call and a tuple when nothing has expired (the common case on a busy key).
@@ -180,14 +177,7 @@ class SlidingLog(Algorithm[Log]):
             state.append(now)
             return state
         if isinstance(state, bytes):
-            live = state[8 * self._first_live(_times(state), now) :]
-            if not live:
-                return now
-            if len(live) < 8 * _FEW:
-                return live + _FLOAT.pack(now)
-            times = array("d", live)
-            times.append(now)
-            return times
+            return _with_time(state[8 * self._first_live(_times(state), now) :], now)
         # One request: replaced once expired, else joined by this one.
         return now if state <= now - self.window else _FLOAT.pack(state) + _FLOAT.pack(now)
 
@@ -225,6 +215,18 @@ class SlidingLog(Algorithm[Log]):
                 del log[: 16 * expired]
         log += _ENTRY.pack(now, cumulative)
         return log
+
+
+def _with_time(live: bytes, now: float) -> Times:
+    """The live times of a ``bytes`` log with ``now`` appended: alone as a float when none is left, bytes
+    up to ``_FEW`` times, an array from then on."""
+    if not live:
+        return now
+    if len(live) < 8 * _FEW:
+        return live + _FLOAT.pack(now)
+    times = array("d", live)
+    times.append(now)
+    return times
 
 
 def _times(state: Times | None) -> Sequence[float]:
