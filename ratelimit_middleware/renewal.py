@@ -91,10 +91,13 @@ class LeaseKeeper:
     """Renews the leases of the reservations it keeps, from one daemon thread started on first need.
 
     ``clock`` (seconds) schedules the renewals; ``renew_due`` is what the thread runs each time it wakes.
+    ``background=False``: no thread, whoever owns the keeper calls ``renew_due`` (a scheduler of its own,
+    or a test with an injected clock, which a thread waiting in real time would race).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, background: bool = True) -> None:
         self._clock = clock
+        self._background = background
         self._due: dict[Reservation, float] = {}  # when each kept reservation renews next
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -107,11 +110,12 @@ class LeaseKeeper:
             return _nothing
         with self._changed:
             due = self._due[reservation] = self._clock() + every
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="ratelimit-leases", daemon=True)
-                self._thread.start()
-            elif due < self._wakes_at:
-                self._changed.notify()
+            if self._background:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="ratelimit-leases", daemon=True)
+                    self._thread.start()
+                elif due < self._wakes_at:
+                    self._changed.notify()
 
         def stop() -> None:
             with self._changed:

@@ -47,7 +47,7 @@ def slots(
 
 def test_the_keeper_renews_what_is_due_until_stopped(redis_server: RedisServer, clock: FakeClock) -> None:
     limiter = slots(redis_server, clock, lease=6)
-    keeper = LeaseKeeper(clock)
+    keeper = LeaseKeeper(clock, background=False)  # renew_due runs here only
     held = limiter.reserve("u", "m")
     stop = keeper.keep(held)
     assert len(keeper) == 1
@@ -65,7 +65,7 @@ def test_nothing_is_kept_for_slots_that_never_expire(clock: FakeClock) -> None:
     limiter = MultiTierRateLimiter(
         per_user_model=Limits(max_concurrent=1), storage=MemoryStorage(clock=clock)
     )
-    keeper = LeaseKeeper(clock)
+    keeper = LeaseKeeper(clock, background=False)  # renew_due runs here only
     held = limiter.reserve("u", "m")
     assert held.lease is None
     keeper.keep(held)()
@@ -195,7 +195,7 @@ def test_the_keeper_warns_of_an_expired_lease_but_not_of_each_renewal_in_an_outa
 ) -> None:
     """A lease lost is worth a warning; Redis being gone is the storage's to log, once per outage."""
     limiter = slots(server, clock, lease=6)
-    keeper = LeaseKeeper(clock)
+    keeper = LeaseKeeper(clock, background=False)  # renew_due runs here only
     late, kept = limiter.reserve("u", "m"), limiter.reserve("v", "m")
     keeper.keep(late)
     clock.advance(6.1)  # `late`'s lease ran out before its turn came
