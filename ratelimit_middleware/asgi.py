@@ -10,7 +10,6 @@ to their ``http.response.start``. The body is read only when a key function asks
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -163,30 +162,18 @@ async def admit(
     concurrency limits), a response to send, or ``None`` to let it through.
 
     ``load_body`` is awaited only if a key function or the token estimate needs the body. Shared by the
-    middleware and the Starlette/FastAPI decorators; ``wsgi.admit`` is its synchronous twin.
+    middleware and the Starlette/FastAPI decorators.
     """
-    reserver = gate.reserver(limiter)
     try:
-        try:
-            user, model, tokens = gate.prepare(request, reserver is not None)
-        except BodyNotLoaded:
-            await load_body()
-            user, model, tokens = gate.prepare(request, reserver is not None)
-        resolved, model = gate.resolve(limiter, request, model)
-    except Exception as error:
-        return gate.failed("the key function", error)
-    if resolved is not limiter:  # a plan's limiter
-        limiter, reserver = resolved, gate.reserver(resolved)
-    started = time.perf_counter() if gate.observers else 0.0
-    try:
-        if getattr(limiter, "inline", False) is True:  # in memory: nothing to await
-            outcome = gate.decide(limiter, reserver, user, model, tokens)
-        else:
-            outcome = await gate.adecide(limiter, reserver, user, model, tokens)
-    except Exception as error:
-        return gate.failed("the limiter", error)
-    gate.observed(outcome, user, model, started)
-    return outcome
+        ask = gate.ask(limiter, request)
+    except BodyNotLoaded:
+        await load_body()
+        ask = gate.ask(limiter, request)
+    if ask is None or isinstance(ask, HTTPResponse):
+        return ask
+    if getattr(ask[0], "inline", False) is True:  # in memory: nothing to await
+        return gate.answer(ask)
+    return await gate.aanswer(ask)
 
 
 async def run_metered(

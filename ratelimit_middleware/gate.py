@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
+    "Ask",
     "Checker",
     "DenialHandler",
     "Estimator",
@@ -156,6 +157,11 @@ def _ordered(reservation: Reservation) -> list[Decision]:
     return sorted(reservation.decisions.values(), key=lambda decision: decision.unit != "requests")
 
 
+Ask = tuple[Checker, "Reserver | None", str, str, "tuple[int, int]"]
+"""An identified request, ready for its limiter: ``(limiter, reserver, user, model, tokens)``, the arguments
+of ``Gate.decide``. A plain tuple: it is built for every request."""
+
+
 class Gate:
     """The decisions of an HTTP integration, independent of ASGI or WSGI."""
 
@@ -234,20 +240,42 @@ class Gate:
         matched, limiter = self.routes.match(method, normalized)
         return limiter if matched else self.limiter
 
-    def prepare(self, request: RequestView, reserving: bool) -> tuple[str, str, tuple[int, int]]:
-        """``(user, model, estimated tokens)``; the estimate only when ``reserving`` (else ``(0, 0)``).
+    def ask(self, limiter: Checker, request: RequestView) -> Ask | HTTPResponse | None:
+        """What to ask of ``limiter`` (of the request's plan, for ``Plans``) for this request: an ``Ask``, or
+        what ``failed`` answers when a key function or the token estimate raises.
 
-        Raises ``BodyNotLoaded`` when a key function or the estimate needs the body first.
+        Raises ``BodyNotLoaded`` when a key function or the estimate needs the body first: the shell reads
+        it and asks again.
         """
-        user, model = self.identify(request)
-        return user, model, self.estimate(request) if reserving else (0, 0)
+        try:
+            user, model = self.identify(request)
+            if isinstance(limiter, Plans):
+                limiter, model = limiter.route(request, model)
+            reserver = self.reserver(limiter)
+            tokens = (0, 0) if reserver is None else self.estimate(request)
+        except Exception as error:
+            return self.failed("the key function", error)
+        return limiter, reserver, user, model, tokens
 
-    @staticmethod
-    def resolve(limiter: Checker, request: RequestView, model: str) -> tuple[Checker, str]:
-        """For ``Plans``: the limiter of the request's plan and model, and the model after aliases."""
-        if isinstance(limiter, Plans):
-            return limiter.route(request, model)
-        return limiter, model
+    def answer(self, ask: Ask) -> Decision | Reservation | HTTPResponse | None:
+        """The limiter's answer to ``ask``, reported to the observers; what ``failed`` says if it raised."""
+        started = time.perf_counter() if self.observers else 0.0
+        try:
+            outcome = self.decide(*ask)
+        except Exception as error:
+            return self.failed("the limiter", error)
+        self.observed(outcome, ask[2], ask[3], started)
+        return outcome
+
+    async def aanswer(self, ask: Ask) -> Decision | Reservation | HTTPResponse | None:
+        """``answer`` for event loops."""
+        started = time.perf_counter() if self.observers else 0.0
+        try:
+            outcome = await self.adecide(*ask)
+        except Exception as error:
+            return self.failed("the limiter", error)
+        self.observed(outcome, ask[2], ask[3], started)
+        return outcome
 
     def identify(self, request: RequestView) -> tuple[str, str]:
         """``(user, model)``; raises ``BodyNotLoaded`` when a key function needs the body first.

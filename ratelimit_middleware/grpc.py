@@ -33,7 +33,6 @@ import concurrent.futures
 import inspect
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -49,7 +48,7 @@ except ModuleNotFoundError as error:
 
 from ratelimit_middleware.contract import HTTPResponse
 from ratelimit_middleware.decision import Decision
-from ratelimit_middleware.gate import Checker, Gate, LimiterSpec, Reserver
+from ratelimit_middleware.gate import Ask, Checker, Gate, LimiterSpec
 from ratelimit_middleware.keys import KeyFunction, from_header
 from ratelimit_middleware.observe import Observer
 from ratelimit_middleware.renewal import LeaseKeeper, Stop, keep
@@ -263,11 +262,7 @@ class _Ask:
     """An identified call, ready for the limiter."""
 
     view: RequestView
-    limiter: Checker
-    reserver: Reserver | None
-    user: str
-    model: str
-    tokens: tuple[int, int]
+    question: Ask
 
 
 class _Core:
@@ -338,13 +333,19 @@ class _Core:
                 tokens = self.estimator(method, view.headers)
         except Exception as error:
             return self.failed(stage, error)
-        return _Ask(view, limiter, reserver, user, model, tokens)
+        return _Ask(view, (limiter, reserver, user, model, tokens))
 
     def judge(
-        self, ask: _Ask, outcome: Decision | Reservation, started: float, renew: Callable[[Reservation], Stop]
+        self,
+        ask: _Ask,
+        outcome: Decision | Reservation | HTTPResponse | None,
+        renew: Callable[[Reservation], Stop],
     ) -> _Admission | _Refusal:
-        """What the limiter's answer means for the call; ``renew`` keeps an allowed reservation's leases."""
-        self.gate.observed(outcome, ask.user, ask.model, started)
+        """What the gate's answer means for the call; ``renew`` keeps an allowed reservation's leases."""
+        if outcome is None:  # the limiter failed, on_error="allow"
+            return _PASS
+        if isinstance(outcome, HTTPResponse):
+            return _refusal(outcome)
         if isinstance(outcome, Reservation):
             if not self.gate.passes(outcome.decision):
                 return _refusal(self.gate.reservation_denied(ask.view, outcome))
@@ -363,12 +364,7 @@ class _Core:
         ask = self.ask(limiter, details, peer, message)
         if not isinstance(ask, _Ask):
             return ask
-        started = time.perf_counter()
-        try:
-            outcome = Gate.decide(ask.limiter, ask.reserver, ask.user, ask.model, ask.tokens)
-        except Exception as error:
-            return self.failed("the limiter", error)
-        return self.judge(ask, outcome, started, self.leases.keep)
+        return self.judge(ask, self.gate.answer(ask.question), self.leases.keep)
 
     async def aadmit(
         self, limiter: Checker, details: grpc.HandlerCallDetails, peer: str | None, message: object
@@ -377,12 +373,7 @@ class _Core:
         ask = self.ask(limiter, details, peer, message)
         if not isinstance(ask, _Ask):
             return ask
-        started = time.perf_counter()
-        try:
-            outcome = await Gate.adecide(ask.limiter, ask.reserver, ask.user, ask.model, ask.tokens)
-        except Exception as error:
-            return self.failed("the limiter", error)
-        return self.judge(ask, outcome, started, keep)
+        return self.judge(ask, await self.gate.aanswer(ask.question), keep)
 
 
 def _behavior(handler: grpc.RpcMethodHandler[Any, Any]) -> tuple[str, Callable[..., Any]]:

@@ -9,7 +9,6 @@ replacing ``wsgi.input``. Allowed responses are passed through unbuffered, with 
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
@@ -184,27 +183,14 @@ def admit(
     concurrency limits), a response to send, or ``None`` to let it through.
 
     ``load_body`` is called only if a key function or the token estimate needs the body. Shared by the
-    middleware and the Flask decorator; ``asgi.admit`` is its asynchronous twin.
+    middleware and the Flask decorator.
     """
-    reserver = gate.reserver(limiter)
     try:
-        try:
-            user, model, tokens = gate.prepare(request, reserver is not None)
-        except BodyNotLoaded:
-            load_body()
-            user, model, tokens = gate.prepare(request, reserver is not None)
-        resolved, model = gate.resolve(limiter, request, model)
-    except Exception as error:
-        return gate.failed("the key function", error)
-    if resolved is not limiter:  # a plan's limiter
-        limiter, reserver = resolved, gate.reserver(resolved)
-    started = time.perf_counter() if gate.observers else 0.0
-    try:
-        outcome = gate.decide(limiter, reserver, user, model, tokens)
-    except Exception as error:
-        return gate.failed("the limiter", error)
-    gate.observed(outcome, user, model, started)
-    return outcome
+        ask = gate.ask(limiter, request)
+    except BodyNotLoaded:
+        load_body()
+        ask = gate.ask(limiter, request)
+    return ask if ask is None or isinstance(ask, HTTPResponse) else gate.answer(ask)
 
 
 class _Metered:
