@@ -34,7 +34,7 @@ from .observe import Observer, notify
 from .plans import Plans
 from .request import RequestView
 from .reservation import Reservation
-from .routes import PathRules, normalize_path
+from .routes import PathRules
 from .tokens import DEFAULT_OUTPUT_TOKENS
 from .tokens import estimate as estimate_tokens
 
@@ -207,12 +207,16 @@ class Gate:
         self.limiter: Checker = RateLimiter() if limiter is None else as_checker(limiter)
         self.user_key = user_key or default_user_key()
         self.model_key = model_key or default_model_key()
-        self.exempt = PathRules((pattern, None) for pattern in exempt_paths)
         self.routes = PathRules(
-            (pattern, None if spec is None else as_checker(spec, f"path_limits[{pattern!r}]"))
-            for pattern, spec in (path_limits or {}).items()
+            [
+                *((pattern, None) for pattern in exempt_paths),
+                *(
+                    (pattern, None if spec is None else as_checker(spec, f"path_limits[{pattern!r}]"))
+                    for pattern, spec in (path_limits or {}).items()
+                ),
+            ]
         )
-        self._by_path = bool(self.exempt or self.routes)
+        self._by_path = bool(self.routes)
         self.exempt_methods = frozenset(method.upper() for method in exempt_methods)
         self.max_body_size = max_body_size
         self.on_error = on_error
@@ -234,10 +238,7 @@ class Gate:
             return None
         if not self._by_path:
             return self.limiter
-        normalized = normalize_path(path)
-        if self.exempt.match(method, normalized)[0]:
-            return None
-        matched, limiter = self.routes.match(method, normalized)
+        matched, limiter = self.routes.match(method, path)
         return limiter if matched else self.limiter
 
     def ask(self, limiter: Checker, request: RequestView) -> Ask | HTTPResponse | None:

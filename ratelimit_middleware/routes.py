@@ -1,12 +1,20 @@
 """Which limit applies to a request path: exempt paths and per-path (and per-method) limits.
 
-Paths are normalised before matching, and patterns are normalised the same way, so a limit cannot be dodged
-with ``//``, a trailing slash, dot segments or percent-encoding: ``/v1//chat/``, ``/v1/./chat`` and
-``/v1/%63hat`` all match ``/v1/chat``. Percent-decoding repeats until stable; decoding more than the
-application does can only make a path match a limit, never escape one.
+A path is matched in two forms, and so is each pattern:
+
+- as the application routes it (*seen*): the path the server hands over (decoded once), with ``//``
+  collapsed and the trailing slash dropped;
+- fully *normalised*: percent-decoded until stable, ``.`` and ``..`` resolved as well.
+
+The first rule that matches the seen form applies. A rule that exempts (``None``) applies only if it also
+matches the normalised form, so that neither spelling can talk its way out of a limit: an application that
+routes ``/v1/files/../../health`` to its ``/v1/files/<path>`` view does not get ``/health``'s exemption.
+When no rule matches the seen form, the first *limiting* rule that matches the normalised form applies, so
+``/v1//chat/``, ``/v1/./chat`` and ``/v1/%2563hat`` are all limited as ``/v1/chat`` is.
 
 Patterns: ``"/health"`` (that path only), ``"/v1/*"`` (``/v1`` and everything below it), optionally behind a
-method: ``"POST /v1/chat/completions"``.
+method: ``"POST /v1/chat/completions"``. Methods are compared in upper case, and a ``GET`` rule covers
+``HEAD`` too, as the frameworks answer ``HEAD`` with the ``GET`` route.
 """
 
 from __future__ import annotations
@@ -15,11 +23,18 @@ from collections.abc import Iterable
 from typing import Generic, TypeVar
 from urllib.parse import unquote
 
-__all__ = ["PathRules", "normalize_path"]
+__all__ = ["PathRules", "normalize_path", "seen_path"]
 
 T = TypeVar("T")
 
 _MAX_DECODES = 4
+
+
+def seen_path(path: str) -> str:
+    """The path as routed, ``//`` collapsed and without its trailing slash: nothing decoded or resolved."""
+    if "//" not in path and (len(path) <= 1 or path[-1] != "/"):
+        return path or "/"
+    return "/" + "/".join(segment for segment in path.split("/") if segment)
 
 
 def normalize_path(path: str) -> str:
@@ -43,42 +58,60 @@ def normalize_path(path: str) -> str:
     return "/" + "/".join(segments)
 
 
+def _plain(path: str) -> bool:
+    """Whether normalising ``path`` would change nothing beyond ``seen_path``."""
+    return "%" not in path and "/." not in path
+
+
 class _Pattern:
-    __slots__ = ("method", "path", "prefix", "text")
+    __slots__ = ("methods", "normalized", "prefix", "seen", "text")
 
     def __init__(self, text: str) -> None:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a path pattern must be a non-empty string like '/v1/*', got {text!r}")
         self.text = text
         method, _, path = text.strip().rpartition(" ")
-        self.method = method.strip().upper() or None
+        method = method.strip().upper()
+        self.methods = None if not method else frozenset((method, "HEAD") if method == "GET" else (method,))
         self.prefix = path.endswith("/*") or path == "*"
         if not path.startswith("/") and path != "*":
             raise ValueError(f"a path pattern must start with '/': {text!r}")
-        self.path = normalize_path(path[:-1] if self.prefix else path)
+        path = path[:-1] if self.prefix else path
+        self.seen = seen_path(path)
+        self.normalized = normalize_path(path)
 
-    def matches(self, method: str, path: str) -> bool:
-        if self.method is not None and self.method != method:
+    def matches(self, method: str, path: str, normalized: bool) -> bool:
+        if self.methods is not None and method not in self.methods:
             return False
+        own = self.normalized if normalized else self.seen
         if self.prefix:
-            return self.path == "/" or path == self.path or path.startswith(self.path + "/")
-        return path == self.path
+            return own == "/" or path == own or path.startswith(own + "/")
+        return path == own
 
 
 class PathRules(Generic[T]):
-    """Ordered ``pattern -> value`` rules; the first match wins."""
+    """Ordered ``pattern -> value`` rules (``None``: exempt); see the module for how a path matches."""
 
     __slots__ = ("_rules",)
 
-    def __init__(self, rules: Iterable[tuple[str, T]]) -> None:
+    def __init__(self, rules: Iterable[tuple[str, T | None]]) -> None:
         self._rules = [(_Pattern(pattern), value) for pattern, value in rules]
 
     def __bool__(self) -> bool:
         return bool(self._rules)
 
-    def match(self, method: str, normalized_path: str) -> tuple[bool, T | None]:
-        """``(True, value)`` for the first matching rule, else ``(False, None)``."""
+    def match(self, method: str, path: str) -> tuple[bool, T | None]:
+        """``(True, value)`` for the rule that applies to this method and path, else ``(False, None)``."""
+        method = method.upper()
+        seen = seen_path(path)
+        normalized = seen if _plain(path) else normalize_path(path)
         for pattern, value in self._rules:
-            if pattern.matches(method, normalized_path):
+            if pattern.matches(method, seen, False) and (
+                value is not None or pattern.matches(method, normalized, True)
+            ):
                 return True, value
+        if normalized != seen:
+            for pattern, value in self._rules:
+                if value is not None and pattern.matches(method, normalized, True):
+                    return True, value
         return False, None

@@ -154,6 +154,21 @@ def test_percent_encoded_path_is_still_limited() -> None:
     assert status_of(asyncio.run(call(app, scope))) == 429
 
 
+def test_encoded_dot_segments_do_not_reach_an_exemption() -> None:
+    """``/v1/models/%252e%252e%252fhealth`` reaches Starlette as below: its ``{model}`` route, not /health."""
+
+    async def model(request: Request) -> Response:
+        return PlainTextResponse(request.path_params["model"])
+
+    app = make_app(limiter="1/minute", exempt_paths=["/health"])
+    app.router.routes.append(Route("/v1/models/{model}", model))
+    statuses = [
+        status_of(asyncio.run(call(app, http_scope(path, "GET", [("X-User-ID", "a")]))))
+        for path in ("/v1/models/a", "/v1/models/%2e%2e%2fhealth", "/v1/models/..%2f..%2fhealth")
+    ]
+    assert statuses == [200, 429, 429]
+
+
 def test_lifespan_and_websocket_pass_through_untouched() -> None:
     with TestClient(make_app(limiter="0/minute")) as client, client.websocket_connect("/ws") as websocket:
         websocket.send_text("ping")

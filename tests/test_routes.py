@@ -42,3 +42,36 @@ def test_patterns_exact_prefix_and_method() -> None:
 def test_bad_patterns_raise(bad: object) -> None:
     with pytest.raises(ValueError, match="pattern"):
         PathRules([(bad, None)])  # type: ignore[list-item]
+
+
+def test_an_exemption_needs_the_path_as_routed_and_normalised() -> None:
+    rules = PathRules([("/health", None), ("/docs/*", None), ("/v1/*", "v1")])
+    assert rules.match("GET", "/health") == (True, None)
+    assert rules.match("GET", "/health/") == (True, None)
+    assert rules.match("GET", "//health") == (True, None)
+    # routed by the app as a /v1/files/<path> or /v1/models/{model} request: never /health's exemption
+    assert rules.match("GET", "/v1/files/../../health") == (True, "v1")
+    assert rules.match("GET", "/v1/models/%2e%2e%2f%2e%2e%2fhealth") == (True, "v1")
+    assert rules.match("GET", "/docs/../v1/chat") == (True, "v1")
+    assert rules.match("GET", "/x/../health") == (False, None)  # the default limit, not the exemption
+
+
+def test_a_rule_for_the_path_as_routed_wins_over_the_normalised_one() -> None:
+    rules = PathRules([("/v1/images/*", "images"), ("/v1/*", "v1")])
+    assert rules.match("GET", "/v1/images/%2e%2e%2fx") == (True, "images")
+    assert rules.match("GET", "/v1/images/a/../../x") == (True, "images")
+
+
+@pytest.mark.parametrize(
+    "variant", ["/v1/%63hat", "/v1/%2563hat", "/v1/./chat", "/v1//chat/", "/v1/x/../chat"]
+)
+def test_other_spellings_are_limited_by_the_normalised_path(variant: str) -> None:
+    assert PathRules([("/v1/chat", "chat")]).match("POST", variant) == (True, "chat")
+
+
+def test_methods_compare_in_upper_case_and_get_covers_head() -> None:
+    rules = PathRules([("GET /report", "report"), ("POST /chat", "chat")])
+    assert rules.match("HEAD", "/report") == (True, "report")
+    assert rules.match("get", "/report") == (True, "report")
+    assert rules.match("post", "/chat") == (True, "chat")
+    assert rules.match("HEAD", "/chat") == (False, None)

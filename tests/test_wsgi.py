@@ -89,6 +89,34 @@ def test_exempt_and_path_limits() -> None:
     assert client.get("/x/../hello", headers={"X-User-ID": "a"}).status_code == 429
 
 
+def test_dot_segments_do_not_reach_an_exemption_through_a_path_route() -> None:
+    app = make_app(limiter="2/minute", exempt_paths=["/health"])
+
+    @app.get("/v1/files/<path:name>")
+    def files(name: str) -> str:
+        return name
+
+    client = app.test_client()
+    statuses = [client.get("/v1/files/a", headers={"X-User-ID": "a"}).status_code for _ in range(2)]
+    environ = EnvironBuilder(path="/v1/files/a", headers={"X-User-ID": "a"}).get_environ()
+    environ["PATH_INFO"] = "/v1/files/../../health"  # as a server passes it on: werkzeug routes it to files()
+    started: list[str] = []
+    list(app(environ, lambda status, headers, exc_info=None: started.append(status)))
+    assert statuses == [200, 200] and started == ["429 Too Many Requests"]
+
+
+def test_method_rules_match_lower_case_methods_and_head() -> None:
+    app = make_app(limiter="100/minute", path_limits={"GET /hello": "1/minute"})
+    client = app.test_client()
+    assert client.get("/hello", headers={"X-User-ID": "a"}).status_code == 200
+    assert client.head("/hello", headers={"X-User-ID": "a"}).status_code == 429
+    environ = EnvironBuilder(path="/hello", method="GET", headers={"X-User-ID": "a"}).get_environ()
+    environ["REQUEST_METHOD"] = "get"  # werkzeug upper-cases it and runs the GET view
+    started: list[str] = []
+    list(app(environ, lambda status, headers, exc_info=None: started.append(status)))
+    assert started[0].startswith("429")
+
+
 def test_streaming_responses_pass_through_unbuffered() -> None:
     app = make_app(limiter="5/minute")
     environ = EnvironBuilder(path="/stream", headers={"X-User-ID": "a"}).get_environ()
