@@ -57,12 +57,29 @@ class ScopeHeaders(ServerHeaders):
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         if self._index is None:
-            return self.joined().get(name, default)
-        try:
-            value = self._index.get(name.encode("latin-1"))
-        except UnicodeEncodeError:
-            return default
+            return self.joined().get(name.lower(), default)
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = _header_name(name)
+            if key is None:
+                return default
+        value = self._index.get(key)
         return default if value is None else value.decode("latin-1")
+
+
+_HEADER_NAMES: dict[str, bytes] = {}
+_MAX_HEADER_NAMES = 256  # key functions ask for a handful of names
+
+
+def _header_name(name: str) -> bytes | None:
+    """``name`` as servers send it (lower-case latin-1 bytes); ``None`` when no header can have it."""
+    try:
+        key = name.lower().encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    if len(_HEADER_NAMES) < _MAX_HEADER_NAMES:
+        _HEADER_NAMES[name] = key
+    return key
 
 
 def request_view(scope: Scope) -> RequestView:

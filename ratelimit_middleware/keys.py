@@ -151,33 +151,41 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
-def _forwarded_for(request: RequestView) -> list[str]:
-    """The addresses proxies appended, oldest first: ``Forwarded: for=`` if present, else X-Forwarded-For."""
-    forwarded = request.header("forwarded")
-    if forwarded:
-        found = []
-        for element in forwarded.split(","):
-            for pair in element.split(";"):
-                name, _, value = pair.strip().partition("=")
-                if name.lower() == "for":
-                    found.append(value)
-        return found
-    header = request.header("x-forwarded-for")
-    return header.split(",") if header else []
+_FORWARDING_HEADERS = ("x-forwarded-for", "forwarded")
 
 
-def client_ip(trusted_proxies: int | Iterable[str] = 0) -> KeyFunction:
+def _forwarded_for(request: RequestView, header: str) -> list[str]:
+    """The addresses proxies appended to ``header``, oldest first."""
+    value = request.header(header)
+    if not value:
+        return []
+    if header == "x-forwarded-for":
+        return value.split(",")
+    found = []
+    for element in value.split(","):
+        for pair in element.split(";"):
+            name, _, address = pair.strip().partition("=")
+            if name.lower() == "for":
+                found.append(address)
+    return found
+
+
+def client_ip(trusted_proxies: int | Iterable[str] = 0, header: str = "X-Forwarded-For") -> KeyFunction:
     """``"ip:<address>"`` of the client.
 
     Forwarding headers are honoured only behind trusted proxies, as werkzeug's ProxyFix does:
     ``trusted_proxies=N`` trusts the last N hops (the peer and the N - 1 before it); a list of networks trusts
-    every hop from those networks, starting at the direct peer. Anything else in ``X-Forwarded-For`` or
-    ``Forwarded`` is ignored, so a client cannot choose its own key by sending them.
+    every hop from those networks, starting at the direct peer. Only ``header`` is read, the one your proxies
+    write: ``X-Forwarded-For`` (the default) or ``Forwarded`` (RFC 7239). A proxy passes the other one on
+    as the client sent it, so reading it would let a client choose its own key.
     """
     if isinstance(trusted_proxies, bool) or (isinstance(trusted_proxies, int) and trusted_proxies < 0):
         raise ValueError(
             f"trusted_proxies must be a count >= 0 or a list of networks, got {trusted_proxies!r}"
         )
+    if not isinstance(header, str) or header.lower() not in _FORWARDING_HEADERS:
+        raise ValueError(f"header must be 'X-Forwarded-For' or 'Forwarded', got {header!r}")
+    header = header.lower()
     count = trusted_proxies if isinstance(trusted_proxies, int) else None
     networks = () if isinstance(trusted_proxies, int) else _networks(trusted_proxies)
 
@@ -188,11 +196,11 @@ def client_ip(trusted_proxies: int | Iterable[str] = 0) -> KeyFunction:
     def key(request: RequestView) -> str | None:
         address = request.client
         if count:
-            hops = _forwarded_for(request)
+            hops = _forwarded_for(request, header)
             if len(hops) >= count:
                 address = hops[-count]
         elif networks and trusted(address):
-            for hop in reversed(_forwarded_for(request)):
+            for hop in reversed(_forwarded_for(request, header)):
                 address = hop
                 if not trusted(hop):
                     break

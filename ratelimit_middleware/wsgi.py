@@ -61,7 +61,7 @@ class EnvironHeaders(ServerHeaders):
         if key is None:
             key = _variable(name)
             if key is None:  # a name outside ASCII: compare it with every header
-                return self.joined().get(name, default)
+                return self.joined().get(name.lower(), default)
         value = self._environ.get(key)
         return default if value is None else value
 

@@ -105,12 +105,28 @@ def test_client_ip_trusts_networks_only_from_trusted_peers() -> None:
     assert key(view(forwarded, client="10.0.0.1")) == "ip:198.51.100.4"
     assert key(view(forwarded, client="203.0.113.50")) == "ip:203.0.113.50"  # untrusted peer: ignored
     rfc7239 = {"Forwarded": 'for="[2001:db8::1]:4711";proto=https, for=10.2.2.2'}
-    assert key(view(rfc7239, client="10.0.0.1")) == "ip:2001:db8::1"
+    assert key(view(rfc7239, client="10.0.0.1")) == "ip:10.0.0.1"  # not the header these proxies write
+    by_rfc7239 = keys.client_ip(trusted_proxies=["10.0.0.0/8"], header="Forwarded")
+    assert by_rfc7239(view(rfc7239, client="10.0.0.1")) == "ip:2001:db8::1"
     assert key(view({"X-Forwarded-For": "garbage"}, client="10.0.0.1")) is None
     with pytest.raises(ValueError, match="not-a-net"):
         keys.client_ip(trusted_proxies=["not-a-net"])
     with pytest.raises(ValueError, match="-1"):
         keys.client_ip(trusted_proxies=-1)
+    with pytest.raises(ValueError, match="X-Real-IP"):
+        keys.client_ip(trusted_proxies=1, header="X-Real-IP")
+
+
+@pytest.mark.parametrize("trusted_proxies", [1, ["10.0.0.0/8"]])
+def test_a_client_cannot_choose_its_address_with_the_header_proxies_pass_on(
+    trusted_proxies: int | list[str],
+) -> None:
+    """A proxy that appends to X-Forwarded-For passes the client's own Forwarded header on untouched."""
+    from_client = {"Forwarded": "for=1.1.1.1", "X-Forwarded-For": "203.0.113.7"}
+    assert keys.client_ip(trusted_proxies)(view(from_client, client="10.0.0.1")) == "ip:203.0.113.7"
+    from_client = {"X-Forwarded-For": "1.1.1.1", "Forwarded": "for=203.0.113.7"}
+    by_rfc7239 = keys.client_ip(trusted_proxies, header="forwarded")
+    assert by_rfc7239(view(from_client, client="10.0.0.1")) == "ip:203.0.113.7"
 
 
 def test_first_of_and_constant() -> None:
@@ -135,3 +151,26 @@ def test_default_keys() -> None:
 def test_repeated_headers_are_joined() -> None:
     request = RequestView("GET", "/", [("X-Forwarded-For", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")])
     assert request.header("X-Forwarded-For") == "1.1.1.1, 2.2.2.2"
+
+
+@pytest.mark.parametrize(
+    "pairs", [[("X-Tenant", "acme")], [("x-tenant", "acme"), ("X-TENANT", "b")], [("Other", "x")]]
+)
+def test_headers_read_the_same_under_asgi_and_wsgi_whatever_the_case(pairs: list[tuple[str, str]]) -> None:
+    from ratelimit_middleware import asgi, wsgi
+
+    scope = {
+        "method": "GET",
+        "path": "/",
+        "query_string": b"",
+        "headers": [(name.lower().encode(), value.encode()) for name, value in pairs],
+    }
+    environ: dict[str, str] = {}
+    for name, value in pairs:  # a WSGI server joins repeated headers
+        variable = "HTTP_" + name.upper().replace("-", "_")
+        environ[variable] = f"{environ[variable]}, {value}" if variable in environ else value
+    expected = RequestView("GET", "/", pairs).headers.get("x-tenant")
+    for request in (asgi.request_view(scope), wsgi.request_view(environ)):
+        for spelling in ("X-Tenant", "x-tenant", "X-TENANT"):
+            assert request.headers.get(spelling) == expected
+            assert (spelling in request.headers) is (expected is not None)
