@@ -69,15 +69,22 @@ class HTTPResponse(NamedTuple):
 
 
 def go_duration(seconds: float) -> str:
-    """Go-style durations as in OpenAI's reset headers: ``"20ms"``, ``"1.5s"``, ``"6m0s"``, ``"1h2m3s"``."""
+    """Go-style durations as in OpenAI's reset headers: ``"20ms"``, ``"1.5s"``, ``"6m0s"``, ``"1h2m3s"``.
+
+    Under a second, milliseconds rounded up (a positive wait never reads ``0ms``); from a second on, the
+    whole duration is rounded to the millisecond before it is split, so 119.9997 s reads ``2m0s``.
+    """
+    if seconds <= 0:
+        return "0s"
     if seconds < 1:
-        return f"{max(math.ceil(seconds * 1000), 0)}ms"
-    text = f"{seconds % 60:.3f}".rstrip("0").rstrip(".") + "s"
-    if seconds < 60:
-        return text
-    whole = int(seconds)
-    hours, minutes = divmod(whole // 60, 60)
-    return f"{hours}h{minutes}m{text}" if hours else f"{minutes}m{text}"
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole, millis = divmod(round(seconds * 1000), 1000)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs}.{millis:03d}".rstrip("0").rstrip(".") + "s" if millis else f"{secs}s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text
 
 
 def _wait(decision: Decision) -> float:
