@@ -9,7 +9,6 @@ to their ``http.response.start``. The body is read only when a key function asks
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -125,23 +124,24 @@ async def load_body(receive: Receive, request: RequestView, limit: int) -> Recei
     return replay
 
 
-def with_body(scope: Scope, body: bytes) -> tuple[Scope, Receive]:
+def with_body(scope: Scope, body: bytes, receive: Receive) -> tuple[Scope, Receive]:
     """A copy of ``scope`` whose request body is ``body`` (Content-Length updated), and its ``receive``.
 
-    Only for a body already read whole, so nothing of the original is left to receive.
+    Only for a body already read whole from the server's ``receive``: after ``body``, the app's calls go on to
+    it, so that the app still learns of the client's disconnect.
     """
     headers = [(name, value) for name, value in scope["headers"] if name.lower() != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
     sent = False
 
-    async def receive() -> Message:
+    async def replaced() -> Message:
         nonlocal sent
         if sent:
-            await asyncio.Event().wait()  # like a server: nothing more until the client leaves
+            return await receive()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return {**scope, "headers": headers}, receive
+    return {**scope, "headers": headers}, replaced
 
 
 _ENCODED_NAMES: dict[str, bytes] = {}
@@ -268,6 +268,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         request = request_view(scope)
+        from_server = receive
 
         async def read_body() -> None:
             nonlocal receive
@@ -284,7 +285,7 @@ class RateLimitMiddleware:
             if outcome.allowed:
                 body = self.gate.usage_requesting_body(request)
                 if body is not None:
-                    scope, receive = with_body(scope, body)
+                    scope, receive = with_body(scope, body, from_server)
                 await run_metered(self.gate, self.app, scope, receive, send, outcome)
                 return
             if not self.gate.passes(outcome.decision):

@@ -312,6 +312,39 @@ def test_stream_usage_asks_openai_compatible_servers_for_usage(stream_usage: boo
     assert limits.get_request_count("alice", "m", unit="tokens") == charged
 
 
+def test_stream_usage_still_tells_the_app_when_the_client_leaves() -> None:
+    """The rewritten body replaces the server's; what the server sends after it (a disconnect) still comes."""
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(json.loads((await receive())["body"]))
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+        )
+        seen.append((await asyncio.wait_for(receive(), 5))["type"])
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = RateLimitMiddleware(app, limiter=limiter(tokens="1000/minute"), stream_usage=True)
+    body = json.dumps(
+        {"model": "m", "stream": True, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    messages = [
+        {"type": "http.request", "body": body.encode(), "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> Any:
+        return messages.pop(0)
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = http_scope(headers=[("X-User-ID", "alice"), ("Content-Type", "application/json")])
+    asyncio.run(middleware(scope, receive, send))
+    assert seen[0]["stream_options"] == {"include_usage": True}
+    assert seen[1] == "http.disconnect"
+
+
 def test_stream_usage_in_wsgi() -> None:
     limits = limiter(tokens="1000/minute")
     app = Flask(__name__)
