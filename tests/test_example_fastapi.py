@@ -113,6 +113,21 @@ def test_per_model_tier_is_shared_across_users() -> None:
     assert codes == [200, 200, 429]
 
 
+def test_an_x_model_header_cannot_move_a_request_to_another_budget() -> None:
+    import main  # type: ignore[import-not-found]
+
+    app = main.create_app(MultiTierRateLimiter(per_user_model="1/minute", per_model="100/minute"))
+    http = TestClient(app)
+    body = {"model": "mistral-7b", "messages": [{"role": "user", "content": "x"}]}
+    codes = [
+        http.post(
+            "/v1/chat/completions", json=body, headers={"X-User-ID": "a", "X-Model": f"x{i}"}
+        ).status_code
+        for i in range(3)
+    ]
+    assert codes == [200, 429, 429]
+
+
 @pytest.fixture(autouse=True)
 def _example_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(APP_DIR))

@@ -15,7 +15,8 @@ With ``REDIS_URL`` set (``redis://host:6379/0``), the limits live in that Redis 
 shares them; otherwise each process counts in memory.
 
 Users are told apart by ``X-User-ID``, else their API key (``Authorization: Bearer ...``), else their address;
-the model comes from ``X-Model`` or the body's ``"model"``. ``/health`` is never limited.
+the model is the body's ``"model"``, the one the app serves (so an ``X-Model`` header cannot move a request
+to another model's budget). ``/health`` is never limited.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from prometheus_client import make_asgi_app
 
 from ratelimit_middleware import Limits, MultiTierRateLimiter
 from ratelimit_middleware.asgi import RateLimitMiddleware
+from ratelimit_middleware.keys import from_json_body
 from ratelimit_middleware.metrics import PrometheusMetrics
 from ratelimit_middleware.plans import Plans
 
@@ -124,6 +126,7 @@ def create_app(limiter: MultiTierRateLimiter | Plans | None = None) -> FastAPI:
     app.add_middleware(
         RateLimitMiddleware,
         limiter=build_limiter() if limiter is None else limiter,
+        model_key=from_json_body("model"),  # the model served, not a header the client may set freely
         exempt_paths=["/health", "/metrics", "/docs", "/openapi.json"],
         observers=[metrics],
         stream_usage=True,

@@ -15,6 +15,7 @@ from prometheus_client import make_wsgi_app
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from ratelimit_middleware.flask import limit
+from ratelimit_middleware.keys import from_json_body
 from ratelimit_middleware.metrics import PrometheusMetrics
 from ratelimit_middleware.wsgi import RateLimitWSGI
 
@@ -26,6 +27,7 @@ def create_app(default_limit: str | None = None, embeddings_limit: str = "5/minu
     limited = RateLimitWSGI(
         app.wsgi_app,
         limiter=default_limit or os.environ.get("RATELIMIT_DEFAULT", "100/hour"),
+        model_key=from_json_body("model"),  # the model served, not a header the client may set freely
         exempt_paths=["/health"],
         observers=[metrics],
     )
