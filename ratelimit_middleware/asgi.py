@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .contract import HTTPResponse, RawResponse
 from .decision import Decision
-from .gate import Checker, Gate, GateOptions, LimiterSpec
+from .gate import OUTER_DECISION, Checker, Gate, GateOptions, LimiterSpec
 from .renewal import keep
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
@@ -200,13 +200,16 @@ async def run_metered(
     concurrency leases meanwhile, then settle."""
     extra = encode_headers(gate.reservation_headers(reservation))
     meter = Meter(reservation.reserved)
+    outer: list[Decision | Reservation] = []  # emptied by a decorator that writes the headers instead
+    if extra:
+        scope[OUTER_DECISION] = outer = [reservation]
 
     async def send_metered(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers = message.get("headers", ())
             content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
             meter.start(int(message["status"]), content_type.decode("latin-1"))
-            if extra:
+            if outer:
                 message = {**message, "headers": [*headers, *extra]}
         elif message["type"] == "http.response.body":
             meter.body(message.get("body", b""))
@@ -300,9 +303,10 @@ class RateLimitMiddleware:
         if not extra:
             await self.app(scope, receive, send)
             return
+        scope[OUTER_DECISION] = outer = [outcome]  # emptied by a decorator that writes the headers instead
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and outer:
                 message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 

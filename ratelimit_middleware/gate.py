@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, cast
@@ -32,6 +33,7 @@ from .keys import KeyFunction, default_model_key, default_user_key
 from .limiter import RateLimiter
 from .observe import Observer, notify
 from .plans import Plans
+from .policy import binding
 from .request import RequestView
 from .reservation import Reservation
 from .routes import PathRules
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
+    "OUTER_DECISION",
     "Ask",
     "Checker",
     "DenialHandler",
@@ -56,6 +59,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger("ratelimit_middleware")
+
+OUTER_DECISION = "ratelimit_middleware.outer"
+"""Where a middleware that adds headers leaves its decision for the per-route decorators inside it, in the
+ASGI scope or the WSGI environ: a one-item list. A decorator that writes headers empties it and writes those
+of the binding decision of both, so that a response never carries two sets."""
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 """Bodies are read for key functions up to 1 MiB; larger ones reach the app untouched, unread by keys."""
@@ -112,6 +120,32 @@ def _bounded(identity: str) -> str:
     if len(identity) <= _MAX_KEY_LENGTH:
         return identity
     return "sha256:" + hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # visible latin-1, spaces and tabs: no line breaks
+
+
+def _checked_response(response: object) -> HTTPResponse:
+    """A ``deny_handler``'s answer, checked before a server sees it: an ``HTTPResponse`` with a status from
+    100 to 599, bytes, and headers a server can send. Its ``Content-Length`` goes: the shells write it."""
+    if not isinstance(response, HTTPResponse):
+        raise TypeError(f"a deny_handler must return an HTTPResponse, got {response!r}")
+    status, headers, body = response
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise ValueError(f"the deny_handler's status must be an int from 100 to 599, got {status!r}")
+    if not isinstance(body, bytes):
+        raise TypeError(f"the deny_handler's body must be bytes, got {type(body).__name__}")
+    kept = []
+    for header in headers:
+        name, value = header
+        if not (isinstance(name, str) and _TOKEN.fullmatch(name)):
+            raise ValueError(f"the deny_handler's header name {name!r} is not a valid HTTP token")
+        if not (isinstance(value, str) and _VALUE.fullmatch(value)):
+            raise ValueError(f"the deny_handler's header {name}: {value!r} is not a valid value")
+        if name.lower() != "content-length":
+            kept.append((name, value))
+    return HTTPResponse(status, kept, body)
 
 
 class _Throttled:
@@ -363,6 +397,26 @@ class Gate:
         """Headers to add to an allowed response (see ``informs``)."""
         return informational_headers(decision, *others) if self.informs(decision) else []
 
+    def route_headers(self, decision: Decision, outer: object) -> list[tuple[str, str]]:
+        """Headers for a decorated route's allowed response (``decision``). Under a middleware that left its
+        outcome for it (``outer``: what ``OUTER_DECISION`` holds), those of the binding one of both, and the
+        middleware's is taken, so that it adds none."""
+        if not (isinstance(outer, list) and outer and self.informs(decision)):
+            return self.allowed_headers(decision)
+        theirs = outer.pop()
+        ordered = _ordered(theirs) if isinstance(theirs, Reservation) else [theirs]
+        requests = [other for other in ordered if other.unit == "requests"]
+        return self.allowed_headers(
+            binding([decision, *requests]), *(other for other in ordered if other.unit != "requests")
+        )
+
+    @staticmethod
+    def route_denied(outer: object) -> None:
+        """A decorated route denies: the enclosing middleware's outcome (``outer``) is taken, so that the
+        429 carries the route's headers only."""
+        if isinstance(outer, list):
+            outer.clear()
+
     def allowed_raw_headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
         """``allowed_headers`` of one decision as an ASGI server takes them."""
         return raw_informational_headers(decision) if self.informs(decision) else []
@@ -371,7 +425,7 @@ class Gate:
         """The response for a denied request (``others``: the other units of a reservation)."""
         if self.deny_handler is not None:
             try:
-                return self.deny_handler(request, decision)
+                return _checked_response(self.deny_handler(request, decision))
             except Exception as error:
                 self._log.warning("the deny_handler", error, "answered with the default 429")
         return denial_response(decision, *others)

@@ -16,7 +16,7 @@ from .algorithms.concurrency import Concurrency
 from .config import Limits, TierSpec, as_config
 from .decision import Decision
 
-__all__ = ["TIERS", "Policy", "Rule"]
+__all__ = ["TIERS", "Policy", "Rule", "binding"]
 
 TIERS = ("per_user_model", "per_model", "per_user", "global")
 """Tier names in evaluation order. The keyword for ``global`` is ``global_limit``."""
@@ -72,7 +72,7 @@ class Rule:
         return f"Rule({self.tier!r}, {self.unit!r}, {self.limit}/{self.seconds:g}, {self.algorithm.name!r})"
 
 
-def _binding(decisions: Sequence[Decision]) -> Decision:
+def binding(decisions: Sequence[Decision]) -> Decision:
     """The binding one of several decisions on one request: all must allow.
 
     Denied: the denying one with the longest wait. Allowed: the one with the fewest units left. Ties go to
@@ -129,7 +129,7 @@ class Policy:
         """Combine one verdict per request rule (in rule order) for a request of ``cost``."""
         if len(verdicts) == 1:
             return self.rules[0].decision(verdicts[0], cost)
-        return _binding(
+        return binding(
             [rule.decision(verdict, cost) for rule, verdict in zip(self.rules, verdicts, strict=True)]
         )
 
@@ -179,8 +179,8 @@ class Policy:
         decisions = [rule.decision(v, c) for rule, v, c in zip(self.all_rules, verdicts, costs, strict=True)]
         if used is not None:
             decisions = [d._replace(used=u) for d, u in zip(decisions, used, strict=True)]
-        by_unit = {unit: _binding([decisions[i] for i in indexes]) for unit, indexes in self._units.items()}
-        return _binding(decisions), by_unit
+        by_unit = {unit: binding([decisions[i] for i in indexes]) for unit, indexes in self._units.items()}
+        return binding(decisions), by_unit
 
     def rules_for(self, tier: str | None, unit: str | None = "requests") -> tuple[Rule, ...]:
         """The rules of ``tier`` counting ``unit`` (any unit for ``None``).

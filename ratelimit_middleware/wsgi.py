@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from .contract import HTTPResponse
 from .decision import Decision
-from .gate import Checker, Gate, GateOptions, LimiterSpec
+from .gate import OUTER_DECISION, Checker, Gate, GateOptions, LimiterSpec
 from .renewal import LeaseKeeper
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
@@ -31,7 +32,6 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None,
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
-_REASONS = {429: "Too Many Requests", 503: "Service Unavailable"}
 _UNPREFIXED = frozenset(("CONTENT_TYPE", "CONTENT_LENGTH"))
 
 
@@ -227,6 +227,9 @@ def run_metered(
     renew its concurrency leases meanwhile; settle at the end."""
     extra = gate.reservation_headers(reservation)
     meter = Meter(reservation.reserved)
+    outer: list[Decision | Reservation] = []  # emptied by a decorator that writes the headers instead
+    if extra:
+        environ[OUTER_DECISION] = outer = [reservation]
     stop_renewing = leases.keep(reservation)
 
     def settle() -> None:
@@ -247,7 +250,7 @@ def run_metered(
     ) -> Callable[[bytes], object]:
         content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
         meter.start(int(status.split(" ", 1)[0]), content_type)
-        return start_response(status, [*headers, *extra], exc_info)
+        return start_response(status, [*headers, *extra] if outer else headers, exc_info)
 
     try:
         body = app(environ, start_metered)
@@ -257,9 +260,16 @@ def run_metered(
     return _Metered(body, meter, settle)
 
 
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # a status outside the registry
+        return "Unknown"
+
+
 def send_response(start_response: StartResponse, response: HTTPResponse) -> list[bytes]:
     """Start a complete response (a denial or a 503) and return its body."""
-    status = f"{response.status} {_REASONS.get(response.status, 'Error')}"
+    status = f"{response.status} {_reason(response.status)}"
     start_response(status, [*response.headers, ("Content-Length", str(len(response.body)))])
     return [response.body]
 
@@ -306,10 +316,11 @@ class RateLimitWSGI:
             extra = self.gate.allowed_headers(outcome)
         if not extra:
             return self.app(environ, start_response)
+        environ[OUTER_DECISION] = outer = [outcome]  # emptied by a decorator that writes the headers instead
 
         def start_with_headers(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
-            return start_response(status, [*headers, *extra], exc_info)
+            return start_response(status, [*headers, *extra] if outer else headers, exc_info)
 
         return self.app(environ, start_with_headers)

@@ -337,6 +337,36 @@ def test_failing_deny_handler_falls_back_to_the_default_429() -> None:
     assert denied.status_code == 429 and denied.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        None,
+        {"status": 429},
+        HTTPResponse(429, [("Bad Name", "x")], b""),
+        HTTPResponse(429, [("X-Note", "two\r\nlines")], b""),
+        HTTPResponse(429, [("X-Note", "\u20ac")], b""),
+        HTTPResponse(99, [], b""),
+        HTTPResponse(429, [], "text"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_deny_handler_answer_no_server_can_send_gets_the_default_429(answer: object) -> None:
+    client = TestClient(make_app(limiter="1/minute", deny_handler=lambda request, decision: answer))
+    post(client)
+    denied = post(client)
+    assert denied.status_code == 429 and denied.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_deny_handler_content_length_is_replaced_by_the_true_one() -> None:
+    def handler(request: RequestView, decision: Any) -> HTTPResponse:
+        return HTTPResponse(429, [("Content-Length", "999"), ("Content-Type", "text/plain")], b"slow")
+
+    client = TestClient(make_app(limiter="1/minute", deny_handler=handler))
+    post(client)
+    denied = post(client)
+    assert denied.status_code == 429 and denied.text == "slow"
+    assert denied.headers.get_list("content-length") == ["4"]
+
+
 def test_custom_key_functions() -> None:
     client = TestClient(
         make_app(limiter="1/minute", user_key=from_header("X-Team"), model_key=from_header("X-M"))

@@ -117,6 +117,18 @@ def test_method_rules_match_lower_case_methods_and_head() -> None:
     assert started[0].startswith("429")
 
 
+@pytest.mark.parametrize(("status", "line"), [(418, "418 I'm a Teapot"), (599, "599 Unknown")])
+def test_a_deny_handler_status_gets_its_reason_phrase(status: int, line: str) -> None:
+    from ratelimit_middleware.contract import HTTPResponse
+
+    app = make_app(limiter="1/minute", deny_handler=lambda request, decision: HTTPResponse(status, [], b""))
+    started: list[str] = []
+    for _ in range(2):
+        environ = EnvironBuilder(path="/hello", headers={"X-User-ID": "a"}).get_environ()
+        list(app(environ, lambda status, headers, exc_info=None: started.append(status)))
+    assert started == ["200 OK", line]
+
+
 def test_streaming_responses_pass_through_unbuffered() -> None:
     app = make_app(limiter="5/minute")
     environ = EnvironBuilder(path="/stream", headers={"X-User-ID": "a"}).get_environ()
