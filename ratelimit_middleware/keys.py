@@ -9,7 +9,9 @@ decorators. The defaults:
 - model: the ``X-Model`` header, else the JSON body's ``"model"`` field, else ``"default"``.
 
 API keys are never used raw: ``api_key()`` returns ``"key:"`` and a SHA-256 digest, and ``client_ip()``
-returns ``"ip:<address>"``, so the sources cannot collide with each other.
+returns ``"ip:<address>"``, so these two never collide. Headers such as ``X-User-ID`` are taken as the
+client sends them: a client can name any user (or ``ip:...``), so let a gateway set them, or key on the API
+key.
 """
 
 from __future__ import annotations
