@@ -1,7 +1,8 @@
 """Per-route limits for FastAPI and Starlette: a decorator and a dependency.
 
-``@limit("10/minute")`` under the route decorator limits one endpoint; the endpoint needs no ``request``
-parameter (the decorator adds a hidden one to the signature FastAPI reads).
+``@limit("10/minute")`` under the route decorator limits one endpoint; a FastAPI endpoint needs no ``request``
+parameter (the decorator adds a hidden one to the signature FastAPI reads), a Starlette endpoint takes its
+``Request`` as usual.
 ``Depends(RateLimit("10/minute"))`` does the same as a dependency, raising ``RateLimitExceeded`` (an
 ``HTTPException``); register ``rate_limit_exceeded_handler`` for OpenAI-shaped 429 bodies. Each decorator
 or dependency has its own limiter unless you pass a shared limiter object, so same-named endpoints in
@@ -21,10 +22,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .asgi import admit, request_view
+from .asgi import admit, load_body, request_view
 from .contract import HTTPResponse
-from .gate import Gate, LimiterSpec, RouteOptions
-from .reservation import Reservation
+from .gate import OUTER_DECISION, Gate, LimiterSpec, RouteOptions
+from .request import RequestView
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -41,7 +42,7 @@ class RateLimitExceeded(HTTPException):
     """Raised by the ``RateLimit`` dependency; carries the full 429 (or 503) to send."""
 
     def __init__(self, response: HTTPResponse) -> None:
-        detail = json.loads(response.body).get("error", {}).get("message", "") if response.body else ""
+        detail = _message(response.body)
         headers = {name: value for name, value in response.headers if name.lower() != "content-type"}
         super().__init__(status_code=response.status, detail=detail, headers=headers)
         self.response = response
@@ -54,56 +55,117 @@ async def rate_limit_exceeded_handler(request: Request, exc: Exception) -> Respo
     return _to_response(exc.response)
 
 
+def _message(body: bytes) -> str | None:
+    """The ``detail`` for a response's body: the message of an OpenAI-shaped error, else the body as text.
+
+    ``None`` for an empty body, which ``HTTPException`` turns into the status phrase. A ``deny_handler`` may
+    answer with any body (plain text, a JSON list), so nothing is assumed of its shape.
+    """
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        message = None
+    if isinstance(message, str):
+        return message
+    return body.decode("utf-8", "replace") or None
+
+
 def _to_response(response: HTTPResponse) -> Response:
     return Response(response.body, status_code=response.status, headers=dict(response.headers))
+
+
+async def _load_body(request: Request, view: RequestView, limit: int) -> None:
+    """Read the body for the key functions, up to the message that passes ``limit``; the endpoint still gets
+    all of it.
+
+    FastAPI reads a declared body parameter before the dependencies: its cached copy is used. An unread body
+    is read by ``asgi.load_body``, and the request's ``receive`` then replays the messages read before the
+    rest. A body consumed otherwise (a form) is not seen by the key functions.
+    """
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        view.load_body(None)
+    elif hasattr(request, "_body"):  # Starlette's cache of request.body()
+        body = await request.body()
+        view.load_body(body if len(body) <= limit else None)
+    elif request._stream_consumed:
+        view.load_body(None)
+    else:
+        request._receive = await load_body(request.receive, view, limit)
 
 
 async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, list[tuple[str, str]]]:
     """``(response to send instead of the endpoint, headers for the endpoint's response)``."""
     view = request_view(request.scope)
+    outcome = await admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
+    return gate.route_verdict(view, outcome, request.scope.get(OUTER_DECISION))
 
-    async def load_body() -> None:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > gate.max_body_size:
-            view.load_body(None)
-            return
-        body = await request.body()  # cached by Starlette: the endpoint can still read it
-        view.load_body(body if len(body) <= gate.max_body_size else None)
 
-    outcome = await admit(gate, gate.limiter, view, load_body)
-    assert not isinstance(outcome, Reservation)  # Gate.for_route refuses token and concurrency limits
-    if isinstance(outcome, HTTPResponse):
-        return outcome, []
-    if outcome is None:
-        return None, []
-    if not outcome.allowed:
-        return gate.denied(view, outcome), []
-    return None, gate.allowed_headers(outcome)
+def _starlette_request(args: tuple[Any, ...]) -> Request:
+    """The request Starlette passes positionally: ``endpoint(request)``, or ``method(self, request)`` in an
+    ``HTTPEndpoint``."""
+    for arg in args:
+        if isinstance(arg, Request):
+            return arg
+    raise TypeError("@limit decorates FastAPI endpoints and Starlette endpoints called with their Request")
+
+
+def _resolved(endpoint: Callable[..., Any]) -> inspect.Signature:
+    """The endpoint's signature with its annotations resolved, as FastAPI resolves them (left as text when one
+    does not resolve: FastAPI then reports it)."""
+    try:
+        return inspect.signature(endpoint, eval_str=True)
+    except Exception:
+        return inspect.signature(endpoint)
+
+
+def _own_parameter(signature: inspect.Signature, kind: type) -> str | None:
+    """The name of the endpoint's parameter of type ``kind`` (``Request``, ``Response``), if it has one.
+
+    FastAPI fills one parameter of each: the decorator then shares the endpoint's instead of adding a hidden
+    one, which would take the value from the endpoint.
+    """
+    for parameter in signature.parameters.values():
+        if isinstance(parameter.annotation, type) and issubclass(parameter.annotation, kind):
+            return parameter.name
+    return None
 
 
 def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F], F]:
     """Limit one endpoint: ``limiter`` is a limit string (``"10/minute;500/day"``), a config or a limiter.
 
-    Place it below ``@app.get(...)``/``@app.post(...)``. Sync endpoints run in the thread pool, as FastAPI
-    runs them.
+    Place it below ``@app.get(...)``/``@app.post(...)``, or on a Starlette endpoint (``async def
+    endpoint(request)``). The headers go on any response the endpoint returns, or on the one FastAPI builds
+    from returned data. Sync endpoints run in the thread pool, as FastAPI runs them.
     """
     gate = Gate.for_route(limiter, **options)
 
     def decorator(endpoint: F) -> F:
         signature = inspect.signature(endpoint)
-        hidden = [
-            inspect.Parameter(_REQUEST, inspect.Parameter.KEYWORD_ONLY, annotation=Request),
-            inspect.Parameter(_RESPONSE, inspect.Parameter.KEYWORD_ONLY, annotation=Response),
-        ]
         parameters = list(signature.parameters.values())
+        resolved = _resolved(endpoint)
+        own_request = _own_parameter(resolved, Request)
+        own_response = _own_parameter(resolved, Response)
+        hidden = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind)
+            for name, own, kind in ((_REQUEST, own_request, Request), (_RESPONSE, own_response, Response))
+            if own is None
+        ]
+        request_name = own_request or _REQUEST
+        response_name = own_response or _RESPONSE
         variadic = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
         plain = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
         is_coroutine = inspect.iscoroutinefunction(endpoint)
 
         @functools.wraps(endpoint)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            request: Request = kwargs.pop(_REQUEST)
-            response: Response = kwargs.pop(_RESPONSE)
+            # FastAPI passes every parameter by name; Starlette passes the request alone, positionally.
+            request: Request | None = kwargs.get(request_name)
+            response: Response | None = kwargs.get(response_name)
+            for parameter in hidden:
+                kwargs.pop(parameter.name, None)
+            if request is None:
+                request = _starlette_request(args)
             denial, headers = await _check(gate, request)
             if denial is not None:
                 return _to_response(denial)
@@ -112,8 +174,9 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
             else:
                 result = await run_in_threadpool(endpoint, *args, **kwargs)
             target = result if isinstance(result, Response) else response
-            for name, value in headers:
-                target.headers.append(name, value)
+            if target is not None:
+                for name, value in headers:
+                    target.headers.append(name, value)
             return result
 
         wrapper.__signature__ = signature.replace(parameters=[*plain, *hidden, *variadic])  # type: ignore[attr-defined]
@@ -123,7 +186,12 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
 
 
 class RateLimit:
-    """A FastAPI dependency: ``dependencies=[Depends(RateLimit("10/minute"))]`` or a parameter default."""
+    """A FastAPI dependency: ``dependencies=[Depends(RateLimit("10/minute"))]`` or a parameter default.
+
+    The informational headers go on the response FastAPI builds from the data an endpoint returns. An
+    endpoint that returns its own ``Response`` (``JSONResponse``, ``StreamingResponse``) gets none: FastAPI
+    drops the headers dependencies set in that case. Use ``@limit`` there, which adds them to any response.
+    """
 
     def __init__(
         self,

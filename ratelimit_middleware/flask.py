@@ -2,8 +2,8 @@
 
 Each decorated view gets its own limiter (unless you pass a shared limiter object), so two views with the
 same function name in different blueprints or modules never share a limit. The view needs no extra
-parameter. Options are those of ``RateLimitWSGI``; the body is read through Flask's request (cached for the
-view) when a key function asks for it.
+parameter. Options are those of ``RateLimitWSGI``; when a key function asks for the body, at most
+``max_body_size`` + 1 bytes of it are read from Flask's request, which replays them to the view.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import flask
 
 from .contract import HTTPResponse
-from .gate import Gate, LimiterSpec, RouteOptions
+from .gate import OUTER_DECISION, Gate, LimiterSpec, RouteOptions
 from .request import RequestView
-from .reservation import Reservation
-from .wsgi import admit, request_view
+from .wsgi import Environ, admit, load_body, request_view
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -30,12 +29,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _load_body(request: flask.Request, view: RequestView, limit: int) -> None:
+    """Read the body for the key functions, at most ``limit`` + 1 bytes; the view still reads all of it.
+
+    A body the app already read with ``get_data`` is taken from Flask's cache. Otherwise ``wsgi.load_body``
+    reads ``request.stream`` (which keeps to Content-Length and ``MAX_CONTENT_LENGTH``) as a terminated input,
+    and ``request.stream`` becomes its replay: the bytes read, then the rest.
+    """
     length = request.content_length
     if length is not None and length > limit:
         view.load_body(None)
         return
-    body = request.get_data(cache=True)
-    view.load_body(body if len(body) <= limit else None)
+    cached: bytes | None = getattr(request, "_cached_data", None)  # werkzeug's cache of get_data()
+    if cached is not None:
+        view.load_body(cached if len(cached) <= limit else None)
+        return
+    environ: Environ = {"wsgi.input": request.stream, "wsgi.input_terminated": True}
+    load_body(environ, view, limit)
+    request.stream = environ["wsgi.input"]
 
 
 def _respond(response: HTTPResponse) -> flask.Response:
@@ -54,14 +64,8 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
         request = flask.request
         view = request_view(request.environ)
         outcome = admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
-        assert not isinstance(outcome, Reservation)  # Gate.for_route refuses token and concurrency limits
-        if isinstance(outcome, HTTPResponse):
-            return _respond(outcome), []
-        if outcome is None:
-            return None, []
-        if not outcome.allowed:
-            return _respond(gate.denied(view, outcome)), []
-        return None, gate.allowed_headers(outcome)
+        denial, headers = gate.route_verdict(view, outcome, request.environ.get(OUTER_DECISION))
+        return (None if denial is None else _respond(denial)), headers
 
     def decorator(function: F) -> F:
         if inspect.iscoroutinefunction(function):

@@ -397,25 +397,28 @@ class Gate:
         """Headers to add to an allowed response (see ``informs``)."""
         return informational_headers(decision, *others) if self.informs(decision) else []
 
-    def route_headers(self, decision: Decision, outer: object) -> list[tuple[str, str]]:
-        """Headers for a decorated route's allowed response (``decision``). Under a middleware that left its
-        outcome for it (``outer``: what ``OUTER_DECISION`` holds), those of the binding one of both, and the
-        middleware's is taken, so that it adds none."""
-        if not (isinstance(outer, list) and outer and self.informs(decision)):
-            return self.allowed_headers(decision)
-        theirs = outer.pop()
-        ordered = _ordered(theirs) if isinstance(theirs, Reservation) else [theirs]
-        requests = [other for other in ordered if other.unit == "requests"]
-        return self.allowed_headers(
-            binding([decision, *requests]), *(other for other in ordered if other.unit != "requests")
-        )
+    def route_verdict(
+        self, request: RequestView, outcome: Decision | Reservation | HTTPResponse | None, outer: object
+    ) -> tuple[HTTPResponse | None, list[tuple[str, str]]]:
+        """For a per-route decorator, what ``admit`` answered means: ``(response to send instead of the
+        endpoint, headers for the endpoint's response)``.
 
-    @staticmethod
-    def route_denied(outer: object) -> None:
-        """A decorated route denies: the enclosing middleware's outcome (``outer``) is taken, so that the
-        429 carries the route's headers only."""
-        if isinstance(outer, list):
-            outer.clear()
+        ``outer`` is what an enclosing middleware left under ``OUTER_DECISION`` (``None`` without one). When
+        the route writes headers it takes it: a 429 carries the route's headers only, an allowed response
+        those of the binding decision of both, and the middleware adds none.
+        """
+        assert not isinstance(outcome, Reservation)  # for_route refuses token and concurrency limits
+        if outcome is None or isinstance(outcome, HTTPResponse):
+            return outcome, []
+        taken = outer.pop() if isinstance(outer, list) and outer and self.informs(outcome) else None
+        if not self.passes(outcome):
+            return self.denied(request, outcome), []
+        if taken is None:
+            return None, self.allowed_headers(outcome)
+        theirs = _ordered(taken) if isinstance(taken, Reservation) else [taken]
+        requests = [decision for decision in theirs if decision.unit == "requests"]
+        others = [decision for decision in theirs if decision.unit != "requests"]
+        return None, self.allowed_headers(binding([outcome, *requests]), *others)
 
     def allowed_raw_headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
         """``allowed_headers`` of one decision as an ASGI server takes them."""

@@ -1,17 +1,35 @@
-"""Per-route limits in FastAPI: the decorator (no request parameter needed) and the dependency."""
+"""Per-route limits in FastAPI and Starlette: the decorator (no request parameter needed in FastAPI) and the
+dependency."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI
-from fastapi.responses import PlainTextResponse
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
+from starlette.requests import Request
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from ratelimit_middleware import RateLimiter
+from ratelimit_middleware.asgi import ASGIApp, Message
+from ratelimit_middleware.contract import HTTPResponse
+from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.fastapi import RateLimit, RateLimitExceeded, limit, rate_limit_exceeded_handler
 from ratelimit_middleware.keys import from_json_body
+from ratelimit_middleware.observe import Event, EventHook
+from ratelimit_middleware.request import RequestView
+
+from .asgi_helpers import body_of, http_scope, status_of
 
 
 class Completion(BaseModel):
@@ -93,6 +111,22 @@ def test_decorator_keeps_the_openapi_schema_clean() -> None:
     assert [parameter["name"] for parameter in parameters] == ["q"]
 
 
+def test_decorated_endpoint_keeps_its_own_request_and_response_parameters() -> None:
+    app = FastAPI()
+
+    @app.get("/own")
+    @limit("2/minute")
+    async def own(request: Request, response: Response) -> dict[str, str]:
+        response.headers["X-Mine"] = "yes"
+        return {"path": request.url.path}
+
+    client = TestClient(app)
+    first = get(client, "/own")
+    assert first.json() == {"path": "/own"} and first.headers["x-mine"] == "yes"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert "parameters" not in app.openapi()["paths"]["/own"]["get"]
+
+
 def test_body_keys_in_a_decorator_leave_the_body_for_the_endpoint() -> None:
     client = TestClient(make_app())
     first = client.post("/completions", json={"model": "m1", "prompt": "hi"}, headers={"X-User-ID": "a"})
@@ -150,3 +184,309 @@ def test_dependency_with_the_handler_answers_in_openai_shape() -> None:
     assert denied.status_code == 429
     assert denied.json()["error"]["type"] == "requests"
     assert denied.headers["x-should-retry"] == "true"
+
+
+def test_decorator_on_starlette_endpoints() -> None:
+    @limit("2/minute")
+    async def function(request: Request) -> JSONResponse:
+        return JSONResponse({"path": request.url.path})
+
+    @limit("1/minute")
+    def sync_function(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("sync")
+
+    class Endpoint(HTTPEndpoint):
+        @limit("1/minute")
+        async def get(self, request: Request) -> PlainTextResponse:
+            return PlainTextResponse("method")
+
+    routes = [Route("/function", function), Route("/sync", sync_function), Route("/method", Endpoint)]
+    client = TestClient(Starlette(routes=routes))
+    first = get(client, "/function")
+    assert first.json() == {"path": "/function"} and first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert get(client, "/function").status_code == 200
+    denied = get(client, "/function")
+    assert denied.status_code == 429 and denied.json()["error"]["code"] == "rate_limit_exceeded"
+    assert denied.headers["retry-after"] == "60"
+    assert get(client, "/function", "b").status_code == 200
+    for path, text in (("/sync", "sync"), ("/method", "method")):
+        assert get(client, path).text == text
+        assert get(client, path).status_code == 429
+
+
+def test_decorator_called_without_a_request_says_what_it_needs() -> None:
+    @limit("1/minute")
+    async def endpoint() -> None:
+        return None
+
+    with pytest.raises(TypeError, match="Starlette endpoints called with their Request"):
+        asyncio.run(endpoint())
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"error": {"message": "wait a minute", "type": "requests"}}', "wait a minute"),
+        (b"slow down", "slow down"),
+        (b"[]", "[]"),
+        (b'{"error": "busy"}', '{"error": "busy"}'),
+        (b"", "Too Many Requests"),
+    ],
+)
+def test_rate_limit_exceeded_detail_from_any_body(body: bytes, detail: str) -> None:
+    assert RateLimitExceeded(HTTPResponse(429, [], body)).detail == detail
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"), [("text/plain", b"slow down"), ("application/json", b"[]")]
+)
+def test_dependency_sends_the_deny_handlers_response_whatever_its_body(
+    content_type: str, body: bytes
+) -> None:
+    def deny(request: RequestView, decision: Decision) -> HTTPResponse:
+        return HTTPResponse(429, [("Content-Type", content_type), ("X-Denied-By", "handler")], body)
+
+    app = FastAPI()
+    app.add_exception_handler(RateLimitExceeded, rate_limit_exceeded_handler)
+
+    @app.get("/x", dependencies=[Depends(RateLimit("1/minute", deny_handler=deny))])
+    async def x() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = TestClient(app)
+    assert get(client, "/x").status_code == 200
+    denied = get(client, "/x")
+    assert denied.status_code == 429 and denied.content == body
+    assert denied.headers["content-type"] == content_type and denied.headers["x-denied-by"] == "handler"
+
+
+def test_shadow_mode_lets_denied_requests_through_with_the_headers() -> None:
+    events: list[Event] = []
+    options: dict[str, Any] = {"shadow": True, "observers": [EventHook(events.append)]}
+    app = FastAPI()
+
+    @app.get("/decorator")
+    @limit("1/minute", **options)
+    async def decorated() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/dependency", dependencies=[Depends(RateLimit("1/minute", **options))])
+    async def dependency() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = TestClient(app)
+    for path in ("/decorator", "/dependency"):
+        responses = [get(client, path) for _ in range(3)]
+        assert [response.json() for response in responses] == [{"ok": True}] * 3
+        assert [response.headers["x-ratelimit-remaining-requests"] for response in responses] == ["0"] * 3
+    assert [event.kind for event in events] == ["shadow_denied"] * 4
+
+
+def test_decorator_adds_headers_to_any_response_the_dependency_to_built_ones_only() -> None:
+    """FastAPI drops the headers a dependency sets when the endpoint returns its own Response: the
+    ``RateLimit`` docstring and INTEGRATION.md say so, and point to ``@limit``."""
+
+    async def events() -> AsyncIterator[str]:
+        yield "data: 1\n\n"
+
+    def own_json() -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    def own_stream() -> StreamingResponse:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = FastAPI()
+    for name, make in (("json", own_json), ("stream", own_stream)):
+        app.get(f"/decorator/{name}")(limit("5/minute")(make))
+        app.get(f"/dependency/{name}", dependencies=[Depends(RateLimit("5/minute"))])(make)
+
+    @app.get("/dependency/data", dependencies=[Depends(RateLimit("5/minute"))])
+    async def data() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = TestClient(app)
+    paths = [
+        "/decorator/json",
+        "/decorator/stream",
+        "/dependency/data",
+        "/dependency/json",
+        "/dependency/stream",
+    ]
+    remaining = {path: get(client, path).headers.get("x-ratelimit-remaining-requests") for path in paths}
+    assert remaining == {
+        "/decorator/json": "4",
+        "/decorator/stream": "4",
+        "/dependency/data": "4",
+        "/dependency/json": None,
+        "/dependency/stream": None,
+    }
+
+
+def test_a_body_another_reader_consumed_gives_the_key_functions_nothing() -> None:
+    async def drain(request: Request) -> None:
+        async for _ in request.stream():
+            pass
+
+    limited = RateLimit("1/minute", model_key=from_json_body("model"))
+    app = FastAPI()
+
+    @app.post("/x", dependencies=[Depends(drain), Depends(limited)])
+    async def x() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = TestClient(app)
+    assert client.post("/x", json={"model": "m1"}, headers={"X-User-ID": "a"}).status_code == 200
+    assert client.post("/x", json={"model": "m2"}, headers={"X-User-ID": "a"}).status_code == 429
+
+
+# Chunked uploads (no Content-Length): every form reads at most max_body_size + 1 bytes of them, in whole
+# messages, and the endpoint still reads the body byte for byte. Each app logs "endpoint" to ``events`` when
+# the endpoint starts, and ``post_chunked`` logs "chunk" for each message read.
+
+UPLOAD_OPTIONS: dict[str, Any] = {"model_key": from_json_body("model"), "max_body_size": 1024}
+
+
+async def digest(request: Request, events: list[str]) -> dict[str, str]:
+    events.append("endpoint")
+    return {"sha256": hashlib.sha256(await request.body()).hexdigest()}
+
+
+def fastapi_decorator(events: list[str]) -> ASGIApp:
+    app = FastAPI()
+
+    @app.post("/upload")
+    @limit("1/minute", **UPLOAD_OPTIONS)
+    async def upload(request: Request) -> dict[str, str]:
+        return await digest(request, events)
+
+    return app
+
+
+def fastapi_dependency(events: list[str]) -> ASGIApp:
+    app = FastAPI()
+
+    @app.post("/upload", dependencies=[Depends(RateLimit("1/minute", **UPLOAD_OPTIONS))])
+    async def upload(request: Request) -> dict[str, str]:
+        return await digest(request, events)
+
+    return app
+
+
+def starlette_decorator(events: list[str]) -> ASGIApp:
+    @limit("1/minute", **UPLOAD_OPTIONS)
+    async def upload(request: Request) -> JSONResponse:
+        return JSONResponse(await digest(request, events))
+
+    return Starlette(routes=[Route("/upload", upload, methods=["POST"])])
+
+
+UPLOAD_APPS = pytest.mark.parametrize(
+    "make_app", [fastapi_decorator, fastapi_dependency, starlette_decorator]
+)
+
+
+def post_chunked(app: ASGIApp, body: bytes, events: list[str], chunk_size: int) -> list[Message]:
+    """POST ``body`` with no Content-Length, in messages of ``chunk_size`` bytes."""
+    chunks = deque(body[start : start + chunk_size] for start in range(0, len(body), chunk_size))
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if not chunks:
+            return {"type": "http.disconnect"}
+        events.append("chunk")
+        chunk = chunks.popleft()
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = http_scope("/upload", headers=[("X-User-ID", "a"), ("Transfer-Encoding", "chunked")])
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+@UPLOAD_APPS
+def test_chunked_body_over_the_cap_is_read_no_further_and_reaches_the_endpoint_whole(
+    make_app: Callable[[list[str]], ASGIApp],
+) -> None:
+    events: list[str] = []
+    body = bytes(range(256)) * 4096  # 1 MiB in 16 messages of 64 KiB
+    sent = post_chunked(make_app(events), body, events, 65536)
+    assert status_of(sent) == 200
+    assert events[:2] == ["chunk", "endpoint"]  # one message was enough to pass the 1 KiB cap
+    assert events.count("chunk") == 16
+    assert json.loads(body_of(sent)) == {"sha256": hashlib.sha256(body).hexdigest()}
+
+
+@UPLOAD_APPS
+def test_chunked_body_under_the_cap_reaches_the_key_function_and_the_endpoint(
+    make_app: Callable[[list[str]], ASGIApp],
+) -> None:
+    events: list[str] = []
+    app = make_app(events)
+
+    def upload(model: str) -> int:
+        body = json.dumps({"model": model, "prompt": "hello"}).encode()
+        sent = post_chunked(app, body, events, 7)
+        if status_of(sent) == 200:
+            assert json.loads(body_of(sent)) == {"sha256": hashlib.sha256(body).hexdigest()}
+        return status_of(sent)
+
+    assert [upload("m1"), upload("m1"), upload("m2")] == [200, 429, 200]  # the key function saw the model
+
+
+RATE_HEADERS = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "ratelimit-policy",
+    "ratelimit",
+)
+
+
+@pytest.mark.parametrize(
+    ("middleware", "route", "limit_shown"), [("100/minute", "3/minute", "3"), ("2/minute", "100/minute", "2")]
+)
+def test_a_route_under_the_middleware_sends_one_set_of_headers_for_the_binding_limit(
+    middleware: str, route: str, limit_shown: str
+) -> None:
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    app = FastAPI()
+    app.add_middleware(RateLimitMiddleware, limiter=middleware)
+
+    @app.get("/json")
+    @limit(route)
+    async def as_json() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/own")
+    @limit(route)
+    async def own() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    client = TestClient(app)
+    for path in ("/json", "/own"):
+        response = client.get(path, headers={"X-User-ID": path})
+        assert response.status_code == 200
+        for name in RATE_HEADERS:
+            assert len(response.headers.get_list(name)) == 1, (path, name, response.headers)
+        assert response.headers["x-ratelimit-limit-requests"] == limit_shown
+
+
+def test_a_route_denial_under_the_middleware_carries_the_route_headers_only() -> None:
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    app = FastAPI()
+    app.add_middleware(RateLimitMiddleware, limiter="100/minute")
+
+    @app.get("/tight")
+    @limit("1/minute")
+    async def tight() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = TestClient(app)
+    assert client.get("/tight", headers={"X-User-ID": "a"}).status_code == 200
+    denied = client.get("/tight", headers={"X-User-ID": "a"})
+    assert denied.status_code == 429
+    assert denied.headers.get_list("x-ratelimit-limit-requests") == ["1"]
+    assert denied.headers.get_list("x-ratelimit-remaining-requests") == ["0"]

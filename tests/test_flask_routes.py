@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+from collections.abc import Callable
+
+import pytest
 from flask import Blueprint, Flask, Response, jsonify, request
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from ratelimit_middleware.flask import limit
 from ratelimit_middleware.keys import from_json_body
+from ratelimit_middleware.observe import Event, EventHook
 
 
 def blueprint(name: str) -> Blueprint:
@@ -75,3 +83,108 @@ def test_async_views() -> None:
     client = make_app().test_client()
     assert client.get("/async", headers={"X-User-ID": "a"}).text == "async"
     assert client.get("/async", headers={"X-User-ID": "a"}).status_code == 429
+
+
+def test_shadow_mode_lets_denied_requests_through_with_the_headers() -> None:
+    events: list[Event] = []
+    app = Flask(__name__)
+
+    @app.get("/shadow")
+    @limit("1/minute", shadow=True, observers=[EventHook(events.append)])
+    def shadow() -> str:
+        return "ok"
+
+    client = app.test_client()
+    responses = [client.get("/shadow", headers={"X-User-ID": "a"}) for _ in range(3)]
+    assert [response.text for response in responses] == ["ok"] * 3
+    assert [response.headers["x-ratelimit-remaining-requests"] for response in responses] == ["0"] * 3
+    assert [event.kind for event in events] == ["shadow_denied"] * 2
+
+
+# Chunked uploads (no Content-Length, an input the server terminates): the decorator reads at most
+# max_body_size + 1 bytes of them, and the view still reads the body byte for byte, whether or not something
+# opened or read Flask's request.stream before the decorator (a before_request hook).
+
+
+def open_stream() -> None:
+    request.stream.read(0)
+
+
+def read_body() -> None:
+    request.get_data()  # cached by Flask
+
+
+def upload_app(hook: Callable[[], None] | None) -> Flask:
+    app = Flask(__name__)
+    if hook is not None:
+        app.before_request(hook)
+
+    @app.post("/upload")
+    @limit("1/minute", model_key=from_json_body("model"), max_body_size=1024)
+    def upload() -> dict[str, object]:
+        read = request.input_stream.tell()  # bytes taken from the server's input before the view
+        return {"read_before_view": read, "sha256": hashlib.sha256(request.get_data()).hexdigest()}
+
+    return app
+
+
+def post_chunked(app: Flask, body: bytes) -> tuple[str, dict[str, object]]:
+    environ = EnvironBuilder(
+        "/upload", method="POST", headers={"X-User-ID": "a"}, input_stream=io.BytesIO(body)
+    ).get_environ()
+    del environ["CONTENT_LENGTH"]
+    environ["wsgi.input_terminated"] = True  # as servers that decode chunked bodies say
+    answer, status, _ = run_wsgi_app(app, environ, buffered=True)
+    return status, json.loads(b"".join(answer))
+
+
+@pytest.mark.parametrize("hook", [None, open_stream])
+def test_chunked_body_over_the_cap_is_read_no_further_and_reaches_the_view_whole(
+    hook: Callable[[], None] | None,
+) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB
+    status, answer = post_chunked(upload_app(hook), body)
+    assert status == "200 OK"
+    assert answer == {"read_before_view": 1025, "sha256": hashlib.sha256(body).hexdigest()}
+
+
+@pytest.mark.parametrize("hook", [None, open_stream, read_body])
+def test_chunked_body_under_the_cap_reaches_the_key_function_and_the_view(
+    hook: Callable[[], None] | None,
+) -> None:
+    app = upload_app(hook)
+
+    def upload(model: str) -> str:
+        body = json.dumps({"model": model, "prompt": "hello"}).encode()
+        status, answer = post_chunked(app, body)
+        if status == "200 OK":
+            assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+        return status
+
+    assert [upload("m1"), upload("m1"), upload("m2")] == ["200 OK", "429 TOO MANY REQUESTS", "200 OK"]
+
+
+@pytest.mark.parametrize(
+    ("middleware", "route", "statuses", "limit_shown"),
+    [("100/minute", "2/minute", [200, 200, 429], "2"), ("2/minute", "100/minute", [200, 200, 429], "2")],
+)
+def test_a_view_under_the_middleware_sends_one_set_of_headers_for_the_binding_limit(
+    middleware: str, route: str, statuses: list[int], limit_shown: str
+) -> None:
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    app = Flask(__name__)
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, limiter=middleware)  # type: ignore[method-assign]
+
+    @app.get("/view")
+    @limit(route)
+    def view() -> str:
+        return "ok"
+
+    client = app.test_client()
+    responses = [client.get("/view", headers={"X-User-ID": "a"}) for _ in statuses]
+    assert [response.status_code for response in responses] == statuses
+    for response in responses:
+        for name in ("X-RateLimit-Limit", "x-ratelimit-remaining-requests", "RateLimit-Policy", "RateLimit"):
+            assert len(response.headers.getlist(name)) == 1, (name, response.headers)
+        assert response.headers["x-ratelimit-limit-requests"] == limit_shown

@@ -118,6 +118,17 @@ def check_fastapi_decorator() -> None:
     assert client.get("/v1/usage", headers={"X-User-ID": "a"}).json()["error"]["type"] == "requests"
 
 
+def check_starlette_decorator() -> None:
+    client = TestClient(run("starlette-decorator")["app"])
+
+    def send() -> Any:
+        return client.post("/v1/embeddings", headers={"X-User-ID": "a"})
+
+    first = send()
+    assert first.json() == {"data": []} and first.headers["x-ratelimit-remaining-requests"] == "4"
+    assert statuses(send, 5) == [200] * 4 + [429]
+
+
 def check_flask_decorator() -> None:
     client = run("flask-decorator")["app"].test_client()
 
