@@ -156,6 +156,18 @@ class _ReplayInput:
             yield line
 
 
+def _read_up_to(stream: IO[bytes], size: int) -> bytes:
+    """``size`` bytes, fewer only at the end of ``stream``: a read may return less than it was asked."""
+    chunks = []
+    while size > 0:
+        chunk = stream.read(size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
 def load_body(environ: Environ, request: RequestView, limit: int) -> None:
     """Read the body into ``request`` (up to ``limit`` bytes) and make ``wsgi.input`` replay it."""
     stream: IO[bytes] = environ["wsgi.input"]
@@ -170,7 +182,7 @@ def load_body(environ: Environ, request: RequestView, limit: int) -> None:
         request.load_body(None)
         return
     want = limit + 1 if length is None else min(length, limit + 1)
-    head = stream.read(want) if want else b""
+    head = _read_up_to(stream, want)
     over = len(head) > limit
     request.load_body(None if over else head)
     environ["wsgi.input"] = _ReplayInput(head, stream, None if length is None else length - len(head))

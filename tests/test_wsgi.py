@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from werkzeug.test import Client, EnvironBuilder
 
 from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware.keys import from_json_body
 from ratelimit_middleware.request import RequestView
 from ratelimit_middleware.wsgi import RateLimitWSGI, _ReplayInput, request_view
 
@@ -295,3 +296,32 @@ def test_environ_variables_of_header_names_are_remembered_within_a_bound() -> No
     for _ in range(2):
         assert [view.header(f"X-Custom-{i}") for i in range(400)] == [str(i) for i in range(400)]
     assert len(_VARIABLES) <= _MAX_VARIABLES
+
+
+class _Trickle(io.RawIOBase):
+    """An input that returns at most 7 bytes a read, as a raw socket may."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._data.read(7 if size is None or size < 0 else min(size, 7))
+
+
+def test_a_body_that_arrives_in_short_reads_is_read_whole_for_the_key_functions() -> None:
+    body = json.dumps({"model": "trickled", "pad": "x" * 100}).encode()
+    models: list[str | None] = []
+
+    def model_key(request: RequestView) -> str | None:
+        models.append(from_json_body("model")(request))
+        return models[-1]
+
+    def echo(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [environ["wsgi.input"].read()]
+
+    app = RateLimitWSGI(echo, limiter="5/minute", model_key=model_key)
+    environ = EnvironBuilder(path="/", method="POST", headers={"X-User-ID": "a"}).get_environ()
+    environ["wsgi.input"], environ["CONTENT_LENGTH"] = _Trickle(body), str(len(body))
+    assert b"".join(app(environ, lambda status, headers, exc_info=None: None)) == body
+    assert models[-1] == "trickled"
