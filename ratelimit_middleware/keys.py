@@ -2,7 +2,8 @@
 
 A key function takes a ``RequestView`` and returns a string, or ``None`` when it cannot tell (then the next
 function of a ``first_of`` is tried). The same functions serve the ASGI and WSGI middlewares and the
-decorators. The defaults:
+decorators. They may run twice for one request (when one needs the body, all run again once it is read), so
+keep them free of side effects. The defaults:
 
 - user: the ``X-User-ID`` header, else the API key (``Authorization: Bearer`` or ``X-API-Key``, hashed), else
   the client address;

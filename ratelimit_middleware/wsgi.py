@@ -84,11 +84,19 @@ def _variable(name: str) -> str | None:
     return key
 
 
-def request_view(environ: Environ) -> RequestView:
-    """The framework-neutral view of a WSGI environ (headers read in place)."""
+def path_of(environ: Environ) -> str:
+    """``PATH_INFO`` as text, as werkzeug routes it: WSGI gives its bytes as latin-1, they are UTF-8."""
+    path: str = environ.get("PATH_INFO", "") or "/"
+    if path.isascii():
+        return path
+    return path.encode("latin-1", "replace").decode("utf-8", "replace")
+
+
+def request_view(environ: Environ, path: str | None = None) -> RequestView:
+    """The framework-neutral view of a WSGI environ (headers read in place); ``path``: its ``path_of``."""
     return RequestView(
         environ.get("REQUEST_METHOD", "GET"),
-        environ.get("PATH_INFO", "") or "/",
+        path_of(environ) if path is None else path,
         EnvironHeaders(environ),
         environ.get("QUERY_STRING", ""),
         environ.get("REMOTE_ADDR") or None,
@@ -300,12 +308,11 @@ class RateLimitWSGI:
         self.leases = LeaseKeeper()  # renews the concurrency leases of responses still running
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        limiter = self.gate.limiter_for(
-            environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "") or "/"
-        )
+        path = path_of(environ)
+        limiter = self.gate.limiter_for(environ.get("REQUEST_METHOD", "GET"), path)
         if limiter is None:
             return self.app(environ, start_response)
-        request = request_view(environ)
+        request = request_view(environ, path)
         outcome = admit(
             self.gate, limiter, request, lambda: load_body(environ, request, self.gate.max_body_size)
         )

@@ -325,3 +325,27 @@ def test_a_body_that_arrives_in_short_reads_is_read_whole_for_the_key_functions(
     environ["wsgi.input"], environ["CONTENT_LENGTH"] = _Trickle(body), str(len(body))
     assert b"".join(app(environ, lambda status, headers, exc_info=None: None)) == body
     assert models[-1] == "trickled"
+
+
+def test_non_ascii_paths_match_and_key_as_werkzeug_routes_them() -> None:
+    from ratelimit_middleware.keys import from_path
+
+    seen: list[str | None] = []
+    cafe = from_path("/menu/{item}")
+
+    def user_key(request: RequestView) -> str:
+        seen.append(cafe(request))
+        return "a"
+
+    app = RateLimitWSGI(
+        lambda environ, start_response: [start_response("200 OK", []) or b"ok"],
+        limiter="100/minute",
+        path_limits={"/menu/café": "1/minute"},
+        user_key=user_key,
+    )
+    statuses: list[str] = []
+    for _ in range(2):
+        environ = EnvironBuilder(path="/menu/café").get_environ()
+        assert environ["PATH_INFO"] == "/menu/caf\xc3\xa9"  # PEP 3333: the UTF-8 bytes, as latin-1
+        list(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert statuses == ["200 OK", "429 Too Many Requests"] and set(seen) == {"café"}
