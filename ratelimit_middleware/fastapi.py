@@ -71,7 +71,11 @@ def _message(body: bytes) -> str | None:
 
 
 def _to_response(response: HTTPResponse) -> Response:
-    return Response(response.body, status_code=response.status, headers=dict(response.headers))
+    """A Starlette response, every header kept (a ``dict`` would keep one of each name: one Set-Cookie)."""
+    sent = Response(response.body, status_code=response.status)
+    for name, value in response.headers:
+        sent.headers.append(name, value)
+    return sent
 
 
 async def _load_body(request: Request, view: RequestView, limit: int) -> None:

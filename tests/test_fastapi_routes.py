@@ -490,3 +490,20 @@ def test_a_route_denial_under_the_middleware_carries_the_route_headers_only() ->
     assert denied.status_code == 429
     assert denied.headers.get_list("x-ratelimit-limit-requests") == ["1"]
     assert denied.headers.get_list("x-ratelimit-remaining-requests") == ["0"]
+
+
+def test_a_deny_handler_repeated_headers_are_all_sent() -> None:
+    def deny(request: RequestView, decision: Decision) -> HTTPResponse:
+        return HTTPResponse(429, [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")], b"no")
+
+    app = FastAPI()
+
+    @app.get("/x")
+    @limit("1/minute", deny_handler=deny)
+    async def x() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = TestClient(app)
+    client.get("/x")
+    denied = client.get("/x")
+    assert denied.status_code == 429 and denied.headers.get_list("set-cookie") == ["a=1", "b=2"]
