@@ -192,8 +192,8 @@ def _ordered(reservation: Reservation) -> list[Decision]:
 
 
 Ask = tuple[Checker, "Reserver | None", str, str, "tuple[int, int]"]
-"""An identified request, ready for its limiter: ``(limiter, reserver, user, model, tokens)``, the arguments
-of ``Gate.decide``. A plain tuple: it is built for every request."""
+"""An identified request, ready for its limiter (``Gate.answer``): ``(limiter, reserver, user, model,
+tokens)``. A plain tuple: it is built for every request."""
 
 
 class Gate:
@@ -293,23 +293,37 @@ class Gate:
         return limiter, reserver, user, model, tokens
 
     def answer(self, ask: Ask) -> Decision | Reservation | HTTPResponse | None:
-        """The limiter's answer to ``ask``, reported to the observers; what ``failed`` says if it raised."""
+        """The limiter's answer to ``ask``: a decision, or a reservation of the expected tokens (input,
+        output) from a limiter with token or concurrency limits; reported to the observers, or what
+        ``failed`` says if the limiter raised."""
+        limiter, reserver, user, model, tokens = ask
         started = time.perf_counter() if self.observers else 0.0
         try:
-            outcome = self.decide(*ask)
+            if reserver is None:
+                outcome: Decision | Reservation = limiter.check(user, model)
+            else:
+                outcome = reserver.reserve(user, model, input_tokens=tokens[0], output_tokens=tokens[1])
         except Exception as error:
             return self.failed("the limiter", error)
-        self.observed(outcome, ask[2], ask[3], started)
+        if self.observers:
+            self.observed(outcome, user, model, started)
         return outcome
 
     async def aanswer(self, ask: Ask) -> Decision | Reservation | HTTPResponse | None:
         """``answer`` for event loops."""
+        limiter, reserver, user, model, tokens = ask
         started = time.perf_counter() if self.observers else 0.0
         try:
-            outcome = await self.adecide(*ask)
+            if reserver is None:
+                outcome: Decision | Reservation = await limiter.acheck(user, model)
+            else:
+                outcome = await reserver.areserve(
+                    user, model, input_tokens=tokens[0], output_tokens=tokens[1]
+                )
         except Exception as error:
             return self.failed("the limiter", error)
-        self.observed(outcome, ask[2], ask[3], started)
+        if self.observers:
+            self.observed(outcome, user, model, started)
         return outcome
 
     def identify(self, request: RequestView) -> tuple[str, str]:
@@ -323,7 +337,9 @@ class Gate:
         model = self.model_key(request) or "default"
         if not isinstance(user, str) or not isinstance(model, str):
             raise TypeError(f"key functions must return str or None, got user={user!r}, model={model!r}")
-        return _bounded(user), _bounded(model)
+        if len(user) > _MAX_KEY_LENGTH or len(model) > _MAX_KEY_LENGTH:
+            return _bounded(user), _bounded(model)
+        return user, model
 
     @classmethod
     def for_route(cls, limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Gate:
@@ -338,25 +354,6 @@ class Gate:
                 "response to its end; a per-route decorator takes request limits only"
             )
         return gate
-
-    @staticmethod
-    def decide(
-        limiter: Checker, reserver: Reserver | None, user: str, model: str, tokens: tuple[int, int]
-    ) -> Decision | Reservation:
-        """The limiter's answer for an identified request: a reservation of ``tokens`` (input, output) when
-        it has token or concurrency limits (``reserver``, see below), else a decision."""
-        if reserver is not None:
-            return reserver.reserve(user, model, input_tokens=tokens[0], output_tokens=tokens[1])
-        return limiter.check(user, model)
-
-    @staticmethod
-    async def adecide(
-        limiter: Checker, reserver: Reserver | None, user: str, model: str, tokens: tuple[int, int]
-    ) -> Decision | Reservation:
-        """``decide`` for event loops."""
-        if reserver is not None:
-            return await reserver.areserve(user, model, input_tokens=tokens[0], output_tokens=tokens[1])
-        return await limiter.acheck(user, model)
 
     @staticmethod
     def reserver(limiter: Checker) -> Reserver | None:
@@ -468,7 +465,7 @@ class Gate:
 
     def observed(self, outcome: Decision | Reservation, user: str, model: str, started: float) -> None:
         """Report a decision (made since ``started``, a ``perf_counter`` reading) to the observers."""
-        if self.observers:
+        if self.observers:  # also checked by the callers on the hot path
             decision = outcome.decision if isinstance(outcome, Reservation) else outcome
             elapsed = time.perf_counter() - started
             if isinstance(decision, ShadowDecision):  # a denial that a Shadow limiter let through

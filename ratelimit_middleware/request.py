@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping
+from typing import cast
 from urllib.parse import parse_qsl
 
 __all__ = ["BodyNotLoaded", "RequestView", "ServerHeaders"]
@@ -35,6 +36,7 @@ class ServerHeaders(Mapping[str, str]):
     """
 
     __slots__ = ("_all",)
+    read_in_place = True
 
     def __init__(self) -> None:
         self._all: dict[str, str] | None = None
@@ -97,11 +99,11 @@ class RequestView:
         self.path = path
         self.query_string = query_string
         self.client = client
-        if isinstance(raw_headers, ServerHeaders):
+        if getattr(raw_headers, "read_in_place", False) is True:  # a ServerHeaders, without an ABC isinstance
             self._raw_headers: Iterable[tuple[str, str]] = ()
-            self._headers: Mapping[str, str] | None = raw_headers
+            self._headers: Mapping[str, str] | None = cast(ServerHeaders, raw_headers)
         else:
-            self._raw_headers = raw_headers
+            self._raw_headers = cast("Iterable[tuple[str, str]]", raw_headers)
             self._headers = None
         self._query: dict[str, str] | None = None
         self._body: bytes | None = None  # None: not loaded; b"" after loading an empty or over-cap body
