@@ -13,9 +13,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from .contract import HTTPResponse, RawResponse
+from .contract import HTTPResponse, RawResponse, raw_informational_headers
 from .decision import Decision
-from .gate import OUTER_DECISION, Checker, Gate, GateOptions, LimiterSpec
+from .gate import SHARED_DECISIONS, Checker, Gate, GateOptions, LimiterSpec
 from .renewal import keep
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
@@ -198,19 +198,18 @@ async def run_metered(
 ) -> None:
     """Run the app for a reserved request, reading its usage as the response goes by and renewing its
     concurrency leases meanwhile, then settle."""
-    extra = encode_headers(gate.reservation_headers(reservation))
+    described = gate.described(reservation)
+    if described:
+        scope[SHARED_DECISIONS] = described  # routes inside fold theirs in
     meter = Meter(reservation.reserved)
-    outer: list[Decision | Reservation] = []  # emptied by a decorator that writes the headers instead
-    if extra:
-        scope[OUTER_DECISION] = outer = [reservation]
 
     async def send_metered(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers = message.get("headers", ())
             content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
             meter.start(int(message["status"]), content_type.decode("latin-1"))
-            if outer:
-                message = {**message, "headers": [*headers, *extra]}
+            if described:
+                message = {**message, "headers": [*headers, *raw_informational_headers(*described)]}
         elif message["type"] == "http.response.body":
             meter.body(message.get("body", b""))
         await send(message)
@@ -294,20 +293,21 @@ class RateLimitMiddleware:
             if not self.gate.passes(outcome.decision):
                 await send_response(send, self.gate.reservation_denied(request, outcome))
                 return
-            extra = encode_headers(self.gate.reservation_headers(outcome))  # shadow mode: nothing reserved
+            described = self.gate.described(outcome)  # shadow mode: nothing reserved
         elif not self.gate.passes(outcome):
             await send_response(send, self.gate.raw_denied(request, outcome))
             return
         else:
-            extra = self.gate.allowed_raw_headers(outcome)
-        if not extra:
+            described = self.gate.described(outcome)
+        if not described:
             await self.app(scope, receive, send)
             return
-        scope[OUTER_DECISION] = outer = [outcome]  # emptied by a decorator that writes the headers instead
+        scope[SHARED_DECISIONS] = described  # routes inside fold theirs in
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and outer:
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            if message["type"] == "http.response.start" and described:
+                headers = [*message.get("headers", ()), *raw_informational_headers(*described)]
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

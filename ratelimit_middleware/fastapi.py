@@ -23,8 +23,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .asgi import admit, load_body, request_view
-from .contract import HTTPResponse
-from .gate import OUTER_DECISION, Gate, LimiterSpec, RouteOptions
+from .contract import HTTPResponse, informational_headers
+from .decision import Decision
+from .gate import SHARED_DECISIONS, Gate, LimiterSpec, RouteOptions
 from .request import RequestView
 
 if TYPE_CHECKING:
@@ -98,11 +99,22 @@ async def _load_body(request: Request, view: RequestView, limit: int) -> None:
         request._receive = await load_body(request.receive, view, limit)
 
 
-async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, list[tuple[str, str]]]:
-    """``(response to send instead of the endpoint, headers for the endpoint's response)``."""
+async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, list[Decision]]:
+    """``(response to send instead of the endpoint, decisions the endpoint's response headers describe)``
+    (see ``Gate.route_verdict``)."""
     view = request_view(request.scope)
     outcome = await admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
-    return gate.route_verdict(view, outcome, request.scope.get(OUTER_DECISION))
+    return gate.route_verdict(view, outcome, request.scope.get(SHARED_DECISIONS))
+
+
+def _is_async(endpoint: Callable[..., Any]) -> bool:
+    """Whether calling ``endpoint`` gives a coroutine: a coroutine function, a partial of one, or an object
+    whose ``__call__`` is one."""
+    while isinstance(endpoint, functools.partial):
+        endpoint = endpoint.func
+    return inspect.iscoroutinefunction(endpoint) or inspect.iscoroutinefunction(
+        getattr(endpoint, "__call__", None)  # noqa: B004 - the method itself, not whether it is callable
+    )
 
 
 def _starlette_request(args: tuple[Any, ...]) -> Request:
@@ -159,7 +171,7 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
         response_name = own_response or _RESPONSE
         variadic = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
         plain = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        is_coroutine = inspect.iscoroutinefunction(endpoint)
+        is_coroutine = _is_async(endpoint)
 
         @functools.wraps(endpoint)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -170,16 +182,18 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
                 kwargs.pop(parameter.name, None)
             if request is None:
                 request = _starlette_request(args)
-            denial, headers = await _check(gate, request)
+            denial, described = await _check(gate, request)
             if denial is not None:
                 return _to_response(denial)
+            if described:
+                request.scope[SHARED_DECISIONS] = described  # routes limited inside fold theirs in
             if is_coroutine:
                 result = await endpoint(*args, **kwargs)
             else:
                 result = await run_in_threadpool(endpoint, *args, **kwargs)
             target = result if isinstance(result, Response) else response
-            if target is not None:
-                for name, value in headers:
+            if target is not None and described:
+                for name, value in informational_headers(*described):
                     target.headers.append(name, value)
             return result
 
@@ -194,7 +208,8 @@ class RateLimit:
 
     The informational headers go on the response FastAPI builds from the data an endpoint returns. An
     endpoint that returns its own ``Response`` (``JSONResponse``, ``StreamingResponse``) gets none: FastAPI
-    drops the headers dependencies set in that case. Use ``@limit`` there, which adds them to any response.
+    drops the headers dependencies set in that case. Use ``@limit`` there, which adds them to any response,
+    or ``RateLimitMiddleware``, which then writes the binding limit's headers for both.
     """
 
     def __init__(
@@ -205,8 +220,9 @@ class RateLimit:
         self.gate = Gate.for_route(limiter, **options)
 
     async def __call__(self, request: Request, response: Response) -> None:
-        denial, headers = await _check(self.gate, request)
+        denial, described = await _check(self.gate, request)
         if denial is not None:
             raise RateLimitExceeded(denial)
-        for name, value in headers:
-            response.headers.append(name, value)
+        if described:
+            for name, value in informational_headers(*described):
+                response.headers.append(name, value)

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import flask
 
-from .contract import HTTPResponse
-from .gate import OUTER_DECISION, Gate, LimiterSpec, RouteOptions
+from .contract import HTTPResponse, informational_headers
+from .decision import Decision
+from .gate import SHARED_DECISIONS, Gate, LimiterSpec, RouteOptions
 from .request import RequestView
 from .wsgi import Environ, admit, load_body, request_view
 
@@ -59,36 +60,43 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
     """
     gate = Gate.for_route(limiter, **options)
 
-    def check() -> tuple[flask.Response | None, list[tuple[str, str]]]:
-        """``(response to send instead of the view, headers to add to the view's response)``."""
+    def check() -> tuple[flask.Response | None, list[Decision]]:
+        """``(response to send instead of the view, decisions the view's response headers describe)``; the
+        latter are shared with the routes limited inside (see ``Gate.route_verdict``)."""
         request = flask.request
         view = request_view(request.environ)
         outcome = admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
-        denial, headers = gate.route_verdict(view, outcome, request.environ.get(OUTER_DECISION))
-        return (None if denial is None else _respond(denial)), headers
+        denial, described = gate.route_verdict(view, outcome, request.environ.get(SHARED_DECISIONS))
+        if denial is not None:
+            return _respond(denial), []
+        if described:
+            request.environ[SHARED_DECISIONS] = described
+        return None, described
+
+    def respond(result: Any, described: list[Decision]) -> flask.Response:
+        response = flask.make_response(result)
+        if described:
+            response.headers.extend(informational_headers(*described))
+        return response
 
     def decorator(function: F) -> F:
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)
             async def async_view(*args: Any, **kwargs: Any) -> Any:
-                denial, headers = check()
+                denial, described = check()
                 if denial is not None:
                     return denial
-                response = flask.make_response(await function(*args, **kwargs))
-                response.headers.extend(headers)
-                return response
+                return respond(await function(*args, **kwargs), described)
 
             return async_view  # type: ignore[return-value]
 
         @functools.wraps(function)
         def view(*args: Any, **kwargs: Any) -> Any:
-            denial, headers = check()
+            denial, described = check()
             if denial is not None:
                 return denial
-            response = flask.make_response(function(*args, **kwargs))
-            response.headers.extend(headers)
-            return response
+            return respond(function(*args, **kwargs), described)
 
         return view  # type: ignore[return-value]
 

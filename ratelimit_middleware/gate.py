@@ -24,7 +24,6 @@ from .contract import (
     denial_response,
     informational_headers,
     raw_denial_response,
-    raw_informational_headers,
     unavailable_response,
 )
 from .decision import Decision, ShadowDecision
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
-    "OUTER_DECISION",
+    "SHARED_DECISIONS",
     "Ask",
     "Checker",
     "DenialHandler",
@@ -60,10 +59,12 @@ __all__ = [
 
 logger = logging.getLogger("ratelimit_middleware")
 
-OUTER_DECISION = "ratelimit_middleware.outer"
-"""Where a middleware that adds headers leaves its decision for the per-route decorators inside it, in the
-ASGI scope or the WSGI environ: a one-item list. A decorator that writes headers empties it and writes those
-of the binding decision of both, so that a response never carries two sets."""
+SHARED_DECISIONS = "ratelimit_middleware.decisions"
+"""Where the outermost layer that writes rate limit headers (a middleware, or a per-route decorator outside
+any) keeps the decisions they describe, in the ASGI scope or the WSGI environ: a list, the binding decision
+first, then those of other units (tokens, concurrency). It writes them when the response starts. A route
+limited inside it folds its own decision in instead of writing headers, or empties the list when it denies
+(its 429 carries its own), so that a response carries one set of headers, for the binding limit."""
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 """Bodies are read for key functions up to 1 MiB; larger ones reach the app untouched, unread by keys."""
@@ -390,36 +391,41 @@ class Gate:
         for a decision made without the limit (they would describe a count nobody made)."""
         return self.add_headers and not isinstance(decision, UncheckedDecision)
 
-    def allowed_headers(self, decision: Decision, *others: Decision) -> list[tuple[str, str]]:
-        """Headers to add to an allowed response (see ``informs``)."""
-        return informational_headers(decision, *others) if self.informs(decision) else []
+    def allowed_headers(self, outcome: Decision | Reservation) -> list[tuple[str, str]]:
+        """The headers of an allowed response: those of the decisions it ``described``."""
+        described = self.described(outcome)
+        return informational_headers(*described) if described else []
+
+    def described(self, outcome: Decision | Reservation) -> list[Decision]:
+        """The decisions an allowed response's headers describe (``SHARED_DECISIONS``): none when it gets
+        none (see ``informs``)."""
+        decisions = _ordered(outcome) if isinstance(outcome, Reservation) else [outcome]
+        return decisions if self.informs(decisions[0]) else []
 
     def route_verdict(
-        self, request: RequestView, outcome: Decision | Reservation | HTTPResponse | None, outer: object
-    ) -> tuple[HTTPResponse | None, list[tuple[str, str]]]:
+        self, request: RequestView, outcome: Decision | Reservation | HTTPResponse | None, shared: object
+    ) -> tuple[HTTPResponse | None, list[Decision]]:
         """For a per-route decorator, what ``admit`` answered means: ``(response to send instead of the
-        endpoint, headers for the endpoint's response)``.
+        endpoint, decisions the route's headers describe)``.
 
-        ``outer`` is what an enclosing middleware left under ``OUTER_DECISION`` (``None`` without one). When
-        the route writes headers it takes it: a 429 carries the route's headers only, an allowed response
-        those of the binding decision of both, and the middleware adds none.
+        ``shared`` is what an enclosing layer keeps under ``SHARED_DECISIONS`` (``None`` without one). Inside
+        one, the route folds an allowed decision into it and describes none itself; a denial empties it.
         """
         assert not isinstance(outcome, Reservation)  # for_route refuses token and concurrency limits
         if outcome is None or isinstance(outcome, HTTPResponse):
             return outcome, []
-        taken = outer.pop() if isinstance(outer, list) and outer and self.informs(outcome) else None
+        enclosing: list[Decision] | None = shared if isinstance(shared, list) else None
         if not self.passes(outcome):
+            if enclosing is not None:
+                enclosing.clear()
             return self.denied(request, outcome), []
-        if taken is None:
-            return None, self.allowed_headers(outcome)
-        theirs = _ordered(taken) if isinstance(taken, Reservation) else [taken]
-        requests = [decision for decision in theirs if decision.unit == "requests"]
-        others = [decision for decision in theirs if decision.unit != "requests"]
-        return None, self.allowed_headers(binding([outcome, *requests]), *others)
-
-    def allowed_raw_headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
-        """``allowed_headers`` of one decision as an ASGI server takes them."""
-        return raw_informational_headers(decision) if self.informs(decision) else []
+        if enclosing is None:
+            return None, self.described(outcome)
+        if enclosing and self.informs(outcome):
+            requests = [decision for decision in enclosing if decision.unit == "requests"]
+            others = [decision for decision in enclosing if decision.unit != "requests"]
+            enclosing[:] = [binding([outcome, *requests]), *others]
+        return None, []
 
     def denied(self, request: RequestView, decision: Decision, *others: Decision) -> HTTPResponse:
         """The response for a denied request (``others``: the other units of a reservation)."""
@@ -435,10 +441,6 @@ class Gate:
         if self.deny_handler is None:
             return raw_denial_response(decision)
         return self.denied(request, decision)
-
-    def reservation_headers(self, reservation: Reservation) -> list[tuple[str, str]]:
-        """Headers for an allowed reservation: every unit's binding limit."""
-        return self.allowed_headers(*_ordered(reservation))
 
     def reservation_denied(self, request: RequestView, reservation: Reservation) -> HTTPResponse:
         """The 429 for a denied reservation, naming its binding limit first."""

@@ -352,7 +352,7 @@ class _Core:
             hold = None
             if outcome.allowed:
                 hold = _Hold(self.gate, outcome, ask.view.path, self.usage, renew(outcome))
-            return _Admission(_metadata(self.gate.reservation_headers(outcome)), hold)
+            return _Admission(_metadata(self.gate.allowed_headers(outcome)), hold)
         if not self.gate.passes(outcome):
             return _refusal(self.gate.denied(ask.view, outcome))
         return _Admission(_metadata(self.gate.allowed_headers(outcome)))

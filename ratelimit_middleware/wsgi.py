@@ -14,9 +14,9 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from .contract import HTTPResponse
+from .contract import HTTPResponse, informational_headers
 from .decision import Decision
-from .gate import OUTER_DECISION, Checker, Gate, GateOptions, LimiterSpec
+from .gate import SHARED_DECISIONS, Checker, Gate, GateOptions, LimiterSpec
 from .renewal import LeaseKeeper
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
@@ -245,11 +245,10 @@ def run_metered(
 ) -> Iterable[bytes]:
     """Run the app for a reserved request, reading its usage as the response goes by and having ``leases``
     renew its concurrency leases meanwhile; settle at the end."""
-    extra = gate.reservation_headers(reservation)
+    described = gate.described(reservation)
+    if described:
+        environ[SHARED_DECISIONS] = described  # routes inside fold theirs in
     meter = Meter(reservation.reserved)
-    outer: list[Decision | Reservation] = []  # emptied by a decorator that writes the headers instead
-    if extra:
-        environ[OUTER_DECISION] = outer = [reservation]
     stop_renewing = leases.keep(reservation)
 
     def settle() -> None:
@@ -270,7 +269,7 @@ def run_metered(
     ) -> Callable[[bytes], object]:
         content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
         meter.start(int(status.split(" ", 1)[0]), content_type)
-        return start_response(status, [*headers, *extra] if outer else headers, exc_info)
+        return start_response(status, with_described(headers, described), exc_info)
 
     try:
         body = app(environ, start_metered)
@@ -285,6 +284,11 @@ def _reason(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:  # a status outside the registry
         return "Unknown"
+
+
+def with_described(headers: list[tuple[str, str]], described: list[Decision]) -> list[tuple[str, str]]:
+    """The app's headers, and the rate limit headers of ``described`` unless a route emptied it."""
+    return [*headers, *informational_headers(*described)] if described else headers
 
 
 def send_response(start_response: StartResponse, response: HTTPResponse) -> list[bytes]:
@@ -328,18 +332,18 @@ class RateLimitWSGI:
                 return run_metered(self.gate, self.app, environ, start_response, outcome, self.leases)
             if not self.gate.passes(outcome.decision):
                 return send_response(start_response, self.gate.reservation_denied(request, outcome))
-            extra = self.gate.reservation_headers(outcome)  # shadow mode: nothing reserved
+            described = self.gate.described(outcome)  # shadow mode: nothing reserved
         elif not self.gate.passes(outcome):
             return send_response(start_response, self.gate.denied(request, outcome))
         else:
-            extra = self.gate.allowed_headers(outcome)
-        if not extra:
+            described = self.gate.described(outcome)
+        if not described:
             return self.app(environ, start_response)
-        environ[OUTER_DECISION] = outer = [outcome]  # emptied by a decorator that writes the headers instead
+        environ[SHARED_DECISIONS] = described  # routes inside fold theirs in
 
         def start_with_headers(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
-            return start_response(status, [*headers, *extra] if outer else headers, exc_info)
+            return start_response(status, with_described(headers, described), exc_info)
 
         return self.app(environ, start_with_headers)

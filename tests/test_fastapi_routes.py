@@ -507,3 +507,84 @@ def test_a_deny_handler_repeated_headers_are_all_sent() -> None:
     client.get("/x")
     denied = client.get("/x")
     assert denied.status_code == 429 and denied.headers.get_list("set-cookie") == ["a=1", "b=2"]
+
+
+def one_set(response: Any) -> str:
+    """The one value of each rate limit header; returns the limit they name."""
+    for name in RATE_HEADERS:
+        assert len(response.headers.get_list(name)) == 1, (name, response.headers)
+    return str(response.headers["x-ratelimit-limit-requests"])
+
+
+def layered_app(middleware: Any = "100/minute") -> FastAPI:
+    from fastapi import HTTPException
+
+    from ratelimit_middleware import Limits, MultiTierRateLimiter
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    app = FastAPI()
+    if middleware == "tokens":
+        middleware = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="100000/minute"))
+    app.add_middleware(RateLimitMiddleware, limiter=middleware)
+
+    @app.get("/dependency", dependencies=[Depends(RateLimit("2/minute"))])
+    async def dependency() -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    @app.get("/raises")
+    @limit("2/minute")
+    async def raises() -> dict[str, bool]:
+        raise HTTPException(400, "bad")
+
+    @app.get("/quiet")
+    @limit("1/minute", add_headers=False)
+    async def quiet() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+@pytest.mark.parametrize("path", ["/dependency", "/raises"])
+def test_the_middleware_writes_the_binding_headers_on_any_response_of_a_limited_route(path: str) -> None:
+    client = TestClient(layered_app())
+    response = client.get(path, headers={"X-User-ID": "a"})
+    assert response.status_code in (200, 400) and one_set(response) == "2"
+
+
+def test_token_headers_survive_a_route_limit_inside_a_token_middleware() -> None:
+    client = TestClient(layered_app("tokens"))
+    response = client.get("/dependency", headers={"X-User-ID": "a"})
+    assert one_set(response) == "2" and response.headers.get_list("x-ratelimit-limit-tokens") == ["100000"]
+
+
+def test_a_route_without_headers_that_denies_sends_its_429_alone() -> None:
+    client = TestClient(layered_app())
+    assert one_set(client.get("/quiet", headers={"X-User-ID": "a"})) == "100"  # the middleware's
+    assert one_set(denied := client.get("/quiet", headers={"X-User-ID": "a"})) == "1"
+    assert denied.status_code == 429
+
+
+def test_stacked_decorators_send_one_set_for_the_binding_limit() -> None:
+    app = FastAPI()
+
+    @app.get("/stacked")
+    @limit("5/minute")
+    @limit("2/minute")
+    async def stacked() -> dict[str, bool]:
+        return {"ok": True}
+
+    client = TestClient(app)
+    responses = [client.get("/stacked") for _ in range(3)]
+    assert [response.status_code for response in responses] == [200, 200, 429]
+    assert [one_set(response) for response in responses] == ["2", "2", "2"]
+
+
+def test_limit_awaits_a_callable_object_with_an_async_call() -> None:
+    class Endpoint:
+        async def __call__(self, q: str) -> dict[str, str]:
+            return {"q": q}
+
+    app = FastAPI()
+    app.add_api_route("/object", limit("5/minute")(Endpoint()), methods=["GET"])
+    response = TestClient(app).get("/object", params={"q": "hi"})
+    assert response.status_code == 200 and response.json() == {"q": "hi"}

@@ -188,3 +188,37 @@ def test_a_view_under_the_middleware_sends_one_set_of_headers_for_the_binding_li
         for name in ("X-RateLimit-Limit", "x-ratelimit-remaining-requests", "RateLimit-Policy", "RateLimit"):
             assert len(response.headers.getlist(name)) == 1, (name, response.headers)
         assert response.headers["x-ratelimit-limit-requests"] == limit_shown
+
+
+def test_the_middleware_writes_the_binding_headers_when_a_limited_view_aborts() -> None:
+    from flask import abort
+
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    app = Flask(__name__)
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, limiter="100/minute")  # type: ignore[method-assign]
+
+    @app.get("/aborts")
+    @limit("2/minute")
+    def aborts() -> str:
+        abort(400)
+
+    @app.get("/quiet")
+    @limit("1/minute", add_headers=False)
+    def quiet() -> str:
+        return "ok"
+
+    @app.get("/stacked")
+    @limit("5/minute")
+    @limit("2/minute")
+    def stacked() -> str:
+        return "ok"
+
+    client = app.test_client()
+    aborted = client.get("/aborts", headers={"X-User-ID": "a"})
+    assert aborted.status_code == 400 and aborted.headers.getlist("x-ratelimit-limit-requests") == ["2"]
+    quiets = [client.get("/quiet", headers={"X-User-ID": "a"}) for _ in range(2)]
+    assert [response.status_code for response in quiets] == [200, 429]
+    assert [response.headers.getlist("x-ratelimit-limit-requests") for response in quiets] == [["100"], ["1"]]
+    for response in [client.get("/stacked", headers={"X-User-ID": "a"}) for _ in range(3)]:
+        assert response.headers.getlist("x-ratelimit-limit-requests") == ["2"]
