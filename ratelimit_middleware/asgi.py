@@ -81,12 +81,25 @@ def _header_name(name: str) -> bytes | None:
     return key
 
 
-def request_view(scope: Scope) -> RequestView:
-    """The framework-neutral view of an ASGI HTTP scope (headers read in place)."""
+def route_path(scope: Scope) -> str:
+    """The path the app routes: the scope's ``path`` less its ``root_path`` (a ``Mount`` or ``--root-path``),
+    as Starlette's routing reads it."""
+    path: str = scope["path"]
+    root = scope.get("root_path")
+    if not root or not path.startswith(root):
+        return path
+    if len(path) == len(root):
+        return "/"
+    return path[len(root) :] if path[len(root)] == "/" else path
+
+
+def request_view(scope: Scope, path: str | None = None) -> RequestView:
+    """The framework-neutral view of an ASGI HTTP scope (headers read in place); ``path``: its
+    ``route_path``."""
     client = scope.get("client")
     return RequestView(
         scope["method"],
-        scope["path"],
+        route_path(scope) if path is None else path,
         ScopeHeaders(scope["headers"]),
         scope.get("query_string", b"").decode("latin-1"),
         client[0] if client else None,
@@ -265,11 +278,12 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limiter = self.gate.limiter_for(scope["method"], scope["path"])
+        path = route_path(scope)
+        limiter = self.gate.limiter_for(scope["method"], path)
         if limiter is None:
             await self.app(scope, receive, send)
             return
-        request = request_view(scope)
+        request = request_view(scope, path)
         from_server = receive
 
         async def read_body() -> None:

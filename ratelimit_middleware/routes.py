@@ -1,16 +1,17 @@
 """Which limit applies to a request path: exempt paths and per-path (and per-method) limits.
 
-A path is matched in two forms, and so is each pattern:
+A path is matched in three forms, and so is each pattern:
 
-- as the application routes it (*seen*): the path the server hands over (decoded once), with ``//``
-  collapsed and the trailing slash dropped;
+- *as given*: the path the application routes (decoded once by the server), exactly;
+- *seen*: the same with ``//`` collapsed and the trailing slash dropped;
 - fully *normalised*: percent-decoded until stable, ``.`` and ``..`` resolved as well.
 
-The first rule that matches the seen form applies. A rule that exempts (``None``) applies only if it also
-matches the normalised form, so that neither spelling can talk its way out of a limit: an application that
-routes ``/v1/files/../../health`` to its ``/v1/files/<path>`` view does not get ``/health``'s exemption.
-When no rule matches the seen form, the first *limiting* rule that matches the normalised form applies, so
-``/v1//chat/``, ``/v1/./chat`` and ``/v1/%2563hat`` are all limited as ``/v1/chat`` is.
+A rule that exempts (``None``) applies only if the path as given and the normalised path both match it: an
+application that routes ``/v1/files/../../health`` to its ``/v1/files/<path>`` view, or ``/health/`` to a
+catch-all proxy route, does not get ``/health``'s exemption. A limiting rule applies when the seen path
+matches it; failing that, the first limiting rule that matches the normalised path, so ``/v1//chat/``,
+``/v1/./chat`` and ``/v1/%2563hat`` are all limited as ``/v1/chat`` is. Other spellings can therefore only
+be limited more, never exempted.
 
 Patterns: ``"/health"`` (that path only), ``"/v1/*"`` (``/v1`` and everything below it), optionally behind a
 method: ``"POST /v1/chat/completions"``. Methods are compared in upper case, and a ``GET`` rule covers
@@ -81,6 +82,7 @@ class _Pattern:
         self.normalized = normalize_path(path)
 
     def matches(self, method: str, path: str, normalized: bool) -> bool:
+        """Whether the seen or given (``normalized=False``) or the normalised form of a path matches."""
         if self.methods is not None and method not in self.methods:
             return False
         own = self.normalized if normalized else self.seen
@@ -103,12 +105,14 @@ class PathRules(Generic[T]):
     def match(self, method: str, path: str) -> tuple[bool, T | None]:
         """``(True, value)`` for the rule that applies to this method and path, else ``(False, None)``."""
         method = method.upper()
+        path = path or "/"
         seen = seen_path(path)
         normalized = seen if _plain(path) else normalize_path(path)
         for pattern, value in self._rules:
-            if pattern.matches(method, seen, False) and (
-                value is not None or pattern.matches(method, normalized, True)
-            ):
+            if value is not None:
+                if pattern.matches(method, seen, False):
+                    return True, value
+            elif pattern.matches(method, path, False) and pattern.matches(method, normalized, True):
                 return True, value
         if normalized != seen:
             for pattern, value in self._rules:

@@ -435,3 +435,44 @@ def test_scope_headers_answer_as_the_joined_mapping(raw: list[tuple[bytes, bytes
         assert view.headers.get(name.lower()) == plain.headers.get(name.lower())
     assert dict(view.headers) == dict(plain.headers)
     assert ScopeHeaders(iter(raw)).get("x-model") == plain.headers.get("x-model")  # any iterable of pairs
+
+
+@pytest.mark.parametrize("path", ["/health/", "/health//", "//health"])
+def test_an_exemption_is_not_reached_through_a_catch_all_route(path: str) -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.add_middleware(RateLimitMiddleware, limiter="1/minute", exempt_paths=["/health"])
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/{rest:path}")
+    async def proxy(rest: str) -> dict[str, str]:
+        return {"proxied": rest}
+
+    statuses = [
+        status_of(asyncio.run(call(app, http_scope(path, "GET", [("X-User-ID", "a")])))) for _ in range(2)
+    ]
+    assert statuses == [200, 429]
+    exempt = [status_of(asyncio.run(call(app, http_scope("/health", "GET")))) for _ in range(3)]
+    assert exempt == [200, 200, 200]
+
+
+def test_rules_match_the_path_the_app_routes_under_a_root_path_or_a_mount() -> None:
+    from starlette.routing import Mount
+
+    inner = make_app(limiter="100/minute", path_limits={"/hello": "1/minute"}, exempt_paths=["/health"])
+    outer = Starlette(routes=[Mount("/api", app=inner)])
+    for app, scope_root in ((outer, ""), (inner, "/api")):
+        statuses = []
+        for _ in range(2):
+            scope = http_scope("/api/hello", "GET", [("X-User-ID", f"a{scope_root}")])
+            scope["root_path"] = scope_root  # uvicorn --root-path /api: the path includes it
+            statuses.append(status_of(asyncio.run(call(app, scope))))
+        assert statuses == [200, 429], scope_root
+        health = http_scope("/api/health", "GET")
+        health["root_path"] = scope_root
+        sent = asyncio.run(call(app, health))
+        assert status_of(sent) == 200 and "x-ratelimit-limit-requests" not in headers_of(sent)

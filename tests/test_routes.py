@@ -47,8 +47,11 @@ def test_bad_patterns_raise(bad: object) -> None:
 def test_an_exemption_needs_the_path_as_routed_and_normalised() -> None:
     rules = PathRules([("/health", None), ("/docs/*", None), ("/v1/*", "v1")])
     assert rules.match("GET", "/health") == (True, None)
-    assert rules.match("GET", "/health/") == (True, None)
-    assert rules.match("GET", "//health") == (True, None)
+    # routed by a catch-all (/{path:path}, /<path:p>) as such, not to /health: limited
+    assert rules.match("GET", "/health/") == (False, None)
+    assert rules.match("GET", "/health//") == (False, None)
+    assert rules.match("GET", "//health") == (False, None)
+    assert rules.match("GET", "/docs//x") == (True, None)  # still below /docs/
     # routed by the app as a /v1/files/<path> or /v1/models/{model} request: never /health's exemption
     assert rules.match("GET", "/v1/files/../../health") == (True, "v1")
     assert rules.match("GET", "/v1/models/%2e%2e%2f%2e%2e%2fhealth") == (True, "v1")
