@@ -33,7 +33,7 @@ from .limiter import RateLimiter
 from .observe import Observer, notify
 from .plans import Plans
 from .policy import binding
-from .request import RequestView
+from .request import BodyNotLoaded, RequestView
 from .reservation import Reservation
 from .routes import PathRules
 from .tokens import DEFAULT_OUTPUT_TOKENS
@@ -123,18 +123,22 @@ def _bounded(identity: str) -> str:
     return "sha256:" + hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+_NO_CONTENT = frozenset((204, 205, 304))
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # visible latin-1, spaces and tabs: no line breaks
 
 
 def _checked_response(response: object) -> HTTPResponse:
-    """A ``deny_handler``'s answer, checked before a server sees it: an ``HTTPResponse`` with a status from
-    100 to 599, bytes, and headers a server can send. Its ``Content-Length`` goes: the shells write it."""
+    """A ``deny_handler``'s answer, checked before a server sees it: an ``HTTPResponse`` with a final status
+    that has content (200 to 599, not 204, 205 or 304), bytes, and headers a server can send. Its
+    ``Content-Length`` goes: the shells write it."""
     if not isinstance(response, HTTPResponse):
         raise TypeError(f"a deny_handler must return an HTTPResponse, got {response!r}")
     status, headers, body = response
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise ValueError(f"the deny_handler's status must be an int from 100 to 599, got {status!r}")
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
+        raise ValueError(f"the deny_handler's status must be a final status from 200 to 599, got {status!r}")
+    if status in _NO_CONTENT:
+        raise ValueError(f"the deny_handler's status {status} cannot carry the body and length we send")
     if not isinstance(body, bytes):
         raise TypeError(f"the deny_handler's body must be bytes, got {type(body).__name__}")
     kept = []
@@ -432,7 +436,7 @@ class Gate:
         if self.deny_handler is not None:
             try:
                 return _checked_response(self.deny_handler(request, decision))
-            except Exception as error:
+            except (Exception, BodyNotLoaded) as error:  # the body is read only for key functions
                 self._log.warning("the deny_handler", error, "answered with the default 429")
         return denial_response(decision, *others)
 

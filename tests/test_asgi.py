@@ -346,6 +346,9 @@ def test_failing_deny_handler_falls_back_to_the_default_429() -> None:
         HTTPResponse(429, [("X-Note", "two\r\nlines")], b""),
         HTTPResponse(429, [("X-Note", "\u20ac")], b""),
         HTTPResponse(99, [], b""),
+        HTTPResponse(101, [], b""),
+        HTTPResponse(204, [], b""),
+        HTTPResponse(304, [], b"x"),
         HTTPResponse(429, [], "text"),  # type: ignore[arg-type]
     ],
 )
@@ -353,6 +356,16 @@ def test_a_deny_handler_answer_no_server_can_send_gets_the_default_429(answer: o
     client = TestClient(make_app(limiter="1/minute", deny_handler=lambda request, decision: answer))
     post(client)
     denied = post(client)
+    assert denied.status_code == 429 and denied.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_deny_handler_reading_a_body_no_key_function_loaded_gets_the_default_429() -> None:
+    def handler(request: RequestView, decision: Any) -> HTTPResponse:
+        return HTTPResponse(429, [], repr(request.json()).encode())
+
+    client = TestClient(make_app(limiter="1/minute", deny_handler=handler))
+    for _ in range(2):  # X-Model given: the default model key never reads the body
+        denied = post(client, headers={"X-Model": "m"})
     assert denied.status_code == 429 and denied.json()["error"]["code"] == "rate_limit_exceeded"
 
 
