@@ -71,14 +71,15 @@ class HTTPResponse(NamedTuple):
 def go_duration(seconds: float) -> str:
     """Go-style durations as in OpenAI's reset headers: ``"20ms"``, ``"1.5s"``, ``"6m0s"``, ``"1h2m3s"``.
 
-    Under a second, milliseconds rounded up (a positive wait never reads ``0ms``); from a second on, the
-    whole duration is rounded to the millisecond before it is split, so 119.9997 s reads ``2m0s``.
+    Rounded up to the millisecond, as ``Retry-After`` is to the second (a client that waits it is not early),
+    before it is split: 119.9997 s reads ``2m0s``, and a positive wait never ``0ms``.
     """
     if seconds <= 0:
         return "0s"
-    if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
-    whole, millis = divmod(round(seconds * 1000), 1000)
+    millis = math.ceil(seconds * 1000)
+    if millis < 1000:
+        return f"{millis}ms"
+    whole, millis = divmod(millis, 1000)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     text = f"{secs}.{millis:03d}".rstrip("0").rstrip(".") + "s" if millis else f"{secs}s"

@@ -165,11 +165,9 @@ def _forwarded_for(request: RequestView, header: str) -> list[str]:
     if header == "x-forwarded-for":
         return value.split(",")
     found = []
-    for element in value.split(","):
-        for pair in element.split(";"):
-            name, _, address = pair.strip().partition("=")
-            if name.lower() == "for":
-                found.append(address)
+    for element in value.split(","):  # one element per hop: "" for a hop that gave no for=
+        pairs = (pair.strip().partition("=") for pair in element.split(";"))
+        found.append(next((address for name, _, address in pairs if name.lower() == "for"), ""))
     return found
 
 

@@ -39,7 +39,7 @@ def allowed(remaining: int = 7, reset_after: float = 12.5) -> Decision:
     ("seconds", "text"),
     [(0.02, "20ms"), (0.0001, "1ms"), (0, "0s"), (1.5, "1.5s"), (1, "1s"), (59.25, "59.25s"),
      (360, "6m0s"), (3723, "1h2m3s"), (86400, "24h0m0s"), (59.9996, "1m0s"), (119.9997, "2m0s"),
-     (3599.9999, "1h0m0s"), (61.0004, "1m1s")],
+     (3599.9999, "1h0m0s"), (61.0004, "1m1.001s"), (0.9996, "1s"), (1.0005, "1.001s")],
 )  # fmt: skip
 def test_go_durations_like_openai(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
@@ -115,9 +115,9 @@ def test_unavailable_response_is_a_503_with_retry() -> None:
 def _reference_go_duration(seconds: float) -> str:
     if seconds <= 0:
         return "0s"
-    if seconds < 1:
+    if math.ceil(seconds * 1000) < 1000:
         return f"{math.ceil(seconds * 1000)}ms"
-    total = round(seconds * 1000)  # milliseconds
+    total = math.ceil(seconds * 1000)  # milliseconds
     hours, minutes, secs = total // 3_600_000, total // 60_000 % 60, total % 60_000 / 1000
     text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
     if hours:

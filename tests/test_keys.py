@@ -117,6 +117,12 @@ def test_client_ip_trusts_networks_only_from_trusted_peers() -> None:
         keys.client_ip(trusted_proxies=1, header="X-Real-IP")
 
 
+def test_a_forwarded_hop_without_for_still_counts_as_a_hop() -> None:
+    """The trusted proxy wrote ``proto=https`` only: the element before it is the client's own, not its."""
+    spoofed = {"Forwarded": "for=6.6.6.6, proto=https"}
+    assert keys.client_ip(1, header="Forwarded")(view(spoofed, client="10.0.0.1")) is None
+
+
 @pytest.mark.parametrize("trusted_proxies", [1, ["10.0.0.0/8"]])
 def test_a_client_cannot_choose_its_address_with_the_header_proxies_pass_on(
     trusted_proxies: int | list[str],
