@@ -157,13 +157,17 @@ class _Throttled:
     """Logs a failure at most once a minute per kind: one line per outage, not one per request."""
 
     def __init__(self) -> None:
-        self._last: dict[tuple[str, type[BaseException]], float] = {}
+        self._last: dict[tuple[str, type[BaseException] | None], float] = {}
+
+    def due(self, kind: tuple[str, type[BaseException] | None]) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(kind, -_LOG_EVERY_SECONDS) < _LOG_EVERY_SECONDS:
+            return False
+        self._last[kind] = now
+        return True
 
     def warning(self, stage: str, error: BaseException, outcome: str) -> None:
-        kind = (stage, type(error))
-        now = time.monotonic()
-        if now - self._last.get(kind, -_LOG_EVERY_SECONDS) >= _LOG_EVERY_SECONDS:
-            self._last[kind] = now
+        if self.due((stage, type(error))):
             logger.warning("%s failed (%s); the request was %s", stage, error, outcome, exc_info=error)
 
 
@@ -338,13 +342,23 @@ class Gate:
         """
         user = self.user_key(request)
         if user is None:
-            user = f"ip:{request.client}" if request.client else "anonymous"
+            user = f"ip:{request.client}" if request.client else self._anonymous()
         model = self.model_key(request) or "default"
         if not isinstance(user, str) or not isinstance(model, str):
             raise TypeError(f"key functions must return str or None, got user={user!r}, model={model!r}")
         if len(user) > _MAX_KEY_LENGTH or len(model) > _MAX_KEY_LENGTH:
             return _bounded(user), _bounded(model)
         return user, model
+
+    def _anonymous(self) -> str:
+        """The user of a request with no user key and no client address (a server on a Unix socket): one
+        bucket for all of them, which the log says once a minute."""
+        if self._log.due(("anonymous", None)):
+            logger.warning(
+                "a request had no user key and no client address: it counts in the one 'anonymous' bucket; "
+                "behind a proxy, set user_key=client_ip(trusted_proxies=...)"
+            )
+        return "anonymous"
 
     @classmethod
     def for_route(cls, limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Gate:

@@ -489,3 +489,16 @@ def test_rules_match_the_path_the_app_routes_under_a_root_path_or_a_mount() -> N
         health["root_path"] = scope_root
         sent = asyncio.run(call(app, health))
         assert status_of(sent) == 200 and "x-ratelimit-limit-requests" not in headers_of(sent)
+
+
+def test_no_user_key_and_no_client_address_is_one_bucket_said_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_app(limiter="1/minute")
+    with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
+        statuses = [
+            status_of(asyncio.run(call(app, http_scope("/hello", "GET", client=None)))) for _ in range(3)
+        ]
+    assert statuses == [200, 429, 429]
+    warnings = [record for record in caplog.records if "anonymous" in record.getMessage()]
+    assert len(warnings) == 1 and "client_ip(trusted_proxies" in warnings[0].getMessage()
