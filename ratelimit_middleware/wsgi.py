@@ -46,7 +46,7 @@ class EnvironHeaders(ServerHeaders):
     __slots__ = ("_environ",)
 
     def __init__(self, environ: Environ) -> None:
-        super().__init__()
+        self._all = None  # ServerHeaders.__init__, without the call: one per request
         self._environ = environ
 
     def pairs(self) -> Iterable[tuple[str, str]]:
