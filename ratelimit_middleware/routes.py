@@ -1,17 +1,12 @@
 """Which limit applies to a request path: exempt paths and per-path (and per-method) limits.
 
-A path is matched in three forms, and so is each pattern:
-
-- *as given*: the path the application routes (decoded once by the server), exactly;
-- *seen*: the same with ``//`` collapsed and the trailing slash dropped;
-- fully *normalised*: percent-decoded until stable, ``.`` and ``..`` resolved as well.
-
-A rule that exempts (``None``) applies only if the path as given and the normalised path both match it: an
-application that routes ``/v1/files/../../health`` to its ``/v1/files/<path>`` view, or ``/health/`` to a
-catch-all proxy route, does not get ``/health``'s exemption. A limiting rule applies when the seen path
-matches it; failing that, the first limiting rule that matches the normalised path, so ``/v1//chat/``,
-``/v1/./chat`` and ``/v1/%2563hat`` are all limited as ``/v1/chat`` is. Other spellings can therefore only
-be limited more, never exempted.
+Rules match the path the application routes (decoded once by the server, less ASGI's ``root_path``), with
+``//`` collapsed and without its trailing slash, as are the patterns: ``/v1//chat/`` matches ``/v1/chat``.
+Nothing is decoded further nor resolved, since the frameworks do not do it either: ``/v1/%2563hat`` or
+``/files/%2e%2e/public/x`` reaches no ``/v1/chat`` or ``/public/*`` route, so it gets no rule of theirs, and
+cannot borrow a looser one. A rule that exempts (``None``) also needs the fully normalised path (decoded
+until stable, ``.`` and ``..`` resolved) to match: ``/docs/../v1/chat``, which an application or a proxy
+before it may resolve, never gets ``/docs/*``'s exemption. The first rule that matches applies.
 
 Patterns: ``"/health"`` (that path only), ``"/v1/*"`` (``/v1`` and everything below it), optionally behind a
 method: ``"POST /v1/chat/completions"``. Methods are compared in upper case, and a ``GET`` rule covers
@@ -59,11 +54,6 @@ def normalize_path(path: str) -> str:
     return "/" + "/".join(segments)
 
 
-def _plain(path: str) -> bool:
-    """Whether normalising ``path`` would change nothing beyond ``seen_path``."""
-    return "%" not in path and "/." not in path
-
-
 class _Pattern:
     __slots__ = ("methods", "normalized", "prefix", "seen", "text")
 
@@ -81,14 +71,22 @@ class _Pattern:
         self.seen = seen_path(path)
         self.normalized = normalize_path(path)
 
-    def matches(self, method: str, path: str, normalized: bool) -> bool:
-        """Whether the seen or given (``normalized=False``) or the normalised form of a path matches."""
-        if self.methods is not None and method not in self.methods:
-            return False
-        own = self.normalized if normalized else self.seen
-        if self.prefix:
+    def covers(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+    @staticmethod
+    def _matches(own: str, path: str, prefix: bool) -> bool:
+        if prefix:
             return own == "/" or path == own or path.startswith(own + "/")
         return path == own
+
+    def matches_seen(self, seen: str) -> bool:
+        """Whether a path as routed (``seen_path``) matches."""
+        return self._matches(self.seen, seen, self.prefix)
+
+    def matches_normalized(self, normalized: str) -> bool:
+        """Whether a fully normalised path (``normalize_path``) matches."""
+        return self._matches(self.normalized, normalized, self.prefix)
 
 
 class PathRules(Generic[T]):
@@ -105,17 +103,15 @@ class PathRules(Generic[T]):
     def match(self, method: str, path: str) -> tuple[bool, T | None]:
         """``(True, value)`` for the rule that applies to this method and path, else ``(False, None)``."""
         method = method.upper()
-        path = path or "/"
-        seen = seen_path(path)
-        normalized = seen if _plain(path) else normalize_path(path)
+        seen = seen_path(path or "/")
+        normalized: str | None = None
         for pattern, value in self._rules:
+            if not (pattern.covers(method) and pattern.matches_seen(seen)):
+                continue
             if value is not None:
-                if pattern.matches(method, seen, False):
-                    return True, value
-            elif pattern.matches(method, path, False) and pattern.matches(method, normalized, True):
                 return True, value
-        if normalized != seen:
-            for pattern, value in self._rules:
-                if value is not None and pattern.matches(method, normalized, True):
-                    return True, value
+            if normalized is None:
+                normalized = normalize_path(path)
+            if pattern.matches_normalized(normalized):
+                return True, value
         return False, None

@@ -128,9 +128,7 @@ def test_exempt_paths_and_methods() -> None:
     assert client.options("/hello").status_code != 429
 
 
-@pytest.mark.parametrize(
-    "variant", ["/v1/chat/completions/", "//v1/chat/completions", "/v1/./chat/completions"]
-)
+@pytest.mark.parametrize("variant", ["/v1/chat/completions/", "//v1/chat/completions"])
 def test_path_limits_cannot_be_dodged(variant: str) -> None:
     app = make_app(limiter="100/minute", path_limits={"POST /v1/chat/*": "1/minute"})
     sent_first = asyncio.run(call(app, http_scope("/v1/chat/completions", headers=[("X-User-ID", "a")])))
@@ -147,11 +145,12 @@ def test_path_limits_replace_the_default_and_none_exempts() -> None:
     assert [post(client).status_code for _ in range(2)] == [200, 429]
 
 
-def test_percent_encoded_path_is_still_limited() -> None:
+def test_another_spelling_never_reaches_the_limited_endpoint() -> None:
+    """Starlette routes the path as the server decoded it, once: these reach no endpoint, so no limit."""
     app = make_app(limiter="100/minute", path_limits={"/v1/chat/completions": "1/minute"})
     asyncio.run(call(app, http_scope("/v1/chat/completions", headers=[("X-User-ID", "a")])))
-    scope = http_scope("/v1/%63hat/completions", headers=[("X-User-ID", "a")])
-    assert status_of(asyncio.run(call(app, scope))) == 429
+    for spelling in ("/v1/%63hat/completions", "/v1/./chat/completions", "/v1/x/../chat/completions"):
+        assert status_of(asyncio.run(call(app, http_scope(spelling, headers=[("X-User-ID", "a")])))) == 404
 
 
 def test_encoded_dot_segments_do_not_reach_an_exemption() -> None:
@@ -450,26 +449,22 @@ def test_scope_headers_answer_as_the_joined_mapping(raw: list[tuple[bytes, bytes
     assert ScopeHeaders(iter(raw)).get("x-model") == plain.headers.get("x-model")  # any iterable of pairs
 
 
-@pytest.mark.parametrize("path", ["/health/", "/health//", "//health"])
+@pytest.mark.parametrize("path", ["/docs/../v1/chat", "/docs/%2e%2e/v1/chat", "/docs/..%2fv1/chat"])
 def test_an_exemption_is_not_reached_through_a_catch_all_route(path: str) -> None:
     from fastapi import FastAPI
 
     app = FastAPI()
-    app.add_middleware(RateLimitMiddleware, limiter="1/minute", exempt_paths=["/health"])
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    app.add_middleware(RateLimitMiddleware, limiter="1/minute", exempt_paths=["/docs/*"])
 
     @app.get("/{rest:path}")
-    async def proxy(rest: str) -> dict[str, str]:
+    async def proxy(rest: str) -> dict[str, str]:  # a gateway that forwards (and may resolve) any path
         return {"proxied": rest}
 
     statuses = [
         status_of(asyncio.run(call(app, http_scope(path, "GET", [("X-User-ID", "a")])))) for _ in range(2)
     ]
     assert statuses == [200, 429]
-    exempt = [status_of(asyncio.run(call(app, http_scope("/health", "GET")))) for _ in range(3)]
+    exempt = [status_of(asyncio.run(call(app, http_scope("/docs/index", "GET")))) for _ in range(3)]
     assert exempt == [200, 200, 200]
 
 
