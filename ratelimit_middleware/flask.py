@@ -34,7 +34,7 @@ def _load_body(request: flask.Request, view: RequestView, limit: int) -> None:
 
     A body the app already read with ``get_data`` is taken from Flask's cache. Otherwise ``wsgi.load_body``
     reads ``request.stream`` (which keeps to Content-Length and ``MAX_CONTENT_LENGTH``) as a terminated input,
-    and ``request.stream`` becomes its replay: the bytes read, then the rest.
+    and ``request.stream`` (and ``wsgi.input``) becomes its replay: the bytes read, then the rest.
     """
     length = request.content_length
     if length is not None and length > limit:
@@ -46,7 +46,8 @@ def _load_body(request: flask.Request, view: RequestView, limit: int) -> None:
         return
     environ: Environ = {"wsgi.input": request.stream, "wsgi.input_terminated": True}
     load_body(environ, view, limit)
-    request.stream = environ["wsgi.input"]
+    # the view may read request.stream, request.input_stream or the environ's wsgi.input: all replay
+    request.stream = request.environ["wsgi.input"] = environ["wsgi.input"]
 
 
 def _respond(response: HTTPResponse) -> flask.Response:

@@ -125,13 +125,17 @@ def _bounded(identity: str) -> str:
 
 _NO_CONTENT = frozenset((204, 205, 304))
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # visible latin-1, spaces and tabs: no line breaks
+# Visible latin-1, with spaces and tabs inside only: servers reject line breaks and edge whitespace.
+_VALUE = re.compile(r"([\x21-\x7e\x80-\xff]([\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
+_HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade")
+)  # the server's to send (PEP 3333 forbids them to applications)
 
 
 def _checked_response(response: object) -> HTTPResponse:
     """A ``deny_handler``'s answer, checked before a server sees it: an ``HTTPResponse`` with a final status
-    that has content (200 to 599, not 204, 205 or 304), bytes, and headers a server can send. Its
-    ``Content-Length`` goes: the shells write it."""
+    that has content (200 to 599, not 204, 205 or 304), bytes, and headers a server can send (not
+    hop-by-hop ones). Its ``Content-Length`` goes: the shells write it."""
     if not isinstance(response, HTTPResponse):
         raise TypeError(f"a deny_handler must return an HTTPResponse, got {response!r}")
     status, headers, body = response
@@ -148,6 +152,8 @@ def _checked_response(response: object) -> HTTPResponse:
             raise ValueError(f"the deny_handler's header name {name!r} is not a valid HTTP token")
         if not (isinstance(value, str) and _VALUE.fullmatch(value)):
             raise ValueError(f"the deny_handler's header {name}: {value!r} is not a valid value")
+        if name.lower() in _HOP_BY_HOP:
+            raise ValueError(f"the deny_handler's header {name} is the server's to send")
         if name.lower() != "content-length":
             kept.append((name, value))
     return HTTPResponse(status, kept, body)

@@ -222,3 +222,18 @@ def test_the_middleware_writes_the_binding_headers_when_a_limited_view_aborts() 
     assert [response.headers.getlist("x-ratelimit-limit-requests") for response in quiets] == [["100"], ["1"]]
     for response in [client.get("/stacked", headers={"X-User-ID": "a"}) for _ in range(3)]:
         assert response.headers.getlist("x-ratelimit-limit-requests") == ["2"]
+
+
+@pytest.mark.parametrize("reader", ["input_stream", "wsgi.input"])
+def test_a_view_reading_the_raw_input_gets_the_whole_body(reader: str) -> None:
+    app = Flask(__name__)
+
+    @app.post("/raw")
+    @limit("5/minute", model_key=from_json_body("model"))
+    def raw() -> dict[str, str]:
+        stream = request.input_stream if reader == "input_stream" else request.environ["wsgi.input"]
+        return {"read": stream.read().decode()}
+
+    body = json.dumps({"model": "m", "prompt": "x" * 100})
+    response = app.test_client().post("/raw", data=body, content_type="application/json")
+    assert response.status_code == 200 and response.json == {"read": body}
