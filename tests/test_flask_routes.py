@@ -122,16 +122,18 @@ def upload_app(hook: Callable[[], None] | None) -> Flask:
     @app.post("/upload")
     @limit("1/minute", model_key=from_json_body("model"), max_body_size=1024)
     def upload() -> dict[str, object]:
-        read = request.input_stream.tell()  # bytes taken from the server's input before the view
+        read = request.environ["test.input"].tell()  # bytes taken from the server's input before the view
         return {"read_before_view": read, "sha256": hashlib.sha256(request.get_data()).hexdigest()}
 
     return app
 
 
 def post_chunked(app: Flask, body: bytes) -> tuple[str, dict[str, object]]:
+    server_input = io.BytesIO(body)
     environ = EnvironBuilder(
-        "/upload", method="POST", headers={"X-User-ID": "a"}, input_stream=io.BytesIO(body)
+        "/upload", method="POST", headers={"X-User-ID": "a"}, input_stream=server_input
     ).get_environ()
+    environ["test.input"] = server_input
     del environ["CONTENT_LENGTH"]
     environ["wsgi.input_terminated"] = True  # as servers that decode chunked bodies say
     answer, status, _ = run_wsgi_app(app, environ, buffered=True)
