@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .contract import HTTPResponse, RawResponse, raw_informational_headers
 from .decision import Decision
-from .gate import SHARED_DECISIONS, Checker, Gate, GateOptions, LimiterSpec
+from .gate import Checker, Gate, GateOptions, LimiterSpec
 from .renewal import keep
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
@@ -207,13 +207,16 @@ async def admit(
 
 
 async def run_metered(
-    gate: Gate, app: ASGIApp, scope: Scope, receive: Receive, send: Send, reservation: Reservation
+    gate: Gate,
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    reservation: Reservation,
+    described: list[Decision],
 ) -> None:
-    """Run the app for a reserved request, reading its usage as the response goes by and renewing its
-    concurrency leases meanwhile, then settle."""
-    described = gate.described(reservation)
-    if described:
-        scope[SHARED_DECISIONS] = described  # routes inside fold theirs in
+    """Run the app for a reserved request, with the headers of ``described``, reading its usage as the
+    response goes by and renewing its concurrency leases meanwhile, then settle."""
     meter = Meter(reservation.reserved)
 
     async def send_metered(message: Message) -> None:
@@ -291,35 +294,22 @@ class RateLimitMiddleware:
             receive = await load_body(receive, request, self.gate.max_body_size)
 
         outcome = await admit(self.gate, limiter, request, read_body)
-        if isinstance(outcome, HTTPResponse):
-            await send_response(send, outcome)
+        response, described, metered = self.gate.verdict(request, outcome, scope, raw=True)
+        if response is not None:
+            await send_response(send, response)
             return
-        if outcome is None:
+        if metered is not None:
+            body = self.gate.usage_requesting_body(request)
+            if body is not None:
+                scope, receive = with_body(scope, body, from_server)
+            await run_metered(self.gate, self.app, scope, receive, send, metered, described)
+            return
+        if not described:  # no headers to add, or a layer outside adds them
             await self.app(scope, receive, send)
             return
-        if isinstance(outcome, Reservation):
-            if outcome.allowed:
-                body = self.gate.usage_requesting_body(request)
-                if body is not None:
-                    scope, receive = with_body(scope, body, from_server)
-                await run_metered(self.gate, self.app, scope, receive, send, outcome)
-                return
-            if not self.gate.passes(outcome.decision):
-                await send_response(send, self.gate.reservation_denied(request, outcome))
-                return
-            described = self.gate.described(outcome)  # shadow mode: nothing reserved
-        elif not self.gate.passes(outcome):
-            await send_response(send, self.gate.raw_denied(request, outcome))
-            return
-        else:
-            described = self.gate.described(outcome)
-        if not described:
-            await self.app(scope, receive, send)
-            return
-        scope[SHARED_DECISIONS] = described  # routes inside fold theirs in
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and described:
+            if message["type"] == "http.response.start" and described:  # emptied if a route inside denied
                 headers = [*message.get("headers", ()), *raw_informational_headers(*described)]
                 message = {**message, "headers": headers}
             await send(message)

@@ -99,12 +99,35 @@ async def _load_body(request: Request, view: RequestView, limit: int) -> None:
         request._receive = await load_body(request.receive, view, limit)
 
 
+class _Written(list[Decision]):
+    """Decisions whose headers a ``RateLimit`` dependency wrote on the response FastAPI builds from the
+    endpoint's data: a limit inside it folds its decision in, then has them ``rewrite``."""
+
+    __slots__ = ("response", "sent")
+
+    def __init__(self, decisions: list[Decision], response: Response) -> None:
+        super().__init__(decisions)
+        self.response = response
+        self.sent: list[tuple[str, str]] = []
+
+    def rewrite(self) -> None:
+        for name, _ in self.sent:
+            del self.response.headers[name]
+        self.sent = informational_headers(*self) if self else []
+        for name, value in self.sent:
+            self.response.headers.append(name, value)
+
+
 async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, list[Decision]]:
-    """``(response to send instead of the endpoint, decisions the endpoint's response headers describe)``
-    (see ``Gate.route_verdict``)."""
+    """``(response to send instead of the endpoint, decisions whose headers go on its response)``; see
+    ``Gate.verdict``."""
     view = request_view(request.scope)
     outcome = await admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
-    return gate.route_verdict(view, outcome, request.scope.get(SHARED_DECISIONS))
+    denial, described, _ = gate.verdict(view, outcome, request.scope)
+    written = request.scope.get(SHARED_DECISIONS)
+    if isinstance(written, _Written) and written is not described:  # a dependency outside wrote them
+        written.rewrite()
+    return denial, described
 
 
 def _is_async(endpoint: Callable[..., Any]) -> bool:
@@ -185,8 +208,6 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
             denial, described = await _check(gate, request)
             if denial is not None:
                 return _to_response(denial)
-            if described:
-                request.scope[SHARED_DECISIONS] = described  # routes limited inside fold theirs in
             if is_coroutine:
                 result = await endpoint(*args, **kwargs)
             else:
@@ -223,6 +244,6 @@ class RateLimit:
         denial, described = await _check(self.gate, request)
         if denial is not None:
             raise RateLimitExceeded(denial)
-        if described:
-            for name, value in informational_headers(*described):
-                response.headers.append(name, value)
+        if described:  # the outermost limit: written now, rewritten by the limits inside
+            written = request.scope[SHARED_DECISIONS] = _Written(described, response)
+            written.rewrite()

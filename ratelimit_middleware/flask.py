@@ -17,7 +17,7 @@ import flask
 
 from .contract import HTTPResponse, informational_headers
 from .decision import Decision
-from .gate import SHARED_DECISIONS, Gate, LimiterSpec, RouteOptions
+from .gate import Gate, LimiterSpec, RouteOptions
 from .request import RequestView
 from .wsgi import Environ, admit, load_body, request_view
 
@@ -63,16 +63,12 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
 
     def check() -> tuple[flask.Response | None, list[Decision]]:
         """``(response to send instead of the view, decisions the view's response headers describe)``; the
-        latter are shared with the routes limited inside (see ``Gate.route_verdict``)."""
+        latter are shared with the routes limited inside (see ``Gate.verdict``)."""
         request = flask.request
         view = request_view(request.environ)
         outcome = admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
-        denial, described = gate.route_verdict(view, outcome, request.environ.get(SHARED_DECISIONS))
-        if denial is not None:
-            return _respond(denial), []
-        if described:
-            request.environ[SHARED_DECISIONS] = described
-        return None, described
+        denial, described, _ = gate.verdict(view, outcome, request.environ)
+        return (None if denial is None else _respond(denial)), described
 
     def respond(result: Any, described: list[Decision]) -> flask.Response:
         response = flask.make_response(result)

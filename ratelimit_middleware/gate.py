@@ -14,8 +14,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, cast
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, cast, overload
 
 from .config import RateLimitConfig
 from .contract import (
@@ -199,6 +199,23 @@ class GateOptions(RouteOptions, total=False):
     estimator: Estimator | None
     default_output_tokens: int
     stream_usage: bool
+
+
+def _stand_aside(carrier: MutableMapping[str, Any]) -> None:
+    """A layer denies: an enclosing layer writes no headers on its 429."""
+    enclosing = carrier.get(SHARED_DECISIONS)
+    if isinstance(enclosing, list):
+        enclosing.clear()
+
+
+def _folded(decisions: list[Decision]) -> list[Decision]:
+    """The binding decision of each unit among several layers', the request one first."""
+    units: dict[str, list[Decision]] = {}
+    for decision in decisions:
+        units.setdefault(decision.unit, []).append(decision)
+    return sorted(
+        (binding(same) for same in units.values()), key=lambda decision: decision.unit != "requests"
+    )
 
 
 def _ordered(reservation: Reservation) -> list[Decision]:
@@ -421,35 +438,70 @@ class Gate:
         return informational_headers(*described) if described else []
 
     def described(self, outcome: Decision | Reservation) -> list[Decision]:
-        """The decisions an allowed response's headers describe (``SHARED_DECISIONS``): none when it gets
-        none (see ``informs``)."""
+        """The decisions an allowed response's rate limit headers describe, the request one first: none
+        when it gets no headers (see ``informs``)."""
         decisions = _ordered(outcome) if isinstance(outcome, Reservation) else [outcome]
         return decisions if self.informs(decisions[0]) else []
 
-    def route_verdict(
-        self, request: RequestView, outcome: Decision | Reservation | HTTPResponse | None, shared: object
-    ) -> tuple[HTTPResponse | None, list[Decision]]:
-        """For a per-route decorator, what ``admit`` answered means: ``(response to send instead of the
-        endpoint, decisions the route's headers describe)``.
+    @overload
+    def verdict(
+        self,
+        request: RequestView,
+        outcome: Decision | Reservation | HTTPResponse | None,
+        carrier: MutableMapping[str, Any],
+        raw: Literal[False] = False,
+    ) -> tuple[HTTPResponse | None, list[Decision], Reservation | None]: ...
 
-        ``shared`` is what an enclosing layer keeps under ``SHARED_DECISIONS`` (``None`` without one). Inside
-        one, the route folds an allowed decision into it and describes none itself; a denial empties it.
+    @overload
+    def verdict(
+        self,
+        request: RequestView,
+        outcome: Decision | Reservation | HTTPResponse | None,
+        carrier: MutableMapping[str, Any],
+        raw: Literal[True],
+    ) -> tuple[HTTPResponse | RawResponse | None, list[Decision], Reservation | None]: ...
+
+    def verdict(
+        self,
+        request: RequestView,
+        outcome: Decision | Reservation | HTTPResponse | None,
+        carrier: MutableMapping[str, Any],
+        raw: bool = False,
+    ) -> tuple[HTTPResponse | RawResponse | None, list[Decision], Reservation | None]:
+        """What a layer (middleware or route) does once ``admit`` answered: ``(response to send instead of
+        the app, decisions whose headers this layer writes on the app's response, reservation to meter while
+        the app runs)``. ``carrier``: the ASGI scope or WSGI environ, where layers share ``SHARED_DECISIONS``;
+        ``raw``: the default 429 in ASGI bytes.
+
+        A denying layer empties an enclosing layer's decisions (its 429 carries its own headers); an allowing
+        one inside another folds its decisions in and writes none itself.
         """
-        assert not isinstance(outcome, Reservation)  # for_route refuses token and concurrency limits
         if outcome is None or isinstance(outcome, HTTPResponse):
-            return outcome, []
-        enclosing: list[Decision] | None = shared if isinstance(shared, list) else None
+            return outcome, [], None
+        if isinstance(outcome, Reservation):
+            if not self.passes(outcome.decision):
+                _stand_aside(carrier)
+                return self.reservation_denied(request, outcome), [], None
+            return None, self._take_part(carrier, outcome), outcome if outcome.allowed else None
         if not self.passes(outcome):
-            if enclosing is not None:
-                enclosing.clear()
-            return self.denied(request, outcome), []
-        if enclosing is None:
-            return None, self.described(outcome)
-        if enclosing and self.informs(outcome):
-            requests = [decision for decision in enclosing if decision.unit == "requests"]
-            others = [decision for decision in enclosing if decision.unit != "requests"]
-            enclosing[:] = [binding([outcome, *requests]), *others]
-        return None, []
+            _stand_aside(carrier)
+            return (self.raw_denied(request, outcome) if raw else self.denied(request, outcome)), [], None
+        return None, self._take_part(carrier, outcome), None
+
+    def _take_part(
+        self, carrier: MutableMapping[str, Any], outcome: Decision | Reservation
+    ) -> list[Decision]:
+        """This layer's decisions, published for the layers inside; or, inside a layer that writes
+        headers, folded into that layer's (and none returned)."""
+        mine = self.described(outcome)
+        enclosing = carrier.get(SHARED_DECISIONS)
+        if isinstance(enclosing, list):
+            if mine and enclosing:
+                enclosing[:] = _folded([*enclosing, *mine])
+            return []
+        if mine:
+            carrier[SHARED_DECISIONS] = mine
+        return mine
 
     def denied(self, request: RequestView, decision: Decision, *others: Decision) -> HTTPResponse:
         """The response for a denied request (``others``: the other units of a reservation)."""

@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .contract import HTTPResponse, informational_headers
 from .decision import Decision
-from .gate import SHARED_DECISIONS, Checker, Gate, GateOptions, LimiterSpec
+from .gate import Checker, Gate, GateOptions, LimiterSpec
 from .renewal import LeaseKeeper
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
@@ -241,13 +241,11 @@ def run_metered(
     environ: Environ,
     start_response: StartResponse,
     reservation: Reservation,
+    described: list[Decision],
     leases: LeaseKeeper,
 ) -> Iterable[bytes]:
-    """Run the app for a reserved request, reading its usage as the response goes by and having ``leases``
-    renew its concurrency leases meanwhile; settle at the end."""
-    described = gate.described(reservation)
-    if described:
-        environ[SHARED_DECISIONS] = described  # routes inside fold theirs in
+    """Run the app for a reserved request, with the headers of ``described``, reading its usage as the
+    response goes by and having ``leases`` renew its concurrency leases meanwhile; settle at the end."""
     meter = Meter(reservation.reserved)
     stop_renewing = leases.keep(reservation)
 
@@ -320,26 +318,16 @@ class RateLimitWSGI:
         outcome = admit(
             self.gate, limiter, request, lambda: load_body(environ, request, self.gate.max_body_size)
         )
-        if isinstance(outcome, HTTPResponse):
-            return send_response(start_response, outcome)
-        if outcome is None:
+        response, described, metered = self.gate.verdict(request, outcome, environ)
+        if response is not None:
+            return send_response(start_response, response)
+        if metered is not None:
+            body = self.gate.usage_requesting_body(request)
+            if body is not None:
+                environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+            return run_metered(self.gate, self.app, environ, start_response, metered, described, self.leases)
+        if not described:  # no headers to add, or a layer outside adds them
             return self.app(environ, start_response)
-        if isinstance(outcome, Reservation):
-            if outcome.allowed:
-                body = self.gate.usage_requesting_body(request)
-                if body is not None:
-                    environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
-                return run_metered(self.gate, self.app, environ, start_response, outcome, self.leases)
-            if not self.gate.passes(outcome.decision):
-                return send_response(start_response, self.gate.reservation_denied(request, outcome))
-            described = self.gate.described(outcome)  # shadow mode: nothing reserved
-        elif not self.gate.passes(outcome):
-            return send_response(start_response, self.gate.denied(request, outcome))
-        else:
-            described = self.gate.described(outcome)
-        if not described:
-            return self.app(environ, start_response)
-        environ[SHARED_DECISIONS] = described  # routes inside fold theirs in
 
         def start_with_headers(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None

@@ -588,3 +588,42 @@ def test_limit_awaits_a_callable_object_with_an_async_call() -> None:
     app.add_api_route("/object", limit("5/minute")(Endpoint()), methods=["GET"])
     response = TestClient(app).get("/object", params={"q": "hi"})
     assert response.status_code == 200 and response.json() == {"q": "hi"}
+
+
+def test_stacked_middlewares_and_dependencies_send_one_set_for_the_binding_limit() -> None:
+    from starlette.routing import Mount
+
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    inner = Starlette(routes=[Route("/x", lambda request: PlainTextResponse("ok"))])
+    inner.add_middleware(RateLimitMiddleware, limiter="2/minute")
+    outer = Starlette(routes=[Mount("/api", app=inner)])
+    outer.add_middleware(RateLimitMiddleware, limiter="100/minute")
+    mounted = [TestClient(outer).get("/api/x", headers={"X-User-ID": "a"}) for _ in range(3)]
+
+    router = APIRouter(dependencies=[Depends(RateLimit("100/minute"))])
+
+    @router.get("/two", dependencies=[Depends(RateLimit("2/minute"))])
+    async def two() -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.get("/decorated")
+    @limit("2/minute")
+    async def decorated() -> dict[str, bool]:
+        return {"ok": True}
+
+    app = FastAPI()
+    app.include_router(router)
+    client = TestClient(app)
+    for responses in (
+        mounted,
+        [client.get("/two") for _ in range(3)],
+        [client.get("/decorated") for _ in range(3)],
+    ):
+        assert [response.status_code for response in responses] == [200, 200, 429]
+        assert [one_set(response) for response in responses] == ["2", "2", "2"]
+        assert [response.headers["x-ratelimit-remaining-requests"] for response in responses] == [
+            "1",
+            "0",
+            "0",
+        ]

@@ -349,3 +349,17 @@ def test_non_ascii_paths_match_and_key_as_werkzeug_routes_them() -> None:
         assert environ["PATH_INFO"] == "/menu/caf\xc3\xa9"  # PEP 3333: the UTF-8 bytes, as latin-1
         list(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
     assert statuses == ["200 OK", "429 Too Many Requests"] and set(seen) == {"café"}
+
+
+def test_stacked_middlewares_send_one_set_for_the_binding_limit() -> None:
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    inner = make_app()
+    inner.wsgi_app = RateLimitWSGI(inner.wsgi_app, limiter="2/minute")  # type: ignore[method-assign]
+    outer = RateLimitWSGI(DispatcherMiddleware(make_app(), {"/api": inner}), limiter="100/minute")
+    client = Client(outer)
+    responses = [client.get("/api/hello", headers={"X-User-ID": "a"}) for _ in range(3)]
+    assert [response.status_code for response in responses] == [200, 200, 429]
+    for response, remaining in zip(responses, ["1", "0", "0"], strict=True):
+        assert response.headers.getlist("X-RateLimit-Limit") == ["2"]
+        assert response.headers.getlist("x-ratelimit-remaining-requests") == [remaining]
