@@ -35,18 +35,7 @@ import bench_http  # benchmarks/ is sys.path[0] when this file is run as a scrip
 
 SHORT, LONG = 200, 1200
 CONNECTIONS = 4
-VARIANTS = {
-    "asgi": ("bare", "bare_headers", "ours", "ours_noheaders", "ours_deny", "slowapi", "slowapi_deny"),
-    "wsgi": (
-        "bare",
-        "bare_headers",
-        "ours",
-        "ours_noheaders",
-        "ours_deny",
-        "flask_limiter",
-        "flask_limiter_deny",
-    ),
-}
+VARIANTS = {"asgi": bench_http.ASGI_WRK, "wsgi": bench_http.WSGI_WRK}  # the servers of bench_http's part A
 _TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 
 
