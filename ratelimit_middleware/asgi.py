@@ -234,6 +234,7 @@ async def run_metered(
     try:
         await app(scope, receive, send_metered)
     finally:
+        gate.finished(scope, described)
         stop_renewing()
         actual = meter.settlement()
         try:
@@ -314,4 +315,7 @@ class RateLimitMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            self.gate.finished(scope, described)

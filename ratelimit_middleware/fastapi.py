@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from .asgi import admit, load_body, request_view
+from .asgi import admit, encode_headers, load_body, request_view
 from .contract import HTTPResponse, informational_headers
 from .decision import Decision
 from .gate import SHARED_DECISIONS, Gate, LimiterSpec, RouteOptions
@@ -108,14 +108,15 @@ class _Written(list[Decision]):
     def __init__(self, decisions: list[Decision], response: Response) -> None:
         super().__init__(decisions)
         self.response = response
-        self.sent: list[tuple[str, str]] = []
+        self.sent: list[tuple[bytes, bytes]] = []
 
     def rewrite(self) -> None:
-        for name, _ in self.sent:
-            del self.response.headers[name]
-        self.sent = informational_headers(*self) if self else []
-        for name, value in self.sent:
-            self.response.headers.append(name, value)
+        """Replace the header lines it wrote before, and only those."""
+        lines = self.response.raw_headers
+        for line in self.sent:
+            lines.remove(line)
+        self.sent = encode_headers(informational_headers(*self)) if self else []
+        lines.extend(self.sent)
 
 
 async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, list[Decision]]:
@@ -212,10 +213,17 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
                 result = await endpoint(*args, **kwargs)
             else:
                 result = await run_in_threadpool(endpoint, *args, **kwargs)
-            target = result if isinstance(result, Response) else response
+            if isinstance(result, Response):
+                written = request.scope.get(SHARED_DECISIONS)
+                if isinstance(written, _Written):  # on FastAPI's response, which this one replaces
+                    described = written
+                target: Response | None = result
+            else:
+                target = response
             if target is not None and described:
                 for name, value in informational_headers(*described):
                     target.headers.append(name, value)
+            gate.finished(request.scope, described)
             return result
 
         wrapper.__signature__ = signature.replace(parameters=[*plain, *hidden, *variadic])  # type: ignore[attr-defined]
@@ -240,7 +248,9 @@ class RateLimit:
     ) -> None:
         self.gate = Gate.for_route(limiter, **options)
 
-    async def __call__(self, request: Request, response: Response) -> None:
+    async def __call__(self, request: HTTPConnection, response: Response) -> None:
+        if not isinstance(request, Request):  # a websocket route: passed untouched, as by the middleware
+            return
         denial, described = await _check(self.gate, request)
         if denial is not None:
             raise RateLimitExceeded(denial)

@@ -74,6 +74,7 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
         response = flask.make_response(result)
         if described:
             response.headers.extend(informational_headers(*described))
+        gate.finished(flask.request.environ, described)
         return response
 
     def decorator(function: F) -> F:

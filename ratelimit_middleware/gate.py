@@ -473,10 +473,14 @@ class Gate:
         the app runs)``. ``carrier``: the ASGI scope or WSGI environ, where layers share ``SHARED_DECISIONS``;
         ``raw``: the default 429 in ASGI bytes.
 
-        A denying layer empties an enclosing layer's decisions (its 429 carries its own headers); an allowing
-        one inside another folds its decisions in and writes none itself.
+        A denying layer (429 or 503) empties an enclosing layer's decisions, so that its response carries its
+        own headers only; an allowing one inside another folds its decisions in and writes none itself. The
+        layer that publishes decisions calls ``finished`` once it has written them.
         """
-        if outcome is None or isinstance(outcome, HTTPResponse):
+        if outcome is None:  # on_error="allow": through, described by the layers outside
+            return None, [], None
+        if isinstance(outcome, HTTPResponse):  # a 503: its own headers only
+            _stand_aside(carrier)
             return outcome, [], None
         if isinstance(outcome, Reservation):
             if not self.passes(outcome.decision):
@@ -487,6 +491,13 @@ class Gate:
             _stand_aside(carrier)
             return (self.raw_denied(request, outcome) if raw else self.denied(request, outcome)), [], None
         return None, self._take_part(carrier, outcome), None
+
+    @staticmethod
+    def finished(carrier: MutableMapping[str, Any], described: list[Decision]) -> None:
+        """The layer that published ``described`` has written its headers: a scope or environ used again
+        (a copy, a test harness) starts without them."""
+        if carrier.get(SHARED_DECISIONS) is described:
+            del carrier[SHARED_DECISIONS]
 
     def _take_part(
         self, carrier: MutableMapping[str, Any], outcome: Decision | Reservation

@@ -274,6 +274,8 @@ def run_metered(
     except BaseException:
         settle()
         raise
+    finally:
+        gate.finished(environ, described)
     return _Metered(body, meter, settle)
 
 
@@ -334,4 +336,7 @@ class RateLimitWSGI:
         ) -> Callable[[bytes], object]:
             return start_response(status, with_described(headers, described), exc_info)
 
-        return self.app(environ, start_with_headers)
+        try:
+            return self.app(environ, start_with_headers)
+        finally:
+            self.gate.finished(environ, described)

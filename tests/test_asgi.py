@@ -501,3 +501,13 @@ def test_no_user_key_and_no_client_address_is_one_bucket_said_in_the_log(
     assert statuses == [200, 429, 429]
     warnings = [record for record in caplog.records if "anonymous" in record.getMessage()]
     assert len(warnings) == 1 and "client_ip(trusted_proxies" in warnings[0].getMessage()
+
+
+def test_a_scope_used_again_gets_its_headers_again() -> None:
+    app = make_app(limiter="10/minute")
+    scope = http_scope("/hello", "GET", [("X-User-ID", "a")])
+    remaining = [
+        headers_of(asyncio.run(call(app, scope)))["x-ratelimit-remaining-requests"] for _ in range(2)
+    ]
+    copied = headers_of(asyncio.run(call(app, dict(scope))))["x-ratelimit-remaining-requests"]
+    assert [*remaining, copied] == ["9", "8", "7"]

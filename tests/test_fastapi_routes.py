@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Response
+from fastapi import APIRouter, Depends, FastAPI, Response, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -627,3 +627,82 @@ def test_stacked_middlewares_and_dependencies_send_one_set_for_the_binding_limit
             "0",
             "0",
         ]
+
+
+def test_limit_under_a_dependency_writes_the_set_on_the_response_it_returns() -> None:
+    router = APIRouter(dependencies=[Depends(RateLimit("100/minute"))])
+
+    @router.get("/own")
+    @limit("5/minute")
+    async def own() -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    @router.get("/events")
+    @limit("5/minute")
+    async def events() -> StreamingResponse:
+        async def stream() -> AsyncIterator[str]:
+            yield "data: 1\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    app = FastAPI()
+    app.include_router(router)
+    client = TestClient(app)
+    for path in ("/own", "/events"):
+        response = client.get(path)
+        assert response.status_code == 200 and one_set(response) == "5", path
+
+
+def test_a_dependency_rewrites_only_its_own_header_lines() -> None:
+    def expose_request_id(response: Response) -> None:
+        response.headers.append("Access-Control-Expose-Headers", "X-Request-Id")
+
+    router = APIRouter(dependencies=[Depends(RateLimit("100/minute")), Depends(expose_request_id)])
+
+    @router.get("/inner", dependencies=[Depends(RateLimit("5/minute"))])
+    async def inner() -> dict[str, bool]:
+        return {"ok": True}
+
+    app = FastAPI()
+    app.include_router(router)
+    response = TestClient(app).get("/inner")
+    assert one_set(response) == "5"
+    assert "X-Request-Id" in response.headers.get_list("access-control-expose-headers")
+
+
+def test_an_app_level_dependency_passes_websockets_untouched() -> None:
+    app = FastAPI(dependencies=[Depends(RateLimit("1/minute"))])
+
+    @app.websocket("/ws")
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    client = TestClient(app)
+    for _ in range(2):
+        with client.websocket_connect("/ws") as websocket:
+            websocket.send_text("hi")
+            assert websocket.receive_text() == "hi"
+
+
+def test_an_inner_503_carries_no_headers_of_the_middleware() -> None:
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    class Broken(RateLimiter):
+        async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
+            raise RuntimeError("storage down")
+
+        def check(self, user: str, model: str, cost: int = 1) -> Decision:
+            raise RuntimeError("storage down")
+
+    app = FastAPI()
+    app.add_middleware(RateLimitMiddleware, limiter="100/minute")
+
+    @app.get("/x")
+    @limit(Broken(limit="5/minute"), on_error="deny")
+    async def x() -> dict[str, bool]:
+        return {"ok": True}
+
+    response = TestClient(app).get("/x", headers={"X-User-ID": "a"})
+    assert response.status_code == 503 and "x-ratelimit-limit-requests" not in response.headers
