@@ -238,7 +238,8 @@ class RateLimit:
     The informational headers go on the response FastAPI builds from the data an endpoint returns. An
     endpoint that returns its own ``Response`` (``JSONResponse``, ``StreamingResponse``) gets none: FastAPI
     drops the headers dependencies set in that case. Use ``@limit`` there, which adds them to any response,
-    or ``RateLimitMiddleware``, which then writes the binding limit's headers for both.
+    or ``RateLimitMiddleware``, which then writes the binding limit's headers for both. On a websocket
+    route (an app- or router-level dependency) it does nothing, as the middleware passes websockets.
     """
 
     def __init__(
