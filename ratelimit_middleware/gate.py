@@ -433,15 +433,10 @@ class Gate:
         return self.add_headers and not isinstance(decision, UncheckedDecision)
 
     def allowed_headers(self, outcome: Decision | Reservation) -> list[tuple[str, str]]:
-        """The headers of an allowed response: those of the decisions it ``described``."""
-        described = self.described(outcome)
-        return informational_headers(*described) if described else []
-
-    def described(self, outcome: Decision | Reservation) -> list[Decision]:
-        """The decisions an allowed response's rate limit headers describe, the request one first: none
-        when it gets no headers (see ``informs``)."""
+        """The headers of an allowed response: those of its decisions, the request one first (see
+        ``informs``)."""
         decisions = _ordered(outcome) if isinstance(outcome, Reservation) else [outcome]
-        return decisions if self.informs(decisions[0]) else []
+        return informational_headers(*decisions) if self.informs(decisions[0]) else []
 
     @overload
     def verdict(
@@ -482,15 +477,27 @@ class Gate:
         if isinstance(outcome, HTTPResponse):  # a 503: its own headers only
             _stand_aside(carrier)
             return outcome, [], None
+        metered = None
         if isinstance(outcome, Reservation):
             if not self.passes(outcome.decision):
                 _stand_aside(carrier)
                 return self.reservation_denied(request, outcome), [], None
-            return None, self._take_part(carrier, outcome), outcome if outcome.allowed else None
-        if not self.passes(outcome):
+            metered = outcome if outcome.allowed else None
+            mine = _ordered(outcome)
+        elif outcome.allowed or self.shadow:  # passes(), inline: this runs for every request
+            mine = [outcome]
+        else:
             _stand_aside(carrier)
             return (self.raw_denied(request, outcome) if raw else self.denied(request, outcome)), [], None
-        return None, self._take_part(carrier, outcome), None
+        if not self.informs(mine[0]):
+            return None, [], metered
+        enclosing = carrier.get(SHARED_DECISIONS)
+        if isinstance(enclosing, list):  # a layer outside writes the headers
+            if enclosing:
+                enclosing[:] = _folded([*enclosing, *mine])
+            return None, [], metered
+        carrier[SHARED_DECISIONS] = mine
+        return None, mine, metered
 
     @staticmethod
     def finished(carrier: MutableMapping[str, Any], described: list[Decision]) -> None:
@@ -498,21 +505,6 @@ class Gate:
         (a copy, a test harness) starts without them."""
         if carrier.get(SHARED_DECISIONS) is described:
             del carrier[SHARED_DECISIONS]
-
-    def _take_part(
-        self, carrier: MutableMapping[str, Any], outcome: Decision | Reservation
-    ) -> list[Decision]:
-        """This layer's decisions, published for the layers inside; or, inside a layer that writes
-        headers, folded into that layer's (and none returned)."""
-        mine = self.described(outcome)
-        enclosing = carrier.get(SHARED_DECISIONS)
-        if isinstance(enclosing, list):
-            if mine and enclosing:
-                enclosing[:] = _folded([*enclosing, *mine])
-            return []
-        if mine:
-            carrier[SHARED_DECISIONS] = mine
-        return mine
 
     def denied(self, request: RequestView, decision: Decision, *others: Decision) -> HTTPResponse:
         """The response for a denied request (``others``: the other units of a reservation)."""
