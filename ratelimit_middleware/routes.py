@@ -1,12 +1,15 @@
 """Which limit applies to a request path: exempt paths and per-path (and per-method) limits.
 
-Rules match the path the application routes (decoded once by the server, less ASGI's ``root_path``), with
-``//`` collapsed and without its trailing slash, as are the patterns: ``/v1//chat/`` matches ``/v1/chat``.
-Nothing is decoded further nor resolved, since the frameworks do not do it either: ``/v1/%2563hat`` or
-``/files/%2e%2e/public/x`` reaches no ``/v1/chat`` or ``/public/*`` route, so it gets no rule of theirs, and
-cannot borrow a looser one. A rule that exempts (``None``) also needs the fully normalised path (decoded
-until stable, ``.`` and ``..`` resolved) to match: ``/docs/../v1/chat``, which an application or a proxy
-before it may resolve, never gets ``/docs/*``'s exemption. The first rule that matches applies.
+Rules match the path exactly as the application routes it: decoded once by the server, less ASGI's
+``root_path``, nothing collapsed, decoded further or resolved, since the frameworks do none of that either.
+Another spelling therefore reaches no route of a rule's, or only a redirect or a 404: ``/v1/chat/`` and
+``//v1/chat`` are redirected by Starlette and werkzeug, ``/v1/%2563hat`` and ``/files/%2e%2e/public/x``
+reach no ``/v1/chat`` or ``/public/*`` route. None of them can borrow a rule meant for another route, a
+looser one or an exemption, as a catch-all route (``/{path:path}``) would serve them. A rule that exempts
+(``None``) also needs the fully normalised path (decoded until stable, ``//``, ``.`` and ``..`` resolved)
+to match: ``/docs/../v1/chat``, which a proxy before the application may resolve, never gets ``/docs/*``'s
+exemption. The first rule that matches applies. Write exempt paths as clients call them (both
+``"/healthz"`` and ``"/healthz/"`` if both are probed).
 
 Patterns: ``"/health"`` (that path only), ``"/v1/*"`` (``/v1`` and everything below it), optionally behind a
 method: ``"POST /v1/chat/completions"``. Methods are compared in upper case, and a ``GET`` rule covers
@@ -19,18 +22,11 @@ from collections.abc import Iterable
 from typing import Generic, TypeVar
 from urllib.parse import unquote
 
-__all__ = ["PathRules", "normalize_path", "seen_path"]
+__all__ = ["PathRules", "normalize_path"]
 
 T = TypeVar("T")
 
 _MAX_DECODES = 4
-
-
-def seen_path(path: str) -> str:
-    """The path as routed, ``//`` collapsed and without its trailing slash: nothing decoded or resolved."""
-    if "//" not in path and (len(path) <= 1 or path[-1] != "/"):
-        return path or "/"
-    return "/" + "/".join(segment for segment in path.split("/") if segment)
 
 
 def normalize_path(path: str) -> str:
@@ -55,7 +51,7 @@ def normalize_path(path: str) -> str:
 
 
 class _Pattern:
-    __slots__ = ("methods", "normalized", "prefix", "seen", "text")
+    __slots__ = ("methods", "normalized", "path", "prefix", "text")
 
     def __init__(self, text: str) -> None:
         if not isinstance(text, str) or not text.strip():
@@ -67,9 +63,9 @@ class _Pattern:
         self.prefix = path.endswith("/*") or path == "*"
         if not path.startswith("/") and path != "*":
             raise ValueError(f"a path pattern must start with '/': {text!r}")
-        path = path[:-1] if self.prefix else path
-        self.seen = seen_path(path)
-        self.normalized = normalize_path(path)
+        path = path[:-2] if path.endswith("/*") else path.rstrip("*")
+        self.path = path or "/"
+        self.normalized = normalize_path(self.path)
 
     def covers(self, method: str) -> bool:
         return self.methods is None or method in self.methods
@@ -80,9 +76,9 @@ class _Pattern:
             return own == "/" or path == own or path.startswith(own + "/")
         return path == own
 
-    def matches_seen(self, seen: str) -> bool:
-        """Whether a path as routed (``seen_path``) matches."""
-        return self._matches(self.seen, seen, self.prefix)
+    def matches(self, path: str) -> bool:
+        """Whether a path as routed matches."""
+        return self._matches(self.path, path, self.prefix)
 
     def matches_normalized(self, normalized: str) -> bool:
         """Whether a fully normalised path (``normalize_path``) matches."""
@@ -103,10 +99,10 @@ class PathRules(Generic[T]):
     def match(self, method: str, path: str) -> tuple[bool, T | None]:
         """``(True, value)`` for the rule that applies to this method and path, else ``(False, None)``."""
         method = method.upper()
-        seen = seen_path(path or "/")
+        path = path or "/"
         normalized: str | None = None
         for pattern, value in self._rules:
-            if not (pattern.covers(method) and pattern.matches_seen(seen)):
+            if not (pattern.covers(method) and pattern.matches(path)):
                 continue
             if value is not None:
                 return True, value

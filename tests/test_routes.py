@@ -34,7 +34,8 @@ def test_patterns_exact_prefix_and_method() -> None:
     assert rules.match("GET", "/v1/chat") == (True, "v1")
     assert rules.match("GET", "/v1") == (True, "v1")
     assert rules.match("GET", "/v10") == (False, None)
-    assert rules.match("GET", "/health") == (True, "health")
+    assert rules.match("GET", "/health/") == (True, "health")
+    assert rules.match("GET", "/health") == (False, None)  # as written: the app routes them apart
     assert rules.match("GET", "/health/x") == (False, None)
 
 
@@ -46,28 +47,29 @@ def test_bad_patterns_raise(bad: object) -> None:
 
 def test_an_exemption_needs_the_path_as_routed_and_normalised() -> None:
     rules = PathRules([("/health", None), ("/healthz/", None), ("/docs/*", None), ("/v1/*", "v1")])
-    for exempt in ("/health", "/health/", "//health", "/healthz", "/healthz/", "/docs", "/docs//x"):
+    for exempt in ("/health", "/healthz/", "/docs", "/docs/x", "/docs//x"):
         assert rules.match("GET", exempt) == (True, None), exempt
+    # a catch-all route (/{path:path}, /<path:p>) serves these as something else: the default limit
+    for other in ("/health/", "//health", "/health//", "/healthz"):
+        assert rules.match("GET", other) == (False, None), other
     # routed by the app as a /v1/files/<path> or /v1/models/{model} request: never /health's exemption
     assert rules.match("GET", "/v1/files/../../health") == (True, "v1")
     assert rules.match("GET", "/v1/models/%2e%2e%2f%2e%2e%2fhealth") == (True, "v1")
     # below /docs/ as routed, but a proxy or the app may resolve it to /v1/chat: the default limit
     assert rules.match("GET", "/docs/../v1/chat") == (False, None)
     assert rules.match("GET", "/docs/%2e%2e/v1/chat") == (False, None)
-    assert rules.match("GET", "/x/../health") == (False, None)  # the default limit
 
 
 def test_a_rule_matches_the_path_as_routed_and_no_other_spelling() -> None:
     rules = PathRules([("/v1/images/*", "images"), ("/public/*", "loose"), ("/v1/chat", "chat")])
     assert rules.match("GET", "/v1/images/%2e%2e%2fx") == (True, "images")
     assert rules.match("GET", "/v1/images/a/../../x") == (True, "images")
-    # routed to a /files/{name:path} route: the default limit, never the looser /public/* rule
-    for spelling in ("/files/%2e%2e/public/x", "/files/%2E%2E/public/x", "/files/../public/x"):
+    # routed to a catch-all or a /files/{name:path} route: the default limit, never the looser /public/*
+    for spelling in ("/files/%2e%2e/public/x", "/files/../public/x", "//public/x"):
         assert rules.match("GET", spelling) == (False, None), spelling
-    for routed in ("/v1/chat", "/v1/chat/", "//v1//chat"):
-        assert rules.match("POST", routed) == (True, "chat"), routed
-    # the frameworks route these to no /v1/chat endpoint: the default limit
-    for other in ("/v1/%63hat", "/v1/./chat", "/v1/x/../chat"):
+    assert rules.match("POST", "/v1/chat") == (True, "chat")
+    # the frameworks redirect these or route them to no /v1/chat endpoint: the default limit
+    for other in ("/v1/chat/", "//v1/chat", "/v1/%63hat", "/v1/./chat", "/v1/x/../chat"):
         assert rules.match("POST", other) == (False, None), other
 
 

@@ -82,12 +82,13 @@ def test_models_from_body_and_header_separate_buckets() -> None:
 
 def test_exempt_and_path_limits() -> None:
     client = make_app(
-        limiter="1/minute", exempt_paths=["/health"], path_limits={"/hello/": "2/minute"}
+        limiter="1/minute", exempt_paths=["/health"], path_limits={"/hello": "2/minute"}
     ).test_client()
     assert [client.get("/health").status_code for _ in range(3)] == [200, 200, 200]
     assert [client.get("/hello", headers={"X-User-ID": "a"}).status_code for _ in range(3)] == [200, 200, 429]
-    assert client.get("/hello//", headers={"X-User-ID": "a"}).status_code == 429
-    assert client.get("/x/../hello", headers={"X-User-ID": "a"}).status_code == 404  # routed to no view
+    # other spellings reach no view (werkzeug redirects or finds none): no limit is dodged
+    assert client.get("/hello/", headers={"X-User-ID": "a"}).status_code == 404
+    assert client.get("/x/../hello", headers={"X-User-ID": "b"}).status_code == 404
 
 
 def test_dot_segments_do_not_reach_an_exemption_through_a_path_route() -> None:

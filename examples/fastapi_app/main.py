@@ -127,7 +127,7 @@ def create_app(limiter: MultiTierRateLimiter | Plans | None = None) -> FastAPI:
         RateLimitMiddleware,
         limiter=build_limiter() if limiter is None else limiter,
         model_key=from_json_body("model"),  # the model served, not a header the client may set freely
-        exempt_paths=["/health", "/metrics", "/docs", "/openapi.json"],
+        exempt_paths=["/health", "/metrics/*", "/docs", "/openapi.json"],  # /metrics: a Mount, also /metrics/
         observers=[metrics],
         stream_usage=True,
     )
