@@ -224,6 +224,7 @@ async def run_metered(
             headers = message.get("headers", ())
             content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
             meter.start(int(message["status"]), content_type.decode("latin-1"))
+            gate.finished(scope, described)
             if described:
                 message = {**message, "headers": [*headers, *raw_informational_headers(*described)]}
         elif message["type"] == "http.response.body":
@@ -234,7 +235,6 @@ async def run_metered(
     try:
         await app(scope, receive, send_metered)
     finally:
-        gate.finished(scope, described)
         stop_renewing()
         actual = meter.settlement()
         try:
@@ -310,12 +310,11 @@ class RateLimitMiddleware:
             return
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and described:  # emptied if a route inside denied
-                headers = [*message.get("headers", ()), *raw_informational_headers(*described)]
-                message = {**message, "headers": headers}
+            if message["type"] == "http.response.start":
+                self.gate.finished(scope, described)
+                if described:  # emptied if a layer inside denied
+                    headers = [*message.get("headers", ()), *raw_informational_headers(*described)]
+                    message = {**message, "headers": headers}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            self.gate.finished(scope, described)
+        await self.app(scope, receive, send_with_headers)

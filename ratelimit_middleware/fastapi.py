@@ -133,9 +133,14 @@ async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, lis
 
 def _is_async(endpoint: Callable[..., Any]) -> bool:
     """Whether calling ``endpoint`` gives a coroutine: a coroutine function, a partial of one, or an object
-    whose ``__call__`` is one."""
+    whose ``__call__`` is one. Generator endpoints, which FastAPI streams itself, are refused."""
     while isinstance(endpoint, functools.partial):
         endpoint = endpoint.func
+    if inspect.isgeneratorfunction(endpoint) or inspect.isasyncgenfunction(endpoint):
+        raise TypeError(
+            f"@limit cannot wrap the generator endpoint {endpoint!r}: FastAPI streams it before a 429 could "
+            "be sent; use dependencies=[Depends(RateLimit(...))] or RateLimitMiddleware there"
+        )
     return inspect.iscoroutinefunction(endpoint) or inspect.iscoroutinefunction(
         getattr(endpoint, "__call__", None)  # noqa: B004 - the method itself, not whether it is callable
     )

@@ -470,7 +470,7 @@ class Gate:
 
         A denying layer (429 or 503) empties an enclosing layer's decisions, so that its response carries its
         own headers only; an allowing one inside another folds its decisions in and writes none itself. The
-        layer that publishes decisions calls ``finished`` once it has written them.
+        layer that publishes decisions calls ``finished`` when the response starts.
         """
         if outcome is None:  # on_error="allow": through, described by the layers outside
             return None, [], None
@@ -501,8 +501,9 @@ class Gate:
 
     @staticmethod
     def finished(carrier: MutableMapping[str, Any], described: list[Decision]) -> None:
-        """The layer that published ``described`` has written its headers: a scope or environ used again
-        (a copy, a test harness) starts without them."""
+        """The response that ``described`` describes starts (every layer inside has decided by then, even a
+        WSGI one that runs as the server iterates): a scope or environ used again (a copy, a test harness)
+        starts without them."""
         if carrier.get(SHARED_DECISIONS) is described:
             del carrier[SHARED_DECISIONS]
 

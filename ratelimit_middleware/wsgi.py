@@ -267,6 +267,7 @@ def run_metered(
     ) -> Callable[[bytes], object]:
         content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
         meter.start(int(status.split(" ", 1)[0]), content_type)
+        gate.finished(environ, described)
         return start_response(status, with_described(headers, described), exc_info)
 
     try:
@@ -274,8 +275,6 @@ def run_metered(
     except BaseException:
         settle()
         raise
-    finally:
-        gate.finished(environ, described)
     return _Metered(body, meter, settle)
 
 
@@ -334,9 +333,7 @@ class RateLimitWSGI:
         def start_with_headers(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
+            self.gate.finished(environ, described)
             return start_response(status, with_described(headers, described), exc_info)
 
-        try:
-            return self.app(environ, start_with_headers)
-        finally:
-            self.gate.finished(environ, described)
+        return self.app(environ, start_with_headers)

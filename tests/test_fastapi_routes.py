@@ -706,3 +706,15 @@ def test_an_inner_503_carries_no_headers_of_the_middleware() -> None:
 
     response = TestClient(app).get("/x", headers={"X-User-ID": "a"})
     assert response.status_code == 503 and "x-ratelimit-limit-requests" not in response.headers
+
+
+def test_limit_refuses_generator_endpoints_which_fastapi_streams_itself() -> None:
+    async def events() -> AsyncIterator[str]:
+        yield "data: 1\n\n"
+
+    def lines() -> Any:
+        yield "x"
+
+    for endpoint in (events, lines):
+        with pytest.raises(TypeError, match="Depends\\(RateLimit"):
+            limit("5/minute")(endpoint)

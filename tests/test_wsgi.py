@@ -364,3 +364,27 @@ def test_stacked_middlewares_send_one_set_for_the_binding_limit() -> None:
     for response, remaining in zip(responses, ["1", "0", "0"], strict=True):
         assert response.headers.getlist("X-RateLimit-Limit") == ["2"]
         assert response.headers.getlist("x-ratelimit-remaining-requests") == [remaining]
+
+
+def test_a_lazy_layer_between_the_middleware_and_a_limited_view_keeps_one_set() -> None:
+    """A WSGI layer may run its app as the server iterates (a generator): the view's limit still folds in."""
+    from ratelimit_middleware.flask import limit
+
+    app = make_app()
+
+    @app.get("/limited")
+    @limit("2/minute")
+    def limited() -> str:
+        return "ok"
+
+    inner = app.wsgi_app
+
+    def lazy(environ: dict[str, Any], start_response: Any) -> Any:
+        yield from inner(environ, start_response)
+
+    app.wsgi_app = RateLimitWSGI(lazy, limiter="100/minute")  # type: ignore[method-assign]
+    client = app.test_client()
+    responses = [client.get("/limited", headers={"X-User-ID": "a"}) for _ in range(3)]
+    assert [response.status_code for response in responses] == [200, 200, 429]
+    for response in responses:
+        assert response.headers.getlist("x-ratelimit-limit-requests") == ["2"]
