@@ -202,7 +202,7 @@ class GateOptions(RouteOptions, total=False):
 
 
 def _stand_aside(carrier: MutableMapping[str, Any]) -> None:
-    """A layer denies: an enclosing layer writes no headers on its 429."""
+    """A layer denies (429 or 503): an enclosing layer writes no headers on its response."""
     enclosing = carrier.get(SHARED_DECISIONS)
     if isinstance(enclosing, list):
         enclosing.clear()
