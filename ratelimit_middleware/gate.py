@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
     "SHARED_DECISIONS",
     "Ask",
+    "Both",
     "Checker",
     "DenialHandler",
     "Estimator",
@@ -223,6 +224,28 @@ def _ordered(reservation: Reservation) -> list[Decision]:
     return sorted(reservation.decisions.values(), key=lambda decision: decision.unit != "requests")
 
 
+class Both:
+    """Two limits on one request: the second is asked only if the first allows, and the binding decision
+    of both is the answer (a request denied by the second still counts in the first)."""
+
+    def __init__(self, first: Checker, second: Checker) -> None:
+        self.first = first
+        self.second = second
+        self.inline = all(getattr(limiter, "inline", False) is True for limiter in (first, second))
+
+    def check(self, user: str, model: str, cost: int = 1) -> Decision:
+        decision = self.first.check(user, model, cost)
+        if not decision.allowed:
+            return decision
+        return binding([decision, self.second.check(user, model, cost)])
+
+    async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
+        decision = await self.first.acheck(user, model, cost)
+        if not decision.allowed:
+            return decision
+        return binding([decision, await self.second.acheck(user, model, cost)])
+
+
 Ask = tuple[Checker, "Reserver | None", str, str, "tuple[int, int]"]
 """An identified request, ready for its limiter (``Gate.answer``): ``(limiter, reserver, user, model,
 tokens)``. A plain tuple: it is built for every request."""
@@ -283,6 +306,7 @@ class Gate:
             ]
         )
         self._by_path = bool(self.routes)
+        self._pairs: dict[tuple[int, int], Both] = {}
         self.exempt_methods = frozenset(method.upper() for method in exempt_methods)
         self.max_body_size = max_body_size
         self.on_error = on_error
@@ -304,8 +328,29 @@ class Gate:
             return None
         if not self._by_path:
             return self.limiter
-        matched, limiter = self.routes.match(method, path)
-        return limiter if matched else self.limiter
+        found = [
+            limiter if matched else self.limiter for matched, limiter in self.routes.match_all(method, path)
+        ]
+        limiters = [limiter for limiter in found if limiter is not None]
+        if not limiters:  # every spelling exempt
+            return None
+        first = limiters[0]
+        if all(limiter is first for limiter in limiters):
+            return first
+        return self._both(first, limiters[1])
+
+    def _both(self, first: Checker, second: Checker) -> Checker:
+        """The two limiters of a path whose spellings fall under two rules (see ``routes``): both apply,
+        unless one reserves tokens or routes plans, which only the first spelling's then does."""
+        if any(
+            isinstance(limiter, Plans) or self.reserver(limiter) is not None for limiter in (first, second)
+        ):
+            return first
+        key = (id(first), id(second))
+        both = self._pairs.get(key)
+        if both is None:
+            both = self._pairs[key] = Both(first, second)
+        return both
 
     def ask(self, limiter: Checker, request: RequestView) -> Ask | HTTPResponse | None:
         """What to ask of ``limiter`` (of the request's plan, for ``Plans``) for this request: an ``Ask``, or

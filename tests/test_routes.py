@@ -79,3 +79,17 @@ def test_methods_compare_in_upper_case_and_get_covers_head() -> None:
     assert rules.match("get", "/report") == (True, "report")
     assert rules.match("post", "/chat") == (True, "chat")
     assert rules.match("HEAD", "/chat") == (False, None)
+
+
+def test_match_all_gives_each_spelling_its_rule() -> None:
+    rules = PathRules([("/chat/", "strict"), ("/public/*", "loose"), ("/health", None)])
+    assert rules.match_all("GET", "/chat") == [(False, None), (True, "strict")]  # Flask may serve /chat too
+    assert rules.match_all("GET", "//public/x") == [(False, None), (True, "loose")]
+    assert rules.match_all("GET", "/health/") == [(False, None), (True, None)]  # not exempt as given
+    assert PathRules([("/v1/*", "v1")]).match_all("GET", "/v1/x") == [(True, "v1")]  # one spelling
+
+
+@pytest.mark.parametrize("bad", ["/v1/chat*", "/api/*/admin", "/*x"])
+def test_a_star_only_ends_a_pattern(bad: str) -> None:
+    with pytest.raises(ValueError, match="only end"):
+        PathRules([(bad, "x")])

@@ -86,9 +86,24 @@ def test_exempt_and_path_limits() -> None:
     ).test_client()
     assert [client.get("/health").status_code for _ in range(3)] == [200, 200, 200]
     assert [client.get("/hello", headers={"X-User-ID": "a"}).status_code for _ in range(3)] == [200, 200, 429]
-    # other spellings reach no view (werkzeug redirects or finds none): no limit is dodged
-    assert client.get("/hello/", headers={"X-User-ID": "a"}).status_code == 404
-    assert client.get("/x/../hello", headers={"X-User-ID": "b"}).status_code == 404
+    assert client.get("/hello/", headers={"X-User-ID": "a"}).status_code == 429  # both spellings limited
+    assert client.get("/x/../hello", headers={"X-User-ID": "b"}).status_code == 404  # routed to no view
+
+
+def test_a_trailing_slash_does_not_dodge_a_rule_when_flask_serves_both_spellings() -> None:
+    app = Flask(__name__)
+    app.url_map.strict_slashes = False  # /chat and /chat/ both reach the view, no redirect
+
+    @app.get("/chat/")
+    def chat() -> str:
+        return "ok"
+
+    app.wsgi_app = RateLimitWSGI(  # type: ignore[method-assign]
+        app.wsgi_app, limiter="1000/hour", path_limits={"/chat/": "2/minute"}
+    )
+    client = app.test_client()
+    paths = ("/chat", "/chat/", "/chat")
+    assert [client.get(path, headers={"X-User-ID": "a"}).status_code for path in paths] == [200, 200, 429]
 
 
 def test_dot_segments_do_not_reach_an_exemption_through_a_path_route() -> None:
