@@ -132,18 +132,19 @@ async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, lis
 
 
 def _is_async(endpoint: Callable[..., Any]) -> bool:
-    """Whether calling ``endpoint`` gives a coroutine: a coroutine function, a partial of one, or an object
-    whose ``__call__`` is one. Generator endpoints, which FastAPI streams itself, are refused."""
-    while isinstance(endpoint, functools.partial):
-        endpoint = endpoint.func
-    if inspect.isgeneratorfunction(endpoint) or inspect.isasyncgenfunction(endpoint):
+    """Whether ``endpoint`` must be awaited, judged as FastAPI judges it: through ``functools.wraps``
+    wrappers and partials, and by an object's ``__call__``. Generator endpoints, which FastAPI streams
+    itself, are refused."""
+    target: Any = inspect.unwrap(endpoint)
+    while isinstance(target, functools.partial):
+        target = inspect.unwrap(target.func)
+    call = getattr(target, "__call__", None)  # noqa: B004 - the method itself, not whether it is callable
+    if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (target, call)):
         raise TypeError(
             f"@limit cannot wrap the generator endpoint {endpoint!r}: FastAPI streams it before a 429 could "
             "be sent; use dependencies=[Depends(RateLimit(...))] or RateLimitMiddleware there"
         )
-    return inspect.iscoroutinefunction(endpoint) or inspect.iscoroutinefunction(
-        getattr(endpoint, "__call__", None)  # noqa: B004 - the method itself, not whether it is callable
-    )
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call)
 
 
 def _starlette_request(args: tuple[Any, ...]) -> Request:

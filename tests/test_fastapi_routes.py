@@ -4,6 +4,7 @@ dependency."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from collections import deque
@@ -718,3 +719,29 @@ def test_limit_refuses_generator_endpoints_which_fastapi_streams_itself() -> Non
     for endpoint in (events, lines):
         with pytest.raises(TypeError, match="Depends\\(RateLimit"):
             limit("5/minute")(endpoint)
+
+
+def test_limit_sees_through_wrappers_as_fastapi_does() -> None:
+    def plain(function: Any) -> Any:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    class Streams:
+        def __call__(self) -> Any:
+            yield "x"
+
+    for generator in (plain(lambda: (yield "x")), Streams()):
+        with pytest.raises(TypeError, match="generator endpoint"):
+            limit("5/minute")(generator)
+
+    @plain
+    async def wrapped_coroutine() -> dict[str, bool]:
+        return {"ok": True}
+
+    app = FastAPI()
+    app.add_api_route("/wrapped", limit("1/minute")(wrapped_coroutine), methods=["GET"])
+    client = TestClient(app)
+    assert [client.get("/wrapped").status_code for _ in range(2)] == [200, 429]
