@@ -132,19 +132,20 @@ async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, lis
 
 
 def _is_async(endpoint: Callable[..., Any]) -> bool:
-    """Whether ``endpoint`` must be awaited, judged as FastAPI judges it: through ``functools.wraps``
-    wrappers and partials, and by an object's ``__call__``. Generator endpoints, which FastAPI streams
-    itself, are refused."""
+    """Whether ``endpoint`` must be awaited, judged as FastAPI judges it: the callable itself, or what it
+    wraps (``functools.wraps``, partials), or an object's ``__call__``. Generator endpoints, which FastAPI
+    streams itself, are refused."""
     target: Any = inspect.unwrap(endpoint)
     while isinstance(target, functools.partial):
         target = inspect.unwrap(target.func)
     call = getattr(target, "__call__", None)  # noqa: B004 - the method itself, not whether it is callable
-    if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in (target, call)):
+    candidates = (endpoint, target, call)
+    if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) for f in candidates):
         raise TypeError(
             f"@limit cannot wrap the generator endpoint {endpoint!r}: FastAPI streams it before a 429 could "
             "be sent; use dependencies=[Depends(RateLimit(...))] or RateLimitMiddleware there"
         )
-    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call)
+    return any(inspect.iscoroutinefunction(f) for f in candidates)
 
 
 def _starlette_request(args: tuple[Any, ...]) -> Request:

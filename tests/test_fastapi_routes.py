@@ -741,7 +741,16 @@ def test_limit_sees_through_wrappers_as_fastapi_does() -> None:
     async def wrapped_coroutine() -> dict[str, bool]:
         return {"ok": True}
 
+    def sync_endpoint() -> dict[str, bool]:
+        return {"ok": True}
+
+    @functools.wraps(sync_endpoint)
+    async def async_wrapper() -> dict[str, bool]:  # an async decorator around a sync function
+        return sync_endpoint()
+
     app = FastAPI()
     app.add_api_route("/wrapped", limit("1/minute")(wrapped_coroutine), methods=["GET"])
+    app.add_api_route("/async-wrapper", limit("1/minute")(async_wrapper), methods=["GET"])
     client = TestClient(app)
-    assert [client.get("/wrapped").status_code for _ in range(2)] == [200, 429]
+    for path in ("/wrapped", "/async-wrapper"):
+        assert [client.get(path).status_code for _ in range(2)] == [200, 429], path
