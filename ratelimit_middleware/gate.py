@@ -226,11 +226,16 @@ def _ordered(reservation: Reservation) -> list[Decision]:
 
 class Both:
     """Two limits on one request: the second is asked only if the first allows, and the binding decision
-    of both is the answer (a request denied by the second still counts in the first)."""
+    of both is the answer (a request denied by the second still counts in the first). When one of them
+    reserves tokens or concurrency (``uses_reservations``), the other is checked first and the reservation
+    made after, its requests decision folded with the other's."""
 
     def __init__(self, first: Checker, second: Checker) -> None:
-        self.first = first
-        self.second = second
+        reserving = [limiter for limiter in (first, second) if Gate.reserver(limiter) is not None]
+        if len(reserving) > 1:
+            raise TypeError("Both takes at most one limiter with token or concurrency limits")
+        self.uses_reservations = bool(reserving)
+        self.first, self.second = (second, first) if reserving and reserving[0] is first else (first, second)
         self.inline = all(getattr(limiter, "inline", False) is True for limiter in (first, second))
 
     def check(self, user: str, model: str, cost: int = 1) -> Decision:
@@ -244,6 +249,35 @@ class Both:
         if not decision.allowed:
             return decision
         return binding([decision, await self.second.acheck(user, model, cost)])
+
+    def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
+        decision = self.first.check(user, model)
+        if not decision.allowed:
+            return Reservation(user, model, decision, {decision.unit: decision}, (0, 0))
+        reserver = cast(Reserver, self.second)
+        return _with(
+            reserver.reserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens), decision
+        )
+
+    async def areserve(
+        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
+    ) -> Reservation:
+        decision = await self.first.acheck(user, model)
+        if not decision.allowed:
+            return Reservation(user, model, decision, {decision.unit: decision}, (0, 0))
+        reserver = cast(Reserver, self.second)
+        reserved = await reserver.areserve(
+            user, model, input_tokens=input_tokens, output_tokens=output_tokens
+        )
+        return _with(reserved, decision)
+
+
+def _with(reservation: Reservation, decision: Decision) -> Reservation:
+    """``reservation`` with an allowing ``decision`` of another limit folded into its binding decisions."""
+    same = reservation.decisions.get(decision.unit)
+    reservation.decisions[decision.unit] = decision if same is None else binding([same, decision])
+    reservation.decision = binding([reservation.decision, decision])
+    return reservation
 
 
 Ask = tuple[Checker, "Reserver | None", str, str, "tuple[int, int]"]
@@ -341,10 +375,10 @@ class Gate:
 
     def _both(self, first: Checker, second: Checker) -> Checker:
         """The two limiters of a path whose spellings fall under two rules (see ``routes``): both apply,
-        unless one reserves tokens or routes plans, which only the first spelling's then does."""
-        if any(
-            isinstance(limiter, Plans) or self.reserver(limiter) is not None for limiter in (first, second)
-        ):
+        unless both reserve tokens or one routes plans, when only the first spelling's does."""
+        if isinstance(first, Plans) or isinstance(second, Plans):
+            return first
+        if self.reserver(first) is not None and self.reserver(second) is not None:
             return first
         key = (id(first), id(second))
         both = self._pairs.get(key)

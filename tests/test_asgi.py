@@ -527,3 +527,18 @@ def test_a_scope_used_again_gets_its_headers_again() -> None:
     ]
     copied = headers_of(asyncio.run(call(app, dict(scope))))["x-ratelimit-remaining-requests"]
     assert [*remaining, copied] == ["9", "8", "7"]
+
+
+def test_both_spellings_apply_with_a_token_limited_default() -> None:
+    from ratelimit_middleware import Limits
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    default = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="10000000/minute"))
+    app = RateLimitMiddleware(ok, limiter=default, path_limits={"/v1/chat": "2/minute"})
+    sent = [asyncio.run(call(app, http_scope("/v1/chat/", "GET", [("X-User-ID", "a")]))) for _ in range(3)]
+    assert [status_of(one) for one in sent] == [200, 200, 429]
+    allowed = headers_of(sent[1])
+    assert allowed["x-ratelimit-limit-requests"] == "2" and allowed["x-ratelimit-limit-tokens"] == "10000000"
