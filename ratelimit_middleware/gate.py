@@ -242,13 +242,13 @@ class Both:
         decision = self.first.check(user, model, cost)
         if not decision.allowed:
             return decision
-        return binding([decision, self.second.check(user, model, cost)])
+        return _joined(decision, self.second.check(user, model, cost))
 
     async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
         decision = await self.first.acheck(user, model, cost)
         if not decision.allowed:
             return decision
-        return binding([decision, await self.second.acheck(user, model, cost)])
+        return _joined(decision, await self.second.acheck(user, model, cost))
 
     def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
         decision = self.first.check(user, model)
@@ -275,9 +275,19 @@ class Both:
 def _with(reservation: Reservation, decision: Decision) -> Reservation:
     """``reservation`` with an allowing ``decision`` of another limit folded into its binding decisions."""
     same = reservation.decisions.get(decision.unit)
-    reservation.decisions[decision.unit] = decision if same is None else binding([same, decision])
-    reservation.decision = binding([reservation.decision, decision])
+    reservation.decisions[decision.unit] = decision if same is None else _joined(same, decision)
+    reservation.decision = _joined(reservation.decision, decision)
     return reservation
+
+
+def _joined(first: Decision, second: Decision) -> Decision:
+    """The binding one of two limits' decisions on one request (the first allowed it), except that a
+    decision made by a storage's failure policy wins while it allows: observers must see the fallback, and
+    a count nobody made gets no headers."""
+    for decision in (first, second):
+        if isinstance(decision, FallbackDecision) and decision.allowed and second.allowed:
+            return decision
+    return binding([first, second])
 
 
 Ask = tuple[Checker, "Reserver | None", str, str, "tuple[int, int]"]

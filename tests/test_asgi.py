@@ -542,3 +542,18 @@ def test_both_spellings_apply_with_a_token_limited_default() -> None:
     assert [status_of(one) for one in sent] == [200, 200, 429]
     allowed = headers_of(sent[1])
     assert allowed["x-ratelimit-limit-requests"] == "2" and allowed["x-ratelimit-limit-tokens"] == "10000000"
+
+
+def test_both_spellings_keep_a_fail_open_decision_unmarked_by_headers() -> None:
+    from ratelimit_middleware.errors import UncheckedDecision
+
+    class FailsOpen(RateLimiter):
+        def check(self, user: str, model: str, cost: int = 1) -> Any:
+            return UncheckedDecision.of(super().check(user, model, cost))
+
+        async def acheck(self, user: str, model: str, cost: int = 1) -> Any:
+            return self.check(user, model, cost)
+
+    app = make_app(limiter=FailsOpen(limit="100/minute"), path_limits={"/hello": "2/minute"})
+    sent = asyncio.run(call(app, http_scope("/hello/", "GET", [("X-User-ID", "a")])))
+    assert status_of(sent) in (200, 307) and "x-ratelimit-limit-requests" not in headers_of(sent)
