@@ -177,6 +177,15 @@ def encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, byte
     ]
 
 
+def with_described(scope: Scope, start: Message, described: list[Decision]) -> Message:
+    """``http.response.start`` with the rate limit headers of ``described`` (none if a layer inside denied
+    and emptied it); the response starts, so the scope no longer carries them (``Gate.finished``)."""
+    Gate.finished(scope, described)
+    if not described:
+        return start
+    return {**start, "headers": [*start.get("headers", ()), *raw_informational_headers(*described)]}
+
+
 async def send_response(send: Send, response: HTTPResponse | RawResponse) -> None:
     """Send a complete response (a denial or a 503)."""
     headers = response.headers if isinstance(response, RawResponse) else encode_headers(response.headers)
@@ -224,9 +233,7 @@ async def run_metered(
             headers = message.get("headers", ())
             content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
             meter.start(int(message["status"]), content_type.decode("latin-1"))
-            gate.finished(scope, described)
-            if described:
-                message = {**message, "headers": [*headers, *raw_informational_headers(*described)]}
+            message = with_described(scope, message, described)
         elif message["type"] == "http.response.body":
             meter.body(message.get("body", b""))
         await send(message)
@@ -311,10 +318,7 @@ class RateLimitMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.gate.finished(scope, described)
-                if described:  # emptied if a layer inside denied
-                    headers = [*message.get("headers", ()), *raw_informational_headers(*described)]
-                    message = {**message, "headers": headers}
+                message = with_described(scope, message, described)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

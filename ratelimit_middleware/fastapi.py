@@ -227,10 +227,9 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
                 target: Response | None = result
             else:
                 target = response
-            if target is not None and described:
-                for name, value in informational_headers(*described):
+            for name, value in gate.starting_headers(request.scope, described):
+                if target is not None:
                     target.headers.append(name, value)
-            gate.finished(request.scope, described)
             return result
 
         wrapper.__signature__ = signature.replace(parameters=[*plain, *hidden, *variadic])  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import flask
 
-from .contract import HTTPResponse, informational_headers
+from .contract import HTTPResponse
 from .decision import Decision
 from .gate import Gate, LimiterSpec, RouteOptions
 from .request import RequestView
@@ -72,9 +72,7 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
 
     def respond(result: Any, described: list[Decision]) -> flask.Response:
         response = flask.make_response(result)
-        if described:
-            response.headers.extend(informational_headers(*described))
-        gate.finished(flask.request.environ, described)
+        response.headers.extend(gate.starting_headers(flask.request.environ, described))
         return response
 
     def decorator(function: F) -> F:

@@ -559,7 +559,7 @@ class Gate:
 
         A denying layer (429 or 503) empties an enclosing layer's decisions, so that its response carries its
         own headers only; an allowing one inside another folds its decisions in and writes none itself. The
-        layer that publishes decisions calls ``finished`` when the response starts.
+        layer that publishes decisions calls ``finished`` (or ``starting_headers``) when the response starts.
         """
         if outcome is None:  # on_error="allow": through, described by the layers outside
             return None, [], None
@@ -595,6 +595,14 @@ class Gate:
         starts without them."""
         if carrier.get(SHARED_DECISIONS) is described:
             del carrier[SHARED_DECISIONS]
+
+    @staticmethod
+    def starting_headers(
+        carrier: MutableMapping[str, Any], described: list[Decision]
+    ) -> list[tuple[str, str]]:
+        """``finished``, and the rate limit headers of ``described`` (none if a layer inside denied)."""
+        Gate.finished(carrier, described)
+        return informational_headers(*described) if described else []
 
     def denied(self, request: RequestView, decision: Decision, *others: Decision) -> HTTPResponse:
         """The response for a denied request (``others``: the other units of a reservation)."""

@@ -14,7 +14,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from .contract import HTTPResponse, informational_headers
+from .contract import HTTPResponse
 from .decision import Decision
 from .gate import Checker, Gate, GateOptions, LimiterSpec
 from .renewal import LeaseKeeper
@@ -267,8 +267,7 @@ def run_metered(
     ) -> Callable[[bytes], object]:
         content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
         meter.start(int(status.split(" ", 1)[0]), content_type)
-        gate.finished(environ, described)
-        return start_response(status, with_described(headers, described), exc_info)
+        return start_response(status, with_described(environ, headers, described), exc_info)
 
     try:
         body = app(environ, start_metered)
@@ -285,9 +284,11 @@ def _reason(status: int) -> str:
         return "Unknown"
 
 
-def with_described(headers: list[tuple[str, str]], described: list[Decision]) -> list[tuple[str, str]]:
-    """The app's headers, and the rate limit headers of ``described`` unless a route emptied it."""
-    return [*headers, *informational_headers(*described)] if described else headers
+def with_described(
+    environ: Environ, headers: list[tuple[str, str]], described: list[Decision]
+) -> list[tuple[str, str]]:
+    """The app's headers, and the rate limit headers of ``described`` (see ``Gate.starting_headers``)."""
+    return [*headers, *extra] if (extra := Gate.starting_headers(environ, described)) else headers
 
 
 def send_response(start_response: StartResponse, response: HTTPResponse) -> list[bytes]:
@@ -333,7 +334,6 @@ class RateLimitWSGI:
         def start_with_headers(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
-            self.gate.finished(environ, described)
-            return start_response(status, with_described(headers, described), exc_info)
+            return start_response(status, with_described(environ, headers, described), exc_info)
 
         return self.app(environ, start_with_headers)
