@@ -71,7 +71,8 @@ class _Pattern:
         if not path.startswith("/") and path != "*":
             raise ValueError(f"a path pattern must start with '/': {text!r}")
         self.prefix = path.endswith("/*") or path == "*"
-        path = path[:-2] if path.endswith("/*") else path.rstrip("*") if path == "*" else path
+        if self.prefix:
+            path = path[:-2] if path.endswith("/*") else ""  # "*": everything
         if "*" in path:
             raise ValueError(f"'*' may only end a path pattern, as in '/v1/*': {text!r}")
         self.path = path or "/"
