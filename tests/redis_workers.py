@@ -17,6 +17,7 @@ from ratelimit_middleware.renewal import LeaseKeeper
 LIMIT = 200
 ATTEMPTS = 120  # per process and algorithm: four processes try 480 times for 200 places
 PER_USER_MODEL, PER_MODEL, MULTI_TIER_ATTEMPTS = 40, 100, 60
+TIMEOUT = 5.0  # as conftest's CONTRACT_TIMEOUT: a loaded machine must not turn a slow reply into a fail-open
 
 
 def skew_local_clocks(seconds: float) -> None:
@@ -32,12 +33,13 @@ def hammer(
 ) -> None:
     skew_local_clocks(skew)
     limiters = {
-        name: RedisRateLimiter(url, LIMIT, window, algorithm=name, key_prefix=prefix) for name in ALGORITHMS
+        name: RedisRateLimiter(url, LIMIT, window, algorithm=name, key_prefix=prefix, timeout=TIMEOUT)
+        for name in ALGORITHMS
     }
     tiers = MultiTierRateLimiter(
         per_user_model=f"{PER_USER_MODEL}/hour",
         per_model=f"{PER_MODEL}/hour",
-        storage=RedisStorage(url, key_prefix=prefix),
+        storage=RedisStorage(url, key_prefix=prefix, timeout=TIMEOUT),
     )
     for limiter in limiters.values():
         limiter.get_request_count("warm", "up")  # connected, scripts loaded: the race starts together
@@ -56,7 +58,8 @@ def hold_a_slot(url: str, prefix: str, lease: float, held: Any) -> None:
     """Take the one concurrency slot and keep renewing it, as a worker serving a long stream does, until
     killed (``held`` is set once the slot is taken)."""
     limiter = MultiTierRateLimiter(
-        per_user_model=Limits(max_concurrent=1), storage=RedisStorage(url, key_prefix=prefix, lease=lease)
+        per_user_model=Limits(max_concurrent=1),
+        storage=RedisStorage(url, key_prefix=prefix, lease=lease, timeout=TIMEOUT),
     )
     reservation = limiter.reserve("u", "m")
     assert reservation.allowed

@@ -12,7 +12,7 @@ from pathlib import Path
 from ratelimit_middleware import RedisStorage
 from ratelimit_middleware.plans import Plans
 
-from .conftest import unique_prefix
+from .conftest import CONTRACT_TIMEOUT, unique_prefix
 from .redis_server import RedisServer
 from .servers import ROOT, free_port, wait_until_up
 
@@ -52,7 +52,9 @@ def test_check_fails_naming_the_mistake(tmp_path: Path) -> None:
 
 def test_inspect_and_reset_against_redis(redis_server: RedisServer) -> None:
     prefix = unique_prefix("cli")
-    plans = Plans.load(REQUESTS_ONLY, storage=RedisStorage(redis_server.url, key_prefix=prefix))
+    plans = Plans.load(
+        REQUESTS_ONLY, storage=RedisStorage(redis_server.url, key_prefix=prefix, timeout=CONTRACT_TIMEOUT)
+    )
     for _ in range(3):
         plans.check("alice", "gpt-4o")
     common = ["--policy", str(REQUESTS_ONLY), "--redis-url", redis_server.url, "--key-prefix", prefix]

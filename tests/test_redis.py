@@ -39,7 +39,7 @@ from ratelimit_middleware.backends.redis.storage import CLOCK_TTL_PAD_MS
 from ratelimit_middleware.errors import RateLimiterUnavailable
 from ratelimit_middleware.policy import Policy
 
-from .conftest import FakeClock, live_server, unique_prefix
+from .conftest import CONTRACT_TIMEOUT, FakeClock, live_server, unique_prefix
 from .redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,9 @@ def test_lua_scripts_ship_as_package_data() -> None:
 
 
 def test_redis_rate_limiter_is_a_rate_limiter_on_redis_storage(client: redis.Redis) -> None:
-    limiter = RedisRateLimiter(client, limit="2/minute", algorithm="gcra", key_prefix=unique_prefix())
+    limiter = RedisRateLimiter(
+        client, limit="2/minute", algorithm="gcra", key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT
+    )
     assert isinstance(limiter, RateLimiter) and isinstance(limiter.storage, RedisStorage)
     assert limiter.allow("u", "m") and limiter.allow("u", "m") and not limiter.allow("u", "m")
     with pytest.raises(TypeError, match="not both"):
@@ -139,7 +141,7 @@ def test_len_is_not_available_on_redis(client: redis.Redis) -> None:
 
 
 def test_a_sync_client_serves_the_sync_methods_only(client: redis.Redis) -> None:
-    limiter = RedisRateLimiter(client, 2, 60, key_prefix=unique_prefix())
+    limiter = RedisRateLimiter(client, 2, 60, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
     assert limiter.allow("u", "m")
 
     async def scenario() -> None:
@@ -161,7 +163,7 @@ def test_an_asyncio_client_serves_the_async_methods_only(redis_server: RedisServ
     async def scenario() -> None:
         client = redis.asyncio.Redis.from_url(redis_server.url)
         try:
-            limiter = RedisRateLimiter(client, 2, 60, key_prefix=unique_prefix())
+            limiter = RedisRateLimiter(client, 2, 60, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
             assert await limiter.aallow("u", "m")
             assert await limiter.aget_request_count("u", "m") == 1
             calls: list[Callable[[], Any]] = [
@@ -184,7 +186,7 @@ def test_an_asyncio_client_serves_the_async_methods_only(redis_server: RedisServ
 @pytest.mark.parametrize("kind", ["redis", "unix"])
 def test_a_url_serves_both_kinds_of_method(redis_server: RedisServer, kind: str) -> None:
     url = redis_server.url if kind == "redis" else f"unix://{redis_server.socket_path}"
-    storage = RedisStorage(url, key_prefix=unique_prefix())
+    storage = RedisStorage(url, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
     limiter = MultiTierRateLimiter(per_user="3/minute", storage=storage)
     assert limiter.allow("u", "a")[0]
 
@@ -203,7 +205,9 @@ def test_a_url_serves_both_kinds_of_method(redis_server: RedisServer, kind: str)
 def test_client_options_do_not_change_decisions(redis_server: RedisServer, options: dict[str, Any]) -> None:
     client = redis_server.client(**options)
     clock = FakeClock()
-    limiter = RedisRateLimiter(client, 2, 10, key_prefix=unique_prefix(), clock=clock)
+    limiter = RedisRateLimiter(
+        client, 2, 10, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT
+    )
     memory = RateLimiter(2, 10, clock=clock)
     for _ in range(3):
         assert limiter.check("u", "m") == memory.check("u", "m")
@@ -265,7 +269,7 @@ def test_key_names_read_as_prefix_algorithm_tier_limit_and_identity(client: redi
         per_user="10/minute;50/hour",
         global_limit="1000/0.5 seconds",
         algorithm="gcra",
-        storage=RedisStorage(client, key_prefix=prefix),
+        storage=RedisStorage(client, key_prefix=prefix, timeout=CONTRACT_TIMEOUT),
     )
     limiter.allow("alice", "gpt-4")
     assert keys_under(client, prefix) == sorted(
@@ -335,7 +339,9 @@ def test_braces_in_user_input_do_not_form_a_tag() -> None:
 
 def test_repeated_windows_get_keys_of_their_own(client: redis.Redis) -> None:
     prefix = unique_prefix()
-    limiter = RateLimiter(limit="2/minute;2/minute", storage=RedisStorage(client, key_prefix=prefix))
+    limiter = RateLimiter(
+        limit="2/minute;2/minute", storage=RedisStorage(client, key_prefix=prefix, timeout=CONTRACT_TIMEOUT)
+    )
     assert limiter.allow("u", "m") and limiter.allow("u", "m") and not limiter.allow("u", "m")
     base = f"{prefix}:sliding_log:per_user_model:2/60"
     assert keys_under(client, prefix) == [f"{base}#2:{{u}}:m".encode(), f"{base}:{{u}}:m".encode()]
@@ -351,7 +357,7 @@ def command_calls(client: redis.Redis, *names: str) -> dict[str, int]:
 
 
 def test_one_round_trip_per_decision_whatever_the_tiers(client: redis.Redis, algorithm: str) -> None:
-    storage = RedisStorage(client, key_prefix=unique_prefix())
+    storage = RedisStorage(client, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
     limiter = MultiTierRateLimiter(
         per_user_model="5/minute;20/hour",
         per_model="100/minute;1000/hour",
@@ -375,7 +381,7 @@ def test_one_round_trip_per_decision_whatever_the_tiers(client: redis.Redis, alg
 
 def test_a_denied_request_writes_nothing(client: redis.Redis, algorithm: str) -> None:
     prefix = unique_prefix()
-    storage = RedisStorage(client, key_prefix=prefix)
+    storage = RedisStorage(client, key_prefix=prefix, timeout=CONTRACT_TIMEOUT)
     limiter = MultiTierRateLimiter(
         per_user_model="5/minute", per_model="1/minute", algorithm=algorithm, storage=storage
     )
@@ -388,7 +394,9 @@ def test_a_denied_request_writes_nothing(client: redis.Redis, algorithm: str) ->
 
 def test_scripts_recover_after_script_flush(client: redis.Redis, algorithm: str) -> None:
     # an hour: Redis's own clock runs on, and a minute's GCRA frees a request every 20 s of a slow run
-    limiter = RedisRateLimiter(client, 3, 3600, algorithm=algorithm, key_prefix=unique_prefix())
+    limiter = RedisRateLimiter(
+        client, 3, 3600, algorithm=algorithm, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT
+    )
     connection = limiter.storage.connection
     assert limiter.allow("u", "m")
     client.script_flush()  # as after a Redis restart
@@ -408,7 +416,7 @@ def test_scripts_recover_after_script_flush(client: redis.Redis, algorithm: str)
 def test_async_scripts_recover_after_script_flush(redis_server: RedisServer) -> None:
     async def scenario() -> None:
         client = redis.asyncio.Redis.from_url(redis_server.url)
-        limiter = RedisRateLimiter(client, 3, 60, key_prefix=unique_prefix())
+        limiter = RedisRateLimiter(client, 3, 60, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
         try:
             assert await limiter.aallow("u", "m")
             await client.script_flush()
@@ -422,7 +430,9 @@ def test_async_scripts_recover_after_script_flush(redis_server: RedisServer) -> 
 
 def test_a_large_cost_is_one_entry(client: redis.Redis, algorithm: str) -> None:
     prefix = unique_prefix()
-    limiter = RedisRateLimiter(client, 10**6, 3600, algorithm=algorithm, key_prefix=prefix)
+    limiter = RedisRateLimiter(
+        client, 10**6, 3600, algorithm=algorithm, key_prefix=prefix, timeout=CONTRACT_TIMEOUT
+    )
     assert limiter.allow("u", "m", cost=50_000) and limiter.allow("u", "m", cost=50_000)
     [key] = keys_under(client, prefix)
     if algorithm == "sliding_log":
@@ -443,7 +453,7 @@ def test_every_key_expires_within_about_one_window(client: redis.Redis, algorith
         per_user="20/10 seconds;40/40 seconds",
         global_limit="100/30 seconds",
         algorithm=algorithm,
-        storage=RedisStorage(client, key_prefix=prefix),
+        storage=RedisStorage(client, key_prefix=prefix, timeout=CONTRACT_TIMEOUT),
     )
     for _ in range(3):  # a full burst: GCRA's per_user_model key then needs the whole window to recover
         assert limiter.allow("alice", "gpt-4")[0]
@@ -462,7 +472,9 @@ def test_every_key_expires_within_about_one_window(client: redis.Redis, algorith
 
 def test_an_injected_clock_pads_ttls(client: redis.Redis, algorithm: str) -> None:
     prefix = unique_prefix()
-    limiter = RedisRateLimiter(client, 3, 10, algorithm=algorithm, key_prefix=prefix, clock=FakeClock())
+    limiter = RedisRateLimiter(
+        client, 3, 10, algorithm=algorithm, key_prefix=prefix, clock=FakeClock(), timeout=CONTRACT_TIMEOUT
+    )
     limiter.allow("u", "m")
     [key] = keys_under(client, prefix)
     assert CLOCK_TTL_PAD_MS < client.pttl(key) <= CLOCK_TTL_PAD_MS + 20_000
@@ -479,7 +491,7 @@ def test_memory_returns_to_baseline_once_users_go_idle(redis_server: RedisServer
             per_user="5/0.2 seconds;9/0.3 seconds",
             global_limit="900/0.3 seconds",
             algorithm=algorithm,
-            storage=RedisStorage(client, key_prefix=algorithm),
+            storage=RedisStorage(client, key_prefix=algorithm, timeout=CONTRACT_TIMEOUT),
         )
         for user in range(40):
             for model in ("a", "b"):
@@ -515,8 +527,10 @@ def local_clocks_off_by(seconds: float) -> Iterator[None]:
 
 def test_limiters_whose_clocks_differ_by_minutes_agree(client: redis.Redis, algorithm: str) -> None:
     prefix = unique_prefix()
-    ahead = RedisRateLimiter(client, 4, 60, algorithm=algorithm, key_prefix=prefix)
-    behind = RedisRateLimiter(live_server().url, 4, 60, algorithm=algorithm, key_prefix=prefix)
+    ahead = RedisRateLimiter(client, 4, 60, algorithm=algorithm, key_prefix=prefix, timeout=CONTRACT_TIMEOUT)
+    behind = RedisRateLimiter(
+        live_server().url, 4, 60, algorithm=algorithm, key_prefix=prefix, timeout=CONTRACT_TIMEOUT
+    )
     decisions = []
     for turn in range(6):
         limiter, skew = (ahead, 7 * 60.0) if turn % 2 == 0 else (behind, -7 * 60.0)
@@ -535,7 +549,7 @@ def test_limiters_whose_clocks_differ_by_minutes_agree(client: redis.Redis, algo
 def test_redis_time_stepping_back_never_readmits(client: redis.Redis, algorithm: str) -> None:
     """Redis' clock can step back (NTP, failover to a replica): a key's state never counts as older."""
     clock = FakeClock(105.0)
-    storage = RedisStorage(client, key_prefix=unique_prefix(), clock=clock)
+    storage = RedisStorage(client, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT)
     limiter = RateLimiter(2, 10, algorithm=algorithm, storage=storage)
     assert limiter.allow("u", "m") and limiter.allow("u", "m") and not limiter.allow("u", "m")
     clock.now = 99.0  # back across a window boundary
@@ -582,7 +596,9 @@ def test_redis_decides_exactly_as_memory(
     traffic and clock, every decision (floats included, to the bit) and every count are equal."""
     clock = FakeClock(start)
     memory = MultiTierRateLimiter(**config, algorithm=algorithm, storage=MemoryStorage(clock=clock))
-    storage = RedisStorage(live_server().url, key_prefix=unique_prefix(), clock=clock)
+    storage = RedisStorage(
+        live_server().url, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT
+    )
     on_redis = MultiTierRateLimiter(**config, algorithm=algorithm, storage=storage)
     tiers = sorted({rule.tier for rule in memory.policy.rules})
     for step, user, model, cost, operation in ops:
@@ -604,7 +620,9 @@ def test_long_busy_keys_agree_with_memory(algorithm: str) -> None:
     traffic = random.Random(4)
     clock = FakeClock(1_750_000_000.0)
     memory = RateLimiter(limit="150/5 seconds;400/20 seconds", algorithm=algorithm, clock=clock)
-    storage = RedisStorage(live_server().url, key_prefix=unique_prefix(), clock=clock)
+    storage = RedisStorage(
+        live_server().url, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT
+    )
     on_redis = RateLimiter(limit="150/5 seconds;400/20 seconds", algorithm=algorithm, storage=storage)
     denied = 0
     for _ in range(1500):

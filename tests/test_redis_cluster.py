@@ -56,7 +56,7 @@ def test_a_sync_cluster_client_serves_the_sync_methods(cluster_client: redis.clu
 def test_an_asyncio_cluster_client_serves_the_async_methods(redis_cluster: RedisCluster) -> None:
     async def scenario() -> None:
         client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[1])
-        limiter = RedisRateLimiter(client, 2, 60, key_prefix=unique_prefix())
+        limiter = RedisRateLimiter(client, 2, 60, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
         assert await limiter.aallow("u", "m") and await limiter.aallow("u", "m")
         assert not await limiter.aallow("u", "m")
         with pytest.raises(TypeError, match="asyncio client"):

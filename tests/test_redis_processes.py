@@ -7,7 +7,7 @@ import multiprocessing
 from ratelimit_middleware import ALGORITHMS, MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 
 from . import redis_workers
-from .conftest import unique_prefix
+from .conftest import CONTRACT_TIMEOUT, unique_prefix
 from .redis_server import RedisServer
 
 PROCESSES = 4
@@ -49,7 +49,12 @@ def test_four_processes_admit_exactly_the_limit(redis_server: RedisServer) -> No
     for name in ALGORITHMS:
         assert sum(counts[name] for counts in admitted) == redis_workers.LIMIT, name
         limiter = RedisRateLimiter(
-            redis_server.client(), redis_workers.LIMIT, window, algorithm=name, key_prefix=prefix
+            redis_server.client(),
+            redis_workers.LIMIT,
+            window,
+            algorithm=name,
+            key_prefix=prefix,
+            timeout=CONTRACT_TIMEOUT,
         )
         assert limiter.get_request_count("shared", "gpt-4") == redis_workers.LIMIT, name
     assert sum(counts["multi_tier"] for counts in admitted) == redis_workers.PER_MODEL
@@ -57,6 +62,6 @@ def test_four_processes_admit_exactly_the_limit(redis_server: RedisServer) -> No
     tiers = MultiTierRateLimiter(
         per_user_model=f"{redis_workers.PER_USER_MODEL}/hour",
         per_model=f"{redis_workers.PER_MODEL}/hour",
-        storage=RedisStorage(redis_server.client(), key_prefix=prefix),
+        storage=RedisStorage(redis_server.client(), key_prefix=prefix, timeout=CONTRACT_TIMEOUT),
     )
     assert tiers.get_request_count("anyone", "gpt-4", tier="per_model") == redis_workers.PER_MODEL

@@ -12,7 +12,8 @@ Tokens are reserved from the request (prompt and ``max_tokens``) and settled wit
 response reports, streams included.
 
 With ``REDIS_URL`` set (``redis://host:6379/0``), the limits live in that Redis and every process of the app
-shares them; otherwise each process counts in memory.
+shares them; otherwise each process counts in memory. ``REDIS_TIMEOUT`` (seconds, default 0.1) bounds each
+call to Redis; a slower reply is answered as Redis being down (allowed, and counted by the metrics).
 
 Users are told apart by ``X-User-ID``, else their API key (``Authorization: Bearer ...``), else their address;
 the model is the body's ``"model"``, the one the app serves (so an ``X-Model`` header cannot move a request
@@ -53,7 +54,9 @@ def build_limiter() -> MultiTierRateLimiter | Plans:
     if os.environ.get("REDIS_URL"):
         from ratelimit_middleware import RedisStorage  # needs the redis extra
 
-        storage = RedisStorage(os.environ["REDIS_URL"])
+        timeout = os.environ.get("REDIS_TIMEOUT")
+        options = {} if timeout is None else {"timeout": float(timeout)}
+        storage = RedisStorage(os.environ["REDIS_URL"], **options)
     plans = Plans.from_env(storage=storage)
     if plans is not None:
         return plans
