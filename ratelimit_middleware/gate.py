@@ -34,7 +34,7 @@ from .observe import Observer, notify
 from .plans import Plans
 from .policy import binding
 from .request import BodyNotLoaded, RequestView
-from .reservation import Reservation
+from .reservation import JointReservation, Reservation
 from .routes import PathRules
 from .tokens import DEFAULT_OUTPUT_TOKENS
 from .tokens import estimate as estimate_tokens
@@ -226,17 +226,35 @@ def _ordered(reservation: Reservation) -> list[Decision]:
 
 class Both:
     """Two limits on one request: the second is asked only if the first allows, and the binding decision
-    of both is the answer (a request denied by the second still counts in the first). When one of them
-    reserves tokens or concurrency (``uses_reservations``), the other is checked first and the reservation
-    made after, its requests decision folded with the other's."""
+    of both is the answer (a request denied by the second still counts in the first). A limiter with token
+    or concurrency limits (``uses_reservations``) is reserved after a plain one, its requests decision
+    folded with the other's; of two such, the second's denial cancels the first's reservation (its request
+    stays counted). ``Plans`` on either side are routed per request first (``route``)."""
 
     def __init__(self, first: Checker, second: Checker) -> None:
-        reserving = [limiter for limiter in (first, second) if Gate.reserver(limiter) is not None]
-        if len(reserving) > 1:
-            raise TypeError("Both takes at most one limiter with token or concurrency limits")
-        self.uses_reservations = bool(reserving)
-        self.first, self.second = (second, first) if reserving and reserving[0] is first else (first, second)
+        if Gate.reserver(first) is not None and Gate.reserver(second) is None:
+            first, second = second, first
+        self.first, self.second = first, second
+        self.uses_reservations = Gate.reserver(second) is not None
         self.inline = all(getattr(limiter, "inline", False) is True for limiter in (first, second))
+        self._plans = isinstance(first, Plans) or isinstance(second, Plans)
+        self._routed: dict[tuple[int, int], Both] = {}
+
+    def route(self, request: RequestView, model: str) -> tuple[Checker, str]:
+        """The two limiters of this request once ``Plans`` are routed, and its model (after a plan's
+        aliases)."""
+        if not self._plans:
+            return self, model
+        first, second = self.first, self.second
+        if isinstance(first, Plans):
+            first, model = first.route(request, model)
+        if isinstance(second, Plans):
+            second, model = second.route(request, model)
+        key = (id(first), id(second))
+        both = self._routed.get(key)
+        if both is None:
+            both = self._routed[key] = Both(first, second)
+        return both, model
 
     def check(self, user: str, model: str, cost: int = 1) -> Decision:
         decision = self.first.check(user, model, cost)
@@ -251,25 +269,51 @@ class Both:
         return _joined(decision, await self.second.acheck(user, model, cost))
 
     def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
-        decision = self.first.check(user, model)
-        if not decision.allowed:
-            return Reservation(user, model, decision, {decision.unit: decision}, (0, 0))
-        reserver = cast(Reserver, self.second)
-        return _with(
-            reserver.reserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens), decision
-        )
+        tokens = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        first = Gate.reserver(self.first)
+        if first is None:
+            decision = self.first.check(user, model)
+            if not decision.allowed:
+                return Reservation(user, model, decision, {decision.unit: decision}, (0, 0))
+            return _with(cast(Reserver, self.second).reserve(user, model, **tokens), decision)
+        earlier = first.reserve(user, model, **tokens)
+        if not earlier.allowed:
+            return earlier
+        later = cast(Reserver, self.second).reserve(user, model, **tokens)
+        if not later.allowed:
+            earlier.cancel()
+        return _joint(earlier, later)
 
     async def areserve(
         self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
     ) -> Reservation:
-        decision = await self.first.acheck(user, model)
-        if not decision.allowed:
-            return Reservation(user, model, decision, {decision.unit: decision}, (0, 0))
-        reserver = cast(Reserver, self.second)
-        reserved = await reserver.areserve(
-            user, model, input_tokens=input_tokens, output_tokens=output_tokens
-        )
-        return _with(reserved, decision)
+        tokens = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        first = Gate.reserver(self.first)
+        if first is None:
+            decision = await self.first.acheck(user, model)
+            if not decision.allowed:
+                return Reservation(user, model, decision, {decision.unit: decision}, (0, 0))
+            return _with(await cast(Reserver, self.second).areserve(user, model, **tokens), decision)
+        earlier = await first.areserve(user, model, **tokens)
+        if not earlier.allowed:
+            return earlier
+        later = await cast(Reserver, self.second).areserve(user, model, **tokens)
+        if not later.allowed:
+            await earlier.acancel()
+        return _joint(earlier, later)
+
+
+def _joint(earlier: Reservation, later: Reservation) -> Reservation:
+    """The reservations of two limits, the first allowed: the second's denial with the first's decisions
+    folded in (the first cancelled by the caller), or both held together."""
+    if not later.allowed:
+        for decision in earlier.decisions.values():
+            _with(later, decision)
+        return later
+    decisions = dict(earlier.decisions)
+    for unit, decision in later.decisions.items():
+        decisions[unit] = decision if unit not in decisions else _joined(decisions[unit], decision)
+    return JointReservation((earlier, later), _joined(earlier.decision, later.decision), decisions)
 
 
 def _with(reservation: Reservation, decision: Decision) -> Reservation:
@@ -281,12 +325,13 @@ def _with(reservation: Reservation, decision: Decision) -> Reservation:
 
 
 def _joined(first: Decision, second: Decision) -> Decision:
-    """The binding one of two limits' decisions on one request (the first allowed it), except that a
-    decision made by a storage's failure policy wins while it allows: observers must see the fallback, and
-    a count nobody made gets no headers."""
-    for decision in (first, second):
-        if isinstance(decision, FallbackDecision) and decision.allowed and second.allowed:
-            return decision
+    """The binding one of two limits' decisions on one request, except that a decision made by a storage's
+    failure policy wins while both allow: observers must see the fallback, and a count nobody made gets no
+    headers."""
+    if first.allowed and second.allowed:
+        for decision in (first, second):
+            if isinstance(decision, FallbackDecision):
+                return decision
     return binding([first, second])
 
 
@@ -384,12 +429,7 @@ class Gate:
         return self._both(first, limiters[1])
 
     def _both(self, first: Checker, second: Checker) -> Checker:
-        """The two limiters of a path whose spellings fall under two rules (see ``routes``): both apply,
-        unless both reserve tokens or one routes plans, when only the first spelling's does."""
-        if isinstance(first, Plans) or isinstance(second, Plans):
-            return first
-        if self.reserver(first) is not None and self.reserver(second) is not None:
-            return first
+        """The two limiters of a path whose spellings fall under two rules (see ``routes``): both apply."""
         key = (id(first), id(second))
         both = self._pairs.get(key)
         if both is None:
@@ -405,7 +445,7 @@ class Gate:
         """
         try:
             user, model = self.identify(request)
-            if isinstance(limiter, Plans):
+            if isinstance(limiter, (Plans, Both)):
                 limiter, model = limiter.route(request, model)
             reserver = self.reserver(limiter)
             tokens = (0, 0) if reserver is None else self.estimate(request)

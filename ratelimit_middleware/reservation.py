@@ -25,7 +25,7 @@ from .decision import Decision
 if TYPE_CHECKING:
     from .backends.base import ReservingBackend
 
-__all__ = ["Reservation"]
+__all__ = ["JointReservation", "Reservation"]
 
 Settlement = Callable[[tuple[int, int], "tuple[int, int] | None"], tuple[int, ...]]
 
@@ -160,5 +160,54 @@ class Reservation:
             await self.asettle(*self.reserved)
 
     def __repr__(self) -> str:
-        state = "settled" if self._charge is None else "open"
-        return f"<Reservation {state} allowed={self.allowed} reserved={self.reserved}>"
+        state = "settled" if self.settled else "open"
+        return f"<{type(self).__name__} {state} allowed={self.allowed} reserved={self.reserved}>"
+
+
+class JointReservation(Reservation):
+    """The allowed reservations of two limits on one request (a path under two rules), settled, cancelled
+    and renewed together; ``decision`` and ``decisions`` are the binding ones of both."""
+
+    __slots__ = ("parts",)
+
+    def __init__(
+        self, parts: tuple[Reservation, Reservation], decision: Decision, decisions: Mapping[str, Decision]
+    ) -> None:
+        first = parts[0]
+        super().__init__(first.user, first.model, decision, decisions, first.reserved)
+        self.parts = parts
+        leases = [part.lease for part in parts if part.lease is not None]
+        self.lease = min(leases) if leases else None
+
+    @property
+    def settled(self) -> bool:
+        return all(part.settled for part in self.parts)
+
+    def settle(self, input_tokens: int, output_tokens: int) -> None:
+        for part in self.parts:
+            part.settle(input_tokens, output_tokens)
+
+    async def asettle(self, input_tokens: int, output_tokens: int) -> None:
+        for part in self.parts:
+            await part.asettle(input_tokens, output_tokens)
+
+    def cancel(self) -> None:
+        for part in self.parts:
+            part.cancel()
+
+    async def acancel(self) -> None:
+        for part in self.parts:
+            await part.acancel()
+
+    def renew(self) -> bool | None:
+        return _held([part.renew() for part in self.parts])
+
+    async def arenew(self) -> bool | None:
+        return _held([await part.arenew() for part in self.parts])
+
+
+def _held(renewed: list[bool | None]) -> bool | None:
+    """What renewing every part says of the whole: lost if one is lost, unknown if one is unknown."""
+    if False in renewed:
+        return False
+    return None if None in renewed else True

@@ -557,3 +557,48 @@ def test_both_spellings_keep_a_fail_open_decision_unmarked_by_headers() -> None:
     app = make_app(limiter=FailsOpen(limit="100/minute"), path_limits={"/hello": "2/minute"})
     sent = asyncio.run(call(app, http_scope("/hello/", "GET", [("X-User-ID", "a")])))
     assert status_of(sent) in (200, 307) and "x-ratelimit-limit-requests" not in headers_of(sent)
+
+
+def test_both_spellings_apply_when_both_limiters_reserve() -> None:
+    from ratelimit_middleware import Limits
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    default = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="10000000/minute"))
+    strict = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="5000/minute", max_concurrent=1))
+    app = RateLimitMiddleware(
+        ok, limiter=default, path_limits={"/v1/chat": strict}, default_output_tokens=2000
+    )
+    sent = [asyncio.run(call(app, http_scope("/v1/chat/", "GET", [("X-User-ID", "a")]))) for _ in range(3)]
+    # Each response settles both reservations (2,000 tokens each, its slot given back): the strict rule's
+    # 5,000 tokens admit two, and the third is denied by its tokens, not by a slot left taken.
+    assert [status_of(one) for one in sent] == [200, 200, 429]
+    assert json.loads(body_of(sent[2]))["error"]["type"] == "tokens"
+    assert headers_of(sent[1])["x-ratelimit-limit-tokens"] == "5000"
+    assert strict.get_request_count("a", "default") == 2  # a denied reservation charges nothing
+    # The strict rule's denial cancelled the default's reservation: the request counts, its tokens went back.
+    assert default.get_request_count("a", "default") == 3
+    assert default.reserve("a", "default", output_tokens=0).decisions["tokens"].remaining == 10_000_000 - 4000
+
+
+def test_a_fail_open_check_never_admits_a_request_the_reservation_denies() -> None:
+    from ratelimit_middleware import Limits
+    from ratelimit_middleware.errors import UncheckedDecision
+
+    class FailsOpen(RateLimiter):
+        def check(self, user: str, model: str, cost: int = 1) -> Any:
+            return UncheckedDecision.of(super().check(user, model, cost))
+
+        async def acheck(self, user: str, model: str, cost: int = 1) -> Any:
+            return self.check(user, model, cost)
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    metered = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="100/minute"))
+    app = RateLimitMiddleware(ok, limiter=metered, path_limits={"/v1/chat": FailsOpen(limit="100/minute")})
+    sent = asyncio.run(call(app, http_scope("/v1/chat/", "GET", [("X-User-ID", "a")])))
+    assert status_of(sent) == 429  # 1,024 tokens expected, 100 allowed

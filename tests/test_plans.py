@@ -118,3 +118,27 @@ def test_policy_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         Plans.from_env()
     monkeypatch.setenv("RATELIMIT_POLICY", str(POLICIES[0]))
     assert Plans.from_env() is not None
+
+
+def test_a_spelling_under_a_path_rule_gets_the_plan_and_the_rule() -> None:
+    plans = Plans(
+        {"free": {"*": {"per_user_model": "3/minute"}}, "pro": {"*": {"per_user_model": "100/minute"}}},
+        default_plan="free",
+        plan_key=lambda request: request.header("x-plan"),
+        aliases={"llama-3-8b-instruct": "llama"},
+    )
+    app = Starlette(routes=[Route("/v1/chat/{rest:path}", echo, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=plans, path_limits={"/v1/chat/x": "2/minute"})
+    client = TestClient(app)
+
+    def post(path: str, user: str, plan: str, model: str = "gpt") -> Any:
+        return client.post(path, headers={"X-User-ID": user, "X-Model": model, "X-Plan": plan})
+
+    # "/v1/chat/x/" is the plans' spelling and, tidied, the rule's: both limits apply, whichever binds.
+    assert [post("/v1/chat/x/", "a", "pro").status_code for _ in range(3)] == [200, 200, 429]
+    free = [post(path, "b", "free").status_code for path in ("/v1/chat/x/", "/v1/chat/x/", "/v1/chat/y")]
+    assert free == [200, 200, 200] and post("/v1/chat/y", "b", "free").status_code == 429  # the plan's 3
+    # The plan's aliases apply to both: the alias shares the canonical model's count in the path rule too.
+    assert post("/v1/chat/x/", "c", "pro", "llama").status_code == 200
+    assert post("/v1/chat/x/", "c", "pro", "llama-3-8b-instruct").status_code == 200
+    assert post("/v1/chat/x/", "c", "pro", "llama").status_code == 429

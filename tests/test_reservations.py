@@ -282,3 +282,35 @@ def test_sliding_log_settlements_match_a_reference_log(
                 held.settle(settled_to, 0)  # type: ignore[attr-defined]
         expected = sum(cost for t, cost in log if t > clock.now - 10)
         assert limiter.get_request_count("u", "m", unit="tokens") == expected
+
+
+def test_two_reserving_limits_hold_and_give_back_together(storage: Storage) -> None:
+    """``Both`` (a path under two rules) with two token-limited limiters: one joint reservation, settled,
+    renewed and released as one; the second's denial cancels the first's."""
+    from ratelimit_middleware.gate import Both
+    from ratelimit_middleware.reservation import JointReservation
+
+    loose = tokens_limiter(storage, tokens="10000/minute", max_concurrent=5)
+    strict = MultiTierRateLimiter(per_model=Limits(tokens="1000/minute", max_concurrent=1), storage=storage)
+    both = Both(loose, strict)
+
+    async def scenario() -> None:
+        held = await both.areserve("u", "m", input_tokens=300)
+        assert isinstance(held, JointReservation) and held.allowed
+        assert held.decisions["concurrent"].remaining == 0 and held.decisions["tokens"].remaining == 700
+        assert held.lease == held.parts[1].lease  # expiring slots (on Redis) are renewed together
+        assert await held.arenew() is True
+        busy = await both.areserve("u", "m", input_tokens=300)  # the strict rule's one slot is taken
+        assert not busy.allowed and busy.decision.unit == "concurrent"
+        assert await loose.aget_request_count("u", "m", unit="tokens") == 300  # busy's 300 went back
+        await held.asettle(100, 0)
+        assert await held.arenew() is False and held.settled
+        assert await strict.aget_request_count("u", "m", unit="concurrent") == 0
+        assert await loose.aget_request_count("u", "m", unit="concurrent") == 0
+
+    asyncio.run(scenario())
+    with both.reserve("u", "m", input_tokens=100) as held:
+        assert held.allowed and strict.get_request_count("u", "m", unit="concurrent") == 1
+    assert loose.get_request_count("u", "m", unit="tokens") == 200
+    assert strict.get_request_count("u", "m", unit="tokens") == 200
+    assert loose.get_request_count("u", "m", unit="concurrent") == 0
