@@ -803,7 +803,10 @@ def profile_ours(settings: Settings) -> None:
             _per_call_us(lambda: encode_headers(denial_headers)),
         ),
     ]
-    reserver = getattr(gate, "reserver", None)  # newer trees: per request, is the limiter a Reserver?
+    try:  # newer trees: per request, is the limiter a Reserver?
+        from ratelimit_middleware.checker import reserver_of as reserver
+    except ImportError:
+        reserver = getattr(gate, "reserver", None)
     if reserver is not None:
         rows.insert(9, ("gate.reserver(limiter)", _per_call_us(lambda: reserver(gate.limiter))))
     width = max(len(label) for label, _ in rows)

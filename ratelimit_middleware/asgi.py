@@ -13,9 +13,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from .checker import Checker, LimiterSpec
 from .contract import HTTPResponse, RawResponse, raw_informational_headers
 from .decision import Decision
-from .gate import Checker, Gate, GateOptions, LimiterSpec
+from .gate import Gate, GateOptions
 from .renewal import keep
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation

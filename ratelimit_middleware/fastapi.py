@@ -23,9 +23,10 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from .asgi import admit, encode_headers, load_body, request_view
+from .checker import LimiterSpec
 from .contract import HTTPResponse, informational_headers
 from .decision import Decision
-from .gate import SHARED_DECISIONS, Gate, LimiterSpec, RouteOptions
+from .gate import SHARED_DECISIONS, Gate, RouteOptions
 from .request import RequestView
 
 if TYPE_CHECKING:

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import flask
 
+from .checker import LimiterSpec
 from .contract import HTTPResponse
 from .decision import Decision
-from .gate import Gate, LimiterSpec, RouteOptions
+from .gate import Gate, RouteOptions
 from .request import RequestView
 from .wsgi import Environ, admit, load_body, request_view
 

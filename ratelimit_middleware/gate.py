@@ -15,9 +15,10 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
-from .config import RateLimitConfig
+from .both import Both
+from .checker import Checker, LimiterSpec, Reserver, as_checker, reserver_of
 from .contract import (
     HTTPResponse,
     RawResponse,
@@ -34,7 +35,7 @@ from .observe import Observer, notify
 from .plans import Plans
 from .policy import binding
 from .request import BodyNotLoaded, RequestView
-from .reservation import JointReservation, Reservation
+from .reservation import Reservation
 from .routes import PathRules
 from .tokens import DEFAULT_OUTPUT_TOKENS
 from .tokens import estimate as estimate_tokens
@@ -46,16 +47,11 @@ __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
     "SHARED_DECISIONS",
     "Ask",
-    "Both",
-    "Checker",
     "DenialHandler",
     "Estimator",
     "Gate",
     "GateOptions",
-    "LimiterSpec",
-    "Reserver",
     "RouteOptions",
-    "as_checker",
 ]
 
 logger = logging.getLogger("ratelimit_middleware")
@@ -74,48 +70,11 @@ _MAX_KEY_LENGTH = 256  # longer identities are hashed, so that huge headers cann
 _LOG_EVERY_SECONDS = 60.0
 
 
-class Checker(Protocol):
-    """What the HTTP layer needs of a limiter: ``RateLimiter`` and ``MultiTierRateLimiter`` both fit."""
-
-    def check(self, user: str, model: str, cost: int = 1) -> Decision: ...
-
-    async def acheck(self, user: str, model: str, cost: int = 1) -> Decision: ...
-
-
-class Reserver(Checker, Protocol):
-    """A limiter with token or concurrency limits: requests go through ``reserve`` and are settled later."""
-
-    @property
-    def uses_reservations(self) -> bool: ...
-
-    def reserve(
-        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
-    ) -> Reservation: ...
-
-    async def areserve(
-        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
-    ) -> Reservation: ...
-
-
-LimiterSpec = Checker | RateLimitConfig | str
-"""A limiter, or a limit (config or string such as ``"10/minute"``) for a new in-memory ``RateLimiter``."""
-
 DenialHandler = Callable[[RequestView, Decision], HTTPResponse]
 """Builds the response for a denied request (replaces the default 429)."""
 
 Estimator = Callable[[RequestView], "tuple[int, int]"]
 """``(input_tokens, output_tokens)`` a request is expected to use; may call ``request.json()``."""
-
-
-def as_checker(spec: LimiterSpec, what: str = "limiter") -> Checker:
-    """A limiter from a limiter, a config or a limit string."""
-    if isinstance(spec, (str, RateLimitConfig)):
-        return RateLimiter(limit=spec)
-    if callable(getattr(spec, "check", None)) and callable(getattr(spec, "acheck", None)):
-        return spec
-    raise TypeError(
-        f"{what} must be a limiter, a RateLimitConfig or a limit string like '10/minute', got {spec!r}"
-    )
 
 
 def _bounded(identity: str) -> str:
@@ -222,117 +181,6 @@ def _folded(decisions: list[Decision]) -> list[Decision]:
 def _ordered(reservation: Reservation) -> list[Decision]:
     """A reservation's decisions, requests first (they fill the generic X-RateLimit headers)."""
     return sorted(reservation.decisions.values(), key=lambda decision: decision.unit != "requests")
-
-
-class Both:
-    """Two limits on one request: the second is asked only if the first allows, and the binding decision
-    of both is the answer (a request denied by the second still counts in the first). A limiter with token
-    or concurrency limits (``uses_reservations``) is reserved after a plain one, its requests decision
-    folded with the other's; of two such, the second's denial cancels the first's reservation (its request
-    stays counted). ``Plans`` on either side are routed per request first (``route``)."""
-
-    def __init__(self, first: Checker, second: Checker) -> None:
-        if Gate.reserver(first) is not None and Gate.reserver(second) is None:
-            first, second = second, first
-        self.first, self.second = first, second
-        self.uses_reservations = Gate.reserver(second) is not None
-        self.inline = all(getattr(limiter, "inline", False) is True for limiter in (first, second))
-        self._plans = isinstance(first, Plans) or isinstance(second, Plans)
-        self._routed: dict[tuple[int, int], Both] = {}
-
-    def route(self, request: RequestView, model: str) -> tuple[Checker, str]:
-        """The two limiters of this request once ``Plans`` are routed, and its model (after a plan's
-        aliases)."""
-        if not self._plans:
-            return self, model
-        first, second = self.first, self.second
-        if isinstance(first, Plans):
-            first, model = first.route(request, model)
-        if isinstance(second, Plans):
-            second, model = second.route(request, model)
-        key = (id(first), id(second))
-        both = self._routed.get(key)
-        if both is None:
-            both = self._routed[key] = Both(first, second)
-        return both, model
-
-    def check(self, user: str, model: str, cost: int = 1) -> Decision:
-        decision = self.first.check(user, model, cost)
-        if not decision.allowed:
-            return decision
-        return _joined(decision, self.second.check(user, model, cost))
-
-    async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
-        decision = await self.first.acheck(user, model, cost)
-        if not decision.allowed:
-            return decision
-        return _joined(decision, await self.second.acheck(user, model, cost))
-
-    def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
-        tokens = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-        first = Gate.reserver(self.first)
-        if first is None:
-            decision = self.first.check(user, model)
-            if not decision.allowed:
-                return Reservation(user, model, decision, {decision.unit: decision}, (0, 0))
-            return _with(cast(Reserver, self.second).reserve(user, model, **tokens), decision)
-        earlier = first.reserve(user, model, **tokens)
-        if not earlier.allowed:
-            return earlier
-        later = cast(Reserver, self.second).reserve(user, model, **tokens)
-        if not later.allowed:
-            earlier.cancel()
-        return _joint(earlier, later)
-
-    async def areserve(
-        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
-    ) -> Reservation:
-        tokens = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-        first = Gate.reserver(self.first)
-        if first is None:
-            decision = await self.first.acheck(user, model)
-            if not decision.allowed:
-                return Reservation(user, model, decision, {decision.unit: decision}, (0, 0))
-            return _with(await cast(Reserver, self.second).areserve(user, model, **tokens), decision)
-        earlier = await first.areserve(user, model, **tokens)
-        if not earlier.allowed:
-            return earlier
-        later = await cast(Reserver, self.second).areserve(user, model, **tokens)
-        if not later.allowed:
-            await earlier.acancel()
-        return _joint(earlier, later)
-
-
-def _joint(earlier: Reservation, later: Reservation) -> Reservation:
-    """The reservations of two limits, the first allowed: the second's denial with the first's decisions
-    folded in (the first cancelled by the caller), or both held together."""
-    if not later.allowed:
-        for decision in earlier.decisions.values():
-            _with(later, decision)
-        return later
-    decisions = dict(earlier.decisions)
-    for unit, decision in later.decisions.items():
-        decisions[unit] = decision if unit not in decisions else _joined(decisions[unit], decision)
-    return JointReservation((earlier, later), _joined(earlier.decision, later.decision), decisions)
-
-
-def _with(reservation: Reservation, decision: Decision) -> Reservation:
-    """``reservation`` with an allowing ``decision`` of another limit folded into its binding decisions."""
-    same = reservation.decisions.get(decision.unit)
-    reservation.decisions[decision.unit] = decision if same is None else _joined(same, decision)
-    reservation.decision = _joined(reservation.decision, decision)
-    return reservation
-
-
-def _joined(first: Decision, second: Decision) -> Decision:
-    """The binding one of two limits' decisions on one request, except that a decision made by a storage's
-    failure policy wins while both allow: observers must see the fallback, and a count nobody made gets no
-    headers."""
-    if first.allowed and second.allowed:
-        for decision in (first, second):
-            if isinstance(decision, FallbackDecision):
-                return decision
-    return binding([first, second])
 
 
 Ask = tuple[Checker, "Reserver | None", str, str, "tuple[int, int]"]
@@ -447,7 +295,7 @@ class Gate:
             user, model = self.identify(request)
             if isinstance(limiter, (Plans, Both)):
                 limiter, model = limiter.route(request, model)
-            reserver = self.reserver(limiter)
+            reserver = reserver_of(limiter)
             tokens = (0, 0) if reserver is None else self.estimate(request)
         except Exception as error:
             return self.failed("the key function", error)
@@ -519,18 +367,12 @@ class Gate:
         Token and concurrency limits follow the response to its end, which only the middlewares see.
         """
         gate = cls(limiter, exempt_methods=(), **options)
-        if gate.reserver(gate.limiter) is not None:
+        if reserver_of(gate.limiter) is not None:
             raise TypeError(
                 "token and concurrency limits need RateLimitMiddleware or RateLimitWSGI, which follow the "
                 "response to its end; a per-route decorator takes request limits only"
             )
         return gate
-
-    @staticmethod
-    def reserver(limiter: Checker) -> Reserver | None:
-        """``limiter`` when it has token or concurrency limits (requests are then reserved), else ``None``."""
-        # An attribute look-up, not isinstance(): a runtime-checkable Protocol costs microseconds per check.
-        return cast(Reserver, limiter) if getattr(limiter, "uses_reservations", False) is True else None
 
     def estimate(self, request: RequestView) -> tuple[int, int]:
         """The tokens a request is expected to use; raises ``BodyNotLoaded`` until the body is read."""

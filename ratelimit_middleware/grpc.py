@@ -46,9 +46,10 @@ except ModuleNotFoundError as error:
         "ratelimit_middleware.grpc needs grpcio: pip install 'ratelimit-middleware[grpc]'"
     ) from error
 
+from ratelimit_middleware.checker import Checker, LimiterSpec, reserver_of
 from ratelimit_middleware.contract import HTTPResponse
 from ratelimit_middleware.decision import Decision
-from ratelimit_middleware.gate import Ask, Checker, Gate, LimiterSpec
+from ratelimit_middleware.gate import Ask, Gate
 from ratelimit_middleware.keys import KeyFunction, from_header
 from ratelimit_middleware.observe import Observer
 from ratelimit_middleware.renewal import LeaseKeeper, Stop, keep
@@ -318,7 +319,7 @@ class _Core:
         """Identify a call (and estimate its tokens), or say what to do when that fails."""
         method = details.method
         view = request_view(method, details.invocation_metadata, peer)
-        reserver = Gate.reserver(limiter)
+        reserver = reserver_of(limiter)
         stage = "the key function"
         try:
             if self.request_body is not None and message is not _NO_MESSAGE:

@@ -15,7 +15,7 @@ from .decision import Decision, ShadowDecision
 from .reservation import Reservation
 
 if TYPE_CHECKING:
-    from .gate import Checker, Reserver
+    from .checker import Checker, Reserver
 
 __all__ = ["Shadow"]
 

@@ -14,9 +14,10 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from .checker import Checker, LimiterSpec
 from .contract import HTTPResponse
 from .decision import Decision
-from .gate import Checker, Gate, GateOptions, LimiterSpec
+from .gate import Gate, GateOptions
 from .renewal import LeaseKeeper
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation

@@ -287,7 +287,7 @@ def test_sliding_log_settlements_match_a_reference_log(
 def test_two_reserving_limits_hold_and_give_back_together(storage: Storage) -> None:
     """``Both`` (a path under two rules) with two token-limited limiters: one joint reservation, settled,
     renewed and released as one; the second's denial cancels the first's."""
-    from ratelimit_middleware.gate import Both
+    from ratelimit_middleware.both import Both
     from ratelimit_middleware.reservation import JointReservation
 
     loose = tokens_limiter(storage, tokens="10000/minute", max_concurrent=5)
