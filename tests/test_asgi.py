@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket
 from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
 from ratelimit_middleware.asgi import Message, RateLimitMiddleware, ScopeHeaders, request_view
 from ratelimit_middleware.contract import HTTPResponse
+from ratelimit_middleware.errors import UncheckedDecision
 from ratelimit_middleware.keys import from_header
 from ratelimit_middleware.request import RequestView
 
@@ -529,12 +530,24 @@ def test_a_scope_used_again_gets_its_headers_again() -> None:
     assert [*remaining, copied] == ["9", "8", "7"]
 
 
+async def ok(scope: Any, receive: Any, send: Any) -> None:
+    """A raw ASGI app that answers 200 "ok"."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+class FailsOpen(RateLimiter):
+    """A limiter whose every decision is made as if its storage were down, failing open."""
+
+    def check(self, user: str, model: str, cost: int = 1) -> Any:
+        return UncheckedDecision.of(super().check(user, model, cost))
+
+    async def acheck(self, user: str, model: str, cost: int = 1) -> Any:
+        return self.check(user, model, cost)
+
+
 def test_both_spellings_apply_with_a_token_limited_default() -> None:
     from ratelimit_middleware import Limits
-
-    async def ok(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
 
     default = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="10000000/minute"))
     app = RateLimitMiddleware(ok, limiter=default, path_limits={"/v1/chat": "2/minute"})
@@ -545,15 +558,6 @@ def test_both_spellings_apply_with_a_token_limited_default() -> None:
 
 
 def test_both_spellings_keep_a_fail_open_decision_unmarked_by_headers() -> None:
-    from ratelimit_middleware.errors import UncheckedDecision
-
-    class FailsOpen(RateLimiter):
-        def check(self, user: str, model: str, cost: int = 1) -> Any:
-            return UncheckedDecision.of(super().check(user, model, cost))
-
-        async def acheck(self, user: str, model: str, cost: int = 1) -> Any:
-            return self.check(user, model, cost)
-
     app = make_app(limiter=FailsOpen(limit="100/minute"), path_limits={"/hello": "2/minute"})
     sent = asyncio.run(call(app, http_scope("/hello/", "GET", [("X-User-ID", "a")])))
     assert status_of(sent) in (200, 307) and "x-ratelimit-limit-requests" not in headers_of(sent)
@@ -561,10 +565,6 @@ def test_both_spellings_keep_a_fail_open_decision_unmarked_by_headers() -> None:
 
 def test_both_spellings_apply_when_both_limiters_reserve() -> None:
     from ratelimit_middleware import Limits
-
-    async def ok(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
 
     default = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="10000000/minute"))
     strict = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="5000/minute", max_concurrent=1))
@@ -585,18 +585,6 @@ def test_both_spellings_apply_when_both_limiters_reserve() -> None:
 
 def test_a_fail_open_check_never_admits_a_request_the_reservation_denies() -> None:
     from ratelimit_middleware import Limits
-    from ratelimit_middleware.errors import UncheckedDecision
-
-    class FailsOpen(RateLimiter):
-        def check(self, user: str, model: str, cost: int = 1) -> Any:
-            return UncheckedDecision.of(super().check(user, model, cost))
-
-        async def acheck(self, user: str, model: str, cost: int = 1) -> Any:
-            return self.check(user, model, cost)
-
-    async def ok(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
 
     metered = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="100/minute"))
     app = RateLimitMiddleware(ok, limiter=metered, path_limits={"/v1/chat": FailsOpen(limit="100/minute")})
