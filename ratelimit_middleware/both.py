@@ -7,12 +7,12 @@ limit is checked before a reserving one, and two reserving limits give one ``Joi
 
 from __future__ import annotations
 
+import asyncio
 from typing import cast
 
 from .checker import Checker, Reserver, reserver_of
 from .decision import Decision
 from .errors import FallbackDecision
-from .plans import Plans
 from .policy import binding
 from .request import RequestView
 from .reservation import JointReservation, Reservation
@@ -33,24 +33,15 @@ class Both:
         self.first, self.second = first, second
         self.uses_reservations = reserver_of(second) is not None
         self.inline = all(getattr(limiter, "inline", False) is True for limiter in (first, second))
-        self._plans = isinstance(first, Plans) or isinstance(second, Plans)
-        self._routed: dict[tuple[int, int], Both] = {}
+        self._routes = any(callable(getattr(limiter, "route", None)) for limiter in (first, second))
 
     def route(self, request: RequestView, model: str) -> tuple[Checker, str]:
-        """The two limiters of this request once ``Plans`` are routed, and its model (after a plan's
-        aliases)."""
-        if not self._plans:
+        """The two limiters of this request once a side that is ``Plans`` (or ``Shadow`` of them) is routed
+        to the request's plan; each is asked with its own model (a plan's aliases apply to the plan only)."""
+        if not self._routes:
             return self, model
-        first, second = self.first, self.second
-        if isinstance(first, Plans):
-            first, model = first.route(request, model)
-        if isinstance(second, Plans):
-            second, model = second.route(request, model)
-        key = (id(first), id(second))
-        both = self._routed.get(key)
-        if both is None:
-            both = self._routed[key] = Both(first, second)
-        return both, model
+        first, second = (_routed(limiter, request, model) for limiter in (self.first, self.second))
+        return Both(first, second), model
 
     def check(self, user: str, model: str, cost: int = 1) -> Decision:
         decision = self.first.check(user, model, cost)
@@ -75,7 +66,11 @@ class Both:
         earlier = first.reserve(user, model, **tokens)
         if not earlier.allowed:
             return earlier
-        later = cast(Reserver, self.second).reserve(user, model, **tokens)
+        try:
+            later = cast(Reserver, self.second).reserve(user, model, **tokens)
+        except BaseException:
+            earlier.cancel()
+            raise
         if not later.allowed:
             earlier.cancel()
         return _joint(earlier, later)
@@ -93,10 +88,51 @@ class Both:
         earlier = await first.areserve(user, model, **tokens)
         if not earlier.allowed:
             return earlier
-        later = await cast(Reserver, self.second).areserve(user, model, **tokens)
+        try:
+            later = await cast(Reserver, self.second).areserve(user, model, **tokens)
+        except BaseException:  # cancelled too: the first gives back what it holds, whatever happens
+            await asyncio.shield(earlier.acancel())
+            raise
         if not later.allowed:
-            await earlier.acancel()
+            await asyncio.shield(earlier.acancel())
         return _joint(earlier, later)
+
+
+def _routed(limiter: Checker, request: RequestView, model: str) -> Checker:
+    """``limiter`` routed for this request, asked with the model it was routed with."""
+    route = getattr(limiter, "route", None)
+    if route is None:
+        return limiter
+    routed, own = route(request, model)
+    return routed if own == model else _AskedAs(routed, own)
+
+
+class _AskedAs:
+    """A limiter asked with its own model whatever model it is given: a plan's, after the plan's aliases,
+    beside a limit that counts the model as the client named it."""
+
+    def __init__(self, limiter: Checker, model: str) -> None:
+        self.limiter, self.model = limiter, model
+        self.uses_reservations = reserver_of(limiter) is not None
+        self.inline = getattr(limiter, "inline", False) is True
+
+    def check(self, user: str, model: str, cost: int = 1) -> Decision:
+        return self.limiter.check(user, self.model, cost)
+
+    async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
+        return await self.limiter.acheck(user, self.model, cost)
+
+    def reserve(self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> Reservation:
+        reserver = cast(Reserver, self.limiter)
+        return reserver.reserve(user, self.model, input_tokens=input_tokens, output_tokens=output_tokens)
+
+    async def areserve(
+        self, user: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0
+    ) -> Reservation:
+        reserver = cast(Reserver, self.limiter)
+        return await reserver.areserve(
+            user, self.model, input_tokens=input_tokens, output_tokens=output_tokens
+        )
 
 
 def _joint(earlier: Reservation, later: Reservation) -> Reservation:
@@ -121,11 +157,12 @@ def _with(reservation: Reservation, decision: Decision) -> Reservation:
 
 
 def _joined(first: Decision, second: Decision) -> Decision:
-    """The binding one of two limits' decisions on one request, except that a decision made by a storage's
-    failure policy wins while both allow: observers must see the fallback, and a count nobody made gets no
+    """The binding one of two limits' decisions on one request. While both allow, a decision made by a
+    storage's failure policy marks it: observers must see the fallback, and an unchecked count gets no
     headers."""
+    decision = binding([first, second])
     if first.allowed and second.allowed:
-        for decision in (first, second):
-            if isinstance(decision, FallbackDecision):
-                return decision
-    return binding([first, second])
+        for made in (first, second):
+            if isinstance(made, FallbackDecision):
+                return type(made).of(decision)
+    return decision

@@ -37,7 +37,8 @@ from .policy import binding
 from .request import BodyNotLoaded, RequestView
 from .reservation import Reservation
 from .routes import PathRules
-from .tokens import DEFAULT_OUTPUT_TOKENS
+from .shadow import Shadow
+from .tokens import DEFAULT_OUTPUT_TOKENS, token_pair
 from .tokens import estimate as estimate_tokens
 
 if TYPE_CHECKING:
@@ -183,6 +184,17 @@ def _ordered(reservation: Reservation) -> list[Decision]:
     return sorted(reservation.decisions.values(), key=lambda decision: decision.unit != "requests")
 
 
+_ROUTED = (Plans, Both, Shadow)
+
+
+def routed(limiter: Checker, request: RequestView, model: str) -> tuple[Checker, str]:
+    """The limiter that decides this request and the model it is asked with: for ``Plans`` (also in
+    ``Shadow`` or beside a path rule), the request's plan's limiter and the model after the plan's aliases."""
+    if isinstance(limiter, _ROUTED):
+        return limiter.route(request, model)
+    return limiter, model
+
+
 Ask = tuple[Checker, "Reserver | None", str, str, "tuple[int, int]"]
 """An identified request, ready for its limiter (``Gate.answer``): ``(limiter, reserver, user, model,
 tokens)``. A plain tuple: it is built for every request."""
@@ -293,13 +305,16 @@ class Gate:
         """
         try:
             user, model = self.identify(request)
-            if isinstance(limiter, (Plans, Both)):
-                limiter, model = limiter.route(request, model)
-            reserver = reserver_of(limiter)
-            tokens = (0, 0) if reserver is None else self.estimate(request)
+            limiter, model = routed(limiter, request, model)
         except Exception as error:
             return self.failed("the key function", error)
-        return limiter, reserver, user, model, tokens
+        reserver = reserver_of(limiter)
+        if reserver is None:
+            return limiter, None, user, model, (0, 0)
+        try:
+            return limiter, reserver, user, model, self.estimate(request)
+        except Exception as error:
+            return self.failed("the token estimate", error)
 
     def answer(self, ask: Ask) -> Decision | Reservation | HTTPResponse | None:
         """The limiter's answer to ``ask``: a decision, or a reservation of the expected tokens (input,
@@ -376,9 +391,9 @@ class Gate:
 
     def estimate(self, request: RequestView) -> tuple[int, int]:
         """The tokens a request is expected to use; raises ``BodyNotLoaded`` until the body is read."""
-        if self.estimator is not None:
-            return self.estimator(request)
-        return estimate_tokens(request.json(), self.default_output_tokens)
+        if self.estimator is None:
+            return estimate_tokens(request.json(), self.default_output_tokens)
+        return token_pair(self.estimator(request), "the estimator")
 
     def usage_requesting_body(self, request: RequestView) -> bytes | None:
         """With ``stream_usage``: the body of a streaming request that did not ask for usage, asking for it.

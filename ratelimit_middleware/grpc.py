@@ -49,12 +49,13 @@ except ModuleNotFoundError as error:
 from ratelimit_middleware.checker import Checker, LimiterSpec, reserver_of
 from ratelimit_middleware.contract import HTTPResponse
 from ratelimit_middleware.decision import Decision
-from ratelimit_middleware.gate import Ask, Gate
+from ratelimit_middleware.gate import Ask, Gate, routed
 from ratelimit_middleware.keys import KeyFunction, from_header
 from ratelimit_middleware.observe import Observer
 from ratelimit_middleware.renewal import LeaseKeeper, Stop, keep
 from ratelimit_middleware.request import RequestView
 from ratelimit_middleware.reservation import Reservation
+from ratelimit_middleware.tokens import token_pair
 
 try:
     from google.protobuf import any_pb2, duration_pb2
@@ -82,6 +83,16 @@ UsageReader = Callable[[str, Any], "tuple[int, int] | None"]
 """The real ``(input_tokens, output_tokens)`` a response message reports, or ``None``."""
 RequestBody = Callable[[Any], "bytes | str | None"]
 """The request message as JSON, for key functions such as ``keys.from_json_body("model")``."""
+
+
+def _json_body(body: object) -> bytes | None:
+    """What ``request_body`` answered, as the bytes of a JSON body."""
+    if isinstance(body, str):
+        return body.encode()
+    if body is None or isinstance(body, bytes):
+        return body
+    raise TypeError(f"request_body must return JSON text (str or bytes) or None, got {type(body).__name__}")
+
 
 _CODES = {429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 _HTTP_ONLY = frozenset({"content-type", "content-length", "access-control-expose-headers"})
@@ -192,11 +203,10 @@ class _Hold:
             return
         try:
             actual = self._usage(self._method, response)
+            if actual is not None:
+                self._actual = token_pair(actual, "the usage function")
         except Exception as error:
             self._gate.failed("the usage function", error)
-            return
-        if actual is not None:
-            self._actual = actual
 
     def claim(self, failed: bool) -> bool:
         """True for the first caller only, who must then ``settle`` or ``asettle``."""
@@ -319,19 +329,19 @@ class _Core:
         """Identify a call (and estimate its tokens), or say what to do when that fails."""
         method = details.method
         view = request_view(method, details.invocation_metadata, peer)
-        reserver = reserver_of(limiter)
         stage = "the key function"
         try:
             if self.request_body is not None and message is not _NO_MESSAGE:
                 stage = "request_body"
-                body = self.request_body(message)
-                view.load_body(body.encode() if isinstance(body, str) else body)
+                view.load_body(_json_body(self.request_body(message)))
                 stage = "the key function"
             user, model = self.gate.identify(view)
+            limiter, model = routed(limiter, view, model)
+            reserver = reserver_of(limiter)
             tokens = (0, 0)
             if reserver is not None and self.estimator is not None:
                 stage = "the estimator"
-                tokens = self.estimator(method, view.headers)
+                tokens = token_pair(self.estimator(method, view.headers), stage)
         except Exception as error:
             return self.failed(stage, error)
         return _Ask(view, (limiter, reserver, user, model, tokens))

@@ -149,9 +149,11 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     elif value.count(":") == 1:  # v4:port
         value = value.split(":", 1)[0]
     try:
-        return ipaddress.ip_address(value)
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
+    # A dual-stack server reports an IPv4 peer as ::ffff:a.b.c.d: the IPv4 address it is, for networks too.
+    return (address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else address
 
 
 _FORWARDING_HEADERS = ("x-forwarded-for", "forwarded")

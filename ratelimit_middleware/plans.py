@@ -98,6 +98,11 @@ class Plans:
             raise PolicyError(
                 f"{source}: default_plan: {default_plan!r} is not one of the plans ({', '.join(plans)})"
             )
+        if not isinstance(plans[default_plan], Mapping) or ANY_MODEL not in plans[default_plan]:
+            raise PolicyError(
+                f"{source}: plans.{default_plan}: the default plan needs a '*' entry, the limits of every "
+                "model no plan lists (else a client could name such a model and go unlimited)"
+            )
         shadow_plans = frozenset(shadow_plans)
         unknown_shadow = sorted(shadow_plans - set(plans))
         if unknown_shadow:

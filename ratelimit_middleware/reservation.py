@@ -15,9 +15,10 @@ middlewares do so for long responses and streams).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .config import check_amount
 from .decision import Decision
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["JointReservation", "Reservation"]
 
+T = TypeVar("T")
 Settlement = Callable[[tuple[int, int], "tuple[int, int] | None"], tuple[int, ...]]
 
 
@@ -166,7 +168,8 @@ class Reservation:
 
 class JointReservation(Reservation):
     """The allowed reservations of two limits on one request (a path under two rules), settled, cancelled
-    and renewed together; ``decision`` and ``decisions`` are the binding ones of both."""
+    and renewed together; ``decision`` and ``decisions`` are the binding ones of both. A part that charged
+    nothing (a shadow limit's denial let through) has nothing to settle or renew."""
 
     __slots__ = ("parts",)
 
@@ -175,8 +178,8 @@ class JointReservation(Reservation):
     ) -> None:
         first = parts[0]
         super().__init__(first.user, first.model, decision, decisions, first.reserved)
-        self.parts = parts
-        leases = [part.lease for part in parts if part.lease is not None]
+        self.parts = tuple(part for part in parts if not part.settled)
+        leases = [part.lease for part in self.parts if part.lease is not None]
         self.lease = min(leases) if leases else None
 
     @property
@@ -184,30 +187,56 @@ class JointReservation(Reservation):
         return all(part.settled for part in self.parts)
 
     def settle(self, input_tokens: int, output_tokens: int) -> None:
-        for part in self.parts:
-            part.settle(input_tokens, output_tokens)
+        _each([functools.partial(part.settle, input_tokens, output_tokens) for part in self.parts])
 
     async def asettle(self, input_tokens: int, output_tokens: int) -> None:
-        for part in self.parts:
-            await part.asettle(input_tokens, output_tokens)
+        await _each_async(
+            [functools.partial(part.asettle, input_tokens, output_tokens) for part in self.parts]
+        )
 
     def cancel(self) -> None:
-        for part in self.parts:
-            part.cancel()
+        _each([part.cancel for part in self.parts])
 
     async def acancel(self) -> None:
-        for part in self.parts:
-            await part.acancel()
+        await _each_async([part.acancel for part in self.parts])
 
     def renew(self) -> bool | None:
-        return _held([part.renew() for part in self.parts])
+        return _held(_each([part.renew for part in self.parts if not part.settled]))
 
     async def arenew(self) -> bool | None:
-        return _held([await part.arenew() for part in self.parts])
+        return _held(await _each_async([part.arenew for part in self.parts if not part.settled]))
+
+
+def _each(calls: list[Callable[[], T]]) -> list[T]:
+    """Every call's result, each made even when one before raised (whose error is raised after: a
+    storage that failed for one part must not keep the other's slot)."""
+    results, failure = [], None
+    for call in calls:
+        try:
+            results.append(call())
+        except BaseException as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
+    return results
+
+
+async def _each_async(calls: list[Callable[[], Awaitable[T]]]) -> list[T]:
+    """``_each`` for coroutines."""
+    results, failure = [], None
+    for call in calls:
+        try:
+            results.append(await call())
+        except BaseException as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
+    return results
 
 
 def _held(renewed: list[bool | None]) -> bool | None:
-    """What renewing every part says of the whole: lost if one is lost, unknown if one is unknown."""
-    if False in renewed:
+    """What renewing the parts still held says of the whole: lost if one is lost, unknown if one is
+    unknown, and lost when none is held any more."""
+    if not renewed or False in renewed:
         return False
     return None if None in renewed else True

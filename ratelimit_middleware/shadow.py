@@ -16,6 +16,7 @@ from .reservation import Reservation
 
 if TYPE_CHECKING:
     from .checker import Checker, Reserver
+    from .request import RequestView
 
 __all__ = ["Shadow"]
 
@@ -44,6 +45,14 @@ class Shadow:
         if not (callable(getattr(limiter, "check", None)) and callable(getattr(limiter, "acheck", None))):
             raise TypeError(f"Shadow needs a limiter, got {limiter!r}")
         self.limiter = limiter
+        self._routes = callable(getattr(limiter, "route", None))
+
+    def route(self, request: RequestView, model: str) -> tuple[Checker, str]:
+        """Shadow of the limiter the request is routed to (when ``limiter`` is ``Plans``), and its model."""
+        if not self._routes:
+            return self, model
+        routed, model = getattr(self.limiter, "route")(request, model)  # noqa: B009 - checked above
+        return Shadow(routed), model
 
     @property
     def uses_reservations(self) -> bool:

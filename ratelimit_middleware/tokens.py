@@ -19,7 +19,9 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["DEFAULT_OUTPUT_TOKENS", "Meter", "UsageReader", "count_text_tokens", "estimate"]
+from .config import check_amount
+
+__all__ = ["DEFAULT_OUTPUT_TOKENS", "Meter", "UsageReader", "count_text_tokens", "estimate", "token_pair"]
 
 DEFAULT_OUTPUT_TOKENS = 1024
 """The output estimate when a request sets no output cap."""
@@ -62,6 +64,17 @@ def _texts(value: object) -> Iterable[str]:
 
 def _whole(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def token_pair(value: object, source: str) -> tuple[int, int]:
+    """``value`` if it is ``(input_tokens, output_tokens)``, two ints >= 0, as a user's function must
+    answer; else a ``TypeError`` naming ``source`` (``"the estimator"``) and the value."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        try:
+            return check_amount(value[0], "input_tokens"), check_amount(value[1], "output_tokens")
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"{source} must return (input_tokens, output_tokens), two ints >= 0, got {value!r}")
 
 
 def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> tuple[int, int]:

@@ -590,3 +590,13 @@ def test_a_fail_open_check_never_admits_a_request_the_reservation_denies() -> No
     app = RateLimitMiddleware(ok, limiter=metered, path_limits={"/v1/chat": FailsOpen(limit="100/minute")})
     sent = asyncio.run(call(app, http_scope("/v1/chat/", "GET", [("X-User-ID", "a")])))
     assert status_of(sent) == 429  # 1,024 tokens expected, 100 allowed
+
+
+def test_an_estimate_that_is_not_two_token_counts_follows_on_error(caplog: pytest.LogCaptureFixture) -> None:
+    from ratelimit_middleware import Limits
+
+    limiter = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="1000/minute"))
+    app = RateLimitMiddleware(ok, limiter=limiter, estimator=lambda request: (12.5, 10), on_error="deny")
+    sent = asyncio.run(call(app, http_scope("/v1/chat", "POST", [("X-User-ID", "a")])))
+    assert status_of(sent) == 503
+    assert "the token estimate failed" in caplog.text and "got (12.5, 10)" in caplog.text

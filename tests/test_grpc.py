@@ -618,3 +618,53 @@ def test_aio_server_limits_sync_handlers_and_reservations(clock: FakeClock) -> N
             assert limiter.get_request_count("a", "default", unit="concurrent") == 0
 
     run(scenario)
+
+
+def test_plans_route_each_call_to_its_plan(service: SyncService) -> None:
+    from ratelimit_middleware.plans import Plans
+    from ratelimit_middleware.shadow import Shadow
+
+    def plans() -> Plans:
+        return Plans(
+            {"free": {"*": {"per_user_model": "1/minute"}}, "pro": {"*": {"per_user_model": "100/minute"}}},
+            default_plan="free",
+            plan_key=lambda request: request.header("x-plan"),
+        )
+
+    for limiter in (plans(), Shadow(plans())):
+        with sync_server(RateLimitInterceptor(limiter), service) as channel:
+            complete = channel.unary_unary(COMPLETE)
+            calls = [complete.with_call(b"hi", metadata=user("a", ("x-plan", "pro")))[1] for _ in range(2)]
+            assert [metadata_of(call)["x-ratelimit-limit-requests"] for call in calls] == ["100", "100"]
+
+
+def test_a_usage_answer_the_limiter_cannot_take_settles_the_estimate(service: SyncService) -> None:
+    limiter = RateLimiter(tokens="1000/minute", max_concurrent=1)
+    interceptor = RateLimitInterceptor(
+        limiter, estimator=lambda method, metadata: (100, 400), usage=lambda method, response: (None, 5)
+    )
+    with sync_server(interceptor, service) as channel:
+        for _ in range(2):  # the slot is given back each time
+            assert channel.unary_unary(COMPLETE)(b"hi", metadata=user("a")) == b"ok:hi"
+    assert limiter.get_request_count("a", "default", unit="tokens") == 1000
+    assert limiter.get_request_count("a", "default", unit="concurrent") == 0
+
+
+def test_an_estimate_that_is_not_two_token_counts_follows_on_error(
+    service: SyncService, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = RateLimiter(tokens="1000/minute")
+    interceptor = RateLimitInterceptor(limiter, estimator=lambda method, metadata: (2.5, 1), on_error="deny")
+    with sync_server(interceptor, service) as channel, pytest.raises(grpc.RpcError) as failed:
+        channel.unary_unary(COMPLETE)(b"hi", metadata=user("a"))
+    assert cast(grpc.Call, failed.value).code() is grpc.StatusCode.UNAVAILABLE
+    assert "the estimator must return (input_tokens, output_tokens)" in caplog.text and "2.5" in caplog.text
+
+
+def test_a_request_body_that_is_not_json_text_is_named(
+    service: SyncService, caplog: pytest.LogCaptureFixture
+) -> None:
+    interceptor = RateLimitInterceptor(RateLimiter(5, 60), request_body=lambda message: {"model": "m"})
+    with sync_server(interceptor, service) as channel:
+        assert channel.unary_unary(COMPLETE)(b"hi", metadata=user("a")) == b"ok:hi"  # on_error="allow"
+    assert "request_body must return JSON text (str or bytes) or None, got dict" in caplog.text

@@ -117,6 +117,15 @@ def test_client_ip_trusts_networks_only_from_trusted_peers() -> None:
         keys.client_ip(trusted_proxies=1, header="X-Real-IP")
 
 
+def test_a_dual_stack_server_s_mapped_addresses_are_the_ipv4_ones() -> None:
+    """A server listening on ``::`` reports IPv4 peers as ``::ffff:a.b.c.d``: a trusted IPv4 proxy is still
+    trusted, and a client is one IPv4 address however it is written."""
+    key = keys.client_ip(trusted_proxies=["10.0.0.0/8"])
+    forwarded = {"X-Forwarded-For": "::ffff:198.51.100.4"}
+    assert key(view(forwarded, client="::ffff:10.0.0.5")) == "ip:198.51.100.4"
+    assert key(view({}, client="::ffff:203.0.113.9")) == "ip:203.0.113.9"
+
+
 def test_a_forwarded_hop_without_for_still_counts_as_a_hop() -> None:
     """The trusted proxy wrote ``proto=https`` only: the element before it is the client's own, not its."""
     spoofed = {"Forwarded": "for=6.6.6.6, proto=https"}

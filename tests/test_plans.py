@@ -138,7 +138,28 @@ def test_a_spelling_under_a_path_rule_gets_the_plan_and_the_rule() -> None:
     assert [post("/v1/chat/x/", "a", "pro").status_code for _ in range(3)] == [200, 200, 429]
     free = [post(path, "b", "free").status_code for path in ("/v1/chat/x/", "/v1/chat/x/", "/v1/chat/y")]
     assert free == [200, 200, 200] and post("/v1/chat/y", "b", "free").status_code == 429  # the plan's 3
-    # The plan's aliases apply to both: the alias shares the canonical model's count in the path rule too.
-    assert post("/v1/chat/x/", "c", "pro", "llama").status_code == 200
-    assert post("/v1/chat/x/", "c", "pro", "llama-3-8b-instruct").status_code == 200
-    assert post("/v1/chat/x/", "c", "pro", "llama").status_code == 429
+    # A plan's aliases apply to the plan only: the path rule counts the model as named, whichever spelling.
+    alias = "llama-3-8b-instruct"
+    sent = [("/v1/chat/x", alias), ("/v1/chat/x/", alias), ("/v1/chat/x/", "llama"), ("/v1/chat/x", alias)]
+    assert [post(path, "c", "pro", model).status_code for path, model in sent] == [200, 200, 200, 429]
+
+
+def test_the_default_plan_must_cover_every_model() -> None:
+    with pytest.raises(PolicyError, match=r"plans\.free: the default plan needs a '\*' entry"):
+        Plans({"free": {"gpt": {"per_user_model": "2/minute"}}}, default_plan="free")
+
+
+def test_shadow_plans_are_routed_per_request() -> None:
+    from ratelimit_middleware.shadow import Shadow
+
+    plans = Plans(
+        {"free": {"*": {"per_user_model": "1/minute"}}, "pro": {"*": {"per_user_model": "100/minute"}}},
+        default_plan="free",
+        plan_key=lambda request: request.header("x-plan"),
+    )
+    app = Starlette(routes=[Route("/v1/chat", echo, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=Shadow(plans))
+    client = TestClient(app)
+    sent = [send(client, "pro", "gpt") for _ in range(2)]
+    assert [response.headers["x-ratelimit-limit-requests"] for response in sent] == ["100", "100"]
+    assert [send(client, None, "gpt").status_code for _ in range(2)] == [200, 200]  # shadow: never denied

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -314,3 +315,80 @@ def test_two_reserving_limits_hold_and_give_back_together(storage: Storage) -> N
     assert loose.get_request_count("u", "m", unit="tokens") == 200
     assert strict.get_request_count("u", "m", unit="tokens") == 200
     assert loose.get_request_count("u", "m", unit="concurrent") == 0
+
+
+def test_a_joint_reservation_settles_every_part_even_when_one_fails() -> None:
+    """A storage that fails to settle one part (Redis gone, failing closed) must not keep the other's slot."""
+    from ratelimit_middleware.both import Both
+    from ratelimit_middleware.errors import RateLimiterUnavailable
+    from ratelimit_middleware.reservation import JointReservation
+
+    class SettlesNothing(MultiTierRateLimiter):
+        def reserve(self, user: str, model: str, **tokens: int) -> Any:
+            reservation = super().reserve(user, model, **tokens)
+            _, receipt, settlement = reservation._charge  # type: ignore[misc]
+
+            class Down:
+                lease = None
+
+                def adjust(self, *args: object) -> None:
+                    raise RateLimiterUnavailable("the rate limiter cannot reach Redis")
+
+            reservation._charge = (Down(), receipt, settlement)  # type: ignore[assignment]
+            return reservation
+
+    down = SettlesNothing(per_user_model=Limits(tokens="1000/minute", max_concurrent=1))
+    kept = MultiTierRateLimiter(per_model=Limits(tokens="1000/minute", max_concurrent=1))
+    held = Both(down, kept).reserve("u", "m", input_tokens=10)
+    assert isinstance(held, JointReservation)
+    with pytest.raises(RateLimiterUnavailable):
+        held.settle(5, 0)
+    assert kept.get_request_count("u", "m", unit="concurrent") == 0  # given back all the same
+
+
+def test_a_second_limit_that_raises_gives_the_first_reservation_back() -> None:
+    from ratelimit_middleware.both import Both
+    from ratelimit_middleware.errors import RateLimiterUnavailable
+
+    class Unreachable(MultiTierRateLimiter):
+        def reserve(self, user: str, model: str, **tokens: int) -> Any:
+            raise RateLimiterUnavailable("the rate limiter cannot reach Redis")
+
+        async def areserve(self, user: str, model: str, **tokens: int) -> Any:
+            raise RateLimiterUnavailable("the rate limiter cannot reach Redis")
+
+    first = MultiTierRateLimiter(per_user_model=Limits(tokens="1000/minute", max_concurrent=1))
+    both = Both(first, Unreachable(per_model=Limits(tokens="1000/minute")))
+    with pytest.raises(RateLimiterUnavailable):
+        both.reserve("u", "m", input_tokens=10)
+    with pytest.raises(RateLimiterUnavailable):
+        asyncio.run(both.areserve("u", "m", input_tokens=10))
+    assert first.get_request_count("u", "m", unit="concurrent") == 0
+    assert first.get_request_count("u", "m", unit="tokens") == 0
+
+
+def test_a_joint_reservation_with_a_shadowed_part_renews_what_it_holds() -> None:
+    from ratelimit_middleware.both import Both
+    from ratelimit_middleware.shadow import Shadow
+
+    held = MultiTierRateLimiter(per_user_model=Limits(tokens="1000/minute", max_concurrent=1))
+    full = MultiTierRateLimiter(per_model=Limits(tokens="10/minute"))
+    reservation = Both(held, Shadow(full)).reserve("u", "m", input_tokens=100)  # the shadow would deny
+    assert reservation.allowed and not reservation.settled
+    assert reservation.renew() is True
+    reservation.settle(50, 0)
+    assert reservation.settled and reservation.renew() is False
+    assert held.get_request_count("u", "m", unit="tokens") == 50
+
+
+def test_a_local_fallback_beside_a_stricter_limit_reports_the_stricter_figures() -> None:
+    """Observers still see the fallback, and the headers describe the limit that binds."""
+    from ratelimit_middleware.both import Both
+    from ratelimit_middleware.errors import LocalDecision
+
+    class Local(RateLimiter):
+        def check(self, user: str, model: str, cost: int = 1) -> Any:
+            return LocalDecision.of(super().check(user, model, cost))
+
+    decision = Both(Local(limit="100/minute"), RateLimiter(limit="2/minute")).check("u", "m")
+    assert isinstance(decision, LocalDecision) and (decision.limit, decision.remaining) == (2, 1)
