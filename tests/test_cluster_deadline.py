@@ -287,3 +287,32 @@ def test_a_moving_or_moved_slot_is_followed_within_the_deadline(
         slots.close()
         rate.storage.close()
         stale.storage.close()
+
+
+@pytest.mark.parametrize("on_error", ["allow", "local"])
+def test_a_refund_that_fails_leaves_the_denial_and_the_deadline(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, on_error: str
+) -> None:
+    """A request allowed on its user's slot and denied on its model's: the refund of the user's charge is
+    sent within what is left of the deadline, and when it cannot be, the request stays denied."""
+    from .stalling_proxy import StallingProxy
+
+    user = name_on(redis_cluster, caller, 0)
+    model = name_on(redis_cluster, caller, 1)
+    user_port = redis_cluster.ports[0]
+    proxy = StallingProxy(user_port, stall_on=b"$6\r\nrefund\r\n")  # the argument, not the script
+    client = redis_cluster.client(
+        address_remap=lambda address: ("127.0.0.1", proxy.port) if int(address[1]) == user_port else address
+    )
+    storage = RedisStorage(client, key_prefix=unique_prefix(), timeout=TIMEOUT, on_error=on_error)
+    rate = MultiTierRateLimiter(per_user_model="10/minute", per_model="1/minute", storage=storage)
+    try:
+        assert rate.check(name_on(redis_cluster, caller, 2), model).allowed  # the model's one request
+        elapsed, decision = timed(lambda: rate.check(user, model))
+        assert proxy.stalled == 1 and elapsed < TIMEOUT + SLACK
+        assert not decision.allowed and type(decision).__name__ == "Decision"
+        assert decision.tier == "per_model"
+    finally:
+        storage.close()
+        client.close()
+        proxy.close()

@@ -167,11 +167,13 @@ class Connection:
         self.round_trips += 1 if transport.pipelined else len(commands)
         return transport.send(commands, deadline)
 
-    def run(self, calls: Sequence[Call]) -> list[Any]:
+    def run(self, calls: Sequence[Call], deadline: float | None = None) -> list[Any]:
         """One reply per call, a call's error reply in its place: one round trip on a standalone Redis (and
-        one more for the calls whose script Redis had lost), all within one ``timeout``."""
+        one more for the calls whose script Redis had lost), all within one ``timeout`` (or by ``deadline``,
+        a ``time.monotonic()`` reading, for a call that shares another's)."""
         transport = self._sync_transport()
-        deadline = time.monotonic() + self.timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
         replies = self._send(transport, [call.by_sha() for call in calls], deadline)
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
@@ -185,9 +187,9 @@ class Connection:
         """The reply of one script call."""
         return _raised(self.run([call])[0])
 
-    def evaluate_all(self, calls: Sequence[Call]) -> list[Any]:
+    def evaluate_all(self, calls: Sequence[Call], deadline: float | None = None) -> list[Any]:
         """The replies of several script calls (on a cluster, each to its slot); raises the first error."""
-        return [_raised(reply) for reply in self.run(calls)]
+        return [_raised(reply) for reply in self.run(calls, deadline)]
 
     def _deletions(self, keys: Sequence[bytes]) -> list[Command]:
         groups = slot_groups(keys) if self.cluster else [list(range(len(keys)))]
@@ -236,10 +238,11 @@ class Connection:
             return _raised(await state.coalescer.submit(call))
         return _raised((await self._deadline(lambda: self._arun(state.transport, [call])))[0])
 
-    async def aevaluate_all(self, calls: Sequence[Call]) -> list[Any]:
+    async def aevaluate_all(self, calls: Sequence[Call], deadline: float | None = None) -> list[Any]:
         """``evaluate_all`` for event loops: the calls sent together, within one deadline."""
         state = self._loop_state()
-        replies = await self._deadline(lambda: self._arun(state.transport, calls))
+        seconds = None if deadline is None else deadline - time.monotonic()
+        replies = await self._deadline(lambda: self._arun(state.transport, calls), seconds)
         return [_raised(reply) for reply in replies]
 
     async def adelete(self, keys: Sequence[bytes]) -> None:

@@ -20,7 +20,9 @@ When Redis is slow or gone, ``failover`` answers (``on_error``): no Redis except
 
 from __future__ import annotations
 
+import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, NoReturn, TypeVar
 
@@ -52,6 +54,18 @@ frees its slot after this long at most (the middlewares renew the leases of resp
 CLOCK_TTL_PAD_MS = 60_000
 """With an injected ``clock``, Redis still expires keys on its own clock: every TTL is lengthened by this
 much, so that state cannot vanish while the injected time stands still."""
+
+
+logger = logging.getLogger("ratelimit_middleware")
+
+
+def _refund_failed(error: BaseException) -> None:
+    logger.warning(
+        "a denied request's charge on another cluster slot could not be given back (%s: %s); it stays "
+        "counted there until its window passes",
+        type(error).__name__,
+        error,
+    )
 
 
 class RedisStorage:
@@ -302,6 +316,24 @@ class RedisBackend:
         failover.succeeded()
         return result
 
+    @staticmethod
+    def _refund(send: Callable[[], object]) -> None:
+        """Give back what the slots that allowed a denied request charged (a cluster), within what is left of
+        the call's deadline; a refund that fails leaves that charge (the request counts where it was
+        allowed) and never turns the denial into an admission."""
+        try:
+            send()
+        except REDIS_ERRORS as error:
+            _refund_failed(error)
+
+    @staticmethod
+    async def _arefund(send: Callable[[], Awaitable[object]]) -> None:
+        """``_refund`` for event loops."""
+        try:
+            await send()
+        except REDIS_ERRORS as error:
+            _refund_failed(error)
+
     # -- decisions -----------------------------------------------------------------------------------
 
     def _decide(self, user: str, model: str, cost: int) -> Decision:
@@ -312,11 +344,11 @@ class RedisBackend:
             reply = connection.evaluate(Call(self._script, keys, self._decision_args(cost)))
             return self._policy.decide(_verdicts(reply), cost)
         costs = [cost] * len(keys)
-        reserved, refunds = self._gather(
-            keys, groups, connection.evaluate_all(self._calls(keys, groups, costs)), costs
-        )
+        deadline = time.monotonic() + connection.timeout
+        replies = connection.evaluate_all(self._calls(keys, groups, costs), deadline)
+        reserved, refunds = self._gather(keys, groups, replies, costs)
         if refunds and cost:
-            connection.evaluate_all(refunds)
+            self._refund(lambda: connection.evaluate_all(refunds, deadline))
         return self._policy.decide(reserved.verdicts, cost)
 
     async def _adecide(self, user: str, model: str, cost: int) -> Decision:
@@ -327,10 +359,11 @@ class RedisBackend:
             reply = await connection.aevaluate(Call(self._script, keys, self._decision_args(cost)))
             return self._policy.decide(_verdicts(reply), cost)
         costs = [cost] * len(keys)
-        replies = await connection.aevaluate_all(self._calls(keys, groups, costs))
+        deadline = time.monotonic() + connection.timeout
+        replies = await connection.aevaluate_all(self._calls(keys, groups, costs), deadline)
         reserved, refunds = self._gather(keys, groups, replies, costs)
         if refunds and cost:
-            await connection.aevaluate_all(refunds)
+            await self._arefund(lambda: connection.aevaluate_all(refunds, deadline))
         return self._policy.decide(reserved.verdicts, cost)
 
     def decide(self, user: str, model: str, cost: int) -> Decision:
@@ -410,9 +443,11 @@ class RedisBackend:
             calls = self._calls(keys, groups, costs, lease_id)
             if len(groups) == 1:
                 return self._reserved(connection.evaluate(calls[0]), lease_id)
-            reserved, refunds = self._gather(keys, groups, connection.evaluate_all(calls), costs, lease_id)
+            deadline = time.monotonic() + connection.timeout
+            replies = connection.evaluate_all(calls, deadline)
+            reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
             if refunds:
-                connection.evaluate_all(refunds)
+                self._refund(lambda: connection.evaluate_all(refunds, deadline))
             return reserved
 
         return self._guarded(send, lambda: self._fallback.reserve(user, model, costs))
@@ -427,11 +462,11 @@ class RedisBackend:
             calls = self._calls(keys, groups, costs, lease_id)
             if len(groups) == 1:
                 return self._reserved(await connection.aevaluate(calls[0]), lease_id)
-            reserved, refunds = self._gather(
-                keys, groups, await connection.aevaluate_all(calls), costs, lease_id
-            )
+            deadline = time.monotonic() + connection.timeout
+            replies = await connection.aevaluate_all(calls, deadline)
+            reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
             if refunds:
-                await connection.aevaluate_all(refunds)
+                await self._arefund(lambda: connection.aevaluate_all(refunds, deadline))
             return reserved
 
         return await self._aguarded(send, lambda: self._fallback.reserve(user, model, costs))

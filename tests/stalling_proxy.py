@@ -1,0 +1,47 @@
+"""A TCP proxy in front of one redis-server that holds back the requests containing given bytes: a network
+fault for one kind of call (Redis itself untouched), for the deadline tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class StallingProxy:
+    """Forwards both ways between its port and ``target_port``; a client chunk that contains ``stall_on``
+    is never forwarded (its reply never comes)."""
+
+    def __init__(self, target_port: int, stall_on: bytes) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._stall_on = stall_on
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.stalled = 0
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, destination: socket.socket, upstream: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if upstream and self._stall_on in data:
+                    self.stalled += 1
+                    continue
+                destination.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+        for connection in self._sockets:
+            connection.close()
