@@ -634,3 +634,26 @@ def test_long_busy_keys_agree_with_memory(algorithm: str) -> None:
     assert denied > 300  # the denial path was exercised
     assert on_redis.get_request_count("u", "m") == memory.get_request_count("u", "m")
     storage.close()
+
+
+def test_the_callers_pool_size_does_not_bound_the_limiter(redis_server: RedisServer) -> None:
+    """The caller's client allows 2 connections; 16 threads at once still get exact decisions (a full pool
+    would fail them, and fail open)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = redis.Redis(
+        connection_pool=redis.BlockingConnectionPool(port=redis_server.port, max_connections=2)
+    )
+    limiter = RedisRateLimiter(client, 10, 60, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
+    start = threading.Barrier(16)
+
+    def burst(_: int) -> list[bool]:
+        start.wait(timeout=30)
+        return [limiter.allow("u", "m") for _ in range(10)]
+
+    with ThreadPoolExecutor(16) as pool:
+        allowed = sum(sum(answers) for answers in pool.map(burst, range(16)))
+    assert allowed == 10
+    assert limiter.get_request_count("u", "m") == 10
+    client.close()

@@ -344,3 +344,16 @@ def test_redis_reserves_and_settles_exactly_as_memory(
         for unit in ("requests", "tokens", "concurrent"):
             counts = [limiter.get_request_count("u", "m", unit=unit) for limiter in limiters]
             assert counts[0] == counts[1], unit
+
+
+def test_a_shorter_lease_elsewhere_never_shortens_the_slots_key(
+    redis_server: RedisServer, client: redis.Redis
+) -> None:
+    """Two processes with other ``lease`` settings share a key (a rolling deploy): the key lives as long as
+    its latest lease, so the long lease's slot is not lost when the short one's time is up."""
+    long = storage_on(redis_server, None, lease=600)
+    short = RedisStorage(redis_server.url, key_prefix=long.key_prefix, timeout=CONTRACT_TIMEOUT, lease=1)
+    held = limiter_on(long, max_concurrent=2).reserve("u", "m")
+    assert held.allowed and limiter_on(short, max_concurrent=2).reserve("u", "m").allowed
+    [key] = client.keys(f"{long.key_prefix}:*")
+    assert client.pttl(key) > 590_000

@@ -100,11 +100,13 @@ _PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
 
 
 class _Pool(NamedTuple):
-    """How to make connections to one standalone Redis: a connection class, its settings, a pool size."""
+    """How to make connections to one standalone Redis: a connection class and its settings.
+
+    Not the pool's ``max_connections``: the caller sized it for its own use, and a limiter call that found
+    the pool full would fail (and fail open) with Redis healthy."""
 
     connection_class: type[Any]
     settings: Mapping[str, Any]
-    max_connections: int | None
 
 
 class _Cluster(NamedTuple):
@@ -116,7 +118,7 @@ class _Cluster(NamedTuple):
 
 
 def _pool_of(pool: Any) -> _Pool:
-    return _Pool(pool.connection_class, dict(pool.connection_kwargs), getattr(pool, "max_connections", None))
+    return _Pool(pool.connection_class, dict(pool.connection_kwargs))
 
 
 def _cluster_of(cluster: Any) -> _Cluster:
@@ -217,7 +219,6 @@ class Endpoint:
         assert self._sync_pool is not None
         return redis.ConnectionPool(
             connection_class=with_deadlines(self._sync_pool.connection_class),  # connecting within a call
-            max_connections=self._sync_pool.max_connections,
             **self._pool_settings(self._sync_pool, redis.retry.Retry(NoBackoff(), 0), self.timeout),
         )
 
@@ -226,7 +227,6 @@ class Endpoint:
         assert self._async_pool is not None
         return redis.asyncio.ConnectionPool(
             connection_class=self._async_pool.connection_class,
-            max_connections=self._async_pool.max_connections,
             # No per-read timeout: every async call has a deadline of ``timeout`` for all its reads.
             **self._pool_settings(self._async_pool, redis.asyncio.retry.Retry(NoBackoff(), 0), None),
         )

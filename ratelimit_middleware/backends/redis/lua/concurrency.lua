@@ -15,12 +15,17 @@ local function lease_evaluate(taken, limit, cost)
   return 0, 0, 1, 1 -- RETRY_AFTER: when a slot frees up is unknowable
 end
 
--- Take `cost` leases expiring `lease` seconds after `now`. Every lease of the key expires by then, so the
--- key's TTL is set to that too.
+-- The key lives until its latest lease expires: processes with another `lease` may share it.
+local function lease_expire(key, now, pad)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if last[2] then redis.call('PEXPIRE', key, ttl_ms(tonumber(last[2]) - now, pad)) end
+end
+
+-- Take `cost` leases expiring `lease` seconds after `now`.
 local function lease_take(key, id, cost, now, pad, lease)
   local score = fmt(now + lease)
   for n = 0, cost - 1 do redis.call('ZADD', key, score, id .. '#' .. n) end
-  redis.call('PEXPIRE', key, ttl_ms(lease, pad))
+  lease_expire(key, now, pad)
 end
 
 -- Give back `count` leases of reservation `id`; one that already expired is gone and nothing happens.
@@ -40,7 +45,7 @@ local function lease_renew(key, id, cost, now, pad, lease)
       held = held + 1
     end
   end
-  if held > 0 then redis.call('PEXPIRE', key, ttl_ms(lease, pad)) end
+  if held > 0 then lease_expire(key, now, pad) end
   return held
 end
 
