@@ -134,3 +134,25 @@ def test_sliding_log_compacts_expired_entries(cost: int, clock: FakeClock) -> No
     log = limiter._backend._stores[0][("u", "m")]
     entries = len(log) // 16 if isinstance(log, bytearray) else len(log)
     assert entries <= 100 + 64  # 100 live entries plus at most one batch of expired ones
+
+
+@pytest.mark.parametrize("method", ["allow", "check", "reserve"])
+def test_a_time_older_than_one_used_never_rewrites_a_state(
+    algorithm: str, clock: FakeClock, method: str
+) -> None:
+    """A thread that read the clock before waiting for the lock, or a clock that steps back, decides at the
+    latest time already used: its older time must not turn a full window into a fresh one."""
+    limiter = RateLimiter(3, 10, algorithm=algorithm, clock=clock)
+
+    def admitted() -> bool:
+        if method == "reserve":
+            return limiter.reserve("u", "m").allowed
+        return bool(getattr(limiter, method)("u", "m"))
+
+    clock.now = 10.0  # the start of a fixed window
+    assert [admitted() for _ in range(3)] == [True, True, True]
+    clock.now = 9.9  # the window before, for a fixed window
+    assert not admitted()
+    clock.now = 10.0
+    assert not admitted()
+    assert limiter.get_request_count("u", "m") == 3

@@ -4,6 +4,9 @@ Each rule (one window of one tier) has its own ``OrderedDict`` of key -> algorit
 recently used order. A decision evaluates every rule under one lock and commits only if all allow, so denied
 requests charge nothing and concurrent threads can never over-admit.
 
+The clock is read under the lock and never goes back: a thread that read the time and then waited for the
+lock could otherwise commit an older time over a newer state (a window's count wiped, a log out of order).
+
 Memory stays bounded without a background thread: every ``_SWEEP_EVERY`` decisions, and whenever a new key
 is stored, idle (fully recovered) states are dropped from the least recently used end of the stores; and
 ``max_keys`` caps the total, evicting idle keys first, then the least recently used key of the largest store.
@@ -11,6 +14,7 @@ is stored, idle (fully recovered) states are dropped from the least recently use
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -62,6 +66,7 @@ class MemoryBackend:
         self._clock = clock
         self._max_keys = max_keys
         self._lock = threading.Lock()
+        self._last = -math.inf  # the latest time used, under the lock (see `_now`)
         self._stores: list[OrderedDict[Hashable, Any]] = [OrderedDict() for _ in policy.all_rules]
         # One rule: `decide` skips the per-rule lists (the common case, kept on the hot path).
         self._single = (
@@ -80,10 +85,10 @@ class MemoryBackend:
         policy = self._policy
         if cost > policy.min_limit:
             return policy.oversized(cost)
-        now = self._clock()
         # acquire/release, not `with`: the context manager protocol costs twice as much per call.
         self._lock.acquire()
         try:
+            now = self._now()
             self._tick(now)
             if self._single is not None:  # the common case, without the lists
                 rule, store, algorithm = self._single
@@ -122,10 +127,14 @@ class MemoryBackend:
         def allows(user: str, model: str, cost: int) -> bool:
             if not 0 < cost <= limit:
                 return decide(user, model, cost).allowed
-            now = clock()
             key = (user, model) if pair else identity(user, model)
             acquire()
             try:
+                now = clock()  # `_now` inline
+                if now < backend._last:
+                    now = backend._last
+                else:
+                    backend._last = now
                 backend._until_sweep -= 1  # `_tick` inline: the same count as `decide`, without a call
                 if backend._until_sweep <= 0:
                     backend._sweep(now)
@@ -173,10 +182,9 @@ class MemoryBackend:
 
     def used(self, user: str, model: str, rule: Rule) -> int:
         """Units that ``rule`` counts for this user and model now."""
-        now = self._clock()
         with self._lock:
             state = self._stores[rule.index].get(rule.identity(user, model))
-            return rule.algorithm.used(state, now)
+            return rule.algorithm.used(state, self._now())
 
     async def aused(self, user: str, model: str, rule: Rule) -> int:
         return self.used(user, model, rule)
@@ -187,9 +195,9 @@ class MemoryBackend:
         The receipt is the time of the charge (``adjust`` settles the charges made then); on denial the reply
         also holds the units each rule already counts (for messages).
         """
-        now = self._clock()
         rules = self._policy.all_rules
         with self._lock:
+            now = self._now()
             self._tick(now)
             verdicts = self._evaluate(rules, user, model, costs, now)
             if all(verdict[0] for verdict in verdicts):
@@ -207,8 +215,8 @@ class MemoryBackend:
         """Change the charges made at time ``receipt`` by ``deltas`` (one per rule of the policy; 0 leaves a
         rule)."""
         at = cast(float, receipt)
-        now = self._clock()
         with self._lock:
+            now = self._now()
             for rule, delta in zip(self._policy.all_rules, deltas, strict=True):
                 if delta:
                     store = self._stores[rule.index]
@@ -242,6 +250,14 @@ class MemoryBackend:
         return sum(len(store) for store in self._stores)
 
     # -- storage -------------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        """The clock, read under the lock, never behind a time already used."""
+        now = self._clock()
+        if now < self._last:
+            return self._last
+        self._last = now
+        return now
 
     @staticmethod
     def _touch(store: OrderedDict[Hashable, Any], key: Hashable) -> Any:
