@@ -174,8 +174,14 @@ class Policy:
     ) -> tuple[Decision, dict[str, Decision]]:
         """The binding decision of a reservation over ``all_rules``, and the binding one of each unit.
 
-        ``used`` (one per rule, when the backend reported it) fills ``Decision.used`` for messages.
+        ``used`` (one per rule, when the backend reported it) fills ``Decision.used`` for messages. A denied
+        reservation charged nothing: the rules that would have allowed it report what they had left before.
         """
+        if not all(verdict[0] for verdict in verdicts):
+            verdicts = [
+                (True, min(rule.limit, verdict[1] + cost), verdict[2], verdict[3]) if verdict[0] else verdict
+                for rule, verdict, cost in zip(self.all_rules, verdicts, costs, strict=True)
+            ]
         decisions = [rule.decision(v, c) for rule, v, c in zip(self.all_rules, verdicts, costs, strict=True)]
         if used is not None:
             decisions = [d._replace(used=u) for d, u in zip(decisions, used, strict=True)]

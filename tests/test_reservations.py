@@ -392,3 +392,13 @@ def test_a_local_fallback_beside_a_stricter_limit_reports_the_stricter_figures()
 
     decision = Both(Local(limit="100/minute"), RateLimiter(limit="2/minute")).check("u", "m")
     assert isinstance(decision, LocalDecision) and (decision.limit, decision.remaining) == (2, 1)
+
+
+def test_a_denied_reservation_reports_what_was_left_before_it(storage: Storage) -> None:
+    """It charged nothing: its requests decision says the request it counted is still there to use."""
+    limiter = tokens_limiter(storage, requests="10/minute", tokens="100/minute")
+    assert limiter.reserve("u", "m", input_tokens=60).allowed
+    denied = limiter.reserve("u", "m", input_tokens=60)
+    assert not denied.allowed and denied.decision.unit == "tokens"
+    assert denied.decisions["requests"].allowed and denied.decisions["requests"].remaining == 9
+    assert limiter.reserve("u", "m", input_tokens=10).decisions["requests"].remaining == 8
