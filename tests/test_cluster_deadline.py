@@ -17,15 +17,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio.cluster
 import redis.cluster
 from redis.crc import key_slot
 
 from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 from ratelimit_middleware.backends.redis import CircuitBreaker
+from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecision
 
 from .conftest import unique_prefix
-from .redis_server import RedisCluster
+from .redis_server import LoopThread, RedisCluster
 
 TIMEOUT = 0.2
 SLACK = 0.3
@@ -316,3 +318,58 @@ def test_a_refund_that_fails_leaves_the_denial_and_the_deadline(
         storage.close()
         client.close()
         proxy.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_migrating_slot_is_tried_again_within_the_deadline_and_never_opens_the_breaker(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, mode: str
+) -> None:
+    """A new user's script on two keys of a slot being migrated (none moved yet): the source answers ASK, the
+    target TRYAGAIN (the keys are on neither side). Neither ran it, and Redis is healthy: the call tries
+    again until its deadline, then follows the policy, and the breaker (3 failures) stays closed, so other
+    slots' calls are served; once the migration ends, a call trying again meanwhile is served."""
+    slots = Slots(redis_cluster)
+    user = next(
+        name
+        for name in (name_on(redis_cluster, caller, 0) for _ in itertools.count())
+        if not slots.keys(key_slot(name.encode()), 0)
+    )
+    other = name_on(redis_cluster, caller, 1)
+    slot = key_slot(user.encode())
+    loop = LoopThread() if mode == "async" else None
+    client: Any = caller
+    if loop is not None:
+        client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0])
+    storage = RedisStorage(client, key_prefix=unique_prefix(), timeout=TIMEOUT, on_error="allow")
+    rate = MultiTierRateLimiter(per_user_model="10/minute", per_user="100/minute", storage=storage)
+
+    def check(name: str) -> Any:
+        return rate.check(name, "m") if loop is None else loop.run(rate.acheck(name, "m"))
+
+    try:
+        assert type(check(other)) is Decision  # the cluster mapped: the slot on node 0
+        slots.begin(slot, 0, 2)
+        for _ in range(4):
+            elapsed, decision = timed(lambda: check(user))
+            assert elapsed < TIMEOUT + SLACK and isinstance(decision, UncheckedDecision)
+        assert not storage.breaker.is_open
+        assert type(check(other)) is Decision
+        ended = threading.Timer(TIMEOUT / 10, slots.end, (slot, 2))  # while the next call tries again
+        ended.start()
+        try:
+            elapsed, decision = timed(lambda: check(user))
+        finally:
+            ended.join()
+        assert elapsed < TIMEOUT + SLACK and type(decision) is Decision and decision.remaining == 9
+    finally:
+        slots.end(slot, 2)
+        for key in slots.keys(slot, 2):
+            slots.clients[2].delete(key)
+        slots.begin(slot, 2, 0)
+        slots.end(slot, 0)
+        slots.close()
+        if loop is None:
+            storage.close()
+        else:
+            loop.run(storage.aclose())
+            loop.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from typing import Any
@@ -21,7 +22,8 @@ from ratelimit_middleware.backends.base import Storage
 from ratelimit_middleware.backends.redis.coalescer import MAX_BATCH
 from ratelimit_middleware.backends.redis.connection import Call
 from ratelimit_middleware.backends.redis.scripts import script_for
-from ratelimit_middleware.errors import RateLimiterUnavailable
+from ratelimit_middleware.decision import Decision
+from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecision
 
 from .conftest import CONTRACT_TIMEOUT, FakeClock, unique_prefix
 from .redis_server import RedisServer
@@ -275,3 +277,48 @@ def test_bursts_take_turns_and_time_queued_counts_against_the_timeout(server: Re
     results = asyncio.run(scenario())
     assert time.perf_counter() - started < 1.0  # both batches within one timeout, not one each
     assert all(isinstance(result, RateLimiterUnavailable) for result in results)
+
+
+class BlockedLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock the test moves on, as if the application had blocked it that long."""
+
+    blocked = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.blocked
+
+
+@pytest.mark.parametrize("on_error", ["allow", "deny"])
+def test_calls_a_blocked_event_loop_kept_from_redis_follow_the_policy_and_leave_the_breaker_closed(
+    redis_server: RedisServer, on_error: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calls queued while the application blocks the loop for longer than the timeout have no time left to
+    be sent: they are answered by the policy at once, without Redis, and logged once; but Redis did not fail,
+    so the breaker (3 failures) stays closed and the next calls are decided by Redis."""
+    limiter = limiter_on(redis_server, 5, timeout=0.1, on_error=on_error)
+    connection = limiter.storage.connection
+
+    async def scenario(loop: BlockedLoop) -> None:
+        await limiter.aget_request_count("warm", "up")
+        connection.round_trips = 0
+        tasks = [asyncio.ensure_future(limiter.acheck("u", "m")) for _ in range(3)]
+        await asyncio.sleep(0)  # every task has queued its call; the batch goes out on the next iteration
+        loop.blocked += 0.15
+        queued = await asyncio.gather(*tasks, return_exceptions=True)
+        if on_error == "allow":
+            assert all(isinstance(decision, UncheckedDecision) for decision in queued)
+        else:
+            assert all(isinstance(error, RateLimiterUnavailable) for error in queued)
+        assert connection.round_trips == 0 and not limiter.storage.breaker.is_open
+        decisions = [await limiter.acheck("u", "m") for _ in range(6)]
+        assert [type(decision) for decision in decisions] == [Decision] * 6
+        assert [decision.allowed for decision in decisions] == [True] * 5 + [False]
+        await limiter.storage.aclose()
+
+    loop = BlockedLoop()
+    try:
+        with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
+            loop.run_until_complete(scenario(loop))
+    finally:
+        loop.close()
+    assert [record.getMessage().count("never having run it") for record in caplog.records] == [1]

@@ -14,8 +14,10 @@ batches of at most ``max_batch``, one pipelined write and one read of all replie
   flight would not be served sooner; instead, the calls that arrive meanwhile form the next batch, sent the
   moment the reply comes, before that reply's callers resume. Redis then works on one batch while this
   process handles the other's results: the two overlap, instead of taking turns.
-- Time spent queued counts against the timeout: a batch gets what is left of its oldest call's ``timeout``
-  (none left: it fails at once), so no call waits longer than ``timeout`` in all.
+- Time spent queued counts against the timeout: a batch gets what is left of its oldest call's ``timeout``,
+  so no call waits longer than ``timeout`` in all. None left (the event loop was blocked, or the batch
+  before took it all): the batch is never sent and its calls fail at once with ``NotRun``, which the
+  storage answers by its policy without counting Redis as failing.
 - A caller cancelled before its batch is sent is dropped; after, its reply is ignored.
 """
 

@@ -10,8 +10,10 @@ coalesced into pipelined batches (see ``coalescer``).
 Time bounds: a sync call has one deadline of ``timeout`` for all its round trips, each socket wait cut to
 what is left of it (on a cluster too, connecting and mapping it again included: see ``transport``); an
 async call has a hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the
-calling task), after which its connection is closed. Errors are redis-py's (``ConnectionError``,
-``TimeoutError``, ``ResponseError``...): the storage decides what they mean.
+calling task), after which its connection is closed; one whose time ran out before it could be sent (its
+event loop was blocked meanwhile) is never sent, and raises ``NotRun``. Errors are redis-py's
+(``ConnectionError``, ``TimeoutError``, ``ResponseError``...) and ``NotRun``: the storage decides what they
+mean.
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ from .clients import Endpoint, RedisClient
 from .coalescer import Coalescer
 from .keyspace import slot_groups
 from .scripts import Script
-from .transport import AsyncCluster, AsyncPool, AsyncTransport, Command, SyncCluster, SyncPool, SyncTransport
+from .transport import (
+    AsyncCluster,
+    AsyncPool,
+    AsyncTransport,
+    Command,
+    NotRun,
+    SyncCluster,
+    SyncPool,
+    SyncTransport,
+)
 
 __all__ = ["Arg", "Call", "Connection"]
 
@@ -203,25 +214,30 @@ class Connection:
 
     # -- async -----------------------------------------------------------------------------------------
 
-    async def _deadline(self, work: Callable[[], Awaitable[T]], seconds: float | None = None) -> T:
-        """``work()`` within ``seconds`` (default: the timeout), else ``redis.TimeoutError``."""
+    async def _deadline(self, work: Callable[[float], Awaitable[T]], seconds: float | None = None) -> T:
+        """``work(deadline)`` within ``seconds`` (default: the timeout), else ``redis.TimeoutError``;
+        ``NotRun`` without starting it when no time is left (an event loop blocked since the call began
+        says nothing about Redis)."""
         seconds = self.timeout if seconds is None else seconds
         if seconds <= 0:
-            raise RedisTimeoutError(f"no reply from Redis within {self.timeout:g} s")
+            raise NotRun(f"the limiter's timeout ({self.timeout:g} s) ran out before the call was sent")
+        deadline = time.monotonic() + seconds
         try:
-            return await _within(work, seconds)
+            return await _within(lambda: work(deadline), seconds)
         except asyncio.TimeoutError:
             raise RedisTimeoutError(f"no reply from Redis within {self.timeout:g} s") from None
 
-    async def _asend(self, transport: AsyncTransport, commands: Sequence[Command]) -> list[Any]:
+    async def _asend(
+        self, transport: AsyncTransport, commands: Sequence[Command], deadline: float
+    ) -> list[Any]:
         self.round_trips += 1 if transport.pipelined else len(commands)
-        return await transport.send(commands)
+        return await transport.send(commands, deadline)
 
-    async def _arun(self, transport: AsyncTransport, calls: Sequence[Call]) -> list[Any]:
-        replies = await self._asend(transport, [call.by_sha() for call in calls])
+    async def _arun(self, transport: AsyncTransport, calls: Sequence[Call], deadline: float) -> list[Any]:
+        replies = await self._asend(transport, [call.by_sha() for call in calls], deadline)
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
-            again = await self._asend(transport, [calls[i].by_source() for i in lost])
+            again = await self._asend(transport, [calls[i].by_source() for i in lost], deadline)
             for i, reply in zip(lost, again, strict=True):
                 replies[i] = reply
         return replies
@@ -229,24 +245,26 @@ class Connection:
     async def _flush(self, calls: list[Call], seconds: float) -> list[Any]:
         """A coalesced batch, within the ``seconds`` its oldest call has left."""
         transport = self._loop_state().transport
-        return await self._deadline(lambda: self._arun(transport, calls), seconds)
+        return await self._deadline(lambda deadline: self._arun(transport, calls, deadline), seconds)
 
     async def aevaluate(self, call: Call) -> Any:
         """``evaluate`` for event loops: on a standalone Redis, batched with the loop's other calls."""
         state = self._loop_state()
         if state.coalescer is not None:
             return _raised(await state.coalescer.submit(call))
-        return _raised((await self._deadline(lambda: self._arun(state.transport, [call])))[0])
+        replies = await self._deadline(lambda deadline: self._arun(state.transport, [call], deadline))
+        return _raised(replies[0])
 
     async def aevaluate_all(self, calls: Sequence[Call], deadline: float | None = None) -> list[Any]:
         """``evaluate_all`` for event loops: the calls sent together, within one deadline."""
         state = self._loop_state()
         seconds = None if deadline is None else deadline - time.monotonic()
-        replies = await self._deadline(lambda: self._arun(state.transport, calls), seconds)
+        replies = await self._deadline(lambda until: self._arun(state.transport, calls, until), seconds)
         return [_raised(reply) for reply in replies]
 
     async def adelete(self, keys: Sequence[bytes]) -> None:
         """``delete`` for event loops."""
         transport = self._loop_state().transport
-        for reply in await self._deadline(lambda: self._asend(transport, self._deletions(keys))):
+        deletions = self._deletions(keys)
+        for reply in await self._deadline(lambda deadline: self._asend(transport, deletions, deadline)):
             _raised(reply)

@@ -12,6 +12,12 @@ The breaker (see ``breaker``) sends nothing to a Redis that keeps failing: the p
 one call probes Redis every ``recovery`` seconds until it answers. The ``ratelimit_middleware`` logger gets
 one warning when the breaker opens (the outage) and one when Redis answers again (the recovery); failures
 that do not open it are logged at debug level.
+
+A call Redis never ran for a reason of its own (``NotRun``: its event loop was blocked past its deadline
+before it could be sent, or its cluster slot was migrating until then) is answered by the policy too, but is
+no failure of Redis: the breaker does not count it (one stalled loop or one moving slot would otherwise
+open it for every call), and it is logged as a warning, once per batch of such calls, so that no call is
+admitted unchecked unseen.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from ...decision import Decision
 from ...errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ...policy import Policy
 from .breaker import CircuitBreaker
+from .transport import NotRun
 
 __all__ = ["ON_ERROR", "REDIS_ERRORS", "Failover", "Fallback", "LocalCharge", "OnError"]
 
@@ -36,7 +43,8 @@ OnError = Literal["allow", "deny", "local"]
 ON_ERROR: tuple[OnError, ...] = ("allow", "deny", "local")
 
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
-"""What counts as Redis failing: connection errors, timeouts, error replies, cluster errors."""
+"""What the policy answers: connection errors, timeouts, error replies, cluster errors, and ``NotRun`` (a
+``RedisError`` too, but no failure of Redis: see ``Failover.failed``)."""
 
 logger = logging.getLogger("ratelimit_middleware")
 
@@ -52,6 +60,7 @@ class Failover:
         self.on_error = on_error
         self.breaker = breaker
         self.fallbacks = 0  # decisions answered by the policy in the current outage
+        self._not_run: BaseException | None = None  # the last NotRun logged (a batch's calls share one)
         self.local_storage = MemoryStorage(clock=time.monotonic if clock is None else clock)
 
     def attempt(self) -> bool:
@@ -70,6 +79,17 @@ class Failover:
             self.fallbacks = 0
 
     def failed(self, error: BaseException) -> None:
+        """Record a call that Redis could not serve; a ``NotRun`` call is logged but not counted."""
+        if isinstance(error, NotRun):
+            if error is not self._not_run:
+                self._not_run = error
+                logger.warning(
+                    "a call was answered with on_error=%r, Redis never having run it (not counted as a "
+                    "failure of Redis): %s",
+                    self.on_error,
+                    error,
+                )
+            return
         if self.breaker.failed():
             logger.warning(
                 "Redis cannot be reached (%s: %s); decisions follow on_error=%r until it answers again, "

@@ -291,7 +291,8 @@ class RedisBackend:
         raise self._failover.unavailable()
 
     def _guarded(self, send: Callable[[], T], fallback: Callable[[], T]) -> T:
-        """``send()``, or ``fallback()`` when the breaker is open or Redis fails."""
+        """``send()``, or ``fallback()`` when the breaker is open or Redis fails or never ran the call (which
+        ``failover.failed`` tells apart: only a failure counts toward the breaker)."""
         failover = self._failover
         if not failover.attempt():
             return fallback()

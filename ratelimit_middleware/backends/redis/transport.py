@@ -1,15 +1,17 @@
 """Sending commands: one round trip for a batch on a standalone Redis, one per command on a cluster.
 
-``send(commands)`` returns one reply per command, in order, with a command's error reply (a
+``send(commands, deadline)`` returns one reply per command, in order, with a command's error reply (a
 ``ResponseError``, such as NOSCRIPT) in its place; a connection error or timeout is raised for the whole
-batch. The sync transports also take the call's ``deadline`` (``time.monotonic()``): every socket wait of the
-call is cut to what is left of it, connecting included, and on a cluster mapping it again too (see
-``with_deadlines``); a first mapping of the cluster is waited for until then only.
+batch. ``deadline`` is the call's (``time.monotonic()``). The sync transports cut every socket wait of the
+call to what is left of it, connecting included, and on a cluster mapping it again too (see
+``with_deadlines``); a first mapping of the cluster is waited for until then only. The async ones run
+within a hard deadline set by their caller, and use ``deadline`` only to pause on a cluster (TRYAGAIN).
 
 A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
 read in order on one connection, which is closed (never reused) if anything goes wrong midway, so that a
 late reply can never be read as the answer to a later command. A cluster is mapped by redis-py's cluster
-client, whose node pools the commands then go through one by one (sync) or which sends them (asyncio).
+client, whose nodes' connections the commands then go through, each to its slot's node, following MOVED,
+ASK and TRYAGAIN themselves (``_Route``, shared by the sync and async clusters).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import redis.asyncio.cluster
 import redis.cluster
 import redis.connection
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -46,6 +48,7 @@ __all__ = [
     "AsyncPool",
     "AsyncTransport",
     "Command",
+    "NotRun",
     "SyncCluster",
     "SyncPool",
     "SyncTransport",
@@ -82,6 +85,12 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join(_pack_one(command) for command in commands)
 
 
+class NotRun(RedisError):
+    """A call that Redis never ran, for a reason that says nothing about Redis' health: its time ran out
+    before it could be sent (an event loop blocked past it), or its cluster slot was being migrated until
+    then (TRYAGAIN). The storage answers it by its policy; the circuit breaker does not count it."""
+
+
 class SyncTransport(Protocol):
     pipelined: bool
     """True when a batch is one round trip (a standalone Redis); False when each command is one."""
@@ -94,7 +103,7 @@ class SyncTransport(Protocol):
 class AsyncTransport(Protocol):
     pipelined: bool
 
-    async def send(self, commands: Sequence[Command]) -> list[Any]: ...
+    async def send(self, commands: Sequence[Command], deadline: float) -> list[Any]: ...
 
     async def aclose(self) -> None: ...
 
@@ -152,29 +161,35 @@ class SyncPool:
         self.pool.disconnect()
 
 
+async def _aexchange(connection: Any, commands: Sequence[Command]) -> list[Any]:
+    """``_exchange`` for event loops, on an asyncio ``connection`` its caller holds (and releases)."""
+    try:
+        await connection.send_packed_command(pack(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        return replies
+    except BaseException:  # a timeout or a cancellation midway: never reuse this connection
+        await connection.disconnect(nowait=True)
+        raise
+
+
 class AsyncPool:
-    """``SyncPool`` for one event loop."""
+    """``SyncPool`` for one event loop (its hard deadline is its caller's)."""
 
     pipelined = True
 
     def __init__(self, pool: redis.asyncio.ConnectionPool) -> None:
         self.pool = pool
 
-    async def send(self, commands: Sequence[Command]) -> list[Any]:
+    async def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
         pool: Any = self.pool
         connection: Any = await pool.get_connection()
         try:
-            await connection.send_packed_command(pack(commands))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as error:
-                    replies.append(error)
-            return replies
-        except BaseException:  # a timeout or a cancellation midway: never reuse this connection
-            await connection.disconnect(nowait=True)
-            raise
+            return await _aexchange(connection, commands)
         finally:
             await pool.release(connection)
 
@@ -261,7 +276,11 @@ def with_deadlines(connection_class: type[Any]) -> type[Any]:
 
 
 _REDIRECTS = 5
-"""MOVED or ASK replies a command follows (each a round trip within its deadline) before it fails."""
+"""MOVED or ASK replies a command follows in a row (each a round trip within its deadline) before it fails."""
+
+_PAUSE = 0.005
+"""Seconds before a command that got TRYAGAIN goes again: long enough for a migration to move some keys,
+short beside a call's timeout."""
 
 
 _new_node: Any = redis.cluster.ClusterNode  # untyped in redis-py
@@ -273,14 +292,54 @@ def _slot(command: Command) -> int:
     return key_slot(_encode(command[3] if command[0] in ("EVAL", "EVALSHA") else command[1]))
 
 
+class _Route:
+    """Where one command on a cluster goes next, from the replies it gets (for the sync and async clusters).
+
+    It goes to its slot's node in the map. MOVED (the slot has moved) and ASK (it is moving, and this
+    command's keys are not all on the node) name the node to send it to, ASK with ASKING on the same
+    connection; neither ran it. TRYAGAIN (the slot is moving and some keys of a command with several are
+    on neither side, a new user's for instance) did not run it either: it goes to its slot's node again after
+    a pause of ``_PAUSE``, while the deadline leaves time for the pause and as long again for the round trip,
+    and raises ``NotRun`` after that. A healthy cluster moving one slot is no Redis failure: counted as one,
+    it would open the breaker for the calls on every other slot.
+    """
+
+    def __init__(self, command: Command, deadline: float) -> None:
+        self.command = command
+        self.deadline = deadline
+        self.sent: list[Command] = [command]
+        """What to send next (on one connection)."""
+        self.address: tuple[str, int] | None = None
+        """Where: ``None`` for the slot's node in the map, or the (host, port) a redirect named."""
+        self.pause = 0.0
+        """Seconds to wait before sending."""
+        self._redirects = 0
+
+    def done(self, reply: Any) -> bool:
+        """Whether ``reply`` is the command's answer; if not, ``sent``, ``address`` and ``pause`` say where
+        the command goes next. ``NotRun`` once a migration has outlasted what the deadline leaves."""
+        if isinstance(reply, TryAgainError):
+            if self.deadline - time.monotonic() < 2 * _PAUSE:
+                raise NotRun(f"the cluster slot kept migrating until the limiter's timeout ran out ({reply})")
+            self.sent, self.address, self.pause, self._redirects = [self.command], None, _PAUSE, 0
+            return False
+        if not isinstance(reply, AskError) or self._redirects == _REDIRECTS:
+            return True
+        self._redirects += 1
+        moved = isinstance(reply, MovedError)
+        self.sent = [self.command] if moved else [("ASKING",), self.command]
+        self.address, self.pause = (reply.host, reply.port), 0.0
+        return False
+
+
 class SyncCluster:
     """A Redis Cluster, for the sync methods: each command to its slot's node, one after the other.
 
     redis-py's cluster client maps the slots to nodes and keeps a pool per node, but the commands go through
     those pools here, each written and read within the call's deadline: its ``execute_command`` waits a full
-    socket timeout per command and then sleeps or maps the cluster again, whatever time is left. A MOVED or
-    ASK reply (the slot moved, or is moving) is no failure: the command goes to the node named, while time is
-    left; neither reply ran it, whereas a script that timed out may have run, so that is never sent again.
+    socket timeout per command and then sleeps or maps the cluster again, whatever time is left. MOVED, ASK
+    and TRYAGAIN replies are no failures (see ``_Route``): none ran the command, whereas a script that timed
+    out may have run, so that is never sent again.
 
     A node that failed or answered MOVED is suspect: the cluster is mapped again (in what is left of the
     call) before the next command to it, to learn where its slots went. Only its calls pay for that.
@@ -337,32 +396,36 @@ class SyncCluster:
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
         with _until(deadline):
             client = self._cluster(deadline)
-            return [self._send(client, command) for command in commands]
+            return [self._send(client, command, deadline) for command in commands]
 
-    def _send(self, client: Any, command: Command) -> Any:
+    def _node(self, client: Any, route: _Route) -> Any:
+        """The node ``route`` goes to next; the cluster mapped again first if it is the slot's, suspect."""
+        if route.address is not None:
+            return client.get_node(*route.address) or _new_node(*route.address)
         nodes = client.nodes_manager
-        slot = _slot(command)
+        slot = _slot(route.command)
         node = nodes.get_node_from_slot(slot)
         if node.name in self._suspects:
             self._suspects.discard(node.name)
             nodes.initialize()
             node = nodes.get_node_from_slot(slot)
-        sent = [command]
-        for _ in range(1 + _REDIRECTS):
+        return node
+
+    def _send(self, client: Any, command: Command, deadline: float) -> Any:
+        route = _Route(command, deadline)
+        while True:
+            if route.pause:
+                time.sleep(route.pause)
+            node = self._node(client, route)
             try:
-                reply = _exchange(client.get_redis_connection(node).connection_pool, sent)[-1]
+                reply = _exchange(client.get_redis_connection(node).connection_pool, route.sent)[-1]
             except (RedisConnectionError, RedisTimeoutError):
                 self._suspects.add(node.name)
                 raise
-            if not isinstance(reply, AskError):
-                return reply
             if isinstance(reply, MovedError):  # the slot has moved: map again before this node's next command
                 self._suspects.add(node.name)
-                sent = [command]
-            else:  # the slot is moving: this command (only) goes to the importing node
-                sent = [("ASKING",), command]
-            node = client.get_node(reply.host, reply.port) or _new_node(reply.host, reply.port)
-        return reply
+            if route.done(reply):
+                return reply
 
     def close(self) -> None:
         with self._lock:
@@ -374,8 +437,13 @@ class SyncCluster:
 class AsyncCluster:
     """A Redis Cluster for one event loop: the commands of a batch sent to their nodes concurrently.
 
-    The cluster is mapped once before the first command: redis-py's asyncio cluster client, left to map it
-    lazily, can close connections that concurrent first commands are using.
+    redis-py's asyncio cluster client maps the slots and keeps a pool per node; the commands go through
+    those pools here, routed as on the sync cluster (``_Route``), within the call's hard deadline: its
+    ``execute_command`` retried TRYAGAIN until that deadline cut it short, as if Redis had failed, slept
+    0.25 s on CLUSTERDOWN, and sent ASKING apart from the command it was for. The cluster is mapped once
+    before the first command (redis-py's client, left to map it lazily, can close connections that
+    concurrent first commands are using), and again before the next command to a node that failed or
+    answered MOVED (a suspect, as on the sync cluster).
     """
 
     pipelined = False
@@ -384,6 +452,7 @@ class AsyncCluster:
         self.client = client
         self._mapped = False
         self._lock = asyncio.Lock()
+        self._suspects: set[str] = set()
 
     async def _map(self) -> None:
         async with self._lock:
@@ -391,18 +460,49 @@ class AsyncCluster:
                 await self.client.initialize()
                 self._mapped = True
 
-    async def _one(self, command: Command) -> Any:
-        try:
-            return await self.client.execute_command(*command)
-        except ResponseError as error:
-            return error
+    async def _node(self, route: _Route) -> Any:
+        """``SyncCluster._node`` for event loops."""
+        nodes: Any = self.client.nodes_manager
+        if route.address is not None:
+            node = nodes.get_node(*route.address)
+            if node is None:  # a node the map has not met: added, as redis-py adds one that MOVED names
+                node = redis.asyncio.cluster.ClusterNode(*route.address, **nodes.connection_kwargs)
+                nodes.set_nodes(nodes.nodes_cache, {node.name: node})
+            return node
+        slot = _slot(route.command)
+        node = nodes.get_node_from_slot(slot)
+        if node.name in self._suspects:
+            self._suspects.discard(node.name)
+            async with self._lock:
+                await nodes.initialize()
+            node = nodes.get_node_from_slot(slot)
+        return node
 
-    async def send(self, commands: Sequence[Command]) -> list[Any]:
+    async def _one(self, command: Command, deadline: float) -> Any:
+        route = _Route(command, deadline)
+        while True:
+            if route.pause:
+                await asyncio.sleep(route.pause)
+            node = await self._node(route)
+            connection = node.acquire_connection()
+            try:
+                reply = (await _aexchange(connection, route.sent))[-1]
+            except (RedisConnectionError, RedisTimeoutError, asyncio.CancelledError):  # the deadline cancels
+                self._suspects.add(node.name)
+                raise
+            finally:
+                node.release(connection)
+            if isinstance(reply, MovedError):
+                self._suspects.add(node.name)
+            if route.done(reply):
+                return reply
+
+    async def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
         if not self._mapped:
             await self._map()
         if len(commands) == 1:
-            return [await self._one(commands[0])]
-        return list(await asyncio.gather(*(self._one(command) for command in commands)))
+            return [await self._one(commands[0], deadline)]
+        return list(await asyncio.gather(*(self._one(command, deadline) for command in commands)))
 
     async def aclose(self) -> None:
         await self.client.aclose()
