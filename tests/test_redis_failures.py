@@ -150,13 +150,13 @@ class CountingRedis(redis.Redis):
 def test_the_callers_client_is_neither_used_nor_changed(
     server: RedisServer, breaker_clock: FakeClock
 ) -> None:
-    client = CountingRedis(port=server.port)  # redis-py's defaults: 5 s timeouts, 10 retries
+    client = CountingRedis(port=server.port, socket_timeout=5)
     settings = dict(client.connection_pool.connection_kwargs)
     limiter = make_limiter(client, "deny", breaker_clock)
     assert limiter.allow("u", "m")
     assert client.sent == 0
     assert client.connection_pool.connection_kwargs == settings
-    assert client.get_connection_kwargs()["socket_timeout"] == 5
+    assert client.get_connection_kwargs()["socket_timeout"] == 5  # not the limiter's timeout
     assert client.ping() and client.sent == 1  # and it still works for its own uses
     client.close()
 

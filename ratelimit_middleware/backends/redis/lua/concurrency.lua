@@ -18,7 +18,10 @@ end
 -- The key lives until its latest lease expires: processes with another `lease` may share it.
 local function lease_expire(key, now, pad)
   local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  if last[2] then redis.call('PEXPIRE', key, ttl_ms(tonumber(last[2]) - now, pad)) end
+  if not last[2] then return end
+  -- Rounded to the microsecond: the score's text carries float noise that would add a millisecond.
+  local left = math.floor((tonumber(last[2]) - now) * 1e6 + 0.5) / 1e6
+  redis.call('PEXPIRE', key, ttl_ms(left, pad))
 end
 
 -- Take `cost` leases expiring `lease` seconds after `now`.
