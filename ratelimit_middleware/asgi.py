@@ -138,13 +138,17 @@ async def load_body(receive: Receive, request: RequestView, limit: int) -> Recei
     return replay
 
 
+_BODY_FRAMING = (b"content-length", b"transfer-encoding")
+
+
 def with_body(scope: Scope, body: bytes, receive: Receive) -> tuple[Scope, Receive]:
-    """A copy of ``scope`` whose request body is ``body`` (Content-Length updated), and its ``receive``.
+    """A copy of ``scope`` whose request body is ``body`` and its ``receive``: the body's framing is its
+    Content-Length alone (a chunked request's Transfer-Encoding goes, as it no longer describes it).
 
     Only for a body already read whole from the server's ``receive``: after ``body``, the app's calls go on to
     it, so that the app still learns of the client's disconnect.
     """
-    headers = [(name, value) for name, value in scope["headers"] if name.lower() != b"content-length"]
+    headers = [(name, value) for name, value in scope["headers"] if name.lower() not in _BODY_FRAMING]
     headers.append((b"content-length", str(len(body)).encode()))
     sent = False
 
@@ -216,6 +220,11 @@ async def admit(
     return await gate.aanswer(ask)
 
 
+def _header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str:
+    """A response header's value (``""`` when absent); ``name`` in lower case."""
+    return next((value for key, value in headers if key.lower() == name), b"").decode("latin-1")
+
+
 async def run_metered(
     gate: Gate,
     app: ASGIApp,
@@ -232,8 +241,11 @@ async def run_metered(
     async def send_metered(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers = message.get("headers", ())
-            content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-            meter.start(int(message["status"]), content_type.decode("latin-1"))
+            meter.start(
+                int(message["status"]),
+                _header_value(headers, b"content-type"),
+                _header_value(headers, b"content-encoding"),
+            )
             message = with_described(scope, message, described)
         elif message["type"] == "http.response.body":
             meter.body(message.get("body", b""))
@@ -244,7 +256,7 @@ async def run_metered(
         await app(scope, receive, send_metered)
     finally:
         stop_renewing()
-        actual = meter.settlement()
+        actual = gate.settlement(meter)
         try:
             if actual is None:
                 await reservation.acancel()
@@ -270,10 +282,11 @@ class RateLimitMiddleware:
 
     A limiter with token or concurrency limits (``Limits``) has each request reserved: tokens estimated from
     the body by ``estimator(request) -> (input, output)`` (default: the prompt at about 4 characters per
-    token plus the output cap, ``default_output_tokens`` when the request sets none), settled with the usage
-    the response reports (JSON or server-sent events), refunded when the app fails; the concurrency slot is
-    held until the response ends. ``stream_usage=True`` adds ``stream_options.include_usage`` to streaming
-    requests that did not ask for usage, so that their streams end with the exact usage.
+    token plus the output cap, ``default_output_tokens`` when the request sets none; none without a body),
+    settled with the usage the response reports (JSON or server-sent events, gzip or deflate included),
+    refunded when the app fails; the concurrency slot is held until the response ends. ``stream_usage=True``
+    adds ``stream_options.include_usage`` to streaming requests that did not ask for usage, so that their
+    streams end with the exact usage.
 
     ``observers`` (``observe.Observer``, e.g. ``metrics.PrometheusMetrics``) see every decision, failure and
     settlement. ``shadow=True`` evaluates and records everything, adds the headers, but never denies: for

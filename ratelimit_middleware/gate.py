@@ -38,7 +38,7 @@ from .request import BodyNotLoaded, RequestView
 from .reservation import Reservation
 from .routes import PathRules
 from .shadow import Shadow
-from .tokens import DEFAULT_OUTPUT_TOKENS, token_pair
+from .tokens import DEFAULT_OUTPUT_TOKENS, Meter, token_pair
 from .tokens import estimate as estimate_tokens
 
 if TYPE_CHECKING:
@@ -390,10 +390,17 @@ class Gate:
         return gate
 
     def estimate(self, request: RequestView) -> tuple[int, int]:
-        """The tokens a request is expected to use; raises ``BodyNotLoaded`` until the body is read."""
-        if self.estimator is None:
-            return estimate_tokens(request.json(), self.default_output_tokens)
-        return token_pair(self.estimator(request), "the estimator")
+        """The tokens a request is expected to use; raises ``BodyNotLoaded`` until the body is read.
+
+        A request without a body (``GET /v1/models``) asks for nothing to be generated: ``(0, 0)``, it counts
+        as a request only. A body that is not JSON, or over ``max_body_size``, keeps the default output.
+        """
+        if self.estimator is not None:
+            return token_pair(self.estimator(request), "the estimator")
+        body = request.json()
+        if body is None and request.body_empty:
+            return 0, 0
+        return estimate_tokens(body, self.default_output_tokens)
 
     def usage_requesting_body(self, request: RequestView) -> bytes | None:
         """With ``stream_usage``: the body of a streaming request that did not ask for usage, asking for it.
@@ -550,6 +557,17 @@ class Gate:
             notify(self.observers, "decision", decision, user, model, elapsed, shadowed)
             if isinstance(decision, FallbackDecision):
                 notify(self.observers, "fallback", decision.policy, decision)
+
+    def settlement(self, meter: Meter) -> tuple[int, int] | None:
+        """``meter.settlement()``; a response in a ``Content-Encoding`` the meter cannot read (``br``,
+        ``zstd``) keeps its estimate, which the log says at most once a minute per encoding."""
+        encoding = meter.unread_encoding
+        if encoding is not None and self._log.due((f"the meter, Content-Encoding {encoding[:32]}", None)):
+            logger.warning(
+                "a response in Content-Encoding %r cannot be metered: its reservation keeps the estimate",
+                encoding,
+            )
+        return meter.settlement()
 
     def settled(self, reservation: Reservation, actual: tuple[int, int] | None) -> None:
         """Report a settled (``actual``) or cancelled (``None``) reservation to the observers."""

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 __all__ = ["BodyNotLoaded", "RequestView", "ServerHeaders"]
 
 _UNSET = object()
+_UNREAD = object()  # the JSON of a body over the size cap, or cut short: never read, None to key functions
 
 
 def _joined(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -139,9 +140,14 @@ class RequestView:
         return self._body is not None
 
     def load_body(self, body: bytes | None) -> None:
-        """Give the view the body that was read (``None`` when it was over the size cap)."""
+        """Give the view the body that was read (``None`` when it was over the size cap or cut short)."""
         self._body = body if body is not None else b""
-        self._json = _UNSET if body is not None else None
+        self._json = _UNSET if body is not None else _UNREAD
+
+    @property
+    def body_empty(self) -> bool:
+        """Whether the body was read whole and had no bytes at all (a ``GET``); not when over the cap."""
+        return self._body == b"" and self._json is not _UNREAD
 
     def json(self) -> object:
         """The parsed JSON body; ``None`` when empty, over the cap or not JSON."""
@@ -152,4 +158,4 @@ class RequestView:
                 self._json = json.loads(self._body) if self._body else None
             except (ValueError, UnicodeDecodeError, RecursionError):
                 self._json = None
-        return self._json
+        return None if self._json is _UNREAD else self._json

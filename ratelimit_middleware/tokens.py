@@ -8,15 +8,17 @@ plus the output cap (``max_tokens``, ``max_completion_tokens`` or ``max_output_t
 ``UsageReader`` watches a response go by without holding it: a JSON body (OpenAI ``usage.prompt_tokens`` /
 ``completion_tokens``, the Responses API's and Anthropic's ``input_tokens`` / ``output_tokens``) or a
 server-sent event stream (the final chunk's ``usage``; Anthropic's ``message_start`` and ``message_delta``
-events). It keeps at most ``max_json_size`` bytes of a JSON body and one event at a time of a stream, and
-counts the streamed text so that a stream cut short can still be charged for what was produced.
+events; the Responses API's ``response.completed``). It keeps at most ``max_json_size`` bytes of a JSON body
+and one event at a time of a stream, and counts the streamed text so that a stream cut short before its final
+usage can still be charged for what was produced. ``Meter`` feeds it, inflating gzip and deflate bodies.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .config import check_amount
@@ -28,6 +30,9 @@ DEFAULT_OUTPUT_TOKENS = 1024
 
 _CAP_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _MAX_EVENT_SIZE = 1024 * 1024
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+"""The ``Content-Encoding`` values the meter inflates (``deflate`` is zlib's format, as RFC 9110 says)."""
+_INFLATE_STEP = 64 * 1024
 
 
 def _tiktoken_counter() -> Callable[[str], int] | None:
@@ -66,6 +71,11 @@ def _whole(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _first_whole(mapping: Mapping[str, Any], names: Iterable[str]) -> int | None:
+    """The first of the fields ``names`` holding an int >= 0 (providers spell one count several ways)."""
+    return next((value for name in names if (value := _whole(mapping.get(name))) is not None), None)
+
+
 def token_pair(value: object, source: str) -> tuple[int, int]:
     """``value`` if it is ``(input_tokens, output_tokens)``, two ints >= 0, as a user's function must
     answer; else a ``TypeError`` naming ``source`` (``"the estimator"``) and the value."""
@@ -88,30 +98,47 @@ def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -
         for piece in _texts(body[key])
     )
     prompt = count_text_tokens(text) if text else 0
-    cap = next(
-        (_whole(body.get(field)) for field in _CAP_FIELDS if _whole(body.get(field)) is not None), None
-    )
+    cap = _first_whole(body, _CAP_FIELDS)
     completions = _whole(body.get("n")) or 1
     return prompt, (default_output_tokens if cap is None else cap) * completions
 
 
-def _usage(payload: Any) -> tuple[int | None, int | None]:
-    """``(input, output)`` from a JSON object's usage, in any of the shapes the providers send."""
+def _usage_of(payload: Any) -> tuple[dict[str, Any] | None, bool]:
+    """The usage object a JSON payload carries, and whether it is final.
+
+    Final: a top-level ``usage`` (a JSON body, OpenAI's last stream chunk, Anthropic's ``message_delta``) or
+    the Responses API's ``response.usage`` (``response.completed``). Anthropic's ``message_start`` carries a
+    provisional one: its input is exact, its ``output_tokens`` a placeholder (1) for what is still to come.
+    """
     if not isinstance(payload, dict):
-        return None, None
+        return None, False
     usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        message = payload.get("message")  # Anthropic's message_start event
-        usage = message.get("usage") if isinstance(message, dict) else None
-    if not isinstance(usage, dict):
-        return None, None
-    input_tokens = _whole(usage.get("prompt_tokens", usage.get("input_tokens")))
-    output_tokens = _whole(usage.get("completion_tokens", usage.get("output_tokens")))
+    if isinstance(usage, dict):
+        return usage, True
+    for holder, final in (("response", True), ("message", False)):
+        inner = payload.get(holder)
+        usage = inner.get("usage") if isinstance(inner, dict) else None
+        if isinstance(usage, dict):
+            return usage, final
+    return None, False
+
+
+def _counts(usage: dict[str, Any]) -> tuple[int | None, int | None]:
+    """``(input, output)`` of a usage object, in any of the providers' spellings.
+
+    A usage that gives the input but no output (OpenAI's embeddings: ``prompt_tokens`` and ``total_tokens``)
+    generated ``total - input``, else nothing: the output is then 0, not unknown.
+    """
+    input_tokens = _first_whole(usage, ("prompt_tokens", "input_tokens"))
+    output_tokens = _first_whole(usage, ("completion_tokens", "output_tokens"))
+    if output_tokens is None and input_tokens is not None:
+        total = _whole(usage.get("total_tokens"))
+        output_tokens = total - input_tokens if total is not None and total >= input_tokens else 0
     return input_tokens, output_tokens
 
 
 def _streamed_text(payload: Any) -> str:
-    """The text a stream chunk carries (OpenAI deltas, Anthropic content deltas)."""
+    """The text a stream chunk carries (OpenAI deltas, Anthropic content deltas, Responses text deltas)."""
     if not isinstance(payload, dict):
         return ""
     pieces = []
@@ -122,15 +149,26 @@ def _streamed_text(payload: Any) -> str:
             if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                 pieces.append(delta["content"])
     delta = payload.get("delta")
-    if isinstance(delta, dict) and isinstance(delta.get("text"), str):
+    if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # Anthropic's content_block_delta
         pieces.append(delta["text"])
+    elif isinstance(delta, str) and payload.get("type") == "response.output_text.delta":  # the Responses API
+        pieces.append(delta)
     return "".join(pieces)
 
 
 class UsageReader:
     """Reads token usage from a response as its body chunks go by (it never changes or holds them)."""
 
-    __slots__ = ("_buffer", "_input", "_max_json_size", "_output", "_overflow", "_stream", "_streamed")
+    __slots__ = (
+        "_buffer",
+        "_final",
+        "_input",
+        "_max_json_size",
+        "_output",
+        "_overflow",
+        "_stream",
+        "_streamed",
+    )
 
     def __init__(self, content_type: str, max_json_size: int = _MAX_EVENT_SIZE) -> None:
         self._stream = content_type.split(";")[0].strip().lower() == "text/event-stream"
@@ -139,7 +177,13 @@ class UsageReader:
         self._overflow = False
         self._input: int | None = None
         self._output: int | None = None
+        self._final = False
         self._streamed = 0
+
+    @property
+    def reading(self) -> bool:
+        """Whether more of the body can still tell anything (not after a JSON body or an event too large)."""
+        return not self._overflow
 
     def feed(self, chunk: bytes) -> None:
         """Look at the next body chunk."""
@@ -153,27 +197,31 @@ class UsageReader:
             self._buffer.clear()
 
     def _read_events(self) -> None:
-        while True:
-            buffer = self._buffer.replace(b"\r\n", b"\n")
-            end = buffer.find(b"\n\n")
-            if end < 0:
-                self._buffer = buffer
-                return
-            event, self._buffer = buffer[:end], bytearray(buffer[end + 2 :])
+        """Read every complete event in the buffer, in one pass; keep the incomplete rest."""
+        buffer = self._buffer.replace(b"\r\n", b"\n")
+        start = 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            event = buffer[start:end]
+            start = end + 2
             data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
             if data and data != b"[DONE]":
                 self._take(data, streaming=True)
+        del buffer[:start]
+        self._buffer = buffer
 
     def _take(self, data: bytes | bytearray, streaming: bool) -> None:
         try:
             payload = json.loads(data)
         except (ValueError, RecursionError):
             return
-        input_tokens, output_tokens = _usage(payload)
-        if input_tokens is not None:
-            self._input = input_tokens
-        if output_tokens is not None:
-            self._output = output_tokens
+        usage, final = _usage_of(payload)
+        if usage is not None:
+            input_tokens, output_tokens = _counts(usage)
+            if input_tokens is not None:
+                self._input = input_tokens
+            if output_tokens is not None:
+                self._output = output_tokens
+                self._final = self._final or final
         if streaming:
             text = _streamed_text(payload)
             if text:
@@ -187,44 +235,100 @@ class UsageReader:
         return self._input, self._output
 
     @property
+    def final(self) -> bool:
+        """Whether ``usage()``'s output is a final report (not Anthropic's provisional ``message_start``)."""
+        return self._final
+
+    @property
     def streamed_tokens(self) -> int:
         """Tokens of text seen in a stream so far (for a stream cut short before its usage)."""
         return self._streamed
+
+
+class _Inflater:
+    """Inflates a gzip or deflate body as it goes by, at most ``_INFLATE_STEP`` bytes at a time.
+
+    A body that inflates hugely (a decompression bomb) is thus never held whole: the reader keeps what it
+    keeps of any body (one event, or ``max_json_size`` of JSON) and the meter stops inflating once the reader
+    can tell nothing more.
+    """
+
+    __slots__ = ("_zlib",)
+
+    def __init__(self, encoding: str) -> None:
+        self._zlib = zlib.decompressobj(_WBITS[encoding])
+
+    def pieces(self, chunk: bytes) -> Iterator[bytes]:
+        """The inflated bytes of the next compressed chunk, a bounded piece at a time."""
+        data = chunk
+        while not self._zlib.eof:
+            try:
+                piece = self._zlib.decompress(data, _INFLATE_STEP)
+            except zlib.error:  # not what the header said: the rest cannot be read
+                return
+            if piece:
+                yield piece
+            data = self._zlib.unconsumed_tail
+            if not data and len(piece) < _INFLATE_STEP:  # all taken in, nothing left pending
+                return
 
 
 class Meter:
     """Follows the response to a reserved request and says how to settle the reservation.
 
     A failed call (an exception before the response started, or a status of 400 or more) is cancelled: every
-    reserved token is refunded. Otherwise the reported usage is charged; a stream that reports no output usage
-    (cut short, or not asked for usage) is charged for the text it carried; with nothing known, the
-    reservation stands.
+    reserved token is refunded. Otherwise the reported usage is charged, except that a stream whose final
+    usage never came (cut short, not asked for usage, or only Anthropic's provisional ``message_start``) is
+    charged at least the text it carried as output; with nothing known, or a body in an encoding it cannot
+    read (``unread_encoding``, e.g. ``br``), the reservation stands. gzip and deflate bodies are inflated.
     """
 
-    __slots__ = ("_reader", "_reserved", "_status")
+    __slots__ = ("_inflater", "_reader", "_reserved", "_status", "unread_encoding")
 
     def __init__(self, reserved: tuple[int, int]) -> None:
         self._reserved = reserved
         self._status: int | None = None
         self._reader: UsageReader | None = None
+        self._inflater: _Inflater | None = None
+        self.unread_encoding: str | None = None
 
-    def start(self, status: int, content_type: str) -> None:
+    def start(self, status: int, content_type: str, content_encoding: str = "") -> None:
+        """The response starts: its status and its ``Content-Type`` and ``Content-Encoding`` headers."""
         self._status = status
-        if status < 400:
-            self._reader = UsageReader(content_type)
+        if status >= 400:
+            return
+        encoding = content_encoding.strip().lower()
+        if encoding in _WBITS:
+            self._inflater = _Inflater(encoding)
+        elif encoding not in ("", "identity"):
+            self.unread_encoding = encoding
+            return
+        self._reader = UsageReader(content_type)
 
     def body(self, chunk: bytes) -> None:
-        if self._reader is not None:
-            self._reader.feed(chunk)
+        """The next chunk of the response body, as sent (compressed or not)."""
+        reader = self._reader
+        if reader is None or not reader.reading:
+            return
+        if self._inflater is None:
+            reader.feed(chunk)
+            return
+        for piece in self._inflater.pieces(chunk):
+            reader.feed(piece)
+            if not reader.reading:
+                return
 
     def settlement(self) -> tuple[int, int] | None:
         """``(input_tokens, output_tokens)`` to settle with, or ``None`` to cancel."""
-        if self._status is None or self._status >= 400 or self._reader is None:
+        if self._status is None or self._status >= 400:
             return None
+        if self._reader is None:  # a body the meter cannot read
+            return self._reserved
         reserved_in, reserved_out = self._reserved
         input_tokens, output_tokens = self._reader.usage()
-        if output_tokens is None and self._reader.streamed_tokens:
-            output_tokens = self._reader.streamed_tokens  # a stream without usage: what it carried
+        streamed = self._reader.streamed_tokens
+        if streamed and not self._reader.final:  # no final usage: at least the text it carried
+            output_tokens = max(output_tokens or 0, streamed)
         if input_tokens is None and output_tokens is None:
             return self._reserved
         return (

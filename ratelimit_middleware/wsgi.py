@@ -236,6 +236,11 @@ class _Metered:
             self._settle()
 
 
+def _header_value(headers: Iterable[tuple[str, str]], name: str) -> str:
+    """A response header's value (``""`` when absent); ``name`` in lower case."""
+    return next((value for key, value in headers if key.lower() == name), "")
+
+
 def run_metered(
     gate: Gate,
     app: WSGIApp,
@@ -252,7 +257,7 @@ def run_metered(
 
     def settle() -> None:
         stop_renewing()
-        actual = meter.settlement()
+        actual = gate.settlement(meter)
         try:
             if actual is None:
                 reservation.cancel()
@@ -266,8 +271,11 @@ def run_metered(
     def start_metered(
         status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
-        meter.start(int(status.split(" ", 1)[0]), content_type)
+        meter.start(
+            int(status.split(" ", 1)[0]),
+            _header_value(headers, "content-type"),
+            _header_value(headers, "content-encoding"),
+        )
         return start_response(status, with_described(environ, headers, described), exc_info)
 
     try:
@@ -292,11 +300,19 @@ def with_described(
     return [*headers, *extra] if (extra := Gate.starting_headers(environ, described)) else headers
 
 
-def send_response(start_response: StartResponse, response: HTTPResponse) -> list[bytes]:
-    """Start a complete response (a denial or a 503) and return its body."""
+def send_response(start_response: StartResponse, response: HTTPResponse, method: str) -> list[bytes]:
+    """Start a complete response (a denial or a 503) and return its body: none to a ``HEAD``, which keeps the
+    Content-Length a ``GET`` would get (as werkzeug answers it; a server must not send a body to ``HEAD``)."""
     status = f"{response.status} {_reason(response.status)}"
     start_response(status, [*response.headers, ("Content-Length", str(len(response.body)))])
-    return [response.body]
+    return [] if method == "HEAD" else [response.body]
+
+
+def with_body(environ: Environ, body: bytes) -> None:
+    """Make ``body`` the request body of ``environ``: its framing is its ``CONTENT_LENGTH`` alone (a chunked
+    request's Transfer-Encoding goes, as it no longer describes it)."""
+    environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
 
 
 class RateLimitWSGI:
@@ -323,11 +339,11 @@ class RateLimitWSGI:
         )
         response, described, metered = self.gate.verdict(request, outcome, environ)
         if response is not None:
-            return send_response(start_response, response)
+            return send_response(start_response, response, request.method)
         if metered is not None:
             body = self.gate.usage_requesting_body(request)
             if body is not None:
-                environ["wsgi.input"], environ["CONTENT_LENGTH"] = io.BytesIO(body), str(len(body))
+                with_body(environ, body)
             return run_metered(self.gate, self.app, environ, start_response, metered, described, self.leases)
         if not described:  # no headers to add, or a layer outside adds them
             return self.app(environ, start_response)

@@ -571,7 +571,10 @@ def test_both_spellings_apply_when_both_limiters_reserve() -> None:
     app = RateLimitMiddleware(
         ok, limiter=default, path_limits={"/v1/chat": strict}, default_output_tokens=2000
     )
-    sent = [asyncio.run(call(app, http_scope("/v1/chat/", "GET", [("X-User-ID", "a")]))) for _ in range(3)]
+    sent = [  # a body without an output cap: the default output is expected
+        asyncio.run(call(app, http_scope("/v1/chat/", "POST", [("X-User-ID", "a")]), [b"{}"]))
+        for _ in range(3)
+    ]
     # Each response settles both reservations (2,000 tokens each, its slot given back): the strict rule's
     # 5,000 tokens admit two, and the third is denied by its tokens, not by a slot left taken.
     assert [status_of(one) for one in sent] == [200, 200, 429]
@@ -588,7 +591,7 @@ def test_a_fail_open_check_never_admits_a_request_the_reservation_denies() -> No
 
     metered = MultiTierRateLimiter(per_user_model=Limits("100/minute", tokens="100/minute"))
     app = RateLimitMiddleware(ok, limiter=metered, path_limits={"/v1/chat": FailsOpen(limit="100/minute")})
-    sent = asyncio.run(call(app, http_scope("/v1/chat/", "GET", [("X-User-ID", "a")])))
+    sent = asyncio.run(call(app, http_scope("/v1/chat/", "POST", [("X-User-ID", "a")]), [b"{}"]))
     assert status_of(sent) == 429  # 1,024 tokens expected, 100 allowed
 
 

@@ -135,7 +135,14 @@ def _example_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"not json", b"[]", b'{"model": "gpt-4o-mini"}', b'{"model": "nope", "messages": []}'],
+    [
+        b"not json",
+        b"[]",
+        b'{"model": "gpt-4o-mini"}',
+        b'{"model": "nope", "messages": []}',
+        b"[" * 100_000,  # nested too deeply for the parser
+    ],
+    ids=["not-json", "list", "no-messages", "unknown-model", "deeply-nested"],
 )
 def test_bad_bodies_get_4xx_not_500(body: bytes) -> None:
     import main  # type: ignore[import-not-found]
@@ -143,6 +150,18 @@ def test_bad_bodies_get_4xx_not_500(body: bytes) -> None:
     http = TestClient(main.create_app())
     response = http.post("/v1/chat/completions", content=body, headers={"X-User-ID": "e"})
     assert 400 <= response.status_code < 500
+
+
+def test_listing_models_costs_no_tokens() -> None:
+    """A GET has no body, so nothing to generate: it counts as a request, never against the token budget."""
+    import main  # type: ignore[import-not-found]
+
+    http = TestClient(main.create_app())
+    for _ in range(3):
+        response = http.get("/v1/models", headers={"X-User-ID": "lister"})
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-remaining-tokens"] == "40000"
+    assert response.headers["x-ratelimit-remaining-requests"] == "17"
 
 
 def test_metrics_scraped_after_traffic(strict_server: str) -> None:

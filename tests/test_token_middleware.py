@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
+import zlib
 from typing import Any
 
 import pytest
@@ -12,6 +15,7 @@ from flask import Flask
 from flask import Response as FlaskResponse
 from flask import request as flask_request
 from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -360,3 +364,189 @@ def test_stream_usage_in_wsgi() -> None:
     app.wsgi_app = RateLimitWSGI(app.wsgi_app, limits, stream_usage=True)  # type: ignore[method-assign]
     assert chat(BufferedClient(app), stream=True).status_code == 200
     assert limits.get_request_count("alice", "m", unit="tokens") == 11
+
+
+def provider_event(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+ANTHROPIC_CUT = [  # the client went away before message_delta: only message_start's placeholder usage came
+    {"type": "message_start", "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}},
+    *[{"type": "content_block_delta", "delta": {"type": "text_delta", "text": "z" * 40}}] * 5,
+]
+RESPONSES_STREAM = [
+    {"type": "response.created", "response": {"status": "in_progress", "usage": None}},
+    {"type": "response.output_text.delta", "delta": "Hello world. " * 10},
+    {"type": "response.completed", "response": {"usage": {"input_tokens": 7, "output_tokens": 90}}},
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "charged"),
+    [
+        ({"data": [], "usage": {"prompt_tokens": 8, "total_tokens": 8}}, 8),  # OpenAI's embeddings
+        (ANTHROPIC_CUT, 25 + 50),
+        (RESPONSES_STREAM, 7 + 90),
+    ],
+    ids=["openai-embeddings", "anthropic-cut-stream", "responses-api-stream"],
+)
+def test_provider_responses_settle_to_what_they_report_or_carried(
+    answer: dict[str, Any] | list[dict[str, Any]], charged: int
+) -> None:
+    """A JSON body, or a stream of these events."""
+
+    async def provider(request: Request) -> Response:
+        if isinstance(answer, dict):
+            return JSONResponse(answer)
+        return StreamingResponse(iter(map(provider_event, answer)), media_type="text/event-stream")
+
+    limits = limiter(tokens="10000/minute")
+    app = Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    assert chat(TestClient(app), max_tokens=2000).status_code == 200
+    assert limits.get_request_count("alice", "m", unit="tokens") == charged
+
+
+COMPLETION = {
+    "choices": [{"message": {"content": "x" * 800}}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 200},
+}
+
+
+def test_compressed_responses_are_metered() -> None:
+    """GZipMiddleware inside the limiter: usage read from the gzip body, which reaches the client as sent."""
+
+    async def completion(request: Request) -> Response:
+        return JSONResponse(COMPLETION)
+
+    limits = limiter(tokens="10000/minute")
+    app = Starlette(routes=[Route("/v1/chat/completions", completion, methods=["POST"])])
+    app.add_middleware(GZipMiddleware, minimum_size=100)
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    response = chat(TestClient(app), max_tokens=4000)
+    assert response.headers["content-encoding"] == "gzip" and response.json() == COMPLETION
+    assert limits.get_request_count("alice", "m", unit="tokens") == 205
+
+
+def test_compressed_responses_are_metered_in_wsgi() -> None:
+    limits = limiter(tokens="10000/minute")
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def deflated() -> FlaskResponse:
+        body = zlib.compress(json.dumps(COMPLETION).encode())  # deflate: zlib's format
+        return FlaskResponse(body, mimetype="application/json", headers={"Content-Encoding": "deflate"})
+
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, limits)  # type: ignore[method-assign]
+    response = chat(BufferedClient(app), max_tokens=4000)
+    assert json.loads(zlib.decompress(response.data)) == COMPLETION
+    assert limits.get_request_count("alice", "m", unit="tokens") == 205
+
+
+def test_an_encoding_the_meter_cannot_read_keeps_the_estimate_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def brotli(request: Request) -> Response:
+        return Response(
+            b"\x1b\x03 not really brotli", media_type="application/json", headers={"content-encoding": "br"}
+        )
+
+    limits = limiter(tokens="10000/minute")
+    app = Starlette(routes=[Route("/v1/chat/completions", brotli, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    client = TestClient(app)
+    with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
+        for _ in range(3):
+            chat(client, max_tokens=100)
+    assert limits.get_request_count("alice", "m", unit="tokens") == 3 * (10 + 100)
+    assert [record.getMessage() for record in caplog.records] == [
+        "a response in Content-Encoding 'br' cannot be metered: its reservation keeps the estimate"
+    ]
+
+
+async def listing(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [], "body": len(await request.body())})
+
+
+def test_a_request_without_a_body_counts_as_a_request_only() -> None:
+    """GET /v1/models asks for nothing to be generated; a body that is not JSON, or too large to read, may."""
+    limits = limiter(requests="100/minute", tokens="3000/minute")
+    app = Starlette(routes=[Route("/v1/models", listing, methods=["GET", "POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits, max_body_size=1000)
+    client = TestClient(app)
+    for _ in range(5):
+        response = client.get("/v1/models", headers={"X-User-ID": "alice"})
+        assert response.status_code == 200 and response.headers["x-ratelimit-remaining-tokens"] == "3000"
+    assert limits.get_request_count("alice", "default", unit="tokens") == 0
+    assert limits.get_request_count("alice", "default") == 5
+    client.post("/v1/models", content=b"prompt=not json", headers={"X-User-ID": "alice"})
+    assert limits.get_request_count("alice", "default", unit="tokens") == 1024
+    client.post("/v1/models", json={"messages": "x" * 2000}, headers={"X-User-ID": "alice"})  # over the cap
+    assert limits.get_request_count("alice", "default", unit="tokens") == 2048
+
+
+def chunked_body() -> Any:
+    yield b'{"model": "m", "stream": true, '
+    yield b'"messages": [{"role": "user", "content": "hi"}]}'
+
+
+def test_stream_usage_rewrites_a_chunked_body_with_its_content_length_alone() -> None:
+    async def framing(request: Request) -> Response:
+        body = await request.body()
+        return JSONResponse({"headers": dict(request.headers), "body": json.loads(body)})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", framing, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limiter(tokens="10000/minute"), stream_usage=True)
+    seen = (
+        TestClient(app)
+        .post("/v1/chat/completions", content=chunked_body(), headers={"X-User-ID": "a"})
+        .json()
+    )
+    assert seen["body"]["stream_options"] == {"include_usage": True}
+    assert "transfer-encoding" not in seen["headers"]
+    assert seen["headers"]["content-length"] == str(len(json.dumps(seen["body"])))
+
+
+def test_stream_usage_rewrites_a_chunked_body_with_its_content_length_alone_in_wsgi() -> None:
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def framing() -> Any:
+        return {
+            "transfer_encoding": flask_request.headers.get("Transfer-Encoding"),
+            "content_length": flask_request.content_length,
+            "body": flask_request.get_json(),
+        }
+
+    app.wsgi_app = RateLimitWSGI(  # type: ignore[method-assign]
+        app.wsgi_app, limiter(tokens="10000/minute"), stream_usage=True
+    )
+    seen = (
+        app.test_client()
+        .post(
+            "/v1/chat/completions",
+            input_stream=io.BytesIO(b"".join(chunked_body())),
+            headers={"X-User-ID": "a", "Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+        )
+        .json
+    )
+    assert seen["body"]["stream_options"] == {"include_usage": True}
+    assert seen["transfer_encoding"] is None
+    assert seen["content_length"] == len(json.dumps(seen["body"]))
+
+
+def test_a_denial_to_head_has_no_body_in_wsgi() -> None:
+    app = Flask(__name__)
+    app.add_url_rule("/v1/models", "models", lambda: {"data": []}, methods=["GET"])
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, "1/minute")  # type: ignore[method-assign]
+    client = app.test_client()
+    client.get("/v1/models", headers={"X-User-ID": "a"})
+    denied_get = client.get("/v1/models", headers={"X-User-ID": "a"})
+    denied_head = client.head("/v1/models", headers={"X-User-ID": "a"})
+    assert denied_get.status_code == denied_head.status_code == 429
+    assert denied_head.data == b""
+    assert (
+        denied_head.headers["Content-Length"]
+        == denied_get.headers["Content-Length"]
+        == str(len(denied_get.data))
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+import zlib
 
 import pytest
 
@@ -116,4 +118,111 @@ def test_meter_keeps_the_estimate_when_nothing_is_known() -> None:
     meter = Meter((100, 500))
     meter.start(200, "text/plain")
     meter.body(b"plain answer")
+    assert meter.settlement() == (100, 500)
+
+
+def anthropic_events(*events: dict[str, object]) -> bytes:
+    return b"".join(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events)
+
+
+MESSAGE_START = {"type": "message_start", "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}}
+
+
+def test_anthropic_message_start_usage_is_provisional() -> None:
+    """A stream cut before ``message_delta`` is charged its text, not the placeholder ``output_tokens: 1``."""
+    delta = {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "x" * 400}}
+    meter = Meter((100, 2000))
+    meter.start(200, "text/event-stream")
+    meter.body(anthropic_events(MESSAGE_START, delta, delta))
+    assert meter.settlement() == (25, 200)
+    meter.body(anthropic_events({"type": "message_delta", "usage": {"output_tokens": 150}}))
+    assert meter.settlement() == (25, 150)  # the final usage, even below the text's estimate
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"prompt_tokens": 8, "total_tokens": 8}, (8, 0)),  # OpenAI's embeddings
+        ({"prompt_tokens": 8, "total_tokens": 11}, (8, 3)),
+        ({"input_tokens": 8}, (8, 0)),
+        ({"prompt_tokens": None, "input_tokens": 5, "completion_tokens": 6}, (5, 6)),
+    ],
+)
+def test_usage_without_output_generated_nothing(usage: dict[str, object], expected: tuple[int, int]) -> None:
+    meter = Meter((8, 1024))
+    meter.start(200, "application/json")
+    meter.body(json.dumps({"object": "list", "data": [], "usage": usage}).encode())
+    assert meter.settlement() == expected
+
+
+RESPONSES_STREAM = [
+    {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "usage": None}},
+    {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "y" * 200},
+    {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "y" * 200},
+    {
+        "type": "response.completed",
+        "response": {"id": "resp_1", "usage": {"input_tokens": 7, "output_tokens": 90, "total_tokens": 97}},
+    },
+]
+
+
+def test_reads_a_responses_api_stream() -> None:
+    """Usage under ``response.usage`` of ``response.completed``; text in the string ``delta``s."""
+    body = anthropic_events(*RESPONSES_STREAM)
+    reader = UsageReader("text/event-stream")
+    reader.feed(body)
+    assert reader.usage() == (7, 90) and reader.final
+    assert reader.streamed_tokens == 2 * count_text_tokens("y" * 200)
+    cut = Meter((100, 1000))
+    cut.start(200, "text/event-stream")
+    cut.body(anthropic_events(*RESPONSES_STREAM[:3]))
+    assert cut.settlement() == (100, 100)  # cut before response.completed: charged its text
+
+
+def compressed(body: bytes, encoding: str) -> bytes:
+    compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    return compressor.compress(body) + compressor.flush()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "GZip"])
+def test_meter_reads_compressed_bodies(encoding: str) -> None:
+    json_body = json.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 200}}).encode()
+    stream = sse(
+        {"choices": [{"delta": {"content": "x" * 40}}]}, {"choices": [], "usage": {"prompt_tokens": 3}}
+    )
+    for content_type, body, expected in [
+        ("application/json", json_body, (5, 200)),
+        ("text/event-stream", stream, (3, 0)),
+    ]:
+        sent = compressed(body, encoding.lower())
+        meter = Meter((100, 4000))
+        meter.start(200, content_type, encoding)
+        for index in range(0, len(sent), 7):  # compressed chunks cut anywhere
+            meter.body(sent[index : index + 7])
+        assert meter.settlement() == expected
+
+
+def test_a_decompression_bomb_is_never_held_whole() -> None:
+    """64 MiB of JSON in 64 KiB of gzip: the meter keeps at most the 1 MiB a JSON body may have, and stops."""
+    compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    bomb = compressor.compress(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "pad": "')
+    bomb += b"".join(compressor.compress(b" " * (1024 * 1024)) for _ in range(64)) + compressor.flush()
+    assert len(bomb) < 128 * 1024
+    meter = Meter((100, 500))
+    meter.start(200, "application/json", "gzip")
+    tracemalloc.start()
+    try:
+        meter.body(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 1024 * 1024
+    assert meter.settlement() == (100, 500)  # too large to read: the estimate stands
+
+
+def test_meter_keeps_the_estimate_for_encodings_it_cannot_read() -> None:
+    meter = Meter((100, 500))
+    meter.start(200, "application/json", "br")
+    meter.body(b"\x1b\x00 brotli bytes")
+    assert meter.unread_encoding == "br"
     assert meter.settlement() == (100, 500)

@@ -151,7 +151,7 @@ def create_app(limiter: MultiTierRateLimiter | Plans | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse
             raise HTTPException(400, "the body must be JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             raise HTTPException(400, "'messages' must be a list")
