@@ -12,6 +12,9 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 __all__ = [
+    "MAX_AMOUNT",
+    "MAX_WINDOW",
+    "MIN_WINDOW",
     "UNITS",
     "LimitSpec",
     "Limits",
@@ -41,28 +44,43 @@ _UNIT_SECONDS = {
     "y": 31536000.0,
     "year": 31536000.0,
 }
+# Full unit names also take a plural "s" ("5 minutes"); abbreviations do not ("10/ms" is no unit).
+_FULL_NAMES = ("second", "minute", "hour", "day", "week", "month", "year")
+_PLURALS = {f"{name}s": name for name in _FULL_NAMES}
 _ITEM = re.compile(
     r"^\s*(?P<amount>\d+)\s*(?:/|\s+per\s+)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$",
     re.IGNORECASE,
 )
+MAX_AMOUNT = 2**53
+"""The largest limit, cost or token count: Redis scripts count in doubles, exact only up to 2**53."""
+MIN_WINDOW = 0.001
+"""The shortest window in seconds: one millisecond, the resolution of Redis TTLs."""
+MAX_WINDOW = 100 * 31536000.0
+"""The longest window in seconds: 100 years (a longer one overflows the algorithms' time arithmetic)."""
 _NAMES = ((86400.0, "day"), (3600.0, "hour"), (60.0, "minute"), (1.0, "second"))
 
 
 def check_amount(value: object, what: str) -> int:
-    """``value`` if it is an int >= 0 (a limit, a cost, a token count); else the error naming ``what``."""
+    """``value`` if it is an int from 0 to ``MAX_AMOUNT`` (a limit, a cost, a token count); else the error
+    naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{what} must be >= 0, got {value!r}")
+    if not 0 <= value <= MAX_AMOUNT:
+        raise ValueError(f"{what} must be >= 0 and <= 2**53, got {value!r}")
     return value
 
 
 def _check_seconds(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"window_seconds must be a number of seconds, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"window_seconds must be finite and > 0, got {value!r}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf
+    if not MIN_WINDOW <= seconds <= MAX_WINDOW:
+        raise ValueError(
+            f"window_seconds must be from {MIN_WINDOW:g} (1 ms) to {MAX_WINDOW:g} (100 years), got {value!r}"
+        )
     return seconds
 
 
@@ -86,6 +104,13 @@ class Window(NamedTuple):
         return f"{self.max_requests} per {describe_seconds(self.seconds)}"
 
 
+def _window(item: object) -> Window:
+    """A ``(max_requests, window_seconds)`` pair of ``from_windows``, checked."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(f"a window must be a (max_requests, window_seconds) pair, got {item!r}")
+    return Window(check_amount(item[0], "max_requests"), _check_seconds(item[1]))
+
+
 class RateLimitConfig:
     """One or more windows that a request must fit all at once.
 
@@ -97,16 +122,12 @@ class RateLimitConfig:
     windows: tuple[Window, ...]
 
     def __init__(self, max_requests: int, window_seconds: float) -> None:
-        window = Window(check_amount(max_requests, "max_requests"), _check_seconds(window_seconds))
-        object.__setattr__(self, "windows", (window,))
+        object.__setattr__(self, "windows", (_window((max_requests, window_seconds)),))
 
     @classmethod
     def from_windows(cls, windows: Iterable[tuple[int, float]]) -> RateLimitConfig:
         """A config of several ``(max_requests, window_seconds)`` pairs, checked together."""
-        built = tuple(
-            Window(check_amount(amount, "max_requests"), _check_seconds(seconds))
-            for amount, seconds in windows
-        )
+        built = tuple(_window(item) for item in windows)
         if not built:
             raise ValueError("a RateLimitConfig needs at least one window")
         config = cls.__new__(cls)
@@ -125,18 +146,17 @@ class RateLimitConfig:
         for part in parts:
             match = _ITEM.match(part)
             unit = match["unit"].lower() if match else ""
-            if unit.endswith("s") and unit not in _UNIT_SECONDS:
-                unit = unit[:-1]
+            unit = _PLURALS.get(unit, unit)
             if match is None or unit not in _UNIT_SECONDS:
                 raise ValueError(
                     f"bad limit {part.strip()!r} in {text!r}: expected '<amount>/<unit>' or "
-                    f"'<amount> per <n> <unit>' with unit one of second, minute, hour, day, week, "
-                    f"month, year"
+                    f"'<amount> per <n> <unit>' with unit one of {', '.join(_FULL_NAMES)}"
                 )
             count = float(match["count"]) if match["count"] else 1.0
-            if count <= 0:
-                raise ValueError(f"bad limit {part.strip()!r} in {text!r}: the window must be > 0")
-            windows.append((int(match["amount"]), count * _UNIT_SECONDS[unit]))
+            try:
+                windows.append(_window((int(match["amount"]), count * _UNIT_SECONDS[unit])))
+            except ValueError as error:
+                raise ValueError(f"bad limit {part.strip()!r} in {text!r}: {error}") from None
         return cls.from_windows(windows)
 
     def _single(self) -> Window:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .backends.base import Reserved, ReservingBackend, Storage
 from .backends.memory import DEFAULT_MAX_KEYS, MemoryBackend, MemoryStorage
-from .config import Limits, LimitSpec, RateLimitConfig, TierSpec, check_amount
+from .config import Limits, LimitSpec, RateLimitConfig, TierSpec, as_config, check_amount
 from .decision import Decision
 from .policy import Policy, Rule
 from .reservation import Reservation
@@ -154,31 +154,54 @@ class _Limiter:
         reply = await self._reserving().areserve(user, model, costs)
         return self._reservation(user, model, reserved, costs, reply)
 
-    def _count_rule(self, user: str, model: str, tier: str | None, unit: str) -> Rule:
+    def _count_rule(self, user: str, model: str, tier: str | None, unit: str, window: float | None) -> Rule:
         _check_request(user, model, 0)
         if tier is None:
-            rules = [rule for rule in self.policy.all_rules if rule.unit == unit]
+            rules = tuple(rule for rule in self.policy.all_rules if rule.unit == unit)
             if not rules:
                 raise ValueError(f"no {unit} limit is configured")
+            rules = tuple(rule for rule in rules if rule.tier == rules[0].tier)
+        else:
+            rules = self.policy.rules_for(tier, unit)
+        if window is None:
             return rules[0]
-        return self.policy.rules_for(tier, unit)[0]
+        for rule in rules:
+            if rule.seconds == window:
+                return rule
+        listing = ", ".join(f"{rule.seconds:g}" for rule in rules)
+        raise ValueError(
+            f"window={window!r}: {rules[0].tier} has no {unit} window of that length; its windows: {listing}"
+        )
 
     def get_request_count(
-        self, user: str, model: str, tier: str | None = None, unit: str = "requests"
+        self,
+        user: str,
+        model: str,
+        tier: str | None = None,
+        unit: str = "requests",
+        *,
+        window: float | None = None,
     ) -> int:
-        """Units counted now for this user and model, in the first window of ``tier`` counting ``unit``.
+        """Units counted now for this user and model, in one window of ``tier`` counting ``unit``.
 
         Without ``tier``, the first configured tier (in the order per_user_model, per_model, per_user,
         global). ``unit`` is ``"requests"``, ``"tokens"``, ``"input_tokens"``, ``"output_tokens"`` or
-        ``"concurrent"`` (requests in flight).
+        ``"concurrent"`` (requests in flight). ``window`` (its length in seconds, ``Rule.seconds``) picks one
+        window of a tier with several (``"10/minute;1000/day"``: ``window=86400``); default: the first.
         """
-        return self._backend.used(user, model, self._count_rule(user, model, tier, unit))
+        return self._backend.used(user, model, self._count_rule(user, model, tier, unit, window))
 
     async def aget_request_count(
-        self, user: str, model: str, tier: str | None = None, unit: str = "requests"
+        self,
+        user: str,
+        model: str,
+        tier: str | None = None,
+        unit: str = "requests",
+        *,
+        window: float | None = None,
     ) -> int:
         """``get_request_count`` for event loops."""
-        return await self._backend.aused(user, model, self._count_rule(user, model, tier, unit))
+        return await self._backend.aused(user, model, self._count_rule(user, model, tier, unit, window))
 
     def _reset_rules(self, user: str, model: str, tier: str | None) -> tuple[Rule, ...]:
         _check_request(user, model, 0)
@@ -234,6 +257,8 @@ class RateLimiter(_Limiter):
         max_keys: int | None = None,
     ) -> None:
         others = (tokens, input_tokens, output_tokens, max_concurrent)
+        if limit is not None:
+            limit = as_config(limit, "limit")  # named as the caller named it
         if limit is not None and (max_requests is not None or window_seconds is not None):
             raise TypeError("pass either limit= or max_requests/window_seconds, not both")
         if limit is None and (

@@ -6,6 +6,11 @@ limit string or a table of ``requests``, ``tokens``, ``input_tokens``, ``output_
 limiter of a request from its plan (``plan_key``, a key function: a header, or a lookup of the user) and its
 model, after mapping model ``aliases`` to their canonical names. Pass it to a middleware as the limiter.
 
+A counter is named by its rule (tier, unit, limit, window), not by plan or entry: a rule stated alike in
+several entries or plans counts in one counter, in memory (``SharedMemory``) as on Redis (the key names).
+So ``per_user = "100/hour"`` in every entry of a plan caps a user over all its models, and
+``per_model = "600/minute"`` in every plan caps the model over all plans; another limit is another counter.
+
 ``Plans.load(path)`` reads TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML); ``Plans.from_env()``
 reads ``RATELIMIT_POLICY`` (a path) or ``RATELIMIT_POLICY_TOML`` (the policy itself). Plans listed in
 ``shadow_plans`` are evaluated and recorded but never deny (``Shadow``): a new plan's limits roll out safely.
@@ -17,16 +22,19 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .algorithms import ALGORITHMS
 from .backends.base import Storage
-from .config import Limits, RateLimitConfig
+from .backends.memory import MemoryStorage
+from .backends.shared import SharedMemory
+from .config import Limits, RateLimitConfig, TierSpec
 from .decision import Decision
 from .keys import KeyFunction, from_header
 from .limiter import MultiTierRateLimiter
+from .policy import Policy
 from .request import RequestView
 from .reservation import Reservation
 from .shadow import Shadow
@@ -48,6 +56,14 @@ class PolicyError(ValueError):
     """A policy that cannot be used; the message names the source and the field or line."""
 
 
+def _names(table: Mapping[Any, Any], where: str, what: str) -> None:
+    """Fail unless every key of ``table`` is a str (YAML reads ``2024:`` or ``3.5:`` as numbers, which no
+    request's plan or model would ever match)."""
+    for key in table:
+        if not isinstance(key, str):
+            raise PolicyError(f"{where}: {what} must be strings, got {key!r} (quote it)")
+
+
 def _limits(value: object, where: str) -> Limits | str:
     if isinstance(value, str):
         try:
@@ -59,6 +75,7 @@ def _limits(value: object, where: str) -> Limits | str:
         raise PolicyError(
             f"{where}: expected a limit string like '20/minute' or a table of {', '.join(_LIMIT_FIELDS)}"
         )
+    _names(value, where, "limit fields")
     unknown = sorted(set(value) - set(_LIMIT_FIELDS))
     if unknown:
         raise PolicyError(f"{where}: unknown key {unknown[0]!r}; expected {', '.join(_LIMIT_FIELDS)}")
@@ -71,6 +88,28 @@ def _limits(value: object, where: str) -> Limits | str:
         return Limits(**value)
     except (TypeError, ValueError) as error:
         raise PolicyError(f"{where}: {error}") from None
+
+
+def _entries(plans: Mapping[str, Any], source: str) -> Iterator[tuple[tuple[str, str], object]]:
+    """``((plan, model), tiers)`` for each model entry of each plan."""
+    for plan, models in plans.items():
+        if not isinstance(models, Mapping) or not models:
+            raise PolicyError(f"{source}: plans.{plan}: expected a table of models ('*' for any model)")
+        _names(models, f"{source}: plans.{plan}", "model names")
+        for model, tiers in models.items():
+            yield (plan, model), tiers
+
+
+def _tiers(tiers: object, source: str, key: tuple[str, str]) -> list[tuple[str, TierSpec | None]]:
+    """The spec of each tier (``None`` when unset) of one model entry, in the order of ``_TIERS``."""
+    where = f"{source}: plans.{key[0]}.{key[1]}"
+    if not isinstance(tiers, Mapping) or not tiers:
+        raise PolicyError(f"{where}: expected a table of tiers ({', '.join(_TIERS)})")
+    _names(tiers, where, "tiers")
+    unknown = sorted(set(tiers) - set(_TIERS))
+    if unknown:
+        raise PolicyError(f"{where}: unknown tier {unknown[0]!r}; expected {', '.join(_TIERS)}")
+    return [(tier, _limits(tiers[tier], f"{where}.{tier}") if tier in tiers else None) for tier in _TIERS]
 
 
 class Plans:
@@ -94,6 +133,7 @@ class Plans:
             )
         if not isinstance(plans, Mapping) or not plans:
             raise PolicyError(f"{source}: plans: at least one plan is needed")
+        _names(plans, f"{source}: plans", "plan names")
         if default_plan not in plans:
             raise PolicyError(
                 f"{source}: default_plan: {default_plan!r} is not one of the plans ({', '.join(plans)})"
@@ -107,29 +147,28 @@ class Plans:
         unknown_shadow = sorted(shadow_plans - set(plans))
         if unknown_shadow:
             raise PolicyError(f"{source}: shadow_plans: {unknown_shadow[0]!r} is not one of the plans")
+        aliases = {} if aliases is None else aliases
+        if not isinstance(aliases, Mapping):
+            raise PolicyError(f"{source}: aliases: expected a table of model name = canonical model name")
+        _names(aliases, f"{source}: aliases", "model names")
+        for alias, model in aliases.items():
+            if not isinstance(model, str):
+                raise PolicyError(
+                    f"{source}: aliases.{alias}: expected a canonical model name, got {model!r}"
+                )
         self.default_plan = default_plan
         self.plan_key = plan_key
-        self.aliases = dict(aliases or {})
-        self._limiters: dict[tuple[str, str], MultiTierRateLimiter] = {}
-        for plan, models in plans.items():
-            if not isinstance(models, Mapping) or not models:
-                raise PolicyError(f"{source}: plans.{plan}: expected a table of models ('*' for any model)")
-            for model, tiers in models.items():
-                where = f"{source}: plans.{plan}.{model}"
-                if not isinstance(tiers, Mapping) or not tiers:
-                    raise PolicyError(f"{where}: expected a table of tiers ({', '.join(_TIERS)})")
-                unknown = sorted(set(tiers) - set(_TIERS))
-                if unknown:
-                    raise PolicyError(f"{where}: unknown tier {unknown[0]!r}; expected {', '.join(_TIERS)}")
-                specs = {tier: _limits(value, f"{where}.{tier}") for tier, value in tiers.items()}
-                self._limiters[plan, model] = MultiTierRateLimiter(
-                    per_user_model=specs.get("per_user_model"),
-                    per_model=specs.get("per_model"),
-                    per_user=specs.get("per_user"),
-                    global_limit=specs.get("global"),
-                    algorithm=algorithm,
-                    storage=storage,
-                )
+        self.aliases = dict(aliases)
+        entries = {key: _tiers(models, source, key) for key, models in _entries(plans, source)}
+        if storage is None or isinstance(storage, MemoryStorage):
+            # Counters are named by their rules, not by plan or model entry: share them as Redis does.
+            policies = [Policy(tiers, algorithm) for tiers in entries.values()]
+            storage = SharedMemory(storage or MemoryStorage(), policies)
+        self._limiters = {  # the specs in the order of MultiTierRateLimiter's tiers
+            key: MultiTierRateLimiter(*(spec for _, spec in tiers), algorithm=algorithm, storage=storage)
+            for key, tiers in entries.items()
+        }
+        self._plans = dict.fromkeys(plans)  # the plan names, in order
         self.uses_reservations = any(limiter.uses_reservations for limiter in self._limiters.values())
         self.shadow_plans = shadow_plans
         self._shadows = {
@@ -145,9 +184,7 @@ class Plans:
     def plan_of(self, request: RequestView) -> str:
         """The request's plan: ``plan_key``'s answer when it names a plan, else ``default_plan``."""
         plan = self.plan_key(request) if self.plan_key is not None else None
-        return (
-            plan if plan is not None and any(key[0] == plan for key in self._limiters) else self.default_plan
-        )
+        return plan if plan is not None and plan in self._plans else self.default_plan
 
     def route(self, request: RequestView, model: str) -> tuple[Shadow | MultiTierRateLimiter, str]:
         """The limiter of a request (its plan's, in shadow for ``shadow_plans``) and its canonical model."""
@@ -157,7 +194,10 @@ class Plans:
 
     def limiter(self, plan: str, model: str) -> MultiTierRateLimiter:
         """The limiter of ``plan`` for ``model``: its own entry, else the plan's ``"*"``, else the default
-        plan's."""
+        plan's. An unknown ``plan`` is a ``LookupError`` (naming the plans): a typo must not pick other
+        limits."""
+        if plan not in self._plans:
+            raise LookupError(f"unknown plan {plan!r}; the plans are: {', '.join(self._plans)}")
         return self._limiters[self._key(plan, model)]
 
     def _key(self, plan: str, model: str) -> tuple[str, str]:
@@ -202,9 +242,6 @@ class Plans:
         plans = data.get("plans")
         if not isinstance(plans, Mapping) or not plans:
             raise PolicyError(f"{source}: plans: at least one plan is needed")
-        aliases = data.get("aliases", {})
-        if not isinstance(aliases, Mapping) or not all(isinstance(v, str) for v in aliases.values()):
-            raise PolicyError(f"{source}: aliases: expected a table of model name = canonical model name")
         header = data.get("plan_header")
         if header is not None and not isinstance(header, str):
             raise PolicyError(f"{source}: plan_header: expected a header name, got {header!r}")
@@ -216,7 +253,7 @@ class Plans:
             plans,
             default_plan=str(default_plan),
             plan_key=plan_key or (from_header(header) if header else None),
-            aliases=aliases,
+            aliases=data.get("aliases"),
             algorithm=str(data.get("algorithm", "sliding_log")),
             storage=storage,
             shadow_plans=shadow_plans,
@@ -230,9 +267,13 @@ class Plans:
         """Plans from a TOML or YAML policy file."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_bytes().decode("utf-8")
         except OSError as error:
             raise PolicyError(f"{path}: cannot read the policy file: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise PolicyError(
+                f"{path}: a policy file must be UTF-8 text; byte {error.start} is not ({error.reason})"
+            ) from None
         if path.suffix in (".yaml", ".yml"):
             data = _parse_yaml(text, str(path))
         else:
@@ -287,8 +328,29 @@ def _parse_yaml(text: str, source: str) -> Any:
         import yaml
     except ImportError:
         raise PolicyError(f"{source}: YAML policies need PyYAML: pip install pyyaml") from None
+
+    class Loader(yaml.SafeLoader):
+        """The safe loader, failing on a key given twice in one mapping (else the last would win)."""
+
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # unhashable: the base class says so
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""

@@ -16,7 +16,7 @@ from .algorithms.concurrency import Concurrency
 from .config import Limits, TierSpec, as_config
 from .decision import Decision
 
-__all__ = ["TIERS", "Policy", "Rule", "binding"]
+__all__ = ["TIERS", "CounterName", "Policy", "Rule", "binding", "counter_names"]
 
 TIERS = ("per_user_model", "per_model", "per_user", "global")
 """Tier names in evaluation order. The keyword for ``global`` is ``global_limit``."""
@@ -70,6 +70,27 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"Rule({self.tier!r}, {self.unit!r}, {self.limit}/{self.seconds:g}, {self.algorithm.name!r})"
+
+
+CounterName = tuple[str, str, str, int, float, int]
+"""``(algorithm, unit, tier, limit, window, n)``: see ``counter_names``."""
+
+
+def counter_names(policy: Policy) -> tuple[CounterName, ...]:
+    """What names the counters of each of ``policy.all_rules`` beyond one limiter.
+
+    A rule's name is its algorithm, unit, tier, limit and window, and ``n``, its rank among the rules of the
+    policy named alike (``"10/minute;10/minute"`` has two counters). Limiters bound to one storage count a
+    rule of one name in one counter per identity, whatever else their policies hold: the Redis keys are made
+    of these names (``backends.redis.keyspace``), and ``SharedMemory`` shares stores by them.
+    """
+    seen: dict[tuple[str, str, str, int, float], int] = {}
+    names = []
+    for rule in policy.all_rules:
+        base = (rule.algorithm.name, rule.unit, rule.tier, rule.limit, rule.seconds)
+        seen[base] = seen.get(base, 0) + 1
+        names.append((*base, seen[base]))
+    return tuple(names)
 
 
 def binding(decisions: Sequence[Decision]) -> Decision:
@@ -206,5 +227,6 @@ class Policy:
                 {(rule.tier, rule.unit) for rule in self.all_rules}, key=lambda t: TIERS.index(t[0])
             )
             listing = ", ".join(f"{t} ({u})" for t, u in configured)
-            raise ValueError(f"tier {tier!r} has no {unit or ''} limit here; configured: {listing}")
+            what = f"{unit} limit" if unit else "limit"
+            raise ValueError(f"tier {tier!r} has no {what} here; configured: {listing}")
         return found

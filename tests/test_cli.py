@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -67,6 +68,41 @@ def test_inspect_and_reset_against_redis(redis_server: RedisServer) -> None:
     after = run("inspect", "alice", "gpt-4o", *common).stdout
     assert "per_user_model   requests                0 / 100" in after
     assert "global           requests                3 / 50000" in after  # shared tiers are kept
+
+
+def test_inspect_shows_each_window_of_a_tier(redis_server: RedisServer, tmp_path: Path) -> None:
+    policy = tmp_path / "windows.toml"
+    policy.write_text('[plans.free."*"]\nper_user_model = "3/2 seconds;100/day"\n')
+    prefix = unique_prefix("cli")
+    # Requests made 10 s ago: out of the 2 s window now, still in the day.
+    past = RedisStorage(
+        redis_server.url, key_prefix=prefix, timeout=CONTRACT_TIMEOUT, clock=lambda: time.time() - 10
+    )
+    plans = Plans.load(policy, storage=past)
+    for _ in range(3):
+        plans.check("alice", "gpt-4")
+    shown = run(
+        "inspect",
+        "alice",
+        "gpt-4",
+        "--policy",
+        str(policy),
+        "--redis-url",
+        redis_server.url,
+        "--key-prefix",
+        prefix,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "per_user_model   requests                0 / 3 per 2 s" in shown.stdout
+    assert "per_user_model   requests                3 / 100 per 86400 s" in shown.stdout
+
+
+def test_an_unknown_plan_fails_naming_it(redis_server: RedisServer) -> None:
+    common = ["--policy", str(POLICY), "--redis-url", redis_server.url, "--key-prefix", unique_prefix("cli")]
+    for command in ("inspect", "reset"):
+        result = run(command, "alice", "gpt-4o", *common, "--plan", "fre")
+        assert result.returncode == 2 and "unknown plan 'fre'; the plans are: free, pro" in result.stderr
+        assert result.stdout == ""
 
 
 def test_inspect_fails_cleanly_when_redis_is_unreachable() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
 from ratelimit_middleware import MultiTierRateLimiter, RateLimitConfig, RateLimiter, Window
+from ratelimit_middleware.config import MAX_AMOUNT, MAX_WINDOW, MIN_WINDOW, check_amount
 
 
 def test_config_holds_one_window() -> None:
@@ -28,6 +30,8 @@ def test_config_holds_one_window() -> None:
         ("100/5 minutes", [(100, 300.0)]),
         ("100 per 5 minutes", [(100, 300.0)]),
         ("3/10s", [(3, 10.0)]),
+        ("3/2 days", [(3, 172800.0)]),
+        ("3 per 2 hours", [(3, 7200.0)]),
         ("1000/month", [(1000, 30 * 86400.0)]),
         ("0/hour", [(0, 3600.0)]),
         ("10/minute;1000/day", [(10, 60.0), (1000, 86400.0)]),
@@ -40,7 +44,14 @@ def test_parse_accepts_common_forms(text: str, expected: list[tuple[int, float]]
 
 
 @pytest.mark.parametrize(
-    "text", ["", ";", "hundred/hour", "10/fortnight", "10", "-5/hour", "10/0 minutes", "1.5/hour", "10//hour"]
+    "text",
+    [
+        *("", ";", "hundred/hour", "10/fortnight", "10", "-5/hour", "10/0 minutes", "1.5/hour", "10//hour"),
+        # An "s" ends a full unit name only: "ms" is no "m", nor "hs" an "h".
+        *("10/ms", "10/hs", "10/ys", "10/ds", "10/mins", "10/hrs"),
+        # Windows and amounts out of range.
+        *("10/0.0000001 seconds", "10/101 years", f"10/{'9' * 400} seconds", f"{2**53 + 1}/minute"),
+    ],
 )
 def test_parse_rejects_bad_strings_naming_them(text: str) -> None:
     with pytest.raises(ValueError, match="limit") as raised:
@@ -71,6 +82,12 @@ def test_multi_window_config_has_no_single_fields() -> None:
         (True, 60, TypeError, "True"),
         ("10", 60, TypeError, "'10'"),
         (10, "60", TypeError, "'60'"),
+        (2**53 + 1, 60, ValueError, str(2**53 + 1)),  # Redis counts in doubles, exact up to 2**53
+        (10**400, 60, ValueError, "max_requests"),
+        (10, 1e-320, ValueError, "1e-320"),  # crashed the fixed window
+        (10, 0.0009, ValueError, "0.0009"),
+        (10, 1.5e308, ValueError, "1.5e[+]308"),  # made an infinite window
+        (10, 10**400, ValueError, "window_seconds"),
     ],
 )
 def test_bad_config_names_the_value(amount: object, seconds: object, error: type, named: str) -> None:
@@ -83,6 +100,22 @@ def test_bad_config_names_the_value(amount: object, seconds: object, error: type
 def test_from_windows_needs_a_window() -> None:
     with pytest.raises(ValueError, match="at least one window"):
         RateLimitConfig.from_windows([])
+
+
+@pytest.mark.parametrize("window", [10, (10, 60, 1), "10/minute", None])
+def test_from_windows_names_an_item_that_is_no_pair(window: object) -> None:
+    with pytest.raises(
+        TypeError, match=rf"\(max_requests, window_seconds\) pair, got {re.escape(repr(window))}"
+    ):
+        RateLimitConfig.from_windows([window])  # type: ignore[list-item]
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    assert RateLimitConfig(MAX_AMOUNT, MIN_WINDOW).windows == (Window(2**53, 0.001),)
+    assert RateLimitConfig.parse("1/100 years").windows == (Window(1, MAX_WINDOW),)
+    assert check_amount(2**53, "cost") == 2**53
+    with pytest.raises(ValueError, match="cost"):
+        check_amount(2**53 + 1, "cost")
 
 
 def test_config_is_immutable_hashable_and_round_trips() -> None:

@@ -202,6 +202,19 @@ def test_multi_window_limits_are_checked_together(algorithm: str, clock: FakeClo
     assert decision.limit == 3
 
 
+def test_counts_address_each_window(algorithm: str, clock: FakeClock, storage: Storage) -> None:
+    limiter = RateLimiter(limit="3/2 seconds;100/day", algorithm=algorithm, storage=storage)
+    for _ in range(3):
+        limiter.check("u", "m")
+    clock.advance(5)  # two short windows: every algorithm has forgotten them
+    assert limiter.get_request_count("u", "m") == 0  # the first window, as before
+    assert limiter.get_request_count("u", "m", window=2) == 0
+    assert limiter.get_request_count("u", "m", "per_user_model", window=86400) == 3
+    assert asyncio.run(limiter.aget_request_count("u", "m", window=86400.0)) == 3
+    with pytest.raises(ValueError, match=r"window=60: per_user_model has no requests window .*: 2, 86400"):
+        limiter.get_request_count("u", "m", window=60)
+
+
 def test_multi_window_denial_charges_no_window(clock: FakeClock, storage: Storage) -> None:
     limiter = RateLimiter(limit="5/second;2/minute", storage=storage)
     limiter.allow("u", "m", cost=2)

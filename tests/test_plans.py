@@ -13,6 +13,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from ratelimit_middleware.asgi import RateLimitMiddleware
+from ratelimit_middleware.backends.base import Storage
 from ratelimit_middleware.plans import Plans, PolicyError
 
 from .servers import ROOT
@@ -67,6 +68,101 @@ def test_yaml_mistakes_name_the_line(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read"):
         Plans.load(tmp_path / "nope.toml")
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('# café\n[plans.free."*"]\nper_user_model = "1/minute"\n'.encode("latin-1"))
+    with pytest.raises(PolicyError, match=r"latin1\.toml: a policy file must be UTF-8 text; byte 5 is not"):
+        Plans.load(path)
+
+
+def test_yaml_keys_given_twice_fail_naming_key_and_line(tmp_path: Path) -> None:
+    text = "plans:\n  free:\n    '*':\n      per_user_model: 10/minute\n      per_user_model: 100000/minute\n"
+    with pytest.raises(PolicyError, match=r"policy\.yaml \(line 5\): duplicate key 'per_user_model'"):
+        Plans.load(write(tmp_path, text, "policy.yaml"))
+    merged = "base: &base {per_user_model: 5/minute}\n"  # a merge key is no duplicate: the entry overrides
+    with pytest.raises(PolicyError, match="unknown key 'base'"):
+        Plans.load(
+            write(
+                tmp_path, merged + "plans: {free: {'*': {<<: *base, per_user_model: 1/minute}}}\n", "m.yaml"
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("yaml", "named"),
+    [
+        ("plans: {1: {'*': {per_user_model: 1/minute}}}", r"plans: plan names must be strings, got 1"),
+        (
+            "plans: {free: {'*': {per_user_model: 1/minute}, 2024: {per_user_model: 1/minute}}}",
+            r"plans\.free: model names must be strings, got 2024",
+        ),
+        ("plans: {free: {'*': {per_user_model: 1/minute}, 3.5: {}}}", r"plans\.free: .* got 3\.5"),
+        ("plans: {free: {'*': {7: 1/minute}}}", r"plans\.free\.\*: tiers must be strings, got 7"),
+        ("plans: {free: {'*': {per_user: {1: 2}}}}", r"plans\.free\.\*\.per_user: limit fields .* got 1"),
+        ("aliases: {4: gpt-4}\nplans: {free: {'*': {per_user: 1/minute}}}", r"aliases: model names .* got 4"),
+        ("aliases: {gpt: 4}\nplans: {free: {'*': {per_user: 1/minute}}}", r"aliases\.gpt: .* got 4"),
+    ],
+)
+def test_yaml_keys_that_are_not_strings_fail_naming_the_field(tmp_path: Path, yaml: str, named: str) -> None:
+    with pytest.raises(PolicyError, match=named):
+        Plans.load(write(tmp_path, yaml + "\n", "policy.yaml"))
+
+
+def test_an_unknown_plan_is_no_default() -> None:
+    plans = Plans(
+        {"free": {"*": {"per_user": "1/minute"}}, "pro": {"*": {"per_user": "9/minute"}}}, default_plan="free"
+    )
+    assert plans.limiter("pro", "gpt").policy.rules[0].limit == 9
+    with pytest.raises(LookupError, match=r"unknown plan 'por'; the plans are: free, pro"):
+        plans.limiter("por", "gpt")
+
+
+SHARING = {
+    "free": {
+        "*": {"per_user": "5/minute", "per_model": "4/minute"},
+        "gpt-4": {"per_user": "5/minute", "per_user_model": "3/minute"},
+    },
+    "pro": {"*": {"per_user": "50/minute", "per_model": "4/minute"}},
+}
+
+
+def test_rules_stated_alike_count_in_one_counter_on_every_storage(storage: Storage) -> None:
+    plans = Plans(SHARING, default_plan="free", storage=storage)
+    free, free_gpt4, pro = (plans.limiter(*key) for key in (("free", "*"), ("free", "gpt-4"), ("pro", "*")))
+    # A per_user limit stated alike in every entry of a plan caps a user over all the plan's models.
+    assert [free_gpt4.check("alice", "gpt-4").allowed for _ in range(3)] == [True] * 3
+    assert [free.check("alice", "llama").allowed for _ in range(3)] == [True, True, False]
+    assert free_gpt4.get_request_count("alice", "gpt-4", "per_user") == 5
+    # A per_model limit stated alike in every plan caps the model over every plan.
+    assert [free.check(f"u{n}", "mistral").allowed for n in range(2)] == [True, True]
+    assert [pro.check(f"v{n}", "mistral").allowed for n in range(3)] == [True, True, False]
+    # Another limit is another counter: pro's per_user of 50 has counted nothing of alice's.
+    assert pro.check("alice", "qwen").allowed
+    assert pro.get_request_count("alice", "qwen", "per_user") == 1
+    # Resetting through one entry resets the counter every entry shares.
+    free.reset("alice", "llama", tier="per_user")
+    assert free_gpt4.get_request_count("alice", "gpt-4", "per_user") == 0
+
+
+def test_reservations_share_counters_across_plans(storage: Storage) -> None:
+    shared = {"requests": "100/minute", "tokens": "1000/minute", "max_concurrent": 1}
+    plans = Plans(
+        {"free": {"*": {"per_model": shared}}, "pro": {"*": {"per_model": shared, "per_user": "9/minute"}}},
+        default_plan="free",
+        storage=storage,
+    )
+    free, pro = plans.limiter("free", "gpt"), plans.limiter("pro", "gpt")
+    held = free.reserve("a", "gpt", input_tokens=600)
+    assert held.allowed
+    assert not pro.reserve("b", "gpt", input_tokens=1).allowed  # the one slot is free's
+    held.settle(100, 100)
+    assert pro.get_request_count("b", "gpt", "per_model", unit="tokens") == 200
+    later = pro.reserve("b", "gpt", input_tokens=800)
+    assert later.allowed and later.decision.remaining == 0  # 200 + 800 of 1000 tokens
+    later.cancel()
+    assert free.get_request_count("a", "gpt", "per_model", unit="concurrent") == 0
 
 
 async def echo(request: Request) -> Response:

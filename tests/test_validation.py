@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware.config import Limits
 
 
 @pytest.mark.parametrize(
@@ -52,3 +53,29 @@ def test_bad_max_keys(max_keys: object) -> None:
 def test_clock_must_be_callable() -> None:
     with pytest.raises(TypeError, match="clock"):
         RateLimiter(clock=12.0)  # type: ignore[arg-type]
+
+
+def test_a_bad_limit_keyword_is_named_as_passed() -> None:
+    with pytest.raises(TypeError, match=r"^limit must be .* got 5$"):
+        RateLimiter(limit=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^limit must be"):
+        RateLimiter(limit=5, tokens="10/minute")  # type: ignore[arg-type]
+
+
+def test_resetting_a_tier_without_a_limit_says_so_plainly() -> None:
+    with pytest.raises(ValueError, match=r"^tier 'per_model' has no limit here; configured: per_user_model"):
+        RateLimiter(5, 60).reset("u", "m", tier="per_model")
+    with pytest.raises(ValueError, match=r"^tier 'per_model' has no requests limit here"):
+        RateLimiter(5, 60).get_request_count("u", "m", tier="per_model")
+
+
+def test_amounts_above_2_53_are_refused() -> None:
+    with pytest.raises(ValueError, match=rf"max_concurrent must be >= 0 and <= 2\*\*53, got {2**53 + 1}"):
+        Limits(max_concurrent=2**53 + 1)
+    limiter = RateLimiter(tokens="100/minute")
+    for tokens in ("input_tokens", "output_tokens"):
+        with pytest.raises(ValueError, match=rf"{tokens} must be >= 0 and <= 2\*\*53"):
+            limiter.reserve("u", "m", **{tokens: 2**53 + 1})
+    reservation = limiter.reserve("u", "m", input_tokens=1)
+    with pytest.raises(ValueError, match=r"output_tokens.*9007199254740993"):
+        reservation.settle(1, 2**53 + 1)
