@@ -7,7 +7,7 @@ limiter of a request from its plan (``plan_key``, a key function: a header, or a
 model, after mapping model ``aliases`` to their canonical names. Pass it to a middleware as the limiter.
 
 A counter is named by its rule (tier, unit, limit, window), not by plan or entry: a rule stated alike in
-several entries or plans counts in one counter, in memory (``SharedMemory``) as on Redis (the key names).
+several entries or plans counts in one counter (their limiters share one storage, which names counters so).
 So ``per_user = "100/hour"`` in every entry of a plan caps a user over all its models, and
 ``per_model = "600/minute"`` in every plan caps the model over all plans; another limit is another counter.
 
@@ -29,12 +29,10 @@ from typing import Any
 from .algorithms import ALGORITHMS
 from .backends.base import Storage
 from .backends.memory import MemoryStorage
-from .backends.shared import SharedMemory
 from .config import Limits, RateLimitConfig, TierSpec
 from .decision import Decision
 from .keys import KeyFunction, from_header
 from .limiter import MultiTierRateLimiter
-from .policy import Policy
 from .request import RequestView
 from .reservation import Reservation
 from .shadow import Shadow
@@ -160,10 +158,8 @@ class Plans:
         self.plan_key = plan_key
         self.aliases = dict(aliases)
         entries = {key: _tiers(models, source, key) for key, models in _entries(plans, source)}
-        if storage is None or isinstance(storage, MemoryStorage):
-            # Counters are named by their rules, not by plan or model entry: share them as Redis does.
-            policies = [Policy(tiers, algorithm) for tiers in entries.values()]
-            storage = SharedMemory(storage or MemoryStorage(), policies)
+        if storage is None:  # one for every entry: a rule stated alike counts in one counter
+            storage = MemoryStorage()
         self._limiters = {  # the specs in the order of MultiTierRateLimiter's tiers
             key: MultiTierRateLimiter(*(spec for _, spec in tiers), algorithm=algorithm, storage=storage)
             for key, tiers in entries.items()

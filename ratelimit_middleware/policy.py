@@ -82,7 +82,7 @@ def counter_names(policy: Policy) -> tuple[CounterName, ...]:
     A rule's name is its algorithm, unit, tier, limit and window, and ``n``, its rank among the rules of the
     policy named alike (``"10/minute;10/minute"`` has two counters). Limiters bound to one storage count a
     rule of one name in one counter per identity, whatever else their policies hold: the Redis keys are made
-    of these names (``backends.redis.keyspace``), and ``SharedMemory`` shares stores by them.
+    of these names (``backends.redis.keyspace``), and a ``MemoryStorage`` shares its stores by them.
     """
     seen: dict[tuple[str, str, str, int, float], int] = {}
     names = []

@@ -156,3 +156,16 @@ def test_a_time_older_than_one_used_never_rewrites_a_state(
     clock.now = 10.0
     assert not admitted()
     assert limiter.get_request_count("u", "m") == 3
+
+
+def test_limiters_on_one_storage_share_the_rules_they_state_alike(clock: FakeClock) -> None:
+    """As on one Redis: a rule's counter is named by the rule, so limiters bound to one storage share it."""
+    from ratelimit_middleware import MemoryStorage
+
+    storage = MemoryStorage(clock=clock)
+    first = MultiTierRateLimiter(per_user="3/minute", per_model="100/minute", storage=storage)
+    second = MultiTierRateLimiter(per_user="3/minute", per_model="50/minute", storage=storage)
+    assert first.allow("u", "a")[0] and first.allow("u", "a")[0]
+    assert second.allow("u", "b")[0] and not second.allow("u", "b")[0]  # the user's third, then none
+    assert second.get_request_count("u", "b", tier="per_model") == 1  # another limit: its own counter
+    assert RateLimiter(limit="3/minute", clock=clock).allow("u", "m")  # its own storage: shares nothing

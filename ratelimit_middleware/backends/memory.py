@@ -1,8 +1,9 @@
 """In-memory storage: one process, zero set-up, exact and thread-safe.
 
 Each rule (one window of one tier) has its own ``OrderedDict`` of key -> algorithm state, kept in least
-recently used order. A decision evaluates every rule under one lock and commits only if all allow, so denied
-requests charge nothing and concurrent threads can never over-admit.
+recently used order, shared by the limiters of one storage that state the rule alike (as on one Redis). A
+decision evaluates every rule under the storage's lock and commits only if all allow, so denied requests
+charge nothing and concurrent threads can never over-admit.
 
 The clock is read under the lock and never goes back: a thread that read the time and then waited for the
 lock could otherwise commit an older time over a newer state (a window's count wiped, a log out of order).
@@ -23,7 +24,7 @@ from typing import Any, cast
 
 from ..algorithms import Verdict
 from ..decision import Decision
-from ..policy import Policy, Rule
+from ..policy import CounterName, Policy, Rule, counter_names
 from .base import Reserved
 
 __all__ = ["DEFAULT_MAX_KEYS", "MemoryBackend", "MemoryStorage"]
@@ -40,6 +41,9 @@ class MemoryStorage:
 
     ``clock`` is a zero-argument callable returning seconds (default ``time.monotonic``; inject one in tests
     instead of sleeping). ``max_keys`` caps the keys held by each limiter bound to this storage.
+
+    Limiters bound to one storage count a rule they state alike (``policy.counter_names``) in one counter,
+    as they do on one Redis: they share its store, and one lock.
     """
 
     def __init__(
@@ -51,23 +55,30 @@ class MemoryStorage:
             raise ValueError(f"max_keys must be an int >= 1, got {max_keys!r}")
         self.clock = clock
         self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._last = -math.inf  # the latest time used, under the lock (see `MemoryBackend._now`)
+        self._stores: dict[CounterName, OrderedDict[Hashable, Any]] = {}
 
     def bind(self, policy: Policy) -> MemoryBackend:
-        return MemoryBackend(policy, clock=self.clock, max_keys=self.max_keys)
+        with self._lock:
+            stores = [self._stores.setdefault(name, OrderedDict()) for name in counter_names(policy)]
+        return MemoryBackend(policy, self, stores)
 
 
 class MemoryBackend:
-    """Holds the states of one policy's keys in this process."""
+    """Holds the states of one policy's keys in this process (in its storage's stores, by counter name)."""
 
     lease: float | None = None  # slots never expire: they live and die with the process
 
-    def __init__(self, policy: Policy, *, clock: Callable[[], float], max_keys: int) -> None:
+    def __init__(
+        self, policy: Policy, storage: MemoryStorage, stores: list[OrderedDict[Hashable, Any]]
+    ) -> None:
         self._policy = policy
-        self._clock = clock
-        self._max_keys = max_keys
-        self._lock = threading.Lock()
-        self._last = -math.inf  # the latest time used, under the lock (see `_now`)
-        self._stores: list[OrderedDict[Hashable, Any]] = [OrderedDict() for _ in policy.all_rules]
+        self._storage = storage
+        self._clock = storage.clock
+        self._max_keys = storage.max_keys
+        self._lock = storage._lock
+        self._stores = stores
         # One rule: `decide` skips the per-rule lists (the common case, kept on the hot path).
         self._single = (
             (policy.rules[0], self._stores[0], policy.rules[0].algorithm) if len(policy.rules) == 1 else None
@@ -122,7 +133,7 @@ class MemoryBackend:
         acquire, release = self._lock.acquire, self._lock.release
         identity = rule.identity
         pair = rule.tier == "per_user_model"  # its key, built inline: (user, model)
-        decide, backend = self.decide, self
+        decide, backend, storage = self.decide, self, self._storage
 
         def allows(user: str, model: str, cost: int) -> bool:
             if not 0 < cost <= limit:
@@ -131,10 +142,10 @@ class MemoryBackend:
             acquire()
             try:
                 now = clock()  # `_now` inline
-                if now < backend._last:
-                    now = backend._last
+                if now < storage._last:
+                    now = storage._last
                 else:
-                    backend._last = now
+                    storage._last = now
                 backend._until_sweep -= 1  # `_tick` inline: the same count as `decide`, without a call
                 if backend._until_sweep <= 0:
                     backend._sweep(now)
@@ -253,10 +264,10 @@ class MemoryBackend:
 
     def _now(self) -> float:
         """The clock, read under the lock, never behind a time already used."""
-        now = self._clock()
-        if now < self._last:
-            return self._last
-        self._last = now
+        now, storage = self._clock(), self._storage
+        if now < storage._last:
+            return storage._last
+        storage._last = now
         return now
 
     @staticmethod
