@@ -184,6 +184,11 @@ def _ordered(reservation: Reservation) -> list[Decision]:
     return sorted(reservation.decisions.values(), key=lambda decision: decision.unit != "requests")
 
 
+def _takes_include_usage(path: str) -> bool:
+    """Whether ``path`` is an OpenAI-style chat completions or completions endpoint."""
+    return path.rstrip("/").endswith(("/chat/completions", "/completions"))
+
+
 _ROUTED = (Plans, Both, Shadow)
 
 
@@ -406,9 +411,11 @@ class Gate:
         """With ``stream_usage``: the body of a streaming request that did not ask for usage, asking for it.
 
         OpenAI-compatible servers then end the stream with a usage chunk (``stream_options.include_usage``),
-        which settles the reservation exactly. ``None``: leave the body as it is.
+        which settles the reservation exactly. Only on the endpoints that take that option (chat
+        completions, completions): others (Anthropic's messages, OpenAI's responses) would refuse the body.
+        ``None``: leave the body as it is.
         """
-        if not self.stream_usage or not request.body_loaded:
+        if not self.stream_usage or not request.body_loaded or not _takes_include_usage(request.path):
             return None
         body = request.json()
         if not isinstance(body, dict) or body.get("stream") is not True:

@@ -550,3 +550,22 @@ def test_a_denial_to_head_has_no_body_in_wsgi() -> None:
         == denied_get.headers["Content-Length"]
         == str(len(denied_get.data))
     )
+
+
+def test_stream_usage_leaves_other_apis_bodies_alone() -> None:
+    """Anthropic's messages and OpenAI's responses refuse ``stream_options``: their bodies pass untouched."""
+    seen: list[bytes] = []
+
+    async def echo(request: Request) -> Response:
+        seen.append(await request.body())
+        return JSONResponse({"usage": {"input_tokens": 1, "output_tokens": 1}})
+
+    app = Starlette(
+        routes=[Route(path, echo, methods=["POST"]) for path in ("/v1/messages", "/v1/responses")]
+    )
+    app.add_middleware(RateLimitMiddleware, limiter=limiter(tokens="1000/minute"), stream_usage=True)
+    body = b'{"model": "m", "stream": true, "max_tokens": 5}'
+    client = TestClient(app)
+    for path in ("/v1/messages", "/v1/responses"):
+        assert client.post(path, content=body, headers={"X-User-ID": "a"}).status_code == 200
+    assert seen == [body, body]
