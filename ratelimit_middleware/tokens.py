@@ -197,8 +197,17 @@ class UsageReader:
             self._buffer.clear()
 
     def _read_events(self) -> None:
-        """Read every complete event in the buffer, in one pass; keep the incomplete rest."""
+        """Read every complete event in the buffer, in one pass; keep the incomplete rest.
+
+        Lines end in LF, CRLF or CR (the SSE grammar); a CR that ends the buffer waits for the next chunk,
+        which may begin with its LF. A stream may begin with a byte order mark."""
         buffer = self._buffer.replace(b"\r\n", b"\n")
+        pending_cr = buffer.endswith(b"\r")
+        if pending_cr:
+            del buffer[-1:]
+        buffer = buffer.replace(b"\r", b"\n")
+        if buffer.startswith(b"\xef\xbb\xbf"):
+            del buffer[:3]
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:
             event = buffer[start:end]
@@ -207,6 +216,8 @@ class UsageReader:
             if data and data != b"[DONE]":
                 self._take(data, streaming=True)
         del buffer[:start]
+        if pending_cr:
+            buffer += b"\r"
         self._buffer = buffer
 
     def _take(self, data: bytes | bytearray, streaming: bool) -> None:

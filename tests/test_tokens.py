@@ -226,3 +226,19 @@ def test_meter_keeps_the_estimate_for_encodings_it_cannot_read() -> None:
     meter.body(b"\x1b\x00 brotli bytes")
     assert meter.unread_encoding == "br"
     assert meter.settlement() == (100, 500)
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+@pytest.mark.parametrize("size", [1, 2, 7])
+def test_reads_streams_with_every_line_ending_the_sse_grammar_allows(
+    line_end: bytes, bom: bytes, size: int
+) -> None:
+    body = bom + sse(
+        {"choices": [{"delta": {"content": "Hello"}}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+    ).replace(b"\n", line_end)
+    reader = UsageReader("text/event-stream")
+    for index in range(0, len(body), size):  # a CRLF split between chunks is one line end
+        reader.feed(body[index : index + size])
+    assert reader.usage() == (3, 2) and reader.streamed_tokens == count_text_tokens("Hello")
