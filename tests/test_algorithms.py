@@ -122,3 +122,70 @@ def test_clock_default_is_monotonic(algorithm: str) -> None:
     assert limiter.allow("u", "m")
     assert not limiter.allow("u", "m")
     assert 0 < limiter.check("u", "m").retry_after <= 7200
+
+
+# -- waiting retry_after is always enough, at any clock and window ---------------------------------------
+
+
+def test_sliding_log_retry_after_is_enough_at_a_large_clock(clock: FakeClock, storage: Storage) -> None:
+    """The wait was `t + window - now` while the window tests `t > now - window`: at this clock the retry
+    fell one ulp short and was denied again, with a retry_after of 0.0."""
+    limiter = RateLimiter(1, 3600, storage=storage)
+    clock.now = 130171.52032118298  # time.monotonic() after about 36 hours of uptime
+    assert limiter.allow("u", "m")
+    clock.now = 130654.23868315606
+    denied = limiter.check("u", "m")
+    assert not denied.allowed
+    clock.advance(denied.retry_after)
+    assert limiter.check("u", "m").allowed
+
+
+def test_fixed_window_retry_after_reaches_the_next_decimal_window(clock: FakeClock, storage: Storage) -> None:
+    """`(k + 1) * 0.1` rounds below the boundary `now // 0.1` sees: the retry landed in the old window."""
+    limiter = RateLimiter(1, 0.1, algorithm="fixed_window", storage=storage)
+    clock.now = 26119.4055
+    assert limiter.allow("u", "m")
+    clock.advance(0.01)
+    denied = limiter.check("u", "m")
+    assert not denied.allowed and denied.retry_after > 0
+    clock.advance(denied.retry_after)
+    assert limiter.check("u", "m").allowed
+
+
+def test_gcra_admits_the_whole_limit_at_a_unix_clock(clock: FakeClock, storage: Storage) -> None:
+    """Each charge rounds `tat` to the floats near the clock (0.24 us apart at Unix times), far coarser than a
+    slack relative to the window: a request of the whole limit on an empty bucket was denied, for good."""
+    limiter = RateLimiter(12, 0.7, algorithm="gcra", storage=storage)
+    clock.now = 1750665899.682213
+    assert limiter.check("u", "m", 12).allowed
+    clock.now = 1750000000.25
+    assert [limiter.allow("v", "m") for _ in range(13)] == [True] * 12 + [False]
+
+
+def test_gcra_overage_saturates_at_an_empty_bucket(clock: FakeClock, storage: Storage) -> None:
+    """An overage settled after the fact fills the bucket at most (as the window counters saturate at the
+    limit): the key is full again one window later, not a hundred."""
+    limiter = RateLimiter(tokens="1000/minute", algorithm="gcra", storage=storage)
+    clock.now = 6000.0
+    limiter.reserve("u", "m", input_tokens=10).settle(10, 100_000)
+    assert limiter.get_request_count("u", "m", unit="tokens") == 1000
+    clock.advance(60)
+    assert limiter.get_request_count("u", "m", unit="tokens") == 0
+    assert limiter.reserve("u", "m", input_tokens=1000).allowed
+
+
+def test_gcra_refund_gives_back_only_what_has_not_drained(clock: FakeClock, storage: Storage) -> None:
+    """10 tokens per 10 s: 10 reserved at t=0, 5 used at t=5, then the first settled to 0. By t=5 half of the
+    first charge has drained; the refund gives back the other half, not 10 off the end of the bucket (which
+    by then holds the second charge: it would be erased). As if 0 then 5 had been charged: 5 in the bucket."""
+    limiter = RateLimiter(tokens="10/10 seconds", algorithm="gcra", storage=storage)
+    clock.now = 1000.0
+    first = limiter.reserve("u", "m", input_tokens=10)
+    clock.advance(5)
+    second = limiter.reserve("u", "m", input_tokens=5)
+    assert first.allowed and second.allowed
+    second.settle(5, 0)
+    first.settle(0, 0)
+    assert limiter.get_request_count("u", "m", unit="tokens") == 5
+    assert not limiter.reserve("u", "m", input_tokens=10).allowed
+    assert limiter.reserve("u", "m", input_tokens=5).allowed

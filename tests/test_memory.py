@@ -169,3 +169,15 @@ def test_limiters_on_one_storage_share_the_rules_they_state_alike(clock: FakeClo
     assert second.allow("u", "b")[0] and not second.allow("u", "b")[0]  # the user's third, then none
     assert second.get_request_count("u", "b", tier="per_model") == 1  # another limit: its own counter
     assert RateLimiter(limit="3/minute", clock=clock).allow("u", "m")  # its own storage: shares nothing
+
+
+def test_a_gcra_overage_does_not_hold_back_the_sweep(clock: FakeClock) -> None:
+    """A key settled with a huge overage sat many windows ahead at the least recently used end, where the
+    sweep stops at the first live key: every idle key behind it stayed. Saturated at one window, it goes."""
+    limiter = RateLimiter(tokens="1000/minute", algorithm="gcra", clock=clock)
+    limiter.reserve("heavy", "m", input_tokens=10).settle(10, 100_000)
+    for minute in range(5):
+        for i in range(300):
+            limiter.reserve(f"user-{minute}-{i}", "m", input_tokens=1).settle(1, 0)
+        clock.advance(60)
+    assert len(limiter) <= 600

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit_middleware import RateLimiter
+from ratelimit_middleware.algorithms.gcra import GCRA
 
 from .conftest import NETWORK_STORAGES, FakeClock, StorageFactory
 
@@ -173,5 +174,61 @@ def test_retry_after_is_always_enough(storage_for: StorageFactory, examples: Exa
                 clock.advance(decision.retry_after)
                 assert limiter.check("u", "m", cost).allowed
                 return
+
+    check()
+
+
+@pytest.mark.parametrize("algorithm", ["sliding_log", "sliding_window", "gcra", "fixed_window"])
+def test_retry_after_is_enough_at_any_clock(
+    algorithm: str, storage_for: StorageFactory, examples: Examples
+) -> None:
+    """The same with decimal windows and clocks from zero to Unix times, where the wait, the client's sum
+    and the retry's own float expressions each round: a denial waited out is never denied again."""
+
+    @examples(150)
+    @given(
+        limit=limits,
+        window=st.sampled_from([0.1, 0.3, 0.7, 2.5, 3600.0]),
+        start=st.sampled_from([0.0, 1.3e5, 2.1e6, 4529271.7, 1.75e9]),
+        offset=st.floats(0.0, 1000.0),
+        steps=st.lists(st.tuples(st.floats(0.0, 0.4), st.integers(1, 12)), min_size=1, max_size=30),
+    )
+    def check(limit: int, window: float, start: float, offset: float, steps: list[tuple[float, int]]) -> None:
+        clock = FakeClock(start + offset)
+        limiter = RateLimiter(limit, window, algorithm=algorithm, storage=storage_for(clock))
+        for fraction, cost in steps:
+            clock.advance(fraction * window)
+            cost = min(cost, limit)
+            decision = limiter.check("u", "m", cost)
+            if not decision.allowed:
+                assert decision.retry_after > 0
+                clock.advance(decision.retry_after)
+                assert limiter.check("u", "m", cost).allowed, (clock.now, decision.retry_after)
+
+    check()
+
+
+def test_gcra_remaining_is_what_one_more_request_gets() -> None:
+    """``remaining`` is the largest cost a further request admits right after, by admission's own float
+    expression: no longer one off either way at large clock values (the scripts give the same figures:
+    test_redis.py)."""
+
+    @settings(max_examples=400, deadline=None)
+    @given(
+        limit=st.integers(1, 15),
+        window=st.sampled_from([0.1, 0.7, 1.0, 10.0]),
+        start=st.sampled_from([0.0, 5e4, 2e6, 1.75e9]),
+        steps=st.lists(st.tuples(st.floats(0.0, 0.25), st.integers(1, 15)), min_size=1, max_size=12),
+    )
+    def check(limit: int, window: float, start: float, steps: list[tuple[float, int]]) -> None:
+        algorithm = GCRA(limit, window)
+        now, state = start, None
+        for fraction, cost in steps:
+            now += fraction * window
+            allowed, remaining, _, _ = algorithm.evaluate(state, now, min(cost, limit))
+            if allowed:
+                state = algorithm.commit(state, now, min(cost, limit))
+                assert remaining == 0 or algorithm.evaluate(state, now, remaining)[0]
+                assert remaining == limit or not algorithm.evaluate(state, now, remaining + 1)[0]
 
     check()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import subprocess
 import sys
@@ -657,3 +658,43 @@ def test_the_callers_pool_size_does_not_bound_the_limiter(redis_server: RedisSer
     assert allowed == 10
     assert limiter.get_request_count("u", "m") == 10
     client.close()
+
+
+def test_next_up_is_pythons_nextafter(client: redis.Redis) -> None:
+    """common.lua's next_up (Lua 5.1 has no nextafter) gives math.nextafter(x, inf) to the bit: powers of two
+    either side of zero, subnormals, the largest float, Unix times."""
+    source = (files("ratelimit_middleware.backends.redis") / "lua" / "common.lua").read_text(encoding="utf-8")
+    script = (
+        f"{source}\nlocal out = {{}}\nfor i, x in ipairs(ARGV) do out[i] = fmt(next_up(tonumber(x))) end\n"
+    )
+    script += "return out"
+    values = [0.0, 5e-324, 2.2250738585072014e-308, 1.0, 0.5, 0.1, 3.0, -1.0, -0.5, -0.1, -5e-324]
+    values += [2.0**52, 1.7976931348623157e308, 1750000000.123, 130171.52032118298, 1e300, -1e-310]
+    replies = client.eval(script, 0, *(repr(value) for value in values))
+    assert [float(reply) for reply in replies] == [math.nextafter(value, math.inf) for value in values]
+
+
+@pytest.mark.parametrize("window", [0.1, 0.7])
+def test_busy_keys_at_unix_times_and_decimal_windows_agree_with_memory(algorithm: str, window: float) -> None:
+    """Denials at large clocks and decimal windows, where the waits are raised to the next floats until a
+    retry is admitted: the scripts raise them exactly as the Python algorithms do."""
+    traffic = random.Random(7)
+    clock = FakeClock(1_750_000_000.0 + traffic.random())
+    memory = RateLimiter(7, window, algorithm=algorithm, clock=clock)
+    storage = RedisStorage(
+        live_server().url, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT
+    )
+    on_redis = RateLimiter(7, window, algorithm=algorithm, storage=storage)
+    denied = 0
+    for _ in range(600):
+        clock.advance(traffic.random() * window / 5)
+        cost = traffic.randint(1, 7)
+        decision = on_redis.check("u", "m", cost)
+        assert decision == memory.check("u", "m", cost)
+        if not decision.allowed:
+            denied += 1
+            clock.advance(decision.retry_after)
+            retried = on_redis.check("u", "m", cost)
+            assert retried.allowed and retried == memory.check("u", "m", cost)
+    assert denied > 100
+    storage.close()

@@ -402,3 +402,55 @@ def test_a_denied_reservation_reports_what_was_left_before_it(storage: Storage) 
     assert not denied.allowed and denied.decision.unit == "tokens"
     assert denied.decisions["requests"].allowed and denied.decisions["requests"].remaining == 9
     assert limiter.reserve("u", "m", input_tokens=10).decisions["requests"].remaining == 8
+
+
+gcra_operations = st.lists(
+    st.tuples(
+        st.integers(0, 12).map(lambda n: n / 4),  # time step (exact in floats, as the interval below)
+        st.integers(0, 20),  # estimated tokens
+        st.one_of(st.none(), st.integers(0, 30)),  # actual tokens, None: cancel
+        st.integers(0, 3),  # how many operations later it settles
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=gcra_operations)
+def test_gcra_settlements_never_count_less_than_the_charges_as_they_stand(
+    steps: list[tuple[float, int, int | None, int]],
+) -> None:
+    """GCRA keeps one time, not the charges, so a settlement cannot always be exact; it must never erase
+    other charges. After every step the count is at least a bucket replayed from scratch with each charge at
+    its current value (the estimate until settled), and equal while every settlement landed at once."""
+    clock = FakeClock(0.0)
+    limiter = RateLimiter(tokens="4096/8 seconds", algorithm="gcra", storage=MemoryStorage(clock=clock))
+    interval = 8 / 4096  # 2**-9: every sum below is exact; 1,200 tokens at most never fill the bucket
+    charges: list[list[float]] = []  # [time, tokens] of every reservation, in order
+    pending: list[tuple[int, object, list[float], int | None]] = []
+    exact = True
+    for index, (step, estimate, actual, delay) in enumerate(steps):
+        clock.advance(step)
+        reservation = limiter.reserve("u", "m", input_tokens=estimate)
+        assert reservation.allowed
+        charge = [clock.now, float(estimate)]
+        charges.append(charge)
+        pending.append((index + delay, reservation, charge, actual))
+        for due in [p for p in pending if p[0] <= index]:
+            pending.remove(due)
+            _, held, charge, settled_to = due
+            exact = exact and charge[0] == clock.now
+            charge[1] = float(settled_to or 0)
+            if settled_to is None:
+                held.cancel()  # type: ignore[attr-defined]
+            else:
+                held.settle(settled_to, 0)  # type: ignore[attr-defined]
+        tat = -math.inf
+        for t, tokens in charges:
+            tat = max(tat, t) + tokens * interval
+        reference = max(math.ceil((tat - clock.now) / interval), 0)
+        counted = limiter.get_request_count("u", "m", unit="tokens")
+        assert counted >= reference
+        if exact:
+            assert counted == reference

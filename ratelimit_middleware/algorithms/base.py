@@ -14,6 +14,8 @@ denied before any algorithm runs: it can never fit). ``adjust`` settles an earli
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from math import inf, nextafter
 from typing import ClassVar, Generic, TypeVar
 
 S = TypeVar("S")
@@ -21,6 +23,25 @@ S = TypeVar("S")
 Verdict = tuple[bool, int, float, float]
 """``(allowed, remaining, retry_after, reset_after)``: remaining units after this request (0 when denied),
 seconds until this request would fit (0.0 when allowed), seconds until the key is fully recovered."""
+
+
+_BUMPS = 64  # floats tried past the computed wait before giving up (a few ulps are ever needed)
+
+
+def wait_until(now: float, wait: float, admits: Callable[[float], bool]) -> float:
+    """``wait``, raised to the next floats if needed, such that a retry at ``now + wait`` is admitted.
+
+    The exact wait is rounded, then added to ``now`` by the client's clock and rounded again, and the retry
+    evaluates its own float expressions: so the computed wait may land a few ulps short of admission. Each
+    step moves the retry to the next float after where the last one landed. The Lua scripts run the same
+    steps (``wait_until`` in common.lua), so both backends give the same wait to the bit.
+    """
+    for _ in range(_BUMPS):
+        later = now + wait
+        if admits(later):
+            break
+        wait = max(nextafter(later, inf) - now, nextafter(wait, inf))
+    return wait
 
 
 class Algorithm(ABC, Generic[S]):

@@ -8,7 +8,7 @@ saturates at the limit) and 28-36 bytes instead of a tuple.
 
 from __future__ import annotations
 
-from .base import Algorithm, Verdict
+from .base import Algorithm, Verdict, wait_until
 
 
 class FixedWindow(Algorithm[int]):
@@ -28,13 +28,21 @@ class FixedWindow(Algorithm[int]):
         return used if state_k == k else 0
 
     def evaluate(self, state: int | None, now: float, cost: int) -> Verdict:
-        k = int(now // self.window)
+        window = self.window
+        k = int(now // window)
         used = self._used_now(state, k)
-        to_next = (k + 1) * self.window - now
+        to_next = (k + 1) * window - now
+        if (now + to_next) // window <= k:  # the rounded boundary still falls in window k (a decimal window)
+            to_next = self._to_next(now, k, to_next)
         if used + cost <= self.limit:
             after = used + cost
             return True, self.limit - after, 0.0, to_next if after else 0.0
         return False, 0, to_next, to_next
+
+    def _to_next(self, now: float, k: int, to_next: float) -> float:
+        """``to_next`` raised until ``now`` plus it falls in window ``k + 1`` by ``now // window``."""
+        window = self.window
+        return wait_until(now, to_next, lambda later: later // window > k)
 
     def commit(self, state: int | None, now: float, cost: int) -> int:
         k = int(now // self.window)

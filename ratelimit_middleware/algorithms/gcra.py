@@ -3,40 +3,65 @@
 Units replenish evenly, one every ``window / limit`` seconds (the emission interval ``T``), and the burst is
 the whole limit: ``limit`` units can pass at once, then one more each ``T``. The state is the theoretical
 arrival time ``tat``: the time at which the bucket would be full again. A request of ``cost`` fits when
-``max(tat, now) + cost * T - now <= window``. In any interval of length ``d`` it admits at most
-``limit + d / T`` units.
+``max(tat, now) + cost * T - now <= window`` (up to the float rounding of the sums). In any interval of length
+``d`` it admits at most ``limit + d / T`` units. Settlements are conservative: never less than if the actual
+usage had been charged at the reservation's time.
 """
 
 from __future__ import annotations
 
 import math
 
-from .base import Algorithm, Verdict
+from .base import Algorithm, Verdict, wait_until
 
 # Sums of many emission intervals carry float rounding; compare against the window with this relative slack
 # so that ``limit`` requests at one instant all fit. It is far below a microsecond for any sane window.
 _SLACK = 1e-9
+# ...and with the rounding of each sum at the clock's magnitude: `tat` is a time, so every charge rounds it to
+# the floats near `now` (0.24 us apart at Unix times), whatever the window. The slack covers that many sums
+# (the limit, up to this many) at `now * 2**-52` each: 0.25 ms at Unix times for a limit of 1,024 or more.
+_SUMS = 1024
 
 
 class GCRA(Algorithm[float]):
     """Smooth, O(1) memory (one float per key); the limit is the burst."""
 
     name = "gcra"
-    __slots__ = ("ceiling", "interval")
+    __slots__ = ("ceiling", "drift", "interval")
 
     def __init__(self, limit: int, window: float) -> None:
         super().__init__(limit, window)
         self.interval = window / limit
-        self.ceiling = window + window * _SLACK  # the most debt a request may leave
+        # The most debt a request may leave at `now` is `ceiling + now * drift`.
+        self.ceiling = window + window * _SLACK
+        self.drift = min(limit, _SUMS) * 2.0**-52
 
     def evaluate(self, state: float | None, now: float, cost: int) -> Verdict:
         tat = now if state is None or state < now else state
-        debt = tat + cost * self.interval - now
-        window = self.window
-        if debt <= self.ceiling:
-            remaining = int((window - debt) / self.interval + _SLACK)
-            return True, remaining if remaining > 0 else 0, 0.0, debt
-        return False, 0, debt - window, tat - now
+        interval, ceiling, drift = self.interval, self.ceiling, self.drift
+        after = tat + cost * interval  # what `commit` stores
+        debt = after - now
+        bound = ceiling + now * drift
+        if debt <= bound:
+            # The most units one more request could take, by admission's own expression: the quotient alone
+            # is one off either way when the sums round.
+            remaining = int((bound - debt) / interval)
+            if after + remaining * interval - now > bound:
+                remaining -= 1
+            elif after + (remaining + 1) * interval - now <= bound:
+                remaining += 1
+            return True, remaining, 0.0, debt
+        return False, 0, self._wait(tat, now, cost, debt), tat - now
+
+    def _wait(self, tat: float, now: float, cost: int, debt: float) -> float:
+        """The wait until ``cost`` fits, admitted by ``evaluate`` at ``now`` plus it (a method of its own: a
+        closure in ``evaluate`` would slow every call of it)."""
+        interval, ceiling, drift = self.interval, self.ceiling, self.drift
+
+        def admits(later: float) -> bool:  # `evaluate` at `later`, allowed or not
+            return (later if tat < later else tat) + cost * interval - later <= ceiling + later * drift
+
+        return wait_until(now, debt - self.window, admits)
 
     def commit(self, state: float | None, now: float, cost: int) -> float:
         tat = now if state is None or state < now else state
@@ -45,23 +70,38 @@ class GCRA(Algorithm[float]):
     def admit(self, state: float | None, now: float, cost: int) -> float | None:
         tat = now if state is None or state < now else state
         tat += cost * self.interval
-        return tat if tat - now <= self.ceiling else None
+        return tat if tat - now <= self.ceiling + now * self.drift else None
 
     def used(self, state: float | None, now: float) -> int:
         if state is None or state <= now:
             return 0
-        return math.ceil((state - now) / self.interval - _SLACK)
+        # Less the slack admission grants (so that `used + remaining` is the limit), as whole units.
+        spare = (self.ceiling - self.window) + now * self.drift
+        used = math.ceil((state - now - spare) / self.interval)
+        return used if used > 0 else 0
 
     def idle(self, state: float, now: float) -> bool:
         return state <= now
 
     def adjust(self, state: float | None, now: float, at: float, delta: int) -> float | None:
         if delta >= 0:
-            # As if charged at `at`: the part of that debt that has drained since stays drained.
+            # As if charged at `at`: the part of that debt that has drained since stays drained. A bucket is
+            # never more than empty: `tat` saturates one window ahead, as a window counter at its limit (a
+            # key many windows ahead would also outlive every idle key behind it in memory's sweep).
             tat = (at if state is None or state < at else state) + delta * self.interval
+            full = now + self.window
+            if tat > full:
+                tat = full if state is None or state < full else state
             return tat if tat > now else state
         if state is None or state <= now:
             return state  # the charge has drained already: nothing left to refund
-        # A refund cannot make the bucket fuller than full: the part already drained stays drained.
-        tat = state + delta * self.interval
+        # Give back only what of the charge cannot have drained yet. Its units drain one per interval from
+        # `at` at the earliest (sooner only if nothing was ahead of them), so `now - at` of them may be gone;
+        # the end of the bucket may belong to later charges, which a larger refund would erase.
+        give = -delta * self.interval
+        if now > at:
+            give -= now - at
+            if give <= 0:
+                return state
+        tat = state - give
         return tat if tat > now else None

@@ -29,7 +29,7 @@ from itertools import count
 from struct import Struct
 from typing import TypeAlias
 
-from .base import Algorithm, Verdict
+from .base import Algorithm, Verdict, wait_until
 
 Times: TypeAlias = "float | bytes | array[float]"
 """A log of requests of cost 1 each."""
@@ -66,7 +66,7 @@ class SlidingLog(Algorithm[Log]):
         # With a cost of 1 per entry, entries up to and including index `k` must leave the window, where
         # `k + 1` (the cumulative cost there) reaches `len(times) + cost - limit`.
         k = len(times) + cost - self.limit - 1
-        return False, 0, times[k] + self.window - now, last_expiry
+        return False, 0, self._until_expired(times[k], now), last_expiry
 
     def commit(self, state: Log | None, now: float, cost: int) -> Log:
         if isinstance(state, bytearray):
@@ -158,6 +158,12 @@ class SlidingLog(Algorithm[Log]):
                 values[position] += running
         return log
 
+    def _until_expired(self, time: float, now: float) -> float:
+        """Seconds from ``now`` until an entry logged at ``time`` has left the window, by the very test that
+        the window applies (live while ``time > now - window``): a retry after that wait finds it gone."""
+        window = self.window
+        return wait_until(now, time + window - now, lambda later: later - window >= time)
+
     # -- times: a float, bytes or an array('d') ------------------------------------------------------
 
     def _first_live(self, times: Sequence[float], now: float) -> int:
@@ -203,7 +209,7 @@ class SlidingLog(Algorithm[Log]):
         # reaches `total + cost - limit`.
         with memoryview(log) as raw, raw.cast("d") as values:
             k = bisect_left(values[1::2], total + cost - self.limit, first)
-            return False, 0, values[2 * k] + self.window - now, last_expiry
+            return False, 0, self._until_expired(values[2 * k], now), last_expiry
 
     def _append(self, log: bytearray, now: float, cumulative: float) -> bytearray:
         """``log`` with an entry for ``now`` at ``cumulative`` cost, after cutting expired entries."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from math import floor
 
-from .base import Algorithm, Verdict
+from .base import Algorithm, Verdict, wait_until
 
 
 class SlidingWindow(Algorithm[int]):
@@ -62,7 +62,20 @@ class SlidingWindow(Algorithm[int]):
             remaining = max(int(self.limit - estimate + 1e-9), 0)
             return True, remaining, 0.0, start + 2 * window - now
         reset = (start + 2 * window if current else start + window) - now
-        return False, 0, fits_at - now, reset
+        return False, 0, self._wait(state, now, cost, fits_at), reset
+
+    def _wait(self, state: int | None, now: float, cost: int, fits_at: float) -> float:
+        """The wait until ``fits_at``, admitted by ``evaluate`` at ``now`` plus it (a method of its own: a
+        closure in ``evaluate`` would slow every call of it)."""
+        return wait_until(now, fits_at - now, lambda later: self._admits(state, later, cost))
+
+    def _admits(self, state: int | None, now: float, cost: int) -> bool:
+        """Whether ``evaluate`` would allow ``cost`` at ``now``: a retry may fall in the next window, where
+        the moment it fits is computed in another form, a few ulps apart at large clock values."""
+        window = self.window
+        k = int(now // window)
+        previous, current = self._counts(state, k)
+        return now >= self._fits_at(k * window, previous, current, cost) - self.tolerance
 
     def commit(self, state: int | None, now: float, cost: int) -> int:
         k = int(now // self.window)

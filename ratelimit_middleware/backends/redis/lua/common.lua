@@ -32,6 +32,33 @@ local function floordiv(x, y)
   return floored
 end
 
+-- Python's math.nextafter(x, math.inf), bit for bit (Lua 5.1 has no nextafter): x plus the spacing of the
+-- floats just above it, from its exponent (half that below a negative power of two; subnormals step by the
+-- least float).
+local TINY = 2 ^ -1074
+local function next_up(x)
+  if x ~= x or x == math.huge then return x end
+  if x == -math.huge then return -1.7976931348623157e308 end
+  if x == 0 then return TINY end
+  local m, e = math.frexp(x)
+  local step = math.ldexp(1, e - 53)
+  if m == -0.5 then step = step / 2 end
+  if step < TINY then step = TINY end
+  return x + step
+end
+
+-- algorithms/base.py's wait_until: `wait`, raised to the next floats if needed, until a retry at now + wait
+-- is admitted (`admits(later)`): the wait and the client's sum both round.
+local function wait_until(now, wait, admits)
+  for _ = 1, 64 do
+    local later = now + wait
+    if admits(later) then break end
+    local past, bumped = next_up(later) - now, next_up(wait)
+    if past > bumped then wait = past else wait = bumped end
+  end
+  return wait
+end
+
 -- min(max(x, 0), limit): a settled count is never negative, and a window never more than full.
 local function clamp(x, limit)
   if x < 0 then return 0 end

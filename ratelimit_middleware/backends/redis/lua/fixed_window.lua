@@ -19,6 +19,9 @@ end
 local function evaluate(key, state, limit, window, now, cost)
   local k, units = current(state, window, now)
   local to_next = (k + 1) * window - now
+  if floordiv(now + to_next, window) <= k then -- the rounded boundary still falls in window k
+    to_next = wait_until(now, to_next, function(later) return floordiv(later, window) > k end)
+  end
   if units + cost <= limit then
     local after = units + cost
     if after ~= 0 then return 1, limit - after, 0, to_next end

@@ -2,6 +2,13 @@
 -- full again). The key expires at tat, when it is indistinguishable from no key.
 
 local SLACK = 1e-9
+local SUMS = 1024
+
+-- The most debt a request may leave at now (algorithms/gcra.py): a slack relative to the window, and the
+-- rounding of up to SUMS sums at the clock's magnitude.
+local function ceiling_of(limit, window)
+  return window + window * SLACK, math.min(limit, SUMS) * 2 ^ -52
+end
 
 local function read_state(key)
   local value = redis.call('GET', key)
@@ -14,16 +21,28 @@ local function arrival(state, now)
   return state
 end
 
+-- The most units one more request could take at now once the bucket ends at after, by admission's own
+-- expression (the quotient alone is off by one either way when the sums round).
+local function units_left(after, now, debt, interval, bound)
+  local remaining = trunc((bound - debt) / interval)
+  if remaining > 0 and after + remaining * interval - now > bound then return remaining - 1 end
+  if after + (remaining + 1) * interval - now <= bound then return remaining + 1 end
+  return remaining
+end
+
 local function evaluate(key, state, limit, window, now, cost)
   local interval = window / limit
+  local ceiling, drift = ceiling_of(limit, window)
   local tat = arrival(state, now)
   local debt = tat + cost * interval - now
-  if debt <= window + window * SLACK then
-    local remaining = trunc((window - debt) / interval + SLACK)
-    if remaining < 0 then remaining = 0 end
-    return 1, remaining, 0, debt
+  local bound = ceiling + now * drift
+  if debt <= bound then
+    return 1, units_left(tat + cost * interval, now, debt, interval, bound), 0, debt
   end
-  return 0, 0, debt - window, tat - now
+  local wait = wait_until(now, debt - window, function(later)
+    return arrival(tat, later) + cost * interval - later <= ceiling + later * drift
+  end)
+  return 0, 0, wait, tat - now
 end
 
 local function commit(key, state, limit, window, now, cost, pad)
@@ -31,16 +50,27 @@ local function commit(key, state, limit, window, now, cost, pad)
   redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now, pad))
 end
 
--- An overage is charged as if at `at` (what has drained since stays drained); a refund gives back at most
--- what has not drained yet (a bucket is never fuller than full).
+-- An overage is charged as if at `at` (what has drained since stays drained), saturating one window ahead (a
+-- bucket is never more than empty). A refund gives back only what of the charge cannot have drained yet: its
+-- units drain one per interval from `at` at the earliest, and the end of the bucket may be later charges'.
 local function adjust(key, state, limit, window, now, at, delta, pad)
+  local interval = window / limit
   local tat
   if delta >= 0 then
-    tat = arrival(state, at) + delta * (window / limit)
+    tat = arrival(state, at) + delta * interval
+    local full = now + window
+    if tat > full then
+      if not state or state < full then tat = full else tat = state end
+    end
     if tat <= now then return end
   else
     if not state or state <= now then return end
-    tat = state + delta * (window / limit)
+    local give = -delta * interval
+    if now > at then
+      give = give - (now - at)
+      if give <= 0 then return end
+    end
+    tat = state - give
     if tat <= now then
       redis.call('DEL', key)
       return
@@ -55,7 +85,12 @@ local function refund(key, state, limit, window, now, at, cost, pad)
   adjust(key, state, limit, window, now, at, -cost, pad)
 end
 
+-- Less the slack admission grants, as whole units.
 local function used(key, state, limit, window, now)
   if not state or state <= now then return 0 end
-  return math.ceil((state - now) / (window / limit) - SLACK)
+  local ceiling, drift = ceiling_of(limit, window)
+  local spare = (ceiling - window) + now * drift
+  local units = math.ceil((state - now - spare) / (window / limit))
+  if units > 0 then return units end
+  return 0
 end

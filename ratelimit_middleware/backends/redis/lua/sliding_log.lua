@@ -66,8 +66,10 @@ local function evaluate(key, state, limit, window, now, cost)
     local before, mid_cost = entry(redis.call('ZRANGE', key, mid, mid)[1])
     if before + mid_cost >= target then hi = mid else lo = mid + 1 end
   end
-  local found = redis.call('ZRANGE', key, lo, lo, 'WITHSCORES')
-  return 0, 0, tonumber(found[2]) + window - now, last_expiry
+  -- Until that entry has left the window by the window's own test (live while time > now - window).
+  local time = tonumber(redis.call('ZRANGE', key, lo, lo, 'WITHSCORES')[2])
+  local wait = wait_until(now, time + window - now, function(later) return later - window >= time end)
+  return 0, 0, wait, last_expiry
 end
 
 local function commit(key, state, limit, window, now, cost, pad)

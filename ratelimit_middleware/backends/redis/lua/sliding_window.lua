@@ -24,16 +24,20 @@ local function counts(state, window, now)
   return k, start, now, 0, 0
 end
 
+-- The earliest time a request of cost fits in the window starting at start, or later.
+local function fits_from(start, window, limit, previous, units, cost)
+  local room = limit - units - cost
+  if room >= 0 then
+    if previous > room then return start + window * (1 - room / previous) end
+    return start
+  end
+  return start + window * (2 - (limit - cost) / units)
+end
+
 local function evaluate(key, state, limit, window, now, cost)
   local k, start, at, previous, units = counts(state, window, now)
   local tolerance = window * 1e-9
-  local room = limit - units - cost
-  local fits_at
-  if room >= 0 then
-    if previous > room then fits_at = start + window * (1 - room / previous) else fits_at = start end
-  else
-    fits_at = start + window * (2 - (limit - cost) / units)
-  end
+  local fits_at = fits_from(start, window, limit, previous, units, cost)
   if at >= fits_at - tolerance then
     local estimate = previous * (1 - (at - start) / window) + units + cost
     local remaining = trunc(limit - estimate + 1e-9)
@@ -42,7 +46,12 @@ local function evaluate(key, state, limit, window, now, cost)
   end
   local reset
   if units ~= 0 then reset = start + 2 * window - at else reset = start + window - at end
-  return 0, 0, fits_at - at, reset
+  -- A retry may fall in the next window, where fits_at is computed in another form: test it there.
+  local wait = wait_until(at, fits_at - at, function(later)
+    local _, later_start, later_at, later_previous, later_units = counts(state, window, later)
+    return later_at >= fits_from(later_start, window, limit, later_previous, later_units, cost) - tolerance
+  end)
+  return 0, 0, wait, reset
 end
 
 local function commit(key, state, limit, window, now, cost, pad)
