@@ -132,13 +132,23 @@ def api_key(header: str = "x-api-key") -> KeyFunction:
     return key
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
-    networks = []
+    """The trusted networks; one written in IPv4-mapped form (``::ffff:10.0.0.0/104``) as the IPv4 network it
+    is, since addresses are compared in that form (see ``_parse_ip``)."""
+    networks: list[_Network] = []
     for entry in trusted:
         try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
+            network = ipaddress.ip_network(entry, strict=False)
         except ValueError:
             raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            mapped = network.network_address.ipv4_mapped
+            assert mapped is not None  # inside ::ffff:0:0/96
+            network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        networks.append(network)
     return tuple(networks)
 
 

@@ -124,6 +124,9 @@ def test_a_dual_stack_server_s_mapped_addresses_are_the_ipv4_ones() -> None:
     forwarded = {"X-Forwarded-For": "::ffff:198.51.100.4"}
     assert key(view(forwarded, client="::ffff:10.0.0.5")) == "ip:198.51.100.4"
     assert key(view({}, client="::ffff:203.0.113.9")) == "ip:203.0.113.9"
+    written_mapped = keys.client_ip(trusted_proxies=["::ffff:10.0.0.0/104"])  # as the server reported it
+    assert written_mapped(view(forwarded, client="::ffff:10.0.0.5")) == "ip:198.51.100.4"
+    assert written_mapped(view(forwarded, client="10.0.0.5")) == "ip:198.51.100.4"
 
 
 def test_a_forwarded_hop_without_for_still_counts_as_a_hop() -> None:

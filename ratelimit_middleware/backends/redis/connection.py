@@ -45,6 +45,9 @@ from .transport import (
 
 __all__ = ["Arg", "Call", "Connection"]
 
+_LEAST_TO_SEND = 0.1
+"""The share of its timeout a call must still have to be sent (async): less, and it is ``NotRun``."""
+
 T = TypeVar("T")
 Arg = bytes | str
 
@@ -216,10 +219,11 @@ class Connection:
 
     async def _deadline(self, work: Callable[[float], Awaitable[T]], seconds: float | None = None) -> T:
         """``work(deadline)`` within ``seconds`` (default: the timeout), else ``redis.TimeoutError``;
-        ``NotRun`` without starting it when no time is left (an event loop blocked since the call began
-        says nothing about Redis)."""
+        ``NotRun`` without starting it when less than a tenth of the timeout is left (an event loop blocked
+        since the call began says nothing about Redis, and a reply in the last sliver would not be judged
+        fairly either)."""
         seconds = self.timeout if seconds is None else seconds
-        if seconds <= 0:
+        if seconds < self.timeout * _LEAST_TO_SEND:
             raise NotRun(f"the limiter's timeout ({self.timeout:g} s) ran out before the call was sent")
         deadline = time.monotonic() + seconds
         try:
