@@ -181,3 +181,17 @@ def test_a_gcra_overage_does_not_hold_back_the_sweep(clock: FakeClock) -> None:
             limiter.reserve(f"user-{minute}-{i}", "m", input_tokens=1).settle(1, 0)
         clock.advance(60)
     assert len(limiter) <= 600
+
+
+def test_a_storage_drops_the_stores_of_limiters_that_are_gone(clock: FakeClock) -> None:
+    """Limiters made on the fly (one per customer) on one storage: their stores go with them."""
+    import gc
+
+    from ratelimit_middleware import MemoryStorage
+
+    storage = MemoryStorage(clock=clock)
+    kept = RateLimiter(limit="5/minute", storage=storage)
+    for limit in range(10, 60):
+        RateLimiter(limit=f"{limit}/minute", storage=storage).allow("u", "m")
+    gc.collect()
+    assert len(storage._stores) == 1 and kept.allow("u", "m")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
@@ -57,7 +58,10 @@ class MemoryStorage:
         self.max_keys = max_keys
         self._lock = threading.Lock()
         self._last = -math.inf  # the latest time used, under the lock (see `MemoryBackend._now`)
-        self._stores: dict[CounterName, OrderedDict[Hashable, Any]] = {}
+        # Held by the limiters bound here: a store goes with the last limiter that states its rule.
+        self._stores: weakref.WeakValueDictionary[CounterName, OrderedDict[Hashable, Any]] = (
+            weakref.WeakValueDictionary()
+        )
 
     def bind(self, policy: Policy) -> MemoryBackend:
         with self._lock:
