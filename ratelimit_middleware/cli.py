@@ -43,8 +43,7 @@ def _inspect(args: argparse.Namespace) -> int:
     plans = _plans(args)
     limiter = plans.limiter(args.plan or plans.default_plan, plans.canonical(args.model))
     model = plans.canonical(args.model)
-    for rule in limiter.policy.all_rules:
-        used = limiter.get_request_count(args.user, model, rule.tier, rule.unit, window=rule.seconds)
+    for rule, used in limiter.counts(args.user, model):
         window = "in flight" if rule.unit == "concurrent" else f"per {rule.seconds:g} s"
         print(f"{rule.tier:<16} {rule.unit:<14} {used:>10} / {rule.limit} {window}")
     return 0

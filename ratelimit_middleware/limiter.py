@@ -203,6 +203,12 @@ class _Limiter:
         """``get_request_count`` for event loops."""
         return await self._backend.aused(user, model, self._count_rule(user, model, tier, unit, window))
 
+    def counts(self, user: str, model: str) -> list[tuple[Rule, int]]:
+        """Every rule of the policy (each window of each tier and unit) with the units it counts now for this
+        user and model: what ``ratelimit-middleware inspect`` prints."""
+        _check_request(user, model, 0)
+        return [(rule, self._backend.used(user, model, rule)) for rule in self.policy.all_rules]
+
     def _reset_rules(self, user: str, model: str, tier: str | None) -> tuple[Rule, ...]:
         _check_request(user, model, 0)
         # Concurrency slots are never reset: they belong to requests still in flight.

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ratelimit_middleware import Decision, RateLimitConfig, RateLimiter
+from ratelimit_middleware import Decision, MultiTierRateLimiter, RateLimitConfig, RateLimiter
 from ratelimit_middleware.backends.base import Storage
 
 from .conftest import FakeClock, held_keys
@@ -253,3 +253,11 @@ def test_async_gather_admits_exactly_the_limit(algorithm: str, clock: FakeClock,
         return await asyncio.gather(*(limiter.aallow("u", "m") for _ in range(100)))
 
     assert sum(asyncio.run(scenario())) == 25
+
+
+def test_counts_read_every_rule_even_two_windows_of_one_length(clock: FakeClock, storage: Storage) -> None:
+    limiter = MultiTierRateLimiter(per_user_model="3/minute;1000/minute", per_model="5/hour", storage=storage)
+    for _ in range(5):
+        limiter.allow("u", "m")
+    counted = [(rule.limit, rule.seconds, used) for rule, used in limiter.counts("u", "m")]
+    assert counted == [(3, 60.0, 3), (1000, 60.0, 3), (5, 3600.0, 3)]
