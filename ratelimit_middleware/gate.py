@@ -567,11 +567,13 @@ class Gate:
 
     def settlement(self, meter: Meter) -> tuple[int, int] | None:
         """``meter.settlement()``; a response in a ``Content-Encoding`` the meter cannot read (``br``,
-        ``zstd``) keeps its estimate, which the log says at most once a minute per encoding."""
+        ``zstd``, or a corrupt gzip body) keeps its estimate (or what was read before the corruption), which
+        the log says at most once a minute per encoding."""
         encoding = meter.unread_encoding
         if encoding is not None and self._log.due((f"the meter, Content-Encoding {encoding[:32]}", None)):
             logger.warning(
-                "a response in Content-Encoding %r cannot be metered: its reservation keeps the estimate",
+                "a response in Content-Encoding %r cannot be metered in full: its reservation keeps the "
+                "estimate, or what was read",
                 encoding,
             )
         return meter.settlement()

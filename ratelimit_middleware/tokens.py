@@ -261,27 +261,44 @@ class _Inflater:
 
     A body that inflates hugely (a decompression bomb) is thus never held whole: the reader keeps what it
     keeps of any body (one event, or ``max_json_size`` of JSON) and the meter stops inflating once the reader
-    can tell nothing more.
+    can tell nothing more. A gzip body of several members is read member after member; a ``deflate`` body
+    sent raw, without zlib's header (some servers do), is read as such. ``failed``: the rest cannot be read.
     """
 
-    __slots__ = ("_zlib",)
+    __slots__ = ("_wbits", "_zlib", "encoding", "failed", "inflated")
 
     def __init__(self, encoding: str) -> None:
-        self._zlib = zlib.decompressobj(_WBITS[encoding])
+        self.encoding = encoding
+        self._wbits = _WBITS[encoding]
+        self._zlib = zlib.decompressobj(self._wbits)
+        self.failed = False
+        self.inflated = False  # any byte yet
 
     def pieces(self, chunk: bytes) -> Iterator[bytes]:
         """The inflated bytes of the next compressed chunk, a bounded piece at a time."""
-        data = chunk
-        while not self._zlib.eof:
+        data, pending = chunk, False
+        while not self.failed:
+            if self._zlib.eof:  # the end of a member: what follows starts the next one
+                data = self._zlib.unused_data + data
+                if not data:
+                    return
+                self._zlib = zlib.decompressobj(self._wbits)
+            elif not data and not pending:
+                return
             try:
                 piece = self._zlib.decompress(data, _INFLATE_STEP)
-            except zlib.error:  # not what the header said: the rest cannot be read
+            except zlib.error:
+                if not self.inflated and self._wbits == zlib.MAX_WBITS:  # deflate without zlib's header
+                    self._wbits = -zlib.MAX_WBITS
+                    self._zlib = zlib.decompressobj(self._wbits)
+                    continue
+                self.failed = True
                 return
+            pending = len(piece) == _INFLATE_STEP  # more may be waiting inside, with no input left
             if piece:
+                self.inflated = True
                 yield piece
             data = self._zlib.unconsumed_tail
-            if not data and len(piece) < _INFLATE_STEP:  # all taken in, nothing left pending
-                return
 
 
 class Meter:
@@ -324,10 +341,13 @@ class Meter:
         if self._inflater is None:
             reader.feed(chunk)
             return
-        for piece in self._inflater.pieces(chunk):
+        inflater = self._inflater
+        for piece in inflater.pieces(chunk):
             reader.feed(piece)
             if not reader.reading:
                 return
+        if inflater.failed and self.unread_encoding is None:  # what was read counts; the log says so
+            self.unread_encoding = f"{inflater.encoding} (corrupt)"
 
     def settlement(self) -> tuple[int, int] | None:
         """``(input_tokens, output_tokens)`` to settle with, or ``None`` to cancel."""

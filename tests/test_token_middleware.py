@@ -460,7 +460,8 @@ def test_an_encoding_the_meter_cannot_read_keeps_the_estimate_and_is_logged_once
             chat(client, max_tokens=100)
     assert limits.get_request_count("alice", "m", unit="tokens") == 3 * (10 + 100)
     assert [record.getMessage() for record in caplog.records] == [
-        "a response in Content-Encoding 'br' cannot be metered: its reservation keeps the estimate"
+        "a response in Content-Encoding 'br' cannot be metered in full: its reservation keeps the estimate, "
+        "or what was read"
     ]
 
 

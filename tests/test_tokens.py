@@ -242,3 +242,30 @@ def test_reads_streams_with_every_line_ending_the_sse_grammar_allows(
     for index in range(0, len(body), size):  # a CRLF split between chunks is one line end
         reader.feed(body[index : index + size])
     assert reader.usage() == (3, 2) and reader.streamed_tokens == count_text_tokens("Hello")
+
+
+def test_meter_reads_gzip_members_one_after_another_and_raw_deflate() -> None:
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 42}}).encode()
+    half = len(body) // 2
+    members = gzip_compress(body[:half]) + gzip_compress(body[half:])  # as a server that flushes members
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_deflate = raw.compress(body) + raw.flush()
+    for encoding, sent in [("gzip", members), ("deflate", raw_deflate)]:
+        meter = Meter((100, 100))
+        meter.start(200, "application/json", encoding)
+        for index in range(0, len(sent), 5):
+            meter.body(sent[index : index + 5])
+        assert meter.settlement() == (7, 42) and meter.unread_encoding is None, encoding
+
+
+def test_a_corrupt_compressed_body_keeps_the_estimate_and_says_so() -> None:
+    meter = Meter((100, 100))
+    meter.start(200, "application/json", "gzip")
+    meter.body(b"\x1f\x8b\x08\x00 this is no gzip body")
+    assert meter.settlement() == (100, 100) and meter.unread_encoding == "gzip (corrupt)"
+
+
+def gzip_compress(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
