@@ -451,17 +451,21 @@ def _sync_handler(
         return outcome
 
     def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        # A generator: the aio server calls a sync stream's function on its event loop and only iterates it
+        # in its thread pool, so the limiter (and abort(), which waits on that loop) must run in the first
+        # next(), off the loop.
         admission = admit(request, context)
         if admission is None:
-            return iter(())
+            return
         if admission.hold is None:
-            return iter(inner(request, context))
+            yield from inner(request, context)
+            return
         try:
             responses = iter(inner(request, context))
         except Exception:
             admission.hold.release(failed=True)
             raise
-        return _held(responses, admission.hold)
+        yield from _held(responses, admission.hold)
 
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
         admission = admit(request, context)

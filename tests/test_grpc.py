@@ -473,6 +473,7 @@ class AsyncService:
                 "Write": grpc.unary_stream_rpc_method_handler(self.write),
                 "Echo": grpc.stream_stream_rpc_method_handler(self.echo),
                 "SyncComplete": grpc.unary_unary_rpc_method_handler(lambda request, _: b"sync:" + request),
+                "SyncStream": grpc.unary_stream_rpc_method_handler(lambda request, _: iter([b"a", b"b"])),
             },
         )
 
@@ -668,3 +669,19 @@ def test_a_request_body_that_is_not_json_text_is_named(
     with sync_server(interceptor, service) as channel:
         assert channel.unary_unary(COMPLETE)(b"hi", metadata=user("a")) == b"ok:hi"  # on_error="allow"
     assert "request_body must return JSON text (str or bytes) or None, got dict" in caplog.text
+
+
+def test_aio_a_sync_stream_is_denied_without_blocking_the_server() -> None:
+    """The aio server calls a sync stream's function on its event loop: the limiter, and the abort of a
+    denial, must not run there (the abort waits on that loop: the whole server hung)."""
+
+    async def scenario() -> None:
+        service = AsyncService()
+        async with aio_server(AsyncRateLimitInterceptor(RateLimiter(1, 60)), service) as channel:
+            stream = channel.unary_stream(f"/{SERVICE}/SyncStream")
+            assert [r async for r in stream(b"", metadata=user("a"))] == [b"a", b"b"]
+            denied = stream(b"", metadata=user("a"), timeout=TIMEOUT)
+            assert await denied.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert await channel.unary_unary(COMPLETE)(b"", metadata=user("b")) == b"ok:"
+
+    run(scenario)
