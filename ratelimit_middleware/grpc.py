@@ -112,12 +112,13 @@ _HANDLER_FACTORIES = {
 
 
 def peer_address(peer: str | None) -> str | None:
-    """The IP address of a gRPC peer (``ipv4:10.0.0.1:5000``, ``ipv6:[::1]:5000``); other peers unchanged."""
+    """The IP address of a gRPC peer (``ipv4:10.0.0.1:5000``, ``ipv6:[::1]:5000``); ``None`` for others (a
+    Unix socket, ``unix:``): a caller without a user key then counts as anonymous, which the log says."""
     if not peer:
         return None
     scheme, _, rest = peer.partition(":")
     if scheme not in ("ipv4", "ipv6"):
-        return peer
+        return None
     rest = unquote(rest)
     if rest.startswith("["):
         return rest[1 : rest.find("]")] if "]" in rest else rest[1:]
@@ -174,9 +175,9 @@ def _refusal(response: HTTPResponse) -> _Refusal:
     retry_ms = entries.get("retry-after-ms")
     if isinstance(retry_ms, str) and retry_ms.isdigit():
         # gRPC's own retry policy (gRFC A6) waits what this says, and never retries on a negative value
-        pushback = "-1" if entries.get("x-should-retry") == "false" else retry_ms
-        metadata += (("grpc-retry-pushback-ms", pushback),)
-        if _RICH_STATUS:
+        should_retry = entries.get("x-should-retry") != "false"
+        metadata += (("grpc-retry-pushback-ms", retry_ms if should_retry else "-1"),)
+        if _RICH_STATUS and should_retry:  # a RetryInfo says when to retry: none for a call not to retry
             metadata += _retry_details(code, details, int(retry_ms))
     return _Refusal(code, details, metadata)
 

@@ -322,6 +322,7 @@ def test_a_call_that_can_never_pass_is_not_retried(service: SyncService) -> None
         code, details, metadata = denial(denied.value)
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "never be allowed" in details
         assert metadata["x-should-retry"] == "false" and metadata["grpc-retry-pushback-ms"] == "-1"
+        assert "grpc-status-details-bin" not in metadata  # no RetryInfo: nothing to wait for
 
 
 def test_a_limiter_that_raises_follows_on_error(service: SyncService) -> None:
@@ -421,7 +422,8 @@ def test_without_grpcio_status_denials_carry_the_retry_metadata_only() -> None:
         ("ipv4:127.0.0.1:50051", "127.0.0.1"),
         ("ipv6:[::1]:50051", "::1"),
         ("ipv6:%5B2001:db8::1%5D:443", "2001:db8::1"),
-        ("unix:/tmp/grpc.sock", "unix:/tmp/grpc.sock"),
+        ("unix:/tmp/grpc.sock", None),  # no address: an anonymous caller, as the log says
+        ("unix:", None),
         ("", None),
     ],
 )
