@@ -263,7 +263,7 @@ async def run_metered(
             else:
                 await reservation.asettle(*actual)
         except Exception as error:
-            gate.failed("settling the reservation", error)
+            gate.failed_after("settling the reservation", error)
         else:
             gate.settled(reservation, actual)
 

@@ -553,6 +553,13 @@ class Gate:
         self._log.warning(stage, error, "denied with 503 (on_error='deny')")
         return unavailable_response()
 
+    def failed_after(self, stage: str, error: Exception) -> None:
+        """After a request was served, a step that follows it (reading its usage, settling its reservation)
+        raised: nothing is left to allow or deny; observers see the failure (``"unsettled"``) and the log
+        says it, once a minute."""
+        notify(self.observers, "failure", stage, error, "unsettled")
+        self._log.warning(stage, error, "served; its reservation may keep its estimate")
+
     def observed(self, outcome: Decision | Reservation, user: str, model: str, started: float) -> None:
         """Report a decision (made since ``started``, a ``perf_counter`` reading) to the observers."""
         if self.observers:  # also checked by the callers on the hot path

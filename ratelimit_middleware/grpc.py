@@ -207,7 +207,7 @@ class _Hold:
             if actual is not None:
                 self._actual = token_pair(actual, "the usage function")
         except Exception as error:
-            self._gate.failed("the usage function", error)
+            self._gate.failed_after("the usage function", error)
 
     def claim(self, failed: bool) -> bool:
         """True for the first caller only, who must then ``settle`` or ``asettle``."""
@@ -231,7 +231,7 @@ class _Hold:
             else:
                 self._reservation.settle(*actual)
         except Exception as error:
-            self._gate.failed("settling the reservation", error)
+            self._gate.failed_after("settling the reservation", error)
         else:
             self._gate.settled(self._reservation, actual)
 
@@ -243,7 +243,7 @@ class _Hold:
             else:
                 await self._reservation.asettle(*actual)
         except Exception as error:
-            self._gate.failed("settling the reservation", error)
+            self._gate.failed_after("settling the reservation", error)
         else:
             self._gate.settled(self._reservation, actual)
 

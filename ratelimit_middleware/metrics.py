@@ -8,7 +8,8 @@ most ``max_models`` model names (later ones are counted as ``"other"``).
   ``shadow_denied`` (denied, let through by shadow mode); the binding tier and unit.
 - ``ratelimit_failures_total{stage, outcome}``: key functions, limiters (storage outages) and settlements
   that failed, and whether the request was ``allowed`` or ``denied`` by the failure policy (a storage that
-  fails closed shows here as ``limiter``, ``denied``).
+  fails closed shows here as ``limiter``, ``denied``), or, for a step after the response (usage, settling),
+  ``unsettled``.
 - ``ratelimit_fallbacks_total{policy}``: decisions a storage's ``on_error`` policy made while the storage
   could not be reached: ``allow`` (fail open, unchecked) or ``local`` (in memory).
 - ``ratelimit_decision_seconds``: how long deciding took (a histogram).

@@ -264,7 +264,7 @@ def run_metered(
             else:
                 reservation.settle(*actual)
         except Exception as error:
-            gate.failed("settling the reservation", error)
+            gate.failed_after("settling the reservation", error)
         else:
             gate.settled(reservation, actual)
 

@@ -687,3 +687,26 @@ def test_aio_a_sync_stream_is_denied_without_blocking_the_server() -> None:
             assert await channel.unary_unary(COMPLETE)(b"", metadata=user("b")) == b"ok:"
 
     run(scenario)
+
+
+def test_a_failure_after_the_call_was_served_is_no_denial(
+    service: SyncService, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from ratelimit_middleware.metrics import PrometheusMetrics
+
+    def broken_usage(method: str, response: bytes) -> tuple[int, int] | None:
+        raise ValueError("unreadable usage")
+
+    metrics = PrometheusMetrics(registry=CollectorRegistry())
+    limiter = RateLimiter(tokens="1000/minute")
+    interceptor = RateLimitInterceptor(
+        limiter, usage=broken_usage, on_error="deny", observers=[metrics], estimator=lambda m, h: (10, 20)
+    )
+    with sync_server(interceptor, service) as channel:
+        assert channel.unary_unary(COMPLETE)(b"hi", metadata=user("a")) == b"ok:hi"
+    labels = {"stage": "usage_function", "outcome": "unsettled"}
+    assert metrics.registry.get_sample_value("ratelimit_failures_total", labels) == 1
+    assert "denied with 503" not in caplog.text and "served" in caplog.text
+    assert limiter.get_request_count("a", "default", unit="tokens") == 30  # the estimate stands
