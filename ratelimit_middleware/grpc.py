@@ -553,6 +553,22 @@ class RateLimitInterceptor(_Interceptor, grpc.ServerInterceptor):
 AioContext = grpc.aio.ServicerContext[Any, Any]
 
 
+class _Writing:
+    """An aio context whose ``write`` shows each message to the call's usage reader first (streams written
+    with ``context.write`` settle with the usage they report, as generator streams do)."""
+
+    def __init__(self, context: AioContext, hold: _Hold) -> None:
+        self._context = context
+        self._hold = hold
+
+    async def write(self, message: Any) -> None:
+        self._hold.observe(message)
+        await self._context.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class AsyncRateLimitInterceptor(_Interceptor, grpc.aio.ServerInterceptor):
     """``RateLimitInterceptor`` for ``grpc.aio.server``: the same options, the limiter called asynchronously.
 
@@ -637,6 +653,8 @@ class AsyncRateLimitInterceptor(_Interceptor, grpc.aio.ServerInterceptor):
                 return await inner(request, context)
             failed = False
             try:
+                if handler.response_streaming:  # each message written goes by the usage reader
+                    context = cast(AioContext, _Writing(context, hold))
                 response = await inner(request, context)
                 if not handler.response_streaming:
                     hold.observe(response)

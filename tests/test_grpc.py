@@ -466,6 +466,10 @@ class AsyncService:
         await self.release.wait()
         await context.write(b"last")
 
+    async def write_usage(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        await context.write(b"text")
+        await context.write(b"usage:3,4")
+
     def handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -473,6 +477,7 @@ class AsyncService:
                 "Complete": grpc.unary_unary_rpc_method_handler(self.complete),
                 "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
                 "Write": grpc.unary_stream_rpc_method_handler(self.write),
+                "WriteUsage": grpc.unary_stream_rpc_method_handler(self.write_usage),
                 "Echo": grpc.stream_stream_rpc_method_handler(self.echo),
                 "SyncComplete": grpc.unary_unary_rpc_method_handler(lambda request, _: b"sync:" + request),
                 "SyncStream": grpc.unary_stream_rpc_method_handler(lambda request, _: iter([b"a", b"b"])),
@@ -710,3 +715,15 @@ def test_a_failure_after_the_call_was_served_is_no_denial(
     assert metrics.registry.get_sample_value("ratelimit_failures_total", labels) == 1
     assert "denied with 503" not in caplog.text and "served" in caplog.text
     assert limiter.get_request_count("a", "default", unit="tokens") == 30  # the estimate stands
+
+
+def test_aio_a_stream_written_with_context_write_settles_with_its_usage() -> None:
+    async def scenario() -> None:
+        limiter = RateLimiter(tokens="1000/minute")
+        interceptor = AsyncRateLimitInterceptor(limiter, estimator=lambda m, h: (10, 20), usage=usage_of)
+        async with aio_server(interceptor, AsyncService()) as channel:
+            written = channel.unary_stream(f"/{SERVICE}/WriteUsage")(b"", metadata=user("a"))
+            assert [message async for message in written] == [b"text", b"usage:3,4"]
+            await until(lambda: limiter.get_request_count("a", "default", unit="tokens") == 7)
+
+    run(scenario)
