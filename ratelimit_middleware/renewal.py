@@ -119,7 +119,8 @@ class LeaseKeeper:
 
         def stop() -> None:
             with self._changed:
-                self._due.pop(reservation, None)
+                if self._due.pop(reservation, None) is not None and not self._due:
+                    self._changed.notify()  # nothing left to renew: the thread ends
 
         return stop
 
@@ -145,7 +146,10 @@ class LeaseKeeper:
         while True:
             self.renew_due()
             with self._changed:  # computed and waited under one lock, so that `keep` cannot miss it
-                self._wakes_at = min(self._due.values(), default=math.inf)
+                if not self._due:  # idle: the thread ends (`keep` starts another), none outlives its use
+                    self._thread = None
+                    return
+                self._wakes_at = min(self._due.values())
                 wait = self._wakes_at - self._clock()
                 if wait > 0:
-                    self._changed.wait(None if math.isinf(wait) else wait)
+                    self._changed.wait(wait)

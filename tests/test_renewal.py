@@ -79,9 +79,16 @@ def test_the_keepers_thread_renews_in_real_time(redis_server: RedisServer) -> No
     stop = keeper.keep(held)
     time.sleep(4 * LEASE)
     assert not limiter.reserve("u", "m").allowed  # renewed three times over
+    thread = keeper._thread
+    assert thread is not None and thread.is_alive()
     stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()  # nothing left to renew: no thread outlives its use
     held.settle(0, 0)
-    assert limiter.reserve("u", "m").allowed
+    again = limiter.reserve("u", "m")
+    assert again.allowed
+    keeper.keep(again)  # and a new one starts when there is
+    assert keeper._thread is not None and keeper._thread.is_alive()
 
 
 def test_keep_renews_on_the_event_loop(redis_server: RedisServer) -> None:
