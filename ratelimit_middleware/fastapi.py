@@ -217,10 +217,16 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
             denial, described = await _check(gate, request)
             if denial is not None:
                 return _to_response(denial)
-            if is_coroutine:
-                result = await endpoint(*args, **kwargs)
-            else:
-                result = await run_in_threadpool(endpoint, *args, **kwargs)
+            try:
+                if is_coroutine:
+                    result = await endpoint(*args, **kwargs)
+                else:
+                    result = await run_in_threadpool(endpoint, *args, **kwargs)
+            except HTTPException as error:  # the response its handler builds carries the headers too
+                extra = gate.starting_headers(request.scope, described)
+                if extra:
+                    error.headers = {**(error.headers or {}), **dict(extra)}
+                raise
             if isinstance(result, Response):
                 written = request.scope.get(SHARED_DECISIONS)
                 if isinstance(written, _Written):  # on FastAPI's response, which this one replaces

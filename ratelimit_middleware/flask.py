@@ -17,7 +17,6 @@ import flask
 
 from .checker import LimiterSpec
 from .contract import HTTPResponse
-from .decision import Decision
 from .gate import Gate, RouteOptions
 from .request import RequestView
 from .wsgi import Environ, admit, load_body, request_view
@@ -62,38 +61,39 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
     """
     gate = Gate.for_route(limiter, **options)
 
-    def check() -> tuple[flask.Response | None, list[Decision]]:
-        """``(response to send instead of the view, decisions the view's response headers describe)``; the
-        latter are shared with the routes limited inside (see ``Gate.verdict``)."""
+    def check() -> flask.Response | None:
+        """The response to send instead of the view, or ``None``. The headers of the decisions the view's
+        response describes (shared with the routes limited inside, see ``Gate.verdict``) go on whatever
+        response the request ends with, an error handler's for a view that raised included."""
         request = flask.request
         view = request_view(request.environ)
         outcome = admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
         denial, described, _ = gate.verdict(view, outcome, request.environ)
-        return (None if denial is None else _respond(denial)), described
+        if denial is not None:
+            return _respond(denial)
+        if described:
 
-    def respond(result: Any, described: list[Decision]) -> flask.Response:
-        response = flask.make_response(result)
-        response.headers.extend(gate.starting_headers(flask.request.environ, described))
-        return response
+            @flask.after_this_request
+            def with_headers(response: flask.Response) -> flask.Response:
+                response.headers.extend(gate.starting_headers(request.environ, described))
+                return response
+
+        return None
 
     def decorator(function: F) -> F:
         if inspect.iscoroutinefunction(function):
 
             @functools.wraps(function)
             async def async_view(*args: Any, **kwargs: Any) -> Any:
-                denial, described = check()
-                if denial is not None:
-                    return denial
-                return respond(await function(*args, **kwargs), described)
+                denial = check()
+                return denial if denial is not None else await function(*args, **kwargs)
 
             return async_view  # type: ignore[return-value]
 
         @functools.wraps(function)
         def view(*args: Any, **kwargs: Any) -> Any:
-            denial, described = check()
-            if denial is not None:
-                return denial
-            return respond(function(*args, **kwargs), described)
+            denial = check()
+            return denial if denial is not None else function(*args, **kwargs)
 
         return view  # type: ignore[return-value]
 

@@ -754,3 +754,19 @@ def test_limit_sees_through_wrappers_as_fastapi_does() -> None:
     client = TestClient(app)
     for path in ("/wrapped", "/async-wrapper"):
         assert [client.get(path).status_code for _ in range(2)] == [200, 429], path
+
+
+def test_a_raising_endpoint_gets_the_headers_of_its_own_limits() -> None:
+    from fastapi import HTTPException
+
+    app = FastAPI()
+
+    @app.get("/raises")
+    @limit("5/minute")
+    @limit("2/minute")
+    async def raises() -> dict[str, bool]:
+        raise HTTPException(404, "no such model", headers={"X-Reason": "model"})
+
+    response = TestClient(app).get("/raises", headers={"X-User-ID": "a"})
+    assert response.status_code == 404 and one_set(response) == "2"
+    assert response.headers["x-reason"] == "model"  # the endpoint's own headers stay

@@ -239,3 +239,23 @@ def test_a_view_reading_the_raw_input_gets_the_whole_body(reader: str) -> None:
     body = json.dumps({"model": "m", "prompt": "x" * 100})
     response = app.test_client().post("/raw", data=body, content_type="application/json")
     assert response.status_code == 200 and response.json == {"read": body}
+
+
+def test_an_aborting_view_gets_the_headers_of_its_own_limits() -> None:
+    from flask import abort
+
+    app = Flask(__name__)
+
+    @app.errorhandler(404)
+    def not_found(error: Exception) -> tuple[dict[str, str], int]:
+        return {"error": "no such model"}, 404
+
+    @app.get("/aborts")
+    @limit("5/minute")
+    @limit("2/minute")
+    def aborts() -> str:
+        abort(404)
+
+    response = app.test_client().get("/aborts", headers={"X-User-ID": "a"})
+    assert response.status_code == 404 and response.json == {"error": "no such model"}
+    assert response.headers.getlist("x-ratelimit-limit-requests") == ["2"]
