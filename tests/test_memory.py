@@ -195,3 +195,12 @@ def test_a_storage_drops_the_stores_of_limiters_that_are_gone(clock: FakeClock) 
         RateLimiter(limit=f"{limit}/minute", storage=storage).allow("u", "m")
     gc.collect()
     assert len(storage._stores) == 1 and kept.allow("u", "m")
+
+
+def test_max_keys_must_hold_one_request_s_keys(clock: FakeClock) -> None:
+    from ratelimit_middleware import MemoryStorage
+
+    with pytest.raises(ValueError, match="max_keys=2 cannot hold one user's keys for 3 rules"):
+        MultiTierRateLimiter(
+            per_user_model="2/minute;10/hour", per_model="5/minute", storage=MemoryStorage(max_keys=2)
+        )

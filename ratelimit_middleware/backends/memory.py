@@ -64,6 +64,10 @@ class MemoryStorage:
         )
 
     def bind(self, policy: Policy) -> MemoryBackend:
+        if self.max_keys < len(policy.all_rules):  # one request stores a key per rule
+            raise ValueError(
+                f"max_keys={self.max_keys} cannot hold one user's keys for {len(policy.all_rules)} rules"
+            )
         with self._lock:
             stores = [self._stores.setdefault(name, OrderedDict()) for name in counter_names(policy)]
         return MemoryBackend(policy, self, stores)
