@@ -47,8 +47,8 @@ class Decision(NamedTuple):
         """The binding limit in words: ``"per_model limit of 100 requests per 1 minute"``."""
         if self.unit == "concurrent":
             return f"{self.tier} limit of {self.limit} concurrent requests"
-        unit = "" if self.unit == "requests" else f" {self.unit.replace('_', ' ')}"
-        return f"{self.tier} limit of {self.limit}{unit} per {describe_seconds(self.window_seconds)}"
+        unit = self.unit.replace("_", " ")
+        return f"{self.tier} limit of {self.limit} {unit} per {describe_seconds(self.window_seconds)}"
 
     @property
     def reason(self) -> str | None:

@@ -2,7 +2,8 @@
 
 Each decorated view gets its own limiter (unless you pass a shared limiter object), so two views with the
 same function name in different blueprints or modules never share a limit. The view needs no extra
-parameter. Options are those of ``RateLimitWSGI``; when a key function asks for the body, at most
+parameter. Options are those of ``RateLimitWSGI`` but path rules and token metering (``gate.RouteOptions``;
+others raise ``TypeError``); when a key function asks for the body, at most
 ``max_body_size`` + 1 bytes of it are read from Flask's request, which replays them to the view.
 """
 

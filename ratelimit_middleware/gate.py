@@ -34,7 +34,7 @@ from .limiter import RateLimiter
 from .observe import Observer, notify
 from .plans import Plans
 from .policy import binding
-from .request import BodyNotLoaded, RequestView
+from .request import RequestView
 from .reservation import Reservation
 from .routes import PathRules
 from .shadow import Shadow
@@ -358,7 +358,7 @@ class Gate:
     def identify(self, request: RequestView) -> tuple[str, str]:
         """``(user, model)``; raises ``BodyNotLoaded`` when a key function needs the body first.
 
-        A user key function with no answer falls back to the client address, never to one shared bucket.
+        A user key function with no answer falls back to the client address (without one: ``_anonymous``).
         """
         user = self.user_key(request)
         if user is None:
@@ -384,8 +384,15 @@ class Gate:
     def for_route(cls, limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Gate:
         """A gate for one route (the decorators): nothing exempt, and request limits only.
 
-        Token and concurrency limits follow the response to its end, which only the middlewares see.
+        Token and concurrency limits follow the response to its end, which only the middlewares see; path
+        rules and token metering are the middlewares' too.
         """
+        unknown = sorted(set(options) - set(RouteOptions.__annotations__))
+        if unknown:
+            raise TypeError(
+                f"{unknown[0]!r} is an option of RateLimitMiddleware and RateLimitWSGI, not of a route; a "
+                f"route takes {', '.join(RouteOptions.__annotations__)}"
+            )
         gate = cls(limiter, exempt_methods=(), **options)
         if reserver_of(gate.limiter) is not None:
             raise TypeError(
@@ -518,9 +525,11 @@ class Gate:
     def denied(self, request: RequestView, decision: Decision, *others: Decision) -> HTTPResponse:
         """The response for a denied request (``others``: the other units of a reservation)."""
         if self.deny_handler is not None:
+            if not request.body_loaded:  # read only for key functions: the handler's request.json() is None
+                request.load_body(None)
             try:
                 return _checked_response(self.deny_handler(request, decision))
-            except (Exception, BodyNotLoaded) as error:  # the body is read only for key functions
+            except Exception as error:
                 self._log.warning("the deny_handler", error, "answered with the default 429")
         return denial_response(decision, *others)
 

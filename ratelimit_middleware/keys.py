@@ -9,10 +9,10 @@ keep them free of side effects. The defaults:
   the client address;
 - model: the ``X-Model`` header, else the JSON body's ``"model"`` field, else ``"default"``.
 
-API keys are never used raw: ``api_key()`` returns ``"key:"`` and a SHA-256 digest, and ``client_ip()``
-returns ``"ip:<address>"``, so these two never collide. Headers such as ``X-User-ID`` are taken as the
-client sends them: a client can name any user (or ``ip:...``), so let a gateway set them, or key on the API
-key.
+API keys are never used raw: ``api_key()`` returns ``"key:"`` and a SHA-256 digest (its first 128 bits),
+and ``client_ip()`` returns ``"ip:<address>"``, so these two never collide. Headers such as ``X-User-ID``
+are taken as the client sends them: a client can name any user (or ``ip:...``), so let a gateway set them,
+or key on the API key.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def from_query(name: str) -> KeyFunction:
     """The value of query parameter ``name``, if present and not blank."""
 
     def key(request: RequestView) -> str | None:
-        return request.query.get(name) or None
+        value = request.query.get(name, "").strip()
+        return value or None
 
     return key
 
@@ -117,7 +118,8 @@ def _digest(secret: str) -> str:
 
 
 def api_key(header: str = "x-api-key") -> KeyFunction:
-    """``"key:<sha256>"`` of the bearer token in ``Authorization``, else of the ``header`` (``X-API-Key``)."""
+    """``"key:"`` and the first 128 bits of the SHA-256 (hex) of the bearer token in ``Authorization``, else
+    of the ``header`` (``X-API-Key``)."""
     lowered = header.lower()
 
     def key(request: RequestView) -> str | None:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .backends.base import Reserved, ReservingBackend, Storage
 from .backends.memory import DEFAULT_MAX_KEYS, MemoryBackend, MemoryStorage
-from .config import Limits, LimitSpec, RateLimitConfig, TierSpec, as_config, check_amount
+from .config import MAX_AMOUNT, Limits, LimitSpec, RateLimitConfig, TierSpec, as_config, check_amount
 from .decision import Decision
 from .policy import Policy, Rule
 from .reservation import Reservation
@@ -76,7 +76,7 @@ class _Limiter:
 
     def check(self, user: str, model: str, cost: int = 1) -> Decision:
         """Decide on a request of ``cost`` units against the request limits; an allowed one is counted."""
-        if not (type(user) is str and type(model) is str and type(cost) is int and cost >= 0):
+        if not (type(user) is str and type(model) is str and type(cost) is int and 0 <= cost <= MAX_AMOUNT):
             _check_request(user, model, cost)  # the exact types pass above without a call
         if not self.policy.rules:
             self._check_has_request_limits()
@@ -84,7 +84,7 @@ class _Limiter:
 
     async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
         """``check`` for event loops."""
-        if not (type(user) is str and type(model) is str and type(cost) is int and cost >= 0):
+        if not (type(user) is str and type(model) is str and type(cost) is int and 0 <= cost <= MAX_AMOUNT):
             _check_request(user, model, cost)  # the exact types pass above without a call
         if not self.policy.rules:
             self._check_has_request_limits()
@@ -289,13 +289,13 @@ class RateLimiter(_Limiter):
 
     def allow(self, user: str, model: str, cost: int = 1) -> bool:
         """True (and counted) if the request fits: ``check(...).allowed``, without building the decision."""
-        if not (type(user) is str and type(model) is str and type(cost) is int and cost >= 0):
+        if not (type(user) is str and type(model) is str and type(cost) is int and 0 <= cost <= MAX_AMOUNT):
             _check_request(user, model, cost)  # the exact types pass above without a call
         return self._allows(user, model, cost)
 
     async def aallow(self, user: str, model: str, cost: int = 1) -> bool:
         """``allow`` for event loops."""
-        if not (type(user) is str and type(model) is str and type(cost) is int and cost >= 0):
+        if not (type(user) is str and type(model) is str and type(cost) is int and 0 <= cost <= MAX_AMOUNT):
             _check_request(user, model, cost)
         return await self._aallows(user, model, cost)
 

@@ -192,3 +192,8 @@ def test_headers_read_the_same_under_asgi_and_wsgi_whatever_the_case(pairs: list
         for spelling in ("X-Tenant", "x-tenant", "X-TENANT"):
             assert request.headers.get(spelling) == expected
             assert (spelling in request.headers) is (expected is not None)
+
+
+def test_from_query_takes_no_blank_value() -> None:
+    assert keys.from_query("user")(view({}, query="user=%20%20")) is None
+    assert keys.from_query("user")(view({}, query="user=%20ann%20")) == "ann"

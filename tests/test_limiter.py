@@ -73,7 +73,7 @@ def test_decision_fields_when_denied(algorithm: str, clock: FakeClock, storage: 
     assert 0 < decision.retry_after <= 2 * 60
     assert decision.reset_after > 0
     assert decision.reason is not None
-    assert "per_user_model" in decision.reason and "1 per 1 minute" in decision.reason
+    assert "per_user_model limit of 1 requests per 1 minute" in decision.reason
 
 
 def test_an_empty_limiter_is_truthy(storage: Storage) -> None:

@@ -79,3 +79,16 @@ def test_amounts_above_2_53_are_refused() -> None:
     reservation = limiter.reserve("u", "m", input_tokens=1)
     with pytest.raises(ValueError, match=r"output_tokens.*9007199254740993"):
         reservation.settle(1, 2**53 + 1)
+
+
+def test_check_refuses_a_cost_above_2_53_as_reserve_does() -> None:
+    limiter = RateLimiter(limit="10/minute")
+    with pytest.raises(ValueError, match="cost"):
+        limiter.check("u", "m", cost=2**53 + 1)
+
+
+def test_a_route_refuses_the_options_of_a_middleware() -> None:
+    from ratelimit_middleware.flask import limit
+
+    with pytest.raises(TypeError, match="'exempt_paths' is an option of RateLimitMiddleware"):
+        limit("5/minute", exempt_paths=["/e"])  # type: ignore[call-arg]

@@ -49,7 +49,7 @@ def create_app(default_limit: str | None = None, embeddings_limit: str = "5/minu
         )
 
     @app.post("/v1/embeddings")
-    @limit(embeddings_limit)
+    @limit(embeddings_limit, model_key=from_json_body("model"))  # the body's model, as the middleware
     def embeddings() -> Any:
         body = request.get_json(silent=True) or {}
         return jsonify({"object": "list", "model": body.get("model", "default"), "data": []})
