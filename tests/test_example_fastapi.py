@@ -240,3 +240,14 @@ def test_default_limits_cover_requests_tokens_and_concurrency() -> None:
         "/v1/chat/completions", json={**body, "max_tokens": 50000}, headers={"X-User-ID": "budget"}
     )
     assert too_big.status_code == 429 and too_big.json()["error"]["type"] == "tokens"
+
+
+def test_redis_on_error_picks_what_an_outage_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import main  # type: ignore[import-not-found]
+
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there: Redis is down
+    monkeypatch.setenv("REDIS_ON_ERROR", "deny")
+    http = TestClient(main.create_app(main.build_limiter()))
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    response = http.post("/v1/chat/completions", json=body, headers={"X-User-ID": "a"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"

@@ -13,7 +13,8 @@ response reports, streams included.
 
 With ``REDIS_URL`` set (``redis://host:6379/0``), the limits live in that Redis and every process of the app
 shares them; otherwise each process counts in memory. ``REDIS_TIMEOUT`` (seconds, default 0.1) bounds each
-call to Redis; a slower reply is answered as Redis being down (allowed, and counted by the metrics).
+call to Redis; a slower reply is answered as Redis being down, by ``REDIS_ON_ERROR``: ``allow`` (the
+default), ``deny`` (503) or ``local`` (each process limits alone meanwhile); the metrics count such answers.
 
 Users are told apart by ``X-User-ID``, else their API key (``Authorization: Bearer ...``), else their address;
 the model is the body's ``"model"``, the one the app serves (so an ``X-Model`` header cannot move a request
@@ -54,8 +55,9 @@ def build_limiter() -> MultiTierRateLimiter | Plans:
     if os.environ.get("REDIS_URL"):
         from ratelimit_middleware import RedisStorage  # needs the redis extra
 
-        timeout = os.environ.get("REDIS_TIMEOUT")
-        options = {} if timeout is None else {"timeout": float(timeout)}
+        options: dict[str, Any] = {"on_error": os.environ.get("REDIS_ON_ERROR", "allow")}
+        if os.environ.get("REDIS_TIMEOUT"):
+            options["timeout"] = float(os.environ["REDIS_TIMEOUT"])
         storage = RedisStorage(os.environ["REDIS_URL"], **options)
     plans = Plans.from_env(storage=storage)
     if plans is not None:
