@@ -33,6 +33,7 @@ _MAX_EVENT_SIZE = 1024 * 1024
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 """The ``Content-Encoding`` values the meter inflates (``deflate`` is zlib's format, as RFC 9110 says)."""
 _INFLATE_STEP = 64 * 1024
+_HEAD_KEPT = 64  # bytes kept to read a deflate body again without zlib's header (it fails in its first two)
 
 
 def _tiktoken_counter() -> Callable[[str], int] | None:
@@ -261,16 +262,19 @@ class _Inflater:
 
     A body that inflates hugely (a decompression bomb) is thus never held whole: the reader keeps what it
     keeps of any body (one event, or ``max_json_size`` of JSON) and the meter stops inflating once the reader
-    can tell nothing more. A gzip body of several members is read member after member; a ``deflate`` body
-    sent raw, without zlib's header (some servers do), is read as such. ``failed``: the rest cannot be read.
+    can tell nothing more. A gzip body of several members is read member after member (NUL padding after
+    one is ignored); a ``deflate`` body sent raw, without zlib's header (some servers do), is read as such.
+    ``failed``: the rest cannot be read.
     """
 
-    __slots__ = ("_wbits", "_zlib", "encoding", "failed", "inflated")
+    __slots__ = ("_head", "_wbits", "_zlib", "encoding", "failed", "inflated")
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
         self._wbits = _WBITS[encoding]
         self._zlib = zlib.decompressobj(self._wbits)
+        # What went in before anything came out, read again as raw deflate if zlib's header was not there.
+        self._head: bytes | None = b""
         self.failed = False
         self.inflated = False  # any byte yet
 
@@ -280,7 +284,7 @@ class _Inflater:
         while not self.failed:
             if self._zlib.eof:  # the end of a member: what follows starts the next one
                 data = self._zlib.unused_data + data
-                if not data:
+                if not data.strip(b"\0"):  # nothing, or padding: the member stays ended
                     return
                 self._zlib = zlib.decompressobj(self._wbits)
             elif not data and not pending:
@@ -288,17 +292,22 @@ class _Inflater:
             try:
                 piece = self._zlib.decompress(data, _INFLATE_STEP)
             except zlib.error:
-                if not self.inflated and self._wbits == zlib.MAX_WBITS:  # deflate without zlib's header
-                    self._wbits = -zlib.MAX_WBITS
+                if not self.inflated and self._wbits == zlib.MAX_WBITS and self._head is not None:
+                    self._wbits = -zlib.MAX_WBITS  # deflate without zlib's header: all of it again, raw
                     self._zlib = zlib.decompressobj(self._wbits)
+                    data, pending, self._head = self._head + data, False, None
                     continue
                 self.failed = True
                 return
+            if not self.inflated and self._head is not None:  # what went in with nothing out yet
+                taken = self._head + data[: len(data) - len(self._zlib.unconsumed_tail)]
+                self._head = taken if len(taken) <= _HEAD_KEPT else None
             pending = len(piece) == _INFLATE_STEP  # more may be waiting inside, with no input left
             if piece:
                 self.inflated = True
                 yield piece
-            data = self._zlib.unconsumed_tail
+            # At a member's end, what follows is in unused_data (unconsumed_tail may repeat it).
+            data = b"" if self._zlib.eof else self._zlib.unconsumed_tail
 
 
 class Meter:

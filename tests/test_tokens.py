@@ -269,3 +269,30 @@ def gzip_compress(data: bytes) -> bytes:
     import gzip
 
     return gzip.compress(data)
+
+
+def test_gzip_members_that_each_inflate_past_a_step_are_read_once() -> None:
+    """A member ending inside a chunk after an output-limited call: the next member is read once, and the
+    meter returns (it looped for ever, counting the same text again and again)."""
+    delta = b"data: " + json.dumps({"choices": [{"delta": {"content": "word "}}]}).encode() + b"\n\n"
+    first = delta * 2000
+    last = b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2000}}\n\n'
+    meter = Meter((100, 1000))
+    meter.start(200, "text/event-stream", "gzip")
+    meter.body(gzip_compress(first) + gzip_compress(first + last))
+    assert meter.settlement() == (5, 2000)
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 1000])
+def test_raw_deflate_and_gzip_padding_in_any_chunks(step: int) -> None:
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9}}).encode()
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    for encoding, sent in [
+        ("deflate", raw.compress(body) + raw.flush()),
+        ("gzip", gzip_compress(body) + bytes(8)),
+    ]:
+        meter = Meter((100, 100))
+        meter.start(200, "application/json", encoding)
+        for index in range(0, len(sent), step):
+            meter.body(sent[index : index + step])
+        assert meter.settlement() == (7, 9) and meter.unread_encoding is None, encoding
