@@ -33,6 +33,7 @@ _MAX_EVENT_SIZE = 1024 * 1024
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 """The ``Content-Encoding`` values the meter inflates (``deflate`` is zlib's format, as RFC 9110 says)."""
 _INFLATE_STEP = 64 * 1024
+_BOM = b"\xef\xbb\xbf"
 _HEAD_KEPT = 64  # bytes kept to read a deflate body again without zlib's header (it fails in its first two)
 
 
@@ -161,6 +162,8 @@ class UsageReader:
     """Reads token usage from a response as its body chunks go by (it never changes or holds them)."""
 
     __slots__ = (
+        "_after_cr",
+        "_begun",
         "_buffer",
         "_final",
         "_input",
@@ -180,6 +183,8 @@ class UsageReader:
         self._output: int | None = None
         self._final = False
         self._streamed = 0
+        self._after_cr = False  # a stream's last chunk ended in CR
+        self._begun = False  # a stream's first bytes were looked at (for a byte order mark)
 
     @property
     def reading(self) -> bool:
@@ -190,25 +195,32 @@ class UsageReader:
         """Look at the next body chunk."""
         if self._overflow or not chunk:
             return
-        self._buffer += chunk
         if self._stream:
+            self._buffer += self._lines(chunk)
             self._read_events()
+        else:
+            self._buffer += chunk
         if len(self._buffer) > self._max_json_size:  # a JSON body too large, or one event too long
             self._overflow = True
             self._buffer.clear()
 
-    def _read_events(self) -> None:
-        """Read every complete event in the buffer, in one pass; keep the incomplete rest.
+    def _lines(self, chunk: bytes) -> bytes:
+        """A stream's chunk with its line ends as LF: the SSE grammar allows LF, CRLF and CR (a CRLF may be
+        cut between two chunks), and a byte order mark at the start of the stream."""
+        if self._after_cr and chunk.startswith(b"\n"):  # the LF of a CRLF whose CR ended the last chunk
+            chunk = chunk[1:]
+        self._after_cr = chunk.endswith(b"\r")
+        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
-        Lines end in LF, CRLF or CR (the SSE grammar); a CR that ends the buffer waits for the next chunk,
-        which may begin with its LF. A stream may begin with a byte order mark."""
-        buffer = self._buffer.replace(b"\r\n", b"\n")
-        pending_cr = buffer.endswith(b"\r")
-        if pending_cr:
-            del buffer[-1:]
-        buffer = buffer.replace(b"\r", b"\n")
-        if buffer.startswith(b"\xef\xbb\xbf"):
-            del buffer[:3]
+    def _read_events(self) -> None:
+        """Read every complete event in the buffer, in one pass; keep the incomplete rest."""
+        buffer = self._buffer
+        if not self._begun:  # a byte order mark may begin the stream, in one chunk or several
+            if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
+                return
+            if buffer.startswith(_BOM):
+                del buffer[: len(_BOM)]
+            self._begun = True
         start = 0
         while (end := buffer.find(b"\n\n", start)) >= 0:
             event = buffer[start:end]
@@ -217,9 +229,6 @@ class UsageReader:
             if data and data != b"[DONE]":
                 self._take(data, streaming=True)
         del buffer[:start]
-        if pending_cr:
-            buffer += b"\r"
-        self._buffer = buffer
 
     def _take(self, data: bytes | bytearray, streaming: bool) -> None:
         try:

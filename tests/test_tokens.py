@@ -296,3 +296,18 @@ def test_raw_deflate_and_gzip_padding_in_any_chunks(step: int) -> None:
         for index in range(0, len(sent), step):
             meter.body(sent[index : index + step])
         assert meter.settlement() == (7, 9) and meter.unread_encoding is None, encoding
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_the_last_event_of_a_cr_stream_is_read(step: int) -> None:
+    """The Responses API ends with response.completed (its usage) and no [DONE]: its closing CR is a line end
+    at once, not held back for an LF that never comes."""
+    completed = {
+        "type": "response.completed",
+        "response": {"usage": {"input_tokens": 12, "output_tokens": 34}},
+    }
+    body = b"data: " + json.dumps(completed).encode() + b"\r\r"
+    reader = UsageReader("text/event-stream")
+    for index in range(0, len(body), step):
+        reader.feed(body[index : index + step])
+    assert reader.usage() == (12, 34)
