@@ -11,10 +11,11 @@ different modules never share.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -132,6 +133,20 @@ async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, lis
     return denial, described
 
 
+def _merged(headers: Mapping[str, str] | None, extra: list[tuple[str, str]]) -> dict[str, str]:
+    """An exception's headers with ``extra`` added; a header it has too (``Access-Control-Expose-Headers``)
+    gets both values."""
+    merged = dict(headers or {})
+    names = {name.lower(): name for name in merged}
+    for name, value in extra:
+        own = names.get(name.lower())
+        if own is None:
+            merged[name] = value
+        else:
+            merged[own] = f"{merged[own]}, {value}"
+    return merged
+
+
 def _is_async(endpoint: Callable[..., Any]) -> bool:
     """Whether ``endpoint`` must be awaited, judged as FastAPI judges it: the callable itself, or what it
     wraps (``functools.wraps``, partials), or an object's ``__call__``. Generator endpoints, which FastAPI
@@ -224,9 +239,12 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
                     result = await run_in_threadpool(endpoint, *args, **kwargs)
             except HTTPException as error:  # the response its handler builds carries the headers too
                 extra = gate.starting_headers(request.scope, described)
-                if extra:
-                    error.headers = {**(error.headers or {}), **dict(extra)}
-                raise
+                if not extra:
+                    raise
+                # A copy: the endpoint may raise one shared exception object for every request.
+                raised = copy.copy(error)
+                raised.headers = _merged(error.headers, extra)
+                raise raised from None
             if isinstance(result, Response):
                 written = request.scope.get(SHARED_DECISIONS)
                 if isinstance(written, _Written):  # on FastAPI's response, which this one replaces

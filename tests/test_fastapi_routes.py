@@ -761,12 +761,25 @@ def test_a_raising_endpoint_gets_the_headers_of_its_own_limits() -> None:
 
     app = FastAPI()
 
+    not_found = HTTPException(
+        404, "no such model", headers={"X-Reason": "model", "Access-Control-Expose-Headers": "X-Reason"}
+    )  # one object raised for every request
+
     @app.get("/raises")
     @limit("5/minute")
     @limit("2/minute")
     async def raises() -> dict[str, bool]:
-        raise HTTPException(404, "no such model", headers={"X-Reason": "model"})
+        raise not_found
 
-    response = TestClient(app).get("/raises", headers={"X-User-ID": "a"})
+    @app.get("/open")
+    async def unlimited() -> dict[str, bool]:
+        raise not_found
+
+    client = TestClient(app)
+    response = client.get("/raises", headers={"X-User-ID": "a"})
     assert response.status_code == 404 and one_set(response) == "2"
     assert response.headers["x-reason"] == "model"  # the endpoint's own headers stay
+    exposed = response.headers["access-control-expose-headers"]
+    assert exposed.startswith("X-Reason, ") and "x-ratelimit-limit-requests" in exposed.lower()
+    assert "x-ratelimit-limit-requests" not in client.get("/open").headers  # the shared object is untouched
+    assert not_found.headers == {"X-Reason": "model", "Access-Control-Expose-Headers": "X-Reason"}
