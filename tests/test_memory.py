@@ -183,18 +183,25 @@ def test_a_gcra_overage_does_not_hold_back_the_sweep(clock: FakeClock) -> None:
     assert len(limiter) <= 600
 
 
-def test_a_storage_drops_the_stores_of_limiters_that_are_gone(clock: FakeClock) -> None:
-    """Limiters made on the fly (one per customer) on one storage: their stores go with them."""
+def test_a_storage_keeps_counts_for_limiters_made_later_and_drops_idle_orphans(clock: FakeClock) -> None:
+    """Limiters made per request on one storage count on (as on Redis); the stores of rules no limiter
+    states any more go once their states are idle."""
     import gc
 
     from ratelimit_middleware import MemoryStorage
 
     storage = MemoryStorage(clock=clock)
+    made = [RateLimiter(limit="3/minute", storage=storage).allow("alice", "m") for _ in range(5)]
+    gc.collect()
+    assert made == [True, True, True, False, False]  # each limiter gone after its request, the count stays
     kept = RateLimiter(limit="5/minute", storage=storage)
     for limit in range(10, 60):
         RateLimiter(limit=f"{limit}/minute", storage=storage).allow("u", "m")
     gc.collect()
-    assert len(storage._stores) == 1 and kept.allow("u", "m")
+    clock.advance(120)  # every state is idle
+    for _ in range(64 * 3):  # the sweeps of the live limiter reach the orphans too
+        kept.allow("u", "m")
+    assert {name[3] for name in storage._stores} == {5}  # only the live limiter's rule is left
 
 
 def test_max_keys_must_hold_one_request_s_keys(clock: FakeClock) -> None:

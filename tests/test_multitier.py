@@ -28,7 +28,7 @@ def test_per_model_tier_is_shared_by_all_users(algorithm: str, clock: FakeClock,
     assert limiter.allow("carol", "gpt-4")[0]
     allowed, reason = limiter.allow("dave", "gpt-4")
     assert not allowed
-    assert reason is not None and "per_model" in reason and "3 per 1 minute" in reason
+    assert reason is not None and "per_model" in reason and "3 requests per 1 minute" in reason
     assert "per_user_model" not in reason
     assert limiter.allow("dave", "llama")[0]
 
@@ -50,7 +50,7 @@ def test_denial_by_a_later_window_charges_earlier_tiers_nothing(clock: FakeClock
     limiter.allow("b", "m")
     clock.advance(2)
     allowed, reason = limiter.allow("c", "m")
-    assert not allowed and reason is not None and "global" in reason and "2 per 1 hour" in reason
+    assert not allowed and reason is not None and "global" in reason and "2 requests per 1 hour" in reason
     assert limiter.get_request_count("c", "m") == 0
 
 

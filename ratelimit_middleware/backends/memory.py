@@ -15,6 +15,7 @@ is stored, idle (fully recovered) states are dropped from the least recently use
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -58,19 +59,51 @@ class MemoryStorage:
         self.max_keys = max_keys
         self._lock = threading.Lock()
         self._last = -math.inf  # the latest time used, under the lock (see `MemoryBackend._now`)
-        # Held by the limiters bound here: a store goes with the last limiter that states its rule.
-        self._stores: weakref.WeakValueDictionary[CounterName, OrderedDict[Hashable, Any]] = (
-            weakref.WeakValueDictionary()
-        )
+        self._stores: dict[CounterName, OrderedDict[Hashable, Any]] = {}
+        self._rules: dict[CounterName, Rule] = {}  # a rule of each name: how its states go idle
+        self._users: dict[CounterName, int] = {}  # limiters bound to each store
+        self._released: collections.deque[tuple[CounterName, ...]] = collections.deque()
+        self._orphans: set[CounterName] = set()  # stores no limiter uses, swept until empty, then dropped
 
     def bind(self, policy: Policy) -> MemoryBackend:
-        if self.max_keys < len(policy.all_rules):  # one request stores a key per rule
+        if self.max_keys <= len(policy.all_rules):  # one request stores a key per rule, and evicts none
             raise ValueError(
-                f"max_keys={self.max_keys} cannot hold one user's keys for {len(policy.all_rules)} rules"
+                f"max_keys={self.max_keys} cannot hold one user's keys for {len(policy.all_rules)} rules: "
+                "it must be larger"
             )
+        names = counter_names(policy)
         with self._lock:
-            stores = [self._stores.setdefault(name, OrderedDict()) for name in counter_names(policy)]
-        return MemoryBackend(policy, self, stores)
+            self._take_releases()
+            stores = []
+            for name, rule in zip(names, policy.all_rules, strict=True):
+                if name not in self._stores:
+                    self._stores[name], self._rules[name] = OrderedDict(), rule
+                self._users[name] = self._users.get(name, 0) + 1
+                self._orphans.discard(name)
+                stores.append(self._stores[name])
+        backend = MemoryBackend(policy, self, stores)
+        # Not under the lock: the collector may run this while the lock is held. `_take_releases` counts it.
+        weakref.finalize(backend, self._released.append, names)
+        return backend
+
+    def _take_releases(self) -> None:
+        """Count the limiters collected since (under the lock): a store none uses becomes an orphan."""
+        while self._released:
+            for name in self._released.popleft():
+                self._users[name] -= 1
+                if not self._users[name]:
+                    self._orphans.add(name)
+
+    def _sweep_orphans(self, now: float) -> None:
+        """Sweep the stores no limiter uses any more (under the lock): their states stay while they count (a
+        limiter bound later finds them, as on Redis), and a store goes once empty."""
+        self._take_releases()
+        for name in list(self._orphans):
+            store = self._stores[name]
+            MemoryBackend._sweep_store(self._rules[name], store, now, _SWEEP_BATCH)
+            if not store:
+                self._orphans.discard(name)
+                del self._stores[name], self._rules[name], self._users[name]
 
 
 class MemoryBackend:
@@ -301,6 +334,7 @@ class MemoryBackend:
         self._until_sweep = _SWEEP_EVERY
         for rule, store in zip(self._policy.all_rules, self._stores, strict=True):
             self._sweep_store(rule, store, now, _SWEEP_BATCH)
+        self._storage._sweep_orphans(now)
 
     @staticmethod
     def _sweep_store(rule: Rule, store: OrderedDict[Hashable, Any], now: float, limit: int) -> None:
