@@ -217,13 +217,19 @@ class Connection:
 
     # -- async -----------------------------------------------------------------------------------------
 
-    async def _deadline(self, work: Callable[[float], Awaitable[T]], seconds: float | None = None) -> T:
+    async def _deadline(
+        self,
+        work: Callable[[float], Awaitable[T]],
+        seconds: float | None = None,
+        *,
+        least: float | None = None,
+    ) -> T:
         """``work(deadline)`` within ``seconds`` (default: the timeout), else ``redis.TimeoutError``;
         ``NotRun`` without starting it when less than a tenth of the timeout is left (an event loop blocked
         since the call began says nothing about Redis, and a reply in the last sliver would not be judged
         fairly either)."""
         seconds = self.timeout if seconds is None else seconds
-        if seconds < self.timeout * _LEAST_TO_SEND:
+        if seconds <= 0 or seconds < (self.timeout * _LEAST_TO_SEND if least is None else least):
             raise NotRun(f"the limiter's timeout ({self.timeout:g} s) ran out before the call was sent")
         deadline = time.monotonic() + seconds
         try:
@@ -260,10 +266,13 @@ class Connection:
         return _raised(replies[0])
 
     async def aevaluate_all(self, calls: Sequence[Call], deadline: float | None = None) -> list[Any]:
-        """``evaluate_all`` for event loops: the calls sent together, within one deadline."""
+        """``evaluate_all`` for event loops: the calls sent together, within one deadline (``deadline``: one
+        shared with an earlier call, such as a decision's refunds, sent with whatever time is left of it)."""
         state = self._loop_state()
-        seconds = None if deadline is None else deadline - time.monotonic()
-        replies = await self._deadline(lambda until: self._arun(state.transport, calls, until), seconds)
+        seconds, least = (None, None) if deadline is None else (deadline - time.monotonic(), 0.0)
+        replies = await self._deadline(
+            lambda until: self._arun(state.transport, calls, until), seconds, least=least
+        )
         return [_raised(reply) for reply in replies]
 
     async def adelete(self, keys: Sequence[bytes]) -> None:
