@@ -29,9 +29,18 @@ TEXT = (ROOT / "INTEGRATION.md").read_text()
 SNIPPETS = dict(SNIPPET.findall(TEXT))
 
 
-def run(name: str) -> dict[str, Any]:
+PATIENT = "timeout=5.0"
+"""What a Redis snippet's short timeout becomes in its check: on a loaded test machine a reply slower than
+0.1 s is answered by the failure policy (as the text says it is), which these checks are not about."""
+
+
+def run(name: str, patient: bool = False) -> dict[str, Any]:
+    source = SNIPPETS[name]
+    if patient:
+        source, replaced = re.subn(r"timeout=0\.\d+", PATIENT, source)
+        assert replaced == 1, f"INTEGRATION.md snippet {name!r} no longer sets one short timeout"
     namespace: dict[str, Any] = {"__name__": f"integration_{name.replace('-', '_')}"}
-    exec(compile(SNIPPETS[name], f"INTEGRATION.md:{name}", "exec"), namespace)
+    exec(compile(source, f"INTEGRATION.md:{name}", "exec"), namespace)
     return namespace
 
 
@@ -321,7 +330,7 @@ def redis_url() -> Iterator[RedisServer]:
 
 def check_redis() -> None:
     with redis_url() as server:
-        client = TestClient(run("redis")["app"])
+        client = TestClient(run("redis", patient=True)["app"])
 
         def chat() -> Any:
             return client.post("/v1/chat/completions", json={"model": "m"}, headers={"X-User-ID": "a"})
@@ -343,7 +352,7 @@ def check_redis_clients() -> None:
 
 def check_redis_failures() -> None:
     with redis_url() as server:
-        handle = run("redis-failures")["handle"]
+        handle = run("redis-failures", patient=True)["handle"]
         assert handle("alice") == (200, {})
         server.kill()
         status, headers = handle("alice")

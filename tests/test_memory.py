@@ -211,3 +211,14 @@ def test_max_keys_must_hold_one_request_s_keys(clock: FakeClock) -> None:
         MultiTierRateLimiter(
             per_user_model="2/minute;10/hour", per_model="5/minute", storage=MemoryStorage(max_keys=2)
         )
+
+
+def test_max_keys_of_one_serves_a_single_rule_and_no_decision_evicts_its_own_charge(clock: FakeClock) -> None:
+    from ratelimit_middleware import MemoryStorage
+
+    single = RateLimiter(limit="1/minute", storage=MemoryStorage(clock=clock, max_keys=1))
+    assert single.allow("a", "m") and single.allow("b", "m") and single.allow("a", "m")  # a was evicted
+    with pytest.raises(ValueError, match="max_keys=2 cannot hold one user's keys for 2 rules"):
+        RateLimiter(limit="1/minute;100/hour", storage=MemoryStorage(clock=clock, max_keys=2))
+    two = RateLimiter(limit="1/minute;100/hour", storage=MemoryStorage(clock=clock, max_keys=3))
+    assert [two.allow(user, "m") for user in ("a", "b", "b", "a", "a")] == [True, True, False, True, False]

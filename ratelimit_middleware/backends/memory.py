@@ -66,10 +66,10 @@ class MemoryStorage:
         self._orphans: set[CounterName] = set()  # stores no limiter uses, swept until empty, then dropped
 
     def bind(self, policy: Policy) -> MemoryBackend:
-        if self.max_keys <= len(policy.all_rules):  # one request stores a key per rule, and evicts none
+        rules = len(policy.all_rules)
+        if self.max_keys < (rules + 1 if rules > 1 else 1):  # a request stores a key per rule, evicting none
             raise ValueError(
-                f"max_keys={self.max_keys} cannot hold one user's keys for {len(policy.all_rules)} rules: "
-                "it must be larger"
+                f"max_keys={self.max_keys} cannot hold one user's keys for {rules} rules: it must be larger"
             )
         names = counter_names(policy)
         with self._lock:
