@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ratelimit_middleware import RateLimiter
+from ratelimit_middleware.algorithms.gcra import GCRA
 from ratelimit_middleware.backends.base import Storage
 
 from .conftest import FakeClock
@@ -189,3 +190,30 @@ def test_gcra_refund_gives_back_only_what_has_not_drained(clock: FakeClock, stor
     assert limiter.get_request_count("u", "m", unit="tokens") == 5
     assert not limiter.reserve("u", "m", input_tokens=10).allowed
     assert limiter.reserve("u", "m", input_tokens=5).allowed
+
+
+def test_gcra_rounding_allowance_stays_below_an_interval(clock: FakeClock, storage: Storage) -> None:
+    """The slack for the rounding of sums at the clock's magnitude (``now * 2**-52`` per sum) is 0.4 ms at
+    Unix times: four intervals of 1,000 requests per 0.1 s, which admitted 1,004 at once. At most half an
+    interval, the whole limit still fits in one request and one more unit does not."""
+    limiter = RateLimiter(1000, 0.1, algorithm="gcra", storage=storage)
+    clock.now = 1_767_000_000.0
+    assert limiter.check("u", "m", 1000).allowed
+    assert not limiter.check("u", "m").allowed
+    assert limiter.get_request_count("u", "m") == 1000
+
+
+def test_gcra_a_burst_at_a_tiny_interval_is_off_by_a_unit_at_most() -> None:
+    """Unit requests at one instant: each sum rounds at the clock's magnitude, which no slack can undo at an
+    interval of 0.1 ms, but the allowance no longer adds whole intervals of its own (1,004 of 1,000)."""
+    now = 1_767_000_000.0
+    for limit, window in [(100, 1.0), (1000, 1.0), (1000, 0.1), (500, 0.05)]:
+        gcra = GCRA(limit, window)
+        state: float | None = None
+        admitted = 0
+        while admitted <= limit + 10:
+            state = gcra.admit(state, now, 1)
+            if state is None:
+                break
+            admitted += 1
+        assert limit <= admitted <= limit + 1

@@ -570,6 +570,7 @@ CONFIGS = [
     {"per_model": "4/2 seconds", "per_user": "0/1 second"},
     {"global_limit": "7/3 seconds"},
     {"per_user_model": "40/3 seconds;90/10 seconds"},  # long logs: the binary search on denial
+    {"per_user_model": "200/0.02 seconds"},  # GCRA at Unix times: the rounding allowance capped
 ]
 operations = st.lists(
     st.tuples(

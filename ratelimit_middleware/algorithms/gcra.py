@@ -19,7 +19,8 @@ from .base import Algorithm, Verdict, wait_until
 _SLACK = 1e-9
 # ...and with the rounding of each sum at the clock's magnitude: `tat` is a time, so every charge rounds it to
 # the floats near `now` (0.24 us apart at Unix times), whatever the window. The slack covers that many sums
-# (the limit, up to this many) at `now * 2**-52` each: 0.25 ms at Unix times for a limit of 1,024 or more.
+# (the limit, up to this many) at `now * 2**-52` each: about 0.40 ms at Unix times (2026) for a limit of 1,024
+# or more. It never exceeds half an interval: a larger one would admit whole units more than the limit.
 _SUMS = 1024
 
 
@@ -27,21 +28,25 @@ class GCRA(Algorithm[float]):
     """Smooth, O(1) memory (one float per key); the limit is the burst."""
 
     name = "gcra"
-    __slots__ = ("ceiling", "drift", "interval")
+    __slots__ = ("cap", "ceiling", "drift", "interval")
 
     def __init__(self, limit: int, window: float) -> None:
         super().__init__(limit, window)
         self.interval = window / limit
-        # The most debt a request may leave at `now` is `ceiling + now * drift`.
+        # The most debt a request may leave at `now` is `ceiling + min(now * drift, cap)`.
         self.ceiling = window + window * _SLACK
         self.drift = min(limit, _SUMS) * 2.0**-52
+        self.cap = self.interval / 2
 
     def evaluate(self, state: float | None, now: float, cost: int) -> Verdict:
         tat = now if state is None or state < now else state
         interval, ceiling, drift = self.interval, self.ceiling, self.drift
         after = tat + cost * interval  # what `commit` stores
         debt = after - now
-        bound = ceiling + now * drift
+        spare = now * drift
+        if spare > self.cap:
+            spare = self.cap
+        bound = ceiling + spare
         if debt <= bound:
             # The most units one more request could take, by admission's own expression: the quotient alone
             # is one off either way when the sums round.
@@ -56,10 +61,13 @@ class GCRA(Algorithm[float]):
     def _wait(self, tat: float, now: float, cost: int, debt: float) -> float:
         """The wait until ``cost`` fits, admitted by ``evaluate`` at ``now`` plus it (a method of its own: a
         closure in ``evaluate`` would slow every call of it)."""
-        interval, ceiling, drift = self.interval, self.ceiling, self.drift
+        interval, ceiling, drift, cap = self.interval, self.ceiling, self.drift, self.cap
 
         def admits(later: float) -> bool:  # `evaluate` at `later`, allowed or not
-            return (later if tat < later else tat) + cost * interval - later <= ceiling + later * drift
+            spare = later * drift
+            if spare > cap:
+                spare = cap
+            return (later if tat < later else tat) + cost * interval - later <= ceiling + spare
 
         return wait_until(now, debt - self.window, admits)
 
@@ -70,13 +78,19 @@ class GCRA(Algorithm[float]):
     def admit(self, state: float | None, now: float, cost: int) -> float | None:
         tat = now if state is None or state < now else state
         tat += cost * self.interval
-        return tat if tat - now <= self.ceiling + now * self.drift else None
+        spare = now * self.drift
+        if spare > self.cap:
+            spare = self.cap
+        return tat if tat - now <= self.ceiling + spare else None
 
     def used(self, state: float | None, now: float) -> int:
         if state is None or state <= now:
             return 0
         # Less the slack admission grants (so that `used + remaining` is the limit), as whole units.
-        spare = (self.ceiling - self.window) + now * self.drift
+        spare = now * self.drift
+        if spare > self.cap:
+            spare = self.cap
+        spare += self.ceiling - self.window
         used = math.ceil((state - now - spare) / self.interval)
         return used if used > 0 else 0
 

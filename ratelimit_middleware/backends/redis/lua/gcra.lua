@@ -4,10 +4,16 @@
 local SLACK = 1e-9
 local SUMS = 1024
 
--- The most debt a request may leave at now (algorithms/gcra.py): a slack relative to the window, and the
--- rounding of up to SUMS sums at the clock's magnitude.
+-- The most debt a request may leave at now (algorithms/gcra.py) is ceiling + spare(now): a slack relative to
+-- the window, and the rounding of up to SUMS sums at the clock's magnitude, at most half an interval.
 local function ceiling_of(limit, window)
-  return window + window * SLACK, math.min(limit, SUMS) * 2 ^ -52
+  return window + window * SLACK, math.min(limit, SUMS) * 2 ^ -52, (window / limit) / 2
+end
+
+local function spare_at(now, drift, cap)
+  local spare = now * drift
+  if spare > cap then return cap end
+  return spare
 end
 
 local function read_state(key)
@@ -32,15 +38,17 @@ end
 
 local function evaluate(key, state, limit, window, now, cost)
   local interval = window / limit
-  local ceiling, drift = ceiling_of(limit, window)
+  local ceiling, drift, cap = ceiling_of(limit, window)
   local tat = arrival(state, now)
   local debt = tat + cost * interval - now
-  local bound = ceiling + now * drift
+  local spare = now * drift -- spare_at, inline on the path of every decision
+  if spare > cap then spare = cap end
+  local bound = ceiling + spare
   if debt <= bound then
     return 1, units_left(tat + cost * interval, now, debt, interval, bound), 0, debt
   end
   local wait = wait_until(now, debt - window, function(later)
-    return arrival(tat, later) + cost * interval - later <= ceiling + later * drift
+    return arrival(tat, later) + cost * interval - later <= ceiling + spare_at(later, drift, cap)
   end)
   return 0, 0, wait, tat - now
 end
@@ -88,8 +96,8 @@ end
 -- Less the slack admission grants, as whole units.
 local function used(key, state, limit, window, now)
   if not state or state <= now then return 0 end
-  local ceiling, drift = ceiling_of(limit, window)
-  local spare = (ceiling - window) + now * drift
+  local ceiling, drift, cap = ceiling_of(limit, window)
+  local spare = spare_at(now, drift, cap) + (ceiling - window)
   local units = math.ceil((state - now - spare) / (window / limit))
   if units > 0 then return units end
   return 0
