@@ -306,12 +306,14 @@ def test_a_refund_that_fails_leaves_the_denial_and_the_deadline(
     client = redis_cluster.client(
         address_remap=lambda address: ("127.0.0.1", proxy.port) if int(address[1]) == user_port else address
     )
-    storage = RedisStorage(client, key_prefix=unique_prefix(), timeout=TIMEOUT, on_error=on_error)
+    timeout = 1.0  # a loaded machine must not turn the decision's own round trip into a fallback
+    storage = RedisStorage(client, key_prefix=unique_prefix(), timeout=timeout, on_error=on_error)
     rate = MultiTierRateLimiter(per_user_model="10/minute", per_model="1/minute", storage=storage)
     try:
         assert rate.check(name_on(redis_cluster, caller, 2), model).allowed  # the model's one request
+        assert rate.check(user, "another model").allowed  # connected and scripts loaded through the proxy
         elapsed, decision = timed(lambda: rate.check(user, model))
-        assert proxy.stalled == 1 and elapsed < TIMEOUT + SLACK
+        assert proxy.stalled == 1 and elapsed < timeout + SLACK
         assert not decision.allowed and type(decision).__name__ == "Decision"
         assert decision.tier == "per_model"
     finally:
