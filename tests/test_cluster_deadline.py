@@ -246,6 +246,14 @@ class Slots:
     def keys(self, slot: int, index: int) -> list[bytes]:
         return list(self.clients[index].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100))
 
+    def give_back(self, slot: int, moved_to: int) -> None:
+        """End a test's move of ``slot`` to node ``moved_to``: its keys there go, and it returns to node 0."""
+        self.end(slot, moved_to)
+        for key in self.keys(slot, moved_to):
+            self.clients[moved_to].delete(key)
+        self.begin(slot, moved_to, 0)
+        self.end(slot, 0)
+
     def close(self) -> None:
         for client in self.clients:
             client.close()
@@ -281,11 +289,7 @@ def test_a_moving_or_moved_slot_is_followed_within_the_deadline(
             assert elapsed < TIMEOUT + SLACK and isinstance(decision, RateLimiterUnavailable)
         assert stale.allow(user, "m")
     finally:
-        slots.end(slot, 2)
-        for key in slots.keys(slot, 2):
-            slots.clients[2].delete(key)
-        slots.begin(slot, 2, 0)
-        slots.end(slot, 0)
+        slots.give_back(slot, 2)
         slots.close()
         rate.storage.close()
         stale.storage.close()
@@ -364,11 +368,7 @@ def test_a_migrating_slot_is_tried_again_within_the_deadline_and_never_opens_the
             ended.join()
         assert elapsed < TIMEOUT + SLACK and type(decision) is Decision and decision.remaining == 9
     finally:
-        slots.end(slot, 2)
-        for key in slots.keys(slot, 2):
-            slots.clients[2].delete(key)
-        slots.begin(slot, 2, 0)
-        slots.end(slot, 0)
+        slots.give_back(slot, 2)
         slots.close()
         if loop is None:
             storage.close()

@@ -241,16 +241,23 @@ def test_limits_validation() -> None:
         Limits(tokens="lots")
 
 
-operations = st.lists(
-    st.tuples(
-        st.integers(0, 30).map(lambda n: n / 4),  # time step
-        st.integers(0, 400),  # estimated tokens
-        st.one_of(st.none(), st.integers(0, 600)),  # actual tokens, None: cancel
-        st.integers(0, 3),  # how many operations later it settles
-    ),
-    min_size=1,
-    max_size=40,
-)
+def settlements(quarters: int, estimated: int, actual: int) -> st.SearchStrategy[list[Step]]:
+    """Reservations over time: a time step (in quarter seconds, exact in floats), the tokens estimated, the
+    tokens used (``None``: cancelled) and how many operations later each settles."""
+    return st.lists(
+        st.tuples(
+            st.integers(0, quarters).map(lambda n: n / 4),
+            st.integers(0, estimated),
+            st.one_of(st.none(), st.integers(0, actual)),
+            st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+
+
+Step = tuple[float, int, "int | None", int]
+operations = settlements(30, 400, 600)
 
 
 @settings(max_examples=200, deadline=None)
@@ -404,16 +411,7 @@ def test_a_denied_reservation_reports_what_was_left_before_it(storage: Storage) 
     assert limiter.reserve("u", "m", input_tokens=10).decisions["requests"].remaining == 8
 
 
-gcra_operations = st.lists(
-    st.tuples(
-        st.integers(0, 12).map(lambda n: n / 4),  # time step (exact in floats, as the interval below)
-        st.integers(0, 20),  # estimated tokens
-        st.one_of(st.none(), st.integers(0, 30)),  # actual tokens, None: cancel
-        st.integers(0, 3),  # how many operations later it settles
-    ),
-    min_size=1,
-    max_size=40,
-)
+gcra_operations = settlements(12, 20, 30)
 
 
 @settings(max_examples=300, deadline=None)
