@@ -11,7 +11,6 @@ different modules never share.
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import json
@@ -133,6 +132,16 @@ async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, lis
     return denial, described
 
 
+def _with_headers(error: HTTPException, extra: list[tuple[str, str]]) -> HTTPException:
+    """A copy of ``error`` with ``extra`` among its headers: the endpoint may raise one shared exception
+    object for every request. Copied without calling its ``__init__``, which ``copy.copy`` would call with
+    ``args`` (empty for ``HTTPException(status_code=..., detail=...)``, and whatever a subclass takes)."""
+    raised = BaseException.__new__(type(error), *error.args)
+    raised.__dict__.update(error.__dict__)
+    raised.headers = _merged(error.headers, extra)
+    return raised
+
+
 def _merged(headers: Mapping[str, str] | None, extra: list[tuple[str, str]]) -> dict[str, str]:
     """An exception's headers with ``extra`` added; a header it has too (``Access-Control-Expose-Headers``)
     gets both values."""
@@ -241,10 +250,7 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
                 extra = gate.starting_headers(request.scope, described)
                 if not extra:
                     raise
-                # A copy: the endpoint may raise one shared exception object for every request.
-                raised = copy.copy(error)
-                raised.headers = _merged(error.headers, extra)
-                raise raised from None
+                raise _with_headers(error, extra) from None
             if isinstance(result, Response):
                 written = request.scope.get(SHARED_DECISIONS)
                 if isinstance(written, _Written):  # on FastAPI's response, which this one replaces

@@ -762,8 +762,10 @@ def test_a_raising_endpoint_gets_the_headers_of_its_own_limits() -> None:
     app = FastAPI()
 
     not_found = HTTPException(
-        404, "no such model", headers={"X-Reason": "model", "Access-Control-Expose-Headers": "X-Reason"}
-    )  # one object raised for every request
+        status_code=404,
+        detail="no such model",
+        headers={"X-Reason": "model", "Access-Control-Expose-Headers": "X-Reason"},
+    )  # one object raised for every request, built by keyword as FastAPI's docs do
 
     @app.get("/raises")
     @limit("5/minute")
@@ -783,3 +785,27 @@ def test_a_raising_endpoint_gets_the_headers_of_its_own_limits() -> None:
     assert exposed.startswith("X-Reason, ") and "x-ratelimit-limit-requests" in exposed.lower()
     assert "x-ratelimit-limit-requests" not in client.get("/open").headers  # the shared object is untouched
     assert not_found.headers == {"X-Reason": "model", "Access-Control-Expose-Headers": "X-Reason"}
+
+
+def test_a_raised_exception_subclass_keeps_its_type_and_fields() -> None:
+    from fastapi import HTTPException
+
+    class ModelGone(HTTPException):
+        def __init__(self, *, model: str) -> None:
+            super().__init__(status_code=410, detail=f"{model} is gone")
+            self.model = model
+
+    app = FastAPI()
+
+    @app.exception_handler(ModelGone)
+    async def gone(request: Any, error: ModelGone) -> JSONResponse:
+        return JSONResponse({"gone": error.model}, status_code=410, headers=error.headers)
+
+    @app.get("/old")
+    @limit("5/minute")
+    async def old() -> dict[str, bool]:
+        raise ModelGone(model="gpt-3")
+
+    response = TestClient(app).get("/old", headers={"X-User-ID": "a"})
+    assert response.status_code == 410 and response.json() == {"gone": "gpt-3"}
+    assert response.headers["x-ratelimit-limit-requests"] == "5"
