@@ -34,6 +34,8 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 """The ``Content-Encoding`` values the meter inflates (``deflate`` is zlib's format, as RFC 9110 says)."""
 _INFLATE_STEP = 64 * 1024
 _BOM = b"\xef\xbb\xbf"
+_FEED = 4096  # compressed bytes given to zlib at a time
+_MAX_MEMBERS = 10_000  # gzip members read in one body (a flood of empty ones would be read for nothing)
 _HEAD_KEPT = 64  # bytes kept to read a deflate body again without zlib's header (it fails in its first two)
 
 
@@ -271,17 +273,20 @@ class _Inflater:
 
     A body that inflates hugely (a decompression bomb) is thus never held whole: the reader keeps what it
     keeps of any body (one event, or ``max_json_size`` of JSON) and the meter stops inflating once the reader
-    can tell nothing more. A gzip body of several members is read member after member (NUL padding after
-    one is ignored); a ``deflate`` body sent raw, without zlib's header (some servers do), is read as such.
-    ``failed``: the rest cannot be read.
+    can tell nothing more. A gzip body of several members is read member after member (NUL padding between or
+    after them is skipped; past ``_MAX_MEMBERS`` the rest is not read); a ``deflate`` body sent raw, without
+    zlib's header (some servers do), is read as such. Chunks go in by ``_FEED`` bytes, so that what a member's
+    end leaves over stays small whatever the chunk. ``failed``: the rest cannot be read.
     """
 
-    __slots__ = ("_head", "_wbits", "_zlib", "encoding", "failed", "inflated")
+    __slots__ = ("_between", "_head", "_members", "_wbits", "_zlib", "encoding", "failed", "inflated")
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
         self._wbits = _WBITS[encoding]
         self._zlib = zlib.decompressobj(self._wbits)
+        self._members = 0  # ended so far
+        self._between = False  # a member ended and the next has not begun: NUL bytes here are padding
         # What went in before anything came out, read again as raw deflate if zlib's header was not there.
         self._head: bytes | None = b""
         self.failed = False
@@ -289,13 +294,28 @@ class _Inflater:
 
     def pieces(self, chunk: bytes) -> Iterator[bytes]:
         """The inflated bytes of the next compressed chunk, a bounded piece at a time."""
-        data, pending = chunk, False
+        view = memoryview(chunk)
+        for start in range(0, len(view), _FEED):
+            yield from self._inflate(view[start : start + _FEED].tobytes())
+            if self.failed:
+                return
+
+    def _inflate(self, data: bytes) -> Iterator[bytes]:
+        pending = False
         while not self.failed:
             if self._zlib.eof:  # the end of a member: what follows starts the next one
                 data = self._zlib.unused_data + data
-                if not data.strip(b"\0"):  # nothing, or padding: the member stays ended
-                    return
                 self._zlib = zlib.decompressobj(self._wbits)
+                self._members += 1
+                self._between = True
+                if self._members > _MAX_MEMBERS:
+                    self.failed = True
+                    return
+            if self._between:
+                data = data.lstrip(b"\0")
+                if not data:
+                    return
+                self._between = False
             elif not data and not pending:
                 return
             try:

@@ -311,3 +311,21 @@ def test_the_last_event_of_a_cr_stream_is_read(step: int) -> None:
     for index in range(0, len(body), step):
         reader.feed(body[index : index + step])
     assert reader.usage() == (12, 34)
+
+
+def test_many_gzip_members_or_much_padding_cost_linear_work() -> None:
+    """A flood of empty gzip members in one chunk is read up to a bound (it copied the chunk's rest at each
+    member's end: minutes for a few MB); padding is skipped once (it was copied again for every later chunk).
+    """
+    flood = gzip_compress(b"") * 40_000  # 800 KB of empty members
+    meter = Meter((100, 100))
+    meter.start(200, "application/json", "gzip")
+    meter.body(flood)
+    assert meter.unread_encoding == "gzip (corrupt)"  # read no further than _MAX_MEMBERS members
+    body = json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()
+    padded = Meter((100, 100))
+    padded.start(200, "application/json", "gzip")
+    padded.body(gzip_compress(body) + bytes(1_000_000))
+    for _ in range(2000):
+        padded.body(b"\0")
+    assert padded.settlement() == (3, 4) and padded.unread_encoding is None
