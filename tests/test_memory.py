@@ -199,7 +199,7 @@ def test_a_storage_keeps_counts_for_limiters_made_later_and_drops_idle_orphans(c
         RateLimiter(limit=f"{limit}/minute", storage=storage).allow("u", "m")
     gc.collect()
     clock.advance(120)  # every state is idle
-    for _ in range(64 * 3):  # the sweeps of the live limiter reach the orphans too
+    for _ in range(64 * 8):  # the storage's sweeps (every 64 decisions) reach 8 orphans each
         kept.allow("u", "m")
     assert {name[3] for name in storage._stores} == {5}  # only the live limiter's rule is left
 
@@ -222,3 +222,21 @@ def test_max_keys_of_one_serves_a_single_rule_and_no_decision_evicts_its_own_cha
         RateLimiter(limit="1/minute;100/hour", storage=MemoryStorage(clock=clock, max_keys=2))
     two = RateLimiter(limit="1/minute;100/hour", storage=MemoryStorage(clock=clock, max_keys=3))
     assert [two.allow(user, "m") for user in ("a", "b", "b", "a", "a")] == [True, True, False, True, False]
+
+
+def test_limiters_made_per_request_still_sweep_their_storage(clock: FakeClock) -> None:
+    """No limiter of its own reaches 64 decisions: the storage counts them, so its idle states still go."""
+    import gc
+
+    from ratelimit_middleware import MemoryStorage
+
+    storage = MemoryStorage(clock=clock)
+    for customer in range(200):
+        RateLimiter(limit=f"{10 + customer % 20}/minute", storage=storage).allow(f"u{customer}", "m")
+    gc.collect()
+    clock.advance(120)
+    for customer in range(64 * 8):
+        RateLimiter(limit="5/minute", storage=storage).allow(f"late{customer}", "m")
+        clock.advance(0.5)
+    gc.collect()
+    assert sum(len(store) for store in storage._stores.values()) < 200  # the early keys went

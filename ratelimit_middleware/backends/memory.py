@@ -36,6 +36,7 @@ DEFAULT_MAX_KEYS = 1_000_000
 
 _SWEEP_EVERY = 64  # decisions between two sweeps: up to one idle key dropped per decision
 _SWEEP_BATCH = 64  # idle keys dropped at most per store and sweep
+_ORPHANS_PER_SWEEP = 8  # stores no limiter uses, swept at most per sweep
 
 
 class MemoryStorage:
@@ -63,7 +64,9 @@ class MemoryStorage:
         self._rules: dict[CounterName, Rule] = {}  # a rule of each name: how its states go idle
         self._users: dict[CounterName, int] = {}  # limiters bound to each store
         self._released: collections.deque[tuple[CounterName, ...]] = collections.deque()
-        self._orphans: set[CounterName] = set()  # stores no limiter uses, swept until empty, then dropped
+        # Stores no limiter uses, swept (a few at a time, in turn) until empty, then dropped.
+        self._orphans: collections.deque[CounterName] = collections.deque()
+        self._until_sweep = _SWEEP_EVERY  # decisions on this storage until the next sweep
 
     def bind(self, policy: Policy) -> MemoryBackend:
         rules = len(policy.all_rules)
@@ -79,7 +82,8 @@ class MemoryStorage:
                 if name not in self._stores:
                     self._stores[name], self._rules[name] = OrderedDict(), rule
                 self._users[name] = self._users.get(name, 0) + 1
-                self._orphans.discard(name)
+                if name in self._orphans:
+                    self._orphans.remove(name)
                 stores.append(self._stores[name])
         backend = MemoryBackend(policy, self, stores)
         # Not under the lock: the collector may run this while the lock is held. `_take_releases` counts it.
@@ -92,17 +96,19 @@ class MemoryStorage:
             for name in self._released.popleft():
                 self._users[name] -= 1
                 if not self._users[name]:
-                    self._orphans.add(name)
+                    self._orphans.append(name)
 
     def _sweep_orphans(self, now: float) -> None:
         """Sweep the stores no limiter uses any more (under the lock): their states stay while they count (a
         limiter bound later finds them, as on Redis), and a store goes once empty."""
         self._take_releases()
-        for name in list(self._orphans):
+        for _ in range(min(len(self._orphans), _ORPHANS_PER_SWEEP)):
+            name = self._orphans.popleft()
             store = self._stores[name]
             MemoryBackend._sweep_store(self._rules[name], store, now, _SWEEP_BATCH)
-            if not store:
-                self._orphans.discard(name)
+            if store:
+                self._orphans.append(name)
+            else:
                 del self._stores[name], self._rules[name], self._users[name]
 
 
@@ -124,7 +130,6 @@ class MemoryBackend:
         self._single = (
             (policy.rules[0], self._stores[0], policy.rules[0].algorithm) if len(policy.rules) == 1 else None
         )
-        self._until_sweep = _SWEEP_EVERY
         self.allows: Callable[[str, str, int], bool] = (
             self._decided if self._single is None else self._single_allows()
         )
@@ -187,8 +192,8 @@ class MemoryBackend:
                     now = storage._last
                 else:
                     storage._last = now
-                backend._until_sweep -= 1  # `_tick` inline: the same count as `decide`, without a call
-                if backend._until_sweep <= 0:
+                storage._until_sweep -= 1  # `_tick` inline: the same count as `decide`, without a call
+                if storage._until_sweep <= 0:
                     backend._sweep(now)
                 state = get(key)
                 if state is not None:
@@ -325,13 +330,15 @@ class MemoryBackend:
             self._evict(now)
 
     def _tick(self, now: float) -> None:
-        """Count a decision; every ``_SWEEP_EVERY`` decisions, sweep idle keys."""
-        self._until_sweep -= 1
-        if self._until_sweep <= 0:
+        """Count a decision on the storage; every ``_SWEEP_EVERY`` of them, sweep idle keys (this limiter's,
+        and those of stores no limiter uses: limiters made per request never reach a count of their own)."""
+        storage = self._storage
+        storage._until_sweep -= 1
+        if storage._until_sweep <= 0:
             self._sweep(now)
 
     def _sweep(self, now: float) -> None:
-        self._until_sweep = _SWEEP_EVERY
+        self._storage._until_sweep = _SWEEP_EVERY
         for rule, store in zip(self._policy.all_rules, self._stores, strict=True):
             self._sweep_store(rule, store, now, _SWEEP_BATCH)
         self._storage._sweep_orphans(now)
