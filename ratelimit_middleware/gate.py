@@ -227,6 +227,9 @@ class Gate:
         observers: Iterable[Observer] = (),
         shadow: bool = False,
     ) -> None:
+        for name, flag in (("add_headers", add_headers), ("stream_usage", stream_usage), ("shadow", shadow)):
+            if not isinstance(flag, bool):  # "false" from an environment variable would be true
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if on_error not in ("allow", "deny"):
             raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
         if isinstance(max_body_size, bool) or not isinstance(max_body_size, int) or max_body_size < 0:

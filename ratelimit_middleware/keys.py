@@ -185,7 +185,9 @@ def _forwarded_for(request: RequestView, header: str) -> list[str]:
     return found
 
 
-def client_ip(trusted_proxies: int | Iterable[str] = 0, header: str = "X-Forwarded-For") -> KeyFunction:
+def client_ip(
+    trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-Forwarded-For"
+) -> KeyFunction:
     """``"ip:<address>"`` of the client.
 
     Forwarding headers are honoured only behind trusted proxies, as werkzeug's ProxyFix does:
@@ -201,6 +203,8 @@ def client_ip(trusted_proxies: int | Iterable[str] = 0, header: str = "X-Forward
     if not isinstance(header, str) or header.lower() not in _FORWARDING_HEADERS:
         raise ValueError(f"header must be 'X-Forwarded-For' or 'Forwarded', got {header!r}")
     header = header.lower()
+    if isinstance(trusted_proxies, str):  # one network
+        trusted_proxies = [trusted_proxies]
     count = trusted_proxies if isinstance(trusted_proxies, int) else None
     networks = () if isinstance(trusted_proxies, int) else _networks(trusted_proxies)
 

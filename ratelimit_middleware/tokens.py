@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from .config import check_amount
+from .config import MAX_AMOUNT, check_amount
 
 __all__ = ["DEFAULT_OUTPUT_TOKENS", "Meter", "UsageReader", "count_text_tokens", "estimate", "token_pair"]
 
@@ -81,14 +81,26 @@ def _first_whole(mapping: Mapping[str, Any], names: Iterable[str]) -> int | None
 
 
 def token_pair(value: object, source: str) -> tuple[int, int]:
-    """``value`` if it is ``(input_tokens, output_tokens)``, two ints >= 0, as a user's function must
-    answer; else a ``TypeError`` naming ``source`` (``"the estimator"``) and the value."""
+    """``value`` if it is ``(input_tokens, output_tokens)``, two ints >= 0 (any above ``MAX_AMOUNT`` counts
+    as that much: more than any limit, never to pass), as a user's function must answer; else a
+    ``TypeError`` naming ``source`` (``"the estimator"``) and the value."""
     if isinstance(value, (tuple, list)) and len(value) == 2:
         try:
-            return check_amount(value[0], "input_tokens"), check_amount(value[1], "output_tokens")
+            return (
+                check_amount(_bounded(value[0]), "input_tokens"),
+                check_amount(_bounded(value[1]), "output_tokens"),
+            )
         except (TypeError, ValueError):
             pass
     raise TypeError(f"{source} must return (input_tokens, output_tokens), two ints >= 0, got {value!r}")
+
+
+def _bounded(amount: object) -> object:
+    """A token count the client drives (``n``, ``max_tokens``), at most ``MAX_AMOUNT``: a larger one is a
+    request no limit lets through (a 429), not an error that the failure policy would let through."""
+    if isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_AMOUNT:
+        return MAX_AMOUNT
+    return amount
 
 
 def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> tuple[int, int]:
@@ -104,7 +116,8 @@ def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -
     prompt = count_text_tokens(text) if text else 0
     cap = _first_whole(body, _CAP_FIELDS)
     completions = _whole(body.get("n")) or 1
-    return prompt, (default_output_tokens if cap is None else cap) * completions
+    output = (default_output_tokens if cap is None else cap) * completions
+    return min(prompt, MAX_AMOUNT), min(output, MAX_AMOUNT)
 
 
 def _usage_of(payload: Any) -> tuple[dict[str, Any] | None, bool]:

@@ -197,3 +197,8 @@ def test_headers_read_the_same_under_asgi_and_wsgi_whatever_the_case(pairs: list
 def test_from_query_takes_no_blank_value() -> None:
     assert keys.from_query("user")(view({}, query="user=%20%20")) is None
     assert keys.from_query("user")(view({}, query="user=%20ann%20")) == "ann"
+
+
+def test_one_trusted_network_may_be_given_alone() -> None:
+    key = keys.client_ip(trusted_proxies="10.0.0.0/8")
+    assert key(view({"X-Forwarded-For": "198.51.100.4"}, client="10.0.0.5")) == "ip:198.51.100.4"

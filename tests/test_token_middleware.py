@@ -570,3 +570,17 @@ def test_stream_usage_leaves_other_apis_bodies_alone() -> None:
     for path in ("/v1/messages", "/v1/responses"):
         assert client.post(path, content=body, headers={"X-User-ID": "a"}).status_code == 200
     assert seen == [body, body]
+
+
+@pytest.mark.parametrize("field", [{"n": 10**20}, {"max_tokens": 2**60}])
+def test_a_client_asking_for_more_than_any_limit_is_refused_not_let_through(field: dict[str, int]) -> None:
+    """An estimate past 2**53 is a request no limit can pass (a 429 not to retry), not a limiter error that
+    on_error="allow" would let through."""
+    limits = limiter(tokens="1000/minute")
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", lambda request: JSONResponse({}), methods=["POST"])]
+    )
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **field}
+    response = TestClient(app).post("/v1/chat/completions", json=body, headers={"X-User-ID": "a"})
+    assert response.status_code == 429 and response.headers["x-should-retry"] == "false"

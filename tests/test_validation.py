@@ -92,3 +92,11 @@ def test_a_route_refuses_the_options_of_a_middleware() -> None:
 
     with pytest.raises(TypeError, match="'exempt_paths' is an option of RateLimitMiddleware"):
         limit("5/minute", exempt_paths=["/e"])  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("option", ["shadow", "add_headers", "stream_usage"])
+def test_switches_must_be_booleans(option: str) -> None:
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    with pytest.raises(TypeError, match=f"{option} must be True or False, got 'false'"):
+        RateLimitMiddleware(lambda scope, receive, send: None, **{option: "false"})  # type: ignore[arg-type]
