@@ -304,9 +304,12 @@ def check_metrics() -> None:
         client.get("/v1/models", headers={"X-User-ID": "a", "X-Model": "m"}).status_code for _ in range(3)
     ]
     assert codes == [200, 200, 200]  # shadow mode never denies
+    for _ in range(3):  # scrapes, however spelled, are never counted
+        assert client.get("/metrics", follow_redirects=False).status_code == 307
     text = client.get("/metrics/").text
     labels = 'model="m",outcome="shadow_denied",tier="per_user_model",unit="requests"'
     assert f"ratelimit_decisions_total{{{labels}}} 1.0" in text
+    assert 'model="default"' not in text
     assert [event.kind for event in namespace["audit"]] == ["shadow_denied"]
 
 
