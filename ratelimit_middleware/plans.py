@@ -154,6 +154,10 @@ class Plans:
                 raise PolicyError(
                     f"{source}: aliases.{alias}: expected a canonical model name, got {model!r}"
                 )
+            if model in aliases:  # aliases map once: a chain or a cycle would send requests astray
+                raise PolicyError(
+                    f"{source}: aliases.{alias}: {model!r} is an alias itself; name the canonical model"
+                )
         self.default_plan = default_plan
         self.plan_key = plan_key
         self.aliases = dict(aliases)

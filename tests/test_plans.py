@@ -259,3 +259,10 @@ def test_shadow_plans_are_routed_per_request() -> None:
     sent = [send(client, "pro", "gpt") for _ in range(2)]
     assert [response.headers["x-ratelimit-limit-requests"] for response in sent] == ["100", "100"]
     assert [send(client, None, "gpt").status_code for _ in range(2)] == [200, 200]  # shadow: never denied
+
+
+def test_an_alias_must_name_a_canonical_model() -> None:
+    with pytest.raises(PolicyError, match=r"aliases\.a: 'b' is an alias itself"):
+        Plans(
+            {"free": {"*": {"per_user_model": "2/minute"}}}, default_plan="free", aliases={"a": "b", "b": "a"}
+        )
