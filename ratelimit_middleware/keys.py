@@ -185,9 +185,7 @@ def _forwarded_for(request: RequestView, header: str) -> list[str]:
     return found
 
 
-def client_ip(
-    trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-Forwarded-For"
-) -> KeyFunction:
+def client_ip(trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-Forwarded-For") -> KeyFunction:
     """``"ip:<address>"`` of the client.
 
     Forwarding headers are honoured only behind trusted proxies, as werkzeug's ProxyFix does:
