@@ -240,3 +240,18 @@ def test_limiters_made_per_request_still_sweep_their_storage(clock: FakeClock) -
         clock.advance(0.5)
     gc.collect()
     assert sum(len(store) for store in storage._stores.values()) < 200  # the early keys went
+
+
+def test_limiters_that_alternate_on_one_storage_are_all_swept(clock: FakeClock) -> None:
+    """Sweeps go round every store of the storage: the limiter whose turn never comes up is swept too."""
+    from ratelimit_middleware import MemoryStorage
+
+    storage = MemoryStorage(clock=clock)
+    app_wide = RateLimiter(limit="5/minute", storage=storage)
+    route = RateLimiter(limit="7/minute", storage=storage)
+    for user in range(5000):
+        app_wide.allow(f"u{user}", "m")
+    clock.advance(120)
+    for turn in range(3200):
+        (app_wide if turn % 2 else route).allow("active", "m")
+    assert len(app_wide) < 2000  # idle keys went (all 5,000 stayed when only the other limiter swept)

@@ -8,8 +8,9 @@ charge nothing and concurrent threads can never over-admit.
 The clock is read under the lock and never goes back: a thread that read the time and then waited for the
 lock could otherwise commit an older time over a newer state (a window's count wiped, a log out of order).
 
-Memory stays bounded without a background thread: every ``_SWEEP_EVERY`` decisions, and whenever a new key
-is stored, idle (fully recovered) states are dropped from the least recently used end of the stores; and
+Memory stays bounded without a background thread: every ``_SWEEP_EVERY`` decisions on the storage (from a few
+stores, in turn), and whenever a new key is stored (from its store), idle (fully recovered) states are
+dropped from the least recently used end of the stores; and
 ``max_keys`` caps the total, evicting idle keys first, then the least recently used key of the largest store.
 """
 
@@ -36,7 +37,7 @@ DEFAULT_MAX_KEYS = 1_000_000
 
 _SWEEP_EVERY = 64  # decisions between two sweeps: up to one idle key dropped per decision
 _SWEEP_BATCH = 64  # idle keys dropped at most per store and sweep
-_ORPHANS_PER_SWEEP = 8  # stores no limiter uses, swept at most per sweep
+_STORES_PER_SWEEP = 8  # stores swept per sweep, in turn
 
 
 class MemoryStorage:
@@ -64,8 +65,7 @@ class MemoryStorage:
         self._rules: dict[CounterName, Rule] = {}  # a rule of each name: how its states go idle
         self._users: dict[CounterName, int] = {}  # limiters bound to each store
         self._released: collections.deque[tuple[CounterName, ...]] = collections.deque()
-        # Stores no limiter uses, swept (a few at a time, in turn) until empty, then dropped.
-        self._orphans: collections.deque[CounterName] = collections.deque()
+        self._turns: collections.deque[CounterName] = collections.deque()  # every store, in sweeping order
         self._until_sweep = _SWEEP_EVERY  # decisions on this storage until the next sweep
 
     def bind(self, policy: Policy) -> MemoryBackend:
@@ -80,10 +80,9 @@ class MemoryStorage:
             stores = []
             for name, rule in zip(names, policy.all_rules, strict=True):
                 if name not in self._stores:
-                    self._stores[name], self._rules[name] = OrderedDict(), rule
-                self._users[name] = self._users.get(name, 0) + 1
-                if name in self._orphans:
-                    self._orphans.remove(name)
+                    self._stores[name], self._rules[name], self._users[name] = OrderedDict(), rule, 0
+                    self._turns.append(name)
+                self._users[name] += 1
                 stores.append(self._stores[name])
         backend = MemoryBackend(policy, self, stores)
         # Not under the lock: the collector may run this while the lock is held. `_take_releases` counts it.
@@ -91,23 +90,24 @@ class MemoryStorage:
         return backend
 
     def _take_releases(self) -> None:
-        """Count the limiters collected since (under the lock): a store none uses becomes an orphan."""
+        """Count the limiters collected since (under the lock)."""
         while self._released:
             for name in self._released.popleft():
                 self._users[name] -= 1
-                if not self._users[name]:
-                    self._orphans.append(name)
 
-    def _sweep_orphans(self, now: float) -> None:
-        """Sweep the stores no limiter uses any more (under the lock): their states stay while they count (a
-        limiter bound later finds them, as on Redis), and a store goes once empty."""
+    def _sweep(self, now: float) -> None:
+        """Every ``_SWEEP_EVERY`` decisions on the storage (under the lock): drop idle states from the next
+        few stores in turn, every store it holds being reached (limiters that alternate, or are made per
+        request, never starve one). A store no limiter uses any more keeps its states while they count (a
+        limiter bound later finds them, as on Redis) and goes once empty."""
+        self._until_sweep = _SWEEP_EVERY
         self._take_releases()
-        for _ in range(min(len(self._orphans), _ORPHANS_PER_SWEEP)):
-            name = self._orphans.popleft()
+        for _ in range(min(len(self._turns), _STORES_PER_SWEEP)):
+            name = self._turns.popleft()
             store = self._stores[name]
             MemoryBackend._sweep_store(self._rules[name], store, now, _SWEEP_BATCH)
-            if store:
-                self._orphans.append(name)
+            if store or self._users[name]:
+                self._turns.append(name)
             else:
                 del self._stores[name], self._rules[name], self._users[name]
 
@@ -194,7 +194,7 @@ class MemoryBackend:
                     storage._last = now
                 storage._until_sweep -= 1  # `_tick` inline: the same count as `decide`, without a call
                 if storage._until_sweep <= 0:
-                    backend._sweep(now)
+                    storage._sweep(now)
                 state = get(key)
                 if state is not None:
                     move_to_end(key)
@@ -335,13 +335,12 @@ class MemoryBackend:
         storage = self._storage
         storage._until_sweep -= 1
         if storage._until_sweep <= 0:
-            self._sweep(now)
+            storage._sweep(now)
 
-    def _sweep(self, now: float) -> None:
-        self._storage._until_sweep = _SWEEP_EVERY
+    def _sweep_own(self, now: float) -> None:
+        """Drop idle states from this limiter's stores (before evicting live ones at ``max_keys``)."""
         for rule, store in zip(self._policy.all_rules, self._stores, strict=True):
             self._sweep_store(rule, store, now, _SWEEP_BATCH)
-        self._storage._sweep_orphans(now)
 
     @staticmethod
     def _sweep_store(rule: Rule, store: OrderedDict[Hashable, Any], now: float, limit: int) -> None:
@@ -361,7 +360,7 @@ class MemoryBackend:
 
     def _evict(self, now: float) -> None:
         """Bring the total below ``max_keys``: idle keys first, then the LRU key of the largest store."""
-        self._sweep(now)
+        self._sweep_own(now)
         while len(self) >= self._max_keys:
             largest = max(self._stores, key=len)
             largest.popitem(last=False)
