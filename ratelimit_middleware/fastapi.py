@@ -133,13 +133,26 @@ async def _check(gate: Gate, request: Request) -> tuple[HTTPResponse | None, lis
 
 
 def _with_headers(error: HTTPException, extra: list[tuple[str, str]]) -> HTTPException:
-    """A copy of ``error`` with ``extra`` among its headers: the endpoint may raise one shared exception
-    object for every request. Copied without calling its ``__init__``, which ``copy.copy`` would call with
-    ``args`` (empty for ``HTTPException(status_code=..., detail=...)``, and whatever a subclass takes)."""
-    raised = BaseException.__new__(type(error), *error.args)
-    raised.__dict__.update(error.__dict__)
+    """A copy of ``error`` with ``extra`` among its headers (the endpoint may raise one shared exception
+    object for every request), or ``error`` itself, untouched, when it cannot be copied.
+
+    Copied without calling its ``__init__``, which ``copy.copy`` would call with ``args`` (empty for
+    ``HTTPException(status_code=..., detail=...)``, and whatever a subclass takes): its class's ``__new__``,
+    then its attributes, slots included, and its traceback and cause."""
+    kind = type(error)
+    try:
+        raised = kind.__new__(kind, *error.args)
+        raised.__dict__.update(error.__dict__)
+        for klass in kind.__mro__:
+            slots = getattr(klass, "__slots__", ())
+            for slot in (slots,) if isinstance(slots, str) else slots:
+                if slot not in ("__dict__", "__weakref__") and hasattr(error, slot):
+                    setattr(raised, slot, getattr(error, slot))
+    except Exception:  # an exception class of its own making: sent as it is, without our headers
+        return error
     raised.headers = _merged(error.headers, extra)
-    return raised
+    raised.__cause__, raised.__suppress_context__ = error.__cause__, True
+    return raised.with_traceback(error.__traceback__)
 
 
 def _merged(headers: Mapping[str, str] | None, extra: list[tuple[str, str]]) -> dict[str, str]:
@@ -250,7 +263,10 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
                 extra = gate.starting_headers(request.scope, described)
                 if not extra:
                     raise
-                raise _with_headers(error, extra) from None
+                raised = _with_headers(error, extra)
+                if raised is error:
+                    raise
+                raise raised  # noqa: B904 - the copy carries the original's cause and traceback
             if isinstance(result, Response):
                 written = request.scope.get(SHARED_DECISIONS)
                 if isinstance(written, _Written):  # on FastAPI's response, which this one replaces

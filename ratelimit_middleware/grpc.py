@@ -299,6 +299,8 @@ class _Core:
         for name, function in (("estimator", estimator), ("usage", usage), ("request_body", request_body)):
             if function is not None and not callable(function):
                 raise TypeError(f"{name} must be callable, got {function!r}")
+        if not isinstance(add_metadata, bool):  # named here: the gate would call it add_headers
+            raise TypeError(f"add_metadata must be True or False, got {add_metadata!r}")
         self.gate = Gate(
             limiter,
             user_key=user_key,

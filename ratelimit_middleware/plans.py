@@ -154,7 +154,7 @@ class Plans:
                 raise PolicyError(
                     f"{source}: aliases.{alias}: expected a canonical model name, got {model!r}"
                 )
-            if model in aliases:  # aliases map once: a chain or a cycle would send requests astray
+            if model != alias and model in aliases:  # aliases map once: a chain or cycle would mislead
                 raise PolicyError(
                     f"{source}: aliases.{alias}: {model!r} is an alias itself; name the canonical model"
                 )

@@ -35,7 +35,7 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 _INFLATE_STEP = 64 * 1024
 _BOM = b"\xef\xbb\xbf"
 _FEED = 4096  # compressed bytes given to zlib at a time
-_MAX_MEMBERS = 10_000  # gzip members read in one body (a flood of empty ones would be read for nothing)
+_MAX_MEMBERS = 10_000  # empty gzip members read in a row (a flood of them would be read for nothing)
 _HEAD_KEPT = 64  # bytes kept to read a deflate body again without zlib's header (it fails in its first two)
 
 
@@ -287,9 +287,10 @@ class _Inflater:
     A body that inflates hugely (a decompression bomb) is thus never held whole: the reader keeps what it
     keeps of any body (one event, or ``max_json_size`` of JSON) and the meter stops inflating once the reader
     can tell nothing more. A gzip body of several members is read member after member (NUL padding between or
-    after them is skipped; past ``_MAX_MEMBERS`` the rest is not read); a ``deflate`` body sent raw, without
-    zlib's header (some servers do), is read as such. Chunks go in by ``_FEED`` bytes, so that what a member's
-    end leaves over stays small whatever the chunk. ``failed``: the rest cannot be read.
+    after them is skipped; after ``_MAX_MEMBERS`` empty ones in a row the rest is not read); a ``deflate``
+    body sent raw, without zlib's header (some servers do), is read as such. Chunks go in by ``_FEED`` bytes,
+    so that what a member's end leaves over stays small whatever the chunk. ``failed``: the rest cannot be
+    read.
     """
 
     __slots__ = ("_between", "_head", "_members", "_wbits", "_zlib", "encoding", "failed", "inflated")
@@ -298,7 +299,7 @@ class _Inflater:
         self.encoding = encoding
         self._wbits = _WBITS[encoding]
         self._zlib = zlib.decompressobj(self._wbits)
-        self._members = 0  # ended so far
+        self._members = 0  # ended in a row without output
         self._between = False  # a member ended and the next has not begun: NUL bytes here are padding
         # What went in before anything came out, read again as raw deflate if zlib's header was not there.
         self._head: bytes | None = b""
@@ -319,7 +320,9 @@ class _Inflater:
             if self._zlib.eof:  # the end of a member: what follows starts the next one
                 data = self._zlib.unused_data + data
                 self._zlib = zlib.decompressobj(self._wbits)
-                self._members += 1
+                self._members += (
+                    1  # in a row without output: a stream of members that each carry text is fine
+                )
                 self._between = True
                 if self._members > _MAX_MEMBERS:
                     self.failed = True
@@ -347,6 +350,7 @@ class _Inflater:
             pending = len(piece) == _INFLATE_STEP  # more may be waiting inside, with no input left
             if piece:
                 self.inflated = True
+                self._members = 0
                 yield piece
             # At a member's end, what follows is in unused_data (unconsumed_tail may repeat it).
             data = b"" if self._zlib.eof else self._zlib.unconsumed_tail

@@ -809,3 +809,42 @@ def test_a_raised_exception_subclass_keeps_its_type_and_fields() -> None:
     response = TestClient(app).get("/old", headers={"X-User-ID": "a"})
     assert response.status_code == 410 and response.json() == {"gone": "gpt-3"}
     assert response.headers["x-ratelimit-limit-requests"] == "5"
+
+
+def test_raised_exceptions_of_odd_kinds_keep_their_fields() -> None:
+    """Subclasses with a builtin base of their own, or with slots: copied whole (they were 500s)."""
+    from fastapi import HTTPException
+
+    class UpstreamTimeout(HTTPException, TimeoutError):
+        def __init__(self) -> None:
+            super().__init__(status_code=504, detail="upstream timed out")
+
+    class Coded(HTTPException):
+        __slots__ = ("code",)
+
+        def __init__(self, code: str) -> None:
+            super().__init__(status_code=418, detail="teapot")
+            self.code = code
+
+    app = FastAPI()
+
+    @app.exception_handler(Coded)
+    async def coded(request: Any, error: Coded) -> JSONResponse:
+        return JSONResponse({"code": error.code}, status_code=418, headers=error.headers)
+
+    @app.get("/slow")
+    @limit("5/minute")
+    async def slow() -> dict[str, bool]:
+        raise UpstreamTimeout()
+
+    @app.get("/coded")
+    @limit("5/minute")
+    async def with_code() -> dict[str, bool]:
+        raise Coded("E42")
+
+    client = TestClient(app)
+    slow_response = client.get("/slow", headers={"X-User-ID": "a"})
+    assert slow_response.status_code == 504 and slow_response.headers["x-ratelimit-limit-requests"] == "5"
+    coded_response = client.get("/coded", headers={"X-User-ID": "a"})
+    assert coded_response.status_code == 418 and coded_response.json() == {"code": "E42"}
+    assert coded_response.headers["x-ratelimit-limit-requests"] == "5"

@@ -727,3 +727,8 @@ def test_aio_a_stream_written_with_context_write_settles_with_its_usage() -> Non
             await until(lambda: limiter.get_request_count("a", "default", unit="tokens") == 7)
 
     run(scenario)
+
+
+def test_add_metadata_must_be_a_boolean() -> None:
+    with pytest.raises(TypeError, match="add_metadata must be True or False, got 'false'"):
+        RateLimitInterceptor(RateLimiter(5, 60), add_metadata="false")  # type: ignore[arg-type]

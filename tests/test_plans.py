@@ -266,3 +266,8 @@ def test_an_alias_must_name_a_canonical_model() -> None:
         Plans(
             {"free": {"*": {"per_user_model": "2/minute"}}}, default_plan="free", aliases={"a": "b", "b": "a"}
         )
+
+
+def test_an_alias_to_itself_is_harmless() -> None:
+    plans = Plans({"free": {"*": {"per_user_model": "2/minute"}}}, default_plan="free", aliases={"m": "m"})
+    assert plans.canonical("m") == "m"

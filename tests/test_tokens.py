@@ -329,3 +329,14 @@ def test_many_gzip_members_or_much_padding_cost_linear_work() -> None:
     for _ in range(2000):
         padded.body(b"\0")
     assert padded.settlement() == (3, 4) and padded.unread_encoding is None
+
+
+def test_a_long_stream_of_gzip_members_that_carry_text_is_read_to_its_end() -> None:
+    """A server that compresses each write as its own member: 12,000 members with text, then the usage."""
+    event = b'data: {"choices": [{"delta": {"content": "word "}}]}\n\n'
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 40000}}\n\n'
+    body = gzip_compress(event) * 12_000 + gzip_compress(usage)
+    meter = Meter((100, 10))
+    meter.start(200, "text/event-stream", "gzip")
+    meter.body(body)
+    assert meter.settlement() == (100, 40000) and meter.unread_encoding is None
