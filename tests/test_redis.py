@@ -268,7 +268,7 @@ def test_key_names_read_as_prefix_algorithm_tier_limit_and_identity(client: redi
         per_user_model="5/minute",
         per_model="100/hour",
         per_user="10/minute;50/hour",
-        global_limit="1000/0.5 seconds",
+        global_limit="2/1.5 seconds",  # a window in decimals; its key lives 0.75 s (1000 per 0.5 s: 0.5 ms)
         algorithm="gcra",
         storage=RedisStorage(client, key_prefix=prefix, timeout=CONTRACT_TIMEOUT),
     )
@@ -280,7 +280,7 @@ def test_key_names_read_as_prefix_algorithm_tier_limit_and_identity(client: redi
             "per_model:100/3600:{gpt-4}",
             "per_user:10/60:{alice}",
             "per_user:50/3600:{alice}",
-            "global:1000/0.5:{global}",
+            "global:2/1.5:{global}",
         ]
     )
 
