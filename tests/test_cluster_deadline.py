@@ -375,3 +375,145 @@ def test_a_migrating_slot_is_tried_again_within_the_deadline_and_never_opens_the
         else:
             loop.run(storage.aclose())
             loop.stop()
+
+
+# -- the asyncio cluster: the same failures, each call run on an event loop -----------------------------
+
+
+class OnLoop:
+    """A limiter given an asyncio cluster client (``redis.asyncio.cluster.RedisCluster``), driven from sync
+    code: its ``check``, ``allow`` and ``get_request_count`` run its async methods on a loop of its own, so
+    that ``timed``, ``served``, ``paused`` and ``Slots`` drive it as they drive a sync limiter."""
+
+    def __init__(self, cluster: RedisCluster, on_error: Any = "deny", timeout: float = TIMEOUT) -> None:
+        self.loop = LoopThread()
+        node = redis.asyncio.cluster.ClusterNode("127.0.0.1", cluster.ports[0])
+        self.client = redis.asyncio.cluster.RedisCluster(
+            startup_nodes=[node], socket_timeout=30, socket_connect_timeout=30
+        )
+        self.rate = limiter(self.client, on_error, timeout)
+
+    def check(self, user: str, model: str) -> Any:
+        return self.loop.run(self.rate.acheck(user, model))
+
+    def allow(self, user: str, model: str) -> bool:
+        return bool(self.loop.run(self.rate.aallow(user, model)))
+
+    def get_request_count(self, user: str, model: str) -> int:
+        return int(self.loop.run(self.rate.aget_request_count(user, model)))
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self.rate.storage.aclose())
+            self.loop.run(self.client.aclose())
+        finally:
+            self.loop.stop()
+
+
+@pytest.mark.parametrize("on_error", ["deny", "allow"])
+def test_async_a_stalled_node_costs_its_calls_the_timeout_and_no_others(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, on_error: str
+) -> None:
+    """``test_a_stalled_node_costs_its_calls_the_timeout_and_no_others`` on the asyncio cluster; the stalled
+    node's calls twice in a row, the second mapping the cluster again (the node failed) before it is sent."""
+    rate = OnLoop(redis_cluster, on_error)
+    stalled = name_on(redis_cluster, caller, 0)
+    other = name_on(redis_cluster, caller, 1)
+    try:
+        assert rate.allow(stalled, "m") and rate.allow(other, "m")
+        with paused(redis_cluster, 0):
+            for _ in range(2):
+                elapsed, decision = timed(lambda: rate.check(stalled, "m"))
+                assert elapsed < TIMEOUT + SLACK
+                if on_error == "deny":
+                    assert isinstance(decision, RateLimiterUnavailable)
+                else:
+                    assert isinstance(decision, UncheckedDecision) and decision.allowed
+            elapsed, decision = timed(lambda: rate.check(other, "m"))
+            assert elapsed < TIMEOUT + SLACK
+            assert not isinstance(decision, (RateLimiterUnavailable, UncheckedDecision)) and decision.allowed
+        assert rate.get_request_count(stalled, "m") >= 1  # answers again
+        assert rate.allow(other, "m")
+    finally:
+        rate.close()
+
+
+def test_async_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """``test_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart`` on the asyncio cluster."""
+    rate = OnLoop(redis_cluster)
+    user = name_on(redis_cluster, caller, 2)
+    other = name_on(redis_cluster, caller, 0)
+    try:
+        assert rate.allow(user, "m")
+        node = redis_cluster.nodes[2]
+        node.kill()
+        try:
+            for _ in range(2):  # the second maps the cluster again first (the node failed)
+                elapsed, decision = timed(lambda: rate.check(user, "m"))
+                assert elapsed < TIMEOUT + SLACK and isinstance(decision, RateLimiterUnavailable)
+            assert rate.allow(other, "m")
+        finally:
+            node.restart()
+        assert served(rate, user, TIMEOUT + SLACK, within=10, poll=0.05).allowed
+        assert rate.allow(other, "m")
+    finally:
+        rate.close()
+
+
+def test_async_a_moving_or_moved_slot_is_followed_within_the_deadline(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """``test_a_moving_or_moved_slot_is_followed_within_the_deadline`` on the asyncio cluster."""
+    rate = OnLoop(redis_cluster)
+    stale = OnLoop(redis_cluster)
+    slots = Slots(redis_cluster)
+    user = next(
+        name
+        for name in (name_on(redis_cluster, caller, 0) for _ in itertools.count())
+        if not slots.keys(key_slot(name.encode()), 0)  # an empty slot: it moves without keys to carry
+    )
+    slot = key_slot(user.encode())
+    try:
+        for mapped in (rate, stale):  # both map the cluster: the slot on node 0
+            assert mapped.allow(name_on(redis_cluster, caller, 1), "m")
+        slots.begin(slot, 0, 2)
+        elapsed, allowed = timed(lambda: rate.allow(user, "m"))  # ASK: node 0 lacks the key
+        assert elapsed < TIMEOUT + SLACK and allowed is True
+        assert slots.keys(slot, 2)  # the script ran on node 2, which imports the slot
+        slots.end(slot, 2)
+        elapsed, allowed = timed(lambda: rate.allow(user, "m"))  # MOVED
+        assert elapsed < TIMEOUT + SLACK and allowed is True
+        assert rate.get_request_count(user, "m") == 2  # mapped again: the slot on node 2
+        with paused(redis_cluster, 2):
+            elapsed, decision = timed(lambda: stale.check(user, "m"))  # MOVED, to a stalled node
+            assert elapsed < TIMEOUT + SLACK and isinstance(decision, RateLimiterUnavailable)
+        assert stale.allow(user, "m") and stale.get_request_count(user, "m") == 1  # mapped again
+    finally:
+        slots.give_back(slot, 2)
+        slots.close()
+        rate.close()
+        stale.close()
+
+
+@pytest.mark.parametrize("stalled", [(0,), (0, 1, 2)])
+def test_async_first_use_while_nodes_stall_ends_by_the_deadline(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, stalled: tuple[int, ...]
+) -> None:
+    """The first calls map the cluster while the startup node, or every node, is stalled: each ends by its
+    deadline (mapping cut short, it may fail), and once the nodes answer the next call maps it again."""
+    user = name_on(redis_cluster, caller, 1)
+    limiters = [OnLoop(redis_cluster) for _ in range(2)]
+    try:
+        with paused(redis_cluster, *stalled):
+            for rate in limiters:
+                for _ in range(2):
+                    elapsed, decision = timed(lambda rate=rate: rate.check(user, "m"))
+                    assert elapsed < TIMEOUT + SLACK
+                    assert isinstance(decision, RateLimiterUnavailable) or decision.allowed
+        for rate in limiters:
+            assert rate.allow(user, "m")
+    finally:
+        for rate in limiters:
+            rate.close()
