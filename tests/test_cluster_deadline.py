@@ -92,31 +92,6 @@ def paused(cluster: RedisCluster, *indexes: int) -> Iterator[None]:
             cluster.nodes[index].resume()
 
 
-@pytest.mark.parametrize("on_error", ["deny", "allow"])
-def test_a_stalled_node_costs_its_calls_the_timeout_and_no_others(
-    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, on_error: str
-) -> None:
-    """Calls on a paused node end by their deadline and follow the policy; the others are served at once;
-    all are served once the node resumes."""
-    rate = limiter(caller, on_error)
-    stalled = name_on(redis_cluster, caller, 0)
-    other = name_on(redis_cluster, caller, 1)
-    assert rate.allow(stalled, "m") and rate.allow(other, "m")
-    with paused(redis_cluster, 0):
-        elapsed, decision = timed(lambda: rate.check(stalled, "m"))
-        assert elapsed < TIMEOUT + SLACK
-        if on_error == "deny":
-            assert isinstance(decision, RateLimiterUnavailable)
-        else:
-            assert isinstance(decision, UncheckedDecision) and decision.allowed
-        # The other nodes' calls are served (the cluster is not mapped again through the stalled node).
-        elapsed, decision = timed(lambda: rate.check(other, "m"))
-        assert elapsed < TIMEOUT + SLACK
-        assert not isinstance(decision, (RateLimiterUnavailable, UncheckedDecision)) and decision.allowed
-    assert rate.get_request_count(stalled, "m") >= 1  # answers again
-    rate.storage.close()
-
-
 def test_a_batch_ends_by_its_deadline_when_its_second_node_stalls_after_a_slow_first(
     redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
 ) -> None:
@@ -206,27 +181,6 @@ def test_a_mapping_longer_than_the_timeout_goes_on_and_serves_the_next_calls(
     rate.storage.close()
 
 
-def test_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
-    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
-) -> None:
-    """Refused connections, then the restarted master's refusals (CLUSTERDOWN until it may serve again, about
-    2 s): every call within the bound, the other nodes serving throughout."""
-    rate = limiter(caller)
-    user = name_on(redis_cluster, caller, 2)
-    other = name_on(redis_cluster, caller, 0)
-    assert rate.allow(user, "m")
-    node = redis_cluster.nodes[2]
-    node.kill()
-    try:
-        elapsed, decision = timed(lambda: rate.check(user, "m"))
-        assert elapsed < TIMEOUT + SLACK and isinstance(decision, RateLimiterUnavailable)
-        assert rate.allow(other, "m")
-    finally:
-        node.restart()
-    assert served(rate, user, TIMEOUT + SLACK, within=10, poll=0.05).allowed  # a restarting master meanwhile
-    rate.storage.close()
-
-
 class Slots:
     """Moves an empty slot between nodes as ``redis-cli --cluster reshard`` does (IMPORTING on the target,
     MIGRATING on the source, then NODE on every node, the target first)."""
@@ -257,42 +211,6 @@ class Slots:
     def close(self) -> None:
         for client in self.clients:
             client.close()
-
-
-def test_a_moving_or_moved_slot_is_followed_within_the_deadline(
-    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
-) -> None:
-    """ASK while a slot migrates and MOVED once it has (the limiter's map is then stale) are redirects, not
-    failures: the command goes to the node named. A redirect to a stalled node costs the timeout, no more."""
-    rate = limiter(caller)
-    stale = limiter(caller)
-    slots = Slots(redis_cluster)
-    user = next(
-        name
-        for name in (name_on(redis_cluster, caller, 0) for _ in itertools.count())
-        if not slots.keys(key_slot(name.encode()), 0)  # an empty slot: it moves without keys to carry
-    )
-    slot = key_slot(user.encode())
-    for mapped in (rate, stale):  # both map the cluster: the slot on node 0
-        assert mapped.allow(name_on(redis_cluster, caller, 1), "m")
-    try:
-        slots.begin(slot, 0, 2)
-        elapsed, allowed = timed(lambda: rate.allow(user, "m"))  # ASK: node 0 lacks the key
-        assert elapsed < TIMEOUT + SLACK and allowed is True
-        assert slots.keys(slot, 2)  # the script ran on node 2, which imports the slot
-        slots.end(slot, 2)
-        elapsed, allowed = timed(lambda: rate.allow(user, "m"))  # MOVED
-        assert elapsed < TIMEOUT + SLACK and allowed is True
-        assert rate.get_request_count(user, "m") == 2
-        with paused(redis_cluster, 2):
-            elapsed, decision = timed(lambda: stale.check(user, "m"))  # MOVED, to a stalled node
-            assert elapsed < TIMEOUT + SLACK and isinstance(decision, RateLimiterUnavailable)
-        assert stale.allow(user, "m")
-    finally:
-        slots.give_back(slot, 2)
-        slots.close()
-        rate.storage.close()
-        stale.storage.close()
 
 
 @pytest.mark.parametrize("on_error", ["allow", "local"])
@@ -377,15 +295,27 @@ def test_a_migrating_slot_is_tried_again_within_the_deadline_and_never_opens_the
             loop.stop()
 
 
-# -- the asyncio cluster: the same failures, each call run on an event loop -----------------------------
+# -- failures on both clients: the caller's sync cluster client and an asyncio one -----------------------
 
 
-class OnLoop:
-    """A limiter given an asyncio cluster client (``redis.asyncio.cluster.RedisCluster``), driven from sync
-    code: its ``check``, ``allow`` and ``get_request_count`` run its async methods on a loop of its own, so
-    that ``timed``, ``served``, ``paused`` and ``Slots`` drive it as they drive a sync limiter."""
+class Driven:
+    """A limiter on the session's cluster, driven from sync code whichever client it has: the caller's sync
+    client (``"sync"``), or an asyncio cluster client (``"async"``) whose async methods run on a loop of its
+    own; so that ``timed``, ``served``, ``paused`` and ``Slots`` drive both alike."""
 
-    def __init__(self, cluster: RedisCluster, on_error: Any = "deny", timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self,
+        mode: str,
+        cluster: RedisCluster,
+        caller: redis.cluster.RedisCluster,
+        on_error: Any = "deny",
+        timeout: float = TIMEOUT,
+    ) -> None:
+        self.loop: LoopThread | None = None
+        self.client: redis.asyncio.cluster.RedisCluster | None = None
+        if mode == "sync":
+            self.rate = limiter(caller, on_error, timeout)
+            return
         self.loop = LoopThread()
         node = redis.asyncio.cluster.ClusterNode("127.0.0.1", cluster.ports[0])
         self.client = redis.asyncio.cluster.RedisCluster(
@@ -394,15 +324,24 @@ class OnLoop:
         self.rate = limiter(self.client, on_error, timeout)
 
     def check(self, user: str, model: str) -> Any:
+        if self.loop is None:
+            return self.rate.check(user, model)
         return self.loop.run(self.rate.acheck(user, model))
 
     def allow(self, user: str, model: str) -> bool:
+        if self.loop is None:
+            return bool(self.rate.allow(user, model))
         return bool(self.loop.run(self.rate.aallow(user, model)))
 
     def get_request_count(self, user: str, model: str) -> int:
+        if self.loop is None:
+            return int(self.rate.get_request_count(user, model))
         return int(self.loop.run(self.rate.aget_request_count(user, model)))
 
     def close(self) -> None:
+        if self.loop is None or self.client is None:
+            self.rate.storage.close()
+            return
         try:
             self.loop.run(self.rate.storage.aclose())
             self.loop.run(self.client.aclose())
@@ -410,13 +349,15 @@ class OnLoop:
             self.loop.stop()
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("on_error", ["deny", "allow"])
-def test_async_a_stalled_node_costs_its_calls_the_timeout_and_no_others(
-    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, on_error: str
+def test_a_stalled_node_costs_its_calls_the_timeout_and_no_others(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, on_error: str, mode: str
 ) -> None:
-    """``test_a_stalled_node_costs_its_calls_the_timeout_and_no_others`` on the asyncio cluster; the stalled
-    node's calls twice in a row, the second mapping the cluster again (the node failed) before it is sent."""
-    rate = OnLoop(redis_cluster, on_error)
+    """Calls on a paused node end by their deadline and follow the policy, twice in a row (the second
+    mapping the cluster again, the node having failed); the others are served at once (the cluster is not
+    mapped again through the stalled node); all are served once the node resumes."""
+    rate = Driven(mode, redis_cluster, caller, on_error)
     stalled = name_on(redis_cluster, caller, 0)
     other = name_on(redis_cluster, caller, 1)
     try:
@@ -438,11 +379,13 @@ def test_async_a_stalled_node_costs_its_calls_the_timeout_and_no_others(
         rate.close()
 
 
-def test_async_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
-    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, mode: str
 ) -> None:
-    """``test_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart`` on the asyncio cluster."""
-    rate = OnLoop(redis_cluster)
+    """Refused connections, then the restarted master's refusals (CLUSTERDOWN until it may serve again, about
+    2 s): every call within the bound, the other nodes serving throughout."""
+    rate = Driven(mode, redis_cluster, caller)
     user = name_on(redis_cluster, caller, 2)
     other = name_on(redis_cluster, caller, 0)
     try:
@@ -456,18 +399,20 @@ def test_async_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
             assert rate.allow(other, "m")
         finally:
             node.restart()
-        assert served(rate, user, TIMEOUT + SLACK, within=10, poll=0.05).allowed
+        assert served(rate, user, TIMEOUT + SLACK, within=10, poll=0.05).allowed  # a restarting master
         assert rate.allow(other, "m")
     finally:
         rate.close()
 
 
-def test_async_a_moving_or_moved_slot_is_followed_within_the_deadline(
-    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_moving_or_moved_slot_is_followed_within_the_deadline(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, mode: str
 ) -> None:
-    """``test_a_moving_or_moved_slot_is_followed_within_the_deadline`` on the asyncio cluster."""
-    rate = OnLoop(redis_cluster)
-    stale = OnLoop(redis_cluster)
+    """ASK while a slot migrates and MOVED once it has (the limiter's map is then stale) are redirects, not
+    failures: the command goes to the node named. A redirect to a stalled node costs the timeout, no more."""
+    rate = Driven(mode, redis_cluster, caller)
+    stale = Driven(mode, redis_cluster, caller)
     slots = Slots(redis_cluster)
     user = next(
         name
@@ -504,7 +449,7 @@ def test_async_first_use_while_nodes_stall_ends_by_the_deadline(
     """The first calls map the cluster while the startup node, or every node, is stalled: each ends by its
     deadline (mapping cut short, it may fail), and once the nodes answer the next call maps it again."""
     user = name_on(redis_cluster, caller, 1)
-    limiters = [OnLoop(redis_cluster) for _ in range(2)]
+    limiters = [Driven("async", redis_cluster, caller) for _ in range(2)]
     try:
         with paused(redis_cluster, *stalled):
             for rate in limiters:
