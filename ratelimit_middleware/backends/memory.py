@@ -40,6 +40,18 @@ _SWEEP_BATCH = 64  # idle keys dropped at most per store and sweep
 _STORES_PER_SWEEP = 8  # stores swept per sweep, in turn
 
 
+class _Store:
+    """The states of one counter name (a rule stated alike by the limiters bound to a storage), the rule that
+    says when they are idle, and how many of those limiters are alive."""
+
+    __slots__ = ("rule", "states", "users")
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.states: OrderedDict[Hashable, Any] = OrderedDict()
+        self.users = 0
+
+
 class MemoryStorage:
     """State in this process: the default storage.
 
@@ -61,9 +73,7 @@ class MemoryStorage:
         self.max_keys = max_keys
         self._lock = threading.Lock()
         self._last = -math.inf  # the latest time used, under the lock (see `MemoryBackend._now`)
-        self._stores: dict[CounterName, OrderedDict[Hashable, Any]] = {}
-        self._rules: dict[CounterName, Rule] = {}  # a rule of each name: how its states go idle
-        self._users: dict[CounterName, int] = {}  # limiters bound to each store
+        self._stores: dict[CounterName, _Store] = {}
         self._released: collections.deque[tuple[CounterName, ...]] = collections.deque()
         self._turns: collections.deque[CounterName] = collections.deque()  # every store, in sweeping order
         self._until_sweep = _SWEEP_EVERY  # decisions on this storage until the next sweep
@@ -79,11 +89,12 @@ class MemoryStorage:
             self._take_releases()
             stores = []
             for name, rule in zip(names, policy.all_rules, strict=True):
-                if name not in self._stores:
-                    self._stores[name], self._rules[name], self._users[name] = OrderedDict(), rule, 0
+                store = self._stores.get(name)
+                if store is None:
+                    store = self._stores[name] = _Store(rule)
                     self._turns.append(name)
-                self._users[name] += 1
-                stores.append(self._stores[name])
+                store.users += 1
+                stores.append(store.states)
         backend = MemoryBackend(policy, self, stores)
         # Not under the lock: the collector may run this while the lock is held. `_take_releases` counts it.
         weakref.finalize(backend, self._released.append, names)
@@ -93,7 +104,7 @@ class MemoryStorage:
         """Count the limiters collected since (under the lock)."""
         while self._released:
             for name in self._released.popleft():
-                self._users[name] -= 1
+                self._stores[name].users -= 1
 
     def _sweep(self, now: float) -> None:
         """Every ``_SWEEP_EVERY`` decisions on the storage (under the lock): drop idle states from the next
@@ -105,11 +116,11 @@ class MemoryStorage:
         for _ in range(min(len(self._turns), _STORES_PER_SWEEP)):
             name = self._turns.popleft()
             store = self._stores[name]
-            MemoryBackend._sweep_store(self._rules[name], store, now, _SWEEP_BATCH)
-            if store or self._users[name]:
+            MemoryBackend._sweep_store(store.rule, store.states, now, _SWEEP_BATCH)
+            if store.states or store.users:
                 self._turns.append(name)
             else:
-                del self._stores[name], self._rules[name], self._users[name]
+                del self._stores[name]
 
 
 class MemoryBackend:
