@@ -87,15 +87,15 @@ def token_pair(value: object, source: str) -> tuple[int, int]:
     if isinstance(value, (tuple, list)) and len(value) == 2:
         try:
             return (
-                check_amount(_bounded(value[0]), "input_tokens"),
-                check_amount(_bounded(value[1]), "output_tokens"),
+                check_amount(_capped(value[0]), "input_tokens"),
+                check_amount(_capped(value[1]), "output_tokens"),
             )
         except (TypeError, ValueError):
             pass
     raise TypeError(f"{source} must return (input_tokens, output_tokens), two ints >= 0, got {value!r}")
 
 
-def _bounded(amount: object) -> object:
+def _capped(amount: object) -> object:
     """A token count the client drives (``n``, ``max_tokens``), at most ``MAX_AMOUNT``: a larger one is a
     request no limit lets through (a 429), not an error that the failure policy would let through."""
     if isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_AMOUNT:
@@ -117,7 +117,7 @@ def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -
     cap = _first_whole(body, _CAP_FIELDS)
     completions = _whole(body.get("n")) or 1
     output = (default_output_tokens if cap is None else cap) * completions
-    return min(prompt, MAX_AMOUNT), min(output, MAX_AMOUNT)
+    return min(prompt, MAX_AMOUNT), min(output, MAX_AMOUNT)  # as `_capped`: more than any limit
 
 
 def _usage_of(payload: Any) -> tuple[dict[str, Any] | None, bool]:

@@ -263,7 +263,7 @@ operations = settlements(30, 400, 600)
 @settings(max_examples=200, deadline=None)
 @given(steps=operations)
 def test_sliding_log_settlements_match_a_reference_log(
-    steps: list[tuple[float, int, int | None, int]],
+    steps: list[Step],
 ) -> None:
     """Exact token accounting under out-of-order settlements, refunds, overages and cancellations."""
     clock = FakeClock(0.0)
@@ -417,7 +417,7 @@ gcra_operations = settlements(12, 20, 30)
 @settings(max_examples=300, deadline=None)
 @given(steps=gcra_operations)
 def test_gcra_settlements_never_count_less_than_the_charges_as_they_stand(
-    steps: list[tuple[float, int, int | None, int]],
+    steps: list[Step],
 ) -> None:
     """GCRA keeps one time, not the charges, so a settlement cannot always be exact; it must never erase
     other charges. After every step the count is at least a bucket replayed from scratch with each charge at
