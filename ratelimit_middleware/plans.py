@@ -245,13 +245,23 @@ class Plans:
         header = data.get("plan_header")
         if header is not None and not isinstance(header, str):
             raise PolicyError(f"{source}: plan_header: expected a header name, got {header!r}")
-        default_plan = data.get("default_plan", next(iter(plans)))
+        if "default_plan" in data:
+            default_plan = data["default_plan"]
+            if not isinstance(default_plan, str):
+                raise PolicyError(f"{source}: default_plan: expected a plan name, got {default_plan!r}")
+        elif len(plans) == 1:
+            default_plan = next(iter(plans))  # its name is checked with the others'
+        else:  # the first plan by default would hand a generous plan listed first to every client
+            raise PolicyError(
+                f"{source}: default_plan: required with several plans ({', '.join(map(str, plans))}): name "
+                "the plan of clients whose plan key gives none or an unknown plan"
+            )
         shadow_plans = data.get("shadow_plans", [])
         if not isinstance(shadow_plans, list) or not all(isinstance(plan, str) for plan in shadow_plans):
             raise PolicyError(f"{source}: shadow_plans: expected a list of plan names, got {shadow_plans!r}")
         return cls(
             plans,
-            default_plan=str(default_plan),
+            default_plan=default_plan,
             plan_key=plan_key or (from_header(header) if header else None),
             aliases=data.get("aliases"),
             algorithm=str(data.get("algorithm", "sliding_log")),

@@ -297,6 +297,32 @@ def check_plans() -> None:
     assert pro.status_code == 200 and pro.headers["x-ratelimit-limit-tokens"] == "200000"
 
 
+def check_plan_lookup() -> None:
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    with tempfile.TemporaryDirectory() as folder:
+        previous = os.getcwd()
+        os.chdir(folder)
+        try:
+            Path("policy.toml").write_text(
+                'default_plan = "free"\nplan_header = "x-plan"\n'
+                '[plans.free."*"]\nper_user_model = "1/minute"\n'
+                '[plans.pro."*"]\nper_user_model = "100/minute"\n'
+            )
+            plans = run("plan-lookup")["plans"]
+        finally:
+            os.chdir(previous)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = TestClient(RateLimitMiddleware(app, limiter=plans))
+    # X-Plan from the client no longer picks the plan: the key function replaces the file's plan_header.
+    assert statuses(lambda: client.get("/", headers={"X-Plan": "pro", "X-User-ID": "a"}), 2) == [200, 429]
+    assert statuses(lambda: client.get("/", headers={"X-API-Key": "sk-pro-customer"}), 3) == [200] * 3
+
+
 def check_metrics() -> None:
     namespace = run("metrics")
     client = TestClient(namespace["app"])

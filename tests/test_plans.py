@@ -49,6 +49,11 @@ def write(tmp_path: Path, text: str, name: str = "policy.toml") -> Path:
         ),
         ('colour = "blue"\n[plans.free."*"]\nper_model = "1/minute"\n', r"unknown key 'colour'"),
         ('default_plan = "gold"\n[plans.free."*"]\nper_model = "1/minute"\n', r"default_plan: 'gold'"),
+        (
+            '[plans.pro."*"]\nper_model = "100/minute"\n[plans.free."*"]\nper_model = "1/minute"\n',
+            r"default_plan: required with several plans \(pro, free\)",
+        ),
+        ('default_plan = 3\n[plans.free."*"]\nper_model = "1/minute"\n', r"default_plan: expected a plan"),
         ('algorithm = "leaky"\n[plans.free."*"]\nper_model = "1/minute"\n', r"algorithm: unknown 'leaky'"),
         ("plans = 3\n", r"plans: at least one plan"),
         ('[plans.free."*"]\nper_model = \n', r"line 2"),
@@ -58,6 +63,11 @@ def test_each_mistake_fails_naming_the_field(tmp_path: Path, text: str, named: s
     with pytest.raises(PolicyError, match=named) as raised:
         Plans.load(write(tmp_path, text))
     assert "policy.toml" in str(raised.value)
+
+
+def test_a_single_plan_is_the_default_without_naming_it(tmp_path: Path) -> None:
+    plans = Plans.load(write(tmp_path, '[plans.everyone."*"]\nper_model = "1/minute"\n'))
+    assert plans.default_plan == "everyone"
 
 
 def test_yaml_mistakes_name_the_line(tmp_path: Path) -> None:
