@@ -81,7 +81,7 @@ Estimator = Callable[[RequestView], "tuple[int, int]"]
 def _bounded(identity: str) -> str:
     if len(identity) <= _MAX_KEY_LENGTH:
         return identity
-    return "sha256:" + hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
+    return "sha256:" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 _NO_CONTENT = frozenset((204, 205, 304))

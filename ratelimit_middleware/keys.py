@@ -114,7 +114,7 @@ def from_json_body(field: str) -> KeyFunction:
 
 
 def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def api_key(header: str = "x-api-key") -> KeyFunction:

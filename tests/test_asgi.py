@@ -297,6 +297,28 @@ def test_huge_identities_are_hashed_not_stored_raw() -> None:
     assert all(len(user) <= 256 for user in stored_users)
 
 
+def test_huge_identities_with_lone_surrogates_are_limited() -> None:
+    """Hashing a long identity once raised on a lone surrogate (JSON can carry one): the key failure let the
+    request through."""
+    body = b'{"model": "\\ud800' + b"m" * 300 + b'"}'
+    client = TestClient(make_app(limiter="2/minute", on_error="allow"))
+    sent = [
+        client.post("/v1/chat/completions", content=body, headers={"X-User-ID": "u"}).status_code
+        for _ in range(3)
+    ]
+    assert sent == [200, 200, 429]
+
+
+def test_identities_hash_apart_whatever_their_surrogates() -> None:
+    """ "\\udcc3\\udca9" escapes to the UTF-8 bytes of "é": the two must still count apart."""
+    client = TestClient(make_app(limiter="1/minute"))
+    for model in ("\udcc3\udca9" + "m" * 300, "é" + "m" * 300):
+        body = json.dumps({"model": model}).encode()
+        assert (
+            client.post("/v1/chat/completions", content=body, headers={"X-User-ID": "u"}).status_code == 200
+        )
+
+
 def failing_key(request: RequestView) -> str:
     raise RuntimeError("key store is down")
 

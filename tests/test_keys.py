@@ -79,6 +79,9 @@ def test_api_key_is_hashed_never_raw() -> None:
     assert key(view({"Authorization": "Basic abc"})) is None
     assert key(view({"Authorization": "Bearer "})) is None
     assert key(view({"X-API-Key": "other"})) != bearer
+    # Any text hashes, lone surrogates too, and surrogates never collide with the text they escape.
+    assert key(view({"X-API-Key": "\ud800"})) != key(view({"X-API-Key": "\udcc3\udca9"}))
+    assert key(view({"X-API-Key": "\udcc3\udca9"})) != key(view({"X-API-Key": "é"}))
 
 
 def test_client_ip_ignores_forwarding_headers_by_default() -> None:
