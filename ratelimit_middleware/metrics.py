@@ -1,8 +1,10 @@
 """Prometheus metrics for the rate limiter (the ``prometheus`` extra: ``prometheus_client``).
 
 ``PrometheusMetrics`` is an ``Observer``: pass it to a middleware (``observers=[metrics]``) and expose its
-registry (``prometheus_client.make_asgi_app(metrics.registry)``). Labels stay bounded: no user label, and at
-most ``max_models`` model names (later ones are counted as ``"other"``).
+registry (``prometheus_client.make_asgi_app(metrics.registry)``). Labels stay bounded: no user label, and
+as model names either the ``models`` given (any other is counted as ``"other"``) or the first ``max_models``
+names seen (later ones are ``"other"``). Clients choose model names: give ``models`` so that junk names
+cannot take the slots of real ones.
 
 - ``ratelimit_decisions_total{outcome, tier, unit, model}``: outcome ``allowed``, ``denied`` or
   ``shadow_denied`` (denied, let through by shadow mode); the binding tier and unit.
@@ -21,6 +23,7 @@ most ``max_models`` model names (later ones are counted as ``"other"``).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -29,18 +32,43 @@ from .observe import Observer
 
 __all__ = ["PrometheusMetrics"]
 
+
+def _label(model: str) -> str:
+    """``model`` as a label value the exposition can encode: a client's name may hold a lone surrogate (JSON
+    carries them), which would make every later scrape fail."""
+    try:
+        model.encode("utf-8")
+    except UnicodeEncodeError:
+        return model.encode("utf-8", "backslashreplace").decode("utf-8")
+    return model
+
+
 _LATENCY_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5)
 
 
 class PrometheusMetrics(Observer):
     """Counts decisions, failures and tokens into a Prometheus registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, max_models: int = 100) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        models: Iterable[str] | None = None,
+        max_models: int = 100,
+    ) -> None:
         if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 0:
             raise ValueError(f"max_models must be an int >= 0, got {max_models!r}")
+        if isinstance(models, str):
+            raise TypeError(f"models must be an iterable of model names, not one string: {models!r}")
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
         self.max_models = max_models
-        self._models: set[str] = set()
+        # Model name -> its label: the names allowed up front (fixed), else those seen so far.
+        self._fixed = models is not None
+        self._labels: dict[str, str] = {}
+        for model in models or ():
+            if not isinstance(model, str):
+                raise TypeError(f"models must be model names (strings), got {model!r}")
+            self._labels[model] = _label(model)
         self._lock = threading.Lock()
         self.decisions = Counter(
             "ratelimit_decisions",
@@ -77,13 +105,17 @@ class PrometheusMetrics(Observer):
         )
 
     def _model(self, model: str) -> str:
-        """``model``, or ``"other"`` once ``max_models`` names are in use (bounded label values)."""
-        if model in self._models:
-            return model
+        """The label of ``model``: itself (made valid text), or ``"other"`` when ``models`` does not list
+        it or ``max_models`` names are in use (bounded label values)."""
+        label = self._labels.get(model)
+        if label is not None:
+            return label
+        if self._fixed:
+            return "other"
         with self._lock:
-            if len(self._models) < self.max_models:
-                self._models.add(model)
-                return model
+            if len(self._labels) < self.max_models:
+                label = self._labels[model] = _label(model)
+                return label
         return "other"
 
     def decision(self, decision: Decision, user: str, model: str, seconds: float, shadow: bool) -> None:

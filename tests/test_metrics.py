@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -102,6 +103,37 @@ def test_label_sets_stay_bounded_with_10000_users() -> None:
     assert all(
         "user" not in sample.labels for metric in metrics.registry.collect() for sample in metric.samples
     )
+
+
+def test_models_given_up_front_are_the_only_model_labels() -> None:
+    """Clients choose model names: with ``models``, junk names never take the slot of a real one."""
+    metrics = PrometheusMetrics(models=["gpt-4o", "llama-3"], max_models=1)
+    limiter = RateLimiter(limit="1000/minute")
+    for model in [*(f"junk-{index}" for index in range(200)), "llama-3", "gpt-4o"]:
+        metrics.decision(limiter.check("u", model), "u", model, 1e-6, False)
+    labelled = {labels["model"]: value for labels, value in decision_counts(metrics)}
+    assert labelled == {"other": 200, "llama-3": 1, "gpt-4o": 1}
+    with pytest.raises(TypeError, match="not one string"):
+        PrometheusMetrics(models="gpt-4o")
+
+
+def test_a_model_name_with_a_lone_surrogate_keeps_the_metrics_readable() -> None:
+    """A JSON body can name the model "\\ud800": as a raw label it made every later scrape raise."""
+    metrics = PrometheusMetrics()
+    limiter = RateLimiter(limit="1000/minute")
+    for model in ("\ud800", "\ud800x"):
+        metrics.decision(limiter.check("u", model), "u", model, 1e-6, False)
+    text = generate_latest(metrics.registry).decode()
+    assert 'model="\\\\ud800"' in text and 'model="\\\\ud800x"' in text
+
+
+def decision_counts(metrics: PrometheusMetrics) -> list[tuple[dict[str, str], float]]:
+    return [
+        (sample.labels, sample.value)
+        for metric in metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name == "ratelimit_decisions_total"
+    ]
 
 
 def test_tokens_reserved_and_settled() -> None:
@@ -219,7 +251,7 @@ def test_shadow_plans_from_a_policy_file(tmp_path: Any) -> None:
 
     policy = tmp_path / "policy.toml"
     policy.write_text(
-        'shadow_plans = ["trial"]\nplan_header = "x-plan"\n'
+        'default_plan = "free"\nshadow_plans = ["trial"]\nplan_header = "x-plan"\n'
         '[plans.free."*"]\nper_user_model = "1/minute"\n[plans.trial."*"]\nper_user_model = "1/minute"\n'
     )
     http = client(Plans.load(policy))
