@@ -127,7 +127,7 @@ async def _stream(model: str, prompt: int, include_usage: bool) -> AsyncIterator
 def create_app(limiter: MultiTierRateLimiter | Plans | None = None) -> FastAPI:
     """The mock server behind the rate limit middleware, with Prometheus metrics at ``/metrics``."""
     app = FastAPI(title="Mock LLM API")
-    metrics = PrometheusMetrics()
+    metrics = PrometheusMetrics(models=MODELS)  # model names that clients make up count as "other"
     app.add_middleware(
         RateLimitMiddleware,
         limiter=build_limiter() if limiter is None else limiter,
