@@ -417,7 +417,9 @@ class Meter:
             output_tokens = max(output_tokens or 0, streamed)
         if input_tokens is None and output_tokens is None:
             return self._reserved
+        # A count past MAX_AMOUNT (a broken or hostile upstream) is charged the cap: settling with it would
+        # raise and leave the reservation, and its concurrency slot, held.
         return (
-            reserved_in if input_tokens is None else input_tokens,
-            reserved_out if output_tokens is None else output_tokens,
+            reserved_in if input_tokens is None else min(input_tokens, MAX_AMOUNT),
+            reserved_out if output_tokens is None else min(output_tokens, MAX_AMOUNT),
         )

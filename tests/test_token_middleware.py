@@ -23,6 +23,7 @@ from starlette.testclient import TestClient
 
 from ratelimit_middleware import Limits, MultiTierRateLimiter
 from ratelimit_middleware.asgi import RateLimitMiddleware
+from ratelimit_middleware.config import MAX_AMOUNT
 from ratelimit_middleware.wsgi import RateLimitWSGI
 
 from .asgi_helpers import body_of, call, headers_of, http_scope, status_of
@@ -104,6 +105,14 @@ def test_failed_calls_are_refunded(failure: dict[str, str]) -> None:
     assert limits.get_request_count("alice", "m", unit="tokens") == 0
     assert limits.get_request_count("alice", "m", unit="concurrent") == 0
     assert limits.get_request_count("alice", "m") == 1  # the request itself stays counted
+
+
+def test_usage_beyond_the_largest_amount_still_frees_the_slot() -> None:
+    limits = limiter(tokens="1000/minute", max_concurrent=1)
+    client = asgi_client(limits)
+    assert chat(client, **{"in": str(2**60)}).status_code == 200
+    assert limits.get_request_count("alice", "m", unit="concurrent") == 0
+    assert limits.get_request_count("alice", "m", unit="tokens") >= MAX_AMOUNT  # charged the cap
 
 
 def test_token_denial_is_a_429_of_type_tokens() -> None:

@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 
+from ratelimit_middleware.config import MAX_AMOUNT
 from ratelimit_middleware.tokens import Meter, UsageReader, count_text_tokens, estimate
 
 
@@ -93,6 +94,15 @@ def test_meter_settles_with_reported_usage() -> None:
     meter.start(200, "application/json")
     meter.body(json.dumps({"usage": {"prompt_tokens": 80, "completion_tokens": 20}}).encode())
     assert meter.settlement() == (80, 20)
+
+
+def test_meter_caps_reported_usage_at_the_largest_amount() -> None:
+    """An upstream reporting more than 2**53 tokens is charged the cap: settling with its number raised, and
+    the reservation (and its concurrency slot) was never given back."""
+    meter = Meter((100, 500))
+    meter.start(200, "application/json")
+    meter.body(json.dumps({"usage": {"prompt_tokens": 2**60, "completion_tokens": 2**53 + 1}}).encode())
+    assert meter.settlement() == (MAX_AMOUNT, MAX_AMOUNT)
 
 
 @pytest.mark.parametrize("status", [400, 404, 429, 500, 503])
