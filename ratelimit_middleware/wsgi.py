@@ -215,17 +215,19 @@ def admit(
 
 
 class _Metered:
-    """The app's response iterable, read by a ``Meter`` as the server sends it; settles on ``close()``."""
+    """The app's response iterable, read by a ``Meter`` as the server sends it; settles once, when the body
+    ends or on ``close()``, whichever comes first (a wrapper that never closes keeps no slot held)."""
 
     def __init__(self, body: Iterable[bytes], meter: Meter, settle: Callable[[], None]) -> None:
         self._body = body
         self._meter = meter
-        self._settle = settle
+        self._settle: Callable[[], None] | None = settle
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._body:
             self._meter.body(chunk)
             yield chunk
+        self._settled()
 
     def close(self) -> None:
         try:
@@ -233,7 +235,12 @@ class _Metered:
             if close is not None:
                 close()
         finally:
-            self._settle()
+            self._settled()
+
+    def _settled(self) -> None:
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            settle()
 
 
 def _header_value(headers: Iterable[tuple[str, str]], name: str) -> str:

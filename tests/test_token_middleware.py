@@ -24,6 +24,7 @@ from starlette.testclient import TestClient
 from ratelimit_middleware import Limits, MultiTierRateLimiter
 from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.config import MAX_AMOUNT
+from ratelimit_middleware.observe import Observer
 from ratelimit_middleware.wsgi import RateLimitWSGI
 
 from .asgi_helpers import body_of, call, headers_of, http_scope, status_of
@@ -277,6 +278,42 @@ def test_wsgi_settles_json_and_stream_usage_and_refunds_errors() -> None:
     assert chat(client, **{"raise": "1"}).status_code == 500
     assert limits.get_request_count("alice", "m", unit="tokens") == 22
     assert limits.get_request_count("alice", "m", unit="concurrent") == 0
+
+
+class Settlements(Observer):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int] | None] = []
+
+    def settlement(self, model: str, reserved: tuple[int, int], actual: tuple[int, int] | None) -> None:
+        self.seen.append(actual)
+
+
+def raw_wsgi_usage(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 9}}).encode()]
+
+
+@pytest.mark.parametrize("closes", [0, 2])
+def test_wsgi_settles_once_when_the_body_ends_whether_closed_never_or_twice(closes: int) -> None:
+    """PEP 3333 servers call ``close()`` once; a wrapper that never does, or does twice, must neither keep
+    the slot nor report the settlement twice."""
+    limits = limiter(tokens="1000/minute", max_concurrent=1)
+    settlements = Settlements()
+    app = RateLimitWSGI(raw_wsgi_usage, limits, observers=[settlements])
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/v1/chat/completions",
+        "HTTP_X_USER_ID": "alice",
+        "HTTP_X_MODEL": "m",
+        "wsgi.input": io.BytesIO(b""),
+    }
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    assert b"".join(body) == b'{"usage": {"prompt_tokens": 3, "completion_tokens": 9}}'
+    for _ in range(closes):
+        body.close()  # type: ignore[attr-defined]
+    assert limits.get_request_count("alice", "m", unit="concurrent") == 0
+    assert limits.get_request_count("alice", "m", unit="tokens") == 12
+    assert settlements.seen == [(3, 9)]
 
 
 def test_wsgi_token_denial() -> None:
