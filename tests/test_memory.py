@@ -81,6 +81,18 @@ def test_max_keys_counts_every_tier(clock: FakeClock) -> None:
     assert limiter.get_request_count("x", "gpt-4", tier="per_model") == 500  # the shared key survives
 
 
+def test_max_keys_never_evicts_the_slots_of_requests_in_flight(clock: FakeClock) -> None:
+    """An evicted slot count would let its user take ``max_concurrent`` more, and the old request's release
+    would then undercount the new one: counts of requests in flight are kept, bounded by those requests."""
+    limiter = RateLimiter(max_concurrent=1, clock=clock, max_keys=5)
+    held = [limiter.reserve(f"user-{index}", "m") for index in range(8)]  # more in flight than max_keys
+    assert all(reservation.allowed for reservation in held)
+    assert not any(limiter.reserve(f"user-{index}", "m").allowed for index in range(8))  # all still taken
+    held[0].cancel()
+    assert limiter.get_request_count("user-0", "m", unit="concurrent") == 0
+    assert limiter.reserve("user-0", "m").allowed
+
+
 def test_default_max_keys_is_large() -> None:
     assert DEFAULT_MAX_KEYS >= 1_000_000
 

@@ -370,8 +370,20 @@ class MemoryBackend:
             del store[key]
 
     def _evict(self, now: float) -> None:
-        """Bring the total below ``max_keys``: idle keys first, then the LRU key of the largest store."""
+        """Bring the total below ``max_keys``: idle keys first, then the LRU key of the largest store.
+
+        Slot counts of requests in flight are never evicted (their release would undercount the fresh
+        count, and the user could take the slots again): they are bounded by the requests running, and
+        only the other stores give way, down to none.
+        """
         self._sweep_own(now)
+        windowed = [
+            store
+            for rule, store in zip(self._policy.all_rules, self._stores, strict=True)
+            if rule.unit != "concurrent"
+        ]
         while len(self) >= self._max_keys:
-            largest = max(self._stores, key=len)
+            largest = max(windowed, key=len, default=None)
+            if not largest:
+                return
             largest.popitem(last=False)
