@@ -55,6 +55,14 @@ class ScopeHeaders(ServerHeaders):
     def pairs(self) -> Iterable[tuple[str, str]]:
         return ((name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw)
 
+    def first(self, name: str) -> str | None:
+        if self._index is not None:  # no name repeats
+            return self.get(name)
+        return next(
+            (value.decode("latin-1") for key, value in self._raw if key.decode("latin-1").lower() == name),
+            None,
+        )
+
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         if self._index is None:
             return self.joined().get(name.lower(), default)

@@ -172,9 +172,9 @@ _FORWARDING_HEADERS = ("x-forwarded-for", "forwarded")
 
 
 def _forwarded_for(request: RequestView, header: str) -> list[str]:
-    """The addresses proxies appended to ``header``, oldest first."""
-    value = request.header(header)
-    if not value:
+    """The addresses proxies appended to ``header``, oldest first, all its lines (a proxy may add its own)."""
+    value = request.headers.get(header)
+    if not value or not value.strip():
         return []
     if header == "x-forwarded-for":
         return value.split(",")

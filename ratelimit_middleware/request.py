@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import cast
 from urllib.parse import parse_qsl
 
-__all__ = ["BodyNotLoaded", "RequestView", "ServerHeaders"]
+__all__ = ["BodyNotLoaded", "PairHeaders", "RequestView", "ServerHeaders"]
 
 _UNSET = object()
 _UNREAD = object()  # the JSON of a body over the size cap, or cut short: never read, None to key functions
@@ -46,6 +46,12 @@ class ServerHeaders(Mapping[str, str]):
         """Every header's name and value, decoded, in the server's order."""
         raise NotImplementedError
 
+    def first(self, name: str) -> str | None:
+        """Header ``name`` (lower-case); of a header sent several times, its first value, as Starlette reads
+        it and so authenticates it (``get`` joins them all). Servers that join repeated headers before the
+        app sees them (WSGI) give that joined value, which is also what their app reads."""
+        return self.get(name)
+
     def joined(self) -> dict[str, str]:
         """The whole mapping, built once."""
         if self._all is None:
@@ -65,6 +71,25 @@ class ServerHeaders(Mapping[str, str]):
         return len(self.joined())
 
 
+class PairHeaders(ServerHeaders):
+    """Headers given as name and value pairs (gRPC metadata, tests, a framework's raw list)."""
+
+    __slots__ = ("_pairs",)
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        super().__init__()
+        self._pairs = list(pairs)
+
+    def pairs(self) -> Iterable[tuple[str, str]]:
+        return self._pairs
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self.joined().get(name.lower(), default)
+
+    def first(self, name: str) -> str | None:
+        return next((value for key, value in self._pairs if key.lower() == name), None)
+
+
 class BodyNotLoaded(BaseException):
     """Raised by ``RequestView.json`` when the body has not been read yet.
 
@@ -80,7 +105,6 @@ class RequestView:
         "_headers",
         "_json",
         "_query",
-        "_raw_headers",
         "client",
         "method",
         "path",
@@ -101,11 +125,9 @@ class RequestView:
         self.query_string = query_string
         self.client = client
         if getattr(raw_headers, "read_in_place", False) is True:  # a ServerHeaders, without an ABC isinstance
-            self._raw_headers: Iterable[tuple[str, str]] = ()
-            self._headers: Mapping[str, str] | None = cast(ServerHeaders, raw_headers)
+            self._headers = cast(ServerHeaders, raw_headers)
         else:
-            self._raw_headers = cast("Iterable[tuple[str, str]]", raw_headers)
-            self._headers = None
+            self._headers = PairHeaders(cast("Iterable[tuple[str, str]]", raw_headers))
         self._query: dict[str, str] | None = None
         self._body: bytes | None = None  # None: not loaded; b"" after loading an empty or over-cap body
         self._json: object = _UNSET
@@ -113,13 +135,13 @@ class RequestView:
     @property
     def headers(self) -> Mapping[str, str]:
         """Lower-cased header names; repeated headers joined with ``", "`` as HTTP allows."""
-        if self._headers is None:
-            self._headers = _joined(self._raw_headers)
         return self._headers
 
     def header(self, name: str) -> str | None:
-        """One header's value, stripped; ``None`` when absent or blank."""
-        value = (self.headers if self._headers is None else self._headers).get(name.lower())
+        """One header's value, stripped; ``None`` when absent or blank. Of a header sent several times, the
+        first value (``ServerHeaders.first``): what the app authenticates, so that a second ``Authorization``
+        or ``X-Model`` line cannot make a new key of each request."""
+        value = self._headers.first(name.lower())
         if value is None:
             return None
         value = value.strip()

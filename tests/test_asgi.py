@@ -18,7 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware import MultiTierRateLimiter, RateLimiter, keys
 from ratelimit_middleware.asgi import Message, RateLimitMiddleware, ScopeHeaders, request_view
 from ratelimit_middleware.contract import HTTPResponse
 from ratelimit_middleware.errors import UncheckedDecision
@@ -287,6 +287,16 @@ def test_malformed_headers_never_cause_a_500(headers: dict[str, str]) -> None:
     app = make_app(limiter="5/minute")
     scope = http_scope(headers=list(headers.items()))
     assert status_of(asyncio.run(call(app, scope, [b"{not json"]))) == 200
+
+
+def test_a_changing_second_authorization_line_does_not_reset_the_limit() -> None:
+    """Starlette authenticates the first line: keyed on all of them joined, each request was a new key."""
+    client = TestClient(make_app(limiter="2/minute", user_key=keys.api_key()))
+    sent = [
+        client.get("/hello", headers=[("Authorization", "Bearer sk-valid"), ("Authorization", f"x{index}")])
+        for index in range(3)
+    ]
+    assert [response.status_code for response in sent] == [200, 200, 429]
 
 
 def test_huge_identities_are_hashed_not_stored_raw() -> None:

@@ -169,9 +169,39 @@ def test_default_keys() -> None:
     assert model(view(body=b"{}")) == "default"
 
 
-def test_repeated_headers_are_joined() -> None:
+def test_repeated_headers_are_joined_in_the_mapping_and_keys_read_the_first() -> None:
+    """A key reads what the app authenticates (Starlette: the first line); the mapping joins them all."""
     request = RequestView("GET", "/", [("X-Forwarded-For", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")])
-    assert request.header("X-Forwarded-For") == "1.1.1.1, 2.2.2.2"
+    assert request.headers["X-Forwarded-For"] == "1.1.1.1, 2.2.2.2"
+    assert request.header("X-Forwarded-For") == "1.1.1.1"
+    # Every line of a forwarding header counts: a proxy may add its own line rather than append.
+    behind = keys.client_ip(trusted_proxies=1)
+    assert (
+        behind(
+            RequestView(
+                "GET", "/", [("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")], "", "10.0.0.1"
+            )
+        )
+        == "ip:2.2.2.2"
+    )
+
+
+@pytest.mark.parametrize("second", ["Bearer sk-other", "x0", ""])
+def test_a_second_authorization_line_is_not_a_new_key(second: str) -> None:
+    from ratelimit_middleware import asgi
+
+    key = keys.api_key()
+    alone = asgi.request_view({"method": "GET", "path": "/", "headers": [(b"authorization", b"Bearer sk-1")]})
+    scope = {
+        "method": "GET",
+        "path": "/",
+        "headers": [(b"authorization", b"Bearer sk-1"), (b"authorization", second.encode())],
+    }
+    assert key(asgi.request_view(scope)) == key(alone)
+    doubled = view({"X-Model": "gpt-4"})
+    assert keys.from_header("X-Model")(
+        RequestView("GET", "/", [("X-Model", "gpt-4"), ("X-Model", second)])
+    ) == keys.from_header("X-Model")(doubled)
 
 
 @pytest.mark.parametrize(
