@@ -216,9 +216,12 @@ async def admit(
     ``load_body`` is awaited only if a key function or the token estimate needs the body. Shared by the
     middleware and the Starlette/FastAPI decorators.
     """
+    needs_body = False
     try:
         ask = gate.ask(limiter, request)
     except BodyNotLoaded:
+        needs_body = True
+    if needs_body:  # outside the except: a key function failing now is logged without BodyNotLoaded
         await load_body()
         ask = gate.ask(limiter, request)
     if ask is None or isinstance(ask, HTTPResponse):

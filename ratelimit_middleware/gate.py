@@ -361,10 +361,11 @@ class Gate:
     def identify(self, request: RequestView) -> tuple[str, str]:
         """``(user, model)``; raises ``BodyNotLoaded`` when a key function needs the body first.
 
-        A user key function with no answer falls back to the client address (without one: ``_anonymous``).
+        A user key function with no answer (``None`` or ``""``) falls back to the client address (without one:
+        ``_anonymous``).
         """
         user = self.user_key(request)
-        if user is None:
+        if user is None or user == "":  # "" would be one bucket for every such client
             user = f"ip:{request.client}" if request.client else self._anonymous()
         model = self.model_key(request) or "default"
         if not isinstance(user, str) or not isinstance(model, str):

@@ -206,9 +206,12 @@ def admit(
     ``load_body`` is called only if a key function or the token estimate needs the body. Shared by the
     middleware and the Flask decorator.
     """
+    needs_body = False
     try:
         ask = gate.ask(limiter, request)
     except BodyNotLoaded:
+        needs_body = True
+    if needs_body:  # outside the except: a key function failing now is logged without BodyNotLoaded
         load_body()
         ask = gate.ask(limiter, request)
     return ask if ask is None or isinstance(ask, HTTPResponse) else gate.answer(ask)

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
+from werkzeug.test import Client
 
 from ratelimit_middleware import MultiTierRateLimiter, RateLimiter, keys
 from ratelimit_middleware.asgi import Message, RateLimitMiddleware, ScopeHeaders, request_view
@@ -24,6 +25,7 @@ from ratelimit_middleware.contract import HTTPResponse
 from ratelimit_middleware.errors import UncheckedDecision
 from ratelimit_middleware.keys import from_header
 from ratelimit_middleware.request import RequestView
+from ratelimit_middleware.wsgi import RateLimitWSGI
 
 from .asgi_helpers import body_of, call, headers_of, http_scope, status_of
 
@@ -329,6 +331,11 @@ def test_identities_hash_apart_whatever_their_surrogates() -> None:
         )
 
 
+def plain_wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
 def failing_key(request: RequestView) -> str:
     raise RuntimeError("key store is down")
 
@@ -340,6 +347,34 @@ def test_failing_key_function_allows_by_default_and_logs(caplog: pytest.LogCaptu
     assert "key store is down" in caplog.text
     logged = [record for record in caplog.records if "key store is down" in record.getMessage()]
     assert len(logged) == 1  # logged once, not once per request
+
+
+def failing_after_the_body(request: RequestView) -> str:
+    request.json()
+    raise RuntimeError("key store is down")
+
+
+def test_a_key_failing_once_the_body_is_read_is_logged_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """The key functions run again once the body is read: a failure then was logged chained to the internal
+    ``BodyNotLoaded`` ("During handling of the above exception...")."""
+    asgi_client = TestClient(make_app(limiter="1/minute", user_key=failing_after_the_body))
+    wsgi_client = Client(RateLimitWSGI(plain_wsgi, user_key=failing_after_the_body))
+    with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
+        assert post(asgi_client).status_code == 200
+        assert wsgi_client.post("/", data=b"{}").status_code == 200
+    logged = [record for record in caplog.records if "key store is down" in record.getMessage()]
+    assert len(logged) == 2
+    assert "BodyNotLoaded" not in caplog.text
+    assert all(record.exc_info is None or record.exc_info[1].__context__ is None for record in logged)
+
+
+def test_a_blank_user_key_falls_back_to_the_client_address() -> None:
+    """A user key answering "" put every such client in one shared bucket."""
+    app = RateLimitWSGI(plain_wsgi, limiter="1/minute", user_key=lambda request: "")
+    client = Client(app)
+    peers = ("10.0.0.1", "10.0.0.2", "10.0.0.1")
+    statuses = [client.get("/", environ_base={"REMOTE_ADDR": peer}).status_code for peer in peers]
+    assert statuses == [200, 200, 429]
 
 
 def test_failing_key_function_denies_with_503_when_asked() -> None:
