@@ -165,16 +165,21 @@ class _ReplayInput:
             yield line
 
 
-def _read_up_to(stream: IO[bytes], size: int) -> bytes:
-    """``size`` bytes, fewer only at the end of ``stream``: a read may return less than it was asked."""
+def _read_up_to(stream: IO[bytes], size: int) -> tuple[bytes, bool]:
+    """``size`` bytes, fewer only at the end of ``stream`` (a read may return less than it was asked), and
+    whether the stream read without failing: a client that goes away, or a malformed chunk, makes servers
+    raise (werkzeug: ``OSError`` or ``ClientDisconnected``), and what came before is kept."""
     chunks = []
-    while size > 0:
-        chunk = stream.read(size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+    try:
+        while size > 0:
+            chunk = stream.read(size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size -= len(chunk)
+    except Exception:
+        return b"".join(chunks), False
+    return b"".join(chunks), True
 
 
 def load_body(environ: Environ, request: RequestView, limit: int) -> None:
@@ -191,9 +196,10 @@ def load_body(environ: Environ, request: RequestView, limit: int) -> None:
         request.load_body(None)
         return
     want = limit + 1 if length is None else min(length, limit + 1)
-    head = _read_up_to(stream, want)
-    over = len(head) > limit
-    request.load_body(None if over else head)
+    head, whole = _read_up_to(stream, want)
+    # A body over the cap, or that failed to read, is none for the key functions; the app gets what was read,
+    # then meets the rest (or the stream's failure) on its own reads.
+    request.load_body(head if whole and len(head) <= limit else None)
     environ["wsgi.input"] = _ReplayInput(head, stream, None if length is None else length - len(head))
 
 

@@ -197,6 +197,45 @@ def test_chunked_body_without_length_is_read_when_terminated() -> None:
     assert json.loads(result)["length"] == len(body)
 
 
+class BrokenInput(io.RawIOBase):
+    """A request body whose client went away after ``head``: the server's stream raises, as werkzeug's does
+    for a client gone or a malformed chunk."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            data, self.head = self.head, b""
+            return data
+        raise OSError("the client went away")
+
+
+@pytest.mark.parametrize("head", [b"", b'{"model": "gp'])
+def test_a_body_that_fails_to_read_is_none_to_the_keys_and_the_app_meets_the_failure(head: bytes) -> None:
+    limiter = RateLimiter(limit="5/minute")
+    read: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        stream = environ["wsgi.input"]
+        read.append(stream.read(len(head)))
+        with pytest.raises(OSError, match="went away"):
+            stream.read(1)
+        start_response("400 Bad Request", [("Content-Type", "text/plain")])
+        return [b"bad body"]
+
+    environ = EnvironBuilder(
+        path="/v1/chat/completions", method="POST", headers={"X-User-ID": "a"}
+    ).get_environ()
+    environ["CONTENT_LENGTH"], environ["wsgi.input"] = "100", BrokenInput(head)
+    status: list[str] = []
+    assert (
+        b"".join(RateLimitWSGI(app, limiter)(environ, lambda s, h, e=None: status.append(s))) == b"bad body"
+    )
+    assert status == ["400 Bad Request"] and read == [head]
+    assert limiter.get_request_count("a", "default") == 1
+
+
 def test_replay_input_never_reads_past_content_length() -> None:
     rest = io.BytesIO(b"cdefNEXT-REQUEST")
     stream = _ReplayInput(b"ab", rest, remaining=4)
