@@ -308,7 +308,7 @@ class RateLimitMiddleware:
         self, app: ASGIApp, limiter: LimiterSpec | None = None, **options: Unpack[GateOptions]
     ) -> None:
         self.app = app
-        self.gate = Gate(limiter, **options)
+        self.gate = Gate.for_middleware("RateLimitMiddleware", limiter, options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

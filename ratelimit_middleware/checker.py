@@ -44,12 +44,23 @@ LimiterSpec = Checker | RateLimitConfig | str
 """A limiter, or a limit (config or string such as ``"10/minute"``) for a new in-memory ``RateLimiter``."""
 
 
+def is_limiter(spec: object) -> bool:
+    """Whether ``spec`` is a limiter: an instance with ``check`` and ``acheck`` (a class has them too)."""
+    return (
+        not isinstance(spec, type)
+        and callable(getattr(spec, "check", None))
+        and callable(getattr(spec, "acheck", None))
+    )
+
+
 def as_checker(spec: LimiterSpec, what: str = "limiter") -> Checker:
     """A limiter from a limiter, a config or a limit string."""
     if isinstance(spec, (str, RateLimitConfig)):
         return RateLimiter(limit=spec)
-    if callable(getattr(spec, "check", None)) and callable(getattr(spec, "acheck", None)):
+    if is_limiter(spec):
         return spec
+    if isinstance(spec, type):
+        raise TypeError(f"{what} must be a limiter instance, got the class {spec.__name__}: call it")
     raise TypeError(
         f"{what} must be a limiter, a RateLimitConfig or a limit string like '10/minute', got {spec!r}"
     )

@@ -8,6 +8,7 @@ the body when a key function needs it (``BodyNotLoaded``), call ``check`` or ``a
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -138,6 +139,17 @@ class _Throttled:
             logger.warning("%s failed (%s); the request was %s", stage, error, outcome, exc_info=error)
 
 
+def _check_known(options: Mapping[str, object], known: Iterable[str], owner: str) -> None:
+    """Fail on an option ``owner`` does not take, naming the nearest one it does (a typo would otherwise
+    surface as an internal class's keyword error, and under ``add_middleware`` only at the first request)."""
+    known = sorted(known)
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"{owner} has no option {name!r}{hint}; it takes {', '.join(known)}")
+
+
 class RouteOptions(TypedDict, total=False):
     """The options of a per-route decorator (see ``Gate``)."""
 
@@ -231,7 +243,12 @@ class Gate:
             if not isinstance(flag, bool):  # "false" from an environment variable would be true
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         if on_error not in ("allow", "deny"):
-            raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
+            hint = (
+                " ('local' is RedisStorage's, for when Redis cannot be reached)"
+                if str(on_error) == "local"
+                else ""
+            )
+            raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}{hint}")
         if isinstance(max_body_size, bool) or not isinstance(max_body_size, int) or max_body_size < 0:
             raise ValueError(f"max_body_size must be an int >= 0, got {max_body_size!r}")
         if (
@@ -250,6 +267,15 @@ class Gate:
                 raise TypeError(f"{name} must be callable, got {function!r}")
         if isinstance(exempt_paths, str):
             exempt_paths = [exempt_paths]
+        if isinstance(exempt_methods, str):  # one method, not its letters
+            exempt_methods = [exempt_methods]
+        if path_limits is not None and not isinstance(path_limits, Mapping):
+            raise TypeError(
+                "path_limits must be a mapping of path pattern to limiter (or None to exempt), got "
+                f"{path_limits!r}"
+            )
+        if isinstance(observers, Observer) or not isinstance(observers, Iterable):
+            raise TypeError(f"observers must be a list of Observer instances, got {observers!r}")
         self.limiter: Checker = RateLimiter() if limiter is None else as_checker(limiter)
         self.user_key = user_key or default_user_key()
         self.model_key = model_key or default_model_key()
@@ -385,18 +411,27 @@ class Gate:
         return "anonymous"
 
     @classmethod
+    def for_middleware(cls, owner: str, limiter: LimiterSpec | None, options: GateOptions) -> Gate:
+        """The gate of middleware ``owner`` (its class name, which an unknown option's error names)."""
+        _check_known(options, GateOptions.__annotations__, owner)
+        return cls(limiter, **options)
+
+    @classmethod
     def for_route(cls, limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Gate:
         """A gate for one route (the decorators): nothing exempt, and request limits only.
 
         Token and concurrency limits follow the response to its end, which only the middlewares see; path
         rules and token metering are the middlewares' too.
         """
-        unknown = sorted(set(options) - set(RouteOptions.__annotations__))
-        if unknown:
+        middleware_only = sorted(
+            set(options) & (set(GateOptions.__annotations__) - set(RouteOptions.__annotations__))
+        )
+        if middleware_only:
             raise TypeError(
-                f"{unknown[0]!r} is an option of RateLimitMiddleware and RateLimitWSGI, not of a route; a "
-                f"route takes {', '.join(RouteOptions.__annotations__)}"
+                f"{middleware_only[0]!r} is an option of RateLimitMiddleware and RateLimitWSGI, not of a "
+                f"route; a route takes {', '.join(RouteOptions.__annotations__)}"
             )
+        _check_known(options, RouteOptions.__annotations__, "a per-route limit")
         gate = cls(limiter, exempt_methods=(), **options)
         if reserver_of(gate.limiter) is not None:
             raise TypeError(

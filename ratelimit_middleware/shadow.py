@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
+from .checker import is_limiter
 from .decision import Decision, ShadowDecision
 from .reservation import Reservation
 
@@ -42,8 +43,8 @@ class Shadow:
     """``limiter``, evaluated and recorded but never denying."""
 
     def __init__(self, limiter: Checker) -> None:
-        if not (callable(getattr(limiter, "check", None)) and callable(getattr(limiter, "acheck", None))):
-            raise TypeError(f"Shadow needs a limiter, got {limiter!r}")
+        if not is_limiter(limiter):
+            raise TypeError(f"Shadow needs a limiter instance, got {limiter!r}")
         self.limiter = limiter
         self._routes = callable(getattr(limiter, "route", None))
 

@@ -341,7 +341,7 @@ class RateLimitWSGI:
         self, app: WSGIApp, limiter: LimiterSpec | None = None, **options: Unpack[GateOptions]
     ) -> None:
         self.app = app
-        self.gate = Gate(limiter, **options)
+        self.gate = Gate.for_middleware("RateLimitWSGI", limiter, options)
         self.leases = LeaseKeeper()  # renews the concurrency leases of responses still running
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
@@ -100,3 +102,77 @@ def test_switches_must_be_booleans(option: str) -> None:
 
     with pytest.raises(TypeError, match=f"{option} must be True or False, got 'false'"):
         RateLimitMiddleware(lambda scope, receive, send: None, **{option: "false"})  # type: ignore[arg-type]
+
+
+def _asgi_app(scope: object, receive: object, send: object) -> None:
+    return None
+
+
+def _wsgi_app(environ: object, start_response: object) -> list[bytes]:
+    return []
+
+
+@pytest.mark.parametrize("which", ["asgi", "wsgi"])
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (
+            {"exempt_path": ["/health"]},
+            r"RateLimit\w+ has no option 'exempt_path' \(did you mean 'exempt_paths'\?\)",
+        ),
+        ({"colour": "blue"}, r"has no option 'colour'; it takes add_headers, "),
+        ({"path_limits": [("/v1/*", "1/minute")]}, r"path_limits must be a mapping .*\[\('/v1/\*'"),
+        ({"observers": print}, r"observers must be a list of Observer instances"),
+        ({"on_error": "local"}, r"got 'local' \('local' is RedisStorage's"),
+        ({"limiter": RateLimiter}, r"limiter must be a limiter instance, got the class RateLimiter"),
+        (
+            {"path_limits": {"/v1/*": MultiTierRateLimiter}},
+            r"path_limits\['/v1/\*'\] must be a limiter instance",
+        ),
+    ],
+)
+def test_middleware_mistakes_fail_at_construction_naming_them(
+    which: str, options: dict[str, object], named: str
+) -> None:
+    """Before, a typo raised from an internal class (and under ``add_middleware`` only at the first request),
+    and a limiter class was taken for a limiter: every request then failed open."""
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    build = (
+        (lambda: RateLimitMiddleware(_asgi_app, **options))  # type: ignore[arg-type]
+        if which == "asgi"
+        else (lambda: RateLimitWSGI(_wsgi_app, **options))  # type: ignore[arg-type]
+    )
+    with pytest.raises((TypeError, ValueError), match=named):
+        build()
+
+
+def test_a_route_names_an_unknown_option_as_unknown() -> None:
+    from ratelimit_middleware.flask import limit
+
+    with pytest.raises(
+        TypeError, match=r"a per-route limit has no option 'user_keys' \(did you mean 'user_key'\?\)"
+    ):
+        limit("5/minute", user_keys=None)  # type: ignore[call-arg]
+
+
+def test_shadow_refuses_a_limiter_class() -> None:
+    from ratelimit_middleware.shadow import Shadow
+
+    with pytest.raises(TypeError, match="Shadow needs a limiter instance"):
+        Shadow(RateLimiter)  # type: ignore[arg-type]
+
+
+def test_one_exempt_method_may_be_given_alone() -> None:
+    from werkzeug.test import Client
+
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    def app(environ: object, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b""]
+
+    client = Client(RateLimitWSGI(app, "1/minute", exempt_methods="HEAD"))
+    assert [client.head("/").status_code for _ in range(3)] == [200, 200, 200]
+    assert [client.get("/").status_code for _ in range(2)] == [200, 429]
