@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .algorithms import ALGORITHMS
 from .backends.memory import MemoryStorage
 from .config import Limits, RateLimitConfig, Window
-from .decision import Decision
+from .decision import Allowed, Decision
 from .limiter import MultiTierRateLimiter, RateLimiter
 from .policy import TIERS
 from .reservation import Reservation
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALGORITHMS",
     "TIERS",
+    "Allowed",
     "Decision",
     "Limits",
     "MemoryStorage",

@@ -7,7 +7,20 @@ from typing import NamedTuple
 
 from .config import describe_seconds
 
-__all__ = ["Decision", "ShadowDecision"]
+__all__ = ["Allowed", "Decision", "ShadowDecision"]
+
+
+class Allowed(NamedTuple):
+    """``MultiTierRateLimiter.allow``'s answer: ``allowed, reason = limiter.allow(...)``, and true only when
+    allowed, so that ``if limiter.allow(...)`` limits as it does with ``RateLimiter`` (a plain tuple of two
+    is always true)."""
+
+    allowed: bool
+    reason: str | None
+    """Which tier and limit denied the request; ``None`` when allowed."""
+
+    def __bool__(self) -> bool:
+        return self.allowed
 
 
 class Decision(NamedTuple):

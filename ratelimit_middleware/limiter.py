@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from .backends.base import Reserved, ReservingBackend, Storage
 from .backends.memory import DEFAULT_MAX_KEYS, MemoryBackend, MemoryStorage
 from .config import MAX_AMOUNT, Limits, LimitSpec, RateLimitConfig, TierSpec, as_config, check_amount
-from .decision import Decision
+from .decision import Allowed, Decision
 from .policy import Policy, Rule
 from .reservation import Reservation
 
@@ -330,12 +330,13 @@ class MultiTierRateLimiter(_Limiter):
         ]
         super().__init__(tiers, algorithm=algorithm, storage=storage, clock=clock, max_keys=max_keys)
 
-    def allow(self, user: str, model: str, cost: int = 1) -> tuple[bool, str | None]:
-        """``(allowed, reason)``; ``reason`` names the denying tier and limit, ``None`` when allowed."""
+    def allow(self, user: str, model: str, cost: int = 1) -> Allowed:
+        """``(allowed, reason)``, true only when allowed; ``reason`` names the denying tier and limit,
+        ``None`` when allowed."""
         decision = self.check(user, model, cost)
-        return decision.allowed, decision.reason
+        return Allowed(decision.allowed, decision.reason)
 
-    async def aallow(self, user: str, model: str, cost: int = 1) -> tuple[bool, str | None]:
+    async def aallow(self, user: str, model: str, cost: int = 1) -> Allowed:
         """``allow`` for event loops."""
         decision = await self.acheck(user, model, cost)
-        return decision.allowed, decision.reason
+        return Allowed(decision.allowed, decision.reason)

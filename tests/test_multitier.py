@@ -19,6 +19,17 @@ def test_readme_multitier_example_works_as_written() -> None:
     assert allowed is True and reason is None
 
 
+def test_allow_is_true_only_when_allowed_and_still_unpacks(clock: FakeClock) -> None:
+    """A plain tuple of two is always true: ``if limiter.allow(...)`` let every request through."""
+    limiter = MultiTierRateLimiter(per_user_model="1/minute", clock=clock)
+    assert limiter.allow("alice", "gpt-4")
+    denied = limiter.allow("alice", "gpt-4")
+    assert not denied
+    allowed, reason = denied
+    assert allowed is False and reason is not None and "per_user_model" in reason
+    assert denied.reason == reason
+
+
 def test_per_model_tier_is_shared_by_all_users(algorithm: str, clock: FakeClock, storage: Storage) -> None:
     limiter = MultiTierRateLimiter(
         per_user_model="10/minute", per_model="3/minute", algorithm=algorithm, storage=storage
