@@ -27,6 +27,7 @@ from .config import describe_seconds
 from .decision import Decision
 
 __all__ = [
+    "EXPOSED_HEADER_NAMES",
     "HTTPResponse",
     "RawResponse",
     "denial_response",
@@ -40,24 +41,25 @@ __all__ = [
 
 SHOULD_RETRY_MAX_SECONDS = 60.0
 
-EXPOSED_HEADERS = ", ".join(
-    [
-        "RateLimit-Policy",
-        "RateLimit",
-        "X-RateLimit-Limit",
-        "X-RateLimit-Remaining",
-        "X-RateLimit-Reset",
-        "x-ratelimit-limit-requests",
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
-        "x-ratelimit-limit-tokens",
-        "x-ratelimit-remaining-tokens",
-        "x-ratelimit-reset-tokens",
-        "Retry-After",
-        "retry-after-ms",
-        "x-should-retry",
-    ]
+EXPOSED_HEADER_NAMES = (
+    "RateLimit-Policy",
+    "RateLimit",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "Retry-After",
+    "retry-after-ms",
+    "x-should-retry",
 )
+"""Every header the contract may send that a browser script needs exposed (``Access-Control-Expose-Headers``
+lists them): give them to a CORS middleware's ``expose_headers``, which replaces the list."""
+EXPOSED_HEADERS = ", ".join(EXPOSED_HEADER_NAMES)
 
 
 class HTTPResponse(NamedTuple):

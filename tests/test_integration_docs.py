@@ -323,6 +323,20 @@ def check_plan_lookup() -> None:
     assert statuses(lambda: client.get("/", headers={"X-API-Key": "sk-pro-customer"}), 3) == [200] * 3
 
 
+def check_cors() -> None:
+    client = TestClient(run("cors")["app"])
+    origin = {"Origin": "https://app.example.com", "X-User-ID": "a"}
+    allowed, denied = client.get("/v1/models", headers=origin), client.get("/v1/models", headers=origin)
+    assert (allowed.status_code, denied.status_code) == (200, 429)
+    for response in (allowed, denied):  # a page can read both, and their rate limit headers
+        assert response.headers["access-control-allow-origin"] == "https://app.example.com"
+        exposed = {
+            name.strip().lower() for name in response.headers["access-control-expose-headers"].split(",")
+        }
+        assert {"ratelimit", "x-ratelimit-remaining-requests", "x-request-id"} <= exposed
+    assert "retry-after" in exposed and "retry-after-ms" in exposed
+
+
 def check_metrics() -> None:
     namespace = run("metrics")
     client = TestClient(namespace["app"])
