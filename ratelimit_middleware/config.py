@@ -51,6 +51,22 @@ _ITEM = re.compile(
     r"^\s*(?P<amount>\d+)\s*(?:/|\s+per\s+)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$",
     re.IGNORECASE,
 )
+_LOOSE_ITEM = re.compile(r"^\s*(?P<amount>[^\s/]+)\s*(?:/|\s+per\s+)", re.IGNORECASE)
+
+
+def _what_is_wrong(part: str, match: re.Match[str] | None) -> str:
+    """Why ``part`` is not a limit: its amount, its unit, or its shape."""
+    shape = (
+        f"expected '<amount>/<unit>' or '<amount> per <n> <unit>' with unit one of {', '.join(_FULL_NAMES)}"
+    )
+    if match is not None:
+        return f"unknown unit {match['unit']!r}: {shape}"
+    loose = _LOOSE_ITEM.match(part)
+    if loose is not None and not loose["amount"].isdigit():
+        return f"the amount {loose['amount']!r} must be a whole number >= 0"
+    return shape
+
+
 MAX_AMOUNT = 2**53
 """The largest limit, cost or token count: Redis scripts count in doubles, exact only up to 2**53."""
 MIN_WINDOW = 0.001
@@ -148,10 +164,7 @@ class RateLimitConfig:
             unit = match["unit"].lower() if match else ""
             unit = _PLURALS.get(unit, unit)
             if match is None or unit not in _UNIT_SECONDS:
-                raise ValueError(
-                    f"bad limit {part.strip()!r} in {text!r}: expected '<amount>/<unit>' or "
-                    f"'<amount> per <n> <unit>' with unit one of {', '.join(_FULL_NAMES)}"
-                )
+                raise ValueError(f"bad limit {part.strip()!r} in {text!r}: {_what_is_wrong(part, match)}")
             count = float(match["count"]) if match["count"] else 1.0
             try:
                 windows.append(_window((int(match["amount"]), count * _UNIT_SECONDS[unit])))

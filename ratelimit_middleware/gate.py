@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -265,6 +266,13 @@ class Gate:
         ):
             if function is not None and not callable(function):
                 raise TypeError(f"{name} must be callable, got {function!r}")
+            if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+                getattr(function, "__call__", None)  # noqa: B004 - an object with an async __call__
+            ):
+                raise TypeError(
+                    f"{name} must be a plain function, not async ({function!r}): it is called while the "
+                    "request is identified, without awaiting; do async lookups in the app or cache them"
+                )
         if isinstance(exempt_paths, str):
             exempt_paths = [exempt_paths]
         if isinstance(exempt_methods, str):  # one method, not its letters

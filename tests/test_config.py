@@ -59,6 +59,20 @@ def test_parse_rejects_bad_strings_naming_them(text: str) -> None:
     assert repr(text) in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("1.5/minute", "the amount '1.5' must be a whole number >= 0"),
+        ("-1/minute", "the amount '-1' must be a whole number >= 0"),
+        ("ten per minute", "the amount 'ten' must be a whole number >= 0"),
+        ("10/fortnight", "unknown unit 'fortnight'"),
+    ],
+)
+def test_parse_says_what_is_wrong_with_a_limit(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        RateLimitConfig.parse(text)
+
+
 def test_parse_rejects_non_strings() -> None:
     with pytest.raises(TypeError, match="str"):
         RateLimitConfig.parse(100)  # type: ignore[arg-type]

@@ -176,3 +176,22 @@ def test_one_exempt_method_may_be_given_alone() -> None:
     client = Client(RateLimitWSGI(app, "1/minute", exempt_methods="HEAD"))
     assert [client.head("/").status_code for _ in range(3)] == [200, 200, 200]
     assert [client.get("/").status_code for _ in range(2)] == [200, 429]
+
+
+async def _async_key(request: object) -> str:
+    return "u"
+
+
+class _AsyncCallable:
+    async def __call__(self, request: object) -> str:
+        return "u"
+
+
+@pytest.mark.parametrize("option", ["user_key", "model_key", "deny_handler", "estimator"])
+@pytest.mark.parametrize("function", [_async_key, _AsyncCallable()])
+def test_async_key_functions_are_refused_at_construction(option: str, function: object) -> None:
+    """They were accepted, then failed on every request with a coroutine never awaited."""
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    with pytest.raises(TypeError, match=f"{option} must be a plain function, not async"):
+        RateLimitMiddleware(_asgi_app, **{option: function})  # type: ignore[arg-type]
