@@ -4,7 +4,8 @@ Each decorated view gets its own limiter (unless you pass a shared limiter objec
 same function name in different blueprints or modules never share a limit. The view needs no extra
 parameter. Options are those of ``RateLimitWSGI`` but path rules and token metering (``gate.RouteOptions``;
 others raise ``TypeError``); when a key function asks for the body, at most
-``max_body_size`` + 1 bytes of it are read from Flask's request, which replays them to the view.
+``max_body_size`` + 1 bytes of it are read from Flask's request, which replays them to the view. A denial
+raises ``RateLimitExceeded`` (a ``TooManyRequests``): ``@app.errorhandler(429)`` may answer it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import flask
+from werkzeug.exceptions import TooManyRequests
 
 from .checker import LimiterSpec
 from .contract import HTTPResponse
@@ -25,7 +27,7 @@ from .wsgi import Environ, admit, load_body, request_view
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["limit"]
+__all__ = ["RateLimitExceeded", "limit"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,6 +57,32 @@ def _respond(response: HTTPResponse) -> flask.Response:
     return flask.Response(response.body, status=response.status, headers=response.headers)
 
 
+class RateLimitExceeded(TooManyRequests):
+    """Raised by ``@limit`` for a denied request, as Flask apps expect of a 429: Flask sends the
+    OpenAI-shaped 429 it carries (``response``), unless an error handler for 429 (or for this class) answers
+    instead, whose response then gets the rate limit headers too (``Retry-After`` included)."""
+
+    def __init__(self, response: HTTPResponse) -> None:
+        super().__init__(response=_respond(response))
+        self.denial = response
+
+
+def _denied(response: HTTPResponse) -> flask.Response:
+    """``response`` for a denied request: a 429 is raised (``RateLimitExceeded``) for Flask's error
+    handlers; any other status (a 503 when the limiter is unavailable) is sent as it is."""
+    if response.status != 429:
+        return _respond(response)
+
+    @flask.after_this_request
+    def with_denial_headers(sent: flask.Response) -> flask.Response:
+        for name, value in response.headers:  # an error handler's own response: add what it lacks
+            if name.lower() not in ("content-type", "content-length") and name not in sent.headers:
+                sent.headers[name] = value
+        return sent
+
+    raise RateLimitExceeded(response)
+
+
 def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F], F]:
     """Limit one Flask view; ``limiter`` is a limit string (``"10/minute;500/day"``), a config or a limiter.
 
@@ -71,7 +99,7 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
         outcome = admit(gate, gate.limiter, view, lambda: _load_body(request, view, gate.max_body_size))
         denial, described, _ = gate.verdict(view, outcome, request.environ)
         if denial is not None:
-            return _respond(denial)
+            return _denied(denial)
         if described:
 
             @flask.after_this_request

@@ -11,7 +11,7 @@ import pytest
 from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
-from ratelimit_middleware.flask import limit
+from ratelimit_middleware.flask import RateLimitExceeded, limit
 from ratelimit_middleware.keys import from_json_body
 from ratelimit_middleware.observe import Event, EventHook
 
@@ -62,6 +62,27 @@ def test_decorated_view_limits_and_adds_headers() -> None:
     assert denied.json["error"]["code"] == "rate_limit_exceeded"
     assert denied.headers["Retry-After"] == "60"
     assert client.get("/limited", headers={"X-User-ID": "b"}).status_code == 200
+
+
+@pytest.mark.parametrize("handled", [429, RateLimitExceeded])
+def test_an_error_handler_for_429_answers_denials_with_the_rate_limit_headers(handled: object) -> None:
+    """As flask-limiter users do: ``@app.errorhandler(429)`` replaces the body; the headers stay."""
+    app = make_app()
+    seen: list[RateLimitExceeded] = []
+
+    @app.errorhandler(handled)  # type: ignore[arg-type]
+    def too_many(error: RateLimitExceeded) -> tuple[str, int]:
+        seen.append(error)
+        return "slow down", 429
+
+    client = app.test_client()
+    for _ in range(2):
+        client.get("/limited", headers={"X-User-ID": "a"})
+    denied = client.get("/limited", headers={"X-User-ID": "a"})
+    assert (denied.status_code, denied.text) == (429, "slow down")
+    assert denied.headers["Retry-After"] == "60" and denied.headers["RateLimit"].endswith(";r=0;t=60")
+    assert denied.headers["Content-Type"].startswith("text/html")  # the handler's own
+    assert isinstance(seen[0], RateLimitExceeded) and seen[0].denial.status == 429
 
 
 def test_body_keys_leave_the_body_for_the_view() -> None:
