@@ -21,6 +21,7 @@ Every mistake fails at start-up with a ``PolicyError`` naming the file, and the 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -71,7 +72,8 @@ def _limits(value: object, where: str) -> Limits | str:
         return value
     if not isinstance(value, Mapping):
         raise PolicyError(
-            f"{where}: expected a limit string like '20/minute' or a table of {', '.join(_LIMIT_FIELDS)}"
+            f"{where}: expected a limit string like '20/minute' or a table of {', '.join(_LIMIT_FIELDS)}, "
+            f"got {value!r}"
         )
     _names(value, where, "limit fields")
     unknown = sorted(set(value) - set(_LIMIT_FIELDS))
@@ -88,11 +90,24 @@ def _limits(value: object, where: str) -> Limits | str:
         raise PolicyError(f"{where}: {error}") from None
 
 
+_MODELS_TABLE = "expected a table of models ('*' for any model) and their tiers"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+
+
+def _check_plans(plans: object, source: str) -> Mapping[str, Any]:
+    """``plans``, if it is a table of at least one plan."""
+    if not isinstance(plans, Mapping):
+        raise PolicyError(f"{source}: plans: expected a table of plans and their models, got {plans!r}")
+    if not plans:
+        raise PolicyError(f"{source}: plans: at least one plan is needed")
+    return plans
+
+
 def _entries(plans: Mapping[str, Any], source: str) -> Iterator[tuple[tuple[str, str], object]]:
     """``((plan, model), tiers)`` for each model entry of each plan."""
     for plan, models in plans.items():
         if not isinstance(models, Mapping) or not models:
-            raise PolicyError(f"{source}: plans.{plan}: expected a table of models ('*' for any model)")
+            raise PolicyError(f"{source}: plans.{plan}: {_MODELS_TABLE}, got {models!r}")
         _names(models, f"{source}: plans.{plan}", "model names")
         for model, tiers in models.items():
             yield (plan, model), tiers
@@ -129,14 +144,15 @@ class Plans:
             raise PolicyError(
                 f"{source}: algorithm: unknown {algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
             )
-        if not isinstance(plans, Mapping) or not plans:
-            raise PolicyError(f"{source}: plans: at least one plan is needed")
+        _check_plans(plans, source)
         _names(plans, f"{source}: plans", "plan names")
         if default_plan not in plans:
             raise PolicyError(
                 f"{source}: default_plan: {default_plan!r} is not one of the plans ({', '.join(plans)})"
             )
-        if not isinstance(plans[default_plan], Mapping) or ANY_MODEL not in plans[default_plan]:
+        if not isinstance(plans[default_plan], Mapping) or not plans[default_plan]:
+            raise PolicyError(f"{source}: plans.{default_plan}: {_MODELS_TABLE}, got {plans[default_plan]!r}")
+        if ANY_MODEL not in plans[default_plan]:
             raise PolicyError(
                 f"{source}: plans.{default_plan}: the default plan needs a '*' entry, the limits of every "
                 "model no plan lists (else a client could name such a model and go unlimited)"
@@ -162,6 +178,13 @@ class Plans:
         self.plan_key = plan_key
         self.aliases = dict(aliases)
         entries = {key: _tiers(models, source, key) for key, models in _entries(plans, source)}
+        for plan, model in entries:
+            canonical = self.aliases.get(model, model)
+            if canonical != model:  # requests for it are looked up as the canonical model: never used
+                raise PolicyError(
+                    f"{source}: plans.{plan}.{model}: {model!r} is an alias of {canonical!r}, which requests "
+                    f"for it are limited as; give the entry the canonical name {canonical!r}"
+                )
         if storage is None:  # one for every entry: a rule stated alike counts in one counter
             storage = MemoryStorage()
         self._limiters = {  # the specs in the order of MultiTierRateLimiter's tiers
@@ -239,12 +262,12 @@ class Plans:
         unknown = sorted(set(data) - set(_TOP_FIELDS))
         if unknown:
             raise PolicyError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(_TOP_FIELDS)}")
-        plans = data.get("plans")
-        if not isinstance(plans, Mapping) or not plans:
-            raise PolicyError(f"{source}: plans: at least one plan is needed")
+        plans = _check_plans(data.get("plans"), source)
         header = data.get("plan_header")
-        if header is not None and not isinstance(header, str):
-            raise PolicyError(f"{source}: plan_header: expected a header name, got {header!r}")
+        if header is not None and (not isinstance(header, str) or not _TOKEN.fullmatch(header)):
+            raise PolicyError(
+                f"{source}: plan_header: expected a header name such as 'x-plan', got {header!r}"
+            )
         if "default_plan" in data:
             default_plan = data["default_plan"]
             if not isinstance(default_plan, str):
@@ -284,13 +307,14 @@ class Plans:
             raise PolicyError(
                 f"{path}: a policy file must be UTF-8 text; byte {error.start} is not ({error.reason})"
             ) from None
-        if path.suffix in (".yaml", ".yml"):
+        text = text.removeprefix("\ufeff")  # a byte order mark some editors write
+        suffix = path.suffix.lower()
+        if suffix in (".yaml", ".yml"):
             data = _parse_yaml(text, str(path))
+        elif suffix == ".toml":
+            data = _parse_toml(text, str(path))
         else:
-            try:
-                data = tomllib.loads(text)
-            except tomllib.TOMLDecodeError as error:
-                raise PolicyError(f"{path}: {error}") from None
+            raise PolicyError(f"{path}: a policy file is TOML (.toml) or YAML (.yaml, .yml), not {suffix!r}")
         return cls.from_mapping(data, source=str(path), plan_key=plan_key, storage=storage)
 
     @classmethod
@@ -301,10 +325,7 @@ class Plans:
         text = os.environ.get("RATELIMIT_POLICY_TOML")
         if not text:
             return None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise PolicyError(f"RATELIMIT_POLICY_TOML: {error}") from None
+        data = _parse_toml(text, "RATELIMIT_POLICY_TOML")
         return cls.from_mapping(data, source="RATELIMIT_POLICY_TOML", plan_key=plan_key, storage=storage)
 
     # -- the limiter interface the middlewares use ------------------------------------------------------
@@ -331,6 +352,19 @@ class Plans:
     ) -> Reservation:
         limiter, model = self._routed(user, model)
         return await limiter.areserve(user, model, input_tokens=input_tokens, output_tokens=output_tokens)
+
+
+def _parse_toml(text: str, source: str) -> Any:
+    """The TOML of a policy; an error quotes its line (tomllib's message gives only its number: a key given
+    twice is "Cannot overwrite a value")."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        found = re.search(r"at line (\d+)", str(error))
+        lines = text.splitlines()
+        number = int(found.group(1)) if found else 0
+        quoted = f": {lines[number - 1].strip()!r}" if 0 < number <= len(lines) else ""
+        raise PolicyError(f"{source}: {error}{quoted}") from None
 
 
 def _parse_yaml(text: str, source: str) -> Any:

@@ -55,7 +55,28 @@ def write(tmp_path: Path, text: str, name: str = "policy.toml") -> Path:
         ),
         ('default_plan = 3\n[plans.free."*"]\nper_model = "1/minute"\n', r"default_plan: expected a plan"),
         ('algorithm = "leaky"\n[plans.free."*"]\nper_model = "1/minute"\n', r"algorithm: unknown 'leaky'"),
-        ("plans = 3\n", r"plans: at least one plan"),
+        ("plans = 3\n", r"plans: expected a table of plans and their models, got 3"),
+        ('plans = ["free", "pro"]\n', r"plans: expected a table of plans .*\['free', 'pro'\]"),
+        ("[plans]\n", r"plans: at least one plan"),
+        ('[plans]\nfree = "20/minute"\n', r"plans\.free: expected a table of models .*got '20/minute'"),
+        (
+            '[plans.free."*"]\nper_user_model = 20\n',
+            r"plans\.free\.\*\.per_user_model: expected a limit .*got 20",
+        ),
+        (
+            'plan_header = "x plan:"\n[plans.free."*"]\nper_model = "1/minute"\n',
+            r"plan_header: expected a header",
+        ),
+        ('plan_header = ""\n[plans.free."*"]\nper_model = "1/minute"\n', r"plan_header: expected a header"),
+        (
+            '[aliases]\n"gpt-4o-0806" = "gpt-4o"\n[plans.free."*"]\nper_model = "1/minute"\n'
+            '[plans.free."gpt-4o-0806"]\nper_model = "9/minute"\n',
+            r"plans\.free\.gpt-4o-0806: 'gpt-4o-0806' is an alias of 'gpt-4o'",
+        ),
+        (
+            '[plans.free."*"]\nper_model = "1/minute"\nper_model = "2/minute"\n',
+            r"line 3.*'per_model = \"2/minute\"'",
+        ),
         ('[plans.free."*"]\nper_model = \n', r"line 2"),
     ],
 )
@@ -68,6 +89,23 @@ def test_each_mistake_fails_naming_the_field(tmp_path: Path, text: str, named: s
 def test_a_single_plan_is_the_default_without_naming_it(tmp_path: Path) -> None:
     plans = Plans.load(write(tmp_path, '[plans.everyone."*"]\nper_model = "1/minute"\n'))
     assert plans.default_plan == "everyone"
+
+
+def test_a_byte_order_mark_is_no_mistake(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_bytes('\ufeff[plans.free."*"]\nper_model = "1/minute"\n'.encode())
+    assert Plans.load(path).default_plan == "free"
+
+
+@pytest.mark.parametrize("name", ["policy.json", "policy.txt"])
+def test_a_file_of_another_kind_is_refused_naming_it(tmp_path: Path, name: str) -> None:
+    with pytest.raises(PolicyError, match=r"a policy file is TOML \(\.toml\) or YAML"):
+        Plans.load(write(tmp_path, "{}", name))
+
+
+def test_an_upper_case_yaml_suffix_is_yaml(tmp_path: Path) -> None:
+    plans = Plans.load(write(tmp_path, "plans:\n  free:\n    '*': {per_model: 1/minute}\n", "policy.YAML"))
+    assert plans.default_plan == "free"
 
 
 def test_yaml_mistakes_name_the_line(tmp_path: Path) -> None:
