@@ -18,6 +18,10 @@ cost). A log has one of three layouts, told apart by type, and only ever moves d
   than 1 or settles a charge (``adjust``, token reservations).
 
 In every layout the cumulative costs (explicit or implicit) make every count a binary search, not a sum.
+Float64 holds every integer up to 2**53 (``MAX_AMOUNT``) exactly, and no further: before a cumulative cost
+would pass it, the expired entries go and the rest count from the first live one (``_rebase``); sums that
+may pass it are compared as differences (``used <= limit - cost``); and an overage settled after the fact
+stops at ``MAX_AMOUNT`` units in the window.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from itertools import count
 from struct import Struct
 from typing import TypeAlias
 
+from ..config import MAX_AMOUNT
 from .base import Algorithm, Verdict, wait_until
 
 Times: TypeAlias = "float | bytes | array[float]"
@@ -70,13 +75,12 @@ class SlidingLog(Algorithm[Log]):
 
     def commit(self, state: Log | None, now: float, cost: int) -> Log:
         if isinstance(state, bytearray):
-            return self._append(state, now, _float_at(state, len(state) - 8)[0] + cost)
+            return self._append(state, now, cost)
         if cost == 1:
             return self._log_one(state, now)
         if state is None:
             return bytearray(_ENTRY.pack(now, cost))
-        pairs = _pairs(state)  # the first cost other than 1; so far, the cumulative cost is the length
-        return self._append(pairs, now, len(_times(state)) + cost)
+        return self._append(_pairs(state), now, cost)  # the first cost other than 1: pairs from now on
 
     def admit(self, state: Log | None, now: float, cost: int) -> Log | None:
         if type(state) is array and cost == 1:  # request counting on a busy key: the common case
@@ -98,9 +102,9 @@ class SlidingLog(Algorithm[Log]):
             total = _float_at(state, len(state) - 8)[0]
             # `_live` without a call and a tuple when nothing has expired (the common case on a busy key).
             before = 0.0 if _float_at(state, 0)[0] > now - self.window else self._live(state, now)[1]
-            if total - before + cost > self.limit:
+            if total - before > self.limit - cost:
                 return None
-            return self._append(state, now, total + cost)
+            return self._append(state, now, cost)
         if cost != 1:
             return super().admit(state, now, cost)  # evaluate, then commit (which moves the log to pairs)
         if state is None:
@@ -125,7 +129,13 @@ class SlidingLog(Algorithm[Log]):
     def adjust(self, state: Log | None, now: float, at: float, delta: int) -> Log | None:
         if at <= now - self.window:
             return state  # the charge no longer counts
+        if delta > 0:  # an overage: counted up to MAX_AMOUNT units in the window
+            delta = min(delta, MAX_AMOUNT - self.used(state, now))
+            if not delta:
+                return state
         log = state if isinstance(state, bytearray) else _pairs(state)
+        if log and _float_at(log, len(log) - 8)[0] > MAX_AMOUNT - delta:
+            self._rebase(log, now)  # the charge at `at` is live: it stays
         with memoryview(log) as raw, raw.cast("d") as values:
             first, end = bisect_left(values[::2], at), bisect_right(values[::2], at)
             base = values[2 * first - 1] if first else 0.0
@@ -205,25 +215,42 @@ class SlidingLog(Algorithm[Log]):
         first, before, total = self._live(log, now)
         used = total - before
         last_expiry = max(_ENTRY.unpack_from(log, len(log) - 16)[0] + self.window - now, 0.0)
-        if used + cost <= self.limit:
+        if used <= self.limit - cost:
             after = int(used) + cost
             return True, self.limit - after, 0.0, (self.window if cost else last_expiry)
         # Entries up to and including index `k` must leave the window: the first whose cumulative cost
         # reaches `total + cost - limit`.
         with memoryview(log) as raw, raw.cast("d") as values:
-            k = bisect_left(values[1::2], total + cost - self.limit, first)
+            k = bisect_left(values[1::2], total - (self.limit - cost), first)
             return False, 0, self._until_expired(values[2 * k], now), last_expiry
 
-    def _append(self, log: bytearray, now: float, cumulative: float) -> bytearray:
-        """``log`` with an entry for ``now`` at ``cumulative`` cost, after cutting expired entries."""
-        if len(log) % (16 * _COMPACT_AT) == 0:  # every _COMPACT_AT entries, look for expired ones
+    def _append(self, log: bytearray, now: float, cost: int) -> bytearray:
+        """``log`` with an entry of ``cost`` at ``now`` (that fits), after cutting expired entries."""
+        total = _float_at(log, len(log) - 8)[0]
+        if total > MAX_AMOUNT - cost:
+            total = self._rebase(log, now)
+        elif len(log) % (16 * _COMPACT_AT) == 0:  # every _COMPACT_AT entries, look for expired ones
             first = self._live(log, now)[0]
             # Cut expired entries but keep the last of them: its cumulative cost is the base of the rest.
             expired = first - 1
             if expired > 0 and (expired >= _COMPACT_AT or 2 * expired >= len(log) // 16):
                 del log[: 16 * expired]
-        log += _ENTRY.pack(now, cumulative)
+        log += _ENTRY.pack(now, total + cost)
         return log
+
+    def _rebase(self, log: bytearray, now: float) -> float:
+        """Cut every expired entry and count the cumulative costs from the first live one; the new total
+        (the units in the window).
+
+        Cumulative costs only grow, and past 2**53 floats skip integers: a log whose total would pass it
+        starts again from the units in the window, at most ``MAX_AMOUNT``.
+        """
+        first, before, _ = self._live(log, now)
+        del log[: 16 * first]
+        with memoryview(log) as raw, raw.cast("d") as values:
+            for position in range(1, len(values), 2):
+                values[position] -= before
+            return values[-1] if len(values) else 0.0
 
 
 def _with_time(live: bytes, now: float) -> Times:

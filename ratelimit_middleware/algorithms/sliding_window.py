@@ -9,7 +9,7 @@ very end); with evenly spread traffic it is exact. The state packs ``(k, previou
 
 from __future__ import annotations
 
-from math import floor
+from math import ceil, floor
 
 from .base import Algorithm, Verdict, wait_until
 
@@ -42,7 +42,11 @@ class SlidingWindow(Algorithm[int]):
         return 0, 0
 
     def _fits_at(self, start: float, previous: int, current: int, cost: int) -> float:
-        """The earliest time a request of ``cost`` fits in the window starting at ``start``, or later."""
+        """The earliest time a request of ``cost`` fits in the window starting at ``start``, or later.
+
+        A moment in the next window (``current + cost`` over the limit) may round to this window's end, less
+        than the tolerance away at large counts: the callers admit only while ``current + cost`` fits.
+        """
         window = self.window
         # The share of `previous` shrinks linearly over the window.
         room = self.limit - current - cost
@@ -57,7 +61,7 @@ class SlidingWindow(Algorithm[int]):
         start = k * window
         previous, current = self._counts(state, k)
         fits_at = self._fits_at(start, previous, current, cost)
-        if now >= fits_at - self.tolerance:
+        if current + cost <= self.limit and now >= fits_at - self.tolerance:
             estimate = previous * (1 - (now - start) / window) + current + cost
             remaining = max(int(self.limit - estimate + 1e-9), 0)
             return True, remaining, 0.0, start + 2 * window - now
@@ -75,7 +79,8 @@ class SlidingWindow(Algorithm[int]):
         window = self.window
         k = int(now // window)
         previous, current = self._counts(state, k)
-        return now >= self._fits_at(k * window, previous, current, cost) - self.tolerance
+        fits_at = self._fits_at(k * window, previous, current, cost)
+        return current + cost <= self.limit and now >= fits_at - self.tolerance
 
     def commit(self, state: int | None, now: float, cost: int) -> int:
         k = int(now // self.window)
@@ -93,8 +98,11 @@ class SlidingWindow(Algorithm[int]):
         else:
             previous, current = self._counts(state, k)  # current is 0: nothing counted in window k yet
             state = first + previous * base
+        room = self.limit - current - cost
+        if room < 0:
+            return None
         fits_at = k * window  # the window's start: what `_fits_at` answers while `previous` leaves room
-        if previous > self.limit - current - cost:
+        if previous > room:
             fits_at = self._fits_at(fits_at, previous, current, cost)
         return None if now < fits_at - self.tolerance else state + cost
 
@@ -102,7 +110,9 @@ class SlidingWindow(Algorithm[int]):
         k = int(now // self.window)
         previous, current = self._counts(state, k)
         share = previous * (1 - (now - k * self.window) / self.window)
-        return current + int(share + 1 - 1e-9) if share > 0 else current
+        # Whole units, rounded up but for a hair (`share + 1 - 1e-9` rounds up a share of 2**52 - 1); never
+        # more than the limit, which a settled overage can push the estimate past.
+        return min(current + ceil(share - 1e-9), self.limit) if share > 0 else current
 
     def idle(self, state: int, now: float) -> bool:
         return state // self.span < int(now // self.window) - 1

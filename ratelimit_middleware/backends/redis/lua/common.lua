@@ -3,6 +3,9 @@
 -- arithmetic mirrors the Python algorithms operation for operation, so both backends agree to the bit.
 -- On the paths every decision takes, numbers go to redis.call as strings too: Redis would format a Lua
 -- number with '%.17g', which costs about half as much as a simple command.
+-- Limits, costs and counts are integers up to 2^53 (config.MAX_AMOUNT), exact in doubles, and so is every
+-- difference of two of them; a sum may pass 2^53, where doubles skip integers (2^53 + 1 is 2^53), so a check
+-- reads `units <= limit - cost`, never `units + cost <= limit`.
 
 if redis.replicate_commands then redis.replicate_commands() end -- Redis < 5: TIME before writes
 

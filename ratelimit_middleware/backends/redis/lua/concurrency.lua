@@ -11,7 +11,7 @@ local function lease_read(key, now)
 end
 
 local function lease_evaluate(taken, limit, cost)
-  if taken + cost <= limit then return 1, limit - taken - cost, 0, 0 end
+  if taken <= limit - cost then return 1, limit - taken - cost, 0, 0 end
   return 0, 0, 1, 1 -- RETRY_AFTER: when a slot frees up is unknowable
 end
 

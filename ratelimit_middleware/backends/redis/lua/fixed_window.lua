@@ -22,7 +22,7 @@ local function evaluate(key, state, limit, window, now, cost)
   if floordiv(now + to_next, window) <= k then -- the rounded boundary still falls in window k
     to_next = wait_until(now, to_next, function(later) return floordiv(later, window) > k end)
   end
-  if units + cost <= limit then
+  if units <= limit - cost then
     local after = units + cost
     if after ~= 0 then return 1, limit - after, 0, to_next end
     return 1, limit - after, 0, 0

@@ -7,6 +7,11 @@
 -- window. Expired entries are trimmed on writes; the key expires one window after its newest entry.
 -- A settled entry may keep a cost of 0 (as in memory): its member then ends with its time, so that two such
 -- entries never share a member.
+-- Doubles hold every integer up to 2^53 (config.MAX_AMOUNT) and no further, as memory's float64 pairs: before
+-- a cumulative cost would pass it, the expired entries go and the rest count from the first live one
+-- (rebase); sums that may pass it are compared as differences; an overage stops at 2^53 units in the window.
+
+local MAX_AMOUNT = 2 ^ 53
 
 local function entry(member)
   local before, cost = string.match(member, '^.(%d+):(%d+)')
@@ -51,14 +56,14 @@ local function evaluate(key, state, limit, window, now, cost)
   local used_units = state.total - before_live(key, state, cutoff)
   local last_expiry = state.last_time + window - now
   if last_expiry < 0 then last_expiry = 0 end
-  if used_units + cost <= limit then
+  if used_units <= limit - cost then
     local after = used_units + cost
     if cost ~= 0 then return 1, limit - after, 0, window end
     return 1, limit - after, 0, last_expiry
   end
   -- Entries up to and including rank k must leave the window: the first live one whose cumulative cost
   -- (with its own) reaches total + cost - limit. Binary search by rank (cumulative costs grow with rank).
-  local target = state.total + cost - limit
+  local target = state.total - (limit - cost)
   local lo = redis.call('ZCOUNT', key, '-inf', fmt(cutoff))
   local hi = redis.call('ZCARD', key) - 1
   while lo < hi do
@@ -72,7 +77,33 @@ local function evaluate(key, state, limit, window, now, cost)
   return 0, 0, wait, last_expiry
 end
 
+-- Run `command` on key with `values`, a thousand at a time (Lua's stack limits unpack).
+local function chunked(command, key, values, step)
+  for i = 1, #values, step do
+    redis.call(command, key, unpack(values, i, math.min(i + step - 1, #values)))
+  end
+end
+
+-- Cut every expired entry and count the cumulative costs from the first live one (sliding_log.py's
+-- _rebase); the state after.
+local function rebase(key, now, window)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - window))
+  local entries = redis.call('ZRANGE', key, '0', '-1', 'WITHSCORES')
+  if #entries == 0 then return false end
+  local base, old, new = entry(entries[1]), {}, {}
+  for i = 1, #entries, 2 do
+    local before, cost = entry(entries[i])
+    old[#old + 1] = entries[i]
+    new[#new + 1] = entries[i + 1]
+    new[#new + 1] = member(before - base, cost, tonumber(entries[i + 1]))
+  end
+  chunked('ZREM', key, old, 1000)
+  chunked('ZADD', key, new, 1000)
+  return read_state(key)
+end
+
 local function commit(key, state, limit, window, now, cost, pad)
+  if state and state.total > MAX_AMOUNT - cost then state = rebase(key, now, window) end
   local total, at = 0, now
   if state then
     total = state.total
@@ -86,18 +117,18 @@ local function commit(key, state, limit, window, now, cost, pad)
   redis.call('PEXPIRE', key, ttl_ms(at + window - now, pad))
 end
 
--- Run `command` on key with `values`, a thousand at a time (Lua's stack limits unpack).
-local function chunked(command, key, values, step)
-  for i = 1, #values, step do
-    redis.call(command, key, unpack(values, i, math.min(i + step - 1, #values)))
-  end
-end
-
 -- The entries logged at `at` settle as one (they expire together): an overage goes on the last of them (or
 -- on a new entry at `at` if there is none), a refund takes from the last ones first, never below a cost of
 -- 0; every later entry's cumulative cost moves by the change. Once `at` has left the window, nothing changes.
 local function adjust(key, state, limit, window, now, at, delta, pad)
   if at <= now - window then return end
+  if delta > 0 then -- an overage: counted up to MAX_AMOUNT units in the window
+    local room = MAX_AMOUNT
+    if state then room = MAX_AMOUNT - (state.total - before_live(key, state, now - window)) end
+    if delta > room then delta = room end
+    if delta == 0 then return end
+    if state and state.total > MAX_AMOUNT - delta then rebase(key, now, window) end -- `at` is live: it stays
+  end
   local stamp = fmt(at)
   local run = redis.call('ZRANGEBYSCORE', key, stamp, stamp)
   local later = redis.call('ZRANGEBYSCORE', key, '(' .. stamp, '+inf', 'WITHSCORES')

@@ -24,7 +24,8 @@ local function counts(state, window, now)
   return k, start, now, 0, 0
 end
 
--- The earliest time a request of cost fits in the window starting at start, or later.
+-- The earliest time a request of cost fits in the window starting at start, or later. A moment in the next
+-- window may round to this one's end at large counts: admission also needs units <= limit - cost.
 local function fits_from(start, window, limit, previous, units, cost)
   local room = limit - units - cost
   if room >= 0 then
@@ -38,7 +39,7 @@ local function evaluate(key, state, limit, window, now, cost)
   local k, start, at, previous, units = counts(state, window, now)
   local tolerance = window * 1e-9
   local fits_at = fits_from(start, window, limit, previous, units, cost)
-  if at >= fits_at - tolerance then
+  if units <= limit - cost and at >= fits_at - tolerance then
     local estimate = previous * (1 - (at - start) / window) + units + cost
     local remaining = trunc(limit - estimate + 1e-9)
     if remaining < 0 then remaining = 0 end
@@ -49,7 +50,8 @@ local function evaluate(key, state, limit, window, now, cost)
   -- A retry may fall in the next window, where fits_at is computed in another form: test it there.
   local wait = wait_until(at, fits_at - at, function(later)
     local _, later_start, later_at, later_previous, later_units = counts(state, window, later)
-    return later_at >= fits_from(later_start, window, limit, later_previous, later_units, cost) - tolerance
+    local later_fits_at = fits_from(later_start, window, limit, later_previous, later_units, cost)
+    return later_units <= limit - cost and later_at >= later_fits_at - tolerance
   end)
   return 0, 0, wait, reset
 end
@@ -89,6 +91,8 @@ end
 local function used(key, state, limit, window, now)
   local k, start, at, previous, units = counts(state, window, now)
   local share = previous * (1 - (at - start) / window)
-  if share > 0 then return units + trunc(share + 1 - 1e-9) end
-  return units
+  if share <= 0 then return units end
+  local part = math.ceil(share - 1e-9) -- whole units, never more than the limit (an overage may pass it)
+  if part > limit - units then return limit end
+  return units + part
 end
