@@ -68,7 +68,8 @@ def _what_is_wrong(part: str, match: re.Match[str] | None) -> str:
 
 
 MAX_AMOUNT = 2**53
-"""The largest limit, cost or token count: Redis scripts count in doubles, exact only up to 2**53."""
+"""The largest limit, cost or token count: Redis scripts count in doubles, exact only up to 2**53 (as does
+the sliding log in memory). GCRA, which counts in float time, takes smaller limits (``GCRA_MAX_LIMIT``)."""
 MIN_WINDOW = 0.001
 """The shortest window in seconds: one millisecond, the resolution of Redis TTLs."""
 MAX_WINDOW = 100 * 31536000.0

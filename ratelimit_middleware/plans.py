@@ -125,6 +125,21 @@ def _tiers(tiers: object, source: str, key: tuple[str, str]) -> list[tuple[str, 
     return [(tier, _limits(tiers[tier], f"{where}.{tier}") if tier in tiers else None) for tier in _TIERS]
 
 
+def _limiter(
+    tiers: list[tuple[str, TierSpec | None]],
+    algorithm: str,
+    storage: Storage,
+    source: str,
+    key: tuple[str, str],
+) -> MultiTierRateLimiter:
+    """The limiter of one model entry (its specs in the order of ``MultiTierRateLimiter``'s tiers); a limit
+    its algorithm cannot count (finer than gcra's float time) fails naming the entry."""
+    try:
+        return MultiTierRateLimiter(*(spec for _, spec in tiers), algorithm=algorithm, storage=storage)
+    except ValueError as error:
+        raise PolicyError(f"{source}: plans.{key[0]}.{key[1]}: {error}") from None
+
+
 class Plans:
     """Per-plan, per-model limiters behind one ``check``/``reserve`` interface for the middlewares."""
 
@@ -187,9 +202,8 @@ class Plans:
                 )
         if storage is None:  # one for every entry: a rule stated alike counts in one counter
             storage = MemoryStorage()
-        self._limiters = {  # the specs in the order of MultiTierRateLimiter's tiers
-            key: MultiTierRateLimiter(*(spec for _, spec in tiers), algorithm=algorithm, storage=storage)
-            for key, tiers in entries.items()
+        self._limiters = {
+            key: _limiter(tiers, algorithm, storage, source, key) for key, tiers in entries.items()
         }
         self._plans = dict.fromkeys(plans)  # the plan names, in order
         self.uses_reservations = any(limiter.uses_reservations for limiter in self._limiters.values())

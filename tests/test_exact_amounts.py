@@ -4,7 +4,8 @@ Redis counts in doubles, exact for integers up to 2**53 only, and memory's slidi
 costs in float64: a sum such as ``used + cost`` of a full window rounds back to 2**53 and passes the limit.
 Traffic here runs at limits and costs at that edge, on each storage of the contract beside a
 ``MemoryStorage`` on the same clock (every decision and count must match), and against an exact reference
-(integers) of the window counters and of the sliding log.
+(integers) of the window counters and of the sliding log. GCRA counts time in floats: it takes limits up
+to ``GCRA_MAX_LIMIT``, at most ``GCRA_MAX_RATE`` per second, and refuses finer ones.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit_middleware import Limits, MemoryStorage, MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware.algorithms.gcra import GCRA_MAX_LIMIT, GCRA_MAX_RATE
 from ratelimit_middleware.backends.base import Storage
 from ratelimit_middleware.config import MAX_AMOUNT
 from ratelimit_middleware.decision import Decision
@@ -198,5 +200,52 @@ def test_amounts_up_to_2_53_are_exact_and_alike_on_every_storage(
             else:  # at most the limit per aligned window, twice that in any window, and counts within it
                 assert requests.aligned(now) <= limit and requests.sliding(now) <= 2 * limit
                 assert all(0 <= count <= limit for count in counts)
+
+    check()
+
+
+@pytest.mark.parametrize("limit", [f"{MAX_AMOUNT}/hour", f"{GCRA_MAX_LIMIT + 1}/day", "1000001/second"])
+def test_gcra_rejects_a_limit_finer_than_its_float_time(limit: str) -> None:
+    """GCRA keeps time in floats (0.24 us apart at Unix times) and a slack of 1e-9 of the window: 2**53 units
+    per hour are 0.4 ps each, so that every request of one unit was admitted, free. It refuses such limits
+    by name (with requests and tokens alike) rather than count them wrong."""
+    amount = limit.split("/")[0]
+    with pytest.raises(ValueError, match=rf"gcra .*{amount} per .*: at most {GCRA_MAX_LIMIT:,} per window"):
+        RateLimiter(limit=limit, algorithm="gcra")
+    with pytest.raises(ValueError, match=amount):
+        RateLimiter(tokens=limit, algorithm="gcra")
+    assert RateLimiter(limit=limit, algorithm="sliding_log").check("u", "m").allowed
+
+
+@pytest.mark.parametrize(("limit", "window"), [(GCRA_MAX_LIMIT, 1000.0), (GCRA_MAX_RATE, 1.0)])
+def test_gcra_at_its_largest_limits_is_alike_on_every_storage(
+    limit: int, window: float, storage_name: str, storage_for: StorageFactory
+) -> None:
+    """At its largest limit, and at its finest interval: the same decisions and counts as memory, within
+    the limit, and a token bucket's bound (a unit of slack) on what it admits."""
+    interval = window / limit
+    costs = st.one_of(st.sampled_from([0, 1, 2, limit // 2, limit - 1, limit]), st.integers(0, limit))
+
+    @examples(storage_name, 100)
+    @given(steps=st.lists(st.tuples(st.integers(0, 10), costs), min_size=1, max_size=14))
+    def check(steps: list[tuple[int, int]]) -> None:
+        clock = FakeClock(START)
+        limiter = RateLimiter(limit, window, algorithm="gcra", storage=storage_for(clock))
+        twin = RateLimiter(limit, window, algorithm="gcra", storage=MemoryStorage(clock=clock))
+        admitted: list[tuple[float, int]] = []
+        for eighths, cost in steps:
+            clock.advance(eighths * window / 8)
+            decision = limiter.check("u", "m", cost)
+            assert decision == twin.check("u", "m", cost)
+            within_limit(decision)
+            count = limiter.get_request_count("u", "m")
+            assert count == twin.get_request_count("u", "m") and 0 <= count <= limit
+            if decision.allowed:
+                admitted.append((clock.now, cost))
+        for i, (start, _) in enumerate(admitted):
+            total = 0
+            for end, cost in admitted[i:]:
+                total += cost
+                assert total <= limit + (end - start) / interval + 1
 
     check()

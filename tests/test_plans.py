@@ -77,6 +77,10 @@ def write(tmp_path: Path, text: str, name: str = "policy.toml") -> Path:
             '[plans.free."*"]\nper_model = "1/minute"\nper_model = "2/minute"\n',
             r"line 3.*'per_model = \"2/minute\"'",
         ),
+        (
+            'algorithm = "gcra"\n[plans.free."*"]\nper_model = "2000000/second"\n',
+            r"plans\.free\.\*: gcra cannot count 2000000 per 1 second",
+        ),
         ('[plans.free."*"]\nper_model = \n', r"line 2"),
     ],
 )

@@ -6,12 +6,18 @@ arrival time ``tat``: the time at which the bucket would be full again. A reques
 ``max(tat, now) + cost * T - now <= window`` (up to the float rounding of the sums). In any interval of length
 ``d`` it admits at most ``limit + d / T`` units. Settlements are conservative: never less than if the actual
 usage had been charged at the reservation's time.
+
+Time is a float, and so is every sum of intervals: a limit is refused (``ValueError``) whose slack of
+``_SLACK`` of the window passes a tenth of a unit (above ``GCRA_MAX_LIMIT``), or whose interval is finer than
+a microsecond (above ``GCRA_MAX_RATE`` per second), four floats of a Unix time: at 2**53 per hour, 0.4 ps
+each, a charge of one unit left ``tat`` unchanged. The other algorithms count in integers and take them.
 """
 
 from __future__ import annotations
 
 import math
 
+from ..config import describe_seconds
 from .base import Algorithm, Verdict, wait_until
 
 # Sums of many emission intervals carry float rounding; compare against the window with this relative slack
@@ -22,6 +28,10 @@ _SLACK = 1e-9
 # (the limit, up to this many) at `now * 2**-52` each: about 0.40 ms at Unix times (2026) for a limit of 1,024
 # or more. It never exceeds half an interval: a larger one would admit whole units more than the limit.
 _SUMS = 1024
+GCRA_MAX_LIMIT = 10**8
+"""The largest limit GCRA takes: its slack of 1e-9 of the window stays within a tenth of a unit."""
+GCRA_MAX_RATE = 1_000_000
+"""The most units per second GCRA takes: a unit then moves ``tat`` by a few floats at Unix times."""
 
 
 class GCRA(Algorithm[float]):
@@ -31,6 +41,11 @@ class GCRA(Algorithm[float]):
     __slots__ = ("cap", "ceiling", "drift", "interval")
 
     def __init__(self, limit: int, window: float) -> None:
+        if limit > GCRA_MAX_LIMIT or limit > window * GCRA_MAX_RATE:
+            raise ValueError(
+                f"gcra cannot count {limit} per {describe_seconds(window)}: at most {GCRA_MAX_LIMIT:,} per "
+                f"window and {GCRA_MAX_RATE:,} per second (it keeps time in floats); use another algorithm"
+            )
         super().__init__(limit, window)
         self.interval = window / limit
         # The most debt a request may leave at `now` is `ceiling + min(now * drift, cap)`.
