@@ -196,6 +196,8 @@ class _Hold:
         self._actual: tuple[int, int] | None = None
         self._failed = False
         self._open = True
+        self._busy = False  # a response stream's handler is producing its next response
+        self._ended = False  # the RPC terminated (cancelled, deadline, done)
         self._lock = threading.Lock()  # the sync server may end a call from two threads at once
 
     def observe(self, response: object) -> None:
@@ -246,6 +248,22 @@ class _Hold:
             self._gate.failed_after("settling the reservation", error)
         else:
             self._gate.settled(self._reservation, actual)
+
+    def running(self, busy: bool) -> bool:
+        """Mark a response stream's handler as producing its next response (``busy``) or done with it; done,
+        whether the RPC ended meanwhile (the stream then stops: nobody reads it)."""
+        with self._lock:
+            self._busy = busy
+            return self._ended and not busy
+
+    def ended(self) -> None:
+        """The RPC terminated (grpc's callback, on its own thread): release, unless the handler is producing
+        a response, whose return to the stream then releases (its slot is in use until then)."""
+        with self._lock:
+            self._ended = True
+            if self._busy:
+                return
+        self.release(failed=False)
 
     def release(self, failed: bool) -> None:
         """Settle (or refund when the handler ``failed``) unless done already; frees the concurrency slot."""
@@ -412,11 +430,21 @@ def _rebuild(
 
 
 def _held(responses: Iterator[Any], hold: _Hold) -> Iterator[Any]:
-    """A response stream passed on as it comes; its end settles the reservation (refunded if it failed)."""
+    """A response stream passed on as it comes; its end settles the reservation (refunded if it failed), as
+    does the end of the RPC once the handler is out of the response it was producing."""
     failed = False
     try:
-        for response in responses:
+        while True:
+            hold.running(True)
+            try:
+                response = next(responses)
+            except StopIteration:
+                break
+            finally:
+                over = hold.running(False)
             hold.observe(response)
+            if over:
+                return
             yield response
     except Exception:
         failed = True
@@ -448,9 +476,10 @@ def _sync_handler(
             return None  # reached only on the aio server's bridge for sync handlers, whose abort() returns
         if outcome.metadata:
             context.set_trailing_metadata(outcome.metadata)
-        hold = outcome.hold
-        if hold is not None:
-            context.add_callback(lambda: hold.release(failed=False))  # the RPC ended (or was cancelled)
+        if outcome.hold is not None and handler.response_streaming:
+            # A stream the client leaves is never resumed: the end of the RPC releases. A unary handler
+            # releases when it returns, and not before, however soon the RPC ends (a deadline, a cancel).
+            context.add_callback(outcome.hold.ended)
         return outcome
 
     def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:

@@ -82,8 +82,14 @@ class SyncService:
     def __init__(self) -> None:
         self.release = threading.Event()
         self.cancelled = threading.Event()
+        self.started = threading.Event()
+        self.finished = threading.Event()
 
     def complete(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request == b"wait":  # a slow model: runs on after the client's deadline
+            self.started.set()
+            self.release.wait(TIMEOUT)
+            self.finished.set()
         return b"usage:30,70" if request == b"usage" else b"ok:" + request
 
     def stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -234,7 +240,21 @@ def test_a_stream_holds_its_concurrency_slot_until_it_ends(service: SyncService)
         assert limiter.get_request_count("a", "default", unit="concurrent") == 0
 
 
-def test_a_stream_cancelled_by_the_client_gives_its_slot_back(service: SyncService) -> None:
+def in_flight(limiter: RateLimiter, user_id: str = "a") -> int:
+    return limiter.get_request_count(user_id, "default", unit="concurrent")
+
+
+def freed(limiter: RateLimiter) -> bool:
+    """Whether the slot is given back, as the server's thread does once the handler is out (bounded wait)."""
+    deadline = time.monotonic() + TIMEOUT
+    while in_flight(limiter) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return in_flight(limiter) == 0
+
+
+def test_a_stream_cancelled_by_the_client_gives_its_slot_back_once_its_handler_is_out(
+    service: SyncService,
+) -> None:
     limiter = RateLimiter(max_concurrent=1)
     with sync_server(RateLimitInterceptor(limiter), service) as channel:
         stream = channel.unary_stream(STREAM)
@@ -242,8 +262,30 @@ def test_a_stream_cancelled_by_the_client_gives_its_slot_back(service: SyncServi
         assert next(first) == b"first"
         first.cancel()
         assert service.cancelled.wait(TIMEOUT)  # the server saw the RPC end, while its handler still waits
-        assert limiter.get_request_count("a", "default", unit="concurrent") == 0
+        assert in_flight(limiter) == 1  # the handler still runs: its slot is in use
+        service.release.set()
+        assert freed(limiter)
         assert next(stream(b"", metadata=user("a"))) == b"first"
+
+
+def test_a_unary_call_past_its_deadline_holds_its_slot_until_its_handler_returns(
+    service: SyncService,
+) -> None:
+    """The end of the RPC (a deadline, a cancel) released the slot while the handler still ran: a client
+    with short deadlines had any number of handlers running at once."""
+    limiter = RateLimiter(max_concurrent=1)
+    with sync_server(RateLimitInterceptor(limiter), service) as channel:
+        complete = channel.unary_unary(COMPLETE)
+        with pytest.raises(grpc.RpcError) as late:
+            complete(b"wait", metadata=user("a"), timeout=0.05)
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert service.started.wait(TIMEOUT) and not service.finished.is_set()
+        with pytest.raises(grpc.RpcError) as busy:
+            complete(b"x", metadata=user("a"))
+        assert busy.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        service.release.set()
+        assert service.finished.wait(TIMEOUT) and freed(limiter)
+        assert complete(b"x", metadata=user("a")) == b"ok:x"
 
 
 def failing_user_key(request: RequestView) -> str | None:
