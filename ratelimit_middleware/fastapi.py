@@ -4,9 +4,10 @@
 parameter (the decorator adds a hidden one to the signature FastAPI reads), a Starlette endpoint takes its
 ``Request`` as usual.
 ``Depends(RateLimit("10/minute"))`` does the same as a dependency, raising ``RateLimitExceeded`` (an
-``HTTPException``); register ``rate_limit_exceeded_handler`` for OpenAI-shaped 429 bodies. Each decorator
-or dependency has its own limiter unless you pass a shared limiter object, so same-named endpoints in
-different modules never share.
+``HTTPException``); register ``rate_limit_exceeded_handler`` for OpenAI-shaped 429 bodies. A limit string
+gives each decorator or dependency a limiter of its own, so same-named endpoints in different modules never
+share; limiters passed in share the counters of the rules they state alike when they share a storage (give
+each its own ``key_prefix`` on one Redis).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
+from starlette.websockets import WebSocket
 
 from .asgi import admit, encode_headers, load_body, request_view
 from .checker import LimiterSpec
@@ -229,6 +231,11 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
         signature = inspect.signature(endpoint)
         parameters = list(signature.parameters.values())
         resolved = _resolved(endpoint)
+        if _own_parameter(resolved, WebSocket) is not None:
+            raise TypeError(
+                f"@limit limits HTTP endpoints, not the websocket endpoint {endpoint!r}: check a limiter "
+                "in it (await limiter.acheck(user, model)) before accepting the connection"
+            )
         own_request = _own_parameter(resolved, Request)
         own_response = _own_parameter(resolved, Response)
         hidden = [

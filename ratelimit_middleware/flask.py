@@ -1,9 +1,10 @@
 """Per-route limits for Flask views: ``@limit("10/minute")``.
 
-Each decorated view gets its own limiter (unless you pass a shared limiter object), so two views with the
-same function name in different blueprints or modules never share a limit. The view needs no extra
-parameter. Options are those of ``RateLimitWSGI`` but path rules and token metering (``gate.RouteOptions``;
-others raise ``TypeError``); when a key function asks for the body, at most
+A limit string gives each decorated view a limiter of its own, so two views with the same function name in
+different blueprints or modules never share a limit; limiters passed in share the counters of the rules
+they state alike when they share a storage (give each its own ``key_prefix`` on one Redis). The view needs
+no extra parameter. Options are those of ``RateLimitWSGI`` but path rules and token metering
+(``gate.RouteOptions``; others raise ``TypeError``); when a key function asks for the body, at most
 ``max_body_size`` + 1 bytes of it are read from Flask's request, which replays them to the view. A denial
 raises ``RateLimitExceeded`` (a ``TooManyRequests``): ``@app.errorhandler(429)`` may answer it.
 """

@@ -709,6 +709,16 @@ def test_an_inner_503_carries_no_headers_of_the_middleware() -> None:
     assert response.status_code == 503 and "x-ratelimit-limit-requests" not in response.headers
 
 
+def test_limit_refuses_a_websocket_endpoint_when_decorating() -> None:
+    """It was accepted, then every connection failed with a TypeError."""
+
+    async def talk(websocket: WebSocket) -> None:
+        await websocket.accept()
+
+    with pytest.raises(TypeError, match="not the websocket endpoint"):
+        limit("1/minute")(talk)
+
+
 def test_limit_refuses_generator_endpoints_which_fastapi_streams_itself() -> None:
     async def events() -> AsyncIterator[str]:
         yield "data: 1\n\n"
