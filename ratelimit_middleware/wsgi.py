@@ -66,6 +66,8 @@ class EnvironHeaders(ServerHeaders):
         value = self._environ.get(key)
         return default if value is None else value
 
+    first = get  # the server joined repeated headers, as the app reads them (``ServerHeaders.first``)
+
 
 _VARIABLES: dict[str, str] = {}
 _MAX_VARIABLES = 256  # key functions ask for a handful of names
