@@ -19,6 +19,7 @@ from ratelimit_middleware import (
     RedisStorage,
 )
 from ratelimit_middleware.backends.base import Storage
+from ratelimit_middleware.backends.redis import CircuitBreaker
 from ratelimit_middleware.backends.redis.coalescer import MAX_BATCH
 from ratelimit_middleware.backends.redis.connection import Call
 from ratelimit_middleware.backends.redis.scripts import script_for
@@ -253,6 +254,38 @@ def test_a_caller_cancelled_before_its_batch_goes_out_is_not_counted(redis_serve
         assert isinstance(results[2], asyncio.CancelledError)
         assert [results[i] for i in (0, 1, 3, 4)] == [True] * 4
         assert await limiter.aget_request_count("u", "m") == 4
+        await limiter.storage.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_cancelled_before_it_starts_fails_its_calls_as_never_sent_and_the_loop_goes_on(
+    redis_server: RedisServer,
+) -> None:
+    """A shutdown hook that cancels a loop's tasks while the loop runs on (or asyncio.run's own cleanup) may
+    cancel a batch's task before it could start: its caller is answered at once by the policy, as for a
+    call Redis never ran (not counted by the breaker), and the loop's later calls go to Redis, instead of
+    waiting for ever behind a batch that would never end."""
+    limiter = limiter_on(redis_server, 5, breaker=CircuitBreaker(failures=1))
+    connection = limiter.storage.connection
+
+    async def scenario() -> None:
+        await limiter.aget_request_count("warm", "up")
+        sent = connection.round_trips
+        caller = asyncio.ensure_future(limiter.acheck("u", "m"))
+        known = {asyncio.current_task(), caller}
+        for _ in range(10):  # until the caller's call is queued and its batch's task made, not yet started
+            batches = asyncio.all_tasks() - known
+            if batches:
+                break
+            await asyncio.sleep(0)
+        assert len(batches) == 1
+        batches.pop().cancel()
+        assert isinstance(await asyncio.wait_for(caller, 30), UncheckedDecision)  # bounded: no hang here
+        assert connection.round_trips == sent and not limiter.storage.breaker.is_open
+        decisions = [await asyncio.wait_for(limiter.acheck("u", "m"), 30) for _ in range(6)]
+        assert [type(decision) for decision in decisions] == [Decision] * 6
+        assert [decision.allowed for decision in decisions] == [True] * 5 + [False]
         await limiter.storage.aclose()
 
     asyncio.run(scenario())

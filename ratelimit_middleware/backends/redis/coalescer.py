@@ -19,16 +19,23 @@ batches of at most ``max_batch``, one pipelined write and one read of all replie
   before took it all): the batch is never sent and its calls fail at once with ``NotRun``, which the
   storage answers by its policy without counting Redis as failing.
 - A caller cancelled before its batch is sent is dropped; after, its reply is ignored.
+- Every call is answered by its batch's deadline, whatever becomes of the batch's task: one cancelled
+  before it could start (a shutdown hook cancelling a loop's tasks) fails its calls with ``NotRun`` at once,
+  and one with no reply by the deadline fails its calls with ``expired()`` then; either way the next batch
+  goes out, so a lost batch never leaves its loop's later calls waiting for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import groupby
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .transport import NotRun
 
 if TYPE_CHECKING:
     from .connection import Arg, Call
@@ -87,7 +94,8 @@ class Coalescer(Generic[T]):
     """Batches the script calls of one event loop; ``submit`` returns a future of the call's reply.
 
     ``flush(calls, seconds)`` returns one reply per call (a call's own error reply in its place) within
-    ``seconds``, or raises for the whole batch, and every call of the batch gets that error.
+    ``seconds``, or raises for the whole batch, and every call of the batch gets that error. ``expired()``
+    is the error of the calls of a batch that has no reply by its deadline.
     """
 
     def __init__(
@@ -95,29 +103,31 @@ class Coalescer(Generic[T]):
         loop: asyncio.AbstractEventLoop,
         flush: Callable[[list[T], float], Awaitable[list[Any]]],
         timeout: float,
+        expired: Callable[[], Exception],
         max_batch: int = MAX_BATCH,
     ) -> None:
         self._loop = loop
         self._flush = flush
         self._timeout = timeout
+        self._expired = expired
         self._max_batch = max_batch
         self._queue: deque[tuple[T, asyncio.Future[Any], float]] = deque()
-        self._busy = False  # a batch is in flight
+        self._flight: asyncio.Task[None] | None = None  # the task of the batch in flight
         self._scheduled = False  # a dispatch is due on the next iteration
-        self._tasks: set[asyncio.Task[None]] = set()  # a strong reference to the batch in flight
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references to the batches' tasks
 
     def submit(self, call: T) -> asyncio.Future[Any]:
         """Queue ``call`` for the next batch."""
         future = self._loop.create_future()
         self._queue.append((call, future, self._loop.time()))
-        if not self._busy and not self._scheduled:
+        if self._flight is None and not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._dispatch)
         return future
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        if self._busy:
+        if self._flight is not None:
             return
         queue = self._queue
         batch: list[tuple[T, asyncio.Future[Any], float]] = []
@@ -127,15 +137,46 @@ class Coalescer(Generic[T]):
                 batch.append(entry)
         if not batch:
             return
-        left = self._timeout - (self._loop.time() - batch[0][2])
-        self._busy = True
-        task = self._loop.create_task(self._deliver(batch, left))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _deliver(self, batch: list[tuple[T, asyncio.Future[Any], float]], seconds: float) -> None:
+        loop = self._loop
+        deadline = batch[0][2] + self._timeout
         futures = [future for _, future, _ in batch]
-        sent, counts = _merged([call for call, _, _ in batch])
+        task = loop.create_task(
+            self._deliver([call for call, _, _ in batch], futures, deadline - loop.time())
+        )
+        self._flight = task
+        self._tasks.add(task)
+        late = loop.call_at(deadline, self._abandon, task, futures, self._expired)
+        task.add_done_callback(functools.partial(self._ended, futures, late))
+
+    def _ended(
+        self, futures: list[asyncio.Future[Any]], late: asyncio.TimerHandle, task: asyncio.Task[None]
+    ) -> None:
+        """``task`` is done: the calls it left unanswered were never sent (it was cancelled before it could
+        start)."""
+        self._tasks.discard(task)
+        late.cancel()
+        self._abandon(task, futures, _unsent)
+
+    def _abandon(
+        self, task: asyncio.Task[None], futures: list[asyncio.Future[Any]], error: Callable[[], Exception]
+    ) -> None:
+        """The next batch goes if ``task``'s is still in flight; its calls still unanswered fail with one
+        ``error()`` (one error per batch: the storage logs it once)."""
+        self._landed(task)
+        pending = [future for future in futures if not future.done()]
+        if pending:
+            shared = error()
+            for future in pending:
+                future.set_exception(shared)
+
+    def _landed(self, task: asyncio.Task[Any] | None) -> None:
+        """``task``'s batch is no longer in flight: the next one goes out."""
+        if self._flight is task:
+            self._flight = None
+            self._dispatch()
+
+    async def _deliver(self, calls: list[T], futures: list[asyncio.Future[Any]], seconds: float) -> None:
+        sent, counts = _merged(calls)
         try:
             replies: list[Any] | BaseException = _split(await self._flush(sent, seconds), counts)
         except asyncio.CancelledError:
@@ -145,13 +186,16 @@ class Coalescer(Generic[T]):
         except Exception as error:
             replies = error
         finally:
-            self._busy = False
-            self._dispatch()  # the next batch goes out before this one's callers resume
+            self._landed(asyncio.current_task())  # the next batch goes out before this one's callers resume
         if isinstance(replies, BaseException):
             for future in futures:
                 if not future.done():
                     future.set_exception(replies)
             return
         for future, reply in zip(futures, replies, strict=True):
-            if not future.done():  # its caller may have been cancelled meanwhile
+            if not future.done():  # its caller may have been cancelled meanwhile, or the deadline passed
                 future.set_result(reply)
+
+
+def _unsent() -> NotRun:
+    return NotRun("the limiter's call was never sent: its batch was cancelled before it could start")

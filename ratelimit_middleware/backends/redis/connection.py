@@ -10,7 +10,8 @@ coalesced into pipelined batches (see ``coalescer``).
 Time bounds: a sync call has one deadline of ``timeout`` for all its round trips, each socket wait cut to
 what is left of it (on a cluster too, connecting and mapping it again included: see ``transport``); an
 async call has a hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the
-calling task), after which its connection is closed; one whose time ran out before it could be sent (its
+calling task, or in its batch's: a coalesced call is answered by its batch's deadline whatever becomes of
+that task), after which its connection is closed; one whose time ran out before it could be sent (its
 event loop was blocked meanwhile) is never sent, and raises ``NotRun``. Errors are redis-py's
 (``ConnectionError``, ``TimeoutError``, ``ResponseError``...) and ``NotRun``: the storage decides what they
 mean.
@@ -156,7 +157,7 @@ class Connection:
                 if endpoint.cluster:
                     state = _LoopState(AsyncCluster(endpoint.async_cluster()), None)
                 else:
-                    coalescer = Coalescer(loop, self._flush, self.timeout)
+                    coalescer = Coalescer(loop, self._flush, self.timeout, self._no_reply)
                     state = _LoopState(AsyncPool(endpoint.async_pool()), coalescer)
                 self._loops[loop] = state
         return state
@@ -235,7 +236,11 @@ class Connection:
         try:
             return await _within(lambda: work(deadline), seconds)
         except asyncio.TimeoutError:
-            raise RedisTimeoutError(f"no reply from Redis within {self.timeout:g} s") from None
+            raise self._no_reply() from None
+
+    def _no_reply(self) -> RedisTimeoutError:
+        """The error of a call that Redis did not answer within the timeout."""
+        return RedisTimeoutError(f"no reply from Redis within {self.timeout:g} s")
 
     async def _asend(
         self, transport: AsyncTransport, commands: Sequence[Command], deadline: float
