@@ -165,15 +165,26 @@ class Policy:
         }
         return tuple(per_unit[rule.unit] for rule in self.all_rules)
 
+    def cancellation(self, costs: Sequence[int]) -> tuple[int, ...]:
+        """The adjustment of each of ``all_rules`` that cancels a reservation which charged them ``costs``:
+        every rule gives its cost back (the tokens reserved, the concurrency slot) but the request rules (the
+        request stays counted)."""
+        return tuple(
+            0 if rule.unit == "requests" else -cost for rule, cost in zip(self.all_rules, costs, strict=True)
+        )
+
     def settlement(self, reserved: tuple[int, int], actual: tuple[int, int] | None) -> tuple[int, ...]:
         """The adjustment of each of ``all_rules`` that settles a reservation.
 
         ``reserved`` and ``actual`` are ``(input_tokens, output_tokens)``; ``actual=None`` cancels (refunds
-        every token reserved). Token limits move by actual minus reserved (a refund never exceeds what was
-        reserved, since actual usage is at least 0), concurrency slots are given back, requests stay counted.
+        every token reserved: ``cancellation``). Token limits move by actual minus reserved (a refund never
+        exceeds what was reserved, since actual usage is at least 0), concurrency slots are given back,
+        requests stay counted.
         """
+        if actual is None:
+            return self.cancellation(self.costs(1, *reserved))
         reserved_in, reserved_out = reserved
-        actual_in, actual_out = actual if actual is not None else (0, 0)
+        actual_in, actual_out = actual
         per_unit = {
             "requests": 0,
             "tokens": actual_in + actual_out - reserved_in - reserved_out,

@@ -10,18 +10,24 @@ decisions); on a Redis Cluster a reservation spread over slots is all or nothing
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
+import anyio
 import pytest
 import redis
+import redis.asyncio.cluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit_middleware import ALGORITHMS, Limits, MemoryStorage, MultiTierRateLimiter, RedisStorage
+from ratelimit_middleware.asgi import RateLimitMiddleware, Receive, Scope, Send
+from ratelimit_middleware.backends.redis.clients import RedisClient
 from ratelimit_middleware.errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ratelimit_middleware.reservation import Reservation
 
+from .asgi_helpers import call, http_scope, status_of
 from .conftest import CONTRACT_TIMEOUT, FakeClock, unique_prefix
 from .redis_server import RedisCluster, RedisServer
 
@@ -290,6 +296,112 @@ def test_settling_on_redis_time_gives_the_lease_back(redis_server: RedisServer) 
         async with await limiter.areserve("u", "m", input_tokens=5):
             assert await limiter.aget_request_count("u", "m", unit="concurrent") == 1
         assert await limiter.aget_request_count("u", "m", unit="concurrent") == 0
+
+    asyncio.run(scenario())
+
+
+async def _others_done() -> None:
+    """Wait for the loop's other tasks (what a cancelled caller left running) to end, within a bound."""
+    me = asyncio.current_task()
+    for _ in range(10):
+        others = asyncio.all_tasks() - {me}
+        if not others:
+            return
+        _, pending = await asyncio.wait(others, timeout=30)
+        assert not pending
+    raise AssertionError("the loop's tasks keep making others")
+
+
+@pytest.mark.parametrize("where", ["one Redis", "a cluster slot", "cluster slots"])
+@pytest.mark.parametrize("cancel", ["the task", "a cancel scope"])
+def test_a_reservation_whose_caller_is_cancelled_once_it_is_sent_is_cancelled_once_made(
+    request: pytest.FixtureRequest, clock: FakeClock, cancel: str, where: str
+) -> None:
+    """A request cancelled while its reservation is on its way to Redis (a server cancelling the task of a
+    request whose client left; an outer timeout, such as anyio.fail_after, a cancel scope): the caller is
+    cancelled at once, Redis makes the reservation all the same, and it is cancelled when its reply comes,
+    its tokens refunded and its slots given back, instead of held until their lease expires. The request
+    stays counted, as for any request admitted and then abandoned. On one Redis the call is coalesced; on a
+    cluster it is one script on one slot, or one per slot (a shared tier beside the user's)."""
+    if where == "one Redis":
+        client: RedisClient = request.getfixturevalue("redis_server").url
+    else:
+        port = request.getfixturevalue("redis_cluster").ports[0]
+        client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=port)
+    storage = RedisStorage(client, key_prefix=unique_prefix(), clock=clock, timeout=CONTRACT_TIMEOUT)
+    tiers = {"per_user_model": Limits(requests="10/minute", tokens="1000/minute", max_concurrent=1)}
+    if where == "cluster slots":
+        tiers["per_model"] = Limits(tokens="5000/minute", max_concurrent=5)
+    limiter = MultiTierRateLimiter(**tiers, storage=storage)  # type: ignore[arg-type]
+    connection = storage.connection
+    scopes: list[anyio.CancelScope] = []
+
+    async def caller() -> Reservation | None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            return await limiter.areserve("u", "m", input_tokens=100, output_tokens=200)
+        return None
+
+    async def held(unit: str, tier: str = "per_user_model") -> int:
+        return await limiter.aget_request_count("u", "m", tier, unit)
+
+    async def scenario() -> None:
+        await limiter.aget_request_count("warm", "up")
+        sent = connection.round_trips
+        task = asyncio.ensure_future(caller())
+        for _ in range(100):  # until the reservation is on its way to Redis
+            if connection.round_trips > sent:
+                break
+            await asyncio.sleep(0)
+        assert connection.round_trips > sent
+        if cancel == "the task":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            scopes[0].cancel()
+            assert await task is None
+        await _others_done()
+        assert [await held("requests"), await held("tokens"), await held("concurrent")] == [1, 0, 0]
+        if where == "cluster slots":
+            assert [await held("tokens", "per_model"), await held("concurrent", "per_model")] == [0, 0]
+        assert (await limiter.areserve("u", "m", input_tokens=1000)).allowed  # the slot and tokens are free
+        await storage.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_cancelled_while_reserving_leaves_its_slot_to_the_next(redis_server: RedisServer) -> None:
+    """Through the ASGI middleware: a request whose task is cancelled while its reservation is on its way
+    (its app never runs) does not keep the user's only slot, so the user's next request is served, not
+    denied for the lease's 60 seconds."""
+    storage = storage_on(redis_server, None)
+    limiter = limiter_on(storage, tokens="100000/minute", max_concurrent=1)
+    started: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        started.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = RateLimitMiddleware(app, limiter=limiter, user_key=lambda request: "alice")
+    body = json.dumps({"model": "m", "max_tokens": 500}).encode()
+
+    async def scenario() -> None:
+        await limiter.aget_request_count("warm", "up", unit="tokens")
+        sent = storage.connection.round_trips
+        cancelled = asyncio.ensure_future(call(middleware, http_scope(), [body]))
+        for _ in range(100):  # until the reservation is on its way to Redis
+            if storage.connection.round_trips > sent:
+                break
+            await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await _others_done()
+        assert status_of(await call(middleware, http_scope(), [body])) == 200
+        assert len(started) == 1
+        await storage.aclose()
 
     asyncio.run(scenario())
 

@@ -18,7 +18,8 @@ batches of at most ``max_batch``, one pipelined write and one read of all replie
   so no call waits longer than ``timeout`` in all. None left (the event loop was blocked, or the batch
   before took it all): the batch is never sent and its calls fail at once with ``NotRun``, which the
   storage answers by its policy without counting Redis as failing.
-- A caller cancelled before its batch is sent is dropped; after, its reply is ignored.
+- A caller cancelled before its batch is sent is dropped; after, its reply is ignored, or goes to the call's
+  ``orphan`` if it has one (a reservation, which Redis makes all the same, and which must then be undone).
 - Every call is answered by its batch's deadline, whatever becomes of the batch's task: one cancelled
   before it could start (a shutdown hook cancelling a loop's tasks) fails its calls with ``NotRun`` at once,
   and one with no reply by the deadline fails its calls with ``expired()`` then; either way the next batch
@@ -40,9 +41,15 @@ from .transport import NotRun
 if TYPE_CHECKING:
     from .connection import Arg, Call
 
-__all__ = ["MAX_BATCH", "Coalescer"]
+__all__ = ["MAX_BATCH", "Coalescer", "Orphan"]
 
 T = TypeVar("T", bound="Call")
+
+Orphan = Callable[[Any], object]
+"""Takes the reply of a call whose caller was cancelled once the call was sent (unless it failed)."""
+
+_Queued = tuple[T, "asyncio.Future[Any]", float, "Orphan | None"]
+"""A call, the future of its reply, when it was queued (loop time) and its orphan."""
 
 MAX_BATCH = 64
 """Calls per round trip at most. A burst larger than this is split into batches that take turns, which
@@ -111,15 +118,15 @@ class Coalescer(Generic[T]):
         self._timeout = timeout
         self._expired = expired
         self._max_batch = max_batch
-        self._queue: deque[tuple[T, asyncio.Future[Any], float]] = deque()
+        self._queue: deque[_Queued[T]] = deque()
         self._flight: asyncio.Task[None] | None = None  # the task of the batch in flight
         self._scheduled = False  # a dispatch is due on the next iteration
         self._tasks: set[asyncio.Task[None]] = set()  # strong references to the batches' tasks
 
-    def submit(self, call: T) -> asyncio.Future[Any]:
-        """Queue ``call`` for the next batch."""
+    def submit(self, call: T, orphan: Orphan | None = None) -> asyncio.Future[Any]:
+        """Queue ``call`` for the next batch (``orphan``: see ``Orphan``)."""
         future = self._loop.create_future()
-        self._queue.append((call, future, self._loop.time()))
+        self._queue.append((call, future, self._loop.time(), orphan))
         if self._flight is None and not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._dispatch)
@@ -130,7 +137,7 @@ class Coalescer(Generic[T]):
         if self._flight is not None:
             return
         queue = self._queue
-        batch: list[tuple[T, asyncio.Future[Any], float]] = []
+        batch: list[_Queued[T]] = []
         while queue and len(batch) < self._max_batch:
             entry = queue.popleft()
             if not entry[1].done():  # a caller cancelled before its call was sent: never sent
@@ -139,10 +146,8 @@ class Coalescer(Generic[T]):
             return
         loop = self._loop
         deadline = batch[0][2] + self._timeout
-        futures = [future for _, future, _ in batch]
-        task = loop.create_task(
-            self._deliver([call for call, _, _ in batch], futures, deadline - loop.time())
-        )
+        futures = [entry[1] for entry in batch]
+        task = loop.create_task(self._deliver(batch, futures, deadline - loop.time()))
         self._flight = task
         self._tasks.add(task)
         late = loop.call_at(deadline, self._abandon, task, futures, self._expired)
@@ -175,8 +180,13 @@ class Coalescer(Generic[T]):
             self._flight = None
             self._dispatch()
 
-    async def _deliver(self, calls: list[T], futures: list[asyncio.Future[Any]], seconds: float) -> None:
-        sent, counts = _merged(calls)
+    async def _deliver(
+        self,
+        batch: list[_Queued[T]],
+        futures: list[asyncio.Future[Any]],
+        seconds: float,
+    ) -> None:
+        sent, counts = _merged([entry[0] for entry in batch])
         try:
             replies: list[Any] | BaseException = _split(await self._flush(sent, seconds), counts)
         except asyncio.CancelledError:
@@ -192,9 +202,11 @@ class Coalescer(Generic[T]):
                 if not future.done():
                     future.set_exception(replies)
             return
-        for future, reply in zip(futures, replies, strict=True):
+        for (_, future, _, orphan), reply in zip(batch, replies, strict=True):
             if not future.done():  # its caller may have been cancelled meanwhile, or the deadline passed
                 future.set_result(reply)
+            elif orphan is not None and future.cancelled() and not isinstance(reply, Exception):
+                self._loop.call_soon(orphan, reply)  # apart: an orphan that fails fails alone
 
 
 def _unsent() -> NotRun:

@@ -30,8 +30,9 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .clients import Endpoint, RedisClient
-from .coalescer import Coalescer
+from .coalescer import Coalescer, Orphan
 from .keyspace import slot_groups
+from .orphans import kept
 from .scripts import Script
 from .transport import (
     AsyncCluster,
@@ -83,6 +84,11 @@ def _raised(reply: Any) -> Any:
     if isinstance(reply, Exception):
         raise reply
     return reply
+
+
+def _succeeded(reply: Any, orphan: Orphan) -> None:
+    if not isinstance(reply, Exception):
+        orphan(reply)
 
 
 class _LoopState(NamedTuple):
@@ -262,13 +268,20 @@ class Connection:
         transport = self._loop_state().transport
         return await self._deadline(lambda deadline: self._arun(transport, calls, deadline), seconds)
 
-    async def aevaluate(self, call: Call) -> Any:
-        """``evaluate`` for event loops: on a standalone Redis, batched with the loop's other calls."""
+    async def aevaluate(self, call: Call, orphan: Orphan | None = None) -> Any:
+        """``evaluate`` for event loops: on a standalone Redis, batched with the loop's other calls.
+
+        ``orphan``, for a call whose effect must not be lost (a reservation), gets the reply of the call if
+        its caller is cancelled once it was sent, since Redis runs it all the same (unless it failed); on a
+        standalone Redis a call whose caller is cancelled before its batch goes out is never sent.
+        """
         state = self._loop_state()
         if state.coalescer is not None:
-            return _raised(await state.coalescer.submit(call))
-        replies = await self._deadline(lambda deadline: self._arun(state.transport, [call], deadline))
-        return _raised(replies[0])
+            return _raised(await state.coalescer.submit(call, orphan))
+        work = self._deadline(lambda deadline: self._arun(state.transport, [call], deadline))
+        if orphan is None:
+            return _raised((await work)[0])
+        return _raised((await kept(work, lambda replies: _succeeded(replies[0], orphan)))[0])
 
     async def aevaluate_all(self, calls: Sequence[Call], deadline: float | None = None) -> list[Any]:
         """``evaluate_all`` for event loops: the calls sent together, within one deadline (``deadline``: one

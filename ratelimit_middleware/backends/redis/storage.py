@@ -20,6 +20,7 @@ When Redis is slow or gone, ``failover`` answers (``on_error``): no Redis except
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
@@ -35,6 +36,7 @@ from .clients import RedisClient
 from .connection import Arg, Call, Connection
 from .failover import REDIS_ERRORS, Failover, OnError
 from .keyspace import check_prefix, rule_key_maker, slot_groups
+from .orphans import detached, kept
 from .scripts import script_for
 
 __all__ = ["CLOCK_TTL_PAD_MS", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "Charge", "RedisBackend", "RedisStorage"]
@@ -454,15 +456,20 @@ class RedisBackend:
         return self._guarded(send, lambda: self._fallback.reserve(user, model, costs))
 
     async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
-        """``reserve`` for event loops."""
+        """``reserve`` for event loops.
+
+        A caller cancelled once its reservation was sent (an outer timeout, a server cancelling the task of a
+        request whose client left) gets its ``CancelledError`` at once; Redis makes the reservation all the
+        same, and it is cancelled when its reply comes (``_abandoned``) instead of held until its lease
+        expires. Over several cluster slots, the reservation and its refunds run in a task of their own.
+        """
         self._connection.check_async()
         keys, groups, lease_id = self._reserve(user, model)
         connection = self._connection
 
-        async def send() -> Reserved:
-            calls = self._calls(keys, groups, costs, lease_id)
-            if len(groups) == 1:
-                return self._reserved(await connection.aevaluate(calls[0]), lease_id)
+        abandoned = functools.partial(self._abandoned, user, model, costs)
+
+        async def spread(calls: list[Call]) -> Reserved:
             deadline = time.monotonic() + connection.timeout
             replies = await connection.aevaluate_all(calls, deadline)
             reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
@@ -470,7 +477,26 @@ class RedisBackend:
                 await self._arefund(lambda: connection.aevaluate_all(refunds, deadline))
             return reserved
 
+        async def send() -> Reserved:
+            calls = self._calls(keys, groups, costs, lease_id)
+            if len(groups) == 1:
+                reply = await connection.aevaluate(
+                    calls[0], lambda reply: abandoned(self._reserved(reply, lease_id))
+                )
+                return self._reserved(reply, lease_id)
+            return await kept(spread(calls), abandoned)
+
         return await self._aguarded(send, lambda: self._fallback.reserve(user, model, costs))
+
+    def _abandoned(self, user: str, model: str, costs: Sequence[int], reserved: Reserved) -> None:
+        """Cancel a reservation that Redis made for a caller cancelled meanwhile, as ``Reservation.cancel``
+        would: its tokens refunded, its slots given back, its request counted (a denial charged nothing)."""
+        if isinstance(reserved.receipt, Charge):
+            deltas = self._policy.cancellation(costs)
+            detached(
+                self.aadjust(user, model, reserved.receipt, deltas),
+                "cancelling the reservation of a cancelled request",
+            )
 
     def _adjust_calls(self, user: str, model: str, charge: Charge, deltas: Sequence[int]) -> list[Call]:
         """One script per part of the charge whose rules move (at that part's time)."""
