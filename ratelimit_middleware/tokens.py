@@ -1,22 +1,25 @@
 """Token arithmetic for LLM requests: estimate before the call, read the real usage after it.
 
 ``estimate(body)`` reads an OpenAI- or Anthropic-style JSON request: the prompt (``messages``, ``prompt``,
-``input``, ``system``) at about four characters per token, or exactly with ``tiktoken`` when it is installed,
-plus the output cap (``max_tokens``, ``max_completion_tokens`` or ``max_output_tokens``, else
-``default_output_tokens``), times ``n`` completions.
+``input``, ``system``) at about four characters per token, or exactly with ``tiktoken`` when it is installed
+(a prompt of token ids counts one token per id), plus the output cap (``max_tokens``,
+``max_completion_tokens`` or ``max_output_tokens``, else ``default_output_tokens``), times ``n`` completions.
 
 ``UsageReader`` watches a response go by without holding it: a JSON body (OpenAI ``usage.prompt_tokens`` /
 ``completion_tokens``, the Responses API's and Anthropic's ``input_tokens`` / ``output_tokens``) or a
 server-sent event stream (the final chunk's ``usage``; Anthropic's ``message_start`` and ``message_delta``
-events; the Responses API's ``response.completed``). It keeps at most ``max_json_size`` bytes of a JSON body
-and one event at a time of a stream, and counts the streamed text so that a stream cut short before its final
-usage can still be charged for what was produced. ``Meter`` feeds it, inflating gzip and deflate bodies.
+events; the Responses API's ``response.completed``). Its memory is bounded: it keeps a JSON body whole up to
+``max_json_size`` bytes and of a larger one its last ``_TAIL_SIZE`` bytes, where providers put the usage; of
+a stream, one event at a time, skipping any event larger than ``max_json_size``. It counts the streamed text
+so that a stream cut short before its final usage can still be charged for what was produced. ``Meter``
+feeds it, inflating gzip and deflate bodies.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -30,6 +33,13 @@ DEFAULT_OUTPUT_TOKENS = 1024
 
 _CAP_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _MAX_EVENT_SIZE = 1024 * 1024
+_TAIL_SIZE = 64 * 1024
+"""What is kept of the end of a JSON body larger than ``max_json_size``: the usage comes last (OpenAI's base64
+embeddings of many inputs, or a long completion with logprobs, pass 1 MiB before it)."""
+# A "usage" key: its quotes are string delimiters, not escaped ones inside a string (a byte before the
+# opening quote is required, so that a tail cut after a backslash cannot begin with an escaped quote).
+_USAGE_KEY = re.compile(rb'(?<=[^\\])"usage"\s*:\s*\{')
+_TAIL_TRIES = 16  # "usage" keys tried, the last first, before a tail is taken to hold no top-level one
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 """The ``Content-Encoding`` values the meter inflates (``deflate`` is zlib's format, as RFC 9110 says)."""
 _INFLATE_STEP = 64 * 1024
@@ -103,6 +113,16 @@ def _capped(amount: object) -> object:
     return amount
 
 
+def _token_ids(value: object, nested: bool = False) -> int:
+    """Token ids in a ``prompt`` or ``input`` (a list of ints, or a list of such lists): one token each."""
+    if not isinstance(value, list):
+        return 0
+    return sum(
+        1 if isinstance(item, int) and not isinstance(item, bool) else 0 if nested else _token_ids(item, True)
+        for item in value
+    )
+
+
 def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> tuple[int, int]:
     """``(input_tokens, output_tokens)`` expected for a request body; ``(0, default)`` when it is not JSON."""
     if not isinstance(body, dict):
@@ -114,6 +134,7 @@ def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -
         for piece in _texts(body[key])
     )
     prompt = count_text_tokens(text) if text else 0
+    prompt += _token_ids(body.get("prompt")) + _token_ids(body.get("input"))
     cap = _first_whole(body, _CAP_FIELDS)
     completions = _whole(body.get("n")) or 1
     output = (default_output_tokens if cap is None else cap) * completions
@@ -173,6 +194,14 @@ def _streamed_text(payload: Any) -> str:
     return "".join(pieces)
 
 
+def _parsed(data: bytes | bytearray) -> Any:
+    """The JSON value of ``data``; ``None`` if it is not JSON."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
 class UsageReader:
     """Reads token usage from a response as its body chunks go by (it never changes or holds them)."""
 
@@ -184,16 +213,20 @@ class UsageReader:
         "_input",
         "_max_json_size",
         "_output",
-        "_overflow",
+        "_scanned",
+        "_skipping",
         "_stream",
         "_streamed",
+        "_tail",
     )
 
     def __init__(self, content_type: str, max_json_size: int = _MAX_EVENT_SIZE) -> None:
         self._stream = content_type.split(";")[0].strip().lower() == "text/event-stream"
         self._max_json_size = max_json_size
         self._buffer = bytearray()
-        self._overflow = False
+        self._tail = False  # a JSON body past max_json_size: only its end is kept
+        self._skipping = False  # a stream's event past max_json_size: skipped to the blank line ending it
+        self._scanned = 0  # bytes of the buffer known to hold no event end
         self._input: int | None = None
         self._output: int | None = None
         self._final = False
@@ -201,23 +234,22 @@ class UsageReader:
         self._after_cr = False  # a stream's last chunk ended in CR
         self._begun = False  # a stream's first bytes were looked at (for a byte order mark)
 
-    @property
-    def reading(self) -> bool:
-        """Whether more of the body can still tell anything (not after a JSON body or an event too large)."""
-        return not self._overflow
-
     def feed(self, chunk: bytes) -> None:
         """Look at the next body chunk."""
-        if self._overflow or not chunk:
+        if not chunk:
             return
         if self._stream:
             self._buffer += self._lines(chunk)
             self._read_events()
-        else:
-            self._buffer += chunk
-        if len(self._buffer) > self._max_json_size:  # a JSON body too large, or one event too long
-            self._overflow = True
-            self._buffer.clear()
+            return
+        buffer = self._buffer
+        if self._tail and len(chunk) >= _TAIL_SIZE:
+            buffer[:] = chunk[-_TAIL_SIZE:]
+            return
+        buffer += chunk
+        self._tail = self._tail or len(buffer) > self._max_json_size
+        if self._tail and len(buffer) > 2 * _TAIL_SIZE:  # trimmed now and then, not at every chunk
+            del buffer[:-_TAIL_SIZE]
 
     def _lines(self, chunk: bytes) -> bytes:
         """A stream's chunk with its line ends as LF: the SSE grammar allows LF, CRLF and CR (a CRLF may be
@@ -228,7 +260,8 @@ class UsageReader:
         return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def _read_events(self) -> None:
-        """Read every complete event in the buffer, in one pass; keep the incomplete rest."""
+        """Read every complete event in the buffer, in one pass; keep the incomplete rest, unless it is past
+        ``max_json_size`` (a base64 image, say): that event is skipped, and the events after it are read."""
         buffer = self._buffer
         if not self._begun:  # a byte order mark may begin the stream, in one chunk or several
             if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
@@ -237,19 +270,31 @@ class UsageReader:
                 del buffer[: len(_BOM)]
             self._begun = True
         start = 0
-        while (end := buffer.find(b"\n\n", start)) >= 0:
-            event = buffer[start:end]
+        # Where an event end may begin: not in what was searched before, but its last LF may start one.
+        while (end := buffer.find(b"\n\n", max(start, self._scanned - 1))) >= 0:
+            if not self._skipping:
+                self._read_event(buffer[start:end])
+            self._skipping = False
             start = end + 2
-            data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
-            if data and data != b"[DONE]":
-                self._take(data, streaming=True)
+            self._scanned = 0
         del buffer[:start]
+        self._scanned = len(buffer)
+        if len(buffer) > self._max_json_size or self._skipping:
+            self._skipping = True
+            del buffer[:-1]  # an LF here may be half of the blank line that ends the event
+            self._scanned = len(buffer)
 
-    def _take(self, data: bytes | bytearray, streaming: bool) -> None:
-        try:
-            payload = json.loads(data)
-        except (ValueError, RecursionError):
-            return
+    def _read_event(self, event: bytes | bytearray) -> None:
+        data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        if data and data != b"[DONE]":
+            payload = _parsed(data)
+            self._read(payload)
+            text = _streamed_text(payload)
+            if text:
+                self._streamed += count_text_tokens(text)
+
+    def _read(self, payload: Any) -> None:
+        """Take the usage a parsed body or event carries, if any."""
         usage, final = _usage_of(payload)
         if usage is not None:
             input_tokens, output_tokens = _counts(usage)
@@ -258,15 +303,26 @@ class UsageReader:
             if output_tokens is not None:
                 self._output = output_tokens
                 self._final = self._final or final
-        if streaming:
-            text = _streamed_text(payload)
-            if text:
-                self._streamed += count_text_tokens(text)
+
+    def _read_tail(self) -> None:
+        """The top-level usage in the end of a JSON body too large to keep: the last ``"usage"`` key after
+        which the rest of the body parses as the rest of one object (a ``"usage"`` nested deeper leaves more
+        to close, one inside a string is escaped)."""
+        tail = bytes(self._buffer)
+        starts = [match.start() for match in _USAGE_KEY.finditer(tail)]
+        for start in reversed(starts[-_TAIL_TRIES:]):
+            payload = _parsed(b"{" + tail[start:])
+            if payload is not None:
+                self._read(payload)
+                return
 
     def usage(self) -> tuple[int | None, int | None]:
         """``(input_tokens, output_tokens)`` the response reported, each ``None`` if unknown."""
-        if not self._stream and self._buffer and not self._overflow:
-            self._take(self._buffer, streaming=False)
+        if not self._stream and self._buffer:
+            if self._tail:
+                self._read_tail()
+            else:
+                self._read(_parsed(self._buffer))
             self._buffer.clear()
         return self._input, self._output
 
@@ -285,12 +341,11 @@ class _Inflater:
     """Inflates a gzip or deflate body as it goes by, at most ``_INFLATE_STEP`` bytes at a time.
 
     A body that inflates hugely (a decompression bomb) is thus never held whole: the reader keeps what it
-    keeps of any body (one event, or ``max_json_size`` of JSON) and the meter stops inflating once the reader
-    can tell nothing more. A gzip body of several members is read member after member (NUL padding between or
-    after them is skipped; after ``_MAX_MEMBERS`` empty ones in a row the rest is not read); a ``deflate``
-    body sent raw, without zlib's header (some servers do), is read as such. Chunks go in by ``_FEED`` bytes,
-    so that what a member's end leaves over stays small whatever the chunk. ``failed``: the rest cannot be
-    read.
+    keeps of any body (one event, ``max_json_size`` of JSON or the end of a larger body). A gzip body of
+    several members is read member after member (NUL padding between or after them is skipped; after
+    ``_MAX_MEMBERS`` empty ones in a row the rest is not read); a ``deflate`` body sent raw, without zlib's
+    header (some servers do), is read as such. Chunks go in by ``_FEED`` bytes, so that what a member's end
+    leaves over stays small whatever the chunk. ``failed``: the rest cannot be read.
     """
 
     __slots__ = ("_between", "_head", "_members", "_wbits", "_zlib", "encoding", "failed", "inflated")
@@ -391,7 +446,7 @@ class Meter:
     def body(self, chunk: bytes) -> None:
         """The next chunk of the response body, as sent (compressed or not)."""
         reader = self._reader
-        if reader is None or not reader.reading:
+        if reader is None:
             return
         if self._inflater is None:
             reader.feed(chunk)
@@ -399,8 +454,6 @@ class Meter:
         inflater = self._inflater
         for piece in inflater.pieces(chunk):
             reader.feed(piece)
-            if not reader.reading:
-                return
         if inflater.failed and self.unread_encoding is None:  # what was read counts; the log says so
             self.unread_encoding = f"{inflater.encoding} (corrupt)"
 

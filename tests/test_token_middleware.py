@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -427,14 +428,29 @@ RESPONSES_STREAM = [
 ]
 
 
+RESPONSES_IMAGE_STREAM = [  # an event of 1.5 MB (a base64 image) stopped the reading of the stream
+    RESPONSES_STREAM[0],
+    {"type": "response.image_generation_call.partial_image", "partial_image_b64": "A" * 1_500_000},
+    *RESPONSES_STREAM[1:],
+]
+
+
+def in_pieces(events: list[dict[str, Any]]) -> Any:
+    """The stream of ``events``, sent 64 KiB at a time as servers do."""
+    for event in map(provider_event, events):
+        for start in range(0, len(event), 64 * 1024):
+            yield event[start : start + 64 * 1024]
+
+
 @pytest.mark.parametrize(
     ("answer", "charged"),
     [
         ({"data": [], "usage": {"prompt_tokens": 8, "total_tokens": 8}}, 8),  # OpenAI's embeddings
         (ANTHROPIC_CUT, 25 + 50),
         (RESPONSES_STREAM, 7 + 90),
+        (RESPONSES_IMAGE_STREAM, 7 + 90),
     ],
-    ids=["openai-embeddings", "anthropic-cut-stream", "responses-api-stream"],
+    ids=["openai-embeddings", "anthropic-cut-stream", "responses-api-stream", "responses-api-image-stream"],
 )
 def test_provider_responses_settle_to_what_they_report_or_carried(
     answer: dict[str, Any] | list[dict[str, Any]], charged: int
@@ -444,13 +460,56 @@ def test_provider_responses_settle_to_what_they_report_or_carried(
     async def provider(request: Request) -> Response:
         if isinstance(answer, dict):
             return JSONResponse(answer)
-        return StreamingResponse(iter(map(provider_event, answer)), media_type="text/event-stream")
+        return StreamingResponse(in_pieces(answer), media_type="text/event-stream")
 
     limits = limiter(tokens="10000/minute")
     app = Starlette(routes=[Route("/v1/chat/completions", provider, methods=["POST"])])
     app.add_middleware(RateLimitMiddleware, limiter=limits)
     assert chat(TestClient(app), max_tokens=2000).status_code == 200
     assert limits.get_request_count("alice", "m", unit="tokens") == charged
+
+
+def embeddings(inputs: int) -> dict[str, Any]:
+    """OpenAI's answer to embeddings in base64 (the openai client's default): 8 KiB each, the usage last."""
+    vector = base64.b64encode(bytes(range(256)) * 24).decode()
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": index, "embedding": vector} for index in range(inputs)],
+        "model": "e",
+        "usage": {"prompt_tokens": 80_000, "total_tokens": 80_000},
+    }
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_usage_after_a_megabyte_of_embeddings_is_charged(gzip: bool) -> None:
+    """200 base64 embeddings pass 1 MiB before the usage: it was never read and the estimate stood, so a
+    40,000 tokens a minute budget let through call after call of 80,000 tokens."""
+
+    async def answer(request: Request) -> Response:
+        return JSONResponse(embeddings(200))
+
+    limits = limiter(tokens="40000/minute")
+    app = Starlette(routes=[Route("/v1/embeddings", answer, methods=["POST"])])
+    if gzip:
+        app.add_middleware(GZipMiddleware)
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    client = TestClient(app)
+    body = {"model": "e", "input": ["a passage to embed"] * 200}
+    first = client.post("/v1/embeddings", json=body, headers={"X-User-ID": "alice"})
+    assert first.status_code == 200 and len(first.content) > 1536 * 1024
+    assert (first.headers.get("content-encoding") == "gzip") is gzip
+    assert limits.get_request_count("alice", "e", unit="tokens") == 80_000
+    assert client.post("/v1/embeddings", json=body, headers={"X-User-ID": "alice"}).status_code == 429
+
+
+def test_a_prompt_of_token_ids_is_counted() -> None:
+    """Token ids counted nothing: 80,000 of them passed a 40,000 tokens a minute budget."""
+    limits = limiter(tokens="40000/minute")
+    app = Starlette(routes=[Route("/v1/embeddings", lambda request: JSONResponse({}), methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    body = {"model": "e", "input": [[42] * 400] * 200}
+    denied = TestClient(app).post("/v1/embeddings", json=body, headers={"X-User-ID": "alice"})
+    assert denied.status_code == 429 and "can never be allowed" in denied.json()["error"]["message"]
 
 
 COMPLETION = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import tracemalloc
 import zlib
@@ -36,6 +37,14 @@ def test_estimate_reads_prompt_and_output_cap() -> None:
 def test_estimate_never_fails_on_odd_bodies(body: object) -> None:
     prompt, output = estimate(body, default_output_tokens=256)
     assert prompt >= 0 and output == 256
+
+
+def test_a_prompt_of_token_ids_counts_one_token_per_id() -> None:
+    """Token ids counted nothing: 200 inputs of 400 ids were estimated at no input at all."""
+    assert estimate({"input": [[42] * 400] * 200}, default_output_tokens=0) == (80_000, 0)
+    assert estimate({"prompt": [1, 2, 3], "max_tokens": 5}) == (3, 5)
+    assert estimate({"prompt": ["abcd", [1, 2]], "max_tokens": 5})[0] == 1 + 2
+    assert estimate({"input": [True, None, 1.5, [[7]]], "max_tokens": 5}) == (0, 5)
 
 
 def test_count_text_tokens_rounds_up() -> None:
@@ -82,10 +91,52 @@ def test_reads_anthropic_stream_events() -> None:
     assert reader.usage() == (25, 15)
 
 
-def test_bounded_memory_for_huge_bodies() -> None:
-    reader = UsageReader("application/json", max_json_size=100)
-    reader.feed(b"{" + b" " * 1000)
-    reader.feed(b'"usage": {"prompt_tokens": 1, "completion_tokens": 1}}')
+def embeddings_body(inputs: int) -> bytes:
+    """OpenAI's answer to embeddings of ``inputs`` texts in base64 (the openai client's default): 8 KiB each,
+    the usage last; a nested "usage" after it and one inside a string are not the response's."""
+    vector = base64.b64encode(bytes(range(256)) * 24).decode()
+    return json.dumps(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": index, "embedding": vector} for index in range(inputs)],
+            "model": "text-embedding-3-small",
+            "usage": {"prompt_tokens": 80_000, "total_tokens": 80_000},
+            "note": 'not this: "usage": {"prompt_tokens": 1, "total_tokens": 1}',
+            "metadata": {"usage": {"prompt_tokens": 2, "total_tokens": 2}},
+        }
+    ).encode()
+
+
+@pytest.mark.parametrize("step", [4096, 64 * 1024, 10**7])
+def test_usage_at_the_end_of_a_body_past_the_size_kept_is_read_in_bounded_memory(step: int) -> None:
+    """A body over ``max_json_size`` (1 MiB) is read for its usage in its last 64 KiB (it was never read: 200
+    base64 embeddings were charged the estimate, not their 80,000 tokens), keeping no more than that."""
+    body = embeddings_body(200)
+    assert len(body) > 1536 * 1024
+    reader = UsageReader("application/json")
+    tracemalloc.start()
+    try:
+        for index in range(0, len(body), step):
+            reader.feed(body[index : index + step])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024 + min(step, len(body))
+    assert reader.usage() == (80_000, 0)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b'"x": "the end of a long string, then \\"usage\\": {\\"prompt_tokens\\": 5}"}',  # escaped
+        b'"data": [{"usage": {"prompt_tokens": 5, "completion_tokens": 1}}], "more": 1}',  # nested
+        b'"usage": {"prompt_tokens": 5, "completion_tokens": 1}',  # cut short
+    ],
+)
+def test_no_usage_is_taken_from_the_tail_of_a_large_body_unless_it_is_the_body_s(tail: bytes) -> None:
+    reader = UsageReader("application/json", max_json_size=1000)
+    reader.feed(b'{"pad": "' + b"x" * 200_000 + b'", ')
+    reader.feed(tail)
     assert reader.usage() == (None, None)
 
 
@@ -213,7 +264,8 @@ def test_meter_reads_compressed_bodies(encoding: str) -> None:
 
 
 def test_a_decompression_bomb_is_never_held_whole() -> None:
-    """64 MiB of JSON in 64 KiB of gzip: the meter keeps at most the 1 MiB a JSON body may have, and stops."""
+    """64 MiB of JSON in 64 KiB of gzip: the meter keeps at most the 1 MiB a JSON body may have, then its
+    end."""
     compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
     bomb = compressor.compress(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "pad": "')
     bomb += b"".join(compressor.compress(b" " * (1024 * 1024)) for _ in range(64)) + compressor.flush()
@@ -227,7 +279,7 @@ def test_a_decompression_bomb_is_never_held_whole() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 3 * 1024 * 1024
-    assert meter.settlement() == (100, 500)  # too large to read: the estimate stands
+    assert meter.settlement() == (100, 500)  # no usage in the last 64 KiB: the estimate stands
 
 
 def test_meter_keeps_the_estimate_for_encodings_it_cannot_read() -> None:
@@ -236,6 +288,35 @@ def test_meter_keeps_the_estimate_for_encodings_it_cannot_read() -> None:
     meter.body(b"\x1b\x00 brotli bytes")
     assert meter.unread_encoding == "br"
     assert meter.settlement() == (100, 500)
+
+
+LARGE_IMAGE_STREAM = [
+    {"type": "response.created", "response": {"usage": None}},
+    {"type": "response.image_generation_call.partial_image", "partial_image_b64": "A" * 1_500_000},
+    {"type": "response.output_text.delta", "delta": "y" * 400},
+    {"type": "response.completed", "response": {"usage": {"input_tokens": 900, "output_tokens": 1800}}},
+]
+
+
+@pytest.mark.parametrize("step", [1000, 64 * 1024])
+def test_an_event_past_the_size_kept_is_skipped_and_the_stream_read_on(step: int) -> None:
+    """A 1.5 MB event (a base64 image) stopped the reader: the text and usage after it were never read."""
+    body = anthropic_events(*LARGE_IMAGE_STREAM)
+    meter = Meter((50, 4000))
+    meter.start(200, "text/event-stream")
+    tracemalloc.start()
+    try:
+        for index in range(0, len(body), step):
+            meter.body(body[index : index + step])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1536 * 1024  # the event is never held whole
+    assert meter.settlement() == (900, 1800)
+    cut = Meter((50, 4000))
+    cut.start(200, "text/event-stream")
+    cut.body(anthropic_events(*LARGE_IMAGE_STREAM[:3]))
+    assert cut.settlement() == (50, 100)  # no usage: the text after the image is charged
 
 
 @pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"])
