@@ -3,7 +3,9 @@
 ``estimate(body)`` reads an OpenAI- or Anthropic-style JSON request: the prompt (``messages``, ``prompt``,
 ``input``, ``system``) at about four characters per token, or exactly with ``tiktoken`` when it is installed
 (a prompt of token ids counts one token per id), plus the output cap (``max_tokens``,
-``max_completion_tokens`` or ``max_output_tokens``, else ``default_output_tokens``), times ``n`` completions.
+``max_completion_tokens`` or ``max_output_tokens``, else ``default_output_tokens``) times the completions
+asked for (``n``, or ``best_of`` when larger, for each prompt of a completions batch). Counts are read as
+Pydantic-based servers read them: ``50000.0`` and ``"50000"`` are 50000.
 
 ``UsageReader`` watches a response go by without holding it: a JSON body (OpenAI ``usage.prompt_tokens`` /
 ``completion_tokens``, the Responses API's and Anthropic's ``input_tokens`` / ``output_tokens``) or a
@@ -40,6 +42,8 @@ embeddings of many inputs, or a long completion with logprobs, pass 1 MiB before
 # opening quote is required, so that a tail cut after a backslash cannot begin with an escaped quote).
 _USAGE_KEY = re.compile(rb'(?<=[^\\])"usage"\s*:\s*\{')
 _TAIL_TRIES = 16  # "usage" keys tried, the last first, before a tail is taken to hold no top-level one
+_DIGITS = re.compile(r"\s*\+?(\d+(?:_\d+)*)(?:\.0+)?\s*", re.ASCII)
+"""An int as Pydantic reads one from a string: spaces around, a plus sign, underscores, a ``.0``."""
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 """The ``Content-Encoding`` values the meter inflates (``deflate`` is zlib's format, as RFC 9110 says)."""
 _INFLATE_STEP = 64 * 1024
@@ -85,9 +89,33 @@ def _whole(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _first_whole(mapping: Mapping[str, Any], names: Iterable[str]) -> int | None:
-    """The first of the fields ``names`` holding an int >= 0 (providers spell one count several ways)."""
-    return next((value for name in names if (value := _whole(mapping.get(name))) is not None), None)
+def _requested(value: object) -> int | None:
+    """A count a request asks for (``max_tokens``, ``n``, ``best_of``) as the server reads it: an int >= 0, or
+    one written as an integral float (``50000.0``) or a string of digits (``"50000"``), which Pydantic-based
+    servers (vLLM, SGLang, FastAPI) take as that int; ``None`` for what they refuse (a negative or fractional
+    number, a bool, a word). One too long to be a count is more than any limit."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and (digits := _DIGITS.fullmatch(value)):
+        number = digits[1].replace("_", "").lstrip("0")
+        value = int(number or "0") if len(number) <= 16 else MAX_AMOUNT  # int() refuses 4,300 digits
+    return _whole(value)
+
+
+def _first_whole(
+    mapping: Mapping[str, Any], names: Iterable[str], read: Callable[[object], int | None] = _whole
+) -> int | None:
+    """The first of the fields ``names`` holding an int >= 0 (providers spell one count several ways);
+    ``read``: what counts as one."""
+    return next((value for name in names if (value := read(mapping.get(name))) is not None), None)
+
+
+def _prompts(prompt: object) -> int:
+    """How many prompts a completions request's ``prompt`` gives, each generating its own completions: one
+    per string or token list in a list (a list of ints is one prompt, of token ids)."""
+    if not isinstance(prompt, list):
+        return 1
+    return max(1, sum(isinstance(item, (str, list)) for item in prompt))
 
 
 def token_pair(value: object, source: str) -> tuple[int, int]:
@@ -135,8 +163,10 @@ def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -
     )
     prompt = count_text_tokens(text) if text else 0
     prompt += _token_ids(body.get("prompt")) + _token_ids(body.get("input"))
-    cap = _first_whole(body, _CAP_FIELDS)
-    completions = _whole(body.get("n")) or 1
+    cap = _first_whole(body, _CAP_FIELDS, _requested)
+    # best_of: completions generated server-side, of which the n best are returned
+    per_prompt = max(_requested(body.get("n")) or 1, _requested(body.get("best_of")) or 0)
+    completions = per_prompt * _prompts(body.get("prompt"))
     output = (default_output_tokens if cap is None else cap) * completions
     return min(prompt, MAX_AMOUNT), min(output, MAX_AMOUNT)  # as `_capped`: more than any limit
 

@@ -12,9 +12,11 @@ import zlib
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from flask import Flask
 from flask import Response as FlaskResponse
 from flask import request as flask_request
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
@@ -677,6 +679,51 @@ def test_stream_usage_leaves_other_apis_bodies_alone() -> None:
     for path in ("/v1/messages", "/v1/responses"):
         assert client.post(path, content=body, headers={"X-User-ID": "a"}).status_code == 200
     assert seen == [body, body]
+
+
+class ChatBody(BaseModel):
+    """A request as a Pydantic-based server (vLLM, SGLang) reads it."""
+
+    model: str
+    messages: list[dict[str, str]]
+    max_tokens: int | None = None
+    n: int = 1
+
+
+def pydantic_server(limits: MultiTierRateLimiter) -> TestClient:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat_view(body: ChatBody) -> dict[str, Any]:
+        return {
+            "choices": [],
+            "usage": {"prompt_tokens": 1, "completion_tokens": (body.max_tokens or 16) * body.n},
+        }
+
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    return TestClient(app)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"max_tokens": 50000}, {"max_tokens": 50000.0}, {"max_tokens": "50000"}, {"max_tokens": 5000, "n": 8.0}],
+)
+def test_output_caps_the_server_reads_as_ints_are_reserved(fields: dict[str, Any]) -> None:
+    """The server generates 50000.0 or "50000" tokens as it would 50000: such requests were reserved the
+    default 1024 output tokens and let through a 10,000 tokens a minute budget."""
+    client = pydantic_server(limiter(tokens="10000/minute"))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    response = client.post("/v1/chat/completions", json=body, headers={"X-User-ID": "alice"})
+    assert response.status_code == 429 and "can never be allowed" in response.json()["error"]["message"]
+
+
+def test_a_completions_batch_is_reserved_for_every_prompt() -> None:
+    limits = limiter(tokens="100000/minute")
+    app = Starlette(routes=[Route("/v1/completions", lambda request: JSONResponse({}), methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    body = {"model": "m", "prompt": ["abcd"] * 8, "max_tokens": 1000}
+    response = TestClient(app).post("/v1/completions", json=body, headers={"X-User-ID": "alice"})
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(100000 - 8 - 8000)
 
 
 @pytest.mark.parametrize("field", [{"n": 10**20}, {"max_tokens": 2**60}])

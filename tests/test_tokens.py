@@ -39,6 +39,66 @@ def test_estimate_never_fails_on_odd_bodies(body: object) -> None:
     assert prompt >= 0 and output == 256
 
 
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]}
+
+
+@pytest.mark.parametrize(
+    ("fields", "output"),
+    [
+        ({"max_tokens": 50000.0}, 50000),
+        ({"max_tokens": "50000"}, 50000),
+        ({"max_completion_tokens": " +50_000 "}, 50000),
+        ({"max_output_tokens": "50000.00"}, 50000),
+        ({"max_tokens": 5000, "n": 8.0}, 40000),
+        ({"max_tokens": "5000", "n": "8"}, 40000),
+        ({"max_tokens": 1e300}, MAX_AMOUNT),
+        ({"max_tokens": "9" * 5000}, MAX_AMOUNT),
+        ({"max_tokens": 50, "n": "9" * 30}, MAX_AMOUNT),
+    ],
+)
+def test_counts_are_read_as_pydantic_based_servers_read_them(fields: dict[str, object], output: int) -> None:
+    """vLLM, SGLang and FastAPI take 50000.0 and "50000" as 50000: they were ignored, and the request was
+    reserved the default 1024 output tokens, once."""
+    assert estimate({**CHAT, **fields}) == (100, output)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"max_tokens": 50.5},
+        {"max_tokens": "-5"},
+        {"max_tokens": "5."},
+        {"max_tokens": "1e3"},
+        {"max_tokens": "1__0"},
+        {"max_tokens": "\u0665"},  # an Arabic-Indic five: Python's int() takes it, Pydantic does not
+        {"max_tokens": float("inf")},
+        {"max_tokens": False},
+        {"n": 2.5},
+        {"n": True},
+    ],
+)
+def test_counts_such_servers_refuse_leave_the_default(fields: dict[str, object]) -> None:
+    assert estimate({**CHAT, **fields}, default_output_tokens=256) == (100, 256)
+
+
+@pytest.mark.parametrize(
+    ("fields", "output"),
+    [
+        ({"prompt": ["a prompt"] * 8}, 8000),
+        ({"prompt": [[1, 2], [3]]}, 2000),
+        ({"prompt": [1, 2, 3]}, 1000),  # one prompt of token ids
+        ({"prompt": "one prompt"}, 1000),
+        ({"prompt": ["a", "b"], "n": 3}, 6000),
+        ({"prompt": ["a", "b"], "n": 2, "best_of": 5}, 10000),
+        ({"prompt": ["a", "b"], "n": 2, "best_of": 1}, 4000),
+    ],
+)
+def test_a_completions_batch_generates_for_each_prompt(fields: dict[str, object], output: int) -> None:
+    """Eight prompts and max_tokens=1000 generate 8000 tokens (1000 were reserved); best_of completions are
+    generated for each, of which n come back."""
+    assert estimate({"model": "m", "max_tokens": 1000, **fields})[1] == output
+
+
 def test_a_prompt_of_token_ids_counts_one_token_per_id() -> None:
     """Token ids counted nothing: 200 inputs of 400 ids were estimated at no input at all."""
     assert estimate({"input": [[42] * 400] * 200}, default_output_tokens=0) == (80_000, 0)
