@@ -296,8 +296,8 @@ class RateLimitMiddleware:
     token plus the output cap, ``default_output_tokens`` when the request sets none; none without a body),
     settled with the usage the response reports (JSON or server-sent events, gzip or deflate included),
     refunded when the app fails; the concurrency slot is held until the response ends. ``stream_usage=True``
-    adds ``stream_options.include_usage`` to streaming requests that did not ask for usage, so that their
-    streams end with the exact usage.
+    sets ``stream_options.include_usage`` in streaming requests (a client's ``false`` included), so that
+    their streams end with the exact usage.
 
     ``observers`` (``observe.Observer``, e.g. ``metrics.PrometheusMetrics``) see every decision, failure and
     settlement. ``shadow=True`` evaluates and records everything, adds the headers, but never denies: for

@@ -42,6 +42,25 @@ embeddings of many inputs, or a long completion with logprobs, pass 1 MiB before
 # opening quote is required, so that a tail cut after a backslash cannot begin with an escaped quote).
 _USAGE_KEY = re.compile(rb'(?<=[^\\])"usage"\s*:\s*\{')
 _TAIL_TRIES = 16  # "usage" keys tried, the last first, before a tail is taken to hold no top-level one
+_ANTHROPIC_DELTAS = ("text", "thinking", "partial_json")
+"""The fields of Anthropic's content block deltas that carry generated text: text, thinking, tool input."""
+_RESPONSES_DELTAS = tuple(  # a tuple: an event's "type" may be unhashable
+    f"response.{kind}.delta"
+    for kind in (
+        "output_text",
+        "refusal",
+        "reasoning_text",
+        "reasoning_summary_text",
+        "function_call_arguments",
+        "custom_tool_call_input",
+        "mcp_call_arguments",
+        "code_interpreter_call_code",
+        "shell_call_command",
+        "audio.transcript",
+    )
+)
+"""The Responses API's events whose ``delta`` is generated text (not ``response.audio.delta``, base64 audio,
+nor a shell call's output, which the tool made)."""
 _DIGITS = re.compile(r"\s*\+?(\d+(?:_\d+)*)(?:\.0+)?\s*", re.ASCII)
 """An int as Pydantic reads one from a string: spaces around, a plus sign, underscores, a ``.0``."""
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -205,23 +224,44 @@ def _counts(usage: dict[str, Any]) -> tuple[int | None, int | None]:
     return input_tokens, output_tokens
 
 
+def _choice_texts(choice: object) -> Iterator[object]:
+    """What one streamed choice generated: a completion's ``text``; a chat delta's ``content``, ``refusal``,
+    reasoning (``reasoning_content`` of vLLM and DeepSeek, else ``reasoning``, which some send beside it) and
+    the arguments of its tool calls or legacy function call. Pieces that are not strings are left to the
+    caller to drop."""
+    if not isinstance(choice, dict):
+        return
+    yield choice.get("text")
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return
+    reasoning = delta.get("reasoning_content")
+    if not (isinstance(reasoning, str) and reasoning):
+        reasoning = delta.get("reasoning")
+    yield from (delta.get("content"), delta.get("refusal"), reasoning)
+    calls = delta.get("tool_calls")
+    for call in [*(calls if isinstance(calls, list) else ()), {"function": delta.get("function_call")}]:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            yield function.get("arguments")
+
+
 def _streamed_text(payload: Any) -> str:
-    """The text a stream chunk carries (OpenAI deltas, Anthropic content deltas, Responses text deltas)."""
+    """The generated text a stream event carries, as OpenAI chat and completions chunks, Anthropic's
+    ``content_block_delta`` (text, thinking, tool input JSON) and the Responses API's deltas carry it."""
     if not isinstance(payload, dict):
         return ""
-    pieces = []
+    pieces: list[object] = []
     choices = payload.get("choices")
     if isinstance(choices, list):
         for choice in choices:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                pieces.append(delta["content"])
+            pieces.extend(_choice_texts(choice))
     delta = payload.get("delta")
-    if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # Anthropic's content_block_delta
-        pieces.append(delta["text"])
-    elif isinstance(delta, str) and payload.get("type") == "response.output_text.delta":  # the Responses API
+    if isinstance(delta, dict):  # Anthropic's content_block_delta
+        pieces.extend(delta.get(field) for field in _ANTHROPIC_DELTAS)
+    elif payload.get("type") in _RESPONSES_DELTAS:
         pieces.append(delta)
-    return "".join(pieces)
+    return "".join(piece for piece in pieces if isinstance(piece, str))
 
 
 def _parsed(data: bytes | bytearray) -> Any:

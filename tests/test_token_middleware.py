@@ -365,6 +365,23 @@ def test_stream_usage_asks_openai_compatible_servers_for_usage(stream_usage: boo
     assert limits.get_request_count("alice", "m", unit="tokens") == charged
 
 
+def test_stream_usage_asks_for_usage_even_of_a_client_that_said_not_to() -> None:
+    """``"include_usage": false`` kept the usage chunk away: the stream was charged only the text counted."""
+    limits = limiter(tokens="1000/minute")
+    app = Starlette(routes=[Route("/v1/chat/completions", usage_if_asked, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits, stream_usage=True)
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x" * 40}],
+        "max_tokens": 500,
+        "stream": True,
+        "stream_options": {"include_usage": False},
+    }
+    response = TestClient(app).post("/v1/chat/completions", json=body, headers={"X-User-ID": "alice"})
+    assert response.status_code == 200 and '"usage"' in response.text  # the client gets the chunk too
+    assert limits.get_request_count("alice", "m", unit="tokens") == 7
+
+
 def test_stream_usage_still_tells_the_app_when_the_client_leaves() -> None:
     """The rewritten body replaces the server's; what the server sends after it (a disconnect) still comes."""
     seen: list[Any] = []
@@ -416,7 +433,9 @@ def test_stream_usage_in_wsgi() -> None:
 
 
 def provider_event(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+    """An event as providers send it: named by its type, if it has one (OpenAI's chat chunks have none)."""
+    name = f"event: {event['type']}\n" if "type" in event else ""
+    return f"{name}data: {json.dumps(event)}\n\n"
 
 
 ANTHROPIC_CUT = [  # the client went away before message_delta: only message_start's placeholder usage came
@@ -430,6 +449,22 @@ RESPONSES_STREAM = [
 ]
 
 
+CHAT_TOOLS_CUT = [  # reasoning, then a tool call, and no usage
+    *[{"choices": [{"index": 0, "delta": {"reasoning_content": "r" * 40}}]}] * 5,
+    *[
+        {
+            "choices": [
+                {"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "a" * 40}}]}}
+            ]
+        }
+    ]
+    * 5,
+]
+ANTHROPIC_THINKING_CUT = [
+    ANTHROPIC_CUT[0],
+    *[{"type": "content_block_delta", "delta": {"type": "thinking_delta", "thinking": "t" * 40}}] * 5,
+    *[{"type": "content_block_delta", "delta": {"type": "input_json_delta", "partial_json": "j" * 40}}] * 5,
+]
 RESPONSES_IMAGE_STREAM = [  # an event of 1.5 MB (a base64 image) stopped the reading of the stream
     RESPONSES_STREAM[0],
     {"type": "response.image_generation_call.partial_image", "partial_image_b64": "A" * 1_500_000},
@@ -451,8 +486,17 @@ def in_pieces(events: list[dict[str, Any]]) -> Any:
         (ANTHROPIC_CUT, 25 + 50),
         (RESPONSES_STREAM, 7 + 90),
         (RESPONSES_IMAGE_STREAM, 7 + 90),
+        (CHAT_TOOLS_CUT, 10 + 100),
+        (ANTHROPIC_THINKING_CUT, 25 + 100),
     ],
-    ids=["openai-embeddings", "anthropic-cut-stream", "responses-api-stream", "responses-api-image-stream"],
+    ids=[
+        "openai-embeddings",
+        "anthropic-cut-stream",
+        "responses-api-stream",
+        "responses-api-image-stream",
+        "chat-reasoning-and-tool-call-cut-stream",
+        "anthropic-thinking-and-tool-use-cut-stream",
+    ],
 )
 def test_provider_responses_settle_to_what_they_report_or_carried(
     answer: dict[str, Any] | list[dict[str, Any]], charged: int

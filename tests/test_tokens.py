@@ -300,6 +300,55 @@ def test_reads_a_responses_api_stream() -> None:
     assert cut.settlement() == (100, 100)  # cut before response.completed: charged its text
 
 
+GENERATED = "x" * 400
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"choices": [{"index": 0, "delta": {"reasoning_content": GENERATED}}]},  # vLLM, DeepSeek
+        {"choices": [{"index": 0, "delta": {"reasoning": GENERATED}}]},
+        {"choices": [{"index": 0, "delta": {"reasoning_content": GENERATED, "reasoning": GENERATED}}]},
+        {
+            "choices": [
+                {"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": GENERATED}}]}}
+            ]
+        },
+        {"choices": [{"index": 0, "delta": {"function_call": {"arguments": GENERATED}}}]},
+        {"choices": [{"index": 0, "delta": {"refusal": GENERATED}}]},
+        {"choices": [{"index": 0, "text": GENERATED}]},  # completions
+        {"type": "content_block_delta", "delta": {"type": "thinking_delta", "thinking": GENERATED}},
+        {"type": "content_block_delta", "delta": {"type": "input_json_delta", "partial_json": GENERATED}},
+        {"type": "response.reasoning_text.delta", "delta": GENERATED},
+        {"type": "response.reasoning_summary_text.delta", "delta": GENERATED},
+        {"type": "response.function_call_arguments.delta", "delta": GENERATED},
+    ],
+)
+def test_every_kind_of_generated_text_a_stream_carries_is_counted(event: dict[str, object]) -> None:
+    """Only chat content and Anthropic's text deltas were counted: a stream of reasoning or tool calls whose
+    usage never came was charged nothing for them."""
+    meter = Meter((10, 4000))
+    meter.start(200, "text/event-stream")
+    meter.body(sse(event))
+    assert meter.settlement() == (10, count_text_tokens(GENERATED))
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "response.audio.delta", "delta": "QUFB" * 100},  # base64 audio, not text
+        {"type": ["response.output_text.delta"], "delta": GENERATED},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}},
+        {"choices": [{"delta": {"tool_calls": [None, {"function": None}, {"function": {"arguments": 7}}]}}]},
+        {"choices": [{"delta": {"tool_calls": "x", "function_call": "y", "content": None}}, None]},
+    ],
+)
+def test_what_is_not_generated_text_counts_nothing(event: dict[str, object]) -> None:
+    reader = UsageReader("text/event-stream")
+    reader.feed(sse(event))
+    assert reader.streamed_tokens == 0
+
+
 def compressed(body: bytes, encoding: str) -> bytes:
     compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     return compressor.compress(body) + compressor.flush()
