@@ -452,14 +452,16 @@ class Gate:
         """The tokens a request is expected to use; raises ``BodyNotLoaded`` until the body is read.
 
         A request without a body (``GET /v1/models``) asks for nothing to be generated: ``(0, 0)``, it counts
-        as a request only. A body that is not JSON, or over ``max_body_size``, keeps the default output.
+        as a request only. A body that is not JSON, or over ``max_body_size``, keeps the default output,
+        except on the endpoints that generate nothing (embeddings, moderations, token counts: see
+        ``tokens.estimate``).
         """
         if self.estimator is not None:
             return token_pair(self.estimator(request), "the estimator")
         body = request.json()
         if body is None and request.body_empty:
             return 0, 0
-        return estimate_tokens(body, self.default_output_tokens)
+        return estimate_tokens(body, self.default_output_tokens, request.path)
 
     def usage_requesting_body(self, request: RequestView) -> bytes | None:
         """With ``stream_usage``: the body of a streaming request that did not ask for usage, asking for it.

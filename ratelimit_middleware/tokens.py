@@ -34,6 +34,11 @@ DEFAULT_OUTPUT_TOKENS = 1024
 """The output estimate when a request sets no output cap."""
 
 _CAP_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+_PROMPT_FIELDS = ("system", "messages", "prompt", "input")
+_COUNTING_PATHS = ("/count_tokens", "/tokenize", "/detokenize")
+"""Endpoints that run a tokenizer, not a model (Anthropic's token count, vLLM's): a request only."""
+_READING_PATHS = ("/embeddings", "/embed", "/moderations", "/rerank", "/score", "/classify", "/pooling")
+"""Endpoints that read their input and generate nothing (OpenAI's, Cohere's, vLLM's): no output."""
 _MAX_EVENT_SIZE = 1024 * 1024
 _TAIL_SIZE = 64 * 1024
 """What is kept of the end of a JSON body larger than ``max_json_size``: the usage comes last (OpenAI's base64
@@ -170,18 +175,24 @@ def _token_ids(value: object, nested: bool = False) -> int:
     )
 
 
-def estimate(body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> tuple[int, int]:
-    """``(input_tokens, output_tokens)`` expected for a request body; ``(0, default)`` when it is not JSON."""
+def estimate(
+    body: object, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS, path: str = ""
+) -> tuple[int, int]:
+    """``(input_tokens, output_tokens)`` expected for a request body to ``path``; ``(0, default)`` when it is
+    not JSON. An endpoint that generates nothing (``_READING_PATHS``) is estimated no output, and one that
+    runs no model (``_COUNTING_PATHS``) nothing at all: told by the path, as a body does not tell them apart
+    from one to generate from (embeddings and the Responses API both take an ``input``)."""
+    endpoint = path.rstrip("/")
+    if endpoint.endswith(_COUNTING_PATHS):
+        return 0, 0
+    generates = not endpoint.endswith(_READING_PATHS)
     if not isinstance(body, dict):
-        return 0, default_output_tokens
-    text = "".join(
-        piece
-        for key in ("system", "messages", "prompt", "input")
-        if key in body
-        for piece in _texts(body[key])
-    )
+        return 0, default_output_tokens if generates else 0
+    text = "".join(piece for key in _PROMPT_FIELDS if key in body for piece in _texts(body[key]))
     prompt = count_text_tokens(text) if text else 0
     prompt += _token_ids(body.get("prompt")) + _token_ids(body.get("input"))
+    if not generates:
+        return min(prompt, MAX_AMOUNT), 0
     cap = _first_whole(body, _CAP_FIELDS, _requested)
     # best_of: completions generated server-side, of which the n best are returned
     per_prompt = max(_requested(body.get("n")) or 1, _requested(body.get("best_of")) or 0)

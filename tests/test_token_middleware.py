@@ -58,6 +58,9 @@ async def completions(request: Request) -> Response:
     return JSONResponse({"choices": [], "usage": usage}, status_code=status)
 
 
+ALICE = {"X-User-ID": "alice"}
+
+
 def limiter(**limits: Any) -> MultiTierRateLimiter:
     return MultiTierRateLimiter(per_user_model=Limits(**limits))
 
@@ -637,6 +640,32 @@ def test_a_request_without_a_body_counts_as_a_request_only() -> None:
     assert limits.get_request_count("alice", "default", unit="tokens") == 1024
     client.post("/v1/models", json={"messages": "x" * 2000}, headers={"X-User-ID": "alice"})  # over the cap
     assert limits.get_request_count("alice", "default", unit="tokens") == 2048
+
+
+async def no_usage(request: Request) -> Response:
+    """Anthropic's token count and OpenAI's moderations: no usage in the answer."""
+    if request.url.path.endswith("/count_tokens"):
+        return JSONResponse({"input_tokens": 14})
+    return JSONResponse({"id": "modr", "results": [{"flagged": False}]})
+
+
+def test_endpoints_that_generate_nothing_reserve_no_output() -> None:
+    """count_tokens and moderations kept the 1024 output tokens reserved (they report no usage), and were
+    refused for ever under a budget of 1000 tokens a minute; a chat request without max_tokens keeps them."""
+    limits = limiter(tokens="1000/minute")
+    paths = ("/v1/messages/count_tokens", "/v1/moderations", "/v1/chat/completions")
+    app = Starlette(routes=[Route(path, no_usage, methods=["POST"]) for path in paths])
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    client = TestClient(app)
+    messages = [{"role": "user", "content": "x" * 40}]
+    counted = client.post(
+        "/v1/messages/count_tokens", json={"model": "c", "messages": messages}, headers=ALICE
+    )
+    assert counted.status_code == 200 and limits.get_request_count("alice", "c", unit="tokens") == 0
+    moderated = client.post("/v1/moderations", json={"model": "o", "input": "x" * 40}, headers=ALICE)
+    assert moderated.status_code == 200 and limits.get_request_count("alice", "o", unit="tokens") == 10
+    chat_body = {"model": "m", "messages": messages}
+    assert client.post("/v1/chat/completions", json=chat_body, headers=ALICE).status_code == 429
 
 
 def chunked_body() -> Any:

@@ -107,6 +107,33 @@ def test_a_prompt_of_token_ids_counts_one_token_per_id() -> None:
     assert estimate({"input": [True, None, 1.5, [[7]]], "max_tokens": 5}) == (0, 5)
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        ("/v1/embeddings", {"model": "e", "input": "x" * 40}, (10, 0)),
+        ("/v1/embeddings/", {"model": "e", "input": [[1, 2, 3]], "max_tokens": 50, "n": 2}, (3, 0)),
+        ("/v1/moderations", {"model": "omni-moderation-latest", "input": "x" * 40}, (10, 0)),
+        ("/v2/rerank", {"query": "x" * 20, "documents": ["d"]}, (0, 0)),
+        ("/v1/embeddings", "not json", (0, 0)),
+        (
+            "/v1/messages/count_tokens",
+            {"model": "c", "messages": [{"role": "user", "content": "x" * 40}]},
+            (0, 0),
+        ),
+        ("/tokenize", {"prompt": "x" * 40}, (0, 0)),
+        ("/v1/responses", {"model": "m", "input": "x" * 40}, (10, 1024)),  # an embeddings body, generating
+        ("/v1/messages", {"model": "c", "messages": [{"role": "user", "content": "x" * 40}]}, (10, 1024)),
+        ("/v1/chat/completions", {"messages": [{"content": "x" * 40}]}, (10, 1024)),
+    ],
+)
+def test_endpoints_that_generate_nothing_are_estimated_no_output(
+    path: str, body: object, expected: tuple[int, int]
+) -> None:
+    """Embeddings, moderations and token counts were reserved the default 1024 output tokens: those that
+    report no usage kept them, and a budget under 1024 refused them for ever."""
+    assert estimate(body, path=path) == expected
+
+
 def test_count_text_tokens_rounds_up() -> None:
     assert [count_text_tokens(text) for text in ["", "a", "abcd", "abcde"]] == [0, 1, 1, 2]
 
