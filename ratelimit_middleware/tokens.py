@@ -47,6 +47,8 @@ embeddings of many inputs, or a long completion with logprobs, pass 1 MiB before
 # opening quote is required, so that a tail cut after a backslash cannot begin with an escaped quote).
 _USAGE_KEY = re.compile(rb'(?<=[^\\])"usage"\s*:\s*\{')
 _TAIL_TRIES = 16  # "usage" keys tried, the last first, before a tail is taken to hold no top-level one
+_CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
+"""Anthropic's usage fields for the prompt written to and read from its cache, outside ``input_tokens``."""
 _ANTHROPIC_DELTAS = ("text", "thinking", "partial_json")
 """The fields of Anthropic's content block deltas that carry generated text: text, thinking, tool input."""
 _RESPONSES_DELTAS = tuple(  # a tuple: an event's "type" may be unhashable
@@ -225,13 +227,21 @@ def _counts(usage: dict[str, Any]) -> tuple[int | None, int | None]:
     """``(input, output)`` of a usage object, in any of the providers' spellings.
 
     A usage that gives the input but no output (OpenAI's embeddings: ``prompt_tokens`` and ``total_tokens``)
-    generated ``total - input``, else nothing: the output is then 0, not unknown.
+    generated ``total - input``, else nothing: the output is then 0, not unknown. Anthropic's
+    ``input_tokens`` leaves out the prompt it wrote to or read from its cache, which is input all the same:
+    ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` are added to it (not to a
+    ``prompt_tokens``, which counts cached tokens already, as OpenAI's ``input_tokens`` does; those have no
+    such fields).
     """
     input_tokens = _first_whole(usage, ("prompt_tokens", "input_tokens"))
     output_tokens = _first_whole(usage, ("completion_tokens", "output_tokens"))
     if output_tokens is None and input_tokens is not None:
         total = _whole(usage.get("total_tokens"))
         output_tokens = total - input_tokens if total is not None and total >= input_tokens else 0
+    if _whole(usage.get("prompt_tokens")) is None:
+        cached = [count for name in _CACHE_FIELDS if (count := _whole(usage.get(name))) is not None]
+        if cached:
+            input_tokens = (input_tokens or 0) + sum(cached)
     return input_tokens, output_tokens
 
 

@@ -491,6 +491,10 @@ def in_pieces(events: list[dict[str, Any]]) -> Any:
         (RESPONSES_IMAGE_STREAM, 7 + 90),
         (CHAT_TOOLS_CUT, 10 + 100),
         (ANTHROPIC_THINKING_CUT, 25 + 100),
+        (  # Anthropic's input_tokens leaves out the cached prompt
+            {"usage": {"input_tokens": 3, "cache_creation_input_tokens": 2000, "output_tokens": 5}},
+            2003 + 5,
+        ),
     ],
     ids=[
         "openai-embeddings",
@@ -499,6 +503,7 @@ def in_pieces(events: list[dict[str, Any]]) -> Any:
         "responses-api-image-stream",
         "chat-reasoning-and-tool-call-cut-stream",
         "anthropic-thinking-and-tool-use-cut-stream",
+        "anthropic-prompt-cache",
     ],
 )
 def test_provider_responses_settle_to_what_they_report_or_carried(

@@ -303,6 +303,41 @@ def test_usage_without_output_generated_nothing(usage: dict[str, object], expect
     assert meter.settlement() == expected
 
 
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"input_tokens": 3, "cache_creation_input_tokens": 20000, "output_tokens": 5}, (20003, 5)),
+        ({"input_tokens": 3, "cache_read_input_tokens": 15000, "output_tokens": 5}, (15003, 5)),
+        (
+            {"input_tokens": 3, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 900},
+            (1003, 0),
+        ),
+        ({"input_tokens": 3, "cache_creation_input_tokens": None, "output_tokens": 5}, (3, 5)),
+        ({"prompt_tokens": 1000, "cache_read_input_tokens": 900, "completion_tokens": 5}, (1000, 5)),
+    ],
+)
+def test_anthropic_cached_prompt_tokens_are_input(
+    usage: dict[str, object], expected: tuple[int, int]
+) -> None:
+    """Anthropic's input_tokens leaves out the cached prompt: a 20,000 token prompt written to the cache was
+    charged 3. OpenAI's prompt_tokens counts cached tokens already (some proxies add the fields beside it)."""
+    meter = Meter((100, 1000))
+    meter.start(200, "application/json")
+    meter.body(json.dumps({"type": "message", "usage": usage}).encode())
+    assert meter.settlement() == expected
+
+
+def test_anthropic_cached_prompt_tokens_are_input_in_a_stream() -> None:
+    start = {
+        "type": "message_start",
+        "message": {"usage": {"input_tokens": 3, "cache_read_input_tokens": 9000}},
+    }
+    meter = Meter((100, 1000))
+    meter.start(200, "text/event-stream")
+    meter.body(anthropic_events(start, {"type": "message_delta", "usage": {"output_tokens": 15}}))
+    assert meter.settlement() == (9003, 15)
+
+
 RESPONSES_STREAM = [
     {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "usage": None}},
     {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "y" * 200},
