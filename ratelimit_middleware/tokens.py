@@ -1,20 +1,21 @@
 """Token arithmetic for LLM requests: estimate before the call, read the real usage after it.
 
-``estimate(body)`` reads an OpenAI- or Anthropic-style JSON request: the prompt (``messages``, ``prompt``,
-``input``, ``system``) at about four characters per token, or exactly with ``tiktoken`` when it is installed
-(a prompt of token ids counts one token per id), plus the output cap (``max_tokens``,
-``max_completion_tokens`` or ``max_output_tokens``, else ``default_output_tokens``) times the completions
-asked for (``n``, or ``best_of`` when larger, for each prompt of a completions batch). Counts are read as
-Pydantic-based servers read them: ``50000.0`` and ``"50000"`` are 50000.
+``estimate(body, path=...)`` reads an OpenAI- or Anthropic-style JSON request: the prompt (``messages``,
+``prompt``, ``input``, ``system``, the Responses API's ``instructions``) at about four characters per token,
+or exactly with ``tiktoken`` when it is installed (a prompt of token ids counts one token per id), plus the
+output cap (``max_tokens``, ``max_completion_tokens`` or ``max_output_tokens``, else
+``default_output_tokens``) times the completions asked for (``n``, or ``best_of`` when larger, for each
+prompt of a completions batch). Counts are read as Pydantic-based servers read them: ``50000.0`` and
+``"50000"`` are 50000. An endpoint that generates nothing (embeddings, a token count) is known by its path.
 
 ``UsageReader`` watches a response go by without holding it: a JSON body (OpenAI ``usage.prompt_tokens`` /
 ``completion_tokens``, the Responses API's and Anthropic's ``input_tokens`` / ``output_tokens``) or a
 server-sent event stream (the final chunk's ``usage``; Anthropic's ``message_start`` and ``message_delta``
 events; the Responses API's ``response.completed``). Its memory is bounded: it keeps a JSON body whole up to
 ``max_json_size`` bytes and of a larger one its last ``_TAIL_SIZE`` bytes, where providers put the usage; of
-a stream, one event at a time, skipping any event larger than ``max_json_size``. It counts the streamed text
-so that a stream cut short before its final usage can still be charged for what was produced. ``Meter``
-feeds it, inflating gzip and deflate bodies.
+a stream, one event at a time, skipping any event larger than ``max_json_size``. It counts the text a stream
+generates (content, reasoning, tool call arguments) so that a stream cut short before its final usage can
+still be charged for what was produced. ``Meter`` feeds it, inflating gzip and deflate bodies.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ DEFAULT_OUTPUT_TOKENS = 1024
 """The output estimate when a request sets no output cap."""
 
 _CAP_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
-_PROMPT_FIELDS = ("system", "messages", "prompt", "input")
+_PROMPT_FIELDS = ("system", "instructions", "messages", "prompt", "input")
 _COUNTING_PATHS = ("/count_tokens", "/tokenize", "/detokenize")
 """Endpoints that run a tokenizer, not a model (Anthropic's token count, vLLM's): a request only."""
 _READING_PATHS = ("/embeddings", "/embed", "/moderations", "/rerank", "/score", "/classify", "/pooling")

@@ -29,6 +29,8 @@ def test_estimate_reads_prompt_and_output_cap() -> None:
         "max_tokens": 1,
     }
     assert estimate(parts) == (4, 1)  # Anthropic: system and content parts
+    responses = {"instructions": "i" * 6000, "input": "hi", "max_output_tokens": 100}
+    assert estimate(responses) == (1501, 100)  # the Responses API's instructions were not counted
 
 
 @pytest.mark.parametrize(
