@@ -293,7 +293,8 @@ class RateLimitMiddleware:
 
     A limiter with token or concurrency limits (``Limits``) has each request reserved: tokens estimated from
     the body by ``estimator(request) -> (input, output)`` (default: the prompt at about 4 characters per
-    token plus the output cap, ``default_output_tokens`` when the request sets none; none without a body),
+    token plus the output cap, ``default_output_tokens`` when the request sets none; none without a body,
+    no output on endpoints that generate nothing, such as embeddings: see ``tokens.estimate``),
     settled with the usage the response reports (JSON or server-sent events, gzip or deflate included),
     refunded when the app fails; the concurrency slot is held until the response ends. ``stream_usage=True``
     sets ``stream_options.include_usage`` in streaming requests (a client's ``false`` included), so that

@@ -377,6 +377,7 @@ class UsageReader:
             self._scanned = len(buffer)
 
     def _read_event(self, event: bytes | bytearray) -> None:
+        """Take the usage and count the generated text of one event (its ``data`` lines joined)."""
         data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
         if data and data != b"[DONE]":
             payload = _parsed(data)
