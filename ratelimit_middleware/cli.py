@@ -4,6 +4,10 @@
 - ``serve [--policy FILE] [--redis-url URL]``: run the example API (``examples/fastapi_app``) with uvicorn;
 - ``inspect USER MODEL --policy FILE --redis-url URL``: what each limit counts for that user and model now;
 - ``reset USER MODEL --policy FILE --redis-url URL``: forget that user's keys.
+
+``inspect`` and ``reset`` wait for Redis up to ``--timeout`` seconds (default 2): a one-off command opens a
+new connection, which takes several round trips before its one call, more than the servers' 0.1 s allow
+on a slow link.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+CLI_TIMEOUT = 2.0
+"""Seconds ``inspect`` and ``reset`` wait for Redis by default."""
 
 
 def _plans(args: argparse.Namespace) -> Plans:
@@ -27,7 +33,7 @@ def _plans(args: argparse.Namespace) -> Plans:
     if getattr(args, "redis_url", None):
         from .backends.redis import RedisStorage
 
-        storage = RedisStorage(args.redis_url, key_prefix=args.key_prefix)
+        storage = RedisStorage(args.redis_url, key_prefix=args.key_prefix, timeout=args.timeout)
     return Plans.load(args.policy, storage=storage)
 
 
@@ -89,7 +95,10 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the example API")
     serve.add_argument("--policy", help="a policy file (default: limits from the environment)")
-    serve.add_argument("--redis-url", help="keep limiter state in this Redis (default: in memory)")
+    serve.add_argument(
+        "--redis-url",
+        help="keep limiter state in this Redis (redis+cluster://node:port for a cluster; default: in memory)",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--app-dir", default="examples/fastapi_app", help="where the example app's main.py is")
@@ -103,8 +112,18 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("user")
         command.add_argument("model")
         command.add_argument("--policy", required=True, help="the policy file the servers use")
-        command.add_argument("--redis-url", required=True, help="the Redis the servers use")
+        command.add_argument(
+            "--redis-url",
+            required=True,
+            help="the Redis the servers use (redis+cluster://... for a cluster)",
+        )
         command.add_argument("--key-prefix", default="ratelimit", help="the servers' key prefix")
+        command.add_argument(
+            "--timeout",
+            type=float,
+            default=CLI_TIMEOUT,
+            help=f"seconds to wait for Redis, connecting included (default {CLI_TIMEOUT:g})",
+        )
         command.add_argument("--plan", help="the plan (default: the policy's default plan)")
         if name == "reset":
             command.add_argument("--tier", help="only this tier (default: the tiers keyed by the user)")

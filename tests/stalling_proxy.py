@@ -1,24 +1,34 @@
-"""A TCP proxy in front of one redis-server that holds back the requests containing given bytes: a network
-fault for one kind of call (Redis itself untouched), for the deadline tests."""
+"""A TCP proxy in front of one redis-server: a network fault (Redis itself untouched), for the deadline tests.
+
+It can hold back the requests containing given bytes (a fault for one kind of call), and delay every chunk
+each way (a Redis some distance away).
+"""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class StallingProxy:
     """Forwards both ways between its port and ``target_port``; a client chunk that contains ``stall_on``
-    is never forwarded (its reply never comes)."""
+    is never forwarded (its reply never comes), and every chunk waits ``delay`` seconds before it goes on (a
+    round trip through the proxy takes ``2 * delay`` more)."""
 
-    def __init__(self, target_port: int, stall_on: bytes) -> None:
+    def __init__(self, target_port: int, stall_on: bytes | None = None, *, delay: float = 0.0) -> None:
         self._target = ("127.0.0.1", target_port)
         self._stall_on = stall_on
+        self._delay = delay
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self.stalled = 0
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
 
     def _accept(self) -> None:
         while True:
@@ -34,9 +44,11 @@ class StallingProxy:
     def _pump(self, source: socket.socket, destination: socket.socket, upstream: bool) -> None:
         try:
             while data := source.recv(65536):
-                if upstream and self._stall_on in data:
+                if upstream and self._stall_on is not None and self._stall_on in data:
                     self.stalled += 1
                     continue
+                if self._delay:
+                    time.sleep(self._delay)  # the link's latency, not a wait of the test's
                 destination.sendall(data)
         except OSError:
             pass

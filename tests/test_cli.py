@@ -16,6 +16,7 @@ from ratelimit_middleware.plans import Plans
 from .conftest import CONTRACT_TIMEOUT, unique_prefix
 from .redis_server import RedisServer
 from .servers import ROOT, free_port, wait_until_up
+from .stalling_proxy import StallingProxy
 
 POLICY = ROOT / "examples" / "policies" / "plans.toml"
 REQUESTS_ONLY = ROOT / "examples" / "policies" / "requests-only.yaml"
@@ -109,6 +110,24 @@ def test_inspect_fails_cleanly_when_redis_is_unreachable() -> None:
     dead = f"redis://127.0.0.1:{free_port()}"
     result = run("inspect", "alice", "m", "--policy", str(REQUESTS_ONLY), "--redis-url", dead)
     assert result.returncode in (1, 2) and "error" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_inspect_and_reset_over_a_slow_link(redis_server: RedisServer) -> None:
+    """A one-off command opens a new connection (several round trips) for its one call: ``--timeout`` gives
+    it the time a slow link needs (80 ms round trips here), and a timeout too short for it fails cleanly."""
+    proxy = StallingProxy(redis_server.port, delay=0.04)
+    common = ["--policy", str(REQUESTS_ONLY), "--redis-url", proxy.url, "--key-prefix", unique_prefix("cli")]
+    try:
+        shown = run("inspect", "alice", "gpt-4o", *common, "--timeout", "3")
+        assert shown.returncode == 0, shown.stderr
+        assert "per_user_model   requests                0 / 100 per 3600 s" in shown.stdout
+        assert run("reset", "alice", "gpt-4o", *common, "--timeout", "3").returncode == 0
+        short = run("inspect", "alice", "gpt-4o", *common, "--timeout", "0.05")
+        assert short.returncode == 1 and "Traceback" not in short.stderr
+        bad = run("inspect", "alice", "gpt-4o", *common, "--timeout", "0")
+        assert bad.returncode == 2 and "timeout must be a number of seconds > 0" in bad.stderr
+    finally:
+        proxy.close()
 
 
 def serve(*args: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -23,13 +23,15 @@ from werkzeug.test import Client
 from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.backends.redis import CircuitBreaker
-from ratelimit_middleware.backends.redis.transport import SyncPool, with_deadlines
+from ratelimit_middleware.backends.redis.deadlines import with_deadlines
+from ratelimit_middleware.backends.redis.transport import SyncPool
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ratelimit_middleware.wsgi import RateLimitWSGI
 
 from .conftest import FakeClock, unique_prefix
 from .redis_server import RedisServer
+from .stalling_proxy import StallingProxy
 
 TIMEOUT = 0.1
 LATENCY_BOUND = 1.0
@@ -127,7 +129,8 @@ def test_breaker_options_are_checked(options: dict[str, Any], error: type[Except
     ("options", "error", "match"),
     [({"timeout": 0}, ValueError, "timeout"), ({"timeout": 61}, ValueError, "timeout"),
      ({"timeout": "1"}, ValueError, "timeout"), ({"on_error": "ignore"}, ValueError, "on_error"),
-     ({"breaker": object()}, TypeError, "breaker")],
+     ({"breaker": object()}, TypeError, "breaker"), ({"connect_timeout": 0}, ValueError, "connect_timeout"),
+     ({"connect_timeout": True}, ValueError, "connect_timeout")],
 )  # fmt: skip
 def test_storage_options_are_checked(options: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
@@ -203,7 +206,9 @@ def test_a_sync_call_waits_only_for_what_is_left_of_its_deadline(redis_server: R
     """Every socket wait of a sync call is shortened to what is left of the call's one deadline, whatever
     the connection's own timeout; a call whose deadline has passed sends nothing."""
     pool = redis.ConnectionPool.from_url(
-        redis_server.url, socket_timeout=5.0, connection_class=with_deadlines(redis.connection.Connection)
+        redis_server.url,
+        socket_timeout=5.0,
+        connection_class=with_deadlines(redis.connection.Connection, 1.0),
     )  # the connections of the limiter's own pools
     transport = SyncPool(pool)
     connection: Any = pool.get_connection()
@@ -381,7 +386,7 @@ def test_connecting_waits_only_until_the_call_s_deadline(server: RedisServer, de
     only. The plain connection class shows what the limiter's pools no longer do."""
     plain = redis.connection.Connection
     pool = redis.ConnectionPool(
-        connection_class=with_deadlines(plain) if deadlines else plain,
+        connection_class=with_deadlines(plain, 1.0) if deadlines else plain,
         host="127.0.0.1",
         port=server.port,
         socket_timeout=1.5,
@@ -398,3 +403,41 @@ def test_connecting_waits_only_until_the_call_s_deadline(server: RedisServer, de
     assert (elapsed < 0.5) is deadlines
     assert SyncPool(pool).send([("PING",)], time.monotonic() + 5.0) == [b"PONG"]
     pool.disconnect()
+
+
+# -- a Redis some distance away -----------------------------------------------------------------------------
+
+SLOW_LINK = 0.04
+"""Seconds each way through the proxy: an 80 ms round trip. A call (one round trip, two to load the script)
+fits in the 0.25 s timeout below; a new connection's setup (CLIENT SETINFO twice) and the call do not."""
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "asyncio"])
+def test_a_redis_whose_connection_setup_outlasts_a_call_serves_the_next_calls(
+    server: RedisServer, asynchronous: bool
+) -> None:
+    """A connection set up within a call was closed when the call ran out of time, and the next call started
+    over: such a Redis was never used, every decision unchecked. Set up apart, it serves the next call, and
+    no call waits longer than its timeout meanwhile."""
+    proxy = StallingProxy(server.port, delay=SLOW_LINK)
+    limiter = RedisRateLimiter(
+        proxy.url, 100, 60, key_prefix=unique_prefix(), timeout=0.25, breaker=CircuitBreaker(failures=100)
+    )
+
+    async def adecisions(count: int) -> list[tuple[Any, float]]:
+        outcomes = []
+        for _ in range(count):
+            started = time.perf_counter()
+            outcomes.append((await limiter.acheck("u", "m"), time.perf_counter() - started))
+        return outcomes
+
+    if asynchronous:
+        outcomes = asyncio.run(adecisions(6))
+    else:
+        outcomes = [timed(lambda: limiter.check("u", "m")) for _ in range(6)]
+    kinds = [type(decision) for decision, _ in outcomes]
+    assert kinds[0] is UncheckedDecision  # no connection could be set up and used within the first call
+    assert kinds[-3:] == [Decision] * 3, kinds
+    assert max(seconds for _, seconds in outcomes) < LATENCY_BOUND
+    limiter.storage.close()
+    proxy.close()

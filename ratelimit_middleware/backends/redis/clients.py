@@ -3,11 +3,11 @@
 A limiter call must never block longer than its timeout, whatever the client it was given says (redis-py's
 defaults are 5 s socket timeouts and 10 retries with backoff), and must not change that client for its other
 uses. So a storage never sends through the client it is given: it reads the client's connection settings
-(or parses the URL) and builds pools, and cluster clients, of its own, with ``socket_timeout`` and
-``socket_connect_timeout`` set to the limiter's timeout and every retry off: a script that may already have
-run is never sent twice. Nothing here connects: a pool connects on its first command, and a cluster client
-(which maps the cluster as soon as it is created) is made on first use by the caller of ``sync_cluster`` /
-``async_cluster``.
+(or parses the URL) and builds pools, and cluster clients, of its own, with ``socket_timeout`` set to the
+limiter's timeout, connections set up apart from the calls within ``setup`` seconds (see ``deadlines``), and
+every retry off: a script that may already have run is never sent twice. Nothing here connects: a pool
+connects on its first command, and a cluster client (which maps the cluster as soon as it is created) is
+made on first use by the caller of ``sync_cluster`` / ``async_cluster``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import redis.connection
 import redis.retry
 from redis.backoff import NoBackoff
 
-from .transport import with_deadlines
+from .deadlines import with_deadlines, with_setup
 
 try:
     from redis.maint_notifications import MaintNotificationsConfig
@@ -147,11 +147,13 @@ class Endpoint:
     """What a storage was given, turned into factories of the limiter's own pools and cluster clients.
 
     ``serves_sync``/``serves_async``: which methods it can serve (a URL serves both); ``cluster``: whether
-    it is a Redis Cluster, whose keys of one script must share a slot.
+    it is a Redis Cluster, whose keys of one script must share a slot. ``setup``: seconds a new connection
+    may take to be set up, apart from the calls.
     """
 
-    def __init__(self, client: RedisClient, timeout: float) -> None:
+    def __init__(self, client: RedisClient, timeout: float, setup: float) -> None:
         self.timeout = timeout
+        self.setup = setup
         self._sync_pool: _Pool | None = None
         self._async_pool: _Pool | None = None
         self._cluster: _Cluster | None = None
@@ -186,7 +188,7 @@ class Endpoint:
         settings = {name: value for name, value in pool.settings.items() if name not in _POOL_STATE}
         settings.update(
             socket_timeout=read_timeout,
-            socket_connect_timeout=self.timeout,
+            socket_connect_timeout=self.setup,
             retry=retry,
             retry_on_error=[],
             health_check_interval=0,
@@ -207,7 +209,7 @@ class Endpoint:
             options["ssl"] = True
         options.update(
             socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
+            socket_connect_timeout=self.setup,
             decode_responses=False,
             address_remap=self._cluster.address_remap,
             **_QUIET,
@@ -218,7 +220,7 @@ class Endpoint:
         """A new pool to the standalone Redis, for the sync methods."""
         assert self._sync_pool is not None
         return redis.ConnectionPool(
-            connection_class=with_deadlines(self._sync_pool.connection_class),  # connecting within a call
+            connection_class=with_deadlines(self._sync_pool.connection_class, self.setup),
             **self._pool_settings(self._sync_pool, redis.retry.Retry(NoBackoff(), 0), self.timeout),
         )
 
@@ -226,7 +228,7 @@ class Endpoint:
         """A new pool to the standalone Redis, for the async methods (one per event loop)."""
         assert self._async_pool is not None
         return redis.asyncio.ConnectionPool(
-            connection_class=self._async_pool.connection_class,
+            connection_class=with_setup(self._async_pool.connection_class, self.setup),
             # No per-read timeout: every async call has a deadline of ``timeout`` for all its reads.
             **self._pool_settings(self._async_pool, redis.asyncio.retry.Retry(NoBackoff(), 0), None),
         )
@@ -244,7 +246,7 @@ class Endpoint:
             # connection class; without one it passes the settings to redis.Redis, which takes none.
             url=f"redis://[{host}]:{port}" if ":" in host else f"redis://{host}:{port}",
             startup_nodes=[node(*address) for address in others],
-            connection_class=with_deadlines(plain),
+            connection_class=with_deadlines(plain, self.setup),
             retry=redis.retry.Retry(NoBackoff(), 0),
             **options,
         )

@@ -8,11 +8,12 @@ NOSCRIPT did not run, so it is never run twice. On a standalone Redis the async 
 coalesced into pipelined batches (see ``coalescer``).
 
 Time bounds: a sync call has one deadline of ``timeout`` for all its round trips, each socket wait cut to
-what is left of it (on a cluster too, connecting and mapping it again included: see ``transport``); an
-async call has a hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the
-calling task, or in its batch's: a coalesced call is answered by its batch's deadline whatever becomes of
-that task), after which its connection is closed; one whose time ran out before it could be sent (its
-event loop was blocked meanwhile) is never sent, and raises ``NotRun``. Errors are redis-py's
+what is left of it (on a cluster too, mapping it again included: see ``transport``); an async call has a
+hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the calling task, or in its
+batch's: a coalesced call is answered by its batch's deadline whatever becomes of that task), after which
+its connection is closed; one whose time ran out before it could be sent (its event loop was blocked
+meanwhile) is never sent, and raises ``NotRun``. A new connection is set up apart from the calls, within
+``setup`` seconds, and waited for until the call's deadline only (see ``deadlines``). Errors are redis-py's
 (``ConnectionError``, ``TimeoutError``, ``ResponseError``...) and ``NotRun``: the storage decides what they
 mean.
 """
@@ -20,7 +21,6 @@ mean.
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .clients import Endpoint, RedisClient
 from .coalescer import Coalescer, Orphan
+from .deadlines import within
 from .keyspace import slot_groups
 from .orphans import kept
 from .scripts import Script
@@ -52,18 +53,6 @@ _LEAST_TO_SEND = 0.1
 
 T = TypeVar("T")
 Arg = bytes | str
-
-
-if sys.version_info >= (3, 11):
-
-    async def _within(work: Callable[[], Awaitable[T]], seconds: float) -> T:
-        async with asyncio.timeout(seconds):  # in the calling task: a batch is sent before anything else runs
-            return await work()
-
-else:  # pragma: no cover - Python 3.10
-
-    async def _within(work: Callable[[], Awaitable[T]], seconds: float) -> T:
-        return await asyncio.wait_for(work(), seconds)
 
 
 class Call(NamedTuple):
@@ -103,8 +92,8 @@ class Connection:
     benchmarks.
     """
 
-    def __init__(self, client: RedisClient, *, timeout: float) -> None:
-        self.endpoint = Endpoint(client, timeout)
+    def __init__(self, client: RedisClient, *, timeout: float, setup: float) -> None:
+        self.endpoint = Endpoint(client, timeout, setup)
         self.timeout = timeout
         self.cluster = self.endpoint.cluster
         self.round_trips = 0
@@ -161,7 +150,7 @@ class Connection:
                     del self._loops[old]
                 endpoint = self.endpoint
                 if endpoint.cluster:
-                    state = _LoopState(AsyncCluster(endpoint.async_cluster()), None)
+                    state = _LoopState(AsyncCluster(endpoint.async_cluster(), endpoint.setup), None)
                 else:
                     coalescer = Coalescer(loop, self._flush, self.timeout, self._no_reply)
                     state = _LoopState(AsyncPool(endpoint.async_pool()), coalescer)
@@ -240,7 +229,7 @@ class Connection:
             raise NotRun(f"the limiter's timeout ({self.timeout:g} s) ran out before the call was sent")
         deadline = time.monotonic() + seconds
         try:
-            return await _within(lambda: work(deadline), seconds)
+            return await within(lambda: work(deadline), seconds)
         except asyncio.TimeoutError:
             raise self._no_reply() from None
 

@@ -39,13 +39,26 @@ from .keyspace import check_prefix, rule_key_maker, slot_groups
 from .orphans import detached, kept
 from .scripts import script_for
 
-__all__ = ["CLOCK_TTL_PAD_MS", "DEFAULT_LEASE", "DEFAULT_TIMEOUT", "Charge", "RedisBackend", "RedisStorage"]
+__all__ = [
+    "CLOCK_TTL_PAD_MS",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_LEASE",
+    "DEFAULT_TIMEOUT",
+    "Charge",
+    "RedisBackend",
+    "RedisStorage",
+]
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 0.1
 """Seconds a limiter call may wait for Redis (all its round trips): a stalled Redis costs a request at
 most this before ``on_error`` answers (and the circuit breaker then answers at once)."""
+
+DEFAULT_CONNECT_TIMEOUT = 1.0
+"""Seconds a new connection may take to be set up (connect, TLS, AUTH or HELLO, CLIENT SETINFO, SELECT: a
+round trip each) by default, or ``timeout`` if longer. The setup runs apart from the calls, which wait for
+it until their own deadline only: one that outlasts its call serves the next."""
 
 _CACHED_COSTS = 64  # costs whose decision arguments are kept ready
 
@@ -70,14 +83,24 @@ def _refund_failed(error: BaseException) -> None:
     )
 
 
+def _seconds(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 60:
+        raise ValueError(f"{name} must be a number of seconds > 0 and <= 60, got {value!r}")
+    return float(value)
+
+
 class RedisStorage:
     """State in Redis, shared by every limiter (in any process) with the same Redis, prefix and limits.
 
     ``client`` is a ``redis.Redis`` or ``redis.cluster.RedisCluster`` (for the sync methods), their
     ``redis.asyncio`` twins (for the async ones), or a ``redis://``, ``rediss://`` or ``unix://`` URL (both).
-    The limiter never sends through the client it is given: it makes connections of its own to the same
-    server with the same credentials, so that ``timeout`` (seconds, default 0.1) bounds every call however
-    the client is configured, and nothing is retried. ``key_prefix`` starts every key.
+    The limiter never sends through the client it is given: it makes connections of its own to the
+    same server with the same credentials, so that ``timeout`` (seconds, default 0.1) bounds every call
+    however the client is configured, and nothing is retried. A new connection is set up apart from the
+    calls, within ``connect_timeout`` seconds (default: the larger of 1 s and ``timeout``); the calls wait
+    for it until their own timeout only, and one that outlasts its call serves the next, so that a Redis
+    whose connection setup (several round trips) takes longer than a call may wait is still used.
+    ``key_prefix`` starts every key.
 
     ``on_error`` says what decisions do when Redis fails or is slower than ``timeout``: ``"allow"`` (the
     default; fail open), ``"deny"`` (fail closed: ``RateLimiterUnavailable``, a 503 in HTTP) or ``"local"``
@@ -105,19 +128,23 @@ class RedisStorage:
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] | None = None,
         lease: float = DEFAULT_LEASE,
+        connect_timeout: float | None = None,
     ) -> None:
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= 86_400:
             raise ValueError(f"lease must be a number of seconds > 0 and <= 86400, got {lease!r}")
         self.lease = float(lease)
         if clock is not None and not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
-            raise ValueError(f"timeout must be a number of seconds > 0 and <= 60, got {timeout!r}")
+        self.timeout = _seconds("timeout", timeout)
+        self.connect_timeout = (
+            max(DEFAULT_CONNECT_TIMEOUT, self.timeout)
+            if connect_timeout is None
+            else _seconds("connect_timeout", connect_timeout)
+        )
         self.key_prefix = check_prefix(key_prefix)
         self.clock = clock
-        self.timeout = float(timeout)
         self.failover = Failover(on_error, CircuitBreaker() if breaker is None else breaker, clock)
-        self.connection = Connection(client, timeout=self.timeout)
+        self.connection = Connection(client, timeout=self.timeout, setup=self.connect_timeout)
 
     @property
     def on_error(self) -> OnError:

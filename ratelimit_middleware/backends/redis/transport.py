@@ -3,9 +3,11 @@
 ``send(commands, deadline)`` returns one reply per command, in order, with a command's error reply (a
 ``ResponseError``, such as NOSCRIPT) in its place; a connection error or timeout is raised for the whole
 batch. ``deadline`` is the call's (``time.monotonic()``). The sync transports cut every socket wait of the
-call to what is left of it, connecting included, and on a cluster mapping it again too (see
-``with_deadlines``); a first mapping of the cluster is waited for until then only. The async ones run
-within a hard deadline set by their caller, and use ``deadline`` only to pause on a cluster (TRYAGAIN).
+call to what is left of it, and on a cluster mapping it again too (see ``deadlines``); a first mapping of
+the cluster is waited for until then only. The async ones run within a hard deadline set by their caller,
+and use ``deadline`` only to judge a new connection (below) and to pause on a cluster (TRYAGAIN). A new
+connection is set up apart from the calls, within ``setup`` seconds of its own, and waited for until the
+call's deadline only: one that outlasts its call serves the next one (see ``deadlines``).
 
 A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
 read in order on one connection, which is closed (never reused) if anything goes wrong midway, so that a
@@ -17,10 +19,9 @@ ASK and TRYAGAIN themselves (``_Route``, shared by the sync and async clusters).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
@@ -34,6 +35,8 @@ from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .deadlines import left, seen, set_up, timed, until
 
 _pack_command: Callable[[tuple[Any, ...]], Any] | None
 try:
@@ -53,7 +56,6 @@ __all__ = [
     "SyncPool",
     "SyncTransport",
     "pack",
-    "with_deadlines",
 ]
 
 Command = tuple[Any, ...]
@@ -108,25 +110,9 @@ class AsyncTransport(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _left(deadline: float) -> float:
-    """Seconds left until ``deadline``; ``TimeoutError`` once it has passed."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise RedisTimeoutError("the limiter's timeout ran out")
-    return left
-
-
-def _wait_until(connection: Any, deadline: float) -> None:
-    """Let ``connection``'s next socket operation wait only until ``deadline``."""
-    left = _left(deadline)
-    sock = connection._sock  # redis-py's socket: its timeout bounds every read and write
-    if sock is not None:
-        sock.settimeout(left)
-
-
 def _exchange(pool: redis.ConnectionPool, commands: Sequence[Command]) -> list[Any]:
     """``commands`` written at once on a connection of ``pool``, and their replies read in order (error
-    replies in place); the connection is closed if anything goes wrong midway. Run it ``_until`` the
+    replies in place); the connection is closed if anything goes wrong midway. Run it ``until`` the
     call's deadline: the pool's connections are ``with_deadlines``, so that every wait ends by it."""
     connection: Any = pool.get_connection()
     try:
@@ -154,7 +140,7 @@ class SyncPool:
         self.pool = pool
 
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
-        with _until(deadline):  # every wait of the pool's ``with_deadlines`` connections, connecting included
+        with until(deadline):  # every wait of the pool's ``with_deadlines`` connections, connecting included
             return _exchange(self.pool, commands)
 
     def close(self) -> None:
@@ -178,7 +164,8 @@ async def _aexchange(connection: Any, commands: Sequence[Command]) -> list[Any]:
 
 
 class AsyncPool:
-    """``SyncPool`` for one event loop (its hard deadline is its caller's)."""
+    """``SyncPool`` for one event loop (its hard deadline is its caller's; the pool's connections are
+    ``with_setup``, and read the deadline to judge a new connection)."""
 
     pipelined = True
 
@@ -187,7 +174,8 @@ class AsyncPool:
 
     async def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
         pool: Any = self.pool
-        connection: Any = await pool.get_connection()
+        with until(deadline):
+            connection: Any = await pool.get_connection()
         try:
             return await _aexchange(connection, commands)
         finally:
@@ -197,82 +185,11 @@ class AsyncPool:
         await self.pool.disconnect()
 
 
-# The sync cluster relies on redis-py internals, all named here: a connection's ``_sock`` (``_wait_until``)
+# The sync cluster relies on redis-py internals, all named here: a connection's ``_sock`` (``wait_until``)
 # and ``_connect``, which opens the socket with ``socket_connect_timeout`` and leaves it (for a TLS handshake
 # too) with ``socket_timeout`` (``with_deadlines``); the cluster client's ``nodes_manager``, its map of
 # the slots (``SyncCluster._send``); and its building of each node's pool from the connection class it is
 # given along with a URL (``clients.Endpoint.sync_cluster``).
-
-
-class _Call(threading.local):
-    deadline: float | None = None
-    """The deadline of the sync call running on this thread, if any."""
-
-
-_call = _Call()
-
-
-@contextlib.contextmanager
-def _until(deadline: float) -> Iterator[None]:
-    """While it lasts, every wait of a ``with_deadlines`` connection on this thread ends by ``deadline``."""
-    _call.deadline = deadline
-    try:
-        yield
-    finally:
-        _call.deadline = None
-
-
-class _Deadlines:
-    """The waits of ``with_deadlines`` connections (a mixin of redis-py's connection classes)."""
-
-    socket_connect_timeout: float | None
-    socket_timeout: float | None
-
-    def _connect(self) -> Any:
-        parent: Any = super()  # untyped in redis-py
-        deadline = _call.deadline
-        if deadline is None:
-            return parent._connect()
-        timeouts = self.socket_connect_timeout, self.socket_timeout
-        self.socket_connect_timeout = self.socket_timeout = _left(deadline)
-        try:
-            return parent._connect()
-        finally:
-            self.socket_connect_timeout, self.socket_timeout = timeouts
-
-    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        deadline = _call.deadline
-        if deadline is not None:
-            _wait_until(self, deadline)
-        parent: Any = super()
-        parent.send_packed_command(command, check_health)
-
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        deadline = _call.deadline
-        if deadline is not None:
-            _wait_until(self, deadline)
-        parent: Any = super()
-        return parent.read_response(*args, **kwargs)
-
-
-_WITH_DEADLINES: dict[type[Any], type[Any]] = {}
-
-
-def with_deadlines(connection_class: type[Any]) -> type[Any]:
-    """``connection_class`` (a redis-py connection class) whose waits end by the deadline of the sync call
-    on their thread.
-
-    redis-py waits on its own within a call: connecting and the handshake that follows (CLIENT SETINFO,
-    AUTH...), and on a cluster mapping it again (CLUSTER SLOTS on one node after another). While a sync
-    transport's ``send`` runs on a thread, every connect, write and read of that thread is cut to what is
-    left of the call's deadline, and fails at once when nothing is: a call never outlasts its deadline,
-    however many waits it takes. On any other thread it is the plain class (its own timeouts).
-    """
-    made = _WITH_DEADLINES.get(connection_class)
-    if made is None:  # one per class, made once
-        made = type(f"Deadline{connection_class.__name__}", (_Deadlines, connection_class), {})
-        _WITH_DEADLINES[connection_class] = made
-    return made
 
 
 _REDIRECTS = 5
@@ -372,7 +289,7 @@ class SyncCluster:
                     target=self._made, args=(making,), name="ratelimit-cluster-map", daemon=True
                 ).start()
         try:
-            return making.result(_left(deadline))
+            return making.result(left(deadline))
         except FutureTimeout:
             raise RedisTimeoutError("the limiter's timeout ran out while mapping the cluster") from None
 
@@ -394,7 +311,7 @@ class SyncCluster:
         making.set_result(client)
 
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
-        with _until(deadline):
+        with until(deadline):
             client = self._cluster(deadline)
             return [self._send(client, command, deadline) for command in commands]
 
@@ -443,22 +360,40 @@ class AsyncCluster:
     0.25 s on CLUSTERDOWN, and sent ASKING apart from the command it was for. The cluster is mapped once
     before the first command (redis-py's client, left to map it lazily, can close connections that
     concurrent first commands are using), and again before the next command to a node that failed or
-    answered MOVED (a suspect, as on the sync cluster).
+    answered MOVED (a suspect, as on the sync cluster). That first mapping, like the setup of a node's new
+    connection, runs apart from the calls, within ``setup`` seconds, and the calls wait for it until their
+    deadline only: a mapping that outlasts them serves the next calls, and one that failed is tried again.
     """
 
     pipelined = False
 
-    def __init__(self, client: redis.asyncio.cluster.RedisCluster) -> None:
+    def __init__(self, client: redis.asyncio.cluster.RedisCluster, setup: float) -> None:
         self.client = client
+        self.setup = setup
+        self._mapping: asyncio.Future[None] | None = None
         self._mapped = False
         self._lock = asyncio.Lock()
         self._suspects: set[str] = set()
 
     async def _map(self) -> None:
+        mapping = self._mapping
+        if mapping is None:
+            mapping = asyncio.ensure_future(timed(self._initialize, self.setup, "mapping the Redis Cluster"))
+            mapping.add_done_callback(seen)
+            self._mapping = mapping
+        try:
+            await asyncio.shield(mapping)  # the call's deadline cancels the wait, not the mapping
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            if self._mapping is mapping:
+                self._mapping = None  # the next call maps it again
+            raise
+        self._mapped = True
+
+    async def _initialize(self) -> None:
         async with self._lock:
-            if not self._mapped:
-                await self.client.initialize()
-                self._mapped = True
+            await self.client.initialize()
 
     async def _node(self, route: _Route) -> Any:
         """``SyncCluster._node`` for event loops."""
@@ -486,6 +421,7 @@ class AsyncCluster:
             node = await self._node(route)
             connection = node.acquire_connection()
             try:
+                await set_up(connection, connection.connect, self.setup, deadline)
                 reply = (await _aexchange(connection, route.sent))[-1]
             except (RedisConnectionError, RedisTimeoutError, asyncio.CancelledError):  # the deadline cancels
                 self._suspects.add(node.name)

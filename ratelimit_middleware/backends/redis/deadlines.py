@@ -1,0 +1,292 @@
+"""Deadlines on redis-py's connections, and new connections set up apart from the calls.
+
+A call runs ``until`` its deadline (a ``time.monotonic()`` reading). Sync: every socket wait of a
+``with_deadlines`` connection in it (writes, reads, redis-py's own re-mapping of a cluster) is cut to what
+is left of it. Async: the call has a hard deadline (``within``, set by its caller).
+
+Setting up a new connection costs several round trips (the TCP connect, a TLS handshake, AUTH or HELLO,
+CLIENT SETINFO twice, SELECT for a database other than 0): more than a call's timeout allows on a link a few
+tens of milliseconds long. A connection set up within a call, and closed when the call ran out of time,
+was lost, and the next call started over: such a Redis was never used. So a new connection is set up apart
+(on a thread of its own, or in a task of its own), within a budget of its own (``setup`` seconds), while
+the calls that need it wait for it until their own deadline only: a setup that outlasts its call still
+ends, and its connection, left in its pool, serves the next call.
+
+A call uses a connection whose setup it waited for only when what is left of its time is at least twice
+as long as it waited (``_worth_using``): the call that starts a setup waits a round trip at least, and a
+call takes two at most (EVALSHA, then EVAL after NOSCRIPT), so that a call on a new connection does not
+run out of time midway (which would close the connection, and start the setups over) because of the
+link's length. A connection it does not use is left, connected, to the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["left", "seen", "set_up", "timed", "until", "wait_until", "with_deadlines", "with_setup", "within"]
+
+T = TypeVar("T")
+
+_deadline: ContextVar[float | None] = ContextVar("ratelimit_redis_deadline", default=None)
+"""The deadline of the call running in this thread (sync) or task (async), if any."""
+
+
+if sys.version_info >= (3, 11):
+
+    async def within(work: Callable[[], Awaitable[T]], seconds: float) -> T:
+        """``work()`` cancelled after ``seconds`` (``asyncio.TimeoutError``), in the calling task."""
+        async with asyncio.timeout(seconds):  # in the calling task: a batch is sent before anything else runs
+            return await work()
+
+else:  # pragma: no cover - Python 3.10
+
+    async def within(work: Callable[[], Awaitable[T]], seconds: float) -> T:
+        return await asyncio.wait_for(work(), seconds)
+
+
+@contextlib.contextmanager
+def until(deadline: float) -> Iterator[None]:
+    """While it lasts, the calls of this thread or task end by ``deadline``."""
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def left(deadline: float) -> float:
+    """Seconds left until ``deadline``; ``TimeoutError`` once it has passed."""
+    seconds = deadline - time.monotonic()
+    if seconds <= 0:
+        raise RedisTimeoutError("the limiter's timeout ran out")
+    return seconds
+
+
+def wait_until(connection: Any, deadline: float) -> None:
+    """Let ``connection``'s next socket operation wait only until ``deadline``."""
+    seconds = left(deadline)
+    sock = connection._sock  # redis-py's socket: its timeout bounds every read and write
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def _worth_using(since: float, deadline: float) -> bool:
+    """Whether a call that waited for a connection's setup from ``since`` may use it by ``deadline``."""
+    now = time.monotonic()
+    return deadline - now >= 2 * (now - since)
+
+
+def _refusal(error: BaseException | None) -> bool:
+    """Whether a setup that failed unseen (its calls ran out of time first) failed because Redis refused it
+    (a wrong password, a database that does not exist...): the next call reports it, rather than try again
+    and run out of time the same way. A connection that failed or timed out is tried again."""
+    return isinstance(error, (AuthenticationError, ResponseError))
+
+
+def _late(since: float) -> RedisTimeoutError:
+    return RedisTimeoutError(
+        f"a new connection to Redis took {(time.monotonic() - since) * 1000:.0f} ms to set up, too long to "
+        "be used within this call's timeout: it serves the next call"
+    )
+
+
+def _unfinished(seconds: float) -> RedisTimeoutError:
+    return RedisTimeoutError(
+        f"a new connection to Redis was not set up within the call's timeout: it goes on (for up to "
+        f"{seconds:g} s) and serves the next call"
+    )
+
+
+# -- sync ---------------------------------------------------------------------------------------------------
+
+
+class _Deadlines:
+    """The waits of ``with_deadlines`` connections (a mixin of redis-py's connection classes)."""
+
+    socket_connect_timeout: float | None
+    socket_timeout: float | None
+    setup: float = 1.0
+    """Seconds a new connection's setup may take (set by ``with_deadlines``)."""
+    _setup: Future[None] | None = None  # the setup under way, or finished unseen by any call
+    _sock: Any
+
+    def connect(self) -> None:
+        """Connect, if not connected: within a call, apart from it (see the module)."""
+        parent: Any = super()  # untyped in redis-py
+        deadline = _deadline.get()
+        if deadline is None:  # not within a call (a cluster being mapped on a thread of its own)
+            parent.connect()
+            return
+        setup = self._setup
+        if setup is not None and setup.done() and not _refusal(setup.exception()):
+            setup = self._setup = None  # finished unseen: connected, or to be tried again
+        if setup is None:
+            if self._sock is not None:
+                return
+            setup = self._setup = Future()
+            threading.Thread(target=self._set_up, args=(setup,), name="ratelimit-setup", daemon=True).start()
+        waited = not setup.done()
+        since = time.monotonic()
+        try:
+            setup.result(left(deadline))
+        except FutureTimeout:
+            raise _unfinished(self.setup) from None
+        except BaseException:
+            self._setup = None
+            raise
+        self._setup = None
+        if waited and not _worth_using(since, deadline):
+            raise _late(since)  # redis-py's pool keeps the connection, connected, for the next call
+
+    def _set_up(self, setup: Future[None]) -> None:
+        """Connect within ``setup`` seconds (on a thread of its own): every wait cut to what is left."""
+        parent: Any = super()
+        try:
+            with until(time.monotonic() + self.setup):
+                parent.connect()
+        except BaseException as error:  # redis-py closed the connection
+            setup.set_exception(error)
+        else:
+            setup.set_result(None)
+
+    def _connect(self) -> Any:
+        parent: Any = super()
+        deadline = _deadline.get()
+        if deadline is None:
+            return parent._connect()
+        timeouts = self.socket_connect_timeout, self.socket_timeout
+        self.socket_connect_timeout = self.socket_timeout = left(deadline)
+        try:
+            return parent._connect()
+        finally:
+            self.socket_connect_timeout, self.socket_timeout = timeouts
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        deadline = _deadline.get()
+        if deadline is not None:
+            wait_until(self, deadline)
+        parent: Any = super()
+        parent.send_packed_command(command, check_health)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = _deadline.get()
+        if deadline is not None:
+            wait_until(self, deadline)
+        parent: Any = super()
+        return parent.read_response(*args, **kwargs)
+
+
+_MADE: dict[tuple[type[Any], type[Any], float], type[Any]] = {}
+
+
+def _made(mixin: type[Any], connection_class: type[Any], setup: float) -> type[Any]:
+    """``connection_class`` with ``mixin``, its setups given ``setup`` seconds (one class each, made once)."""
+    key = mixin, connection_class, setup
+    made = _MADE.get(key)
+    if made is None:
+        name = f"{mixin.__name__.strip('_')}{connection_class.__name__}"
+        made = _MADE[key] = type(name, (mixin, connection_class), {"setup": setup})
+    return made
+
+
+def with_deadlines(connection_class: type[Any], setup: float) -> type[Any]:
+    """``connection_class`` (a sync redis-py connection class) whose waits within a call end by its deadline,
+    and whose setup runs apart from the calls, within ``setup`` seconds.
+
+    redis-py waits on its own within a call: connecting and the handshake that follows (CLIENT SETINFO,
+    AUTH...), and on a cluster mapping it again (CLUSTER SLOTS on one node after another). While a call
+    runs ``until`` its deadline on a thread, every connect, write and read of that thread is cut to what is
+    left of it, and fails at once when nothing is: a call never outlasts its deadline, however many waits it
+    takes. Outside a call (a cluster mapped on a thread of its own) it is the plain class.
+    """
+    return _made(_Deadlines, connection_class, setup)
+
+
+# -- async --------------------------------------------------------------------------------------------------
+
+
+def seen(work: asyncio.Future[Any]) -> None:
+    """Mark the error of ``work`` (a task run apart) as seen: the calls that waited for it may all have run
+    out of time first."""
+    if not work.cancelled():
+        work.exception()
+
+
+async def timed(work: Callable[[], Awaitable[None]], seconds: float, what: str) -> None:
+    """``work()`` within ``seconds``, else ``redis.TimeoutError`` saying ``what`` it was."""
+    try:
+        await within(work, seconds)
+    except asyncio.TimeoutError:
+        raise RedisTimeoutError(f"{what} took longer than {seconds:g} s") from None
+
+
+async def _connected(connection: Any, connect: Callable[[], Awaitable[None]], seconds: float) -> None:
+    """``connect()`` within ``seconds``; ``connection`` is closed if it fails midway (redis-py leaves one
+    cancelled in its handshake open, a reply still to come)."""
+    try:
+        await timed(connect, seconds, "setting up a new connection to Redis")
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
+
+
+async def set_up(
+    connection: Any, connect: Callable[[], Awaitable[None]], seconds: float, deadline: float
+) -> None:
+    """Connect ``connection`` (an asyncio one), if it is not, with ``connect()``: in a task of its own
+    within ``seconds``, which the call (whose hard deadline is ``deadline``) waits for (see the module)."""
+    setup: asyncio.Future[None] | None = getattr(connection, "_limiter_setup", None)
+    if setup is not None and setup.done() and (setup.cancelled() or not _refusal(setup.exception())):
+        setup = connection._limiter_setup = None
+    if setup is None:
+        if connection.is_connected:
+            return
+        setup = asyncio.ensure_future(_connected(connection, connect, seconds))
+        setup.add_done_callback(seen)
+        connection._limiter_setup = setup
+    waited = not setup.done()
+    since = time.monotonic()
+    try:
+        await asyncio.shield(setup)  # the call's deadline cancels the wait, not the setup
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        connection._limiter_setup = None
+        raise
+    connection._limiter_setup = None
+    if waited and not _worth_using(since, deadline):
+        raise _late(since)
+
+
+class _SetUpApart:
+    """Connections whose setup runs apart from the calls (a mixin of redis-py's asyncio connection classes,
+    for a pool: its ``get_connection`` connects them, within a call that runs ``until`` its deadline)."""
+
+    setup: float = 1.0
+    """Seconds a new connection's setup may take (set by ``with_setup``)."""
+
+    async def connect(self) -> None:
+        parent: Any = super()
+        deadline = _deadline.get()
+        if deadline is None:  # pragma: no cover - the pools are only used within calls
+            await parent.connect()
+            return
+        await set_up(self, parent.connect, self.setup, deadline)
+
+
+def with_setup(connection_class: type[Any], setup: float) -> type[Any]:
+    """``connection_class`` (an asyncio redis-py connection class) whose setup runs apart from the calls,
+    within ``setup`` seconds."""
+    return _made(_SetUpApart, connection_class, setup)
