@@ -223,6 +223,34 @@ def test_bad_urls_name_the_schemes(url: str) -> None:
         RedisStorage(url)
 
 
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [("timeout=0.5", "'timeout'"), ("ssl=true", "'ssl'.*rediss://"), ("cluster=true", "'cluster'"),
+     ("ssl_cert_reqs=none", "'ssl_cert_reqs'"), ("readonly=true", "'readonly'"),
+     ("protocol=4", "protocol must be"), ("socket_timeout=abc", "'socket_timeout'")],
+)  # fmt: skip
+def test_url_options_the_connections_do_not_take_fail_at_construction(query: str, named: str) -> None:
+    """redis-py passes the options it does not know to the connections, which rejected them (TypeError) on
+    every call: outside the errors a failure policy answers, so even on_error="deny" let requests through."""
+    url = f"redis://:s3cret@127.0.0.1:6379/0?{query}"
+    with pytest.raises(
+        ValueError, match=rf"^Redis URL 'redis://:\*\*\*@127\.0\.0\.1:6379/0\?{query}': .*{named}"
+    ):
+        RedisStorage(url, on_error="deny")
+
+
+def test_a_database_that_is_no_number_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="the database must be a number, got 'abc'"):
+        RedisStorage("redis://127.0.0.1:6379/abc")  # redis-py ignored it: database 0
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:1/3?socket_timeout=7&client_name=api", "unix:///tmp/r.sock?db=2"]
+)
+def test_url_options_the_connections_take_are_accepted(url: str) -> None:
+    RedisStorage(url)
+
+
 @pytest.mark.parametrize("client", [6379, None, object(), b"redis://localhost"])
 def test_other_objects_are_not_clients(client: object) -> None:
     with pytest.raises(TypeError, match=r"client must be a redis\.Redis"):

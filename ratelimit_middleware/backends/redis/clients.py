@@ -8,13 +8,18 @@ limiter's timeout, connections set up apart from the calls within ``setup`` seco
 every retry off: a script that may already have run is never sent twice. Nothing here connects: a pool
 connects on its first command, and a cluster client (which maps the cluster as soon as it is created) is
 made on first use by the caller of ``sync_cluster`` / ``async_cluster``.
+
+A URL's options are checked here (redis-py passes those it does not know to the connections, which reject
+them when the first call connects): one the connections do not take fails now, naming it.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -96,6 +101,10 @@ _NOT_FOR_CLUSTER = frozenset(
 )
 _SYNC_CLUSTER_OPTIONS = frozenset(redis.cluster.REDIS_ALLOWED_KEYS)
 _ASYNC_CLUSTER_OPTIONS = frozenset(inspect.signature(redis.asyncio.cluster.RedisCluster).parameters)
+_HINTS = {
+    "ssl": "use a rediss:// URL for TLS",
+    "timeout": "the limiter's timeout is RedisStorage(timeout=...)",
+}
 _PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
 
 
@@ -143,6 +152,32 @@ def _is_tls(connection_class: object) -> bool:
     )
 
 
+def _masked(url: str) -> str:
+    """``url`` with its password, if it has one, written ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, address = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{address}"))
+
+
+def _bad_url(url: str, problem: str) -> ValueError:
+    return ValueError(f"Redis URL {_masked(url)!r}: {problem}")
+
+
+def _option_problem(error: Exception, what: str) -> str:
+    """What is wrong with a URL whose settings ``what`` rejected with ``error``."""
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if match is None:
+        return str(error)
+    return _unknown_option(match.group(1), what)
+
+
+def _unknown_option(name: str, what: str) -> str:
+    hint = _HINTS.get(name.partition("_")[0])
+    return f"{name!r} is not an option {what} takes" + (f" ({hint})" if hint else "")
+
+
 class Endpoint:
     """What a storage was given, turned into factories of the limiter's own pools and cluster clients.
 
@@ -160,9 +195,13 @@ class Endpoint:
         self.cluster = False
         self.serves_sync = self.serves_async = False
         if isinstance(client, str):
-            # A bad URL fails here, naming the schemes; nothing connects yet.
-            self._sync_pool = _pool_of(redis.ConnectionPool.from_url(client))
-            self._async_pool = _pool_of(redis.asyncio.ConnectionPool.from_url(client))
+            # A bad URL fails here, naming the schemes or the option; nothing connects yet.
+            try:
+                self._sync_pool = _pool_of(redis.ConnectionPool.from_url(client))
+                self._async_pool = _pool_of(redis.asyncio.ConnectionPool.from_url(client))
+            except ValueError as error:
+                raise _bad_url(client, str(error)) from None
+            self._check(client)
             self.serves_sync = self.serves_async = True
         elif isinstance(client, _PIPELINES):
             raise TypeError("pass a Redis client, not a pipeline: the limiter sends its own commands")
@@ -183,6 +222,18 @@ class Endpoint:
                 "client must be a redis.Redis, a redis.asyncio.Redis, a redis.cluster.RedisCluster, a "
                 f"redis.asyncio.cluster.RedisCluster or a redis://, rediss:// or unix:// URL, got {client!r}"
             )
+
+    def _check(self, url: str) -> None:
+        """``ValueError`` naming what the connections would reject in a standalone Redis's ``url`` (redis-py
+        passes the options it does not know to them): one connection of each pool is made, unconnected."""
+        database = urlsplit(url).path.strip("/")
+        if not url.lower().startswith("unix:") and database and not database.isdigit():
+            raise _bad_url(url, f"the database must be a number, got {database!r}")  # redis-py ignores it
+        for make in (self.sync_pool, self.async_pool):
+            try:
+                make().make_connection()
+            except (TypeError, ValueError, redis.RedisError) as error:
+                raise _bad_url(url, _option_problem(error, "a Redis connection")) from None
 
     def _pool_settings(self, pool: _Pool, retry: object, read_timeout: float | None) -> dict[str, Any]:
         settings = {name: value for name, value in pool.settings.items() if name not in _POOL_STATE}
