@@ -14,7 +14,7 @@ from ratelimit_middleware import RedisStorage
 from ratelimit_middleware.plans import Plans
 
 from .conftest import CONTRACT_TIMEOUT, unique_prefix
-from .redis_server import RedisServer
+from .redis_server import RedisCluster, RedisServer
 from .servers import ROOT, free_port, wait_until_up
 from .stalling_proxy import StallingProxy
 
@@ -110,6 +110,24 @@ def test_inspect_fails_cleanly_when_redis_is_unreachable() -> None:
     dead = f"redis://127.0.0.1:{free_port()}"
     result = run("inspect", "alice", "m", "--policy", str(REQUESTS_ONLY), "--redis-url", dead)
     assert result.returncode in (1, 2) and "error" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_inspect_and_reset_on_a_redis_cluster(redis_cluster: RedisCluster) -> None:
+    url = f"redis+cluster://127.0.0.1:{redis_cluster.ports[0]}"  # a node's redis:// URL reached one node only
+    prefix = unique_prefix("cli")
+    plans = Plans.load(REQUESTS_ONLY, storage=RedisStorage(url, key_prefix=prefix, timeout=CONTRACT_TIMEOUT))
+    for user in ("alice", "alice", "bob"):
+        plans.check(user, "gpt-4o")
+    common = ["--policy", str(REQUESTS_ONLY), "--redis-url", url, "--key-prefix", prefix]
+    shown = run("inspect", "alice", "gpt-4o", *common)
+    assert shown.returncode == 0, shown.stderr
+    assert "per_user_model   requests                2 / 100 per 3600 s" in shown.stdout
+    assert "global           requests                3 / 50000 per 3600 s" in shown.stdout
+    assert run("reset", "alice", "gpt-4o", *common).returncode == 0
+    assert (
+        "per_user_model   requests                0 / 100"
+        in run("inspect", "alice", "gpt-4o", *common).stdout
+    )
 
 
 def test_inspect_and_reset_over_a_slow_link(redis_server: RedisServer) -> None:

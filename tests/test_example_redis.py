@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx2
 
-from .redis_server import RedisServer
+from .redis_server import RedisCluster, RedisServer
 from .servers import ROOT, uvicorn_server
 
 APP_DIR = ROOT / "examples" / "fastapi_app"
@@ -42,3 +42,26 @@ def test_two_app_processes_behind_one_redis_share_one_limit(redis_server: RedisS
     assert admin.dbsize() > 0  # the state lives in Redis
     admin.flushdb()
     admin.close()
+
+
+def test_the_app_keeps_its_limits_in_a_redis_cluster_named_by_url(redis_cluster: RedisCluster) -> None:
+    """``REDIS_URL=redis+cluster://node`` (a node's redis:// URL made a standalone limiter, which failed on
+    the keys of every other node)."""
+    redis_cluster.flush()
+    env = {
+        "REDIS_URL": f"redis+cluster://127.0.0.1:{redis_cluster.ports[2]}",
+        "REDIS_TIMEOUT": "5",
+        "REDIS_ON_ERROR": "deny",
+        "RATELIMIT_PER_USER_MODEL": "2/hour",
+        "RATELIMIT_PER_MODEL": "5/hour",
+    }
+    with uvicorn_server("main:app", APP_DIR, env) as url:
+        codes = [ask(url, user).status_code for user in ["alice", "alice", "alice", "bob", "carol", "dave"]]
+        assert codes == [200, 200, 429, 200, 200, 200]
+        denied = ask(url, "erin")
+        assert denied.status_code == 429 and "per_model" in denied.json()["error"]["message"]
+    holders = [node.client() for node in redis_cluster.nodes]
+    assert sum(1 for client in holders if client.dbsize()) >= 2  # the keys are spread over the nodes
+    for client in holders:
+        client.close()
+    redis_cluster.flush()

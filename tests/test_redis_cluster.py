@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio.cluster
+import redis.asyncio.connection
 import redis.cluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,6 +68,53 @@ def test_an_asyncio_cluster_client_serves_the_async_methods(redis_cluster: Redis
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_cluster_url_serves_both_kinds_of_methods_across_slots(redis_cluster: RedisCluster) -> None:
+    """``redis+cluster://`` names a cluster by any of its nodes (no URL did: a node's redis:// URL made a
+    standalone limiter, which failed on every key of another node): the sync and async methods share its
+    keys, each on its slot's node."""
+    prefix = unique_prefix()
+    storage = RedisStorage(
+        f"redis+cluster://127.0.0.1:{redis_cluster.ports[1]}", key_prefix=prefix, timeout=CONTRACT_TIMEOUT
+    )
+    limiter = MultiTierRateLimiter(per_user_model="2/minute", per_model="5/minute", storage=storage)
+    users = ["alice", "bob", "carol", "dave", "erin"]
+    assert [limiter.allow(user, "m")[0] for user in users[:3]] == [True] * 3
+
+    async def scenario() -> list[bool]:
+        allowed = [(await limiter.aallow(user, "m"))[0] for user in ["alice", "alice", *users[3:]]]
+        await storage.aclose()
+        return allowed
+
+    assert asyncio.run(scenario()) == [True, False, True, False]  # alice's third; the model's sixth
+    assert len(set(cluster_keys(redis_cluster, prefix).values())) >= 2  # on several nodes
+    storage.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [("redis+cluster://127.0.0.1:7000/2", "database 0 only"), ("redis+cluster:///", "names no host"),
+     ("redis+cluster://127.0.0.1:7000?ssl=true", "'ssl'.*rediss://"),
+     ("redis+cluster://127.0.0.1:7000?frobnicate=1", "'frobnicate' is not an option a Redis Cluster client"),
+     ("rediss+cluster://:pw@127.0.0.1:7000?socket_timeout=x", "Invalid value for 'socket_timeout'"),
+     ("redis+sentinel://127.0.0.1:26379", "redis://, rediss://, unix://")],
+)  # fmt: skip
+def test_bad_cluster_urls_fail_at_construction(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=rf"^Redis URL '[^']+': .*{problem}") as raised:
+        RedisStorage(url)
+    assert ":pw@" not in str(raised.value)
+
+
+def test_a_tls_cluster_url_makes_tls_connections_with_its_credentials() -> None:
+    storage = RedisStorage("rediss+cluster://bob:pw@127.0.0.1:7000?ssl_cert_reqs=none")
+    client = storage.connection.endpoint.async_cluster()  # the limiter's own (it connects on first use)
+    settings = client.connection_kwargs
+    assert settings["connection_class"] is redis.asyncio.connection.SSLConnection
+    assert (settings["username"], settings["password"], settings["ssl_cert_reqs"]) == ("bob", "pw", "none")
+    assert [(node.host, node.port) for node in client.nodes_manager.startup_nodes.values()] == [
+        ("127.0.0.1", 7000)
+    ]
 
 
 def test_constructing_on_a_cluster_never_contacts_it() -> None:

@@ -11,8 +11,9 @@ from the environment: ``RATELIMIT_POLICY``, a policy file of plans (``examples/p
 Tokens are reserved from the request (prompt and ``max_tokens``) and settled with the ``usage`` each
 response reports, streams included.
 
-With ``REDIS_URL`` set (``redis://host:6379/0``), the limits live in that Redis and every process of the app
-shares them; otherwise each process counts in memory. ``REDIS_TIMEOUT`` (seconds, default 0.1) bounds each
+With ``REDIS_URL`` set (``redis://host:6379/0``; ``redis+cluster://host:7000`` for a Redis Cluster, any node
+of it), the limits live in that Redis and every process of the app shares them; otherwise each process
+counts in memory. ``REDIS_TIMEOUT`` (seconds, default 0.1) bounds each
 call to Redis; a slower reply is answered as Redis being down, by ``REDIS_ON_ERROR``: ``allow`` (the
 default), ``deny`` (503) or ``local`` (each process limits alone meanwhile); the metrics count such answers.
 

@@ -9,8 +9,10 @@ every retry off: a script that may already have run is never sent twice. Nothing
 connects on its first command, and a cluster client (which maps the cluster as soon as it is created) is
 made on first use by the caller of ``sync_cluster`` / ``async_cluster``.
 
-A URL's options are checked here (redis-py passes those it does not know to the connections, which reject
-them when the first call connects): one the connections do not take fails now, naming it.
+A URL is ``redis://``, ``rediss://`` (TLS) or ``unix://`` for a standalone Redis, ``redis+cluster://`` or
+``rediss+cluster://`` for a Redis Cluster (any node of it: the others are found from it). Its options are
+checked here (redis-py passes those it does not know to the connections, which reject them when the first
+call connects): one the connections do not take fails now, naming it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ else:
     # and cost a command on every new connection: off.
     _QUIET = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
-__all__ = ["AsyncClient", "Endpoint", "RedisClient", "SyncClient"]
+__all__ = ["CLUSTER_SCHEMES", "AsyncClient", "Endpoint", "RedisClient", "SyncClient"]
 
 
 class SyncClient(Protocol):
@@ -61,6 +63,13 @@ class AsyncClient(Protocol):
 
 RedisClient = SyncClient | AsyncClient | str
 """A ``redis.Redis``, a ``redis.asyncio.Redis``, either's ``RedisCluster``, or a URL."""
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+"""The URL schemes of a Redis Cluster: ``redis+cluster://host:port`` names any node of it."""
+_SCHEMES = (
+    "its scheme must be one of redis://, rediss://, unix:// (one Redis), redis+cluster://, rediss+cluster:// "
+    "(a Redis Cluster)"
+)
 
 # Per-pool state redis-py keeps in a pool's connection settings: never carried over to our pools.
 _POOL_STATE = frozenset(
@@ -101,7 +110,12 @@ _NOT_FOR_CLUSTER = frozenset(
 )
 _SYNC_CLUSTER_OPTIONS = frozenset(redis.cluster.REDIS_ALLOWED_KEYS)
 _ASYNC_CLUSTER_OPTIONS = frozenset(inspect.signature(redis.asyncio.cluster.RedisCluster).parameters)
+_URL_CLUSTER_OPTIONS = (_SYNC_CLUSTER_OPTIONS & _ASYNC_CLUSTER_OPTIONS) - _NOT_FOR_CLUSTER - {"ssl"}
+"""The options a cluster URL may have: those both cluster clients take (TLS is the ``rediss+cluster``
+scheme)."""
+_URL_PARTS = frozenset({"host", "port", "username", "password", "db", "connection_class"})
 _HINTS = {
+    "cluster": "name a Redis Cluster with a redis+cluster:// URL",
     "ssl": "use a rediss:// URL for TLS",
     "timeout": "the limiter's timeout is RedisStorage(timeout=...)",
 }
@@ -178,6 +192,25 @@ def _unknown_option(name: str, what: str) -> str:
     return f"{name!r} is not an option {what} takes" + (f" ({hint})" if hint else "")
 
 
+def _cluster_of_url(url: str) -> _Cluster:
+    """The cluster a ``redis+cluster://`` or ``rediss+cluster://`` URL names, its options checked."""
+    scheme, _, rest = url.partition("://")
+    parse: Any = redis.connection.parse_url  # untyped in redis-py
+    try:
+        settings: dict[str, Any] = parse(f"{scheme.lower().removesuffix('+cluster')}://{rest}")
+    except ValueError as error:
+        raise _bad_url(url, str(error)) from None
+    unknown = sorted(set(settings) - _URL_PARTS - _URL_CLUSTER_OPTIONS)
+    if unknown:
+        raise _bad_url(url, _unknown_option(unknown[0], "a Redis Cluster client"))
+    if settings.get("db", 0) != 0:
+        raise _bad_url(url, f"a Redis Cluster has database 0 only, got {settings['db']}")
+    if not settings.get("host"):
+        raise _bad_url(url, "it names no host (any node of the cluster will do)")
+    host, port = settings.pop("host"), int(settings.pop("port", 6379))
+    return _Cluster([(host, port)], settings, None)
+
+
 class Endpoint:
     """What a storage was given, turned into factories of the limiter's own pools and cluster clients.
 
@@ -196,12 +229,19 @@ class Endpoint:
         self.serves_sync = self.serves_async = False
         if isinstance(client, str):
             # A bad URL fails here, naming the schemes or the option; nothing connects yet.
-            try:
-                self._sync_pool = _pool_of(redis.ConnectionPool.from_url(client))
-                self._async_pool = _pool_of(redis.asyncio.ConnectionPool.from_url(client))
-            except ValueError as error:
-                raise _bad_url(client, str(error)) from None
-            self._check(client)
+            scheme = client.partition("://")[0].lower()
+            if scheme in CLUSTER_SCHEMES:
+                self._cluster = _cluster_of_url(client)
+                self.cluster = True
+            elif scheme in ("redis", "rediss", "unix"):
+                try:
+                    self._sync_pool = _pool_of(redis.ConnectionPool.from_url(client))
+                    self._async_pool = _pool_of(redis.asyncio.ConnectionPool.from_url(client))
+                except ValueError as error:
+                    raise _bad_url(client, str(error)) from None
+                self._check(client)
+            else:
+                raise _bad_url(client, _SCHEMES)
             self.serves_sync = self.serves_async = True
         elif isinstance(client, _PIPELINES):
             raise TypeError("pass a Redis client, not a pipeline: the limiter sends its own commands")
@@ -220,7 +260,8 @@ class Endpoint:
         else:
             raise TypeError(
                 "client must be a redis.Redis, a redis.asyncio.Redis, a redis.cluster.RedisCluster, a "
-                f"redis.asyncio.cluster.RedisCluster or a redis://, rediss:// or unix:// URL, got {client!r}"
+                "redis.asyncio.cluster.RedisCluster or a redis://, rediss://, unix://, redis+cluster:// or "
+                f"rediss+cluster:// URL, got {client!r}"
             )
 
     def _check(self, url: str) -> None:

@@ -19,9 +19,10 @@ class RedisRateLimiter(RateLimiter):
     by every process that uses the same Redis, ``key_prefix`` and limit.
 
     ``client`` is a ``redis.Redis`` or ``RedisCluster`` (sync methods), their ``redis.asyncio`` twins (``a*``
-    methods) or a URL (both). ``timeout``, ``on_error``, ``breaker`` and ``clock`` (a testing hook replacing
-    Redis' ``TIME``) are those of ``RedisStorage``. ``len()`` raises ``TypeError``: the keys live in Redis.
-    Use ``MultiTierRateLimiter(..., storage=RedisStorage(client))`` for several tiers.
+    methods) or a URL (both; ``redis+cluster://node:port`` for a cluster). ``timeout``, ``on_error``,
+    ``breaker`` and ``clock`` (a testing hook replacing Redis' ``TIME``) are those of ``RedisStorage``.
+    ``len()`` raises ``TypeError``: the keys live in Redis. Use
+    ``MultiTierRateLimiter(..., storage=RedisStorage(client))`` for several tiers.
     """
 
     storage: RedisStorage

@@ -93,8 +93,9 @@ class RedisStorage:
     """State in Redis, shared by every limiter (in any process) with the same Redis, prefix and limits.
 
     ``client`` is a ``redis.Redis`` or ``redis.cluster.RedisCluster`` (for the sync methods), their
-    ``redis.asyncio`` twins (for the async ones), or a ``redis://``, ``rediss://`` or ``unix://`` URL (both).
-    The limiter never sends through the client it is given: it makes connections of its own to the
+    ``redis.asyncio`` twins (for the async ones), or a URL (both): ``redis://``, ``rediss://`` (TLS) or
+    ``unix://`` for one Redis, ``redis+cluster://`` or ``rediss+cluster://`` for a Redis Cluster (any of its
+    nodes). The limiter never sends through the client it is given: it makes connections of its own to the
     same server with the same credentials, so that ``timeout`` (seconds, default 0.1) bounds every call
     however the client is configured, and nothing is retried. A new connection is set up apart from the
     calls, within ``connect_timeout`` seconds (default: the larger of 1 s and ``timeout``); the calls wait
