@@ -11,7 +11,11 @@ count or reset that quietly did nothing would be wrong. No Redis exception reach
 The breaker (see ``breaker``) sends nothing to a Redis that keeps failing: the policy answers at once, and
 one call probes Redis every ``recovery`` seconds until it answers. The ``ratelimit_middleware`` logger gets
 one warning when the breaker opens (the outage) and one when Redis answers again (the recovery); failures
-that do not open it are logged at debug level.
+that do not open it are logged at debug level. A failure that says the limiter is misconfigured (see
+``misconfig``: a wrong password, a missing ACL permission, a replica, a database that does not exist, a
+cluster node taken for a standalone Redis) is logged at error level instead, from the first one (each kind
+at most once a minute), saying what to change: it will not pass by itself. ``RateLimiterUnavailable``
+names the last failure and has it as its ``__cause__``.
 
 A call Redis never ran for a reason of its own (``NotRun``: its event loop was blocked past its deadline
 before it could be sent, or its cluster slot was migrating until then) is answered by the policy too, but is
@@ -35,6 +39,7 @@ from ...decision import Decision
 from ...errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ...policy import Policy
 from .breaker import CircuitBreaker
+from .misconfig import Misconfiguration, misconfiguration
 from .transport import NotRun
 
 __all__ = ["ON_ERROR", "REDIS_ERRORS", "Failover", "Fallback", "LocalCharge", "OnError"]
@@ -48,11 +53,22 @@ REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
 
 logger = logging.getLogger("ratelimit_middleware")
 
+_REPORT_EVERY = 60.0
+"""Seconds between two error logs of one kind of misconfiguration."""
+
 
 class Failover:
     """The failure policy of one storage, shared by every limiter bound to it."""
 
-    def __init__(self, on_error: OnError, breaker: CircuitBreaker, clock: Callable[[], float] | None) -> None:
+    def __init__(
+        self,
+        on_error: OnError,
+        breaker: CircuitBreaker,
+        clock: Callable[[], float] | None,
+        *,
+        cluster: bool,
+        key_prefix: str,
+    ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be 'allow', 'deny' or 'local', got {on_error!r}")
         if not isinstance(breaker, CircuitBreaker):
@@ -60,7 +76,11 @@ class Failover:
         self.on_error = on_error
         self.breaker = breaker
         self.fallbacks = 0  # decisions answered by the policy in the current outage
+        self.cluster = cluster
+        self.key_prefix = key_prefix
         self._not_run: BaseException | None = None  # the last NotRun logged (a batch's calls share one)
+        self._last: BaseException | None = None  # the last failure, which RateLimiterUnavailable names
+        self._reported: dict[str, float] = {}  # kinds of misconfiguration: when last logged (breaker's clock)
         self.local_storage = MemoryStorage(clock=time.monotonic if clock is None else clock)
 
     def attempt(self) -> bool:
@@ -78,8 +98,25 @@ class Failover:
             )
             self.fallbacks = 0
 
+    def _misconfiguration(self, error: BaseException) -> Misconfiguration | None:
+        return misconfiguration(error, cluster=self.cluster, key_prefix=self.key_prefix)
+
+    def _report(self, problem: Misconfiguration) -> None:
+        """Log ``problem`` at error level, unless its kind was logged within the last minute."""
+        now = self.breaker.clock()
+        last = self._reported.get(problem.kind)
+        if last is not None and now - last < _REPORT_EVERY:
+            return
+        self._reported[problem.kind] = now
+        logger.error(
+            "the rate limiter is misconfigured: %s; decisions follow on_error=%r until it is fixed",
+            problem.advice,
+            self.on_error,
+        )
+
     def failed(self, error: BaseException) -> None:
         """Record a call that Redis could not serve; a ``NotRun`` call is logged but not counted."""
+        self._last = error
         if isinstance(error, NotRun):
             if error is not self._not_run:
                 self._not_run = error
@@ -90,7 +127,11 @@ class Failover:
                     error,
                 )
             return
-        if self.breaker.failed():
+        problem = self._misconfiguration(error)
+        opened = self.breaker.failed()
+        if problem is not None:
+            self._report(problem)
+        elif opened:
             logger.warning(
                 "Redis cannot be reached (%s: %s); decisions follow on_error=%r until it answers again, "
                 "tried every %g s",
@@ -103,10 +144,18 @@ class Failover:
             logger.debug("a Redis call failed (%s: %s)", type(error).__name__, error)
 
     def unavailable(self) -> RateLimiterUnavailable:
-        """The error for a call that Redis could not serve."""
-        return RateLimiterUnavailable(
-            "the rate limiter cannot reach Redis", retry_after=max(self.breaker.retry_after(), 1.0)
-        )
+        """The error for a call that Redis could not serve: it names the last failure (its ``__cause__``)."""
+        last = self._last
+        problem = None if last is None else self._misconfiguration(last)
+        if problem is not None:
+            message = f"the rate limiter cannot use Redis: {problem.advice}"
+        elif last is not None:
+            message = f"the rate limiter cannot reach Redis ({type(last).__name__}: {last})"
+        else:  # pragma: no cover - the policy answers only after a failure
+            message = "the rate limiter cannot reach Redis"
+        error = RateLimiterUnavailable(message, retry_after=max(self.breaker.retry_after(), 1.0))
+        error.__cause__ = last
+        return error
 
     def bind(self, policy: Policy) -> Fallback:
         return Fallback(self, policy)

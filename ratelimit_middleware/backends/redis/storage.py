@@ -144,8 +144,14 @@ class RedisStorage:
         )
         self.key_prefix = check_prefix(key_prefix)
         self.clock = clock
-        self.failover = Failover(on_error, CircuitBreaker() if breaker is None else breaker, clock)
         self.connection = Connection(client, timeout=self.timeout, setup=self.connect_timeout)
+        self.failover = Failover(
+            on_error,
+            CircuitBreaker() if breaker is None else breaker,
+            clock,
+            cluster=self.connection.cluster,
+            key_prefix=self.key_prefix,
+        )
 
     @property
     def on_error(self) -> OnError:
