@@ -137,8 +137,8 @@ def ours(
 ) -> Contender:
     """Ours: a limiter on a ``RedisStorage`` from the URL (sync and asyncio connections of its own)."""
     # A generous timeout, and failures raised rather than answered by a policy: a benchmark must not
-    # count fail-open decisions.
-    storage = RedisStorage(server.url, key_prefix="ours", timeout=5.0, on_error="deny")
+    # count fail-open decisions. The default key prefix, as users have it: key length moves the memory.
+    storage = RedisStorage(server.url, timeout=5.0, on_error="deny")
     limiter: RateLimiter | MultiTierRateLimiter
     if multi_tier:
         every = f"{limit}/hour"

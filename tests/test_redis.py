@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import math
 import random
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -727,3 +729,25 @@ def test_busy_keys_at_unix_times_and_decimal_windows_agree_with_memory(algorithm
             assert retried.allowed and retried == memory.check("u", "m", cost)
     assert denied > 100
     storage.close()
+
+
+MEMORY_ROW = re.compile(r"^\| (\w+) \| (\d+) \| (\d+) B \|", re.MULTILINE)
+
+
+def test_the_memory_per_key_design_gives_is_what_redis_reports(server: RedisServer) -> None:
+    """DESIGN.md's MEMORY USAGE of our keys (medians, with the default key prefix): a few bytes more or less
+    of key or value can cross a size class of Redis' allocator (16 bytes apart here)."""
+    rows = MEMORY_ROW.findall((ROOT / "DESIGN.md").read_text())
+    assert {algorithm for algorithm, _, _ in rows} == set(ALGORITHMS)
+    admin = server.client()
+    for algorithm, requests, usage in rows:
+        admin.flushall()
+        limiter = RateLimiter(1000, 3600, algorithm=algorithm, storage=RedisStorage(server.url, timeout=5))
+        for user in range(1000, 1021):
+            for _ in range(int(requests)):
+                limiter.check(f"user-{user}", "m")
+        keys = admin.keys("*")
+        assert len(keys) == 21 and all(key.startswith(b"ratelimit:") for key in keys)
+        assert statistics.median(admin.memory_usage(key, samples=0) for key in keys) == int(usage), algorithm
+        limiter.storage.close()  # type: ignore[attr-defined]
+    admin.close()
