@@ -65,6 +65,12 @@ def test_the_redis_url_points_at_the_redis_service() -> None:
     assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
 
 
+def test_the_redis_never_evicts_the_limiters_keys() -> None:
+    """Every limiter key has a TTL: volatile-ttl evicted live counters first under memory pressure."""
+    args = named("Deployment", "ratelimit-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+
+
 def test_the_policy_is_mounted_where_the_app_looks_and_is_valid() -> None:
     deployment = named("Deployment", "llm-api")
     pod = deployment["spec"]["template"]["spec"]
