@@ -205,11 +205,12 @@ def with_deadlines(connection_class: type[Any], setup: float) -> type[Any]:
     """``connection_class`` (a sync redis-py connection class) whose waits within a call end by its deadline,
     and whose setup runs apart from the calls, within ``setup`` seconds.
 
-    redis-py waits on its own within a call: connecting and the handshake that follows (CLIENT SETINFO,
-    AUTH...), and on a cluster mapping it again (CLUSTER SLOTS on one node after another). While a call
-    runs ``until`` its deadline on a thread, every connect, write and read of that thread is cut to what is
-    left of it, and fails at once when nothing is: a call never outlasts its deadline, however many waits it
-    takes. Outside a call (a cluster mapped on a thread of its own) it is the plain class.
+    redis-py waits on its own within a call: on a cluster, mapping it again (CLUSTER SLOTS on one node after
+    another). While a call runs ``until`` its deadline on a thread, every write and read of that thread is
+    cut to what is left of it, and fails at once when nothing is: a call never outlasts its deadline,
+    however many waits it takes. A new connection is set up on a thread of its own, ``until`` a deadline
+    ``setup`` seconds away, which the call waits for until its own deadline only. Outside a call (a cluster
+    mapped on a thread of its own) it is the plain class.
     """
     return _made(_Deadlines, connection_class, setup)
 

@@ -140,7 +140,7 @@ class SyncPool:
         self.pool = pool
 
     def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
-        with until(deadline):  # every wait of the pool's ``with_deadlines`` connections, connecting included
+        with until(deadline):  # every wait of the pool's ``with_deadlines`` connections
             return _exchange(self.pool, commands)
 
     def close(self) -> None:
