@@ -20,7 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from ratelimit_middleware import MemoryStorage, MultiTierRateLimiter, RedisRateLimiter, RedisStorage
+from ratelimit_middleware import (
+    MemoryStorage,
+    MultiTierRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    RedisStorage,
+)
 from ratelimit_middleware.backends.redis import CircuitBreaker
 from ratelimit_middleware.errors import RateLimiterUnavailable
 
@@ -274,3 +280,35 @@ def test_a_paused_node_costs_at_most_the_timeout(
 
     asyncio.run(scenario())
     sync.storage.close()
+
+
+def test_an_async_first_mapping_that_failed_unseen_is_made_again(redis_cluster: RedisCluster) -> None:
+    """The first mapping runs apart from the calls, within ``connect_timeout``: one that fails after every
+    call waiting for it ran out of time is made again by the next call, not reported to it as if the
+    cluster still could not be mapped."""
+    storage = RedisStorage(
+        f"redis+cluster://127.0.0.1:{redis_cluster.ports[0]}",
+        key_prefix=unique_prefix(),
+        timeout=0.1,
+        connect_timeout=0.3,
+        on_error="deny",
+        breaker=CircuitBreaker(failures=100),
+    )
+    limiter = RateLimiter(5, 60, storage=storage)
+
+    async def scenario() -> None:
+        for node in redis_cluster.nodes:
+            node.pause()
+        try:
+            with pytest.raises(RateLimiterUnavailable):
+                await limiter.acheck("alice", "m")  # starts the mapping, and runs out of time
+            # The mapping fails meanwhile (its budget of 0.3 s runs out), with no call waiting for it: real
+            # time must pass, no clock of ours decides when a stalled server's reply is given up on.
+            await asyncio.sleep(0.5)
+        finally:
+            for node in redis_cluster.nodes:
+                node.resume()
+        assert await limiter.aallow("alice", "m")
+        await storage.aclose()
+
+    asyncio.run(scenario())

@@ -35,7 +35,18 @@ from typing import Any, TypeVar
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["left", "seen", "set_up", "timed", "until", "wait_until", "with_deadlines", "with_setup", "within"]
+__all__ = [
+    "again",
+    "left",
+    "seen",
+    "set_up",
+    "timed",
+    "until",
+    "wait_until",
+    "with_deadlines",
+    "with_setup",
+    "within",
+]
 
 T = TypeVar("T")
 
@@ -88,11 +99,17 @@ def _worth_using(since: float, deadline: float) -> bool:
     return deadline - now >= 2 * (now - since)
 
 
-def _refusal(error: BaseException | None) -> bool:
-    """Whether a setup that failed unseen (its calls ran out of time first) failed because Redis refused it
-    (a wrong password, a database that does not exist...): the next call reports it, rather than try again
-    and run out of time the same way. A connection that failed or timed out is tried again."""
-    return isinstance(error, (AuthenticationError, ResponseError))
+def again(work: Future[Any] | asyncio.Future[Any]) -> bool:
+    """Whether work run apart (a connection's setup, a cluster's mapping) that ended unseen, the calls that
+    waited for it having run out of time first, is to be started again: it failed, and not because Redis
+    refused it (a wrong password, a database that does not exist...), which the next call reports rather
+    than try again and run out of time the same way."""
+    if not work.done():
+        return False
+    if work.cancelled():
+        return True
+    error = work.exception()
+    return error is not None and not isinstance(error, (AuthenticationError, ResponseError))
 
 
 def _late(since: float) -> RedisTimeoutError:
@@ -130,8 +147,8 @@ class _Deadlines:
             parent.connect()
             return
         setup = self._setup
-        if setup is not None and setup.done() and not _refusal(setup.exception()):
-            setup = self._setup = None  # finished unseen: connected, or to be tried again
+        if setup is not None and again(setup):
+            setup = self._setup = None
         if setup is None:
             if self._sock is not None:
                 return
@@ -249,7 +266,7 @@ async def set_up(
     """Connect ``connection`` (an asyncio one), if it is not, with ``connect()``: in a task of its own
     within ``seconds``, which the call (whose hard deadline is ``deadline``) waits for (see the module)."""
     setup: asyncio.Future[None] | None = getattr(connection, "_limiter_setup", None)
-    if setup is not None and setup.done() and (setup.cancelled() or not _refusal(setup.exception())):
+    if setup is not None and again(setup):
         setup = connection._limiter_setup = None
     if setup is None:
         if connection.is_connected:

@@ -36,7 +36,7 @@ from redis.exceptions import AskError, MovedError, RedisError, ResponseError, Tr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .deadlines import left, seen, set_up, timed, until
+from .deadlines import again, left, seen, set_up, timed, until
 
 _pack_command: Callable[[tuple[Any, ...]], Any] | None
 try:
@@ -377,7 +377,7 @@ class AsyncCluster:
 
     async def _map(self) -> None:
         mapping = self._mapping
-        if mapping is None:
+        if mapping is None or again(mapping):  # a mapping that failed unseen is made again
             mapping = asyncio.ensure_future(timed(self._initialize, self.setup, "mapping the Redis Cluster"))
             mapping.add_done_callback(seen)
             self._mapping = mapping
