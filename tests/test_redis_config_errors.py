@@ -26,6 +26,7 @@ from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecisio
 
 from .conftest import FakeClock, unique_prefix
 from .redis_server import RedisCluster, RedisServer
+from .stalling_proxy import StallingProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "ratelimit_middleware" / "backends" / "redis" / "lua"
@@ -172,6 +173,32 @@ def test_wrong_credentials_are_named_and_logged_once_a_minute(
     breaker_clock.advance(31)
     denied(limiter)
     assert len(errors(caplog)) == 2
+
+
+def test_wrong_credentials_are_named_over_a_slow_link(
+    server: RedisServer, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refusal of a connection's setup longer than a call may wait (120 ms round trips, a 0.1 s timeout)
+    reaches the next call, which names it: it is not lost with the call that ran out of time."""
+    add_user(admin, "limiter", "~*", "+@all")
+    proxy = StallingProxy(server.port, delay=0.06)
+    limiter = RateLimiter(
+        limit="5/minute",
+        storage=RedisStorage(
+            f"redis://limiter:wrong@127.0.0.1:{proxy.port}",
+            key_prefix=unique_prefix(),
+            timeout=0.1,
+            on_error="deny",
+            breaker=CircuitBreaker(failures=100),
+        ),
+    )
+    try:
+        said = [str(denied(limiter)) for _ in range(3)]
+    finally:
+        proxy.close()
+    assert "TimeoutError" in said[0]  # the first call cannot see the setup's end
+    assert any("refused the limiter's credentials" in message for message in said[1:]), said
+    assert len(errors(caplog)) == 1
 
 
 def test_a_replica_is_named(server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
