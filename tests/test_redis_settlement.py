@@ -61,7 +61,7 @@ class OnRedis:
 def test_the_scripts_settle_charges_as_the_algorithms_do(
     redis_server: RedisServer, algorithm: str, limit: int, window: float, ops: list[Any]
 ) -> None:
-    connection = Connection(live_server().url, timeout=5.0)
+    connection = Connection(live_server().url, timeout=5.0, setup=5.0)
     python = algorithm_class(algorithm)(limit, window)
     redis_key = OnRedis(connection, algorithm, limit, window)
     state: Any = None
