@@ -12,11 +12,11 @@ was lost, and the next call started over: such a Redis was never used. So a new 
 the calls that need it wait for it until their own deadline only: a setup that outlasts its call still
 ends, and its connection, left in its pool, serves the next call.
 
-A call uses a connection whose setup it waited for only when what is left of its time is at least twice
-as long as it waited (``_worth_using``): the call that starts a setup waits a round trip at least, and a
-call takes two at most (EVALSHA, then EVAL after NOSCRIPT), so that a call on a new connection does not
-run out of time midway (which would close the connection, and start the setups over) because of the
-link's length. A connection it does not use is left, connected, to the next call.
+A call uses a connection whose setup it waited for only when what is left of its time is at least as long
+as it waited (``_worth_using``): the call that starts a setup waits a round trip at least (three with
+redis-py's CLIENT SETINFO), and a call takes one once Redis has its script, so that a call on a new
+connection does not run out of time midway (which would close the connection, and start the setups over)
+because of the link's length. A connection it does not use is left, connected, to the next call.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def wait_until(connection: Any, deadline: float) -> None:
 def _worth_using(since: float, deadline: float) -> bool:
     """Whether a call that waited for a connection's setup from ``since`` may use it by ``deadline``."""
     now = time.monotonic()
-    return deadline - now >= 2 * (now - since)
+    return deadline - now >= now - since
 
 
 def again(work: Future[Any] | asyncio.Future[Any]) -> bool:
