@@ -134,7 +134,7 @@ class _Deadlines:
 
     socket_connect_timeout: float | None
     socket_timeout: float | None
-    setup: float = 1.0
+    setup: float
     """Seconds a new connection's setup may take (set by ``with_deadlines``)."""
     _setup: Future[None] | None = None  # the setup under way, or finished unseen by any call
     _sock: Any
@@ -292,7 +292,7 @@ class _SetUpApart:
     """Connections whose setup runs apart from the calls (a mixin of redis-py's asyncio connection classes,
     for a pool: its ``get_connection`` connects them, within a call that runs ``until`` its deadline)."""
 
-    setup: float = 1.0
+    setup: float
     """Seconds a new connection's setup may take (set by ``with_setup``)."""
 
     async def connect(self) -> None:
