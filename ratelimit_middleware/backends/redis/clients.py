@@ -46,7 +46,7 @@ else:
     # and cost a command on every new connection: off.
     _QUIET = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
 
-__all__ = ["CLUSTER_SCHEMES", "AsyncClient", "Endpoint", "RedisClient", "SyncClient"]
+__all__ = ["AsyncClient", "Endpoint", "RedisClient", "SyncClient"]
 
 
 class SyncClient(Protocol):
@@ -64,7 +64,7 @@ class AsyncClient(Protocol):
 RedisClient = SyncClient | AsyncClient | str
 """A ``redis.Redis``, a ``redis.asyncio.Redis``, either's ``RedisCluster``, or a URL."""
 
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 """The URL schemes of a Redis Cluster: ``redis+cluster://host:port`` names any node of it."""
 _SCHEMES = (
     "its scheme must be one of redis://, rediss://, unix:// (one Redis), redis+cluster://, rediss+cluster:// "
@@ -230,7 +230,7 @@ class Endpoint:
         if isinstance(client, str):
             # A bad URL fails here, naming the schemes or the option; nothing connects yet.
             scheme = client.partition("://")[0].lower()
-            if scheme in CLUSTER_SCHEMES:
+            if scheme in _CLUSTER_SCHEMES:
                 self._cluster = _cluster_of_url(client)
                 self.cluster = True
             elif scheme in ("redis", "rediss", "unix"):
