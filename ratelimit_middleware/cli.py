@@ -39,10 +39,33 @@ def _plans(args: argparse.Namespace) -> Plans:
 
 def _check(args: argparse.Namespace) -> int:
     plans = _plans(args)
-    print(f"{'plan':<12} {'model':<20} {'tier':<16} {'limit':>10} unit")
+    print(f"default plan: {plans.default_plan}")
+    if plans.shadow_plans:
+        print(f"shadow plans (recorded, never denying): {', '.join(sorted(plans.shadow_plans))}")
+    for alias, model in plans.aliases.items():
+        print(f"alias: {alias} -> {model}")
+    print(f"{'plan':<12} {'model':<20} {'tier':<16} {'limit':>10} unit and window")
     for line in plans.describe():
         print(line)
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 0 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {port}")
+    return port
+
+
+def _identity(text: str) -> str:
+    """A user or model for argparse: not blank (the middlewares never key on one)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be blank")
+    return text
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -100,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         help="keep limiter state in this Redis (redis+cluster://node:port for a cluster; default: in memory)",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--app-dir", default="examples/fastapi_app", help="where the example app's main.py is")
     serve.set_defaults(run=_serve)
 
@@ -109,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
         ("reset", _reset, "forget a user's keys"),
     ):
         command = commands.add_parser(name, help=text)
-        command.add_argument("user")
-        command.add_argument("model")
+        command.add_argument("user", type=_identity)
+        command.add_argument("model", type=_identity)
         command.add_argument("--policy", required=True, help="the policy file the servers use")
         command.add_argument(
             "--redis-url",

@@ -42,6 +42,28 @@ def test_check_prints_the_limits() -> None:
     )
 
 
+def test_check_prints_the_default_plan_aliases_and_shadow_plans(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        'default_plan = "free"\nshadow_plans = ["trial"]\n[aliases]\n"gpt-4o-0806" = "gpt-4o"\n'
+        '[plans.free."*"]\nper_model = "9/minute"\n[plans.trial."*"]\nper_model = "1/minute"\n'
+    )
+    result = run("check", str(policy))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "default plan: free" in result.stdout
+        and "shadow plans (recorded, never denying): trial" in result.stdout
+    )
+    assert "alias: gpt-4o-0806 -> gpt-4o" in result.stdout
+
+
+def test_bad_arguments_are_refused_by_the_parser() -> None:
+    port = run("serve", "--port", "99999")
+    assert port.returncode == 2 and "a port is 0 to 65535, got 99999" in port.stderr
+    blank = run("inspect", " ", "m", "--policy", str(POLICY), "--redis-url", "redis://127.0.0.1:1")
+    assert blank.returncode == 2 and "must not be blank" in blank.stderr
+
+
 def test_check_fails_naming_the_mistake(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[plans.free."*"]\nper_user_model = { requests = "often" }\n')
