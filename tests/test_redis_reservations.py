@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -21,8 +22,16 @@ import redis.asyncio.cluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ratelimit_middleware import ALGORITHMS, Limits, MemoryStorage, MultiTierRateLimiter, RedisStorage
+from ratelimit_middleware import (
+    ALGORITHMS,
+    Limits,
+    MemoryStorage,
+    MultiTierRateLimiter,
+    RateLimiter,
+    RedisStorage,
+)
 from ratelimit_middleware.asgi import RateLimitMiddleware, Receive, Scope, Send
+from ratelimit_middleware.backends.redis import coalescer
 from ratelimit_middleware.backends.redis.clients import RedisClient
 from ratelimit_middleware.errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ratelimit_middleware.reservation import Reservation
@@ -366,6 +375,38 @@ def test_a_reservation_whose_caller_is_cancelled_once_it_is_sent_is_cancelled_on
         if where == "cluster slots":
             assert [await held("tokens", "per_model"), await held("concurrent", "per_model")] == [0, 0]
         assert (await limiter.areserve("u", "m", input_tokens=1000)).allowed  # the slot and tokens are free
+        await storage.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_reservation_whose_caller_is_cancelled_as_its_reply_lands_is_cancelled_once_made(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller cancelled in the loop iteration in which its reply arrives (an outer timeout expiring
+    then): the reply is on its future, which is not cancelled, so the coalescer gave it to no orphan."""
+    storage = RedisStorage(redis_server.url, key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
+    limiter = RateLimiter(limit="10/minute", tokens="1000/minute", max_concurrent=1, storage=storage)
+    victims: list[asyncio.Task[Reservation]] = []
+    submit = coalescer.Coalescer.submit
+
+    def cancel_as_the_reply_lands(self: Any, call: Any, orphan: Any = None) -> Any:
+        future = submit(self, call, orphan)
+        if orphan is not None and victims:
+            future.add_done_callback(lambda _: victims[0].cancel())
+        return future
+
+    async def scenario() -> None:
+        await limiter.aget_request_count("warm", "up")
+        monkeypatch.setattr(coalescer.Coalescer, "submit", cancel_as_the_reply_lands)
+        victims.append(asyncio.ensure_future(limiter.areserve("u", "m", input_tokens=100, output_tokens=200)))
+        with pytest.raises(asyncio.CancelledError):
+            await victims[0]
+        monkeypatch.undo()
+        await _others_done()
+        counts = [await limiter.aget_request_count("u", "m", unit=unit) for unit in ("tokens", "concurrent")]
+        assert counts == [0, 0]
+        assert (await limiter.areserve("u", "m", input_tokens=1000)).allowed
         await storage.aclose()
 
     asyncio.run(scenario())

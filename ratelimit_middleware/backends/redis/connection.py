@@ -266,7 +266,15 @@ class Connection:
         """
         state = self._loop_state()
         if state.coalescer is not None:
-            return _raised(await state.coalescer.submit(call, orphan))
+            future = state.coalescer.submit(call, orphan)
+            try:
+                return _raised(await future)
+            except asyncio.CancelledError:
+                # Cancelled as its reply landed: the future holds the reply, and the coalescer, which
+                # found it not cancelled, gave it to no orphan.
+                if orphan is not None and future.done() and not future.cancelled():
+                    _succeeded(future.result(), orphan)
+                raise
         work = self._deadline(lambda deadline: self._arun(state.transport, [call], deadline))
         if orphan is None:
             return _raised((await work)[0])
