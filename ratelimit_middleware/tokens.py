@@ -77,6 +77,8 @@ _INFLATE_STEP = 64 * 1024
 _BOM = b"\xef\xbb\xbf"
 _FEED = 4096  # compressed bytes given to zlib at a time
 _MAX_MEMBERS = 10_000  # empty gzip members read in a row (a flood of them would be read for nothing)
+_INFLATE_RATIO = 32  # inflated bytes per compressed byte, past _INFLATE_FREE: more is a decompression bomb
+_INFLATE_FREE = 16 * 1024 * 1024  # inflated bytes any body may reach whatever its ratio
 _HEAD_KEPT = 64  # bytes kept to read a deflate body again without zlib's header (it fails in its first two)
 
 
@@ -438,10 +440,23 @@ class _Inflater:
     several members is read member after member (NUL padding between or after them is skipped; after
     ``_MAX_MEMBERS`` empty ones in a row the rest is not read); a ``deflate`` body sent raw, without zlib's
     header (some servers do), is read as such. Chunks go in by ``_FEED`` bytes, so that what a member's end
-    leaves over stays small whatever the chunk. ``failed``: the rest cannot be read.
+    leaves over stays small whatever the chunk. Inflating stops past ``_INFLATE_RATIO`` times the compressed
+    size (and ``_INFLATE_FREE``): a bomb would cost the event loop seconds. ``failed``: the rest cannot be
+    read, and why (``"corrupt"``, ``"inflates too far"``).
     """
 
-    __slots__ = ("_between", "_head", "_members", "_wbits", "_zlib", "encoding", "failed", "inflated")
+    __slots__ = (
+        "_between",
+        "_fed",
+        "_head",
+        "_members",
+        "_out",
+        "_wbits",
+        "_zlib",
+        "encoding",
+        "failed",
+        "inflated",
+    )
 
     def __init__(self, encoding: str) -> None:
         self.encoding = encoding
@@ -451,20 +466,29 @@ class _Inflater:
         self._between = False  # a member ended and the next has not begun: NUL bytes here are padding
         # What went in before anything came out, read again as raw deflate if zlib's header was not there.
         self._head: bytes | None = b""
-        self.failed = False
+        self._fed = 0  # compressed bytes in
+        self._out = 0  # inflated bytes out
+        self.failed: str | None = None
         self.inflated = False  # any byte yet
 
     def pieces(self, chunk: bytes) -> Iterator[bytes]:
         """The inflated bytes of the next compressed chunk, a bounded piece at a time."""
         view = memoryview(chunk)
         for start in range(0, len(view), _FEED):
-            yield from self._inflate(view[start : start + _FEED].tobytes())
+            data = view[start : start + _FEED].tobytes()
+            self._fed += len(data)
+            for piece in self._inflate(data):
+                self._out += len(piece)
+                if self._out > max(_INFLATE_FREE, _INFLATE_RATIO * self._fed):
+                    self.failed = "inflates too far"
+                    return
+                yield piece
             if self.failed:
                 return
 
     def _inflate(self, data: bytes) -> Iterator[bytes]:
         pending = False
-        while not self.failed:
+        while self.failed is None:
             if self._zlib.eof:  # the end of a member: what follows starts the next one
                 data = self._zlib.unused_data + data
                 self._zlib = zlib.decompressobj(self._wbits)
@@ -473,7 +497,7 @@ class _Inflater:
                 )
                 self._between = True
                 if self._members > _MAX_MEMBERS:
-                    self.failed = True
+                    self.failed = "corrupt"
                     return
             if self._between:
                 data = data.lstrip(b"\0")
@@ -490,7 +514,7 @@ class _Inflater:
                     self._zlib = zlib.decompressobj(self._wbits)
                     data, pending, self._head = self._head + data, False, None
                     continue
-                self.failed = True
+                self.failed = "corrupt"
                 return
             if not self.inflated and self._head is not None:  # what went in with nothing out yet
                 taken = self._head + data[: len(data) - len(self._zlib.unconsumed_tail)]
@@ -548,7 +572,7 @@ class Meter:
         for piece in inflater.pieces(chunk):
             reader.feed(piece)
         if inflater.failed and self.unread_encoding is None:  # what was read counts; the log says so
-            self.unread_encoding = f"{inflater.encoding} (corrupt)"
+            self.unread_encoding = f"{inflater.encoding} ({inflater.failed})"
 
     def settlement(self) -> tuple[int, int] | None:
         """``(input_tokens, output_tokens)`` to settle with, or ``None`` to cancel."""

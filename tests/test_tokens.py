@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import tracemalloc
 import zlib
@@ -243,6 +244,24 @@ def test_meter_caps_reported_usage_at_the_largest_amount() -> None:
     meter.start(200, "application/json")
     meter.body(json.dumps({"usage": {"prompt_tokens": 2**60, "completion_tokens": 2**53 + 1}}).encode())
     assert meter.settlement() == (MAX_AMOUNT, MAX_AMOUNT)
+
+
+def test_a_decompression_bomb_is_inflated_no_further_than_32_times_its_size() -> None:
+    """Inflating in full to find a usage at the end cost the event loop seconds per GiB: past 32 times the
+    compressed size (and 16 MiB), the rest is not read, the estimate stands and the log says why."""
+    body = (
+        b'{"pad": "'
+        + b" " * (40 * 1024 * 1024)
+        + b'", "usage": {"prompt_tokens": 7, "completion_tokens": 9}}'
+    )
+    compressed = gzip.compress(body)
+    assert len(body) > 32 * len(compressed)
+    meter = Meter((100, 500))
+    meter.start(200, "application/json", "gzip")
+    for start in range(0, len(compressed), 65536):
+        meter.body(compressed[start : start + 65536])
+    assert meter.unread_encoding == "gzip (inflates too far)"
+    assert meter.settlement() == (100, 500)
 
 
 @pytest.mark.parametrize("status", [400, 404, 429, 500, 503])
