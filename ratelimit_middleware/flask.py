@@ -6,18 +6,19 @@ they state alike when they share a storage (give each its own ``key_prefix`` on 
 no extra parameter. Options are those of ``RateLimitWSGI`` but path rules and token metering
 (``gate.RouteOptions``; others raise ``TypeError``); when a key function asks for the body, at most
 ``max_body_size`` + 1 bytes of it are read from Flask's request, which replays them to the view. A denial
-raises ``RateLimitExceeded`` (a ``TooManyRequests``): ``@app.errorhandler(429)`` may answer it.
+raises ``RateLimitExceeded`` (a ``TooManyRequests``) when ``@app.errorhandler(429)`` (or one for an HTTP
+exception class it is) is there to answer it.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import flask
-from werkzeug.exceptions import TooManyRequests
+from werkzeug.exceptions import HTTPException, TooManyRequests
 
 from .checker import LimiterSpec
 from .contract import HTTPResponse
@@ -68,10 +69,25 @@ class RateLimitExceeded(TooManyRequests):
         self.denial = response
 
 
+def _answers_429(app: flask.Flask, blueprints: Iterable[str]) -> bool:
+    """Whether the app (or a blueprint of the request) has an error handler for a 429: by code, or for an
+    HTTP exception class that ``RateLimitExceeded`` is; not a catch-all ``Exception`` handler, which would
+    turn a denial into its own answer (often a 500)."""
+    for scope in (*blueprints, None):
+        handlers = app.error_handler_spec.get(scope, {})
+        if handlers.get(429):
+            return True
+        by_class = handlers.get(None, {})
+        if any(issubclass(kind, HTTPException) and kind in by_class for kind in RateLimitExceeded.__mro__):
+            return True
+    return False
+
+
 def _denied(response: HTTPResponse) -> flask.Response:
-    """``response`` for a denied request: a 429 is raised (``RateLimitExceeded``) for Flask's error
-    handlers; any other status (a 503 when the limiter is unavailable) is sent as it is."""
-    if response.status != 429:
+    """``response`` for a denied request: a 429 is raised (``RateLimitExceeded``) when an error handler of
+    the app answers it; otherwise, and for any other status (a 503 when the limiter is unavailable), it is
+    sent as it is."""
+    if response.status != 429 or not _answers_429(flask.current_app, flask.request.blueprints):
         return _respond(response)
 
     @flask.after_this_request

@@ -85,6 +85,41 @@ def test_an_error_handler_for_429_answers_denials_with_the_rate_limit_headers(ha
     assert isinstance(seen[0], RateLimitExceeded) and seen[0].denial.status == 429
 
 
+def test_a_catch_all_exception_handler_does_not_turn_denials_into_its_answer() -> None:
+    """A common logging handler, ``@app.errorhandler(Exception)``, caught the raised denial: a 500."""
+    app = make_app()
+
+    @app.errorhandler(Exception)
+    def internal(error: Exception) -> tuple[str, int]:
+        return "internal", 500
+
+    client = app.test_client()
+    statuses = [client.get("/limited", headers={"X-User-ID": "a"}).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    denied = client.get("/limited", headers={"X-User-ID": "a"})
+    assert denied.json["error"]["code"] == "rate_limit_exceeded" and denied.headers["Retry-After"] == "60"
+
+
+def test_a_blueprint_s_429_handler_answers_its_own_views_denials() -> None:
+    app = Flask(__name__)
+    shop = Blueprint("shop", __name__)
+
+    @shop.get("/buy")
+    @limit("1/minute")
+    def buy() -> str:
+        return "bought"
+
+    @shop.errorhandler(429)
+    def later(error: RateLimitExceeded) -> tuple[str, int]:
+        return "come back later", 429
+
+    app.register_blueprint(shop)
+    client = app.test_client()
+    assert client.get("/buy", headers={"X-User-ID": "a"}).text == "bought"
+    denied = client.get("/buy", headers={"X-User-ID": "a"})
+    assert (denied.status_code, denied.text, denied.headers["Retry-After"]) == (429, "come back later", "60")
+
+
 def test_body_keys_leave_the_body_for_the_view() -> None:
     client = make_app().test_client()
     first = client.post("/completions", json={"model": "m1", "n": 1}, headers={"X-User-ID": "a"})
