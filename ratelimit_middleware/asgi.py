@@ -56,23 +56,29 @@ class ScopeHeaders(ServerHeaders):
         return ((name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw)
 
     def first(self, name: str) -> str | None:
-        if self._index is not None:  # no name repeats
-            return self.get(name)
-        return next(
-            (value.decode("latin-1") for key, value in self._raw if key.decode("latin-1").lower() == name),
-            None,
-        )
-
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        if self._index is None:
-            return self.joined().get(name.lower(), default)
+        if self._index is None:  # a name repeats (or servers' lower case is not kept): look at every pair
+            lowered = name.lower()
+            return next(
+                (
+                    value.decode("latin-1")
+                    for key, value in self._raw
+                    if key.decode("latin-1").lower() == lowered
+                ),
+                None,
+            )
         key = _HEADER_NAMES.get(name)
         if key is None:
             key = _header_name(name)
             if key is None:
-                return default
+                return None
         value = self._index.get(key)
-        return default if value is None else value.decode("latin-1")
+        return None if value is None else value.decode("latin-1")
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        if self._index is None:
+            return self.joined().get(name.lower(), default)
+        value = self.first(name)  # no name repeats: the first line is the only one
+        return default if value is None else value
 
 
 _HEADER_NAMES: dict[str, bytes] = {}

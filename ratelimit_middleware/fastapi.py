@@ -188,12 +188,20 @@ def _is_async(endpoint: Callable[..., Any]) -> bool:
     return any(inspect.iscoroutinefunction(f) for f in candidates)
 
 
+_WEBSOCKET = (
+    "@limit limits HTTP endpoints, not websocket endpoints: check a limiter in the endpoint (await "
+    "limiter.acheck(user, model)) before accepting the connection"
+)
+
+
 def _starlette_request(args: tuple[Any, ...]) -> Request:
     """The request Starlette passes positionally: ``endpoint(request)``, or ``method(self, request)`` in an
     ``HTTPEndpoint``."""
     for arg in args:
         if isinstance(arg, Request):
             return arg
+        if isinstance(arg, WebSocket):  # an unannotated Starlette websocket endpoint: seen only when called
+            raise TypeError(_WEBSOCKET)
     raise TypeError("@limit decorates FastAPI endpoints and Starlette endpoints called with their Request")
 
 
@@ -232,10 +240,7 @@ def limit(limiter: LimiterSpec, **options: Unpack[RouteOptions]) -> Callable[[F]
         parameters = list(signature.parameters.values())
         resolved = _resolved(endpoint)
         if _own_parameter(resolved, WebSocket) is not None:
-            raise TypeError(
-                f"@limit limits HTTP endpoints, not the websocket endpoint {endpoint!r}: check a limiter "
-                "in it (await limiter.acheck(user, model)) before accepting the connection"
-            )
+            raise TypeError(f"{_WEBSOCKET} ({endpoint!r})")
         own_request = _own_parameter(resolved, Request)
         own_response = _own_parameter(resolved, Response)
         hidden = [

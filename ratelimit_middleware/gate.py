@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from .contract import (
 )
 from .decision import Decision, ShadowDecision
 from .errors import FallbackDecision, RateLimiterUnavailable, UncheckedDecision
+from .hooks import check_hook
 from .keys import KeyFunction, default_model_key, default_user_key
 from .limiter import RateLimiter
 from .observe import Observer, notify
@@ -264,15 +264,7 @@ class Gate:
             ("deny_handler", deny_handler),
             ("estimator", estimator),
         ):
-            if function is not None and not callable(function):
-                raise TypeError(f"{name} must be callable, got {function!r}")
-            if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-                getattr(function, "__call__", None)  # noqa: B004 - an object with an async __call__
-            ):
-                raise TypeError(
-                    f"{name} must be a plain function, not async ({function!r}): it is called while the "
-                    "request is identified, without awaiting; do async lookups in the app or cache them"
-                )
+            check_hook(function, name)
         if isinstance(exempt_paths, str):
             exempt_paths = [exempt_paths]
         if isinstance(exempt_methods, str):  # one method, not its letters

@@ -50,6 +50,7 @@ from ratelimit_middleware.checker import Checker, LimiterSpec, reserver_of
 from ratelimit_middleware.contract import HTTPResponse
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.gate import Ask, Gate, routed
+from ratelimit_middleware.hooks import check_hook
 from ratelimit_middleware.keys import KeyFunction, from_header
 from ratelimit_middleware.observe import Observer
 from ratelimit_middleware.renewal import LeaseKeeper, Stop, keep
@@ -315,8 +316,7 @@ class _Core:
         shadow: bool,
     ) -> None:
         for name, function in (("estimator", estimator), ("usage", usage), ("request_body", request_body)):
-            if function is not None and not callable(function):
-                raise TypeError(f"{name} must be callable, got {function!r}")
+            check_hook(function, name)
         if not isinstance(add_metadata, bool):  # named here: the gate would call it add_headers
             raise TypeError(f"add_metadata must be True or False, got {add_metadata!r}")
         self.gate = Gate(

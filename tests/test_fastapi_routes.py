@@ -715,8 +715,20 @@ def test_limit_refuses_a_websocket_endpoint_when_decorating() -> None:
     async def talk(websocket: WebSocket) -> None:
         await websocket.accept()
 
-    with pytest.raises(TypeError, match="not the websocket endpoint"):
+    with pytest.raises(TypeError, match="not websocket endpoints"):
         limit("1/minute")(talk)
+
+
+def test_an_unannotated_starlette_websocket_endpoint_is_refused_by_name() -> None:
+    from starlette.routing import WebSocketRoute
+
+    @limit("1/minute")
+    async def talk(websocket):  # type: ignore[no-untyped-def]  # as Starlette endpoints are written
+        await websocket.accept()
+
+    client = TestClient(Starlette(routes=[WebSocketRoute("/ws", talk)]))
+    with pytest.raises(TypeError, match="not websocket endpoints"), client.websocket_connect("/ws"):
+        pass
 
 
 def test_limit_refuses_generator_endpoints_which_fastapi_streams_itself() -> None:

@@ -195,3 +195,23 @@ def test_async_key_functions_are_refused_at_construction(option: str, function: 
 
     with pytest.raises(TypeError, match=f"{option} must be a plain function, not async"):
         RateLimitMiddleware(_asgi_app, **{option: function})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("plan_key", [_async_key, "x-plan"])
+def test_plans_refuse_a_plan_key_that_is_not_a_plain_function(plan_key: object) -> None:
+    """An async lookup named no plan (every client on the default plan); a header name raised on every
+    request, which on_error="allow" let through unlimited."""
+    from ratelimit_middleware.plans import Plans
+
+    with pytest.raises(TypeError, match="plan_key must be"):
+        Plans({"free": {"*": {"per_user": "1/minute"}}}, default_plan="free", plan_key=plan_key)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("option", ["estimator", "usage", "request_body"])
+def test_grpc_interceptors_refuse_async_hooks(option: str) -> None:
+    """An async estimator failed every call at the estimate, which on_error="allow" let through unlimited."""
+    from ratelimit_middleware.grpc import AsyncRateLimitInterceptor, RateLimitInterceptor
+
+    for interceptor in (RateLimitInterceptor, AsyncRateLimitInterceptor):
+        with pytest.raises(TypeError, match=f"{option} must be a plain function, not async"):
+            interceptor("1/minute", **{option: _async_key})  # type: ignore[arg-type]
