@@ -7,6 +7,7 @@ import gzip
 import json
 import tracemalloc
 import zlib
+from collections.abc import Callable
 
 import pytest
 
@@ -197,6 +198,17 @@ def embeddings_body(inputs: int) -> bytes:
     ).encode()
 
 
+def peak_memory_fed(feed: Callable[[bytes], object], body: bytes, step: int) -> int:
+    """Feed ``body`` to ``feed`` ``step`` bytes at a time; the peak of the memory traced meanwhile."""
+    tracemalloc.start()
+    try:
+        for index in range(0, len(body), step):
+            feed(body[index : index + step])
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("step", [4096, 64 * 1024, 10**7])
 def test_usage_at_the_end_of_a_body_past_the_size_kept_is_read_in_bounded_memory(step: int) -> None:
     """A body over ``max_json_size`` (1 MiB) is read for its usage in its last 64 KiB (it was never read: 200
@@ -204,13 +216,7 @@ def test_usage_at_the_end_of_a_body_past_the_size_kept_is_read_in_bounded_memory
     body = embeddings_body(200)
     assert len(body) > 1536 * 1024
     reader = UsageReader("application/json")
-    tracemalloc.start()
-    try:
-        for index in range(0, len(body), step):
-            reader.feed(body[index : index + step])
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_memory_fed(reader.feed, body, step)
     assert peak < 2 * 1024 * 1024 + min(step, len(body))
     assert reader.usage() == (80_000, 0)
 
@@ -496,14 +502,7 @@ def test_an_event_past_the_size_kept_is_skipped_and_the_stream_read_on(step: int
     body = anthropic_events(*LARGE_IMAGE_STREAM)
     meter = Meter((50, 4000))
     meter.start(200, "text/event-stream")
-    tracemalloc.start()
-    try:
-        for index in range(0, len(body), step):
-            meter.body(body[index : index + step])
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 1536 * 1024  # the event is never held whole
+    assert peak_memory_fed(meter.body, body, step) < 1536 * 1024  # the event is never held whole
     assert meter.settlement() == (900, 1800)
     cut = Meter((50, 4000))
     cut.start(200, "text/event-stream")
