@@ -21,8 +21,10 @@ mean.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -80,6 +82,18 @@ def _succeeded(reply: Any, orphan: Orphan) -> None:
         orphan(reply)
 
 
+_LIVE: weakref.WeakSet[Connection] = weakref.WeakSet()
+"""The connections of this process, forgotten in a child it forks (``Connection.forget``)."""
+
+
+def _forked() -> None:
+    for connection in list(_LIVE):
+        connection.forget()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class _LoopState(NamedTuple):
     transport: AsyncTransport
     coalescer: Coalescer[Call] | None
@@ -100,6 +114,14 @@ class Connection:
         self._sync: SyncTransport | None = None
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._lock = threading.Lock()
+        _LIVE.add(self)
+
+    def forget(self) -> None:
+        """Drop the transports, unclosed, in a child process just forked (gunicorn's ``--preload``): their
+        sockets are the parent's, and the work they wait for (a cluster's first mapping, a connection's
+        setup) runs on threads and tasks the child does not have, so that the child's calls would wait for
+        it until their deadlines, forever. The child makes its own on its next calls."""
+        self._sync, self._loops, self._lock = None, {}, threading.Lock()
 
     # -- which methods ---------------------------------------------------------------------------------
 
