@@ -104,6 +104,10 @@ def test_a_cluster_url_serves_both_kinds_of_methods_across_slots(redis_cluster: 
      ("redis+cluster://127.0.0.1:7000?ssl=true", "'ssl'.*rediss://"),
      ("redis+cluster://127.0.0.1:7000?frobnicate=1", "'frobnicate' is not an option a Redis Cluster client"),
      ("rediss+cluster://:pw@127.0.0.1:7000?socket_timeout=x", "Invalid value for 'socket_timeout'"),
+     ("redis+cluster://127.0.0.1:7000/abc", "the database must be a number, got 'abc'"),
+     ("redis+cluster://127.0.0.1:7000?protocol=9", "protocol must be either 2 or 3"),
+     ("rediss+cluster://:pw@127.0.0.1:7000?ssl_cert_reqs=bogus", "Certificate Requirements Flag: bogus"),
+     ("redis+cluster://127.0.0.1:7000?encoding=bogus-enc", "unknown encoding: bogus-enc"),
      ("redis+sentinel://127.0.0.1:26379", "redis://, rediss://, unix://")],
 )  # fmt: skip
 def test_bad_cluster_urls_fail_at_construction(url: str, problem: str) -> None:

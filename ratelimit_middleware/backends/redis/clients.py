@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -211,6 +211,23 @@ def _cluster_of_url(url: str) -> _Cluster:
     return _Cluster([(host, port)], settings, None)
 
 
+def _check_database(url: str) -> None:
+    """``ValueError`` for a database path that is no number (redis-py ignores it)."""
+    database = urlsplit(url).path.strip("/")
+    if not url.lower().startswith("unix:") and database and not database.isdigit():
+        raise _bad_url(url, f"the database must be a number, got {database!r}")
+
+
+def _check_connections(url: str, *makes: Callable[[], Any]) -> None:
+    """``ValueError`` naming what ``url``'s connections reject: each of ``makes`` makes one, unconnected,
+    which encodes a string (an unknown ``encoding`` fails only then)."""
+    for make in makes:
+        try:
+            make().encoder.encode("limiter")
+        except (TypeError, ValueError, LookupError, redis.RedisError) as error:
+            raise _bad_url(url, _option_problem(error, "a Redis connection")) from None
+
+
 class Endpoint:
     """What a storage was given, turned into factories of the limiter's own pools and cluster clients.
 
@@ -233,6 +250,7 @@ class Endpoint:
             if scheme in _CLUSTER_SCHEMES:
                 self._cluster = _cluster_of_url(client)
                 self.cluster = True
+                self._check_cluster(client)
             elif scheme in ("redis", "rediss", "unix"):
                 try:
                     self._sync_pool = _pool_of(redis.ConnectionPool.from_url(client))
@@ -267,14 +285,27 @@ class Endpoint:
     def _check(self, url: str) -> None:
         """``ValueError`` naming what the connections would reject in a standalone Redis's ``url`` (redis-py
         passes the options it does not know to them): one connection of each pool is made, unconnected."""
-        database = urlsplit(url).path.strip("/")
-        if not url.lower().startswith("unix:") and database and not database.isdigit():
-            raise _bad_url(url, f"the database must be a number, got {database!r}")  # redis-py ignores it
-        for make in (self.sync_pool, self.async_pool):
-            try:
-                make().make_connection()
-            except (TypeError, ValueError, redis.RedisError) as error:
-                raise _bad_url(url, _option_problem(error, "a Redis connection")) from None
+        _check_database(url)
+        _check_connections(url, lambda: self.sync_pool().make_connection(), self.async_pool().make_connection)
+
+    def _check_cluster(self, url: str) -> None:
+        """``_check`` for a cluster's ``url``: a connection to its node, sync and asyncio, as each cluster
+        client would make it (every call would otherwise fail on it, as if the cluster were down)."""
+        assert self._cluster is not None
+        _check_database(url)
+        (host, port), *_ = self._cluster.nodes
+        plain, sync = self._sync_cluster_settings()
+        settings: Any = redis.cluster.cleanup_kwargs  # untyped in redis-py: the node pools' settings
+        node: Any = redis.asyncio.cluster.ClusterNode
+        _check_connections(
+            url,
+            lambda: redis.ConnectionPool(
+                connection_class=plain, host=host, port=port, **settings(**sync)
+            ).make_connection(),
+            lambda: node(
+                host, port, **self.async_cluster().nodes_manager.connection_kwargs
+            ).acquire_connection(),
+        )
 
     def _pool_settings(self, pool: _Pool, retry: object, read_timeout: float | None) -> dict[str, Any]:
         settings = {name: value for name, value in pool.settings.items() if name not in _POOL_STATE}
@@ -308,6 +339,13 @@ class Endpoint:
         )
         return options
 
+    def _sync_cluster_settings(self) -> tuple[type[redis.connection.Connection], dict[str, Any]]:
+        """The sync cluster's connection class (TLS or not: redis-py's sync client takes no ``ssl`` with a
+        class) and its settings."""
+        options = self._cluster_settings(_SYNC_CLUSTER_OPTIONS)
+        plain = redis.connection.SSLConnection if options.pop("ssl", False) else redis.connection.Connection
+        return plain, options
+
     def sync_pool(self) -> redis.ConnectionPool:
         """A new pool to the standalone Redis, for the sync methods."""
         assert self._sync_pool is not None
@@ -329,8 +367,7 @@ class Endpoint:
         """A new cluster client (it connects to map the cluster now), for the sync methods: its connections
         are ``with_deadlines``, so that no wait of redis-py's own outlasts the call that made it wait."""
         assert self._cluster is not None
-        options = self._cluster_settings(_SYNC_CLUSTER_OPTIONS)
-        plain = redis.connection.SSLConnection if options.pop("ssl", False) else redis.connection.Connection
+        plain, options = self._sync_cluster_settings()
         (host, port), *others = self._cluster.nodes
         node: Any = redis.cluster.ClusterNode
         return redis.cluster.RedisCluster(
