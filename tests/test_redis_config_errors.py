@@ -201,6 +201,46 @@ def test_wrong_credentials_are_named_over_a_slow_link(
     assert len(errors(caplog)) == 1
 
 
+@pytest.mark.parametrize("methods", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("cluster", "path", "named"), [(False, "/42", "no such database"), (True, "", "is not a Redis Cluster")]
+)
+def test_a_refusal_over_a_slow_link_is_named_by_every_call_after_it(
+    server: RedisServer, methods: str, cluster: bool, path: str, named: str
+) -> None:
+    """A setup (or a first mapping) refused after its calls ran out of time, three 60 ms round trips against
+    a 0.15 s timeout, is named by the calls after it: not thrown away (a mapping was), and not tried again
+    at once, which would outlast the next call too and read as an outage, alternating with the refusal."""
+    proxy = StallingProxy(server.port, delay=0.03)
+    scheme = "redis+cluster" if cluster else "redis"
+    limiter = RateLimiter(
+        limit="5/minute",
+        storage=RedisStorage(
+            f"{scheme}://127.0.0.1:{proxy.port}{path}",
+            key_prefix=unique_prefix(),
+            timeout=0.15,
+            on_error="deny",
+            breaker=CircuitBreaker(failures=100),
+        ),
+    )
+
+    async def said_async() -> list[str]:
+        said = []
+        for _ in range(15):
+            with pytest.raises(RateLimiterUnavailable) as raised:
+                await limiter.acheck("alice", "m")
+            said.append(str(raised.value))
+        return said
+
+    try:
+        said = asyncio.run(said_async()) if methods == "async" else [str(denied(limiter)) for _ in range(15)]
+    finally:
+        proxy.close()
+    first = next((index for index, message in enumerate(said) if named in message), len(said))
+    assert first < 10, said
+    assert all(named in message for message in said[first:]), said
+
+
 def test_a_replica_is_named(server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     replica = RedisServer(tmp_path / "replica", "--replicaof", "127.0.0.1", str(server.port))
     (tmp_path / "replica").mkdir()

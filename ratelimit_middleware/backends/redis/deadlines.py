@@ -26,6 +26,7 @@ import contextlib
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,9 +36,13 @@ from typing import Any, TypeVar
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .misconfig import causes
+
 __all__ = [
+    "REFUSED_FOR",
     "again",
     "left",
+    "refusal",
     "seen",
     "set_up",
     "timed",
@@ -99,17 +104,43 @@ def _worth_using(since: float, deadline: float) -> bool:
     return deadline - now >= now - since
 
 
+REFUSED_FOR = 1.0
+"""Seconds a setup or mapping that Redis refused is reported to the calls (from the first that learns of it)
+before one is tried again; the refusal is still reported until the new one ends. Tried again within the
+next call, on a slow link it would outlast it, whose timeout would be taken for an outage: the calls would
+alternate between the two, and the circuit breaker's failures with them."""
+
+_refused: weakref.WeakKeyDictionary[Future[Any] | asyncio.Future[Any], float] = weakref.WeakKeyDictionary()
+"""When a call first learned of each work that Redis refused."""
+
+
+def refusal(work: Future[Any] | asyncio.Future[Any]) -> BaseException | None:
+    """The error of ``work`` (run apart: a connection's setup, a cluster's mapping), if Redis refused it: a
+    wrong password, a database that does not exist, a Redis that is no cluster... (redis-py's cluster client
+    raises such a refusal from an error of its own)."""
+    if not work.done() or work.cancelled():
+        return None
+    error = work.exception()
+    if error is not None and any(
+        isinstance(cause, (AuthenticationError, ResponseError)) for cause in causes(error)
+    ):
+        return error
+    return None
+
+
 def again(work: Future[Any] | asyncio.Future[Any]) -> bool:
-    """Whether work run apart (a connection's setup, a cluster's mapping) that ended unseen, the calls that
-    waited for it having run out of time first, is to be started again: it failed, and not because Redis
-    refused it (a wrong password, a database that does not exist...), which the next call reports rather
-    than try again and run out of time the same way."""
+    """Whether work run apart that has ended is to be started again rather than reported to the call: it
+    failed, and not because Redis refused it (``refusal``), or Redis refused it ``REFUSED_FOR`` seconds ago
+    or more (its caller then starts it again, and reports the refusal until it ends: see ``REFUSED_FOR``).
+    A failure that ended unseen, the calls that waited for it having run out of time first, is so reported
+    too."""
     if not work.done():
         return False
     if work.cancelled():
         return True
-    error = work.exception()
-    return error is not None and not isinstance(error, (AuthenticationError, ResponseError))
+    if refusal(work) is None:
+        return work.exception() is not None
+    return time.monotonic() - _refused.setdefault(work, time.monotonic()) >= REFUSED_FOR
 
 
 def _late(since: float) -> RedisTimeoutError:
@@ -146,24 +177,23 @@ class _Deadlines:
         if deadline is None:  # not within a call (a cluster being mapped on a thread of its own)
             parent.connect()
             return
-        setup = self._setup
+        setup, refused = self._setup, None
         if setup is not None and again(setup):
-            setup = self._setup = None
+            refused, setup = refusal(setup), None
         if setup is None:
             if self._sock is not None:
                 return
             setup = self._setup = Future()
             threading.Thread(target=self._set_up, args=(setup,), name="ratelimit-setup", daemon=True).start()
+        if refused is not None:
+            raise refused  # until the new setup ends
         waited = not setup.done()
         since = time.monotonic()
         try:
             setup.result(left(deadline))
         except FutureTimeout:
             raise _unfinished(self.setup) from None
-        except BaseException:
-            self._setup = None
-            raise
-        self._setup = None
+        self._setup = None  # a failure stays, for ``again`` to judge
         if waited and not _worth_using(since, deadline):
             raise _late(since)  # redis-py's pool keeps the connection, connected, for the next call
 
@@ -266,24 +296,21 @@ async def set_up(
     """Connect ``connection`` (an asyncio one), if it is not, with ``connect()``: in a task of its own
     within ``seconds``, which the call (whose hard deadline is ``deadline``) waits for (see the module)."""
     setup: asyncio.Future[None] | None = getattr(connection, "_limiter_setup", None)
+    refused = None
     if setup is not None and again(setup):
-        setup = connection._limiter_setup = None
+        refused, setup = refusal(setup), None
     if setup is None:
         if connection.is_connected:
             return
         setup = asyncio.ensure_future(_connected(connection, connect, seconds))
         setup.add_done_callback(seen)
         connection._limiter_setup = setup
+    if refused is not None:
+        raise refused  # until the new setup ends
     waited = not setup.done()
     since = time.monotonic()
-    try:
-        await asyncio.shield(setup)  # the call's deadline cancels the wait, not the setup
-    except asyncio.CancelledError:
-        raise
-    except BaseException:
-        connection._limiter_setup = None
-        raise
-    connection._limiter_setup = None
+    await asyncio.shield(setup)  # the call's deadline cancels the wait, not the setup
+    connection._limiter_setup = None  # a failure stays, for ``again`` to judge
     if waited and not _worth_using(since, deadline):
         raise _late(since)
 

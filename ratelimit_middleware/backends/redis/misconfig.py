@@ -9,6 +9,7 @@ change; they are still answered by the policy (``on_error``), so the service kee
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from redis.exceptions import (
@@ -21,7 +22,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-__all__ = ["CLUSTER_COMMANDS", "COMMANDS", "Misconfiguration", "acl", "misconfiguration"]
+__all__ = ["CLUSTER_COMMANDS", "COMMANDS", "Misconfiguration", "acl", "causes", "misconfiguration"]
 
 COMMANDS = (
     "evalsha",
@@ -63,22 +64,28 @@ class Misconfiguration(NamedTuple):
     advice: str
 
 
-def misconfiguration(error: BaseException, *, cluster: bool, key_prefix: str) -> Misconfiguration | None:
-    """What ``error`` (or an error it was raised from: redis-py's cluster client reports any error reply to
-    CLUSTER SLOTS as "Cluster mode is not enabled") says is wrong with the limiter's configuration, or
-    ``None`` for a failure that passes (a connection lost or refused, a timeout, Redis out of memory...)."""
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then each error it was raised from (its ``__cause__``, else its ``__context__``)."""
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        problem = _diagnosis(cause, cluster, key_prefix)
-        if problem is not None:
-            return problem
+        yield cause
         cause = (
             cause.__cause__
             if cause.__cause__ is not None or cause.__suppress_context__
             else cause.__context__
         )
+
+
+def misconfiguration(error: BaseException, *, cluster: bool, key_prefix: str) -> Misconfiguration | None:
+    """What ``error`` (or an error it was raised from: redis-py's cluster client reports any error reply to
+    CLUSTER SLOTS as "Cluster mode is not enabled") says is wrong with the limiter's configuration, or
+    ``None`` for a failure that passes (a connection lost or refused, a timeout, Redis out of memory...)."""
+    for cause in causes(error):
+        problem = _diagnosis(cause, cluster, key_prefix)
+        if problem is not None:
+            return problem
     return None
 
 

@@ -36,7 +36,7 @@ from redis.exceptions import AskError, MovedError, RedisError, ResponseError, Tr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .deadlines import again, left, seen, set_up, timed, until
+from .deadlines import again, left, refusal, seen, set_up, timed, until
 
 _pack_command: Callable[[tuple[Any, ...]], Any] | None
 try:
@@ -265,7 +265,8 @@ class SyncCluster:
     maps the cluster (CLUSTER SLOTS from one startup node after another, then COMMAND), which can take longer
     than one call may wait: it is made on a thread of its own, each of its waits up to the timeout, and the
     calls wait for it until their deadlines only. A mapping that outlasts a call so still serves the next
-    ones; a failure to make it fails the calls waiting for it, and the next call makes it again.
+    ones; a failure to make it fails the calls waiting for it, and the next call makes it again, unless
+    Redis refused it (a wrong password, a Redis that is no cluster): that is reported for a while (``again``).
     """
 
     pipelined = False
@@ -282,24 +283,26 @@ class SyncCluster:
         if client is not None:
             return client
         with self._lock:
-            making = self._making
-            if making is None:
+            making, refused = self._making, None
+            if making is None or again(making):  # a mapping that failed unseen is made again
+                refused = None if making is None else refusal(making)
                 making = self._making = Future()
                 threading.Thread(
                     target=self._made, args=(making,), name="ratelimit-cluster-map", daemon=True
                 ).start()
+        if refused is not None:
+            raise refused  # until the new mapping ends
         try:
             return making.result(left(deadline))
         except FutureTimeout:
             raise RedisTimeoutError("the limiter's timeout ran out while mapping the cluster") from None
 
     def _made(self, making: Future[redis.cluster.RedisCluster]) -> None:
-        """Make the cluster client for ``making`` (on a thread of its own)."""
+        """Make the cluster client for ``making`` (on a thread of its own); a failure stays, for ``again``
+        to judge."""
         try:
             client = self._make()
         except BaseException as error:
-            with self._lock:
-                self._making = None  # the next call tries again
             making.set_exception(error)
             return
         with self._lock:
@@ -362,7 +365,8 @@ class AsyncCluster:
     concurrent first commands are using), and again before the next command to a node that failed or
     answered MOVED (a suspect, as on the sync cluster). That first mapping, like the setup of a node's new
     connection, runs apart from the calls, within ``setup`` seconds, and the calls wait for it until their
-    deadline only: a mapping that outlasts them serves the next calls, and one that failed is tried again.
+    deadline only: a mapping that outlasts them serves the next calls, and one that failed is tried again
+    (after a while if Redis refused it: see ``again``).
     """
 
     pipelined = False
@@ -376,19 +380,15 @@ class AsyncCluster:
         self._suspects: set[str] = set()
 
     async def _map(self) -> None:
-        mapping = self._mapping
+        mapping, refused = self._mapping, None
         if mapping is None or again(mapping):  # a mapping that failed unseen is made again
+            refused = None if mapping is None else refusal(mapping)
             mapping = asyncio.ensure_future(timed(self._initialize, self.setup, "mapping the Redis Cluster"))
             mapping.add_done_callback(seen)
             self._mapping = mapping
-        try:
-            await asyncio.shield(mapping)  # the call's deadline cancels the wait, not the mapping
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            if self._mapping is mapping:
-                self._mapping = None  # the next call maps it again
-            raise
+        if refused is not None:
+            raise refused  # until the new mapping ends
+        await asyncio.shield(mapping)  # the call's deadline cancels the wait, not the mapping (it stays)
         self._mapped = True
 
     async def _initialize(self) -> None:
