@@ -135,6 +135,12 @@ def test_breaker_options_are_checked(options: dict[str, Any], error: type[Except
 def test_storage_options_are_checked(options: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         RedisStorage("redis://127.0.0.1:1", **options)
+    with pytest.raises(error, match=match):  # the limiter passes each on
+        RedisRateLimiter("redis://127.0.0.1:1", 5, 60, **options)
+
+
+def test_the_limiter_passes_connect_timeout_on() -> None:
+    assert RedisRateLimiter("redis://127.0.0.1:1", 5, 60, connect_timeout=3).storage.connect_timeout == 3
 
 
 # -- the caller's client -------------------------------------------------------------------------------------

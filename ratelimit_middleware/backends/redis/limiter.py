@@ -19,9 +19,9 @@ class RedisRateLimiter(RateLimiter):
     by every process that uses the same Redis, ``key_prefix`` and limit.
 
     ``client`` is a ``redis.Redis`` or ``RedisCluster`` (sync methods), their ``redis.asyncio`` twins (``a*``
-    methods) or a URL (both; ``redis+cluster://node:port`` for a cluster). ``timeout``, ``on_error``,
-    ``breaker`` and ``clock`` (a testing hook replacing Redis' ``TIME``) are those of ``RedisStorage``.
-    ``len()`` raises ``TypeError``: the keys live in Redis. Use
+    methods) or a URL (both; ``redis+cluster://node:port`` for a cluster). ``timeout``,
+    ``connect_timeout``, ``on_error``, ``breaker`` and ``clock`` (a testing hook replacing Redis' ``TIME``)
+    are those of ``RedisStorage``. ``len()`` raises ``TypeError``: the keys live in Redis. Use
     ``MultiTierRateLimiter(..., storage=RedisStorage(client))`` for several tiers.
     """
 
@@ -37,11 +37,18 @@ class RedisRateLimiter(RateLimiter):
         algorithm: str = "sliding_log",
         key_prefix: str = "ratelimit",
         timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float | None = None,
         on_error: OnError = "allow",
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         storage = RedisStorage(
-            client, key_prefix=key_prefix, timeout=timeout, on_error=on_error, breaker=breaker, clock=clock
+            client,
+            key_prefix=key_prefix,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            on_error=on_error,
+            breaker=breaker,
+            clock=clock,
         )
         super().__init__(max_requests, window_seconds, limit=limit, algorithm=algorithm, storage=storage)
