@@ -84,6 +84,7 @@ class SyncService:
         self.cancelled = threading.Event()
         self.started = threading.Event()
         self.finished = threading.Event()
+        self.between = threading.Event()
 
     def complete(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         if request == b"wait":  # a slow model: runs on after the client's deadline
@@ -95,6 +96,7 @@ class SyncService:
     def stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         context.add_callback(self.cancelled.set)  # runs after the interceptor's own callback
         yield b"first"
+        self.between.set()  # producing the next response
         self.release.wait(TIMEOUT)
         yield b"last"
 
@@ -260,6 +262,7 @@ def test_a_stream_cancelled_by_the_client_gives_its_slot_back_once_its_handler_i
         stream = channel.unary_stream(STREAM)
         first = stream(b"", metadata=user("a"))
         assert next(first) == b"first"
+        assert service.between.wait(TIMEOUT)  # the handler is producing its next response
         first.cancel()
         assert service.cancelled.wait(TIMEOUT)  # the server saw the RPC end, while its handler still waits
         assert in_flight(limiter) == 1  # the handler still runs: its slot is in use
