@@ -459,8 +459,8 @@ def test_async_first_use_while_nodes_stall_ends_by_the_deadline(
                     elapsed, decision = timed(lambda rate=rate: rate.check(user, "m"))
                     assert elapsed < TIMEOUT + SLACK
                     assert isinstance(decision, RateLimiterUnavailable) or decision.allowed
-        for rate in limiters:
-            assert rate.allow(user, "m")
+        for rate in limiters:  # mapped again by a call once the nodes answer (a first may still time out)
+            assert served(rate, user, TIMEOUT + SLACK, within=10, poll=0.05).allowed
     finally:
         for rate in limiters:
             rate.close()
