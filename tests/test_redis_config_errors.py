@@ -58,9 +58,9 @@ def denied(limiter: Any) -> RateLimiterUnavailable:
     return raised.value
 
 
-def storage(url: str, prefix: str | None = None, **options: Any) -> RedisStorage:
+def storage(url: str, prefix: str | None = None, timeout: float = 2.0, **options: Any) -> RedisStorage:
     options.setdefault("on_error", "deny")
-    return RedisStorage(url, key_prefix=prefix or unique_prefix(), timeout=2.0, **options)
+    return RedisStorage(url, key_prefix=prefix or unique_prefix(), timeout=timeout, **options)
 
 
 # -- the ACL a limiter's user needs --------------------------------------------------------------------------
@@ -182,15 +182,9 @@ def test_wrong_credentials_are_named_over_a_slow_link(
     reaches the next call, which names it: it is not lost with the call that ran out of time."""
     add_user(admin, "limiter", "~*", "+@all")
     proxy = StallingProxy(server.port, delay=0.06)
+    url = f"redis://limiter:wrong@127.0.0.1:{proxy.port}"
     limiter = RateLimiter(
-        limit="5/minute",
-        storage=RedisStorage(
-            f"redis://limiter:wrong@127.0.0.1:{proxy.port}",
-            key_prefix=unique_prefix(),
-            timeout=0.1,
-            on_error="deny",
-            breaker=CircuitBreaker(failures=100),
-        ),
+        limit="5/minute", storage=storage(url, timeout=0.1, breaker=CircuitBreaker(failures=100))
     )
     try:
         said = [str(denied(limiter)) for _ in range(3)]
@@ -213,15 +207,9 @@ def test_a_refusal_over_a_slow_link_is_named_by_every_call_after_it(
     at once, which would outlast the next call too and read as an outage, alternating with the refusal."""
     proxy = StallingProxy(server.port, delay=0.03)
     scheme = "redis+cluster" if cluster else "redis"
+    url = f"{scheme}://127.0.0.1:{proxy.port}{path}"
     limiter = RateLimiter(
-        limit="5/minute",
-        storage=RedisStorage(
-            f"{scheme}://127.0.0.1:{proxy.port}{path}",
-            key_prefix=unique_prefix(),
-            timeout=0.15,
-            on_error="deny",
-            breaker=CircuitBreaker(failures=100),
-        ),
+        limit="5/minute", storage=storage(url, timeout=0.15, breaker=CircuitBreaker(failures=100))
     )
 
     async def said_async() -> list[str]:
