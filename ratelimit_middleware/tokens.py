@@ -163,8 +163,8 @@ def token_pair(value: object, source: str) -> tuple[int, int]:
 
 
 def _capped(amount: object) -> object:
-    """A token count the client drives (``n``, ``max_tokens``), at most ``MAX_AMOUNT``: a larger one is a
-    request no limit lets through (a 429), not an error that the failure policy would let through."""
+    """A token count a user's estimator or usage function answered, at most ``MAX_AMOUNT``: a larger one is
+    a request no limit lets through (a 429), not an error that the failure policy would let through."""
     if isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_AMOUNT:
         return MAX_AMOUNT
     return amount
