@@ -1,4 +1,5 @@
-"""Two limits on one request: a path whose spellings fall under two path rules (see ``routes``) gets both.
+"""Two limits on one request: a path whose spellings fall under two path rules (see ``routes``) gets both,
+and ``Both(current, Shadow(new))`` keeps a limit enforced while a new one is tried beside it.
 
 ``Both(first, second)`` stands wherever a limiter does. The second is asked only if the first allows, and the
 answer is the binding decision of both. Reservations (token or concurrency limits) combine too: a plain
@@ -11,7 +12,7 @@ import asyncio
 from typing import cast
 
 from .checker import Checker, Reserver, reserver_of
-from .decision import Decision
+from .decision import Decision, ShadowDecision
 from .errors import FallbackDecision
 from .policy import binding
 from .request import RequestView
@@ -158,11 +159,15 @@ def _with(reservation: Reservation, decision: Decision) -> Reservation:
 
 def _joined(first: Decision, second: Decision) -> Decision:
     """The binding one of two limits' decisions on one request. While both allow, a decision made by a
-    storage's failure policy marks it: observers must see the fallback, and an unchecked count gets no
-    headers."""
+    storage's failure policy marks it (observers must see the fallback, and an unchecked count gets no
+    headers); else a shadow denial binds, as the denial it stands for, even against a limit at its last
+    unit (observers must count it)."""
     decision = binding([first, second])
     if first.allowed and second.allowed:
         for made in (first, second):
             if isinstance(made, FallbackDecision):
                 return type(made).of(decision)
+        for made in (first, second):
+            if isinstance(made, ShadowDecision):
+                return made
     return decision

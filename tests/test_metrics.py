@@ -233,6 +233,21 @@ def test_one_policy_in_shadow_while_the_others_are_enforced() -> None:
     assert sample(metrics, "ratelimit_decisions_total", outcome="denied", **labels) == 1
 
 
+def test_a_path_keeps_its_enforced_limit_while_a_new_one_is_shadowed_beside_it() -> None:
+    from ratelimit_middleware.both import Both
+    from ratelimit_middleware.shadow import Shadow
+
+    metrics = PrometheusMetrics()
+    trial = Both(RateLimiter(limit="3/minute"), Shadow(RateLimiter(limit="1/minute")))
+    http = client("100/minute", path_limits={"/hello": trial}, observers=[metrics])
+    send = {"headers": {"X-User-ID": "u", "X-Model": "m"}}
+    assert [http.get("/hello", **send).status_code for _ in range(4)] == [200, 200, 200, 429]  # type: ignore[arg-type]
+    labels = {"tier": "per_user_model", "unit": "requests", "model": "m"}
+    # The third request is the enforced limit's last (0 left, as the trial's): still a shadow denial.
+    assert sample(metrics, "ratelimit_decisions_total", outcome="shadow_denied", **labels) == 2
+    assert sample(metrics, "ratelimit_decisions_total", outcome="denied", **labels) == 1
+
+
 def test_shadow_token_limits_charge_nothing_when_they_would_deny() -> None:
     from ratelimit_middleware.shadow import Shadow
 
