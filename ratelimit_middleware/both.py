@@ -1,9 +1,10 @@
 """Two limits on one request: a path whose spellings fall under two path rules (see ``routes``) gets both,
 and ``Both(current, Shadow(new))`` keeps a limit enforced while a new one is tried beside it.
 
-``Both(first, second)`` stands wherever a limiter does. The second is asked only if the first allows, and the
-answer is the binding decision of both. Reservations (token or concurrency limits) combine too: a plain
-limit is checked before a reserving one, and two reserving limits give one ``JointReservation``.
+``Both(first, second)`` stands wherever a limiter does, and takes what a limiter option takes (a limiter, a
+config or a limit string). The second is asked only if the first allows, and the answer is the binding
+decision of both. Reservations (token or concurrency limits) combine too: a plain limit is checked before a
+reserving one, and two reserving limits give one ``JointReservation``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-from .checker import Checker, Reserver, reserver_of
+from .checker import Checker, LimiterSpec, Reserver, as_checker, reserver_of
 from .decision import Decision, ShadowDecision
 from .errors import FallbackDecision
 from .policy import binding
@@ -28,7 +29,8 @@ class Both:
     folded with the other's; of two such, the second's denial cancels the first's reservation (its request
     stays counted). ``Plans`` on either side are routed per request first (``route``)."""
 
-    def __init__(self, first: Checker, second: Checker) -> None:
+    def __init__(self, first: LimiterSpec, second: LimiterSpec) -> None:
+        first, second = as_checker(first, "Both's first limit"), as_checker(second, "Both's second limit")
         if reserver_of(first) is not None and reserver_of(second) is None:
             first, second = second, first
         self.first, self.second = first, second

@@ -164,6 +164,18 @@ def test_shadow_refuses_a_limiter_class() -> None:
         Shadow(RateLimiter)  # type: ignore[arg-type]
 
 
+def test_both_takes_limit_strings_and_refuses_what_is_no_limit() -> None:
+    from ratelimit_middleware.both import Both
+    from ratelimit_middleware.shadow import Shadow
+
+    both = Both("1/minute", Shadow(RateLimiter(limit="1/minute")))
+    assert [both.check("u", "m").allowed for _ in range(2)] == [True, False]
+    with pytest.raises(TypeError, match=r"Both's first limit must be a limiter.*got None"):
+        Both(None, "1/minute")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Both's second limit must be a limiter instance, got the class"):
+        Both("1/minute", RateLimiter)  # type: ignore[arg-type]
+
+
 def test_one_exempt_method_may_be_given_alone() -> None:
     from werkzeug.test import Client
 
