@@ -261,3 +261,44 @@ def test_counts_read_every_rule_even_two_windows_of_one_length(clock: FakeClock,
         limiter.allow("u", "m")
     counted = [(rule.limit, rule.seconds, used) for rule, used in limiter.counts("u", "m")]
     assert counted == [(3, 60.0, 3), (1000, 60.0, 3), (5, 3600.0, 3)]
+
+
+@pytest.mark.parametrize("reading", [math.inf, math.nan, -math.inf, "soon", None])
+def test_a_clock_reading_no_finite_time_is_an_error_and_the_limit_holds_after_it(
+    algorithm: str, clock: FakeClock, storage: Storage, reading: object
+) -> None:
+    """One infinite reading pinned the in-memory time (it never goes back) at infinity, and NaN compares false
+    with every time: either admitted without limit."""
+    limiter = make(algorithm, storage, limit=2)
+    assert [limiter.allow("u", "m") for _ in range(2)] == [True, True]
+    good, clock.now = clock.now, reading  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"read .*: a clock must return a finite number of seconds"):
+        limiter.check("u", "m")
+    clock.now = good + 1
+    assert [limiter.allow("u", "m"), limiter.allow("fresh", "m"), limiter.allow("fresh", "m")] == [
+        False,
+        True,
+        True,
+    ]
+    assert not limiter.allow("fresh", "m")
+
+
+def test_a_clock_must_be_a_plain_function_of_no_arguments() -> None:
+    from ratelimit_middleware import MemoryStorage
+    from ratelimit_middleware.backends.redis import CircuitBreaker, RedisStorage
+
+    async def later() -> float:
+        return 0.0
+
+    for make_one in (
+        lambda clock: MemoryStorage(clock=clock),
+        lambda clock: RedisStorage("redis://127.0.0.1:1", clock=clock),
+        lambda clock: CircuitBreaker(clock=clock),
+        lambda clock: RateLimiter(limit="1/minute", clock=clock),
+    ):
+        with pytest.raises(TypeError, match="clock must be a plain function, not async"):
+            make_one(later)
+        with pytest.raises(TypeError, match="clock must take no arguments"):
+            make_one(lambda now: now)
+        with pytest.raises(TypeError, match="clock must be callable, got 5"):
+            make_one(5)

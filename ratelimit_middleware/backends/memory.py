@@ -27,6 +27,7 @@ from typing import Any, cast
 
 from ..algorithms import Verdict
 from ..decision import Decision
+from ..hooks import checked_clock
 from ..policy import CounterName, Policy, Rule, counter_names
 from .base import Reserved
 
@@ -65,11 +66,9 @@ class MemoryStorage:
     def __init__(
         self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = DEFAULT_MAX_KEYS
     ) -> None:
-        if not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ValueError(f"max_keys must be an int >= 1, got {max_keys!r}")
-        self.clock = clock
+        self.clock = checked_clock(clock)
         self.max_keys = max_keys
         self._lock = threading.Lock()
         self._last = -math.inf  # the latest time used, under the lock (see `MemoryBackend._now`)

@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ...hooks import checked_clock
+
 __all__ = ["CircuitBreaker"]
 
 
@@ -35,11 +37,9 @@ class CircuitBreaker:
             or not 0 < recovery < math.inf
         ):
             raise ValueError(f"recovery must be a number of seconds > 0, got {recovery!r}")
-        if not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         self.failures = failures
         self.recovery = float(recovery)
-        self.clock = clock
+        self.clock = checked_clock(clock)
         self._lock = threading.Lock()
         self._failed = 0  # consecutive failures
         self._opened_at: float | None = None  # None: closed

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from ...algorithms import Verdict
 from ...decision import Decision
+from ...hooks import checked_clock
 from ...policy import Policy, Rule
 from ..base import Reserved
 from .breaker import CircuitBreaker
@@ -134,8 +135,8 @@ class RedisStorage:
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not 0 < lease <= 86_400:
             raise ValueError(f"lease must be a number of seconds > 0 and <= 86400, got {lease!r}")
         self.lease = float(lease)
-        if clock is not None and not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        if clock is not None:
+            clock = checked_clock(clock)
         self.timeout = _seconds("timeout", timeout)
         self.connect_timeout = (
             max(DEFAULT_CONNECT_TIMEOUT, self.timeout)
