@@ -279,14 +279,21 @@ class Gate:
         self.limiter: Checker = RateLimiter() if limiter is None else as_checker(limiter)
         self.user_key = user_key or default_user_key()
         self.model_key = model_key or default_model_key()
-        self.routes = PathRules(
-            [
-                *((pattern, None) for pattern in exempt_paths),
-                *(
-                    (pattern, None if spec is None else as_checker(spec, f"path_limits[{pattern!r}]"))
-                    for pattern, spec in (path_limits or {}).items()
-                ),
-            ]
+        rules = [
+            *((pattern, None) for pattern in exempt_paths),
+            *(
+                (pattern, None if spec is None else as_checker(spec, f"path_limits[{pattern!r}]"))
+                for pattern, spec in (path_limits or {}).items()
+            ),
+        ]
+        self.routes = PathRules(rules)
+        limiters = [self.limiter, *(checker for _, checker in rules if checker is not None)]
+        self.reserves = any(reserver_of(checker) is not None for checker in limiters)
+        """Whether any of its limits has token or concurrency limits (requests are then reserved)."""
+        self.check_token_options(
+            estimator=estimator is not None,
+            default_output_tokens=default_output_tokens != DEFAULT_OUTPUT_TOKENS,
+            stream_usage=stream_usage,
         )
         self._by_path = bool(self.routes)
         self._pairs: dict[tuple[int, int], Both] = {}
@@ -304,6 +311,17 @@ class Gate:
                 raise TypeError(f"observers must be Observer instances, got {observer!r}")
         self.shadow = shadow
         self._log = _Throttled()
+
+    def check_token_options(self, **given: bool) -> None:
+        """Warn of the options named (when given) that only limits with tokens or requests in flight use, if
+        no limit here has them: they are ignored. Not an error: an app may pass them whatever limits its
+        configuration holds."""
+        if not self.reserves and (names := [name for name, was_given in given.items() if was_given]):
+            logger.warning(
+                "%s ignored: only limits with tokens or requests in flight (Limits(tokens=..., "
+                "max_concurrent=...)) use them, and no limit here has them",
+                ", ".join(f"{name}=" for name in names),
+            )
 
     def limiter_for(self, method: str, path: str) -> Checker | None:
         """The limiter for this request, or ``None`` when it is exempt."""

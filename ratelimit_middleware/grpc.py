@@ -331,6 +331,7 @@ class _Core:
             observers=observers,
             shadow=shadow,
         )
+        self.gate.check_token_options(estimator=estimator is not None, usage=usage is not None)
         self.estimator = estimator
         self.usage = usage
         self.request_body = request_body

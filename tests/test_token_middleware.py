@@ -816,3 +816,30 @@ def test_a_client_asking_for_more_than_any_limit_is_refused_not_let_through(fiel
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **field}
     response = TestClient(app).post("/v1/chat/completions", json=body, headers={"X-User-ID": "a"})
     assert response.status_code == 429 and response.headers["x-should-retry"] == "false"
+
+
+def test_token_options_are_reported_when_no_limit_has_tokens(caplog: pytest.LogCaptureFixture) -> None:
+    """An estimator or stream_usage with only request limits is never used: said once, at construction."""
+    from ratelimit_middleware.grpc import RateLimitInterceptor
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        return []
+
+    def estimate(request: Any) -> tuple[int, int]:
+        return 1, 1
+
+    def estimate_call(method: str, metadata: Any) -> tuple[int, int]:
+        return 1, 1
+
+    with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
+        RateLimitMiddleware(app, limiter="10/minute", estimator=estimate, stream_usage=True)
+        RateLimitWSGI(app, limiter="10/minute", default_output_tokens=10)
+        RateLimitInterceptor("10/minute", estimator=estimate_call)
+        tokens = MultiTierRateLimiter(per_user_model=Limits(tokens="100/minute"))
+        RateLimitMiddleware(app, limiter="10/minute", path_limits={"/v1/*": tokens}, estimator=estimate)
+        RateLimitWSGI(app, limiter=tokens, stream_usage=True, default_output_tokens=10)
+    assert [record.getMessage().split(" ignored")[0] for record in caplog.records] == [
+        "estimator=, stream_usage=",
+        "default_output_tokens=",
+        "estimator=",
+    ]
