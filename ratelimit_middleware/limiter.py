@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from .backends.base import Reserved, ReservingBackend, Storage
+from .backends.base import Reserved, ReservingBackend, Storage, check_storage
 from .backends.memory import DEFAULT_MAX_KEYS, MemoryBackend, MemoryStorage
 from .config import MAX_AMOUNT, Limits, LimitSpec, RateLimitConfig, TierSpec, as_config, check_amount
 from .decision import Allowed, Decision
@@ -51,6 +51,8 @@ class _Limiter:
             raise TypeError(
                 "clock= and max_keys= configure the default MemoryStorage; pass them to it instead"
             )
+        else:
+            storage = check_storage(storage)
         self.storage = storage
         self.uses_reservations = len(self.policy.all_rules) > len(self.policy.rules)
         """True when token or concurrency limits are set: requests go through ``reserve``, not ``check``."""

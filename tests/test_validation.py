@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from ratelimit_middleware import MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware import MemoryStorage, MultiTierRateLimiter, RateLimiter
 from ratelimit_middleware.config import Limits
+from ratelimit_middleware.plans import Plans
 
 
 @pytest.mark.parametrize(
@@ -227,3 +228,33 @@ def test_grpc_interceptors_refuse_async_hooks(option: str) -> None:
     for interceptor in (RateLimitInterceptor, AsyncRateLimitInterceptor):
         with pytest.raises(TypeError, match=f"{option} must be a plain function, not async"):
             interceptor("1/minute", **{option: _async_key})  # type: ignore[arg-type]
+
+
+_PLANS = {"free": {"*": {"per_user": "10/minute"}}}
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda s: RateLimiter(storage=s),
+        lambda s: MultiTierRateLimiter(per_user="1/minute", storage=s),
+        lambda s: Plans(_PLANS, default_plan="free", storage=s),
+    ],
+    ids=["RateLimiter", "MultiTierRateLimiter", "Plans"],
+)
+@pytest.mark.parametrize(
+    ("storage", "says"),
+    [
+        (
+            "redis://localhost:6379",
+            r"got 'redis://localhost:6379': for a Redis URL, pass RedisStorage\(url\)",
+        ),
+        ("x", "storage must be a storage such as MemoryStorage"),
+        (RateLimiter(), "storage must be a storage such as MemoryStorage"),
+        (MemoryStorage, "storage must be a storage instance, got the class MemoryStorage: call it"),
+    ],
+)
+def test_a_storage_that_is_not_one_is_named(build: Any, storage: object, says: str) -> None:
+    """A str raised AttributeError 'bind' from inside, the class a TypeError about bind()'s arguments."""
+    with pytest.raises(TypeError, match=says):
+        build(storage)

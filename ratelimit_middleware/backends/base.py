@@ -12,14 +12,14 @@ backend that cannot serve one of the two raises ``TypeError`` saying so.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, cast, runtime_checkable
 
 from ..algorithms import Verdict
 from ..decision import Decision
 from ..errors import FallbackDecision
 from ..policy import Policy, Rule
 
-__all__ = ["Backend", "Reserved", "ReservingBackend", "Storage"]
+__all__ = ["Backend", "Reserved", "ReservingBackend", "Storage", "check_storage"]
 
 
 class Backend(Protocol):
@@ -78,3 +78,16 @@ class Storage(Protocol):
     """Where limiter state lives; ``bind`` makes the backend for one limiter's policy."""
 
     def bind(self, policy: Policy) -> Backend: ...
+
+
+def check_storage(storage: object) -> Storage:
+    """``storage`` if it is a storage (an instance with ``bind``); else the ``TypeError`` naming it."""
+    if isinstance(storage, type):
+        raise TypeError(f"storage must be a storage instance, got the class {storage.__name__}: call it")
+    if not callable(getattr(storage, "bind", None)):
+        hint = ": for a Redis URL, pass RedisStorage(url)" if isinstance(storage, str) else ""
+        raise TypeError(
+            "storage must be a storage such as MemoryStorage() or RedisStorage(client), "
+            f"got {storage!r}{hint}"
+        )
+    return cast(Storage, storage)
