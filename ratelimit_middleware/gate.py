@@ -33,6 +33,7 @@ from .errors import FallbackDecision, RateLimiterUnavailable, UncheckedDecision
 from .hooks import check_hook
 from .keys import KeyFunction, default_model_key, default_user_key
 from .limiter import RateLimiter
+from .names import string_items
 from .observe import Observer, notify
 from .plans import Plans
 from .policy import binding
@@ -265,10 +266,8 @@ class Gate:
             ("estimator", estimator),
         ):
             check_hook(function, name)
-        if isinstance(exempt_paths, str):
-            exempt_paths = [exempt_paths]
-        if isinstance(exempt_methods, str):  # one method, not its letters
-            exempt_methods = [exempt_methods]
+        exempt_paths = string_items(exempt_paths, "exempt_paths")
+        exempt_methods = string_items(exempt_methods, "exempt_methods")  # one method, not its letters
         if path_limits is not None and not isinstance(path_limits, Mapping):
             raise TypeError(
                 "path_limits must be a mapping of path pattern to limiter (or None to exempt), got "

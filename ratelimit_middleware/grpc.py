@@ -52,6 +52,7 @@ from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.gate import Ask, Gate, routed
 from ratelimit_middleware.hooks import check_hook
 from ratelimit_middleware.keys import KeyFunction, from_header
+from ratelimit_middleware.names import string_items
 from ratelimit_middleware.observe import Observer
 from ratelimit_middleware.renewal import LeaseKeeper, Stop, keep
 from ratelimit_middleware.request import RequestView
@@ -323,7 +324,7 @@ class _Core:
             limiter,
             user_key=user_key,
             model_key=model_key or from_header("x-model"),  # then "default"
-            exempt_paths=[exempt_methods] if isinstance(exempt_methods, str) else exempt_methods,
+            exempt_paths=string_items(exempt_methods, "exempt_methods"),
             path_limits=method_limits,
             exempt_methods=(),
             on_error=on_error,

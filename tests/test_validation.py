@@ -258,3 +258,42 @@ def test_a_storage_that_is_not_one_is_named(build: Any, storage: object, says: s
     """A str raised AttributeError 'bind' from inside, the class a TypeError about bind()'s arguments."""
     with pytest.raises(TypeError, match=says):
         build(storage)
+
+
+def _exempting(which: str, option: str, value: object) -> object:
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+    from ratelimit_middleware.grpc import RateLimitInterceptor
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    if which == "asgi":
+        return RateLimitMiddleware(_asgi_app, **{option: value})  # type: ignore[arg-type]
+    if which == "wsgi":
+        return RateLimitWSGI(_wsgi_app, **{option: value})  # type: ignore[arg-type]
+    return RateLimitInterceptor("1/minute", **{option: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("which", "option"),
+    [
+        ("asgi", "exempt_paths"),
+        ("asgi", "exempt_methods"),
+        ("wsgi", "exempt_paths"),
+        ("wsgi", "exempt_methods"),
+        ("grpc", "exempt_methods"),  # full method patterns: what the HTTP middlewares call exempt_paths
+    ],
+)
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (b"/health", r"must be a str or a list of str, got b'/health'"),
+        (None, r"must be a str or a list of str, got None"),
+        (["/health", 5], r"must hold strings, got 5 in \('/health', 5\)"),
+    ],
+)
+def test_exempt_lists_name_a_value_that_is_not_strings(
+    which: str, option: str, value: object, says: str
+) -> None:
+    """bytes were iterated byte by byte ("...got 47"), None was "'NoneType' object is not iterable" and a
+    number in exempt_methods an AttributeError 'upper'."""
+    with pytest.raises(TypeError, match=f"^{option} {says}$"):
+        _exempting(which, option, value)
