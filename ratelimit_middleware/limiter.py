@@ -21,7 +21,7 @@ from .reservation import Reservation
 __all__ = ["MultiTierRateLimiter", "RateLimiter"]
 
 
-def _check_request(user: object, model: object, cost: object) -> None:
+def check_request(user: object, model: object, cost: object) -> None:
     if not isinstance(user, str):
         raise TypeError(f"user must be a str, got {user!r}")
     if not isinstance(model, str):
@@ -79,7 +79,7 @@ class _Limiter:
     def check(self, user: str, model: str, cost: int = 1) -> Decision:
         """Decide on a request of ``cost`` units against the request limits; an allowed one is counted."""
         if not (type(user) is str and type(model) is str and type(cost) is int and 0 <= cost <= MAX_AMOUNT):
-            _check_request(user, model, cost)  # the exact types pass above without a call
+            check_request(user, model, cost)  # the exact types pass above without a call
         if not self.policy.rules:
             self._check_has_request_limits()
         return self._backend.decide(user, model, cost)
@@ -87,7 +87,7 @@ class _Limiter:
     async def acheck(self, user: str, model: str, cost: int = 1) -> Decision:
         """``check`` for event loops."""
         if not (type(user) is str and type(model) is str and type(cost) is int and 0 <= cost <= MAX_AMOUNT):
-            _check_request(user, model, cost)  # the exact types pass above without a call
+            check_request(user, model, cost)  # the exact types pass above without a call
         if not self.policy.rules:
             self._check_has_request_limits()
         return await self._backend.adecide(user, model, cost)
@@ -99,7 +99,7 @@ class _Limiter:
         return (await self.acheck(user, model, cost)).allowed
 
     def _costs(self, user: str, model: str, input_tokens: int, output_tokens: int) -> tuple[int, ...]:
-        _check_request(user, model, 0)
+        check_request(user, model, 0)
         check_amount(input_tokens, "input_tokens")
         check_amount(output_tokens, "output_tokens")
         return self.policy.costs(1, input_tokens, output_tokens)
@@ -157,7 +157,7 @@ class _Limiter:
         return self._reservation(user, model, reserved, costs, reply)
 
     def _count_rule(self, user: str, model: str, tier: str | None, unit: str, window: float | None) -> Rule:
-        _check_request(user, model, 0)
+        check_request(user, model, 0)
         if tier is None:
             rules = tuple(rule for rule in self.policy.all_rules if rule.unit == unit)
             if not rules:
@@ -208,11 +208,11 @@ class _Limiter:
     def counts(self, user: str, model: str) -> list[tuple[Rule, int]]:
         """Every rule of the policy (each window of each tier and unit) with the units it counts now for this
         user and model: what ``ratelimit-middleware inspect`` prints."""
-        _check_request(user, model, 0)
+        check_request(user, model, 0)
         return [(rule, self._backend.used(user, model, rule)) for rule in self.policy.all_rules]
 
     def _reset_rules(self, user: str, model: str, tier: str | None) -> tuple[Rule, ...]:
-        _check_request(user, model, 0)
+        check_request(user, model, 0)
         # Concurrency slots are never reset: they belong to requests still in flight.
         return tuple(rule for rule in self.policy.rules_for(tier, None) if rule.unit != "concurrent")
 
@@ -292,13 +292,13 @@ class RateLimiter(_Limiter):
     def allow(self, user: str, model: str, cost: int = 1) -> bool:
         """True (and counted) if the request fits: ``check(...).allowed``, without building the decision."""
         if not (type(user) is str and type(model) is str and type(cost) is int and 0 <= cost <= MAX_AMOUNT):
-            _check_request(user, model, cost)  # the exact types pass above without a call
+            check_request(user, model, cost)  # the exact types pass above without a call
         return self._allows(user, model, cost)
 
     async def aallow(self, user: str, model: str, cost: int = 1) -> bool:
         """``allow`` for event loops."""
         if not (type(user) is str and type(model) is str and type(cost) is int and 0 <= cost <= MAX_AMOUNT):
-            _check_request(user, model, cost)
+            check_request(user, model, cost)
         return await self._aallows(user, model, cost)
 
 

@@ -13,9 +13,10 @@ So ``per_user = "100/hour"`` in every entry of a plan caps a user over all its m
 
 ``Plans.load(path)`` reads TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML); ``Plans.from_env()``
 reads ``RATELIMIT_POLICY`` (a path) or ``RATELIMIT_POLICY_TOML`` (the policy itself). Plans listed in
-``shadow_plans`` are evaluated and recorded but never deny (``Shadow``): a new plan's limits roll out safely.
-Every mistake fails at start-up with a ``PolicyError`` naming the file, and the field
-(``plans.free.*.per_user_model.tokens``) or the line.
+``shadow_plans`` (one name, or a list) are evaluated and recorded but never deny (``Shadow``): a new plan's
+limits roll out safely. Every mistake fails at start-up with a ``PolicyError`` naming the file, and the field
+(``plans.free.*.per_user_model.tokens``) or the line; an argument of another type given in code (a list for
+``default_plan``) is a ``TypeError`` naming it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from .config import Limits, RateLimitConfig, TierSpec
 from .decision import Decision
 from .hooks import check_hook
 from .keys import KeyFunction, from_header
-from .limiter import MultiTierRateLimiter
+from .limiter import MultiTierRateLimiter, check_request
+from .names import string_items
 from .request import RequestView
 from .reservation import Reservation
 from .shadow import Shadow
@@ -156,12 +158,16 @@ class Plans:
         shadow_plans: Iterable[str] = (),
         source: str = "plans",
     ) -> None:
+        if not isinstance(algorithm, str):  # a list would fail the look-up as "unhashable type"
+            raise TypeError(f"{source}: algorithm must be a str, got {algorithm!r}")
         if algorithm not in ALGORITHMS:
             raise PolicyError(
                 f"{source}: algorithm: unknown {algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
             )
         _check_plans(plans, source)
         _names(plans, f"{source}: plans", "plan names")
+        if not isinstance(default_plan, str):
+            raise TypeError(f"{source}: default_plan must be a str, got {default_plan!r}")
         if default_plan not in plans:
             raise PolicyError(
                 f"{source}: default_plan: {default_plan!r} is not one of the plans ({', '.join(plans)})"
@@ -173,7 +179,7 @@ class Plans:
                 f"{source}: plans.{default_plan}: the default plan needs a '*' entry, the limits of every "
                 "model no plan lists (else a client could name such a model and go unlimited)"
             )
-        shadow_plans = frozenset(shadow_plans)
+        shadow_plans = frozenset(string_items(shadow_plans, "shadow_plans"))  # one name, not its letters
         unknown_shadow = sorted(shadow_plans - set(plans))
         if unknown_shadow:
             raise PolicyError(f"{source}: shadow_plans: {unknown_shadow[0]!r} is not one of the plans")
@@ -348,6 +354,7 @@ class Plans:
 
     def _routed(self, user: str, model: str) -> tuple[MultiTierRateLimiter, str]:
         """Without a request (core use): the default plan, the model after aliases."""
+        check_request(user, model, 0)
         canonical = self.canonical(model)
         return self.limiter(self.default_plan, canonical), canonical
 

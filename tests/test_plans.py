@@ -323,3 +323,42 @@ def test_an_alias_must_name_a_canonical_model() -> None:
 def test_an_alias_to_itself_is_harmless() -> None:
     plans = Plans({"free": {"*": {"per_user_model": "2/minute"}}}, default_plan="free", aliases={"m": "m"})
     assert plans.canonical("m") == "m"
+
+
+_TWO = {"free": {"*": {"per_user_model": "1/minute"}}, "pro": {"*": {"per_user_model": "100/minute"}}}
+
+
+def test_one_shadow_plan_may_be_given_alone() -> None:
+    """A str was iterated letter by letter: "'p' is not one of the plans"."""
+    plans = Plans(_TWO, default_plan="free", shadow_plans="pro")
+    assert plans.shadow_plans == frozenset({"pro"})
+    with pytest.raises(TypeError, match=r"^shadow_plans must hold strings, got 5 in \('pro', 5\)$"):
+        Plans(_TWO, default_plan="free", shadow_plans=["pro", 5])
+    with pytest.raises(TypeError, match=r"^shadow_plans must be a str or a list of str, got None$"):
+        Plans(_TWO, default_plan="free", shadow_plans=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"default_plan": ["free"]}, r"^plans: default_plan must be a str, got \['free'\]$"),
+        (
+            {"default_plan": "free", "algorithm": ["gcra"]},
+            r"^plans: algorithm must be a str, got \['gcra'\]$",
+        ),
+    ],
+)
+def test_plan_options_of_another_type_are_named(options: dict[str, Any], says: str) -> None:
+    """They were looked up as they were: "unhashable type: 'list'"."""
+    with pytest.raises(TypeError, match=says):
+        Plans(_TWO, **options)
+
+
+@pytest.mark.parametrize("method", ["check", "reserve"])
+def test_plans_name_a_user_or_model_that_is_not_a_str(method: str) -> None:
+    """A list for the model was looked up in the aliases: "unhashable type: 'list'"."""
+    plans = Plans(_TWO, default_plan="free")
+    with pytest.raises(TypeError, match=r"^model must be a str, got \['m'\]$"):
+        getattr(plans, method)("u", ["m"])
+    with pytest.raises(TypeError, match=r"^user must be a str, got None$"):
+        getattr(plans, method)(None, "m")
