@@ -230,6 +230,8 @@ class Policy:
         )
         if tier is None:
             return tuple(rule for rule in rules if rule.tier in _USER_TIERS)
+        if not isinstance(tier, str):  # a list would fail the look-up below as "unhashable type"
+            raise TypeError(f"tier must be a tier name ({', '.join(TIERS)}) or None, got {tier!r}")
         if tier not in _IDENTITY:
             raise ValueError(f"unknown tier {tier!r}: choose from {', '.join(TIERS)}")
         found = tuple(rule for rule in rules if rule.tier == tier)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -297,3 +298,12 @@ def test_exempt_lists_name_a_value_that_is_not_strings(
     number in exempt_methods an AttributeError 'upper'."""
     with pytest.raises(TypeError, match=f"^{option} {says}$"):
         _exempting(which, option, value)
+
+
+@pytest.mark.parametrize("method", ["get_request_count", "reset"])
+@pytest.mark.parametrize("tier", [["per_user_model"], 5])
+def test_a_tier_that_is_not_a_name_is_named(method: str, tier: object) -> None:
+    """A list was looked up as it was: "unhashable type: 'list'"."""
+    says = r"^tier must be a tier name \(per_user_model, .*\) or None, got " + re.escape(repr(tier))
+    with pytest.raises(TypeError, match=says + "$"):
+        getattr(RateLimiter(limit="5/minute"), method)("u", "m", tier=tier)
