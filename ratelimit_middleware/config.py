@@ -144,7 +144,19 @@ class RateLimitConfig:
     @classmethod
     def from_windows(cls, windows: Iterable[tuple[int, float]]) -> RateLimitConfig:
         """A config of several ``(max_requests, window_seconds)`` pairs, checked together."""
-        built = tuple(_window(item) for item in windows)
+        if isinstance(windows, (str, bytes)) or not isinstance(windows, Iterable):
+            hint = (
+                f": to parse a limit string, use RateLimitConfig.parse({windows!r})"
+                if isinstance(windows, str)
+                else ""
+            )
+            raise TypeError(
+                f"windows must be an iterable of (max_requests, window_seconds) pairs, got {windows!r}{hint}"
+            )
+        items = tuple(windows)
+        if len(items) == 2 and not any(isinstance(item, (tuple, list)) for item in items):
+            raise TypeError(f"windows must be pairs, got one pair {windows!r} unwrapped: pass [{windows!r}]")
+        built = tuple(_window(item) for item in items)
         if not built:
             raise ValueError("a RateLimitConfig needs at least one window")
         config = cls.__new__(cls)

@@ -124,6 +124,25 @@ def test_from_windows_names_an_item_that_is_no_pair(window: object) -> None:
         RateLimitConfig.from_windows([window])  # type: ignore[list-item]
 
 
+@pytest.mark.parametrize(
+    ("windows", "says"),
+    [
+        (None, "windows must be an iterable of (max_requests, window_seconds) pairs, got None"),
+        ("10/minute", "got '10/minute': to parse a limit string, use RateLimitConfig.parse('10/minute')"),
+        (
+            b"10/minute",
+            "windows must be an iterable of (max_requests, window_seconds) pairs, got b'10/minute'",
+        ),
+        ((10, 60), "windows must be pairs, got one pair (10, 60) unwrapped: pass [(10, 60)]"),
+    ],
+)
+def test_from_windows_names_windows_that_are_no_list_of_pairs(windows: object, says: str) -> None:
+    """None was "'NoneType' object is not iterable"; a string was iterated ("...pair, got '1'"), and so was
+    one pair ("...pair, got 10")."""
+    with pytest.raises(TypeError, match=re.escape(says) + "$"):
+        RateLimitConfig.from_windows(windows)  # type: ignore[arg-type]
+
+
 def test_the_bounds_themselves_are_accepted() -> None:
     assert RateLimitConfig(MAX_AMOUNT, MIN_WINDOW).windows == (Window(2**53, 0.001),)
     assert RateLimitConfig.parse("1/100 years").windows == (Window(1, MAX_WINDOW),)
