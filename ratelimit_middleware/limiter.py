@@ -264,6 +264,12 @@ class RateLimiter(_Limiter):
         clock: Callable[[], float] | None = None,
         max_keys: int | None = None,
     ) -> None:
+        if isinstance(
+            max_requests, (str, RateLimitConfig)
+        ):  # RateLimiter("10/minute"): a limit, positionally
+            raise TypeError(
+                f"max_requests must be an int, got {max_requests!r}: for a limit, pass limit={max_requests!r}"
+            )
         others = (tokens, input_tokens, output_tokens, max_concurrent)
         if limit is not None:
             limit = as_config(limit, "limit")  # named as the caller named it

@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
-from ratelimit_middleware import MemoryStorage, MultiTierRateLimiter, RateLimiter
+from ratelimit_middleware import MemoryStorage, MultiTierRateLimiter, RateLimitConfig, RateLimiter
 from ratelimit_middleware.config import Limits
 from ratelimit_middleware.plans import Plans
+
+from .redis_server import RedisServer
 
 
 @pytest.mark.parametrize(
@@ -307,3 +309,18 @@ def test_a_tier_that_is_not_a_name_is_named(method: str, tier: object) -> None:
     says = r"^tier must be a tier name \(per_user_model, .*\) or None, got " + re.escape(repr(tier))
     with pytest.raises(TypeError, match=says + "$"):
         getattr(RateLimiter(limit="5/minute"), method)("u", "m", tier=tier)
+
+
+@pytest.mark.parametrize("spec", ["10/minute", RateLimitConfig(10, 60)])
+def test_a_limit_given_as_max_requests_hints_limit(spec: object) -> None:
+    """It said "max_requests must be an int" only: RateLimiter("10/minute") reads naturally."""
+    says = f"max_requests must be an int, got {spec!r}: for a limit, pass limit={spec!r}"
+    with pytest.raises(TypeError, match=re.escape(says) + "$"):
+        RateLimiter(spec)  # type: ignore[arg-type]
+
+
+def test_a_redis_limiter_hints_limit_too(redis_server: RedisServer) -> None:
+    from ratelimit_middleware import RedisRateLimiter
+
+    with pytest.raises(TypeError, match=re.escape("for a limit, pass limit='10/minute'")):
+        RedisRateLimiter(redis_server.url, "10/minute")  # type: ignore[arg-type]
