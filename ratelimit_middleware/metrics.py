@@ -60,6 +60,10 @@ class PrometheusMetrics(Observer):
             raise ValueError(f"max_models must be an int >= 0, got {max_models!r}")
         if isinstance(models, str):
             raise TypeError(f"models must be an iterable of model names, not one string: {models!r}")
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise TypeError(
+                f"registry must be a prometheus_client CollectorRegistry or None, got {registry!r}"
+            )
         self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
         self.max_models = max_models
         # Model name -> its label: the names allowed up front (fixed), else those seen so far.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -115,6 +115,18 @@ def test_models_given_up_front_are_the_only_model_labels() -> None:
     assert labelled == {"other": 200, "llama-3": 1, "gpt-4o": 1}
     with pytest.raises(TypeError, match="not one string"):
         PrometheusMetrics(models="gpt-4o")
+
+
+def test_a_registry_that_is_not_one_is_named() -> None:
+    """prometheus_client raised AttributeError 'register' from inside."""
+    with pytest.raises(
+        TypeError, match=r"^registry must be a prometheus_client CollectorRegistry or None, got 'x'$"
+    ):
+        PrometheusMetrics(registry="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got <class 'prometheus_client\.registry\.CollectorRegistry'>"):
+        PrometheusMetrics(registry=CollectorRegistry)  # type: ignore[arg-type]
+    registry = CollectorRegistry()
+    assert PrometheusMetrics(registry=registry).registry is registry
 
 
 def test_a_model_name_with_a_lone_surrogate_keeps_the_metrics_readable() -> None:
