@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 from .both import Both
 from .checker import Checker, LimiterSpec, Reserver, as_checker, reserver_of
+from .config import check_amount
 from .contract import (
     HTTPResponse,
     RawResponse,
@@ -253,12 +254,7 @@ class Gate:
             raise ValueError(f"on_error must be 'allow' or 'deny', got {on_error!r}{hint}")
         if isinstance(max_body_size, bool) or not isinstance(max_body_size, int) or max_body_size < 0:
             raise ValueError(f"max_body_size must be an int >= 0, got {max_body_size!r}")
-        if (
-            isinstance(default_output_tokens, bool)
-            or not isinstance(default_output_tokens, int)
-            or default_output_tokens < 0
-        ):
-            raise ValueError(f"default_output_tokens must be an int >= 0, got {default_output_tokens!r}")
+        check_amount(default_output_tokens, "default_output_tokens")  # as tokens.estimate takes it
         for name, function in (
             ("user_key", user_key),
             ("model_key", model_key),

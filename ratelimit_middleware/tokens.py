@@ -94,8 +94,15 @@ def _tiktoken_counter() -> Callable[[str], int] | None:
 _TIKTOKEN = _tiktoken_counter()
 
 
+def _check_str(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {value!r}")
+    return value
+
+
 def count_text_tokens(text: str) -> int:
     """Tokens in ``text``: exact with tiktoken installed, else about one per four characters."""
+    _check_str(text, "text")
     if _TIKTOKEN is not None:
         return _TIKTOKEN(text)
     return (len(text) + 3) // 4
@@ -186,8 +193,10 @@ def estimate(
     """``(input_tokens, output_tokens)`` expected for a request body to ``path``; ``(0, default)`` when it is
     not JSON. An endpoint that generates nothing (``_READING_PATHS``) is estimated no output, and one that
     runs no model (``_COUNTING_PATHS``) nothing at all: told by the path, as a body does not tell them apart
-    from one to generate from (embeddings and the Responses API both take an ``input``)."""
-    endpoint = path.rstrip("/")
+    from one to generate from (embeddings and the Responses API both take an ``input``).
+    ``default_output_tokens`` is an int from 0 to ``MAX_AMOUNT``."""
+    check_amount(default_output_tokens, "default_output_tokens")  # a negative one gave a negative estimate
+    endpoint = _check_str(path, "path").rstrip("/")
     if endpoint.endswith(_COUNTING_PATHS):
         return 0, 0
     generates = not endpoint.endswith(_READING_PATHS)
@@ -315,8 +324,9 @@ class UsageReader:
     )
 
     def __init__(self, content_type: str, max_json_size: int = _MAX_EVENT_SIZE) -> None:
+        content_type = _check_str(content_type, "content_type")
         self._stream = content_type.split(";")[0].strip().lower() == "text/event-stream"
-        self._max_json_size = max_json_size
+        self._max_json_size = check_amount(max_json_size, "max_json_size")
         self._buffer = bytearray()
         self._tail = False  # a JSON body past max_json_size: only its end is kept
         self._skipping = False  # a stream's event past max_json_size: skipped to the blank line ending it
@@ -549,10 +559,13 @@ class Meter:
 
     def start(self, status: int, content_type: str, content_encoding: str = "") -> None:
         """The response starts: its status and its ``Content-Type`` and ``Content-Encoding`` headers."""
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise TypeError(f"status must be an int, got {status!r}")
+        _check_str(content_type, "content_type")
         self._status = status
         if status >= 400:
             return
-        encoding = content_encoding.strip().lower()
+        encoding = _check_str(content_encoding, "content_encoding").strip().lower()
         if encoding in _WBITS:
             self._inflater = _Inflater(encoding)
         elif encoding not in ("", "identity"):

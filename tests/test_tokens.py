@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -622,3 +623,27 @@ def test_a_long_stream_of_gzip_members_that_carry_text_is_read_to_its_end() -> N
     meter.start(200, "text/event-stream", "gzip")
     meter.body(body)
     assert meter.settlement() == (100, 40000) and meter.unread_encoding is None
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "says"),
+    [
+        (lambda: estimate(None, -5), ValueError, "default_output_tokens must be >= 0 and <= 2**53, got -5"),
+        (lambda: estimate({}, "x"), TypeError, "default_output_tokens must be an int, got 'x'"),  # type: ignore[arg-type]
+        (lambda: estimate({}, path=None), TypeError, "path must be a str, got None"),  # type: ignore[arg-type]
+        (lambda: count_text_tokens(None), TypeError, "text must be a str, got None"),  # type: ignore[arg-type]
+        (lambda: UsageReader(None), TypeError, "content_type must be a str, got None"),  # type: ignore[arg-type]
+        (lambda: UsageReader("application/json", -1), ValueError, "max_json_size must be >= 0"),
+        (lambda: Meter((1, 1)).start(200, None), TypeError, "content_type must be a str, got None"),  # type: ignore[arg-type]
+        (lambda: Meter((1, 1)).start(500, None), TypeError, "content_type must be a str, got None"),  # type: ignore[arg-type]
+        (lambda: Meter((1, 1)).start(200, "", None), TypeError, "content_encoding must be a str, got None"),  # type: ignore[arg-type]
+        (lambda: Meter((1, 1)).start("200", ""), TypeError, "status must be an int, got '200'"),  # type: ignore[arg-type]
+    ],
+)
+def test_the_public_token_functions_name_a_bad_argument(
+    call: Callable[[], object], error: type[Exception], says: str
+) -> None:
+    """They raised AttributeError ('rstrip', 'split'), a bare "'<' not supported" or "has no len()", and a
+    negative default_output_tokens gave a negative estimate: estimate(None, -5) was (0, -5)."""
+    with pytest.raises(error, match=re.escape(says)):
+        call()

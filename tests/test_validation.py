@@ -128,6 +128,9 @@ def _wsgi_app(environ: object, start_response: object) -> list[bytes]:
         ({"path_limits": [("/v1/*", "1/minute")]}, r"path_limits must be a mapping .*\[\('/v1/\*'"),
         ({"observers": print}, r"observers must be a list of Observer instances"),
         ({"on_error": "local"}, r"got 'local' \('local' is RedisStorage's"),
+        ({"default_output_tokens": -1}, r"default_output_tokens must be >= 0 and <= 2\*\*53, got -1"),
+        ({"default_output_tokens": 2**53 + 1}, r"default_output_tokens must be >= 0 and <= 2\*\*53"),
+        ({"default_output_tokens": "1"}, r"default_output_tokens must be an int, got '1'"),
         ({"limiter": RateLimiter}, r"limiter must be a limiter instance, got the class RateLimiter"),
         (
             {"path_limits": {"/v1/*": MultiTierRateLimiter}},
