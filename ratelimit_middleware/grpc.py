@@ -116,6 +116,8 @@ _HANDLER_FACTORIES = {
 def peer_address(peer: str | None) -> str | None:
     """The IP address of a gRPC peer (``ipv4:10.0.0.1:5000``, ``ipv6:[::1]:5000``); ``None`` for others (a
     Unix socket, ``unix:``): a caller without a user key then counts as anonymous, which the log says."""
+    if peer is not None and not isinstance(peer, str):
+        raise TypeError(f"peer must be a str (grpc's context.peer()) or None, got {peer!r}")
     if not peer:
         return None
     scheme, _, rest = peer.partition(":")
@@ -134,9 +136,18 @@ def request_view(
 
     No body is loaded: ``request.json()`` gives ``None`` (see ``request_body``), never ``BodyNotLoaded``.
     """
-    headers = [
-        (key, value) for key, value in metadata or () if isinstance(value, str) and not key.endswith("-bin")
-    ]
+    if not isinstance(method, str):
+        raise TypeError(f"method must be the full method name (a str), got {method!r}")
+    try:
+        headers = [
+            (key, value)
+            for key, value in metadata or ()
+            if isinstance(value, str) and not key.endswith("-bin")
+        ]
+    except (AttributeError, TypeError, ValueError):  # not pairs, or a key that is no str
+        raise TypeError(
+            f"metadata must be (key, value) pairs of str keys, or None, got {metadata!r}"
+        ) from None
     view = RequestView("POST", method, headers, "", peer_address(peer))
     view.load_body(None)
     return view

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -22,7 +23,12 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ratelimit_middleware import Limits, MultiTierRateLimiter, RateLimiter
-from ratelimit_middleware.grpc import AsyncRateLimitInterceptor, RateLimitInterceptor, peer_address
+from ratelimit_middleware.grpc import (
+    AsyncRateLimitInterceptor,
+    RateLimitInterceptor,
+    peer_address,
+    request_view,
+)
 from ratelimit_middleware.keys import from_json_body
 from ratelimit_middleware.observe import Event, EventHook
 from ratelimit_middleware.request import RequestView
@@ -474,6 +480,31 @@ def test_without_grpcio_status_denials_carry_the_retry_metadata_only() -> None:
 )
 def test_peer_address(peer: str, address: str | None) -> None:
     assert peer_address(peer) == address
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda: peer_address(5), "peer must be a str (grpc's context.peer()) or None, got 5"),
+        (
+            lambda: peer_address(b"ipv4:1.2.3.4:5"),
+            "peer must be a str (grpc's context.peer()) or None, got b'",
+        ),
+        (lambda: request_view(5, None), "method must be the full method name (a str), got 5"),
+        (
+            lambda: request_view("/p.S/M", 5),
+            "metadata must be (key, value) pairs of str keys, or None, got 5",
+        ),
+        (lambda: request_view("/p.S/M", [("k",)]), "metadata must be (key, value) pairs"),
+        (lambda: request_view("/p.S/M", [(1, "v")]), "metadata must be (key, value) pairs of str keys"),
+        (lambda: request_view("/p.S/M", None, 5), "peer must be a str"),
+    ],
+)
+def test_the_public_helpers_name_a_bad_argument(call: Callable[[], object], says: str) -> None:
+    """They raised AttributeError ('partition', 'endswith') or a bare unpacking error, or took a method that
+    is no str as the path."""
+    with pytest.raises(TypeError, match=re.escape(says)):
+        call()
 
 
 # -- grpc.aio ------------------------------------------------------------------------------------------
