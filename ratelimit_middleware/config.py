@@ -44,9 +44,10 @@ _UNIT_SECONDS = {
     "y": 31536000.0,
     "year": 31536000.0,
 }
-# Full unit names also take a plural "s" ("5 minutes"); abbreviations do not ("10/ms" is no unit).
+# Full unit names and the abbreviations of several letters also take a plural "s" ("5 minutes", "2 hrs");
+# single letters do not: "10/ms" would read as per millisecond, and "hs" is no unit.
 _FULL_NAMES = ("second", "minute", "hour", "day", "week", "month", "year")
-_PLURALS = {f"{name}s": name for name in _FULL_NAMES}
+_PLURALS = {f"{name}s": name for name in (*_FULL_NAMES, "sec", "min", "hr")}
 _ITEM = re.compile(
     r"^\s*(?P<amount>\d+)\s*(?:/|\s+per\s+)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$",
     re.IGNORECASE,

@@ -30,6 +30,12 @@ def test_config_holds_one_window() -> None:
         ("100/5 minutes", [(100, 300.0)]),
         ("100 per 5 minutes", [(100, 300.0)]),
         ("3/10s", [(3, 10.0)]),
+        ("10/hrs", [(10, 3600.0)]),
+        ("10/2 hrs", [(10, 7200.0)]),
+        ("10/mins", [(10, 60.0)]),
+        ("10 per 5 mins", [(10, 300.0)]),
+        ("10/30 secs", [(10, 30.0)]),
+        ("10/HRS", [(10, 3600.0)]),
         ("3/2 days", [(3, 172800.0)]),
         ("3 per 2 hours", [(3, 7200.0)]),
         ("1000/month", [(1000, 30 * 86400.0)]),
@@ -47,8 +53,8 @@ def test_parse_accepts_common_forms(text: str, expected: list[tuple[int, float]]
     "text",
     [
         *("", ";", "hundred/hour", "10/fortnight", "10", "-5/hour", "10/0 minutes", "1.5/hour", "10//hour"),
-        # An "s" ends a full unit name only: "ms" is no "m", nor "hs" an "h".
-        *("10/ms", "10/hs", "10/ys", "10/ds", "10/mins", "10/hrs"),
+        # An "s" ends a full unit name or an abbreviation of several letters: "ms" is no "m", nor "hs" an "h".
+        *("10/ms", "10/hs", "10/ys", "10/ds", "10/ws", "10/ss"),
         # Windows and amounts out of range.
         *("10/0.0000001 seconds", "10/101 years", f"10/{'9' * 400} seconds", f"{2**53 + 1}/minute"),
     ],
