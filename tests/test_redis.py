@@ -204,6 +204,27 @@ def test_a_url_serves_both_kinds_of_method(redis_server: RedisServer, kind: str)
     storage.close()
 
 
+@pytest.mark.parametrize("scheme", ["REDIS", "Redis", "UNIX"])
+def test_url_schemes_are_case_insensitive(redis_server: RedisServer, scheme: str) -> None:
+    """redis-py takes its schemes in lower case only: "REDIS://..." was refused as a URL of no scheme."""
+    rest = redis_server.url.partition("://")[2] if scheme != "UNIX" else redis_server.socket_path
+    url = f"{scheme}://{rest}"
+    limiter = RedisRateLimiter(url, limit="1/minute", key_prefix=unique_prefix(), timeout=CONTRACT_TIMEOUT)
+    assert [limiter.allow("u", "m") for _ in range(2)] == [True, False]
+
+    async def scenario() -> None:
+        assert not await limiter.aallow("u", "m")
+        await limiter.storage.aclose()
+
+    asyncio.run(scenario())
+    limiter.storage.close()
+
+
+def test_a_tls_url_is_tls_in_any_case() -> None:
+    storage = RedisStorage("Rediss://127.0.0.1:1?ssl_cert_reqs=none")  # nothing listens: never connected
+    assert issubclass(storage.connection.endpoint.sync_pool().connection_class, redis.SSLConnection)
+
+
 @pytest.mark.parametrize("options", [{"decode_responses": True}, {"protocol": 3}, {"protocol": 2}])
 def test_client_options_do_not_change_decisions(redis_server: RedisServer, options: dict[str, Any]) -> None:
     client = redis_server.client(**options)

@@ -10,9 +10,9 @@ connects on its first command, and a cluster client (which maps the cluster as s
 made on first use by the caller of ``sync_cluster`` / ``async_cluster``.
 
 A URL is ``redis://``, ``rediss://`` (TLS) or ``unix://`` for a standalone Redis, ``redis+cluster://`` or
-``rediss+cluster://`` for a Redis Cluster (any node of it: the others are found from it). Its options are
-checked here (redis-py passes those it does not know to the connections, which reject them when the first
-call connects): one the connections do not take fails now, naming it.
+``rediss+cluster://`` for a Redis Cluster (any node of it: the others are found from it), the scheme in any
+case. Its options are checked here (redis-py passes those it does not know to the connections, which reject
+them when the first call connects): one the connections do not take fails now, naming it.
 """
 
 from __future__ import annotations
@@ -246,15 +246,17 @@ class Endpoint:
         self.serves_sync = self.serves_async = False
         if isinstance(client, str):
             # A bad URL fails here, naming the schemes or the option; nothing connects yet.
-            scheme = client.partition("://")[0].lower()
+            scheme, separator, rest = client.partition("://")
+            scheme = scheme.lower()  # schemes are case-insensitive; redis-py takes them in lower case only
             if scheme in _CLUSTER_SCHEMES:
                 self._cluster = _cluster_of_url(client)
                 self.cluster = True
                 self._check_cluster(client)
             elif scheme in ("redis", "rediss", "unix"):
+                url = f"{scheme}{separator}{rest}"
                 try:
-                    self._sync_pool = _pool_of(redis.ConnectionPool.from_url(client))
-                    self._async_pool = _pool_of(redis.asyncio.ConnectionPool.from_url(client))
+                    self._sync_pool = _pool_of(redis.ConnectionPool.from_url(url))
+                    self._async_pool = _pool_of(redis.asyncio.ConnectionPool.from_url(url))
                 except ValueError as error:
                     raise _bad_url(client, str(error)) from None
                 self._check(client)
