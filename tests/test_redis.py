@@ -268,6 +268,14 @@ def test_a_database_that_is_no_number_fails_at_construction() -> None:
         RedisStorage("redis://127.0.0.1:6379/abc")  # redis-py ignored it: database 0
 
 
+@pytest.mark.parametrize("url", ["unix://", "unix:///", "UNIX://?db=1", "unix://redis.sock"])
+def test_a_unix_url_that_names_no_socket_fails_at_construction(url: str) -> None:
+    """It was accepted, and every call then failed to connect (to the socket path "", which redis-py reads
+    from the URL's path only), which the failure policy answered."""
+    with pytest.raises(ValueError, match=rf"^Redis URL '{re.escape(url)}': it names no socket"):
+        RedisStorage(url)
+
+
 @pytest.mark.parametrize(
     "url", ["redis://127.0.0.1:1/3?socket_timeout=7&client_name=api", "unix:///tmp/r.sock?db=2"]
 )

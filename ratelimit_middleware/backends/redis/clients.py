@@ -211,10 +211,16 @@ def _cluster_of_url(url: str) -> _Cluster:
     return _Cluster([(host, port)], settings, None)
 
 
-def _check_database(url: str) -> None:
-    """``ValueError`` for a database path that is no number (redis-py ignores it)."""
-    database = urlsplit(url).path.strip("/")
-    if not url.lower().startswith("unix:") and database and not database.isdigit():
+def _check_path(url: str) -> None:
+    """``ValueError`` for a path redis-py would take and every call then fail on, or ignore: a ``unix://``
+    URL naming no socket, a database that is no number."""
+    path = urlsplit(url).path
+    if url.lower().startswith("unix:"):
+        if not path.strip("/"):
+            raise _bad_url(url, "it names no socket: unix:///path/to/redis.sock")
+        return
+    database = path.strip("/")
+    if database and not database.isdigit():
         raise _bad_url(url, f"the database must be a number, got {database!r}")
 
 
@@ -287,14 +293,14 @@ class Endpoint:
     def _check(self, url: str) -> None:
         """``ValueError`` naming what the connections would reject in a standalone Redis's ``url`` (redis-py
         passes the options it does not know to them): one connection of each pool is made, unconnected."""
-        _check_database(url)
+        _check_path(url)
         _check_connections(url, lambda: self.sync_pool().make_connection(), self.async_pool().make_connection)
 
     def _check_cluster(self, url: str) -> None:
         """``_check`` for a cluster's ``url``: a connection to its node, sync and asyncio, as each cluster
         client would make it (every call would otherwise fail on it, as if the cluster were down)."""
         assert self._cluster is not None
-        _check_database(url)
+        _check_path(url)
         (host, port), *_ = self._cluster.nodes
         plain, sync = self._sync_cluster_settings()
         settings: Any = redis.cluster.cleanup_kwargs  # untyped in redis-py: the node pools' settings
