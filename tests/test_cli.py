@@ -22,8 +22,8 @@ POLICY = ROOT / "examples" / "policies" / "plans.toml"
 REQUESTS_ONLY = ROOT / "examples" / "policies" / "requests-only.yaml"
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "ratelimit_middleware.cli", *args]
+def run(*args: str, module: str = "ratelimit_middleware.cli") -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", module, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
@@ -32,6 +32,16 @@ def test_help_lists_the_commands() -> None:
     assert result.returncode == 0
     for command in ("check", "serve", "inspect", "reset"):
         assert command in result.stdout
+
+
+def test_the_package_runs_as_the_command(tmp_path: Path) -> None:
+    """``python -m ratelimit_middleware`` failed: the package had no ``__main__``."""
+    result = run("check", str(POLICY), module="ratelimit_middleware")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == run("check", str(POLICY)).stdout
+    missing = run("check", str(tmp_path / "missing.toml"), module="ratelimit_middleware")
+    assert missing.returncode == 2 and "cannot read the policy file" in missing.stderr
+    assert "usage: ratelimit-middleware" in run("--help", module="ratelimit_middleware").stdout
 
 
 def test_check_prints_the_limits() -> None:

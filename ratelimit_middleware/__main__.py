@@ -1,0 +1,9 @@
+"""``python -m ratelimit_middleware``: the ``ratelimit-middleware`` command (``cli``)."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
