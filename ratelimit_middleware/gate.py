@@ -38,7 +38,7 @@ from .names import string_items
 from .observe import Observer, notify
 from .plans import Plans
 from .policy import binding
-from .request import RequestView
+from .request import HTTP_TOKEN, RequestView
 from .reservation import Reservation
 from .routes import PathRules
 from .shadow import Shadow
@@ -89,7 +89,6 @@ def _bounded(identity: str) -> str:
 
 
 _NO_CONTENT = frozenset((204, 205, 304))
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Visible latin-1, with spaces and tabs inside only: servers reject line breaks and edge whitespace.
 _VALUE = re.compile(r"([\x21-\x7e\x80-\xff]([\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
 _HOP_BY_HOP = frozenset(
@@ -113,7 +112,7 @@ def _checked_response(response: object) -> HTTPResponse:
     kept = []
     for header in headers:
         name, value = header
-        if not (isinstance(name, str) and _TOKEN.fullmatch(name)):
+        if not (isinstance(name, str) and HTTP_TOKEN.fullmatch(name)):
             raise ValueError(f"the deny_handler's header name {name!r} is not a valid HTTP token")
         if not (isinstance(value, str) and _VALUE.fullmatch(value)):
             raise ValueError(f"the deny_handler's header {name}: {value!r} is not a valid value")

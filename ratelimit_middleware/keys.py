@@ -22,7 +22,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable
 
-from .request import RequestView
+from .request import HTTP_TOKEN, RequestView
 
 __all__ = [
     "KeyFunction",
@@ -43,9 +43,27 @@ KeyFunction = Callable[[RequestView], "str | None"]
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def _header_name(name: object, argument: str) -> str:
+    """``name``, lower-cased, if it is a header name (one a request can carry): else an error naming
+    ``argument``."""
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must be a header name (str), got {name!r}")
+    if not HTTP_TOKEN.fullmatch(name):
+        raise ValueError(f"{argument} must be a header name such as 'x-user-id', got {name!r}")
+    return name.lower()
+
+
+def _non_empty(value: object, argument: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be a str, got {value!r}")
+    if not value:
+        raise ValueError(f"{argument} must not be empty")
+    return value
+
+
 def from_header(name: str) -> KeyFunction:
     """The value of header ``name`` (case-insensitive), if present and not blank."""
-    lowered = name.lower()
+    lowered = _header_name(name, "from_header's name")
 
     def key(request: RequestView) -> str | None:
         return request.header(lowered)
@@ -55,6 +73,7 @@ def from_header(name: str) -> KeyFunction:
 
 def from_query(name: str) -> KeyFunction:
     """The value of query parameter ``name``, if present and not blank."""
+    _non_empty(name, "from_query's name")
 
     def key(request: RequestView) -> str | None:
         value = request.query.get(name, "").strip()
@@ -70,14 +89,23 @@ def from_path(pattern: str | re.Pattern[str]) -> KeyFunction:
     """
     if isinstance(pattern, re.Pattern):
         regex = pattern
+    elif not isinstance(pattern, str):
+        raise TypeError(f"from_path needs a template or a regex (str or re.Pattern), got {pattern!r}")
     elif "{" in pattern:
         parts = re.split(r"\{(\w+)\}", pattern)
+        names = parts[1::2]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ValueError(f"from_path: the placeholder {{{twice}}} appears twice in {pattern!r}")
         regex = re.compile(
             "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts))
             + "/?$"
         )
     else:
-        regex = re.compile(pattern)
+        try:
+            regex = re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"from_path: {pattern!r} is not a valid regex: {error}") from None
     if regex.groups < 1:
         raise ValueError(
             f"from_path needs a template with a {{placeholder}} or a regex with a group: {pattern!r}"
@@ -96,7 +124,7 @@ def from_json_body(field: str) -> KeyFunction:
     Strings and numbers count; other values, bodies that are not JSON objects and bodies over the size cap
     give ``None``. Asking for it makes the middleware read the body (up to its ``max_body_size``).
     """
-    path = field.split(".")
+    path = _non_empty(field, "from_json_body's field").split(".")
 
     def key(request: RequestView) -> str | None:
         value: object = request.json()
@@ -120,7 +148,7 @@ def _digest(secret: str) -> str:
 def api_key(header: str = "x-api-key") -> KeyFunction:
     """``"key:"`` and the first 128 bits of the SHA-256 (hex) of the bearer token in ``Authorization``, else
     of the ``header`` (``X-API-Key``)."""
-    lowered = header.lower()
+    lowered = _header_name(header, "api_key's header")
 
     def key(request: RequestView) -> str | None:
         authorization = request.header("authorization")
@@ -142,6 +170,8 @@ def _networks(trusted: Iterable[str]) -> tuple[_Network, ...]:
     is, since addresses are compared in that form (see ``_parse_ip``)."""
     networks: list[_Network] = []
     for entry in trusted:
+        if not isinstance(entry, str):  # ip_network reads an int or bytes as one address
+            raise TypeError(f"trusted_proxies: {entry!r} is not an IP address or network (a str)")
         try:
             network = ipaddress.ip_network(entry, strict=False)
         except ValueError:
@@ -194,7 +224,11 @@ def client_ip(trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-F
     write: ``X-Forwarded-For`` (the default) or ``Forwarded`` (RFC 7239). A proxy passes the other one on
     as the client sent it, so reading it would let a client choose its own key.
     """
-    if isinstance(trusted_proxies, bool) or (isinstance(trusted_proxies, int) and trusted_proxies < 0):
+    if (
+        isinstance(trusted_proxies, bool)
+        or (isinstance(trusted_proxies, int) and trusted_proxies < 0)
+        or not isinstance(trusted_proxies, (int, Iterable))
+    ):
         raise ValueError(
             f"trusted_proxies must be a count >= 0 or a list of networks, got {trusted_proxies!r}"
         )

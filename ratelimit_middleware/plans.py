@@ -37,7 +37,7 @@ from .hooks import check_hook
 from .keys import KeyFunction, from_header
 from .limiter import MultiTierRateLimiter, check_request
 from .names import string_items
-from .request import RequestView
+from .request import HTTP_TOKEN, RequestView
 from .reservation import Reservation
 from .shadow import Shadow
 
@@ -94,7 +94,6 @@ def _limits(value: object, where: str) -> Limits | str:
 
 
 _MODELS_TABLE = "expected a table of models ('*' for any model) and their tiers"
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
 
 
 def _check_plans(plans: object, source: str) -> Mapping[str, Any]:
@@ -286,7 +285,7 @@ class Plans:
             raise PolicyError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(_TOP_FIELDS)}")
         plans = _check_plans(data.get("plans"), source)
         header = data.get("plan_header")
-        if header is not None and (not isinstance(header, str) or not _TOKEN.fullmatch(header)):
+        if header is not None and (not isinstance(header, str) or not HTTP_TOKEN.fullmatch(header)):
             raise PolicyError(
                 f"{source}: plan_header: expected a header name such as 'x-plan', got {header!r}"
             )

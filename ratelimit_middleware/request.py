@@ -10,11 +10,15 @@ ASGI) and run the key functions again. Bodies are read only up to a size cap; ov
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import cast
 from urllib.parse import parse_qsl
 
 __all__ = ["BodyNotLoaded", "PairHeaders", "RequestView", "ServerHeaders"]
+
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP token (RFC 9110): what a header name or a method is made of."""
 
 _UNSET = object()
 _UNREAD = object()  # the JSON of a body over the size cap, or cut short: never read, None to key functions

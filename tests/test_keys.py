@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -235,3 +238,63 @@ def test_from_query_takes_no_blank_value() -> None:
 def test_one_trusted_network_may_be_given_alone() -> None:
     key = keys.client_ip(trusted_proxies="10.0.0.0/8")
     assert key(view({"X-Forwarded-For": "198.51.100.4"}, client="10.0.0.5")) == "ip:198.51.100.4"
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "named"),
+    [
+        (
+            lambda: keys.from_header(None),
+            TypeError,
+            r"^from_header's name must be a header name \(str\), got None$",
+        ),
+        (lambda: keys.from_header(b"x-user-id"), TypeError, r"^from_header's name .* got b'x-user-id'$"),
+        (lambda: keys.from_header("x user"), ValueError, r"^from_header's name .* got 'x user'$"),
+        (
+            lambda: keys.api_key(None),
+            TypeError,
+            r"^api_key's header must be a header name \(str\), got None$",
+        ),
+        (lambda: keys.from_json_body(None), TypeError, r"^from_json_body's field must be a str, got None$"),
+        (lambda: keys.from_json_body(""), ValueError, r"^from_json_body's field must not be empty$"),
+        (lambda: keys.from_query(None), TypeError, r"^from_query's name must be a str, got None$"),
+        (lambda: keys.from_path("("), ValueError, r"^from_path: '\(' is not a valid regex: missing \)"),
+        (
+            lambda: keys.from_path("/v1/{model}/{model}"),
+            ValueError,
+            r"^from_path: the placeholder \{model\} appears twice in '/v1/\{model\}/\{model\}'$",
+        ),
+        (lambda: keys.from_path(None), TypeError, r"^from_path needs a template or a regex .* got None$"),
+        (lambda: keys.client_ip(None), ValueError, r"^trusted_proxies must be a count .* got None$"),
+        (lambda: keys.client_ip([5]), TypeError, r"^trusted_proxies: 5 is not an IP address or network"),
+    ],
+)
+def test_key_builders_name_a_bad_argument(
+    build: Callable[[], object], error: type[Exception], named: str
+) -> None:
+    """They raised AttributeError or re.error from inside (or, for a header name in bytes, built a key that
+    never matched; for ``client_ip([5])``, trusted the address 0.0.0.5)."""
+    with pytest.raises(error, match=named):
+        build()
+
+
+def test_the_checked_builders_key_requests_through_the_middleware() -> None:
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+
+    from .asgi_helpers import call, http_scope, status_of
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = RateLimitMiddleware(
+        app,
+        "1/minute",
+        user_key=keys.first_of(keys.from_header("X-Team"), keys.api_key("X-Key")),
+        model_key=keys.from_path("/v1/{model}/chat"),
+    )
+    statuses = [
+        status_of(asyncio.run(call(middleware, http_scope(path, headers=[("x-key", "k")]))))
+        for path in ("/v1/a/chat", "/v1/a/chat", "/v1/b/chat")
+    ]
+    assert statuses == [200, 429, 200]
