@@ -32,7 +32,7 @@ from .contract import (
 from .decision import Decision, ShadowDecision
 from .errors import FallbackDecision, RateLimiterUnavailable, UncheckedDecision
 from .hooks import check_hook
-from .keys import KeyFunction, default_model_key, default_user_key
+from .keys import KeyFunction, check_key, default_model_key, default_user_key
 from .limiter import RateLimiter
 from .names import string_items
 from .observe import Observer, notify
@@ -254,13 +254,10 @@ class Gate:
         if isinstance(max_body_size, bool) or not isinstance(max_body_size, int) or max_body_size < 0:
             raise ValueError(f"max_body_size must be an int >= 0, got {max_body_size!r}")
         check_amount(default_output_tokens, "default_output_tokens")  # as tokens.estimate takes it
-        for name, function in (
-            ("user_key", user_key),
-            ("model_key", model_key),
-            ("deny_handler", deny_handler),
-            ("estimator", estimator),
-        ):
-            check_hook(function, name)
+        check_key(user_key, "user_key")
+        check_key(model_key, "model_key")
+        check_hook(deny_handler, "deny_handler", ("request", "decision"))
+        check_hook(estimator, "estimator", ("request",))
         exempt_paths = string_items(exempt_paths, "exempt_paths")
         exempt_methods = string_items(exempt_methods, "exempt_methods")  # one method, not its letters
         if path_limits is not None and not isinstance(path_limits, Mapping):

@@ -327,8 +327,9 @@ class _Core:
         observers: Iterable[Observer],
         shadow: bool,
     ) -> None:
-        for name, function in (("estimator", estimator), ("usage", usage), ("request_body", request_body)):
-            check_hook(function, name)
+        check_hook(estimator, "estimator", ("method", "metadata"))
+        check_hook(usage, "usage", ("method", "response"))
+        check_hook(request_body, "request_body", ("message",))
         if not isinstance(add_metadata, bool):  # named here: the gate would call it add_headers
             raise TypeError(f"add_metadata must be True or False, got {add_metadata!r}")
         self.gate = Gate(

@@ -1,8 +1,9 @@
-"""The functions an application hands an integration (key functions, estimators, handlers) or a storage
-(clocks): plain callables.
+"""The functions an application hands an integration (key functions, estimators, handlers, the app) or a
+storage (clocks): checked when given, since a mistake there would otherwise surface on every request.
 
-They are called while a request is decided, without awaiting: an async one would return a coroutine, and
-every request would fail (and pass unlimited under ``on_error="allow"``). So they are refused when given.
+Hooks are called while a request is decided, without awaiting: an async one would return a coroutine, and
+every request would fail (and pass unlimited under ``on_error="allow"``). A function that cannot take the
+arguments it is called with would fail alike. So both are refused when given.
 """
 
 from __future__ import annotations
@@ -11,22 +12,41 @@ import inspect
 import math
 import time
 from collections.abc import Callable
+from typing import cast
 
-__all__ = ["check_hook", "checked_clock"]
+__all__ = ["check_callable", "check_hook", "checked_clock"]
 
 
-def check_hook(function: object, name: str) -> None:
-    """Fail unless ``function`` is ``None`` or a plain (not async) callable; ``name`` names the option."""
-    if function is None:
-        return
+def check_callable(function: object, name: str, parameters: tuple[str, ...]) -> None:
+    """Fail unless ``function`` is callable with one positional argument per name of ``parameters`` (which
+    the error shows); ``name`` names the option. A callable without a signature (a builtin) is taken as it
+    is."""
     if not callable(function):
         raise TypeError(f"{name} must be callable, got {function!r}")
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*parameters)
+    except TypeError as error:
+        raise TypeError(
+            f"{name} is called as {name}({', '.join(parameters)}), which {function!r} cannot take: {error}"
+        ) from None
+
+
+def check_hook(function: object, name: str, parameters: tuple[str, ...]) -> None:
+    """Fail unless ``function`` is ``None`` or a plain (not async) callable taking ``parameters`` (see
+    ``check_callable``); ``name`` names the option."""
+    if function is None:
+        return
     call = getattr(function, "__call__", None)  # noqa: B004 - an object with an async __call__
     if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(call):
         raise TypeError(
             f"{name} must be a plain function, not async ({function!r}): it is called while the request is "
             "decided, without awaiting; do async lookups in the app or cache them"
         )
+    check_callable(function, name, parameters)
 
 
 def checked_clock(clock: object) -> Callable[[], float]:
@@ -37,17 +57,11 @@ def checked_clock(clock: object) -> Callable[[], float]:
     """
     if clock is time.monotonic:
         return time.monotonic
-    check_hook(clock, "clock")
-    try:
-        inspect.signature(clock).bind()  # type: ignore[arg-type] # callable: checked above
-    except TypeError:
-        raise TypeError(f"clock must take no arguments, got {clock!r}") from None
-    except ValueError:  # no signature to read (some builtins): its readings are still checked
-        pass
-    read = clock
+    check_hook(clock, "clock", ())
+    read = cast("Callable[[], object]", clock)
 
     def checked() -> float:
-        now = read()  # type: ignore[operator] # callable: checked above
+        now = read()
         if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
             raise ValueError(f"clock {read!r} read {now!r}: a clock must return a finite number of seconds")
         return now

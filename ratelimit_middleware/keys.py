@@ -18,10 +18,12 @@ or key on the API key.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
 
+from .hooks import check_hook
 from .request import HTTP_TOKEN, RequestView
 
 __all__ = [
@@ -265,6 +267,7 @@ def client_ip(trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-F
 
 def constant(value: str) -> KeyFunction:
     """Always ``value``: e.g. one model name for an app that serves one model."""
+    _non_empty(value, "constant's value")
 
     def key(request: RequestView) -> str | None:
         return value
@@ -276,6 +279,10 @@ def first_of(*functions: KeyFunction) -> KeyFunction:
     """The first answer that is not ``None``."""
     if not functions:
         raise ValueError("first_of needs at least one key function")
+    for index, function in enumerate(functions, 1):
+        if function is None:  # an option may be None (the default), an argument here may not
+            raise TypeError(f"first_of's argument {index} must be a key function, got None")
+        check_key(function, f"first_of's argument {index}")
 
     def key(request: RequestView) -> str | None:
         for function in functions:
@@ -295,3 +302,32 @@ def default_user_key() -> KeyFunction:
 def default_model_key() -> KeyFunction:
     """``X-Model``, else the JSON body's ``"model"``, else ``"default"``."""
     return first_of(from_header("x-model"), from_json_body("model"), constant("default"))
+
+
+_FACTORIES = (
+    from_header,
+    from_query,
+    from_path,
+    from_json_body,
+    api_key,
+    client_ip,
+    constant,
+    first_of,
+    default_user_key,
+    default_model_key,
+)
+
+
+def check_key(function: object, name: str) -> None:
+    """Fail unless ``function`` is ``None`` or a key function: a plain callable taking one request view, not
+    one of the builders above passed uncalled (``user_key=client_ip`` for ``client_ip()``), which every
+    request would call with the view and fail. ``name`` names the option."""
+    for factory in _FACTORIES:
+        if function is factory:
+            parameters = inspect.signature(factory).parameters.values()
+            needs = any(parameter.default is parameter.empty for parameter in parameters)
+            call = f"keys.{factory.__name__}({'...' if needs else ''})"
+            raise TypeError(
+                f"{name} got keys.{factory.__name__} uncalled: it builds key functions, so pass {call}"
+            )
+    check_hook(function, name, ("request",))

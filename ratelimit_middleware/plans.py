@@ -33,8 +33,7 @@ from .backends.base import Storage
 from .backends.memory import MemoryStorage
 from .config import Limits, RateLimitConfig, TierSpec
 from .decision import Decision
-from .hooks import check_hook
-from .keys import KeyFunction, from_header
+from .keys import KeyFunction, check_key, from_header
 from .limiter import MultiTierRateLimiter, check_request
 from .names import string_items
 from .request import HTTP_TOKEN, RequestView
@@ -196,7 +195,7 @@ class Plans:
                     f"{source}: aliases.{alias}: {model!r} is an alias itself; name the canonical model"
                 )
         self.default_plan = default_plan
-        check_hook(plan_key, "plan_key")
+        check_key(plan_key, "plan_key")
         self.plan_key = plan_key
         self.aliases = dict(aliases)
         entries = {key: _tiers(models, source, key) for key, models in _entries(plans, source)}

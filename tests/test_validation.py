@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import operator
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from ratelimit_middleware import MemoryStorage, MultiTierRateLimiter, RateLimitConfig, RateLimiter
+from ratelimit_middleware import MemoryStorage, MultiTierRateLimiter, RateLimitConfig, RateLimiter, keys
+from ratelimit_middleware.asgi import Message, RateLimitMiddleware, Receive, Scope, Send
 from ratelimit_middleware.config import Limits
+from ratelimit_middleware.keys import KeyFunction
 from ratelimit_middleware.plans import Plans
+from ratelimit_middleware.request import RequestView
 
 from .redis_server import RedisServer
 
@@ -114,6 +121,15 @@ def _asgi_app(scope: object, receive: object, send: object) -> None:
 
 def _wsgi_app(environ: object, start_response: object) -> list[bytes]:
     return []
+
+
+async def _ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    response: list[Message] = [
+        {"type": "http.response.start", "status": 200, "headers": []},
+        {"type": "http.response.body", "body": b"ok"},
+    ]
+    for message in response:
+        await send(message)
 
 
 @pytest.mark.parametrize("which", ["asgi", "wsgi"])
@@ -327,3 +343,186 @@ def test_a_redis_limiter_hints_limit_too(redis_server: RedisServer) -> None:
 
     with pytest.raises(TypeError, match=re.escape("for a limit, pass limit='10/minute'")):
         RedisRateLimiter(redis_server.url, "10/minute")  # type: ignore[arg-type]
+
+
+def _integrations() -> dict[str, Callable[..., object]]:
+    """Every integration that takes key functions, by name: each builds one with a 1/minute limit and the
+    given options."""
+    from ratelimit_middleware import fastapi, flask
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+    from ratelimit_middleware.grpc import AsyncRateLimitInterceptor, RateLimitInterceptor
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    return {
+        "asgi": lambda **options: RateLimitMiddleware(_asgi_app, "1/minute", **options),
+        "wsgi": lambda **options: RateLimitWSGI(_wsgi_app, "1/minute", **options),
+        "flask": lambda **options: flask.limit("1/minute", **options),
+        "fastapi": lambda **options: fastapi.limit("1/minute", **options),
+        "fastapi-dependency": lambda **options: fastapi.RateLimit("1/minute", **options),
+        "grpc": lambda **options: RateLimitInterceptor("1/minute", **options),
+        "grpc-aio": lambda **options: AsyncRateLimitInterceptor("1/minute", **options),
+    }
+
+
+_INTEGRATIONS = ["asgi", "wsgi", "flask", "fastapi", "fastapi-dependency", "grpc", "grpc-aio"]
+
+
+@pytest.mark.parametrize("integration", _INTEGRATIONS)
+@pytest.mark.parametrize(
+    ("option", "factory", "hint"),
+    [
+        ("user_key", keys.client_ip, r"keys\.client_ip\(\)"),
+        ("user_key", keys.api_key, r"keys\.api_key\(\)"),
+        ("user_key", keys.from_header, r"keys\.from_header\(\.\.\.\)"),
+        ("user_key", keys.default_user_key, r"keys\.default_user_key\(\)"),
+        ("model_key", keys.default_model_key, r"keys\.default_model_key\(\)"),
+        ("model_key", keys.from_json_body, r"keys\.from_json_body\(\.\.\.\)"),
+        ("model_key", keys.from_path, r"keys\.from_path\(\.\.\.\)"),
+        ("model_key", keys.from_query, r"keys\.from_query\(\.\.\.\)"),
+        ("model_key", keys.constant, r"keys\.constant\(\.\.\.\)"),
+        ("user_key", keys.first_of, r"keys\.first_of\(\.\.\.\)"),
+    ],
+)
+def test_a_key_function_builder_passed_uncalled_is_refused(
+    integration: str, option: str, factory: object, hint: str
+) -> None:
+    """It was accepted; each request then called it with the request view, which failed (or answered a
+    function, not a str), and on_error="allow" let every request through unlimited."""
+    with pytest.raises(TypeError, match=rf"^{option} got keys\.\w+ uncalled: .* so pass {hint}$"):
+        _integrations()[integration](**{option: factory})
+
+
+def _no_request() -> str:
+    return "alice"
+
+
+def _two_requests(request: object, other: object) -> str:
+    return "alice"
+
+
+@pytest.mark.parametrize("integration", _INTEGRATIONS)
+@pytest.mark.parametrize("option", ["user_key", "model_key"])
+@pytest.mark.parametrize(("function", "why"), [(_no_request, "too many"), (_two_requests, "missing")])
+def test_a_key_function_that_cannot_take_the_request_is_refused(
+    integration: str, option: str, function: object, why: str
+) -> None:
+    """Same: it failed on every request, which on_error="allow" let through unlimited."""
+    with pytest.raises(
+        TypeError, match=rf"^{option} is called as {option}\(request\), which .* cannot take: {why}"
+    ):
+        _integrations()[integration](**{option: function})
+
+
+def _request_and_more(request: RequestView, *more: object, prefix: str = "u:") -> str:
+    return prefix + (request.header("x-user-id") or "")
+
+
+class _KeyObject:
+    def __call__(self, request: RequestView) -> str:
+        return "team"
+
+
+@pytest.mark.parametrize(
+    "user_key",
+    [
+        keys.client_ip(),
+        keys.first_of(keys.from_header("x-user-id"), keys.api_key()),
+        _request_and_more,
+        _KeyObject(),
+        functools.partial(_two_requests, "fixed"),
+        operator.attrgetter("path"),  # a builtin without a signature: taken as it is
+    ],
+)
+def test_key_functions_that_take_the_request_still_limit(user_key: KeyFunction) -> None:
+    from .asgi_helpers import call, http_scope, status_of
+
+    app = RateLimitMiddleware(_ok_app, "1/minute", user_key=user_key)
+    scope = http_scope(headers=[("x-user-id", "alice")])
+    assert [status_of(asyncio.run(call(app, dict(scope)))) for _ in range(2)] == [200, 429]
+
+
+def test_plans_refuse_a_plan_key_builder_passed_uncalled() -> None:
+    from ratelimit_middleware.plans import Plans
+
+    with pytest.raises(
+        TypeError, match=r"^plan_key got keys\.from_header uncalled: .* keys\.from_header\(\.\.\.\)$"
+    ):
+        Plans({"free": {"*": {"per_user": "1/minute"}}}, default_plan="free", plan_key=keys.from_header)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "named"),
+    [
+        (lambda: keys.constant(4), TypeError, r"^constant's value must be a str, got 4$"),
+        (lambda: keys.constant(""), ValueError, r"^constant's value must not be empty$"),
+        (
+            lambda: keys.first_of("x-user-id"),
+            TypeError,
+            r"^first_of's argument 1 must be callable, got 'x-user-id'$",
+        ),
+        (lambda: keys.first_of(None), TypeError, r"^first_of's argument 1 must be a key function, got None$"),
+        (
+            lambda: keys.first_of(keys.from_header("x-user-id"), keys.client_ip),
+            TypeError,
+            r"^first_of's argument 2 got keys\.client_ip uncalled: .* keys\.client_ip\(\)$",
+        ),
+        (
+            lambda: keys.first_of(keys.from_header("x-user-id"), _no_request),
+            TypeError,
+            r"^first_of's argument 2 is called as first_of's argument 2\(request\)",
+        ),
+    ],
+)
+def test_constant_and_first_of_check_their_arguments(
+    build: Callable[[], object], error: type[Exception], named: str
+) -> None:
+    """``model_key=constant(4)`` and ``user_key=first_of("x-user-id")`` were accepted, then every request
+    failed (a model that is not a str; a str called), and on_error="allow" let it through unlimited."""
+    with pytest.raises(error, match=named):
+        build()
+
+
+def test_the_checked_constant_and_first_of_limit_through_the_middleware() -> None:
+    from .asgi_helpers import call, http_scope, status_of
+
+    app = RateLimitMiddleware(
+        _ok_app,
+        "1/minute",
+        user_key=keys.first_of(keys.from_header("x-user-id")),
+        model_key=keys.constant("gpt-4o"),
+    )
+    scope = http_scope(headers=[("x-user-id", "alice")])
+    assert [status_of(asyncio.run(call(app, dict(scope)))) for _ in range(2)] == [200, 429]
+    assert app.gate.limiter.get_request_count("alice", "gpt-4o") == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "function", "call"),
+    [
+        ("deny_handler", _no_request, r"deny_handler\(request, decision\)"),
+        ("estimator", _two_requests, r"estimator\(request\)"),
+    ],
+)
+def test_other_hooks_that_cannot_take_their_arguments_are_refused(
+    option: str, function: object, call: str
+) -> None:
+    """An estimator that failed on every request let it through unlimited (on_error="allow"); a
+    deny_handler that failed on every denial answered the default 429 in its place."""
+    with pytest.raises(TypeError, match=rf"^{option} is called as {call}, which"):
+        RateLimitMiddleware(_asgi_app, **{option: function})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("option", "call"),
+    [
+        ("estimator", r"estimator\(method, metadata\)"),
+        ("usage", r"usage\(method, response\)"),
+        ("request_body", r"request_body\(message\)"),
+    ],
+)
+def test_grpc_hooks_that_cannot_take_their_arguments_are_refused(option: str, call: str) -> None:
+    from ratelimit_middleware.grpc import AsyncRateLimitInterceptor, RateLimitInterceptor
+
+    for interceptor in (RateLimitInterceptor, AsyncRateLimitInterceptor):
+        with pytest.raises(TypeError, match=rf"^{option} is called as {call}, which"):
+            interceptor("1/minute", **{option: _no_request})  # type: ignore[arg-type]
