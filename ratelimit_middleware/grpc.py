@@ -344,6 +344,12 @@ class _Core:
             observers=observers,
             shadow=shadow,
         )
+        named = self.gate.routes.with_methods()
+        if named:  # calls are matched as POST: a GET rule would never apply
+            raise ValueError(
+                "gRPC method patterns take no HTTP method, only the full method name ('/pkg.Service/Method', "
+                f"'/pkg.Service/*'): {named[0]!r}"
+            )
         self.gate.check_token_options(estimator=estimator is not None, usage=usage is not None)
         self.estimator = estimator
         self.usage = usage
@@ -572,7 +578,7 @@ class RateLimitInterceptor(_Interceptor, grpc.ServerInterceptor):
 
     ``limiter``: a ``RateLimiter``/``MultiTierRateLimiter`` or a limit such as ``"100/hour"`` (default 100 per
     hour per user and model, in memory). ``user_key``/``model_key``: key functions (see ``keys``) over
-    ``request_view``. ``exempt_methods``: full method patterns never limited
+    ``request_view``. ``exempt_methods``: full method patterns (with no HTTP method) never limited
     (``"/grpc.health.v1.Health/*"``); ``method_limits``: ``{pattern: limiter-or-limit}``, the first match
     replacing ``limiter`` (``None`` exempts). ``on_error``: ``"allow"`` or ``"deny"`` (``UNAVAILABLE``) when a
     key function or the limiter fails. ``add_metadata``: rate limit entries in allowed calls' trailing

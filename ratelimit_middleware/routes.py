@@ -14,9 +14,10 @@ never gets ``/docs/*``'s exemption; and a request is exempt only if every spelli
 as clients call them (``"/healthz"`` and ``"/healthz/"`` if probes use both). The first rule that matches a
 spelling applies to it.
 
-Patterns: ``"/health"`` (that path only), ``"/v1/*"`` (``/v1`` and everything below it), optionally behind a
-method: ``"POST /v1/chat/completions"``. Methods are compared in upper case, and a ``GET`` rule covers
-``HEAD`` too, as the frameworks answer ``HEAD`` with the ``GET`` route.
+Patterns: ``"/health"`` (that path only), ``"/v1/*"`` (``/v1`` and everything below it), optionally behind
+one method: ``"POST /v1/chat/completions"``. Methods are compared in upper case, and a ``GET`` rule covers
+``HEAD`` too, as the frameworks answer ``HEAD`` with the ``GET`` route. A pattern that could never match is
+refused: several methods (``"GET|POST /x"``: a rule per method) or paths, or a query (``"/x?model=a"``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 from urllib.parse import unquote
+
+from .request import HTTP_TOKEN
 
 __all__ = ["PathRules", "normalize_path"]
 
@@ -65,11 +68,20 @@ class _Pattern:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a path pattern must be a non-empty string like '/v1/*', got {text!r}")
         self.text = text
-        method, _, path = text.strip().rpartition(" ")
-        method = method.strip().upper()
+        *before, path = text.split()
+        if len(before) > 1 or any(word.startswith("/") for word in before):
+            raise ValueError(f"a path pattern is one path, optionally behind a method: {text!r}")
+        method = before[0].upper() if before else ""
+        if method and (not HTTP_TOKEN.fullmatch(method) or "|" in method):
+            raise ValueError(
+                f"a path pattern's method must be one HTTP method, such as 'POST /v1/chat' (a rule per "
+                f"method): {text!r}"
+            )
         self.methods = None if not method else frozenset((method, "HEAD") if method == "GET" else (method,))
         if not path.startswith("/") and path != "*":
             raise ValueError(f"a path pattern must start with '/': {text!r}")
+        if "?" in path:
+            raise ValueError(f"a path pattern matches the path, never the query: no '?' in {text!r}")
         self.prefix = path.endswith("/*") or path == "*"
         if self.prefix:
             path = path[:-2] if path.endswith("/*") else ""  # "*": everything
@@ -110,6 +122,10 @@ class PathRules(Generic[T]):
 
     def __bool__(self) -> bool:
         return bool(self._rules)
+
+    def with_methods(self) -> list[str]:
+        """The patterns that name a method, as written."""
+        return [pattern.text for pattern, _ in self._rules if pattern.methods is not None]
 
     def match(self, method: str, path: str, tidy: bool = False) -> tuple[bool, T | None]:
         """``(True, value)`` for the first rule that matches this method and spelling of a path (``tidy``: the

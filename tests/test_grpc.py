@@ -808,3 +808,19 @@ def test_aio_a_stream_written_with_context_write_settles_with_its_usage() -> Non
 def test_add_metadata_must_be_a_boolean() -> None:
     with pytest.raises(TypeError, match="add_metadata must be True or False, got 'false'"):
         RateLimitInterceptor(RateLimiter(5, 60), add_metadata="false")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"method_limits": {f"GET {COMPLETE}": "1/minute"}},
+        {"method_limits": {f"POST {COMPLETE}": "1/minute"}},
+        {"exempt_methods": ["GET /grpc.health.v1.Health/*"]},
+        {"exempt_methods": "GET /grpc.health.v1.Health/*"},
+    ],
+)
+def test_method_patterns_with_an_http_method_are_refused(rules: dict[str, Any]) -> None:
+    """Calls are looked up as POST to the full method name: a GET rule was accepted and never applied."""
+    for interceptor in (RateLimitInterceptor, AsyncRateLimitInterceptor):
+        with pytest.raises(ValueError, match=r"^gRPC method patterns take no HTTP method.*: '(GET|POST) /"):
+            interceptor("100/hour", **rules)

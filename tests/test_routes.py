@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from ratelimit_middleware.routes import PathRules, normalize_path
@@ -93,3 +97,64 @@ def test_match_all_gives_each_spelling_its_rule() -> None:
 def test_a_star_only_ends_a_pattern(bad: str) -> None:
     with pytest.raises(ValueError, match="only end"):
         PathRules([(bad, "x")])
+
+
+_NEVER_MATCHING = [
+    ("GET|POST /x", "one HTTP method"),
+    ("GET,POST /x", "one HTTP method"),
+    ("GET /x /y", "one path, optionally behind a method"),
+    ("/x /y", "one path, optionally behind a method"),
+    ("/x?model=a", "never the query"),
+    ("POST /v1/*?x", "never the query"),
+]
+
+
+def _ok_wsgi(environ: object, start_response: Callable[..., object]) -> list[bytes]:
+    start_response("200 OK", [])
+    return [b"ok"]
+
+
+async def _ok_asgi(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize("option", ["path_limits", "exempt_paths"])
+@pytest.mark.parametrize("middleware", ["asgi", "wsgi"])
+@pytest.mark.parametrize(("pattern", "why"), _NEVER_MATCHING)
+def test_a_pattern_that_could_never_match_is_refused(
+    option: str, middleware: str, pattern: str, why: str
+) -> None:
+    """It was accepted and never matched: the path's own limit never applied, an exemption never exempted."""
+    from ratelimit_middleware.asgi import RateLimitMiddleware
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    rules: dict[str, Any] = (
+        {"path_limits": {pattern: "1/minute"}} if option == "path_limits" else {"exempt_paths": [pattern]}
+    )
+    build = (
+        (lambda: RateLimitMiddleware(_ok_asgi, "100/hour", **rules))
+        if middleware == "asgi"
+        else (lambda: RateLimitWSGI(_ok_wsgi, "100/hour", **rules))
+    )
+    with pytest.raises(ValueError, match=rf"{why}.*{re.escape(repr(pattern))}$"):
+        build()
+
+
+def test_the_one_method_one_path_patterns_apply_through_the_middleware() -> None:
+    from werkzeug.test import Client
+
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    client = Client(
+        RateLimitWSGI(
+            _ok_wsgi,
+            "100/hour",
+            path_limits={"GET /x": "1/minute", "post  /x": "1/minute"},  # any spacing, any case
+            exempt_paths=["/health"],
+        )
+    )
+    assert [client.get("/x").status_code for _ in range(2)] == [200, 429]
+    assert [client.post("/x").status_code for _ in range(2)] == [200, 429]
+    assert [client.get("/x", query_string="model=a").status_code for _ in range(1)] == [429]  # query ignored
+    assert [client.get("/health").status_code for _ in range(3)] == [200, 200, 200]
