@@ -17,6 +17,7 @@ from .checker import Checker, LimiterSpec
 from .contract import HTTPResponse, RawResponse, raw_informational_headers
 from .decision import Decision
 from .gate import Gate, GateOptions
+from .hooks import check_callable
 from .renewal import keep
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
@@ -314,6 +315,7 @@ class RateLimitMiddleware:
     def __init__(
         self, app: ASGIApp, limiter: LimiterSpec | None = None, **options: Unpack[GateOptions]
     ) -> None:
+        check_callable(app, "app", ("scope", "receive", "send"))  # a WSGI app would fail every request
         self.app = app
         self.gate = Gate.for_middleware("RateLimitMiddleware", limiter, options)
 

@@ -18,6 +18,7 @@ from .checker import Checker, LimiterSpec
 from .contract import HTTPResponse
 from .decision import Decision
 from .gate import Gate, GateOptions
+from .hooks import check_callable
 from .renewal import LeaseKeeper
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
@@ -342,6 +343,7 @@ class RateLimitWSGI:
     def __init__(
         self, app: WSGIApp, limiter: LimiterSpec | None = None, **options: Unpack[GateOptions]
     ) -> None:
+        check_callable(app, "app", ("environ", "start_response"))  # an ASGI app would fail every request
         self.app = app
         self.gate = Gate.for_middleware("RateLimitWSGI", limiter, options)
         self.leases = LeaseKeeper()  # renews the concurrency leases of responses still running

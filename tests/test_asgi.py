@@ -492,7 +492,7 @@ def test_custom_key_functions() -> None:
 )
 def test_bad_options_fail_at_start_up(options: dict[str, Any], error: type) -> None:
     with pytest.raises(error):
-        RateLimitMiddleware(hello, **options)  # type: ignore[arg-type]
+        RateLimitMiddleware(Starlette(), **options)
 
 
 # The view reads a scope's headers in place (a dict of the raw bytes when that is exact); it must answer every

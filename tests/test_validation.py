@@ -526,3 +526,37 @@ def test_grpc_hooks_that_cannot_take_their_arguments_are_refused(option: str, ca
     for interceptor in (RateLimitInterceptor, AsyncRateLimitInterceptor):
         with pytest.raises(TypeError, match=rf"^{option} is called as {call}, which"):
             interceptor("1/minute", **{option: _no_request})  # type: ignore[arg-type]
+
+
+def test_a_middleware_refuses_an_app_it_cannot_call() -> None:
+    """``RateLimitMiddleware(None)`` was accepted and failed at the first request; an app of the other kind
+    (WSGI under the ASGI middleware, or the reverse) failed every request."""
+    import flask
+    from fastapi import FastAPI
+
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    for middleware in (RateLimitMiddleware, RateLimitWSGI):
+        with pytest.raises(TypeError, match=r"^app must be callable, got None$"):
+            middleware(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^app is called as app\(scope, receive, send\), which <Flask 'x'>"):
+        RateLimitMiddleware(flask.Flask("x"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^app is called as app\(environ, start_response\), which <fastapi"):
+        RateLimitWSGI(FastAPI())  # type: ignore[arg-type]
+
+
+def test_a_middleware_takes_an_app_of_its_kind() -> None:
+    import flask
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ratelimit_middleware.wsgi import RateLimitWSGI
+
+    asgi = FastAPI()
+    asgi.get("/")(lambda: "ok")
+    with TestClient(RateLimitMiddleware(asgi, "1/minute")) as client:
+        assert [client.get("/").status_code for _ in range(2)] == [200, 429]
+    wsgi = flask.Flask("x")
+    wsgi.get("/")(lambda: "ok")
+    wsgi.wsgi_app = RateLimitWSGI(wsgi.wsgi_app, "1/minute")  # type: ignore[method-assign]
+    assert [wsgi.test_client().get("/").status_code for _ in range(2)] == [200, 429]
