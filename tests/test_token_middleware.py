@@ -825,6 +825,9 @@ def test_token_options_are_reported_when_no_limit_has_tokens(caplog: pytest.LogC
     def app(environ: Any, start_response: Any) -> list[bytes]:
         return []
 
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
     def estimate(request: Any) -> tuple[int, int]:
         return 1, 1
 
@@ -832,11 +835,11 @@ def test_token_options_are_reported_when_no_limit_has_tokens(caplog: pytest.LogC
         return 1, 1
 
     with caplog.at_level(logging.WARNING, logger="ratelimit_middleware"):
-        RateLimitMiddleware(app, limiter="10/minute", estimator=estimate, stream_usage=True)
+        RateLimitMiddleware(asgi_app, limiter="10/minute", estimator=estimate, stream_usage=True)
         RateLimitWSGI(app, limiter="10/minute", default_output_tokens=10)
         RateLimitInterceptor("10/minute", estimator=estimate_call)
         tokens = MultiTierRateLimiter(per_user_model=Limits(tokens="100/minute"))
-        RateLimitMiddleware(app, limiter="10/minute", path_limits={"/v1/*": tokens}, estimator=estimate)
+        RateLimitMiddleware(asgi_app, limiter="10/minute", path_limits={"/v1/*": tokens}, estimator=estimate)
         RateLimitWSGI(app, limiter=tokens, stream_usage=True, default_output_tokens=10)
     assert [record.getMessage().split(" ignored")[0] for record in caplog.records] == [
         "estimator=, stream_usage=",
