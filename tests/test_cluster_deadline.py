@@ -28,6 +28,7 @@ from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecisio
 
 from .conftest import unique_prefix
 from .redis_server import LoopThread, RedisCluster
+from .stalling_proxy import StallingProxy
 
 TIMEOUT = 0.2
 SLACK = 1.0
@@ -227,8 +228,6 @@ def test_a_refund_that_fails_leaves_the_denial_and_the_deadline(
 ) -> None:
     """A request allowed on its user's slot and denied on its model's: the refund of the user's charge is
     sent within what is left of the deadline, and when it cannot be, the request stays denied."""
-    from .stalling_proxy import StallingProxy
-
     user = name_on(redis_cluster, caller, 0)
     model = name_on(redis_cluster, caller, 1)
     user_port = redis_cluster.ports[0]
@@ -362,9 +361,9 @@ class Driven:
 def test_a_stalled_node_costs_its_calls_the_timeout_and_no_others(
     redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, on_error: str, mode: str
 ) -> None:
-    """Calls on a paused node end by their deadline and follow the policy, twice in a row (the second
-    mapping the cluster again, the node having failed); the others are served at once (the cluster is not
-    mapped again through the stalled node); all are served once the node resumes."""
+    """Calls on a paused node end by their deadline and follow the policy, twice in a row (the cluster
+    mapped again apart from them, the node having failed); the others are served at once (the cluster is not
+    mapped again within them); all are served once the node resumes."""
     rate = Driven(mode, redis_cluster, caller, on_error)
     stalled = name_on(redis_cluster, caller, 0)
     other = name_on(redis_cluster, caller, 1)
@@ -388,6 +387,34 @@ def test_a_stalled_node_costs_its_calls_the_timeout_and_no_others(
         rate.close()
 
 
+def test_an_async_call_just_after_a_stalled_node_resumes_is_served(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """Rounds of a node stalling through two calls (the first cut off waiting for its reply, which closes its
+    connection; the second waiting for a new one's setup, which goes on) and then resuming: the next call,
+    made on the loop at once, is served on the connection set up meanwhile. An asyncio setup's every read
+    was cut to the call's timeout (redis-py's, on a cluster's node), so that it failed as the node resumed,
+    and the next call, which waited for it, failed with it (mapping the cluster again within that call had
+    hidden it, as the sync setups run within ``connect_timeout`` of their own)."""
+    rate = Driven("async", redis_cluster, caller)
+    user = name_on(redis_cluster, caller, 0)
+
+    async def rounds() -> None:
+        for _ in range(5):
+            with paused(redis_cluster, 0):
+                for _ in range(2):
+                    with pytest.raises(RateLimiterUnavailable):
+                        await rate.rate.acheck(user, "m")
+            assert await rate.rate.aallow(user, "m")
+
+    try:
+        assert served(lambda: rate.check(user, "m")).allowed
+        assert rate.loop is not None
+        rate.loop.run(rounds())
+    finally:
+        rate.close()
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
     redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster, mode: str
@@ -402,7 +429,7 @@ def test_a_killed_node_fails_fast_and_its_calls_recover_after_a_restart(
         node = redis_cluster.nodes[2]
         node.kill()
         try:
-            for _ in range(2):  # the second maps the cluster again first (the node failed)
+            for _ in range(2):  # the cluster mapped again meanwhile, apart (the node failed)
                 elapsed, decision = timed(lambda: rate.check(user, "m"))
                 assert elapsed < TIMEOUT + SLACK and isinstance(decision, RateLimiterUnavailable)
             assert rate.allow(other, "m")
@@ -472,3 +499,78 @@ def test_async_first_use_while_nodes_stall_ends_by_the_deadline(
     finally:
         for rate in limiters:
             rate.close()
+
+
+CALLERS = 10
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_cluster_a_slow_link_away_serves_concurrent_callers(redis_cluster: RedisCluster, mode: str) -> None:
+    """Every node 60 ms away (a round trip through a delaying proxy, named by ``address_remap``), a 0.15 s
+    timeout, ten callers at once on cold pools: their first calls need new connections and run out of time,
+    each failure maps the cluster again, and the calls go on meanwhile, so that rounds of calls come to be
+    served by Redis whole. Mapped within the calls, on the failed node's next call, the mapping outlasted
+    them, and recycled the connections set up meanwhile: such a cluster was hardly ever used."""
+    proxies = {port: StallingProxy(port, delay=0.03) for port in redis_cluster.ports}
+
+    def remap(address: tuple[str, int]) -> tuple[str, int]:
+        host, port = address
+        return (host, proxies[port].port) if port in proxies else address
+
+    prefix = unique_prefix()
+    loop = LoopThread() if mode == "async" else None
+    if loop is None:
+        client: Any = redis.cluster.RedisCluster(
+            host="127.0.0.1", port=redis_cluster.ports[0], address_remap=remap
+        )
+    else:
+        client = redis.asyncio.cluster.RedisCluster(
+            host="127.0.0.1", port=redis_cluster.ports[0], address_remap=remap
+        )
+    rate = RedisRateLimiter(
+        client,
+        1000,
+        60,
+        key_prefix=prefix,
+        timeout=0.15,
+        on_error="deny",
+        breaker=CircuitBreaker(failures=10**6),
+    )
+
+    def one(user: str) -> bool:
+        try:
+            if loop is None:
+                return bool(rate.check(user, "m").allowed)
+            return bool(loop.run(rate.acheck(user, "m")).allowed)
+        except RateLimiterUnavailable:
+            return False
+
+    def round_served() -> bool:
+        outcomes: list[bool] = []
+        callers = [
+            threading.Thread(target=lambda index=index: outcomes.append(one(f"user{index}")))
+            for index in range(CALLERS)
+        ]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        return all(outcomes)
+
+    try:
+        whole = 0
+        for _ in range(30):  # rounds: a loaded machine may need several to set the connections up
+            whole = whole + 1 if round_served() else 0
+            if whole == 3:
+                break
+        assert whole == 3, "the cluster never served three rounds of callers in a row"
+    finally:
+        if loop is not None:
+            loop.run(rate.storage.aclose())
+            loop.run(client.aclose())
+            loop.stop()
+        else:
+            rate.storage.close()
+            client.close()
+        for proxy in proxies.values():
+            proxy.close()

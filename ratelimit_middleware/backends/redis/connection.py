@@ -8,7 +8,7 @@ NOSCRIPT did not run, so it is never run twice. On a standalone Redis the async 
 coalesced into pipelined batches (see ``coalescer``).
 
 Time bounds: a sync call has one deadline of ``timeout`` for all its round trips, each socket wait cut to
-what is left of it (on a cluster too, mapping it again included: see ``transport``); an async call has a
+what is left of it (on a cluster too: see ``transport``); an async call has a
 hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the calling task, or in its
 batch's: a coalesced call is answered by its batch's deadline whatever becomes of that task), after which
 its connection is closed; one whose time ran out before it could be sent (its event loop was blocked

@@ -1,8 +1,8 @@
 """Deadlines on redis-py's connections, and new connections set up apart from the calls.
 
 A call runs ``until`` its deadline (a ``time.monotonic()`` reading). Sync: every socket wait of a
-``with_deadlines`` connection in it (writes, reads, redis-py's own re-mapping of a cluster) is cut to what
-is left of it. Async: the call has a hard deadline (``within``, set by its caller).
+``with_deadlines`` connection in it (writes, reads) is cut to what is left of it. Async: the call has a hard
+deadline (``within``, set by its caller).
 
 Setting up a new connection costs several round trips (the TCP connect, a TLS handshake, AUTH or HELLO,
 CLIENT SETINFO twice, SELECT for a database other than 0): more than a call's timeout allows on a link a few
@@ -252,12 +252,11 @@ def with_deadlines(connection_class: type[Any], setup: float) -> type[Any]:
     """``connection_class`` (a sync redis-py connection class) whose waits within a call end by its deadline,
     and whose setup runs apart from the calls, within ``setup`` seconds.
 
-    redis-py waits on its own within a call: on a cluster, mapping it again (CLUSTER SLOTS on one node after
-    another). While a call runs ``until`` its deadline on a thread, every write and read of that thread is
+    While a call runs ``until`` its deadline on a thread, every write and read of that thread is
     cut to what is left of it, and fails at once when nothing is: a call never outlasts its deadline,
     however many waits it takes. A new connection is set up on a thread of its own, ``until`` a deadline
     ``setup`` seconds away, which the call waits for until its own deadline only. Outside a call (a cluster
-    mapped on a thread of its own) it is the plain class.
+    mapped, or mapped again, on a thread of its own) it is the plain class.
     """
     return _made(_Deadlines, connection_class, setup)
 
@@ -281,13 +280,21 @@ async def timed(work: Callable[[], Awaitable[None]], seconds: float, what: str) 
 
 
 async def _connected(connection: Any, connect: Callable[[], Awaitable[None]], seconds: float) -> None:
-    """``connect()`` within ``seconds``; ``connection`` is closed if it fails midway (redis-py leaves one
-    cancelled in its handshake open, a reply still to come)."""
+    """``connect()`` within ``seconds``, each of its writes and reads too; ``connection`` is closed if it
+    fails midway (redis-py leaves one cancelled in its handshake open, a reply still to come).
+
+    redis-py cuts every write and read of the handshake to the connection's ``socket_timeout``, which on a
+    cluster's node is the call's timeout (a stalled node costs redis-py's own mapping no more): a setup
+    begun while the node stalled failed with the call that began it, just as the node might answer again,
+    and the call after it, waiting for that setup, got its failure at once."""
+    read_timeout, connection.socket_timeout = connection.socket_timeout, seconds
     try:
         await timed(connect, seconds, "setting up a new connection to Redis")
     except BaseException:
         await connection.disconnect(nowait=True)
         raise
+    finally:
+        connection.socket_timeout = read_timeout
 
 
 async def set_up(

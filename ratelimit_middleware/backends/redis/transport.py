@@ -3,11 +3,11 @@
 ``send(commands, deadline)`` returns one reply per command, in order, with a command's error reply (a
 ``ResponseError``, such as NOSCRIPT) in its place; a connection error or timeout is raised for the whole
 batch. ``deadline`` is the call's (``time.monotonic()``). The sync transports cut every socket wait of the
-call to what is left of it, and on a cluster mapping it again too (see ``deadlines``); a first mapping of
-the cluster is waited for until then only. The async ones run within a hard deadline set by their caller,
-and use ``deadline`` only to judge a new connection (below) and to pause on a cluster (TRYAGAIN). A new
-connection is set up apart from the calls, within ``setup`` seconds of its own, and waited for until the
-call's deadline only: one that outlasts its call serves the next one (see ``deadlines``).
+call to what is left of it (see ``deadlines``); a first mapping of the cluster is waited for until then only,
+and one again (after a node failed) goes on apart from the calls. The async ones run within a hard deadline
+set by their caller, and use ``deadline`` only to judge a new connection (below) and to pause on a cluster
+(TRYAGAIN). A new connection is set up apart from the calls, within ``setup`` seconds of its own, and waited
+for until the call's deadline only: one that outlasts its call serves the next one (see ``deadlines``).
 
 A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
 read in order on one connection, which is closed (never reused) if anything goes wrong midway, so that a
@@ -19,6 +19,8 @@ ASK and TRYAGAIN themselves (``_Route``, shared by the sync and async clusters).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -202,6 +204,14 @@ short beside a call's timeout."""
 
 _new_node: Any = redis.cluster.ClusterNode  # untyped in redis-py
 
+_KEEP_POOLS: dict[str, bool] = (
+    {"disconnect_startup_nodes_pools": False}
+    if "disconnect_startup_nodes_pools" in inspect.signature(redis.cluster.NodesManager.initialize).parameters
+    else {}
+)
+"""Mapping a sync cluster again keeps the startup nodes' free connections, where redis-py can (it closes
+them by default, connections just set up apart from the calls included)."""
+
 
 def _slot(command: Command) -> int:
     """The slot of a command's keys (which share one): after the script and its key count for EVAL and
@@ -258,8 +268,11 @@ class SyncCluster:
     and TRYAGAIN replies are no failures (see ``_Route``): none ran the command, whereas a script that timed
     out may have run, so that is never sent again.
 
-    A node that failed or answered MOVED is suspect: the cluster is mapped again (in what is left of the
-    call) before the next command to it, to learn where its slots went. Only its calls pay for that.
+    After a node failed or answered MOVED, the cluster is mapped again on a thread of its own (one at a time,
+    ``_remap``), to learn where its slots went, while the calls go on with the map they have (following
+    MOVED themselves). Mapped within a call, on a link a few tens of milliseconds long, the mapping outlasted
+    the call (and redis-py dropped the startup node's free connections with it): the next call to that
+    node mapped again, and such a cluster was hardly ever used.
 
     The cluster client is made on first use, so that constructing a limiter never contacts Redis. Making it
     maps the cluster (CLUSTER SLOTS from one startup node after another, then COMMAND), which can take longer
@@ -276,7 +289,7 @@ class SyncCluster:
         self._client: redis.cluster.RedisCluster | None = None
         self._making: Future[redis.cluster.RedisCluster] | None = None
         self._lock = threading.Lock()
-        self._suspects: set[str] = set()  # names of the nodes to map the cluster again before using
+        self._remapping = False
 
     def _cluster(self, deadline: float) -> redis.cluster.RedisCluster:
         client = self._client
@@ -319,17 +332,29 @@ class SyncCluster:
             return [self._send(client, command, deadline) for command in commands]
 
     def _node(self, client: Any, route: _Route) -> Any:
-        """The node ``route`` goes to next; the cluster mapped again first if it is the slot's, suspect."""
+        """The node ``route`` goes to next."""
         if route.address is not None:
             return client.get_node(*route.address) or _new_node(*route.address)
-        nodes = client.nodes_manager
-        slot = _slot(route.command)
-        node = nodes.get_node_from_slot(slot)
-        if node.name in self._suspects:
-            self._suspects.discard(node.name)
-            nodes.initialize()
-            node = nodes.get_node_from_slot(slot)
-        return node
+        return client.nodes_manager.get_node_from_slot(_slot(route.command))
+
+    def _remap(self, client: Any) -> None:
+        """Map the cluster again on a thread of its own, unless that is under way."""
+        with self._lock:
+            if self._remapping:
+                return
+            self._remapping = True
+        threading.Thread(
+            target=self._remapped, args=(client,), name="ratelimit-cluster-remap", daemon=True
+        ).start()
+
+    def _remapped(self, client: Any) -> None:
+        try:
+            client.nodes_manager.initialize(**_KEEP_POOLS)
+        except Exception:  # the map stays as it was; the next failure maps it again
+            pass
+        finally:
+            with self._lock:
+                self._remapping = False
 
     def _send(self, client: Any, command: Command, deadline: float) -> Any:
         route = _Route(command, deadline)
@@ -340,10 +365,10 @@ class SyncCluster:
             try:
                 reply = _exchange(client.get_redis_connection(node).connection_pool, route.sent)[-1]
             except (RedisConnectionError, RedisTimeoutError):
-                self._suspects.add(node.name)
+                self._remap(client)
                 raise
-            if isinstance(reply, MovedError):  # the slot has moved: map again before this node's next command
-                self._suspects.add(node.name)
+            if isinstance(reply, MovedError):  # the slot has moved
+                self._remap(client)
             if route.done(reply):
                 return reply
 
@@ -362,8 +387,8 @@ class AsyncCluster:
     ``execute_command`` retried TRYAGAIN until that deadline cut it short, as if Redis had failed, slept
     0.25 s on CLUSTERDOWN, and sent ASKING apart from the command it was for. The cluster is mapped once
     before the first command (redis-py's client, left to map it lazily, can close connections that
-    concurrent first commands are using), and again before the next command to a node that failed or
-    answered MOVED (a suspect, as on the sync cluster). That first mapping, like the setup of a node's new
+    concurrent first commands are using), and again in a task of its own after a node failed or answered
+    MOVED, as on the sync cluster (``_remap``). That first mapping, like the setup of a node's new
     connection, runs apart from the calls, within ``setup`` seconds, and the calls wait for it until their
     deadline only: a mapping that outlasts them serves the next calls, and one that failed is tried again
     (after a while if Redis refused it: see ``again``).
@@ -377,7 +402,7 @@ class AsyncCluster:
         self._mapping: asyncio.Future[None] | None = None
         self._mapped = False
         self._lock = asyncio.Lock()
-        self._suspects: set[str] = set()
+        self._remapping: asyncio.Future[None] | None = None
 
     async def _map(self) -> None:
         mapping, refused = self._mapping, None
@@ -395,7 +420,29 @@ class AsyncCluster:
         async with self._lock:
             await self.client.initialize()
 
-    async def _node(self, route: _Route) -> Any:
+    def _remap(self) -> None:
+        """``SyncCluster._remap`` for event loops: in a task of its own, within ``setup`` seconds."""
+        if self._remapping is None or self._remapping.done():
+            self._remapping = asyncio.ensure_future(self._remapped())
+
+    async def _remapped(self) -> None:
+        async def initialize() -> None:
+            nodes: Any = self.client.nodes_manager
+            async with self._lock:
+                await nodes.initialize()
+            # redis-py marks every node's connections for reconnect, and a node closes each such connection
+            # when it is released: every call would need a new connection, on a slow link longer to set up
+            # than the call may wait, and its failure would map the cluster again. The limiter closes a
+            # connection itself whenever a command on it fails. Nothing is awaited between redis-py's marks
+            # and this, so that no call releases a connection meanwhile.
+            for node in nodes.nodes_cache.values():
+                for connection in node._connections:
+                    getattr(connection, "reset_should_reconnect", lambda: None)()
+
+        with contextlib.suppress(Exception):  # the map stays as it was; the next failure maps it again
+            await timed(initialize, self.setup, "mapping the Redis Cluster again")
+
+    def _node(self, route: _Route) -> Any:
         """``SyncCluster._node`` for event loops."""
         nodes: Any = self.client.nodes_manager
         if route.address is not None:
@@ -404,32 +451,25 @@ class AsyncCluster:
                 node = redis.asyncio.cluster.ClusterNode(*route.address, **nodes.connection_kwargs)
                 nodes.set_nodes(nodes.nodes_cache, {node.name: node})
             return node
-        slot = _slot(route.command)
-        node = nodes.get_node_from_slot(slot)
-        if node.name in self._suspects:
-            self._suspects.discard(node.name)
-            async with self._lock:
-                await nodes.initialize()
-            node = nodes.get_node_from_slot(slot)
-        return node
+        return nodes.get_node_from_slot(_slot(route.command))
 
     async def _one(self, command: Command, deadline: float) -> Any:
         route = _Route(command, deadline)
         while True:
             if route.pause:
                 await asyncio.sleep(route.pause)
-            node = await self._node(route)
+            node = self._node(route)
             connection = node.acquire_connection()
             try:
                 await set_up(connection, connection.connect, self.setup, deadline)
                 reply = (await _aexchange(connection, route.sent))[-1]
             except (RedisConnectionError, RedisTimeoutError, asyncio.CancelledError):  # the deadline cancels
-                self._suspects.add(node.name)
+                self._remap()
                 raise
             finally:
                 node.release(connection)
             if isinstance(reply, MovedError):
-                self._suspects.add(node.name)
+                self._remap()
             if route.done(reply):
                 return reply
 
@@ -441,4 +481,6 @@ class AsyncCluster:
         return list(await asyncio.gather(*(self._one(command, deadline) for command in commands)))
 
     async def aclose(self) -> None:
+        if self._remapping is not None:
+            self._remapping.cancel()
         await self.client.aclose()
