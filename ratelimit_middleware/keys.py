@@ -74,7 +74,8 @@ def from_header(name: str) -> KeyFunction:
 
 
 def from_query(name: str) -> KeyFunction:
-    """The value of query parameter ``name``, if present and not blank."""
+    """The value of query parameter ``name``, if present and not blank; ``None`` if it is sent several times
+    with different values (``?key=a&key=b``), since the app may read either (see ``RequestView.query``)."""
     _non_empty(name, "from_query's name")
 
     def key(request: RequestView) -> str | None:

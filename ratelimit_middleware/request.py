@@ -153,11 +153,19 @@ class RequestView:
 
     @property
     def query(self) -> Mapping[str, str]:
-        """Query parameters (the first value of each name)."""
+        """Query parameters, each name's value; a name sent several times with different values is left out.
+
+        Frameworks disagree on which of them the app reads (Starlette and Django the last, werkzeug the
+        first), so keying on either would let a client rotate the other one and get a new key per request.
+        """
         if self._query is None:
             query: dict[str, str] = {}
+            ambiguous: set[str] = set()
             for name, value in parse_qsl(self.query_string, keep_blank_values=True):
-                query.setdefault(name, value)
+                if query.setdefault(name, value) != value:
+                    ambiguous.add(name)
+            for name in ambiguous:
+                del query[name]
             self._query = query
         return self._query
 

@@ -8,9 +8,18 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from flask import Flask
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+from werkzeug.test import Client
 
 from ratelimit_middleware import keys
+from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.request import BodyNotLoaded, RequestView
+from ratelimit_middleware.wsgi import RateLimitWSGI
 
 
 def view(
@@ -37,8 +46,18 @@ def test_from_header_is_case_insensitive_and_ignores_blanks() -> None:
 
 def test_from_query() -> None:
     key = keys.from_query("user")
-    assert key(view(query="user=carol&user=dave")) == "carol"
+    assert key(view(query="user=carol&page=2")) == "carol"
     assert key(view(query="user=")) is None
+
+
+def test_a_query_parameter_repeated_with_different_values_has_no_value() -> None:
+    """Starlette and Django read the last value, werkzeug the first: neither is safe to key on."""
+    key = keys.from_query("user")
+    assert key(view(query="user=carol&user=dave")) is None
+    assert key(view(query="user=carol&user=")) is None
+    assert key(view(query="user=carol&user=carol")) == "carol"
+    assert key(view(query="user=c%61rol&page=1&user=carol")) == "carol"  # one value, spelt two ways
+    assert view(query="user=a&page=1&user=b").query == {"page": "1"}
 
 
 def test_from_path_template_and_regex() -> None:
@@ -279,8 +298,6 @@ def test_key_builders_name_a_bad_argument(
 
 
 def test_the_checked_builders_key_requests_through_the_middleware() -> None:
-    from ratelimit_middleware.asgi import RateLimitMiddleware
-
     from .asgi_helpers import call, http_scope, status_of
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -298,3 +315,51 @@ def test_the_checked_builders_key_requests_through_the_middleware() -> None:
         for path in ("/v1/a/chat", "/v1/a/chat", "/v1/b/chat")
     ]
     assert statuses == [200, 429, 200]
+
+
+Served = Callable[[str, dict[str, str], str], int]
+"""``get(url, headers, client address)``: the status of one request through a middleware."""
+
+
+def served(kind: str, user_key: keys.KeyFunction) -> Served:
+    """A real app under the ``kind`` ("asgi": Starlette, "wsgi": Flask) middleware, 2 requests a minute per
+    user; its one route answers whoever asks."""
+    if kind == "asgi":
+
+        async def models(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        asgi_app = RateLimitMiddleware(
+            Starlette(routes=[Route("/v1/models", models)]), "2/minute", user_key=user_key
+        )
+        clients: dict[str, TestClient] = {}
+
+        def asgi_get(url: str, headers: dict[str, str], address: str) -> int:
+            client = clients.setdefault(address, TestClient(asgi_app, client=(address, 50000)))
+            return client.get(url, headers=headers).status_code
+
+        return asgi_get
+    flask_app = Flask(__name__)
+    flask_app.add_url_rule("/v1/models", "models", lambda: "ok")
+    flask_app.wsgi_app = RateLimitWSGI(  # type: ignore[method-assign]
+        flask_app.wsgi_app, "2/minute", user_key=user_key
+    )
+    client = Client(flask_app)
+
+    def wsgi_get(url: str, headers: dict[str, str], address: str) -> int:
+        return client.get(url, headers=headers, environ_base={"REMOTE_ADDR": address}).status_code
+
+    return wsgi_get
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_a_repeated_query_parameter_does_not_make_a_new_key_per_request(kind: str) -> None:
+    """Keyed on the first ``api_key``, a client rotated it and sent its real key last, which Starlette reads:
+    every request was a new key. Now such a request counts under the client's address."""
+    get = served(kind, keys.from_query("api_key"))
+    client = "203.0.113.7"
+    assert [get("/v1/models?api_key=REAL", {}, client) for _ in range(3)] == [200, 200, 429]
+    rotated = [get(f"/v1/models?api_key=junk{i}&api_key=REAL", {}, client) for i in range(4)]
+    assert rotated == [200, 200, 429, 429]
+    assert get("/v1/models?api_key=REAL&api_key=REAL", {}, client) == 429  # one value: REAL's key
+    assert get("/v1/models?api_key=OTHER&api_key=OTHER", {}, client) == 200
