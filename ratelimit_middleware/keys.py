@@ -12,7 +12,8 @@ keep them free of side effects. The defaults:
 API keys are never used raw: ``api_key()`` returns ``"key:"`` and a SHA-256 digest (its first 128 bits),
 and ``client_ip()`` returns ``"ip:<address>"``, so these two never collide. Headers such as ``X-User-ID``
 are taken as the client sends them: a client can name any user (or ``ip:...``), so let a gateway set them,
-or key on the API key.
+or key on the credential your app authenticates, and on it alone (``api_key(bearer=False)`` for an app that
+reads ``X-API-Key``): the default also reads a bearer token, which such an app ignores.
 """
 
 from __future__ import annotations
@@ -148,19 +149,34 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def api_key(header: str = "x-api-key") -> KeyFunction:
-    """``"key:"`` and the first 128 bits of the SHA-256 (hex) of the bearer token in ``Authorization``, else
-    of the ``header`` (``X-API-Key``)."""
-    lowered = _header_name(header, "api_key's header")
+def api_key(header: str | None = "x-api-key", *, bearer: bool = True) -> KeyFunction:
+    """``"key:"`` and the first 128 bits of the SHA-256 (hex) of the client's API key: the bearer token of
+    ``Authorization``, else the ``header`` (``X-API-Key``).
+
+    Key on the credential your app authenticates, and on it alone: a source the app ignores is one a client
+    can fill with a new value per request, and a new key each time. ``bearer=False`` reads the ``header``
+    only (an app that authenticates ``X-API-Key``); ``header=None`` the bearer token only.
+    """
+    if not isinstance(bearer, bool):
+        raise TypeError(f"api_key's bearer must be True or False, got {bearer!r}")
+    lowered = None if header is None else _header_name(header, "api_key's header")
+    if lowered is None and not bearer:
+        raise ValueError(
+            "api_key(header=None, bearer=False) reads no credential: keep the header or the bearer"
+        )
+
+    def secret(request: RequestView) -> str | None:
+        if bearer:
+            authorization = request.header("authorization")
+            if authorization:
+                scheme, _, token = authorization.partition(" ")
+                if scheme.lower() == "bearer" and token.strip():
+                    return token.strip()
+        return request.header(lowered) if lowered is not None else None
 
     def key(request: RequestView) -> str | None:
-        authorization = request.header("authorization")
-        if authorization:
-            scheme, _, token = authorization.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return "key:" + _digest(token.strip())
-        other = request.header(lowered)
-        return "key:" + _digest(other) if other else None
+        value = secret(request)
+        return "key:" + _digest(value) if value else None
 
     return key
 

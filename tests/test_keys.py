@@ -106,6 +106,34 @@ def test_api_key_is_hashed_never_raw() -> None:
     assert key(view({"X-API-Key": "\udcc3\udca9"})) != key(view({"X-API-Key": "é"}))
 
 
+def test_api_key_reads_only_the_sources_it_is_given() -> None:
+    both = {"Authorization": "Bearer sk-b", "X-API-Key": "sk-h"}
+    header_only = keys.api_key(bearer=False)
+    assert header_only(view(both)) == keys.api_key()(view({"X-API-Key": "sk-h"}))
+    assert header_only(view({"Authorization": "Bearer sk-b"})) is None
+    bearer_only = keys.api_key(header=None)
+    assert bearer_only(view(both)) == keys.api_key()(view({"Authorization": "Bearer sk-b"}))
+    assert bearer_only(view({"X-API-Key": "sk-h"})) is None
+    assert keys.api_key("X-Key", bearer=False)(view({"X-Key": "k"})) == keys.api_key()(
+        view({"X-API-Key": "k"})
+    )
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_a_bearer_token_the_app_ignores_does_not_make_a_new_key_per_request(kind: str) -> None:
+    """``api_key()`` prefers a bearer token: against an app that authenticates X-API-Key alone, a client sent
+    a new bearer token each time and was a new key each time. ``bearer=False`` keys on X-API-Key only."""
+    get = served(kind, keys.api_key(bearer=False))
+    client = "203.0.113.7"
+    assert [get("/v1/models", {"X-API-Key": "sk-real"}, client) for _ in range(3)] == [200, 200, 429]
+    rotated = [
+        get("/v1/models", {"X-API-Key": "sk-real", "Authorization": f"Bearer junk{i}"}, client)
+        for i in range(3)
+    ]
+    assert rotated == [429, 429, 429]
+    assert get("/v1/models", {"X-API-Key": "sk-other"}, client) == 200
+
+
 def test_client_ip_ignores_forwarding_headers_by_default() -> None:
     key = keys.client_ip()
     spoofed = view({"X-Forwarded-For": "1.2.3.4", "Forwarded": "for=5.6.7.8"}, client="10.0.0.9")
@@ -270,9 +298,15 @@ def test_one_trusted_network_may_be_given_alone() -> None:
         (lambda: keys.from_header(b"x-user-id"), TypeError, r"^from_header's name .* got b'x-user-id'$"),
         (lambda: keys.from_header("x user"), ValueError, r"^from_header's name .* got 'x user'$"),
         (
-            lambda: keys.api_key(None),
+            lambda: keys.api_key(b"x-api-key"),
             TypeError,
-            r"^api_key's header must be a header name \(str\), got None$",
+            r"^api_key's header must be a header name \(str\), got b'x-api-key'$",
+        ),
+        (lambda: keys.api_key(bearer="no"), TypeError, r"^api_key's bearer must be True or False, got 'no'$"),
+        (
+            lambda: keys.api_key(None, bearer=False),
+            ValueError,
+            r"^api_key\(header=None, bearer=False\) reads no",
         ),
         (lambda: keys.from_json_body(None), TypeError, r"^from_json_body's field must be a str, got None$"),
         (lambda: keys.from_json_body(""), ValueError, r"^from_json_body's field must not be empty$"),
