@@ -32,7 +32,7 @@ from .contract import (
 from .decision import Decision, ShadowDecision
 from .errors import FallbackDecision, RateLimiterUnavailable, UncheckedDecision
 from .hooks import check_hook
-from .keys import KeyFunction, check_key, default_model_key, default_user_key
+from .keys import KeyFunction, address_key, check_key, default_model_key, default_user_key
 from .limiter import RateLimiter
 from .names import string_items
 from .observe import Observer, notify
@@ -396,12 +396,14 @@ class Gate:
     def identify(self, request: RequestView) -> tuple[str, str]:
         """``(user, model)``; raises ``BodyNotLoaded`` when a key function needs the body first.
 
-        A user key function with no answer (``None`` or ``""``) falls back to the client address (without one:
-        ``_anonymous``).
+        A user key function with no answer (``None`` or ``""``) falls back to the client address, keyed as
+        ``client_ip()`` keys it (IPv6 on its /64; a client that is no IP address as it is), without one to
+        ``_anonymous``.
         """
         user = self.user_key(request)
         if user is None or user == "":  # "" would be one bucket for every such client
-            user = f"ip:{request.client}" if request.client else self._anonymous()
+            client = request.client
+            user = (address_key(client) or f"ip:{client}") if client else self._anonymous()
         model = self.model_key(request) or "default"
         if not isinstance(user, str) or not isinstance(model, str):
             raise TypeError(f"key functions must return str or None, got user={user!r}, model={model!r}")

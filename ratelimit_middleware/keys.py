@@ -10,14 +10,15 @@ keep them free of side effects. The defaults:
 - model: the ``X-Model`` header, else the JSON body's ``"model"`` field, else ``"default"``.
 
 API keys are never used raw: ``api_key()`` returns ``"key:"`` and a SHA-256 digest (its first 128 bits),
-and ``client_ip()`` returns ``"ip:<address>"``, so these two never collide. Headers such as ``X-User-ID``
-are taken as the client sends them: a client can name any user (or ``ip:...``), so let a gateway set them,
-or key on the credential your app authenticates, and on it alone (``api_key(bearer=False)`` for an app that
-reads ``X-API-Key``): the default also reads a bearer token, which such an app ignores.
+and ``client_ip()`` returns ``"ip:<address>"`` (of IPv6, its /64), so these two never collide. Headers such
+as ``X-User-ID`` are taken as the client sends them: a client can name any user (or ``ip:...``), so let a
+gateway set them, or key on the credential your app authenticates, and on it alone (``api_key(bearer=False)``
+for an app that reads ``X-API-Key``): the default also reads a bearer token, which such an app ignores.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import ipaddress
@@ -217,6 +218,31 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     return (address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else address
 
 
+_LONGEST_ADDRESS = 100
+"""More than any written address: ``"[v6%zone]:port"`` with quotes is about 70 characters. Longer text is
+no address, and is kept out of the cache below."""
+
+
+def address_key(address: str, ipv6_prefix: int = 64) -> str | None:
+    """``"ip:<address>"`` of one client address as a server or a proxy writes it (``None`` if it is none):
+    IPv4 as it is, an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as that IPv4 address, other IPv6 ones
+    as their network of ``ipv6_prefix`` bits (``"ip:2001:db8:1:2::/64"``; at 128 the address itself), since
+    one host usually holds a whole /64 and may send each request from a new address of it.
+
+    ``client_ip`` keys with it, and so does the gate for a user key with no answer."""
+    return _address_key(address, ipv6_prefix) if len(address) <= _LONGEST_ADDRESS else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_key(address: str, ipv6_prefix: int) -> str | None:
+    """``address_key``, remembered: parsing costs microseconds, on every request keyed by address."""
+    parsed = _parse_ip(address)
+    if isinstance(parsed, ipaddress.IPv6Address) and ipv6_prefix < 128:
+        shift = 128 - ipv6_prefix
+        return f"ip:{ipaddress.IPv6Address(int(parsed) >> shift << shift)}/{ipv6_prefix}"
+    return f"ip:{parsed}" if parsed is not None else None
+
+
 _FORWARDING_HEADERS = ("x-forwarded-for", "forwarded")
 
 
@@ -234,8 +260,11 @@ def _forwarded_for(request: RequestView, header: str) -> list[str]:
     return found
 
 
-def client_ip(trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-Forwarded-For") -> KeyFunction:
-    """``"ip:<address>"`` of the client.
+def client_ip(
+    trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-Forwarded-For", ipv6_prefix: int = 64
+) -> KeyFunction:
+    """``"ip:<address>"`` of the client; of an IPv6 client, its network of ``ipv6_prefix`` bits (1 to 128: a
+    /64 by default, what one host usually holds; see ``address_key``).
 
     Forwarding headers are honoured only behind trusted proxies, as werkzeug's ProxyFix does:
     ``trusted_proxies=N`` trusts the last N hops (the peer and the N - 1 before it); a list of networks trusts
@@ -253,6 +282,10 @@ def client_ip(trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-F
         )
     if not isinstance(header, str) or header.lower() not in _FORWARDING_HEADERS:
         raise ValueError(f"header must be 'X-Forwarded-For' or 'Forwarded', got {header!r}")
+    if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int):
+        raise TypeError(f"ipv6_prefix must be a prefix length (int), got {ipv6_prefix!r}")
+    if not 1 <= ipv6_prefix <= 128:
+        raise ValueError(f"ipv6_prefix must be from 1 to 128, got {ipv6_prefix!r}")
     header = header.lower()
     if isinstance(trusted_proxies, str):  # one network
         trusted_proxies = [trusted_proxies]
@@ -274,10 +307,7 @@ def client_ip(trusted_proxies: int | str | Iterable[str] = 0, header: str = "X-F
                 address = hop
                 if not trusted(hop):
                     break
-        if not address:
-            return None
-        parsed = _parse_ip(address)
-        return f"ip:{parsed}" if parsed is not None else None
+        return address_key(address, ipv6_prefix) if address else None
 
     return key
 

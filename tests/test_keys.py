@@ -160,7 +160,7 @@ def test_client_ip_trusts_networks_only_from_trusted_peers() -> None:
     rfc7239 = {"Forwarded": 'for="[2001:db8::1]:4711";proto=https, for=10.2.2.2'}
     assert key(view(rfc7239, client="10.0.0.1")) == "ip:10.0.0.1"  # not the header these proxies write
     by_rfc7239 = keys.client_ip(trusted_proxies=["10.0.0.0/8"], header="Forwarded")
-    assert by_rfc7239(view(rfc7239, client="10.0.0.1")) == "ip:2001:db8::1"
+    assert by_rfc7239(view(rfc7239, client="10.0.0.1")) == "ip:2001:db8::/64"
     assert key(view({"X-Forwarded-For": "garbage"}, client="10.0.0.1")) is None
     with pytest.raises(ValueError, match="not-a-net"):
         keys.client_ip(trusted_proxies=["not-a-net"])
@@ -180,6 +180,24 @@ def test_a_dual_stack_server_s_mapped_addresses_are_the_ipv4_ones() -> None:
     written_mapped = keys.client_ip(trusted_proxies=["::ffff:10.0.0.0/104"])  # as the server reported it
     assert written_mapped(view(forwarded, client="::ffff:10.0.0.5")) == "ip:198.51.100.4"
     assert written_mapped(view(forwarded, client="10.0.0.5")) == "ip:198.51.100.4"
+
+
+def test_an_ipv6_client_is_its_network_of_ipv6_prefix_bits() -> None:
+    key = keys.client_ip()
+    assert key(view(client="2001:db8:1:2:a:b:c:d")) == "ip:2001:db8:1:2::/64"
+    assert key(view(client="2001:db8:1:2::1")) == key(view(client="2001:db8:1:2:ffff::9"))
+    assert key(view(client="2001:db8:1:3::1")) == "ip:2001:db8:1:3::/64"
+    assert key(view(client="::ffff:203.0.113.9")) == "ip:203.0.113.9"  # IPv4, whatever the prefix
+    assert keys.client_ip(ipv6_prefix=128)(view(client="2001:db8::1")) == "ip:2001:db8::1"
+    assert keys.client_ip(ipv6_prefix=48)(view(client="2001:db8:1:2::1")) == "ip:2001:db8:1::/48"
+    assert keys.client_ip(ipv6_prefix=1)(view(client="ffff::1")) == "ip:8000::/1"
+    behind = keys.client_ip(trusted_proxies=1)
+    assert (
+        behind(view({"X-Forwarded-For": "[2001:db8:1:2::7]:443"}, client="10.0.0.1"))
+        == "ip:2001:db8:1:2::/64"
+    )
+    assert key(view(client="not an address")) is None
+    assert key(view(client="1" * 10_000)) is None  # no address, and never remembered
 
 
 def test_a_forwarded_hop_without_for_still_counts_as_a_hop() -> None:
@@ -320,6 +338,14 @@ def test_one_trusted_network_may_be_given_alone() -> None:
         (lambda: keys.from_path(None), TypeError, r"^from_path needs a template or a regex .* got None$"),
         (lambda: keys.client_ip(None), ValueError, r"^trusted_proxies must be a count .* got None$"),
         (lambda: keys.client_ip([5]), TypeError, r"^trusted_proxies: 5 is not an IP address or network"),
+        (lambda: keys.client_ip(ipv6_prefix=0), ValueError, r"^ipv6_prefix must be from 1 to 128, got 0$"),
+        (
+            lambda: keys.client_ip(ipv6_prefix=129),
+            ValueError,
+            r"^ipv6_prefix must be from 1 to 128, got 129$",
+        ),
+        (lambda: keys.client_ip(ipv6_prefix="64"), TypeError, r"^ipv6_prefix must be a prefix .* got '64'$"),
+        (lambda: keys.client_ip(ipv6_prefix=True), TypeError, r"^ipv6_prefix must be a prefix .* got True$"),
     ],
 )
 def test_key_builders_name_a_bad_argument(
@@ -397,3 +423,30 @@ def test_a_repeated_query_parameter_does_not_make_a_new_key_per_request(kind: st
     assert rotated == [200, 200, 429, 429]
     assert get("/v1/models?api_key=REAL&api_key=REAL", {}, client) == 429  # one value: REAL's key
     assert get("/v1/models?api_key=OTHER&api_key=OTHER", {}, client) == 200
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+@pytest.mark.parametrize(
+    ("name", "user_key"),
+    [("client_ip", keys.client_ip()), ("the gate's fallback", keys.from_header("x-user-id"))],
+)
+def test_an_ipv6_client_cannot_take_a_new_address_per_request(
+    kind: str, name: str, user_key: keys.KeyFunction
+) -> None:
+    """A host holds a whole /64: keyed on the full address, it sent each request from a new one of them and
+    was never limited. ``client_ip()`` and a user key with no answer both key it on its /64 now."""
+    get = served(kind, user_key)
+    statuses = [get("/v1/models", {}, f"2001:db8:1:2::{i + 1:x}") for i in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    assert get("/v1/models", {}, "2001:db8:1:3::1") == 200  # another /64, another client
+    assert [get("/v1/models", {}, "203.0.113.7") for _ in range(3)] == [200, 200, 429]
+    assert get("/v1/models", {}, "::ffff:203.0.113.7") == 429  # the same IPv4 client, as a dual-stack server
+    if name == "the gate's fallback":
+        assert get("/v1/models", {"X-User-ID": "alice"}, "2001:db8:1:2::9") == 200
+
+
+@pytest.mark.parametrize("kind", ["asgi", "wsgi"])
+def test_ipv6_prefix_128_keys_every_address_apart(kind: str) -> None:
+    get = served(kind, keys.client_ip(ipv6_prefix=128))
+    assert [get("/v1/models", {}, "2001:db8:1:2::1") for _ in range(3)] == [200, 200, 429]
+    assert get("/v1/models", {}, "2001:db8:1:2::2") == 200
