@@ -32,7 +32,14 @@ from .contract import (
 from .decision import Decision, ShadowDecision
 from .errors import FallbackDecision, RateLimiterUnavailable, UncheckedDecision
 from .hooks import check_hook
-from .keys import KeyFunction, address_key, check_key, default_model_key, default_user_key
+from .keys import (
+    KeyFunction,
+    address_key,
+    check_key,
+    default_model_key,
+    default_user_key,
+    leading_header,
+)
 from .limiter import RateLimiter
 from .names import string_items
 from .observe import Observer, notify
@@ -270,6 +277,13 @@ class Gate:
         self.limiter: Checker = RateLimiter() if limiter is None else as_checker(limiter)
         self.user_key = user_key or default_user_key()
         self.model_key = model_key or default_model_key()
+        # The header each key reads first, read by `identify` itself (see `keys.leading_header`).
+        self._user_header: str | None
+        self._user_rest: KeyFunction | None
+        self._model_header: str | None
+        self._model_rest: KeyFunction | None
+        self._user_header, self._user_rest = leading_header(self.user_key) or (None, self.user_key)
+        self._model_header, self._model_rest = leading_header(self.model_key) or (None, self.model_key)
         rules = [
             *((pattern, None) for pattern in exempt_paths),
             *(
@@ -400,11 +414,16 @@ class Gate:
         ``client_ip()`` keys it (IPv6 on its /64; a client that is no IP address as it is), without one to
         ``_anonymous``.
         """
-        user = self.user_key(request)
+        user = None if self._user_header is None else request.header(self._user_header)
+        if user is None and self._user_rest is not None:
+            user = self._user_rest(request)
         if user is None or user == "":  # "" would be one bucket for every such client
             client = request.client
             user = (address_key(client) or f"ip:{client}") if client else self._anonymous()
-        model = self.model_key(request) or "default"
+        model = None if self._model_header is None else request.header(self._model_header)
+        if model is None and self._model_rest is not None:
+            model = self._model_rest(request)
+        model = model or "default"
         if not isinstance(user, str) or not isinstance(model, str):
             raise TypeError(f"key functions must return str or None, got user={user!r}, model={model!r}")
         if len(user) > _MAX_KEY_LENGTH or len(model) > _MAX_KEY_LENGTH:

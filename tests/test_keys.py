@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import operator
 import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask import Flask
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -18,6 +21,7 @@ from werkzeug.test import Client
 
 from ratelimit_middleware import keys
 from ratelimit_middleware.asgi import RateLimitMiddleware
+from ratelimit_middleware.gate import Gate
 from ratelimit_middleware.request import BodyNotLoaded, RequestView
 from ratelimit_middleware.wsgi import RateLimitWSGI
 
@@ -225,6 +229,55 @@ def test_first_of_and_constant() -> None:
     assert key(view()) == "z"
     with pytest.raises(ValueError, match="at least one"):
         keys.first_of()
+
+
+_NAMES = ("a", "b", "x-user-id")
+_KEYS = st.recursive(
+    st.one_of(
+        st.sampled_from(_NAMES).map(keys.from_header),
+        st.sampled_from(["z", "w"]).map(keys.constant),
+        st.sampled_from(["q"]).map(keys.from_query),
+    ),
+    lambda inner: st.lists(inner, min_size=1, max_size=3).map(lambda functions: keys.first_of(*functions)),
+    max_leaves=6,
+)
+_HEADERS = st.dictionaries(st.sampled_from([*_NAMES, "A", "B"]), st.sampled_from(["1", " 2 ", "", " "]))
+
+
+@given(_KEYS, _HEADERS, st.sampled_from(["", "q=3", "q=%20"]))
+def test_a_leading_header_and_the_rest_answer_as_the_key_function_does(
+    key: keys.KeyFunction, headers: dict[str, str], query: str
+) -> None:
+    """What ``Gate.identify`` reads in place of a ``from_header`` or a ``first_of`` that starts with one."""
+    request = view(headers, query=query)
+    leading = keys.leading_header(key)
+    if leading is None:
+        return
+    header, rest = leading
+    answer = request.header(header)
+    if answer is None and rest is not None:
+        answer = rest(request)
+    assert answer == key(request)
+
+
+def test_only_from_header_and_first_of_one_have_a_leading_header() -> None:
+    assert keys.leading_header(keys.from_header("X-User-ID")) == ("x-user-id", None)
+    user = keys.leading_header(keys.default_user_key())
+    assert user is not None and user[0] == "x-user-id"
+    assert keys.leading_header(keys.first_of(keys.constant("z"), keys.from_header("a"))) is None
+    assert keys.leading_header(keys.api_key()) is None
+    assert keys.leading_header(lambda request: "mine") is None
+    assert keys.leading_header(operator.attrgetter("path")) is None  # no weak reference to it
+
+
+@given(_KEYS, _KEYS, _HEADERS, st.sampled_from(["", "q=3"]))
+def test_the_gate_identifies_as_its_key_functions_answer(
+    user_key: keys.KeyFunction, model_key: keys.KeyFunction, headers: dict[str, str], query: str
+) -> None:
+    request = view(headers, query=query)
+    user, model = user_key(request), model_key(request)
+    expected = (user or "ip:203.0.113.7", model or "default")
+    assert Gate("10/minute", user_key=user_key, model_key=model_key).identify(request) == expected
 
 
 def test_default_keys() -> None:
