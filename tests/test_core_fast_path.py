@@ -1,10 +1,11 @@
-"""The fast path of ``allow`` gives exactly the answers of the general path, decision by decision.
+"""The fast path of ``check`` and ``allow`` gives the answers of the general path, decision by decision.
 
-``allow`` on the in-memory backend never builds a ``Decision``: for one rule it runs ``Algorithm.admit``
-(evaluate and commit in one pass) in a closure built at bind time. These tests drive that path and the general
-one (``check``, ``Algorithm.evaluate`` then ``commit``) with the same traffic and compare everything that can
-be observed afterwards: the answers, the states, remaining, retry_after and reset_after, the counts and the
-keys held.
+For one rule, the in-memory backend runs ``Algorithm.admit`` (evaluate and commit in one pass) in a closure
+built at bind time; ``check`` then reads the figures of its ``Decision`` from the state left
+(``Algorithm.figures``), and ``allow`` never builds one.
+These tests drive that path and the general one (``Algorithm.evaluate`` then ``commit``, the backend's
+``_decide`` for any rules) with the same traffic and compare everything that can be observed afterwards: the
+answers, the states, remaining, retry_after and reset_after, the counts and the keys held.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ algorithm_traffic = st.lists(
 def test_admit_is_evaluate_then_commit(
     name: str, limit: int, window: float, start: float, traffic: list[tuple[float, int, int]]
 ) -> None:
-    """``admit`` allows exactly when ``evaluate`` does and leaves exactly the state ``commit`` would."""
+    """``admit`` allows exactly when ``evaluate`` does and leaves exactly the state ``commit`` would, whose
+    ``figures`` are those of ``evaluate``'s verdict; a denial leaves the state as it was."""
     algorithm: Algorithm[Any] = ALGORITHMS[name](limit, window)
     state: Any = None
     now = start
@@ -57,11 +59,15 @@ def test_admit_is_evaluate_then_commit(
     for step, cost, settle in traffic:
         now += step
         cost = min(cost, limit)
+        before = copy.copy(state)
         admitted = algorithm.admit(copy.copy(state), now, cost)
         verdict = algorithm.evaluate(state, now, cost)
         assert (admitted is not None) == verdict[0]
-        if admitted is not None:
+        if admitted is None:
+            assert state == before
+        else:
             assert admitted == algorithm.commit(copy.copy(state), now, cost)
+            assert (True, *algorithm.figures(copy.copy(admitted), now, cost)) == (*verdict[:2], verdict[3])
             state, charged_at = admitted, now
         if settle and charged_at is not None:  # reservations settle charges: admit must read those states
             state = algorithm.adjust(state, now, charged_at, settle)
@@ -73,29 +79,37 @@ limiter_traffic = st.lists(
 )
 
 
-def assert_same_state(one: Any, other: Any, users: list[str]) -> None:
-    """Both limiters hold the same keys and answer a probe (cost 0: it charges nothing) identically."""
-    assert len(one) == len(other)
+def assert_same_state(users: list[str], one: Any, *others: Any) -> None:
+    """The limiters hold the same keys and answer a probe (cost 0: it charges nothing) identically."""
+    for other in others:
+        assert len(one) == len(other)
     for user in users:
-        assert one.check(user, "m", 0) == other.check(user, "m", 0)
-        assert one.get_request_count(user, "m") == other.get_request_count(user, "m")
+        probe = one.check(user, "m", 0)
+        count = one.get_request_count(user, "m")
+        for other in others:
+            assert other.check(user, "m", 0) == probe
+            assert other.get_request_count(user, "m") == count
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 @settings(max_examples=150, deadline=None)
 @given(limit=limits, window=windows, max_keys=st.integers(1, 5), traffic=limiter_traffic)
-def test_allow_matches_check(
+def test_allow_and_check_match_the_general_decide(
     name: str, limit: int, window: float, max_keys: int, traffic: list[tuple[float, str, int]]
 ) -> None:
-    """Single rule: ``allow`` (the fast path) and ``check`` agree on every call and leave the same state,
-    including which keys ``max_keys`` evicted."""
+    """Single rule: ``allow`` and ``check`` (the fast path) agree on every call with the backend's general
+    ``_decide`` (every rule evaluated, then committed), ``check`` on every figure, and all three leave the
+    same state, including which keys ``max_keys`` evicted."""
     clock = FakeClock()
-    fast = RateLimiter(limit, window, algorithm=name, clock=clock, max_keys=max_keys)
-    general = RateLimiter(limit, window, algorithm=name, clock=clock, max_keys=max_keys)
+    allowing, checking, general = (
+        RateLimiter(limit, window, algorithm=name, clock=clock, max_keys=max_keys) for _ in range(3)
+    )
     for step, user, cost in traffic:
         clock.advance(step)
-        assert fast.allow(user, "m", cost) == general.check(user, "m", cost).allowed
-        assert_same_state(fast, general, ["a", "b", "c", "d"])
+        decision = general._backend._decide(user, "m", cost)  # type: ignore[attr-defined]
+        assert checking.check(user, "m", cost) == decision
+        assert allowing.allow(user, "m", cost) == decision.allowed
+        assert_same_state(["a", "b", "c", "d"], allowing, checking, general)
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
@@ -113,7 +127,7 @@ def test_aallow_matches_check(
         for step, user, cost in traffic:
             clock.advance(step)
             assert await fast.aallow(user, "m", cost) == general.check(user, "m", cost).allowed
-            assert_same_state(fast, general, ["a", "b", "c", "d"])
+            assert_same_state(["a", "b", "c", "d"], fast, general)
 
     asyncio.run(drive())
 
@@ -138,7 +152,7 @@ def test_multi_tier_allow_matches_check(name: str, limit: int, traffic: list[tup
         clock.advance(step)
         decision = general.check(user, "m", cost)
         assert fast.allow(user, "m", cost) == (decision.allowed, decision.reason)
-        assert_same_state(fast, general, ["a", "b", "c", "d"])
+        assert_same_state(["a", "b", "c", "d"], fast, general)
 
 
 @pytest.mark.parametrize("tier", ["per_user_model", "per_model", "per_user", "global_limit"])

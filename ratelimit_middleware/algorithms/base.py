@@ -4,7 +4,8 @@ An algorithm instance is bound to one window (``limit`` units per ``window`` sec
 state (``None`` for a key never seen or forgotten) and the time, and says what a request of ``cost`` units
 would get. ``commit`` returns the state after admitting it. Storage keeps the states, one per key, and makes
 the evaluate-then-commit of all windows of a decision atomic; the Redis scripts implement the same contract.
-``admit`` is both steps at once, for a single window whose caller only needs the answer (``allow``).
+``admit`` is both steps at once, for a single window (``check`` and ``allow`` of a single rule in memory);
+``figures`` then gives ``check`` the figures of an admitted request from the state ``admit`` left.
 
 Preconditions enforced by the caller: ``limit >= 1`` and ``0 <= cost <= limit`` (a cost above the limit is
 denied before any algorithm runs: it can never fit). ``adjust`` settles an earlier charge after the fact
@@ -69,6 +70,13 @@ class Algorithm(ABC, Generic[S]):
         figures only a ``Decision`` needs: it is the whole work of ``allow`` on a single window.
         """
         return self.commit(state, now, cost) if self.evaluate(state, now, cost)[0] else None
+
+    @abstractmethod
+    def figures(self, state: S, now: float, cost: int) -> tuple[int, float]:
+        """``(remaining, reset_after)`` of a request of ``cost`` units (``cost >= 1``) admitted at ``now``,
+        from the state it left (``admit`` or ``commit``): those of ``evaluate``'s verdict for it.
+
+        Apart from ``admit``, which ``allow`` runs alone: it needs the answer only."""
 
     @abstractmethod
     def used(self, state: S | None, now: float) -> int:

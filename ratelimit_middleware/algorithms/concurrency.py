@@ -27,6 +27,9 @@ class Concurrency(Algorithm[int]):
     def commit(self, state: int | None, now: float, cost: int) -> int:
         return (state or 0) + cost
 
+    def figures(self, state: int, now: float, cost: int) -> tuple[int, float]:
+        return self.limit - state, 0.0
+
     def used(self, state: int | None, now: float) -> int:
         return state or 0
 

@@ -28,21 +28,22 @@ class FixedWindow(Algorithm[int]):
         return used if state_k == k else 0
 
     def evaluate(self, state: int | None, now: float, cost: int) -> Verdict:
-        window = self.window
-        k = int(now // window)
+        k = int(now // self.window)
         used = self._used_now(state, k)
-        to_next = (k + 1) * window - now
-        if (now + to_next) // window <= k:  # the rounded boundary still falls in window k (a decimal window)
-            to_next = self._to_next(now, k, to_next)
+        to_next = self._to_next(now, k)
         if used + cost <= self.limit:
             after = used + cost
             return True, self.limit - after, 0.0, to_next if after else 0.0
         return False, 0, to_next, to_next
 
-    def _to_next(self, now: float, k: int, to_next: float) -> float:
-        """``to_next`` raised until ``now`` plus it falls in window ``k + 1`` by ``now // window``."""
+    def _to_next(self, now: float, k: int) -> float:
+        """Seconds from ``now`` (in window ``k``) to window ``k + 1``: to its start, raised if needed until
+        ``now`` plus it falls in window ``k + 1`` by ``now // window`` (a decimal window's start rounds)."""
         window = self.window
-        return wait_until(now, to_next, lambda later: later // window > k)
+        to_next = (k + 1) * window - now
+        if (now + to_next) // window <= k:  # the rounded boundary still falls in window k
+            to_next = wait_until(now, to_next, lambda later: later // window > k)
+        return to_next
 
     def commit(self, state: int | None, now: float, cost: int) -> int:
         k = int(now // self.window)
@@ -53,6 +54,10 @@ class FixedWindow(Algorithm[int]):
         start = int(now // self.window) * base  # window k with nothing used; the states of k follow it
         used = state - start if state is not None and start <= state < start + base else 0
         return start + used + cost if used + cost <= self.limit else None
+
+    def figures(self, state: int, now: float, cost: int) -> tuple[int, float]:
+        k = int(now // self.window)
+        return self.limit - self._used_now(state, k), self._to_next(now, k)
 
     def used(self, state: int | None, now: float) -> int:
         return self._used_now(state, int(now // self.window))

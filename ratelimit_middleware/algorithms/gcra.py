@@ -55,23 +55,34 @@ class GCRA(Algorithm[float]):
 
     def evaluate(self, state: float | None, now: float, cost: int) -> Verdict:
         tat = now if state is None or state < now else state
-        interval, ceiling, drift = self.interval, self.ceiling, self.drift
-        after = tat + cost * interval  # what `commit` stores
+        ceiling, drift = self.ceiling, self.drift
+        after = tat + cost * self.interval  # what `commit` stores
         debt = after - now
         spare = now * drift
         if spare > self.cap:
             spare = self.cap
         bound = ceiling + spare
         if debt <= bound:
-            # The most units one more request could take, by admission's own expression: the quotient alone
-            # is one off either way when the sums round.
-            remaining = int((bound - debt) / interval)
-            if after + remaining * interval - now > bound:
-                remaining -= 1
-            elif after + (remaining + 1) * interval - now <= bound:
-                remaining += 1
-            return True, remaining, 0.0, debt
+            return True, self._remaining(after, now, bound), 0.0, debt
         return False, 0, self._wait(tat, now, cost, debt), tat - now
+
+    def _remaining(self, after: float, now: float, bound: float) -> int:
+        """The most units one more request could take after one that leaves ``after`` (its debt within
+        ``bound``), by admission's own expression: the quotient alone is one off either way when the sums
+        round."""
+        interval = self.interval
+        remaining = int((bound - (after - now)) / interval)
+        if after + remaining * interval - now > bound:
+            remaining -= 1
+        elif after + (remaining + 1) * interval - now <= bound:
+            remaining += 1
+        return remaining
+
+    def figures(self, state: float, now: float, cost: int) -> tuple[int, float]:
+        spare = now * self.drift
+        if spare > self.cap:
+            spare = self.cap
+        return self._remaining(state, now, self.ceiling + spare), state - now
 
     def _wait(self, tat: float, now: float, cost: int, debt: float) -> float:
         """The wait until ``cost`` fits, admitted by ``evaluate`` at ``now`` plus it (a method of its own: a

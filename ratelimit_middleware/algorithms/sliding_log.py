@@ -111,6 +111,12 @@ class SlidingLog(Algorithm[Log]):
             return now
         return None if self.used(state, now) >= self.limit else self._log_one(state, now)
 
+    def figures(self, state: Log, now: float, cost: int) -> tuple[int, float]:
+        # A request resets the key a whole window ahead.
+        if type(state) is array:  # a busy key: `used` without its look at the layout
+            return self.limit - len(state) + self._first_live(state, now), self.window
+        return self.limit - self.used(state, now), self.window
+
     def used(self, state: Log | None, now: float) -> int:
         if state is None:
             return 0

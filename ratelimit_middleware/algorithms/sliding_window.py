@@ -62,11 +62,22 @@ class SlidingWindow(Algorithm[int]):
         previous, current = self._counts(state, k)
         fits_at = self._fits_at(start, previous, current, cost)
         if current + cost <= self.limit and now >= fits_at - self.tolerance:
-            estimate = previous * (1 - (now - start) / window) + current + cost
-            remaining = max(int(self.limit - estimate + 1e-9), 0)
-            return True, remaining, 0.0, start + 2 * window - now
+            return True, self._remaining(start, previous, current + cost, now), 0.0, start + 2 * window - now
         reset = (start + 2 * window if current else start + window) - now
         return False, 0, self._wait(state, now, cost, fits_at), reset
+
+    def _remaining(self, start: float, previous: int, current: int, now: float) -> int:
+        """Units left at ``now`` in the window starting at ``start`` by the estimate, ``current`` counting
+        this request."""
+        estimate = previous * (1 - (now - start) / self.window) + current
+        return max(int(self.limit - estimate + 1e-9), 0)
+
+    def figures(self, state: int, now: float, cost: int) -> tuple[int, float]:
+        window = self.window
+        k = int(now // window)
+        start = k * window
+        previous, current = self._counts(state, k)
+        return self._remaining(start, previous, current, now), start + 2 * window - now
 
     def _wait(self, state: int | None, now: float, cost: int, fits_at: float) -> float:
         """The wait until ``fits_at``, admitted by ``evaluate`` at ``now`` plus it (a method of its own: a

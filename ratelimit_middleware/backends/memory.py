@@ -23,7 +23,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast, overload
 
 from ..algorithms import Verdict
 from ..decision import Decision
@@ -32,6 +32,8 @@ from ..policy import CounterName, Policy, Rule, counter_names
 from .base import Reserved
 
 __all__ = ["DEFAULT_MAX_KEYS", "MemoryBackend", "MemoryStorage"]
+
+_new_tuple = tuple.__new__
 
 DEFAULT_MAX_KEYS = 1_000_000
 """About 200 MB of states at most for the O(1) algorithms (see DESIGN.md for bytes per key)."""
@@ -136,19 +138,21 @@ class MemoryBackend:
         self._max_keys = storage.max_keys
         self._lock = storage._lock
         self._stores = stores
-        # One rule: `decide` skips the per-rule lists (the common case, kept on the hot path).
-        self._single = (
-            (policy.rules[0], self._stores[0], policy.rules[0].algorithm) if len(policy.rules) == 1 else None
+        # One rule, the common case: closures over it, built once (see `_single`).
+        single = len(policy.rules) == 1
+        self.decide: Callable[[str, str, int], Decision] = (
+            self._single(decides=True) if single else self._decide
         )
+        """Evaluate every rule at the current time; commit all or nothing."""
         self.allows: Callable[[str, str, int], bool] = (
-            self._decided if self._single is None else self._single_allows()
+            self._single(decides=False) if single else self._decided
         )
-        """``decide(...).allowed`` without building the ``Decision``: all that ``allow`` needs."""
+        """``decide(...).allowed``, without a single rule's ``Decision``: all that ``allow`` needs."""
 
     # -- decisions ---------------------------------------------------------------------------------
 
-    def decide(self, user: str, model: str, cost: int) -> Decision:
-        """Evaluate every rule at the current time; commit all or nothing."""
+    def _decide(self, user: str, model: str, cost: int) -> Decision:
+        """``decide`` for any rules and any cost."""
         policy = self._policy
         if cost > policy.min_limit:
             return policy.oversized(cost)
@@ -157,18 +161,6 @@ class MemoryBackend:
         try:
             now = self._now()
             self._tick(now)
-            if self._single is not None:  # the common case, without the lists
-                rule, store, algorithm = self._single
-                key = rule.identity(user, model)
-                state = store.get(key)
-                if state is not None:
-                    store.move_to_end(key)
-                verdict = algorithm.evaluate(state, now, cost)
-                if verdict[0] and cost:
-                    if state is None:
-                        self._make_room(rule, store, now)
-                    store[key] = algorithm.commit(state, now, cost)
-                return rule.decision(verdict, cost)
             verdicts = self._evaluate(policy.rules, user, model, [cost] * len(policy.rules), now)
         finally:
             self._lock.release()
@@ -177,23 +169,34 @@ class MemoryBackend:
     def _decided(self, user: str, model: str, cost: int) -> bool:
         return self.decide(user, model, cost).allowed
 
-    def _single_allows(self) -> Callable[[str, str, int], bool]:
-        """``allows`` for a single rule: a closure over everything it reads, since it runs once per request.
+    @overload
+    def _single(self, *, decides: Literal[True]) -> Callable[[str, str, int], Decision]: ...
+
+    @overload
+    def _single(self, *, decides: Literal[False]) -> Callable[[str, str, int], bool]: ...
+
+    def _single(self, *, decides: bool) -> Callable[[str, str, int], Decision | bool]:
+        """``decide`` (``decides``) or ``allows`` for a single rule: a closure over everything it reads,
+        since it runs once per request.
 
         For ``1 <= cost <= limit`` (nearly every call), ``Algorithm.admit`` evaluates and commits in one pass;
-        anything else goes through ``decide``.
+        ``decide`` then takes the figures of its ``Decision`` from the state left (``Algorithm.figures``), or
+        a denial's from ``evaluate`` (``admit`` left the state as it was). ``allows`` needs neither. Anything
+        else goes through ``_decide``.
         """
         rule = self._policy.rules[0]
-        store, admit, limit = self._stores[0], rule.algorithm.admit, rule.limit
+        algorithm, store, limit = rule.algorithm, self._stores[0], rule.limit
+        admit, figures, evaluate = algorithm.admit, algorithm.figures, algorithm.evaluate
+        tier, seconds, unit = rule.tier, rule.seconds, rule.unit
         get, move_to_end, clock = store.get, store.move_to_end, self._clock
         acquire, release = self._lock.acquire, self._lock.release
         identity = rule.identity
-        pair = rule.tier == "per_user_model"  # its key, built inline: (user, model)
-        decide, backend, storage = self.decide, self, self._storage
+        pair = tier == "per_user_model"  # its key, built inline: (user, model)
+        decide, backend, storage = self._decide, self, self._storage
 
-        def allows(user: str, model: str, cost: int) -> bool:
+        def single(user: str, model: str, cost: int) -> Decision | bool:
             if not 0 < cost <= limit:
-                return decide(user, model, cost).allowed
+                return decide(user, model, cost) if decides else decide(user, model, cost).allowed
             key = (user, model) if pair else identity(user, model)
             acquire()
             try:
@@ -202,7 +205,7 @@ class MemoryBackend:
                     now = storage._last
                 else:
                     storage._last = now
-                storage._until_sweep -= 1  # `_tick` inline: the same count as `decide`, without a call
+                storage._until_sweep -= 1  # `_tick` inline: the same count as `_decide`, without a call
                 if storage._until_sweep <= 0:
                     storage._sweep(now)
                 state = get(key)
@@ -210,15 +213,25 @@ class MemoryBackend:
                     move_to_end(key)
                 admitted = admit(state, now, cost)
                 if admitted is None:
-                    return False
-                if state is None:
-                    backend._make_room(rule, store, now)
-                store[key] = admitted
-                return True
+                    if not decides:
+                        return False
+                    verdict = evaluate(state, now, cost)  # the denial's figures
+                else:
+                    if state is None:
+                        backend._make_room(rule, store, now)
+                    store[key] = admitted
+                    if not decides:
+                        return True
+                    remaining, reset_after = figures(admitted, now, cost)
+                    # `Rule.decision` inline; tuple.__new__ skips the generated keyword __new__.
+                    return _new_tuple(
+                        Decision, (True, limit, remaining, 0.0, reset_after, tier, seconds, cost, unit, None)
+                    )
             finally:
                 release()
+            return rule.decision(verdict, cost)
 
-        return allows
+        return single
 
     def _evaluate(
         self, rules: Sequence[Rule], user: str, model: str, costs: Sequence[int], now: float
