@@ -127,21 +127,51 @@ _Denied = tuple[_Header[AnyStr], _Header[AnyStr], list[_Header[AnyStr]]]
 _MAX_REMEMBERED_DENIALS = 64  # per limit: waits of up to about a minute, as clients count them down
 
 
-class _Parts(Generic[AnyStr]):
-    """The constant parts of one limit's informational headers, as text or as ASGI bytes."""
+class _Reset(Generic[AnyStr]):
+    """One reset, written: what the headers say of it."""
 
-    __slots__ = ("denials", "limit", "openai", "policy", "state")
+    __slots__ = ("duration", "pair", "seconds", "then")
+
+    def __init__(self, wire: _Wire[AnyStr], reset: float) -> None:
+        self.seconds: AnyStr = wire.number(str(math.ceil(reset)))
+        """Whole seconds, rounded up."""
+        self.duration: AnyStr = wire.number(go_duration(reset))
+        """A Go duration (OpenAI's reset headers)."""
+        self.then: AnyStr = wire.then + self.seconds
+        """The end of a ``RateLimit`` item: ``;t=`` and the seconds."""
+        self.pair: tuple[AnyStr, AnyStr] = (wire.reset, self.seconds)
+        """``X-RateLimit-Reset``."""
+
+
+class _Parts(Generic[AnyStr]):
+    """The constant parts of one limit's informational headers, as text or as ASGI bytes (``wire``): its
+    header pairs that never change built once, so that a response writes only what does (remaining, and a
+    reset other than the window)."""
+
+    __slots__ = ("at_window", "denials", "limit", "limit_pair", "openai", "policy", "policy_pair", "state")
 
     def __init__(
-        self, policy: AnyStr, state: AnyStr, limit: AnyStr, openai: tuple[AnyStr, ...] | None
+        self,
+        wire: _Wire[AnyStr],
+        policy: AnyStr,
+        state: AnyStr,
+        limit: AnyStr,
+        openai: tuple[AnyStr, ...] | None,
+        window: float,
     ) -> None:
         self.policy: AnyStr = policy
         """Its ``RateLimit-Policy`` item."""
+        self.policy_pair: tuple[AnyStr, AnyStr] = (wire.policy, policy)
         self.state: AnyStr = state
         """The start of its ``RateLimit`` item: ``"per_user_model";r=``."""
         self.limit: AnyStr = limit
-        self.openai: tuple[AnyStr, ...] | None = openai
-        """OpenAI's limit, remaining and reset header names for its unit, if it has them."""
+        self.limit_pair: tuple[AnyStr, AnyStr] = (wire.limit, limit)
+        self.openai: tuple[tuple[AnyStr, AnyStr], AnyStr, AnyStr] | None = (
+            None if openai is None else ((openai[0], limit), openai[1], openai[2])
+        )
+        """OpenAI's limit header, and its remaining and reset header names, for its unit if it has them."""
+        self.at_window: _Reset[AnyStr] = _Reset(wire, window)
+        """A reset one window ahead: every allowed request of a sliding log."""
         self.denials: dict[int, _Denied[AnyStr]] = {}
         """The headers of its denials that depend on the whole seconds to wait only, by those seconds."""
 
@@ -182,12 +212,14 @@ def _rule(tier: str, unit: str, limit: int, window: float) -> _Rule:
     openai = None
     if openai_unit is not None:
         openai = tuple(f"x-ratelimit-{field}-{openai_unit}" for field in ("limit", "remaining", "reset"))
-    text = _Parts(policy, f"{name};r=", str(limit), openai)
+    text = _Parts(_TEXT, policy, f"{name};r=", str(limit), openai, window)
     raw = _Parts(
+        _RAW,
         _encode_value(policy),
         _encode_value(text.state),
         _encode_value(text.limit),
         None if openai is None else tuple(_encode_name(header) for header in openai),
+        window,
     )
     per = f"{unit.replace('_', ' ')} per {describe_seconds(window)}"
     return _Rule(text, raw, per, _ERROR_TYPES.get(unit, "tokens"))
@@ -203,10 +235,13 @@ class _Wire(Generic[AnyStr]):
         name: Callable[[str], AnyStr],
         value: Callable[[str], AnyStr],
         number: Callable[[str], AnyStr],
+        count: Callable[[int], AnyStr],
     ) -> None:
         self.parts: Callable[[_Rule], _Parts[AnyStr]] = parts
         self.number: Callable[[str], AnyStr] = number
         """Writes the figures that change (ASCII digits and durations)."""
+        self.count: Callable[[int], AnyStr] = count
+        """Writes a count (``number(str(count))`` in one call)."""
         names = [name(header) for header in _HEADER_NAMES]
         self.policy: AnyStr = names[0]
         self.state: AnyStr = names[1]
@@ -223,23 +258,21 @@ class _Wire(Generic[AnyStr]):
             (names[9], value("true")),
             (names[9], value("false")),
         )
-        self._resets: dict[float, tuple[AnyStr, AnyStr]] = {}
+        self._resets: dict[float, _Reset[AnyStr]] = {}
 
-    def written_reset(self, seconds: float) -> tuple[AnyStr, AnyStr]:
-        """``seconds`` rounded up and as a Go duration, written.
+    def written_reset(self, seconds: float) -> _Reset[AnyStr]:
+        """A reset ``seconds`` ahead, written.
 
-        Remembered: most resets repeat (an allowed sliding log resets a whole window ahead, a denial in
-        whole seconds), and writing a duration costs more than the rest of a header.
+        Remembered: most resets repeat (a denial's in whole seconds; an allowed sliding log resets a whole
+        window ahead, which each limit keeps written: ``_Parts.at_window``), and writing a duration costs more
+        than the rest of a header.
         """
-        texts = self._resets.get(seconds)
-        if texts is None:
+        written = self._resets.get(seconds)
+        if written is None:
             if len(self._resets) >= _MAX_REMEMBERED_RESETS:
                 self._resets.clear()
-            texts = self._resets[seconds] = (
-                self.number(str(math.ceil(seconds))),
-                self.number(go_duration(seconds)),
-            )
-        return texts
+            written = self._resets[seconds] = _Reset(self, seconds)
+        return written
 
 
 _HEADER_NAMES = (  # the informational headers', then the denial's own
@@ -254,42 +287,43 @@ _HEADER_NAMES = (  # the informational headers', then the denial's own
     "retry-after-ms",
     "x-should-retry",
 )
-_TEXT = _Wire(attrgetter("text"), str, str, str)
-_RAW = _Wire(attrgetter("raw"), _encode_name, _encode_value, str.encode)
+_TEXT = _Wire(attrgetter("text"), str, str, str, str)
+_RAW = _Wire(attrgetter("raw"), _encode_name, _encode_value, str.encode, b"%d".__mod__)
 
 
-def _figures(wire: _Wire[AnyStr], decision: Decision) -> tuple[_Parts[AnyStr], AnyStr, AnyStr, AnyStr]:
-    """``(constant parts, remaining, reset in whole seconds, reset as a Go duration)`` of one decision."""
+def _figures(wire: _Wire[AnyStr], decision: Decision) -> tuple[_Parts[AnyStr], AnyStr, _Reset[AnyStr]]:
+    """``(constant parts, remaining, reset)`` of one decision, written."""
     reset = decision.reset_after if decision.allowed else float(retry_after_seconds(decision))
     parts = wire.parts(_rule(decision.tier, decision.unit, decision.limit, decision.window_seconds))
-    seconds, duration = wire.written_reset(reset)
-    return parts, wire.number(str(decision.remaining)), seconds, duration
+    written = parts.at_window if reset == decision.window_seconds else wire.written_reset(reset)
+    return parts, wire.count(decision.remaining), written
 
 
 def _informational(
     wire: _Wire[AnyStr], decision: Decision, others: tuple[Decision, ...]
 ) -> list[tuple[AnyStr, AnyStr]]:
-    parts, remaining, seconds, duration = _figures(wire, decision)
+    parts, remaining, reset = _figures(wire, decision)
     headers = [
-        (wire.policy, parts.policy),
-        (wire.state, parts.state + remaining + wire.then + seconds),
-        (wire.limit, parts.limit),
+        parts.policy_pair,
+        (wire.state, parts.state + remaining + reset.then),
+        parts.limit_pair,
         (wire.remaining, remaining),
-        (wire.reset, seconds),
+        reset.pair,
     ]
     if parts.openai is not None:
-        limit_name, remaining_name, reset_name = parts.openai
-        headers += ((limit_name, parts.limit), (remaining_name, remaining), (reset_name, duration))
+        limit_pair, remaining_name, reset_name = parts.openai
+        headers += (limit_pair, (remaining_name, remaining), (reset_name, reset.duration))
     if others:  # a reservation: every unit's item, and OpenAI's headers of each unit named once
-        policies, states, named = [parts.policy], [headers[1][1]], [parts.openai]
+        policies, states = [parts.policy], [headers[1][1]]
+        named = [] if parts.openai is None else [parts.openai[1]]  # by their remaining header's name
         for other in others:
-            parts, remaining, seconds, duration = _figures(wire, other)
+            parts, remaining, reset = _figures(wire, other)
             policies.append(parts.policy)
-            states.append(parts.state + remaining + wire.then + seconds)
-            if parts.openai is not None and parts.openai not in named:
-                named.append(parts.openai)
-                limit_name, remaining_name, reset_name = parts.openai
-                headers += ((limit_name, parts.limit), (remaining_name, remaining), (reset_name, duration))
+            states.append(parts.state + remaining + reset.then)
+            if parts.openai is not None and parts.openai[1] not in named:
+                limit_pair, remaining_name, reset_name = parts.openai
+                named.append(remaining_name)
+                headers += (limit_pair, (remaining_name, remaining), (reset_name, reset.duration))
         headers[0] = (wire.policy, wire.comma.join(policies))
         headers[1] = (wire.state, wire.comma.join(states))
     headers.append(wire.expose)

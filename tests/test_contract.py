@@ -234,6 +234,22 @@ def test_headers_match_the_plain_build_in_text_and_asgi_bytes(batch: list[Decisi
     assert raw_informational_headers(*batch) == encode_headers(headers)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(decisions, min_size=1, max_size=4), st.lists(st.booleans(), min_size=4, max_size=4))
+def test_headers_of_resets_a_window_ahead_match_the_plain_build(
+    batch: list[Decision], at_window: list[bool]
+) -> None:
+    """A reset one window ahead (every allowed request of a sliding log) is written once per limit."""
+    batch = [
+        decision._replace(reset_after=decision.window_seconds) if moved else decision
+        for decision, moved in zip(batch, at_window, strict=False)
+    ]
+    for _ in range(2):
+        headers = informational_headers(*batch)
+        assert headers == _reference_informational(*batch)
+        assert raw_informational_headers(*batch) == encode_headers(headers)
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.lists(decisions, min_size=1, max_size=4))
 def test_denials_match_the_plain_build(batch: list[Decision]) -> None:
