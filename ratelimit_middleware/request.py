@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import cast
 from urllib.parse import parse_qsl
 
 __all__ = ["BodyNotLoaded", "PairHeaders", "RequestView", "ServerHeaders"]
@@ -128,10 +127,12 @@ class RequestView:
         self.path = path
         self.query_string = query_string
         self.client = client
-        if getattr(raw_headers, "read_in_place", False) is True:  # a ServerHeaders, without an ABC isinstance
-            self._headers = cast(ServerHeaders, raw_headers)
+        # A ServerHeaders, told by an attribute: an isinstance() of the ABC, or a cast() to tell mypy, would
+        # be a call on every request.
+        if getattr(raw_headers, "read_in_place", False) is True:
+            self._headers: ServerHeaders = raw_headers  # type: ignore[assignment]
         else:
-            self._headers = PairHeaders(cast("Iterable[tuple[str, str]]", raw_headers))
+            self._headers = PairHeaders(raw_headers)  # type: ignore[arg-type]
         self._query: dict[str, str] | None = None
         self._body: bytes | None = None  # None: not loaded; b"" after loading an empty or over-cap body
         self._json: object = _UNSET
