@@ -295,6 +295,9 @@ class Gate:
         limiters = [self.limiter, *(checker for _, checker in rules if checker is not None)]
         self.reserves = any(reserver_of(checker) is not None for checker in limiters)
         """Whether any of its limits has token or concurrency limits (requests are then reserved)."""
+        self._routes = bool(rules) or any(isinstance(checker, _ROUTED) for checker in limiters)
+        # Whether a request's limiter may be routed (`routed`: Plans, Shadow, or Both beside a path rule):
+        # with `reserves`, resolved once here, so that `ask` skips both look-ups for a plain configuration.
         self.check_token_options(
             estimator=estimator is not None,
             default_output_tokens=default_output_tokens != DEFAULT_OUTPUT_TOKENS,
@@ -362,10 +365,11 @@ class Gate:
         """
         try:
             user, model = self.identify(request)
-            limiter, model = routed(limiter, request, model)
+            if self._routes:
+                limiter, model = routed(limiter, request, model)
         except Exception as error:
             return self.failed("the key function", error)
-        reserver = reserver_of(limiter)
+        reserver = reserver_of(limiter) if self.reserves else None
         if reserver is None:
             return limiter, None, user, model, (0, 0)
         try:
@@ -569,7 +573,7 @@ class Gate:
         else:
             _stand_aside(carrier)
             return (self.raw_denied(request, outcome) if raw else self.denied(request, outcome)), [], None
-        if not self.informs(mine[0]):
+        if not self.add_headers or isinstance(mine[0], UncheckedDecision):  # `informs()`, inline
             return None, [], metered
         enclosing = carrier.get(SHARED_DECISIONS)
         if isinstance(enclosing, list):  # a layer outside writes the headers
