@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from .checker import Checker, LimiterSpec
-from .contract import HTTPResponse, RawResponse, raw_informational_headers
+from .contract import HTTPResponse, RawResponse
 from .decision import Decision
 from .gate import Gate, GateOptions
 from .hooks import check_callable
@@ -199,11 +199,9 @@ def encode_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, byte
 
 def with_described(scope: Scope, start: Message, described: list[Decision]) -> Message:
     """``http.response.start`` with the rate limit headers of ``described`` (none if a layer inside denied
-    and emptied it); the response starts, so the scope no longer carries them (``Gate.finished``)."""
-    Gate.finished(scope, described)
-    if not described:
-        return start
-    return {**start, "headers": [*start.get("headers", ()), *raw_informational_headers(*described)]}
+    and emptied it); the response starts, so the scope no longer carries them (``Gate.starting_headers``)."""
+    extra = Gate.starting_headers(scope, described, raw=True)
+    return {**start, "headers": [*start.get("headers", ()), *extra]} if extra else start
 
 
 async def send_response(send: Send, response: HTTPResponse | RawResponse) -> None:

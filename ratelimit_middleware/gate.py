@@ -27,6 +27,7 @@ from .contract import (
     denial_response,
     informational_headers,
     raw_denial_response,
+    raw_informational_headers,
     unavailable_response,
 )
 from .decision import Decision, ShadowDecision
@@ -554,7 +555,7 @@ class Gate:
 
         A denying layer (429 or 503) empties an enclosing layer's decisions, so that its response carries its
         own headers only; an allowing one inside another folds its decisions in and writes none itself. The
-        layer that publishes decisions calls ``finished`` (or ``starting_headers``) when the response starts.
+        layer that publishes decisions calls ``starting_headers`` when the response starts.
         """
         if outcome is None:  # on_error="allow": through, described by the layers outside
             return None, [], None
@@ -583,21 +584,33 @@ class Gate:
         carrier[SHARED_DECISIONS] = mine
         return None, mine, metered
 
+    @overload
     @staticmethod
-    def finished(carrier: MutableMapping[str, Any], described: list[Decision]) -> None:
-        """The response that ``described`` describes starts (every layer inside has decided by then, even a
-        WSGI one that runs as the server iterates): a scope or environ used again (a copy, a test harness)
-        starts without them."""
-        if carrier.get(SHARED_DECISIONS) is described:
-            del carrier[SHARED_DECISIONS]
+    def starting_headers(
+        carrier: MutableMapping[str, Any], described: list[Decision], raw: Literal[False] = False
+    ) -> list[tuple[str, str]]: ...
+
+    @overload
+    @staticmethod
+    def starting_headers(
+        carrier: MutableMapping[str, Any], described: list[Decision], raw: Literal[True]
+    ) -> list[tuple[bytes, bytes]]: ...
 
     @staticmethod
     def starting_headers(
-        carrier: MutableMapping[str, Any], described: list[Decision]
-    ) -> list[tuple[str, str]]:
-        """``finished``, and the rate limit headers of ``described`` (none if a layer inside denied)."""
-        Gate.finished(carrier, described)
-        return informational_headers(*described) if described else []
+        carrier: MutableMapping[str, Any], described: list[Decision], raw: bool = False
+    ) -> list[tuple[str, str]] | list[tuple[bytes, bytes]]:
+        """The response that ``described`` describes starts: its rate limit headers (none if a layer inside
+        denied); ``raw``: in ASGI bytes.
+
+        Every layer inside has decided by then, even a WSGI one that runs as the server iterates: a scope or
+        environ used again (a copy, a test harness) starts without them.
+        """
+        if carrier.get(SHARED_DECISIONS) is described:
+            del carrier[SHARED_DECISIONS]
+        if not described:
+            return []
+        return raw_informational_headers(*described) if raw else informational_headers(*described)
 
     def denied(self, request: RequestView, decision: Decision, *others: Decision) -> HTTPResponse:
         """The response for a denied request (``others``: the other units of a reservation)."""
