@@ -20,6 +20,9 @@ batches of at most ``max_batch``, one pipelined write and one read of all replie
   storage answers by its policy without counting Redis as failing.
 - A caller cancelled before its batch is sent is dropped; after, its reply is ignored, or goes to the call's
   ``orphan`` if it has one (a reservation, which Redis makes all the same, and which must then be undone).
+  So does the reply of a call whose batch's deadline passed just before it landed: its caller was answered
+  without it. A batch that gets no reply in time is closed with the undos of its calls written after it
+  (see ``transport``).
 - Every call is answered by its batch's deadline, whatever becomes of the batch's task: one cancelled
   before it could start (a shutdown hook cancelling a loop's tasks) fails its calls with ``NotRun`` at once,
   and one with no reply by the deadline fails its calls with ``expired()`` then; either way the next batch
@@ -46,7 +49,8 @@ __all__ = ["MAX_BATCH", "Coalescer", "Orphan"]
 T = TypeVar("T", bound="Call")
 
 Orphan = Callable[[Any], object]
-"""Takes the reply of a call whose caller was cancelled once the call was sent (unless it failed)."""
+"""Takes the reply of a call whose caller did not get it (cancelled once the call was sent, or answered by the
+deadline just before the reply landed), unless it failed."""
 
 _Queued = tuple[T, "asyncio.Future[Any]", float, "Orphan | None"]
 """A call, the future of its reply, when it was queued (loop time) and its orphan."""
@@ -80,7 +84,7 @@ def _batch(calls: Sequence[T]) -> T:
         else:
             args += (str(len(call.keys)), str(len(call.args)), *call.args)
             previous = call.args
-    return calls[0]._replace(keys=keys, args=args)
+    return calls[0]._replace(keys=keys, args=args, undo=tuple(undo for call in calls for undo in call.undo))
 
 
 def _split(replies: Sequence[Any], counts: Sequence[int]) -> list[Any]:
@@ -205,7 +209,7 @@ class Coalescer(Generic[T]):
         for (_, future, _, orphan), reply in zip(batch, replies, strict=True):
             if not future.done():  # its caller may have been cancelled meanwhile, or the deadline passed
                 future.set_result(reply)
-            elif orphan is not None and future.cancelled() and not isinstance(reply, Exception):
+            elif orphan is not None and not isinstance(reply, Exception):  # its caller never got it
                 self._loop.call_soon(orphan, reply)  # apart: an orphan that fails fails alone
 
 

@@ -46,6 +46,7 @@ from .transport import (
     SyncCluster,
     SyncPool,
     SyncTransport,
+    Undos,
 )
 
 __all__ = ["Arg", "Call", "Connection"]
@@ -58,11 +59,13 @@ Arg = bytes | str
 
 
 class Call(NamedTuple):
-    """One script call: the script, its keys (one slot on a cluster) and its arguments."""
+    """One script call: the script, its keys (one slot on a cluster) and its arguments; and the commands that
+    undo it if its reply never comes (see ``transport``): a reservation's undo gives its leases back."""
 
     script: Script
     keys: Sequence[bytes]
     args: Sequence[Arg]
+    undo: tuple[Command, ...] = ()
 
     def by_sha(self) -> Command:
         return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
@@ -75,6 +78,11 @@ def _raised(reply: Any) -> Any:
     if isinstance(reply, Exception):
         raise reply
     return reply
+
+
+def _undos(calls: Sequence[Call]) -> Undos:
+    """The undos of ``calls``, for the transport (``()`` when none has any)."""
+    return [call.undo for call in calls] if any(call.undo for call in calls) else ()
 
 
 def _succeeded(reply: Any, orphan: Orphan) -> None:
@@ -195,9 +203,11 @@ class Connection:
 
     # -- sync ------------------------------------------------------------------------------------------
 
-    def _send(self, transport: SyncTransport, commands: Sequence[Command], deadline: float) -> list[Any]:
+    def _send(
+        self, transport: SyncTransport, commands: Sequence[Command], deadline: float, undos: Undos = ()
+    ) -> list[Any]:
         self.round_trips += 1 if transport.pipelined else len(commands)
-        return transport.send(commands, deadline)
+        return transport.send(commands, deadline, undos)
 
     def run(self, calls: Sequence[Call], deadline: float | None = None) -> list[Any]:
         """One reply per call, a call's error reply in its place: one round trip on a standalone Redis (and
@@ -206,11 +216,14 @@ class Connection:
         transport = self._sync_transport()
         if deadline is None:
             deadline = time.monotonic() + self.timeout
-        replies = self._send(transport, [call.by_sha() for call in calls], deadline)
+        replies = self._send(transport, [call.by_sha() for call in calls], deadline, _undos(calls))
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
+            again = [calls[i] for i in lost]
             for i, reply in zip(
-                lost, self._send(transport, [calls[i].by_source() for i in lost], deadline), strict=True
+                lost,
+                self._send(transport, [call.by_source() for call in again], deadline, _undos(again)),
+                strict=True,
             ):
                 replies[i] = reply
         return replies
@@ -260,16 +273,19 @@ class Connection:
         return RedisTimeoutError(f"no reply from Redis within {self.timeout:g} s")
 
     async def _asend(
-        self, transport: AsyncTransport, commands: Sequence[Command], deadline: float
+        self, transport: AsyncTransport, commands: Sequence[Command], deadline: float, undos: Undos = ()
     ) -> list[Any]:
         self.round_trips += 1 if transport.pipelined else len(commands)
-        return await transport.send(commands, deadline)
+        return await transport.send(commands, deadline, undos)
 
     async def _arun(self, transport: AsyncTransport, calls: Sequence[Call], deadline: float) -> list[Any]:
-        replies = await self._asend(transport, [call.by_sha() for call in calls], deadline)
+        replies = await self._asend(transport, [call.by_sha() for call in calls], deadline, _undos(calls))
         lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if lost:
-            again = await self._asend(transport, [calls[i].by_source() for i in lost], deadline)
+            calls = [calls[i] for i in lost]
+            again = await self._asend(
+                transport, [call.by_source() for call in calls], deadline, _undos(calls)
+            )
             for i, reply in zip(lost, again, strict=True):
                 replies[i] = reply
         return replies
@@ -293,8 +309,13 @@ class Connection:
                 return _raised(await future)
             except asyncio.CancelledError:
                 # Cancelled as its reply landed: the future holds the reply, and the coalescer, which
-                # found it not cancelled, gave it to no orphan.
-                if orphan is not None and future.done() and not future.cancelled():
+                # found it answered, gave it to no orphan.
+                if (
+                    orphan is not None
+                    and future.done()
+                    and not future.cancelled()
+                    and future.exception() is None
+                ):
                     _succeeded(future.result(), orphan)
                 raise
         work = self._deadline(lambda deadline: self._arun(state.transport, [call], deadline))

@@ -11,11 +11,12 @@ count or reset that quietly did nothing would be wrong. No Redis exception reach
 The breaker (see ``breaker``) sends nothing to a Redis that keeps failing: the policy answers at once, and
 one call probes Redis every ``recovery`` seconds until it answers. The ``ratelimit_middleware`` logger gets
 one warning when the breaker opens (the outage) and one when Redis answers again (the recovery); failures
-that do not open it are logged at debug level. A failure that says the limiter is misconfigured (see
-``misconfig``: a wrong password, a missing ACL permission, a replica, a database that does not exist, a
-cluster node taken for a standalone Redis) is logged at error level instead, from the first one (each kind
-at most once a minute), saying what to change: it will not pass by itself. ``RateLimiterUnavailable``
-names the last failure and has it as its ``__cause__``.
+that do not open it are logged at debug level, but the storage logs those of reservations and settlements,
+whose effect may outlast the call, as warnings (``warn``: once a minute each). A failure that says the
+limiter is misconfigured (see ``misconfig``: a wrong password, a missing ACL permission, a replica, a
+database that does not exist, a cluster node taken for a standalone Redis) is logged at error level
+instead, from the first one (each kind at most once a minute), saying what to change: it will not pass by
+itself. ``RateLimiterUnavailable`` names the last failure and has it as its ``__cause__``.
 
 A call Redis never ran for a reason of its own (``NotRun``: its event loop was blocked past its deadline
 before it could be sent, or its cluster slot was migrating until then) is answered by the policy too, but is
@@ -80,7 +81,7 @@ class Failover:
         self.key_prefix = key_prefix
         self._not_run: BaseException | None = None  # the last NotRun logged (a batch's calls share one)
         self._last: BaseException | None = None  # the last failure, which RateLimiterUnavailable names
-        self._reported: dict[str, float] = {}  # kinds of misconfiguration: when last logged (breaker's clock)
+        self._reported: dict[str, float] = {}  # kinds of problem logged at most once a minute: when last
         self.local_storage = MemoryStorage(clock=time.monotonic if clock is None else clock)
 
     def attempt(self) -> bool:
@@ -101,18 +102,28 @@ class Failover:
     def _misconfiguration(self, error: BaseException) -> Misconfiguration | None:
         return misconfiguration(error, cluster=self.cluster, key_prefix=self.key_prefix)
 
+    def _due(self, kind: str) -> bool:
+        """Whether a log of ``kind`` is due: none was logged within the last minute (now one is)."""
+        now = self.breaker.clock()
+        last = self._reported.get(kind)
+        if last is not None and now - last < _REPORT_EVERY:
+            return False
+        self._reported[kind] = now
+        return True
+
     def _report(self, problem: Misconfiguration) -> None:
         """Log ``problem`` at error level, unless its kind was logged within the last minute."""
-        now = self.breaker.clock()
-        last = self._reported.get(problem.kind)
-        if last is not None and now - last < _REPORT_EVERY:
-            return
-        self._reported[problem.kind] = now
-        logger.error(
-            "the rate limiter is misconfigured: %s; decisions follow on_error=%r until it is fixed",
-            problem.advice,
-            self.on_error,
-        )
+        if self._due(problem.kind):
+            logger.error(
+                "the rate limiter is misconfigured: %s; decisions follow on_error=%r until it is fixed",
+                problem.advice,
+                self.on_error,
+            )
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        """Log ``message % args`` as a warning, unless one of ``kind`` was logged within the last minute."""
+        if self._due(kind):
+            logger.warning(message, *args)
 
     def failed(self, error: BaseException) -> None:
         """Record a call that Redis could not serve; a ``NotRun`` call is logged but not counted."""

@@ -39,6 +39,7 @@ from .failover import REDIS_ERRORS, Failover, OnError
 from .keyspace import check_prefix, rule_key_maker, slot_groups
 from .orphans import detached, kept
 from .scripts import script_for
+from .transport import Command, NotRun
 
 __all__ = [
     "CLOCK_TTL_PAD_MS",
@@ -276,9 +277,23 @@ class RedisBackend:
                 self._script,
                 [keys[i] for i in group],
                 self._args("reserve", group, [costs[i] for i in group], "", lease_id),
+                self._undo(keys, group, costs, lease_id),
             )
             for group in groups
         ]
+
+    def _undo(
+        self, keys: Sequence[bytes], group: Sequence[int], costs: Sequence[int], lease_id: str
+    ) -> tuple[Command, ...]:
+        """What gives back the leases that a reservation of ``group`` takes, if its reply never comes (Redis
+        may still run it: see ``transport``). Harmless if it did not run: the lease id is this reservation's
+        alone (see concurrency.lua), so that no other lease is ever given back. Its token charge cannot be
+        told apart without the reply's time of the charge: it stays counted until its window passes."""
+        leased = [i for i in group if costs[i] and i in self._leased] if lease_id else []
+        if not leased:
+            return ()
+        args = self._args("adjust", leased, [-costs[i] for i in leased], "", lease_id)
+        return (Call(self._script, [keys[i] for i in leased], args).by_sha(),)
 
     def _gather(
         self,
@@ -327,9 +342,15 @@ class RedisBackend:
     def _unavailable(self) -> NoReturn:
         raise self._failover.unavailable()
 
-    def _guarded(self, send: Callable[[], T], fallback: Callable[[], T]) -> T:
+    def _guarded(
+        self,
+        send: Callable[[], T],
+        fallback: Callable[[], T],
+        lost: Callable[[BaseException], None] | None = None,
+    ) -> T:
         """``send()``, or ``fallback()`` when the breaker is open or Redis fails or never ran the call (which
-        ``failover.failed`` tells apart: only a failure counts toward the breaker)."""
+        ``failover.failed`` tells apart: only a failure counts toward the breaker); ``lost(error)`` logs a
+        failure of a call whose effect outlasts it (a reservation's, a settlement's), unless it never ran."""
         failover = self._failover
         if not failover.attempt():
             return fallback()
@@ -337,11 +358,18 @@ class RedisBackend:
             result = send()
         except REDIS_ERRORS as error:
             failover.failed(error)
+            if lost is not None and not isinstance(error, NotRun):
+                lost(error)
             return fallback()
         failover.succeeded()
         return result
 
-    async def _aguarded(self, send: Callable[[], Awaitable[T]], fallback: Callable[[], T]) -> T:
+    async def _aguarded(
+        self,
+        send: Callable[[], Awaitable[T]],
+        fallback: Callable[[], T],
+        lost: Callable[[BaseException], None] | None = None,
+    ) -> T:
         """``_guarded`` for event loops."""
         failover = self._failover
         if not failover.attempt():
@@ -350,9 +378,33 @@ class RedisBackend:
             result = await send()
         except REDIS_ERRORS as error:
             failover.failed(error)
+            if lost is not None and not isinstance(error, NotRun):
+                lost(error)
             return fallback()
         failover.succeeded()
         return result
+
+    def _reservation_lost(self, error: BaseException) -> None:
+        self._failover.warn(
+            "reservation lost",
+            "a reservation got no answer from Redis (%s: %s) and was answered with on_error=%r; if Redis "
+            "makes it late, its concurrency slots are given back, and its tokens stay counted until their "
+            "window passes (logged at most once a minute)",
+            type(error).__name__,
+            error,
+            self._failover.on_error,
+        )
+
+    def _settlement_lost(self, error: BaseException) -> None:
+        self._failover.warn(
+            "settlement lost",
+            "a settlement got no answer from Redis (%s: %s); if Redis never makes it, the reservation's "
+            "tokens stay as estimated until their window passes and its concurrency slots are held until "
+            "their lease expires (%g s) (logged at most once a minute)",
+            type(error).__name__,
+            error,
+            self.lease,
+        )
 
     @staticmethod
     def _refund(send: Callable[[], object]) -> None:
@@ -488,7 +540,7 @@ class RedisBackend:
                 self._refund(lambda: connection.evaluate_all(refunds, deadline))
             return reserved
 
-        return self._guarded(send, lambda: self._fallback.reserve(user, model, costs))
+        return self._guarded(send, lambda: self._fallback.reserve(user, model, costs), self._reservation_lost)
 
     async def areserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         """``reserve`` for event loops.
@@ -496,7 +548,9 @@ class RedisBackend:
         A caller cancelled once its reservation was sent (an outer timeout, a server cancelling the task of a
         request whose client left) gets its ``CancelledError`` at once; Redis makes the reservation all the
         same, and it is cancelled when its reply comes (``_abandoned``) instead of held until its lease
-        expires. Over several cluster slots, the reservation and its refunds run in a task of their own.
+        expires. Over several cluster slots, the reservation and its refunds run in a task of their own. A
+        reservation answered by ``on_error`` after its timeout gives its leases back if Redis makes it late
+        (``_undo``), as in ``reserve``.
         """
         self._connection.check_async()
         keys, groups, lease_id = self._reserve(user, model)
@@ -521,7 +575,9 @@ class RedisBackend:
                 return self._reserved(reply, lease_id)
             return await kept(spread(calls), abandoned)
 
-        return await self._aguarded(send, lambda: self._fallback.reserve(user, model, costs))
+        return await self._aguarded(
+            send, lambda: self._fallback.reserve(user, model, costs), self._reservation_lost
+        )
 
     def _abandoned(self, user: str, model: str, costs: Sequence[int], reserved: Reserved) -> None:
         """Cancel a reservation that Redis made for a caller cancelled meanwhile, as ``Reservation.cancel``
@@ -558,7 +614,9 @@ class RedisBackend:
             return
         calls = self._adjust_calls(user, model, receipt, deltas)
         if calls:
-            self._guarded(lambda: self._connection.evaluate_all(calls), self._adjust_failed)
+            self._guarded(
+                lambda: self._connection.evaluate_all(calls), self._adjust_failed, self._settlement_lost
+            )
 
     async def aadjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
         """``adjust`` for event loops."""
@@ -568,7 +626,9 @@ class RedisBackend:
             return
         calls = self._adjust_calls(user, model, receipt, deltas)
         if calls:
-            await self._aguarded(lambda: self._connection.aevaluate_all(calls), self._adjust_failed)
+            await self._aguarded(
+                lambda: self._connection.aevaluate_all(calls), self._adjust_failed, self._settlement_lost
+            )
 
     def _renew_calls(self, user: str, model: str, charge: Charge) -> list[Call]:
         """One script per slot holding leases of the charge (one call on one Redis)."""

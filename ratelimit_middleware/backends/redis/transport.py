@@ -1,6 +1,6 @@
 """Sending commands: one round trip for a batch on a standalone Redis, one per command on a cluster.
 
-``send(commands, deadline)`` returns one reply per command, in order, with a command's error reply (a
+``send(commands, deadline, undos)`` returns one reply per command, in order, with a command's error reply (a
 ``ResponseError``, such as NOSCRIPT) in its place; a connection error or timeout is raised for the whole
 batch. ``deadline`` is the call's (``time.monotonic()``). The sync transports cut every socket wait of the
 call to what is left of it (see ``deadlines``); a first mapping of the cluster is waited for until then only,
@@ -8,6 +8,12 @@ and one again (after a node failed) goes on apart from the calls. The async ones
 set by their caller, and use ``deadline`` only to judge a new connection (below) and to pause on a cluster
 (TRYAGAIN). A new connection is set up apart from the calls, within ``setup`` seconds of its own, and waited
 for until the call's deadline only: one that outlasts its call serves the next one (see ``deadlines``).
+
+``undos`` holds, per command, the commands that undo it, harmless whether or not it ran (a reservation's
+undo gives its concurrency leases back). A command written whose reply never came (a timeout, a
+cancellation) may still run: Redis, busy meanwhile, reads it later. Its undos are then written after it on
+its connection before that is closed, so that Redis, which runs the commands of one connection in order,
+runs them after it (on another connection they might run first, and undo nothing).
 
 A standalone Redis is reached through a pool of our own: a batch is written at once and its replies
 read in order on one connection, which is closed (never reused) if anything goes wrong midway, so that a
@@ -49,6 +55,7 @@ else:
     _pack_command = _hiredis_pack
 
 __all__ = [
+    "UNDO_WRITE",
     "AsyncCluster",
     "AsyncPool",
     "AsyncTransport",
@@ -57,6 +64,7 @@ __all__ = [
     "SyncCluster",
     "SyncPool",
     "SyncTransport",
+    "Undos",
     "pack",
 ]
 
@@ -95,11 +103,15 @@ class NotRun(RedisError):
     then (TRYAGAIN). The storage answers it by its policy; the circuit breaker does not count it."""
 
 
+Undos = Sequence[Sequence[Command]]
+"""Per command, the commands that undo it (none for most: ``()`` for all)."""
+
+
 class SyncTransport(Protocol):
     pipelined: bool
     """True when a batch is one round trip (a standalone Redis); False when each command is one."""
 
-    def send(self, commands: Sequence[Command], deadline: float) -> list[Any]: ...
+    def send(self, commands: Sequence[Command], deadline: float, undos: Undos = ()) -> list[Any]: ...
 
     def close(self) -> None: ...
 
@@ -107,26 +119,45 @@ class SyncTransport(Protocol):
 class AsyncTransport(Protocol):
     pipelined: bool
 
-    async def send(self, commands: Sequence[Command], deadline: float) -> list[Any]: ...
+    async def send(self, commands: Sequence[Command], deadline: float, undos: Undos = ()) -> list[Any]: ...
 
     async def aclose(self) -> None: ...
 
 
-def _exchange(pool: redis.ConnectionPool, commands: Sequence[Command]) -> list[Any]:
+UNDO_WRITE = 0.05
+"""Seconds the write of the undos of commands left unanswered may take (sync): a few hundred bytes, which a
+socket takes at once unless its buffer is full (then they are not written, and the command's effect stays
+until it expires: a lease after ``lease`` seconds)."""
+
+
+def _flat(undos: Undos) -> list[Command]:
+    return [command for undo in undos for command in undo]
+
+
+def _exchange(
+    pool: redis.ConnectionPool, commands: Sequence[Command], undo: Sequence[Command] = ()
+) -> list[Any]:
     """``commands`` written at once on a connection of ``pool``, and their replies read in order (error
-    replies in place); the connection is closed if anything goes wrong midway. Run it ``until`` the
-    call's deadline: the pool's connections are ``with_deadlines``, so that every wait ends by it."""
+    replies in place); the connection is closed if anything goes wrong midway, once ``undo`` is written on
+    it if ``commands`` were (Redis, which may run them still, then runs ``undo`` after them: on another
+    connection it might run first). Run it ``until`` the call's deadline: the pool's connections are
+    ``with_deadlines``, so that every wait ends by it."""
     connection: Any = pool.get_connection()
+    written = False
     try:
         connection.send_packed_command([pack(commands)])
+        written = True
         replies: list[Any] = []
         for _ in commands:
             try:
-                replies.append(connection.read_response())
+                replies.append(connection.read_response(disconnect_on_error=False))
             except ResponseError as error:  # the reply was read whole: the connection is in step
                 replies.append(error)
         return replies
     except BaseException:
+        if written and undo and connection._sock is not None:  # redis-py closes it when a write fails
+            with until(time.monotonic() + UNDO_WRITE), contextlib.suppress(RedisError, OSError):
+                connection.send_packed_command([pack(undo)], check_health=False)
         connection.disconnect()
         raise
     finally:
@@ -141,26 +172,31 @@ class SyncPool:
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self.pool = pool
 
-    def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
+    def send(self, commands: Sequence[Command], deadline: float, undos: Undos = ()) -> list[Any]:
         with until(deadline):  # every wait of the pool's ``with_deadlines`` connections
-            return _exchange(self.pool, commands)
+            return _exchange(self.pool, commands, _flat(undos))
 
     def close(self) -> None:
         self.pool.disconnect()
 
 
-async def _aexchange(connection: Any, commands: Sequence[Command]) -> list[Any]:
-    """``_exchange`` for event loops, on an asyncio ``connection`` its caller holds (and releases)."""
+async def _aexchange(connection: Any, commands: Sequence[Command], undo: Sequence[Command] = ()) -> list[Any]:
+    """``_exchange`` for event loops, on an asyncio ``connection`` its caller holds (and releases); ``undo``
+    is written without waiting (into the connection's buffer, which closing it sends first)."""
+    written = False
     try:
         await connection.send_packed_command(pack(commands))
+        written = True
         replies: list[Any] = []
         for _ in commands:
             try:
-                replies.append(await connection.read_response())
+                replies.append(await connection.read_response(disconnect_on_error=False))
             except ResponseError as error:
                 replies.append(error)
         return replies
     except BaseException:  # a timeout or a cancellation midway: never reuse this connection
+        if written and undo and connection.is_connected:  # redis-py closes it when a write fails
+            connection._writer.write(pack(undo))
         await connection.disconnect(nowait=True)
         raise
 
@@ -174,12 +210,12 @@ class AsyncPool:
     def __init__(self, pool: redis.asyncio.ConnectionPool) -> None:
         self.pool = pool
 
-    async def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
+    async def send(self, commands: Sequence[Command], deadline: float, undos: Undos = ()) -> list[Any]:
         pool: Any = self.pool
         with until(deadline):
             connection: Any = await pool.get_connection()
         try:
-            return await _aexchange(connection, commands)
+            return await _aexchange(connection, commands, _flat(undos))
         finally:
             await pool.release(connection)
 
@@ -187,11 +223,12 @@ class AsyncPool:
         await self.pool.disconnect()
 
 
-# The sync cluster relies on redis-py internals, all named here: a connection's ``_sock`` (``wait_until``)
-# and ``_connect``, which opens the socket with ``socket_connect_timeout`` and leaves it (for a TLS handshake
-# too) with ``socket_timeout`` (``with_deadlines``); the cluster client's ``nodes_manager``, its map of
-# the slots (``SyncCluster._send``); and its building of each node's pool from the connection class it is
-# given along with a URL (``clients.Endpoint.sync_cluster``).
+# The transports rely on redis-py internals, all named here: a sync connection's ``_sock`` (``wait_until``;
+# and whether ``_exchange`` may write undos on it) and an asyncio one's ``_writer`` (``_aexchange``'s undos);
+# for the sync cluster, a connection's ``_connect``, which opens the socket with ``socket_connect_timeout``
+# and leaves it (for a TLS handshake too) with ``socket_timeout`` (``with_deadlines``); the cluster client's
+# ``nodes_manager``, its map of the slots (``SyncCluster._send``); and its building of each node's pool from
+# the connection class it is given along with a URL (``clients.Endpoint.sync_cluster``).
 
 
 _REDIRECTS = 5
@@ -326,10 +363,14 @@ class SyncCluster:
             client.close()
         making.set_result(client)
 
-    def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
+    def send(self, commands: Sequence[Command], deadline: float, undos: Undos = ()) -> list[Any]:
         with until(deadline):
             client = self._cluster(deadline)
-            return [self._send(client, command, deadline) for command in commands]
+            undos = undos or [()] * len(commands)
+            return [
+                self._send(client, command, deadline, undo)
+                for command, undo in zip(commands, undos, strict=True)
+            ]
 
     def _node(self, client: Any, route: _Route) -> Any:
         """The node ``route`` goes to next."""
@@ -356,14 +397,14 @@ class SyncCluster:
             with self._lock:
                 self._remapping = False
 
-    def _send(self, client: Any, command: Command, deadline: float) -> Any:
+    def _send(self, client: Any, command: Command, deadline: float, undo: Sequence[Command]) -> Any:
         route = _Route(command, deadline)
         while True:
             if route.pause:
                 time.sleep(route.pause)
             node = self._node(client, route)
             try:
-                reply = _exchange(client.get_redis_connection(node).connection_pool, route.sent)[-1]
+                reply = _exchange(client.get_redis_connection(node).connection_pool, route.sent, undo)[-1]
             except (RedisConnectionError, RedisTimeoutError):
                 self._remap(client)
                 raise
@@ -453,7 +494,7 @@ class AsyncCluster:
             return node
         return nodes.get_node_from_slot(_slot(route.command))
 
-    async def _one(self, command: Command, deadline: float) -> Any:
+    async def _one(self, command: Command, deadline: float, undo: Sequence[Command]) -> Any:
         route = _Route(command, deadline)
         while True:
             if route.pause:
@@ -462,7 +503,7 @@ class AsyncCluster:
             connection = node.acquire_connection()
             try:
                 await set_up(connection, connection.connect, self.setup, deadline)
-                reply = (await _aexchange(connection, route.sent))[-1]
+                reply = (await _aexchange(connection, route.sent, undo))[-1]
             except (RedisConnectionError, RedisTimeoutError, asyncio.CancelledError):  # the deadline cancels
                 self._remap()
                 raise
@@ -473,12 +514,17 @@ class AsyncCluster:
             if route.done(reply):
                 return reply
 
-    async def send(self, commands: Sequence[Command], deadline: float) -> list[Any]:
+    async def send(self, commands: Sequence[Command], deadline: float, undos: Undos = ()) -> list[Any]:
         if not self._mapped:
             await self._map()
+        undos = undos or [()] * len(commands)
         if len(commands) == 1:
-            return [await self._one(commands[0], deadline)]
-        return list(await asyncio.gather(*(self._one(command, deadline) for command in commands)))
+            return [await self._one(commands[0], deadline, undos[0])]
+        return list(
+            await asyncio.gather(
+                *(self._one(command, deadline, undo) for command, undo in zip(commands, undos, strict=True))
+            )
+        )
 
     async def aclose(self) -> None:
         if self._remapping is not None:
