@@ -1,9 +1,10 @@
-"""Reservations and settlements that Redis does not answer in time: nothing they take is held with no request
-behind it.
+"""Reservations and settlements that Redis does not answer in time, or whose caller is cancelled: nothing they
+take is held with no request behind it.
 
 A reservation that times out is answered by ``on_error``, but Redis, busy meanwhile, may make it later all
 the same: its concurrency slots are given back then (its undo follows it on its connection), and so is
-everything when its reply lands after all.
+everything when its reply lands after all. A settlement of a request whose task is cancelled is made at once
+through the sync connections: a server may end its process right after cancelling its requests.
 
 Redis is made busy by stopping its process (SIGSTOP), as a long script or a fork would keep it from reading:
 what was written to it waits in its socket, and runs when it reads again. The cluster's node that holds the
@@ -13,19 +14,30 @@ user's slot is stopped the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio
 
 from ratelimit_middleware import RateLimiter, RedisStorage
 from ratelimit_middleware.errors import UncheckedDecision
+from ratelimit_middleware.reservation import Reservation
 
 from .conftest import unique_prefix
 from .redis_server import RedisCluster, RedisServer
+from .servers import ROOT, free_port, stop, wait_until_up
 
 TIMEOUT = 0.5
 """The storages' timeout here: Redis stays stopped until the calls that must time out have."""
@@ -170,3 +182,139 @@ def test_a_settlement_that_times_out_is_logged(server: RedisServer, caplog: pyte
         second.cancel()
     assert warnings(caplog, "a settlement got no answer from Redis") == 1
     eventually(lambda: counts(limiter)[2] == 0, "the late settlement was never made")
+
+
+def test_a_settlement_cancelled_before_it_is_sent_gives_its_slot_back(server: RedisServer) -> None:
+    """A settlement whose task is cancelled before it was written to Redis (here while its new connection
+    is being set up; a server cancelling the request as it settles, about to end its process) gives the
+    slot back at once through the sync connections, instead of leaving it held until its lease expires."""
+    limiter = limiter_on(server.url)
+
+    async def scenario() -> None:
+        reservation = await limiter.areserve("u", "m", input_tokens=100)
+        assert reservation.allowed
+        await limiter.storage.aclose()  # the settlement needs a new connection
+        settling = asyncio.ensure_future(reservation.acancel())
+        await asyncio.sleep(0)  # it waits for the connection
+        settling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        assert limiter.get_request_count("u", "m", unit="concurrent") == 0  # at once, before the loop turns
+        await limiter.storage.aclose()
+
+    asyncio.run(scenario())
+    assert limiter.reserve("u", "m").allowed
+
+
+CANCELLING = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="Python 3.10 does not say whether a task is being cancelled"
+)
+
+
+@CANCELLING
+def test_a_storage_without_sync_connections_warns_of_a_settlement_by_a_cancelled_task(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given an asyncio client, the storage has no sync connections to settle at once for a request being
+    cancelled: the settlement goes through the event loop (and is made if the loop runs on), and the risk is
+    logged as a warning, once a minute."""
+
+    async def scenario() -> None:
+        client = redis.asyncio.Redis(port=server.port)
+        storage = RedisStorage(client, key_prefix=unique_prefix(), timeout=TIMEOUT)
+        limiter = RateLimiter(tokens="1000/minute", max_concurrent=1, storage=storage)
+
+        async def request(reservation: Reservation) -> None:
+            try:
+                await asyncio.sleep(600)
+            finally:
+                await reservation.acancel()
+
+        for _ in range(2):
+            reservation = await limiter.areserve("u", "m", input_tokens=10)
+            assert reservation.allowed
+            task = asyncio.ensure_future(request(reservation))
+            await asyncio.sleep(0)  # the request runs
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await limiter.aget_request_count("u", "m", unit="concurrent") == 0
+        await storage.aclose()
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert warnings(caplog, "a reservation was settled by a task being cancelled") == 1
+
+
+GRACEFUL_APP = """
+import asyncio
+import os
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ratelimit_middleware import RateLimiter, RedisStorage
+from ratelimit_middleware.asgi import RateLimitMiddleware
+
+
+async def slow(request):
+    await asyncio.sleep(600)
+    return JSONResponse({})
+
+
+async def health(request):
+    return JSONResponse({})
+
+
+storage = RedisStorage(os.environ["REDIS_URL"], key_prefix=os.environ["PREFIX"], timeout=5)
+app = RateLimitMiddleware(
+    Starlette(routes=[Route("/slow", slow), Route("/health", health)]),
+    limiter=RateLimiter(tokens="100000/minute", max_concurrent=5, storage=storage),
+    user_key=lambda request: "u",
+    exempt_paths=["/health"],
+)
+"""
+
+
+@CANCELLING
+def test_a_server_cancelling_its_requests_on_shutdown_gives_their_slots_back(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """uvicorn --timeout-graceful-shutdown: on SIGTERM, requests still running after the timeout are
+    cancelled, and the process ends a few turns of its event loop later (uvicorn raises the signal again),
+    before a settlement could make its round trip. Their settlements are made at once, through the sync
+    connections, so the slots are not held for the lease's 60 seconds."""
+    prefix = unique_prefix()
+    (tmp_path / "graceful_app.py").write_text(GRACEFUL_APP)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "graceful_app:app", "--app-dir", str(tmp_path), "--port", str(port),
+         "--host", "127.0.0.1", "--no-access-log", "--timeout-graceful-shutdown", "1"],
+        env={**os.environ, "REDIS_URL": redis_server.url, "PREFIX": prefix, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    mine = RateLimiter(
+        tokens="100000/minute",
+        max_concurrent=5,
+        storage=RedisStorage(redis_server.url, key_prefix=prefix, timeout=5),
+    )
+
+    def held() -> int:
+        return mine.get_request_count("u", "default", unit="concurrent")
+
+    def request() -> None:
+        with contextlib.suppress(OSError):  # the server cuts it off
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/slow", timeout=60).close()
+
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process)
+        for _ in range(3):
+            threading.Thread(target=request, daemon=True).start()
+        eventually(lambda: held() == 3, "the requests never got their slots")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    finally:
+        stop(process)
+    assert held() == 0

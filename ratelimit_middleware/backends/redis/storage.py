@@ -20,6 +20,7 @@ When Redis is slow or gone, ``failover`` answers (``on_error``): no Redis except
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import secrets
@@ -83,6 +84,13 @@ def _refund_failed(error: BaseException) -> None:
         type(error).__name__,
         error,
     )
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task is being cancelled (Python 3.11 and later say so; 3.10 does not)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and bool(cancelling())
 
 
 def _seconds(name: str, value: float) -> float:
@@ -625,10 +633,47 @@ class RedisBackend:
             self._fallback.adjust(user, model, receipt, deltas)
             return
         calls = self._adjust_calls(user, model, receipt, deltas)
-        if calls:
+        if not calls:
+            return
+        connection = self._connection
+        if _being_cancelled() and self._settles_now():
+            self._guarded(lambda: connection.evaluate_all(calls), self._adjust_failed, self._settlement_lost)
+            return
+        try:
             await self._aguarded(
-                lambda: self._connection.aevaluate_all(calls), self._adjust_failed, self._settlement_lost
+                lambda: connection.aevaluate_all(calls), self._adjust_failed, self._settlement_lost
             )
+        except asyncio.CancelledError:
+            # Cancelled midway, the settlement may not have been sent: its leases are given back (twice is
+            # harmless, the lease id being this reservation's alone); its tokens, which must not be settled
+            # twice, stay as estimated until their window passes.
+            if self._settles_now():
+                leased = self._leased
+                releases = self._adjust_calls(
+                    user, model, receipt, [delta if i in leased else 0 for i, delta in enumerate(deltas)]
+                )
+                self._guarded(lambda: connection.evaluate_all(releases), lambda: None, self._settlement_lost)
+            raise
+
+    def _settles_now(self) -> bool:
+        """Whether a settlement of a task being cancelled can go through the sync connections, at once, within
+        the timeout: the storage has them when it was given a URL or a sync client. A server that cancels
+        its requests may end its process within a few turns of its event loop, before an async round trip
+        ends (uvicorn's ``--timeout-graceful-shutdown`` cancels them, then raises its SIGTERM again), and
+        the slot would be held until its lease expires: that is logged when the storage has no sync
+        connections (once a minute)."""
+        if self._connection.endpoint.serves_sync:
+            return True
+        self._failover.warn(
+            "settlement cancelled",
+            "a reservation was settled by a task being cancelled, through the asyncio connections (this "
+            "storage was given an asyncio client): if its event loop stops first (a server ending its "
+            "process after cancelling its requests), its concurrency slots are held until their lease "
+            "expires (%g s); give the storage a URL to have such settlements made at once (logged at most "
+            "once a minute)",
+            self.lease,
+        )
+        return False
 
     def _renew_calls(self, user: str, model: str, charge: Charge) -> list[Call]:
         """One script per slot holding leases of the charge (one call on one Redis)."""
