@@ -31,7 +31,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from ratelimit_middleware import RateLimiter, RedisStorage
+from ratelimit_middleware import Limits, MultiTierRateLimiter, RateLimiter, RedisStorage
 from ratelimit_middleware.errors import UncheckedDecision
 from ratelimit_middleware.reservation import Reservation
 
@@ -141,6 +141,50 @@ def test_a_reservation_redis_makes_after_its_timeout_gives_its_slot_back(
     assert counts(limiter) == (1, 100, 0)
     assert warnings(caplog, "a reservation got no answer from Redis") == 1
     assert limiter.reserve("u", "m").allowed
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_reservation_over_cluster_slots_one_of_which_does_not_answer_gives_every_slot_back(
+    redis_cluster: RedisCluster, api: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reservation over two cluster slots (the user's tier and a shared per-model one, on two nodes) whose
+    model node does not answer in time: the user's slot answered, and its lease is given back too (by its
+    lease id, apart), not only the one Redis makes late on the stopped node."""
+    holder = {node.port: node for node in redis_cluster.nodes}
+    client = redis_cluster.client()
+    user_node = client.get_node_from_key(USER_KEY).port
+    model = next(f"m{n}" for n in range(1000) if client.get_node_from_key(f"{{m{n}}}").port != user_node)
+    model_node = holder[client.get_node_from_key(f"{{{model}}}").port]
+    client.close()
+    url = f"redis+cluster://127.0.0.1:{user_node}"
+    storage = RedisStorage(url, key_prefix=unique_prefix(), timeout=TIMEOUT)
+    limiter = MultiTierRateLimiter(
+        per_user_model=Limits(tokens="1000/minute", max_concurrent=1),
+        per_model=Limits(tokens="5000/minute", max_concurrent=5),
+        storage=storage,
+    )
+
+    def held(tier: str) -> int:
+        return limiter.get_request_count("u", model, tier, "concurrent")
+
+    async def areserve() -> UncheckedDecision:
+        await limiter.aget_request_count("u", model, "per_model", "concurrent")
+        with stopped(model_node):
+            reservation = await limiter.areserve("u", model, input_tokens=100)
+        await storage.aclose()
+        return reservation.decision  # type: ignore[return-value]
+
+    assert held("per_user_model") == held("per_model") == 0  # connected, the cluster mapped
+    if api == "sync":
+        with stopped(model_node):
+            decision = limiter.reserve("u", model, input_tokens=100).decision
+    else:
+        decision = asyncio.run(areserve())
+    assert isinstance(decision, UncheckedDecision)
+    eventually(lambda: limiter.get_request_count("u", model, "per_model", "tokens") == 100, "never made")
+    eventually(lambda: held("per_model") == 0, "the slot Redis made late on the stopped node is held")
+    eventually(lambda: held("per_user_model") == 0, "the user's slot, which answered, is held")
+    assert limiter.reserve("u", model).allowed
 
 
 def test_a_reservation_whose_reply_lands_after_its_batch_deadline_is_cancelled_once_made(
@@ -254,7 +298,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ratelimit_middleware import RateLimiter, RedisStorage
+from ratelimit_middleware import Limits, MultiTierRateLimiter, RateLimiter, RedisStorage
 from ratelimit_middleware.asgi import RateLimitMiddleware
 
 

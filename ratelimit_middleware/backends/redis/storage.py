@@ -21,9 +21,11 @@ When Redis is slow or gone, ``failover`` answers (``on_error``): no Redis except
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple, NoReturn, TypeVar
@@ -40,7 +42,7 @@ from .failover import REDIS_ERRORS, Failover, OnError
 from .keyspace import check_prefix, rule_key_maker, slot_groups
 from .orphans import detached, kept
 from .scripts import script_for
-from .transport import Command, NotRun
+from .transport import NotRun
 
 __all__ = [
     "CLOCK_TTL_PAD_MS",
@@ -285,23 +287,36 @@ class RedisBackend:
                 self._script,
                 [keys[i] for i in group],
                 self._args("reserve", group, [costs[i] for i in group], "", lease_id),
-                self._undo(keys, group, costs, lease_id),
+                () if release is None else (release.by_sha(),),
             )
-            for group in groups
+            for group, release in zip(groups, self._releases(keys, groups, costs, lease_id), strict=True)
         ]
 
-    def _undo(
-        self, keys: Sequence[bytes], group: Sequence[int], costs: Sequence[int], lease_id: str
-    ) -> tuple[Command, ...]:
-        """What gives back the leases that a reservation of ``group`` takes, if its reply never comes (Redis
-        may still run it: see ``transport``). Harmless if it did not run: the lease id is this reservation's
-        alone (see concurrency.lua), so that no other lease is ever given back. Its token charge cannot be
-        told apart without the reply's time of the charge: it stays counted until its window passes."""
-        leased = [i for i in group if costs[i] and i in self._leased] if lease_id else []
-        if not leased:
-            return ()
-        args = self._args("adjust", leased, [-costs[i] for i in leased], "", lease_id)
-        return (Call(self._script, [keys[i] for i in leased], args).by_sha(),)
+    def _releases(
+        self, keys: Sequence[bytes], groups: Sequence[Sequence[int]], costs: Sequence[int], lease_id: str
+    ) -> list[Call | None]:
+        """Per group, what gives back the leases a reservation of it takes (``None``: it takes none): its
+        undo, written after it if its reply never comes (Redis may still run it: see ``transport``).
+        Harmless if it did not run: the lease id is this reservation's alone (see concurrency.lua), so that
+        no other lease is ever given back. Its token charge cannot be told apart without the reply's time of
+        the charge: it stays counted until its window passes."""
+        releases: list[Call | None] = []
+        for group in groups:
+            leased = [i for i in group if costs[i] and i in self._leased] if lease_id else []
+            if leased:
+                args = self._args("adjust", leased, [-costs[i] for i in leased], "", lease_id)
+                releases.append(Call(self._script, [keys[i] for i in leased], args))
+            else:
+                releases.append(None)
+        return releases
+
+    def _failed_apart(
+        self, keys: Sequence[bytes], groups: Sequence[Sequence[int]], costs: Sequence[int], lease_id: str
+    ) -> list[Call]:
+        """What gives back the leases of a reservation over several cluster slots that failed as a whole (a
+        slot that did not answer, or answered an error), to send apart: a slot that answered made its part,
+        and its undo went nowhere (one still unanswered is given back by its undo too, after it)."""
+        return [release for release in self._releases(keys, groups, costs, lease_id) if release is not None]
 
     def _gather(
         self,
@@ -413,6 +428,17 @@ class RedisBackend:
             error,
             self.lease,
         )
+
+    def _release(self, releases: Sequence[Call]) -> None:
+        """Send ``releases`` (see ``_failed_apart``) within a timeout of their own; one that fails leaves its
+        leases to expire."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            self._connection.evaluate_all(releases)
+
+    async def _arelease(self, releases: Sequence[Call]) -> None:
+        """``_release`` for event loops."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._connection.aevaluate_all(releases)
 
     @staticmethod
     def _refund(send: Callable[[], object]) -> None:
@@ -542,7 +568,13 @@ class RedisBackend:
             if len(groups) == 1:
                 return self._reserved(connection.evaluate(calls[0]), lease_id)
             deadline = time.monotonic() + connection.timeout
-            replies = connection.evaluate_all(calls, deadline)
+            try:
+                replies = connection.evaluate_all(calls, deadline)
+            except REDIS_ERRORS:
+                releases = self._failed_apart(keys, groups, costs, lease_id)
+                if releases:  # on a thread: the caller waited its timeout already
+                    threading.Thread(target=self._release, args=(releases,), daemon=True).start()
+                raise
             reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
             if refunds:
                 self._refund(lambda: connection.evaluate_all(refunds, deadline))
@@ -568,7 +600,13 @@ class RedisBackend:
 
         async def spread(calls: list[Call]) -> Reserved:
             deadline = time.monotonic() + connection.timeout
-            replies = await connection.aevaluate_all(calls, deadline)
+            try:
+                replies = await connection.aevaluate_all(calls, deadline)
+            except REDIS_ERRORS:
+                releases = self._failed_apart(keys, groups, costs, lease_id)
+                if releases:
+                    detached(self._arelease(releases), "giving back the leases of a failed reservation")
+                raise
             reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
             if refunds:
                 await self._arefund(lambda: connection.aevaluate_all(refunds, deadline))
