@@ -267,3 +267,15 @@ def test_limiters_that_alternate_on_one_storage_are_all_swept(clock: FakeClock) 
     for turn in range(3200):
         (app_wide if turn % 2 else route).allow("active", "m")
     assert len(app_wide) < 2000  # idle keys went (all 5,000 stayed when only the other limiter swept)
+
+
+def test_a_sweep_never_drops_a_log_entry_the_window_still_counts(clock: FakeClock) -> None:
+    """At 1/3 and then 1/3 + 1 (rounded), the entry is live (`1/3 > now - 1`), yet `1/3 + 1 <= now` held:
+    idle by a rounding, another user's first request swept it and the user was admitted past the limit."""
+    clock.now = 1 / 3
+    limiter = RateLimiter(limit="1/second", algorithm="sliding_log", clock=clock)
+    assert limiter.allow("a", "m")
+    clock.now = 1 / 3 + 1.0
+    assert limiter.allow("b", "m")  # a new key: idle keys of the store are swept first
+    assert not limiter.allow("a", "m")
+    assert limiter.get_request_count("a", "m") == 1

@@ -127,10 +127,12 @@ class SlidingLog(Algorithm[Log]):
         return len(times) - self._first_live(times, now)
 
     def idle(self, state: Log, now: float) -> bool:
+        # Not `last + window <= now`: that sum rounds, and may call idle an entry the window's own test
+        # (live while `time > now - window`) still counts; a sweep would then forget it.
         last: float = (
             _float_at(state, len(state) - 16)[0] if isinstance(state, bytearray) else _times(state)[-1]
         )
-        return last + self.window <= now
+        return last <= now - self.window
 
     def adjust(self, state: Log | None, now: float, at: float, delta: int) -> Log | None:
         if at <= now - self.window:
