@@ -55,7 +55,7 @@ def test_admit_is_evaluate_then_commit(
     algorithm: Algorithm[Any] = ALGORITHMS[name](limit, window)
     state: Any = None
     now = start
-    charged_at = None
+    charged_at, charged = None, 0
     for step, cost, settle in traffic:
         now += step
         cost = min(cost, limit)
@@ -68,9 +68,9 @@ def test_admit_is_evaluate_then_commit(
         else:
             assert admitted == algorithm.commit(copy.copy(state), now, cost)
             assert (True, *algorithm.figures(copy.copy(admitted), now, cost)) == (*verdict[:2], verdict[3])
-            state, charged_at = admitted, now
+            state, charged_at, charged = admitted, now, cost
         if settle and charged_at is not None:  # reservations settle charges: admit must read those states
-            state = algorithm.adjust(state, now, charged_at, settle)
+            state = algorithm.adjust(state, now, charged_at, charged, settle)
 
 
 # (time step, user, cost): costs include 0 and above the limit, which take the general path.

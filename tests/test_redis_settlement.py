@@ -37,9 +37,11 @@ class OnRedis:
         self.key = f"{unique_prefix()}:settle".encode()
         self.rule = [str(limit), repr(window)]
 
-    def run(self, mode: str, now: float, amount: int, at: float | None = None) -> Any:
+    def run(self, mode: str, now: float, amount: int, at: float | None = None, charged: int = 0) -> Any:
         at_arg = "" if at is None else repr(at)
         args: list[Arg] = [mode, repr(now), PAD, at_arg, LEASE, "", *self.rule, str(amount)]
+        if mode == "adjust":  # and the units of the charge it settles
+            args.append(str(charged))
         return self.connection.evaluate(Call(self.script, [self.key], args))
 
 
@@ -81,8 +83,8 @@ def test_the_scripts_settle_charges_as_the_algorithms_do(
             charge = charges[-1 - number % len(charges)]
             delta = max(change, -int(charge[1]))  # a refund never exceeds what was charged
             if delta:
-                state = python.adjust(state, now, charge[0], delta)
-                redis_key.run("adjust", now, delta, at=charge[0])
+                state = python.adjust(state, now, charge[0], int(charge[1]), delta)
+                redis_key.run("adjust", now, delta, at=charge[0], charged=int(charge[1]))
                 charge[1] += delta
         assert redis_key.run("used", now, 0) == python.used(state, now)
         assert verdict(redis_key.run("decide", now, 0)) == python.evaluate(state, now, 0)

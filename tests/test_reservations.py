@@ -57,6 +57,41 @@ def test_reservations_at_the_same_instant_settle_independently(algorithm: str, s
     assert limiter.get_request_count("u", "m", unit="tokens") == 150
 
 
+def test_a_gcra_overage_lands_behind_its_charge_once_that_drained_and_went(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """8 tokens at 1000 drain by 1008; at 1009 another user's first reservation sweeps the drained key (in
+    memory; on Redis the key expires at its drain time). An overage of 10 then lands behind the 8, as if the
+    18 used had been charged at 1000 (9 still count at 1009), not on an empty bucket (1 counted, 9 more
+    admitted: 27 tokens in 9 s, where the bucket's bound is 10 + 9)."""
+    limiter = tokens_limiter(storage, "gcra", tokens="10/10 seconds")  # a token per second
+    reservation = limiter.reserve("a", "m", input_tokens=8)
+    clock.now = 1009.0
+    assert limiter.reserve("b", "m", input_tokens=1).allowed
+    reservation.settle(8, 10)
+    assert limiter.get_request_count("a", "m", unit="tokens") == 9
+    assert not limiter.reserve("a", "m", input_tokens=2).allowed
+
+
+def test_a_gcra_overage_lands_behind_its_charge_after_a_refund_emptied_the_key(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """On a cluster, a reservation denied by another slot is refunded where it charged: on a drained bucket
+    the refund deletes the key. An earlier reservation's overage still lands behind its own charge."""
+    limiter = MultiTierRateLimiter(
+        per_user_model="1/second",
+        per_model=Limits(input_tokens="150/5 seconds"),  # 30 tokens per second
+        algorithm="gcra",
+        storage=storage,
+    )
+    first = limiter.reserve("b", "x", input_tokens=3)  # x's bucket drains at 1000.1
+    clock.now = 1002.5
+    assert limiter.check("a", "x").allowed
+    assert not limiter.reserve("a", "x", input_tokens=13).allowed  # a's request limit denies
+    first.settle(99, 0)  # 99 used at 1000: 24 still count at 1002.5
+    assert limiter.get_request_count("b", "x", tier="per_model", unit="input_tokens") == 24
+
+
 def test_refund_never_exceeds_the_reservation(algorithm: str, storage: Storage) -> None:
     limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=300).settle(300, 0)

@@ -83,12 +83,12 @@ def test_a_single_expired_request_is_replaced() -> None:
 def test_settling_a_charge_moves_to_pairs_only_when_something_changes() -> None:
     log = SlidingLog(10, 60.0)
     single = log.commit(None, 10.0, 1)
-    assert log.adjust(single, 80.0, 10.0, 5) == single  # the charge has expired: nothing to settle
-    assert log.adjust(single, 20.0, 15.0, -1) == single  # nothing was charged at 15: nothing to refund
-    settled = log.adjust(single, 20.0, 10.0, 4)
+    assert log.adjust(single, 80.0, 10.0, 1, 5) == single  # the charge has expired: nothing to settle
+    assert log.adjust(single, 20.0, 15.0, 0, -1) == single  # nothing was charged at 15: nothing to refund
+    settled = log.adjust(single, 20.0, 10.0, 1, 4)
     assert type(settled) is bytearray and entries(settled) == [(10.0, 5.0)]
     times = log.commit(log.commit(single, 11.0, 1), 12.0, 1)
-    refunded = log.adjust(times, 20.0, 11.0, -1)
+    refunded = log.adjust(times, 20.0, 11.0, 1, -1)
     assert type(refunded) is bytearray and entries(refunded) == [(10.0, 1.0), (11.0, 1.0), (12.0, 2.0)]
     assert log.used(refunded, 20.0) == 2
 
@@ -137,7 +137,7 @@ def test_compact_layouts_answer_like_pairs(
     algorithm = SlidingLog(limit, window)
     log: Log | None = None
     reference: bytearray | None = None
-    now, charged_at, moved = start, None, False
+    now, charged_at, charged, moved = start, None, 0, False
     for step, cost, settle in traffic:
         now += step
         cost = min(cost, limit)
@@ -151,10 +151,10 @@ def test_compact_layouts_answer_like_pairs(
         assert (admitted is None) == (expected is None)
         assert admitted is None or admitted == committed  # in the same layout, compacted alike
         if admitted is not None:
-            log, reference, charged_at = admitted, as_pairs(expected), now
+            log, reference, charged_at, charged = admitted, as_pairs(expected), now, cost
             moved = moved or cost != 1
         if settle and charged_at is not None:
             moved = moved or charged_at > now - window  # a settlement lands while its charge counts
-            log = algorithm.adjust(log, now, charged_at, settle)
-            reference = as_pairs(algorithm.adjust(reference, now, charged_at, settle))
+            log = algorithm.adjust(log, now, charged_at, charged, settle)
+            reference = as_pairs(algorithm.adjust(reference, now, charged_at, charged, settle))
         assert isinstance(log, bytearray) == moved

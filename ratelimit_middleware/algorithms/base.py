@@ -87,10 +87,12 @@ class Algorithm(ABC, Generic[S]):
         """True once ``state`` is indistinguishable from no state: storage may forget the key."""
 
     @abstractmethod
-    def adjust(self, state: S | None, now: float, at: float, delta: int) -> S | None:
-        """The state after changing a charge made at time ``at`` by ``delta`` units (``None``: forget it).
+    def adjust(self, state: S | None, now: float, at: float, charged: int, delta: int) -> S | None:
+        """The state after changing a charge of ``charged`` units made at time ``at`` by ``delta`` units
+        (``None``: forget it).
 
         Settles a reservation: a negative ``delta`` refunds (never more than was charged: the caller passes
         at least ``-charged``), a positive one charges an overage. Either lands where the charge at ``at``
-        was counted (its window, its log entry); once that charge no longer counts, nothing changes.
+        was counted (its window, its log entry); once that charge no longer counts, nothing changes. Only
+        GCRA needs ``charged``: its state does not say where a charge ended once it has drained.
         """

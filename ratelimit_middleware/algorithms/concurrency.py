@@ -36,6 +36,6 @@ class Concurrency(Algorithm[int]):
     def idle(self, state: int, now: float) -> bool:
         return state <= 0
 
-    def adjust(self, state: int | None, now: float, at: float, delta: int) -> int | None:
+    def adjust(self, state: int | None, now: float, at: float, charged: int, delta: int) -> int | None:
         taken = max((state or 0) + delta, 0)
         return taken or None

@@ -65,7 +65,7 @@ class FixedWindow(Algorithm[int]):
     def idle(self, state: int, now: float) -> bool:
         return state // self.base < int(now // self.window)
 
-    def adjust(self, state: int | None, now: float, at: float, delta: int) -> int | None:
+    def adjust(self, state: int | None, now: float, at: float, charged: int, delta: int) -> int | None:
         k = int(at // self.window)
         if k != int(now // self.window):
             return state  # the charge's window is over: nothing to settle

@@ -123,12 +123,19 @@ class GCRA(Algorithm[float]):
     def idle(self, state: float, now: float) -> bool:
         return state <= now
 
-    def adjust(self, state: float | None, now: float, at: float, delta: int) -> float | None:
+    def adjust(self, state: float | None, now: float, at: float, charged: int, delta: int) -> float | None:
         if delta >= 0:
-            # As if charged at `at`: the part of that debt that has drained since stays drained. A bucket is
-            # never more than empty: `tat` saturates one window ahead, as a window counter at its limit (a
-            # key many windows ahead would also outlive every idle key behind it in memory's sweep).
-            tat = (at if state is None or state < at else state) + delta * self.interval
+            # As if charged at `at`, behind the charge itself: the part of that debt that has drained since
+            # stays drained. The charge ends at `at + charged * T` at the earliest, also when its key has
+            # drained and gone since (swept, expired, deleted by a refund): without it the overage would
+            # land on an empty bucket at `at`, forgetting the charge ahead of it. A bucket is never more than
+            # empty: `tat` saturates one window ahead, as a window counter at its limit (a key many windows
+            # ahead would also outlive every idle key behind it in memory's sweep).
+            interval = self.interval
+            tat = at + charged * interval
+            if state is not None and state > tat:
+                tat = state
+            tat += delta * interval
             full = now + self.window
             if tat > full:
                 tat = full if state is None or state < full else state

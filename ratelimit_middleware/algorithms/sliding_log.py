@@ -134,7 +134,7 @@ class SlidingLog(Algorithm[Log]):
         )
         return last <= now - self.window
 
-    def adjust(self, state: Log | None, now: float, at: float, delta: int) -> Log | None:
+    def adjust(self, state: Log | None, now: float, at: float, charged: int, delta: int) -> Log | None:
         if at <= now - self.window:
             return state  # the charge no longer counts
         if delta > 0:  # an overage: counted up to MAX_AMOUNT units in the window

@@ -128,7 +128,7 @@ class SlidingWindow(Algorithm[int]):
     def idle(self, state: int, now: float) -> bool:
         return state // self.span < int(now // self.window) - 1
 
-    def adjust(self, state: int | None, now: float, at: float, delta: int) -> int | None:
+    def adjust(self, state: int | None, now: float, at: float, charged: int, delta: int) -> int | None:
         k = int(now // self.window)
         previous, current = self._counts(state, k)
         charged_in = int(at // self.window)

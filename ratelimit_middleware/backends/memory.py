@@ -272,8 +272,8 @@ class MemoryBackend:
     def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
         """Evaluate every rule of the policy with its own cost, all or nothing.
 
-        The receipt is the time of the charge (``adjust`` settles the charges made then); on denial the reply
-        also holds the units each rule already counts (for messages).
+        The receipt is the time of the charge and each rule's cost (``adjust`` settles the charges made then);
+        on denial the reply also holds the units each rule already counts (for messages).
         """
         rules = self._policy.all_rules
         with self._lock:
@@ -281,7 +281,7 @@ class MemoryBackend:
             self._tick(now)
             verdicts = self._evaluate(rules, user, model, costs, now)
             if all(verdict[0] for verdict in verdicts):
-                return Reserved(verdicts, now)
+                return Reserved(verdicts, (now, tuple(costs)))
             used = [
                 rule.algorithm.used(self._stores[rule.index].get(rule.identity(user, model)), now)
                 for rule in rules
@@ -292,16 +292,16 @@ class MemoryBackend:
         return self.reserve(user, model, costs)
 
     def adjust(self, user: str, model: str, receipt: object, deltas: Sequence[int]) -> None:
-        """Change the charges made at time ``receipt`` by ``deltas`` (one per rule of the policy; 0 leaves a
-        rule)."""
-        at = cast(float, receipt)
+        """Change the charges of ``receipt`` (their time and costs) by ``deltas`` (one per rule of the policy;
+        0 leaves a rule)."""
+        at, costs = cast(tuple[float, tuple[int, ...]], receipt)
         with self._lock:
             now = self._now()
-            for rule, delta in zip(self._policy.all_rules, deltas, strict=True):
+            for rule, charged, delta in zip(self._policy.all_rules, costs, deltas, strict=True):
                 if delta:
                     store = self._stores[rule.index]
                     key = rule.identity(user, model)
-                    state = rule.algorithm.adjust(store.get(key), now, at, delta)
+                    state = rule.algorithm.adjust(store.get(key), now, at, charged, delta)
                     if state is None:
                         store.pop(key, None)
                     else:

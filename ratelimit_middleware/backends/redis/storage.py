@@ -203,6 +203,8 @@ class Charge(NamedTuple):
     Redis time of their charge."""
     lease_id: str
     """Names the reservation's concurrency leases (``""`` when it took none)."""
+    costs: tuple[int, ...]
+    """What the reservation charged each rule (GCRA settles an overage behind it)."""
 
 
 def _verdicts(reply: Sequence[Any]) -> list[Verdict]:
@@ -250,11 +252,22 @@ class RedisBackend:
         self._decide_args: dict[int, list[Arg]] = {}  # by cost, when Redis keeps the time
 
     def _args(
-        self, mode: str, rules: Sequence[int], amounts: Sequence[int], at: Arg = "", lease_id: str = ""
+        self,
+        mode: str,
+        rules: Sequence[int],
+        amounts: Sequence[int],
+        at: Arg = "",
+        lease_id: str = "",
+        charges: Sequence[int] = (),
     ) -> list[Arg]:
-        """A script's ARGV (see driver.lua) for ``rules`` moved by ``amounts`` (one per rule)."""
+        """A script's ARGV (see driver.lua) for ``rules`` moved by ``amounts`` (one per rule); 'adjust' also
+        takes the units each rule's charge made (``charges``)."""
         now = "" if self._clock is None else repr(float(self._clock()))
         args: list[Arg] = [mode, now, self._pad, at, self._lease, lease_id]
+        if charges:
+            for index, amount, charged in zip(rules, amounts, charges, strict=True):
+                args += (*self._rule_args[index], str(amount), str(charged))
+            return args
         for index, amount in zip(rules, amounts, strict=True):
             args += (*self._rule_args[index], str(amount))
         return args
@@ -349,7 +362,7 @@ class RedisBackend:
             if not denied:  # so charged: the reply ends with the time of the charge
                 parts.append((tuple(group), reply[4 * count]))
         if len(parts) == len(groups):
-            return Reserved(verdicts, Charge(tuple(parts), lease_id)), []
+            return Reserved(verdicts, Charge(tuple(parts), lease_id, tuple(costs))), []
         refunds = [
             Call(
                 self._script,
@@ -543,13 +556,13 @@ class RedisBackend:
         lease_id = secrets.token_hex(8) if self._leased else ""  # unique: names this reservation's leases
         return keys, self._groups(keys, self._every), lease_id
 
-    def _reserved(self, reply: Sequence[Any], lease_id: str) -> Reserved:
+    def _reserved(self, reply: Sequence[Any], lease_id: str, costs: Sequence[int]) -> Reserved:
         """The reply of one script over every rule (one Redis): allowed, it ends with the time of the charge;
         denied, also with the units each rule counts."""
         count = len(self._every)
         verdicts = _verdicts(reply[: 4 * count])
         if len(reply) == 4 * count + 1:
-            return Reserved(verdicts, Charge(((tuple(self._every), reply[-1]),), lease_id))
+            return Reserved(verdicts, Charge(((tuple(self._every), reply[-1]),), lease_id, tuple(costs)))
         return Reserved(verdicts, None, [int(units) for units in reply[4 * count + 1 :]])
 
     def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
@@ -566,7 +579,7 @@ class RedisBackend:
         def send() -> Reserved:
             calls = self._calls(keys, groups, costs, lease_id)
             if len(groups) == 1:
-                return self._reserved(connection.evaluate(calls[0]), lease_id)
+                return self._reserved(connection.evaluate(calls[0]), lease_id, costs)
             deadline = time.monotonic() + connection.timeout
             try:
                 replies = connection.evaluate_all(calls, deadline)
@@ -616,9 +629,9 @@ class RedisBackend:
             calls = self._calls(keys, groups, costs, lease_id)
             if len(groups) == 1:
                 reply = await connection.aevaluate(
-                    calls[0], lambda reply: abandoned(self._reserved(reply, lease_id))
+                    calls[0], lambda reply: abandoned(self._reserved(reply, lease_id, costs))
                 )
-                return self._reserved(reply, lease_id)
+                return self._reserved(reply, lease_id, costs)
             return await kept(spread(calls), abandoned)
 
         return await self._aguarded(
@@ -642,7 +655,8 @@ class RedisBackend:
             rules = [index for index in part if deltas[index]]
             if rules:
                 keys = self._keys(user, model, [self._policy.all_rules[i] for i in rules])
-                args = self._args("adjust", rules, [deltas[i] for i in rules], at, charge.lease_id)
+                amounts, charges = [deltas[i] for i in rules], [charge.costs[i] for i in rules]
+                args = self._args("adjust", rules, amounts, at, charge.lease_id, charges)
                 calls.append(Call(self._script, keys, args))
         return calls
 

@@ -2,12 +2,13 @@
 --   mode ('decide', 'reserve', 'adjust', 'refund', 'renew' or 'used'), now ('' = Redis TIME), ttl_pad_ms,
 --   at ('adjust' and 'refund': when the charge was made), lease (seconds a concurrency slot is held unless
 --   renewed), lease id (the reservation's, naming its leases), then per rule: limit, window, amount (its cost
---   for 'decide', 'reserve', 'refund' and 'renew', its change for 'adjust'). A rule with window 0 is a
---   concurrency limit (concurrency.lua's leases).
+--   for 'decide', 'reserve', 'refund' and 'renew', its change for 'adjust') and, for 'adjust' only, the
+--   units its charge made (the cost it was reserved at). A rule with window 0 is a concurrency limit
+--   (concurrency.lua's leases).
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
 -- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad),
--- adjust(key, state, limit, window, now, at, delta, pad), refund(key, state, limit, window, now, at, cost,
--- pad) and used(key, state, limit, window, now).
+-- adjust(key, state, limit, window, now, at, charged, delta, pad), refund(key, state, limit, window, now,
+-- at, cost, pad) and used(key, state, limit, window, now).
 --
 -- A batch runs the calls of one round trip in one script (coalescer.py), which spares Redis most of what
 -- running a script costs (setting it up, defining every function above): ARGV is 'batch', then per call its
@@ -26,8 +27,14 @@ end
 local function parse(argv)
   local call = {
     mode = argv[1], now = tonumber(argv[2]), pad = tonumber(argv[3]), at = tonumber(argv[4]),
-    lease = tonumber(argv[5]), lease_id = argv[6], limits = {}, windows = {}, amounts = {},
+    lease = tonumber(argv[5]), lease_id = argv[6], limits = {}, windows = {}, amounts = {}, charges = {},
   }
+  if call.mode == 'adjust' then
+    for i = 1, (#argv - 6) / 4 do
+      call.limits[i], call.windows[i], call.amounts[i], call.charges[i] = tonumber(argv[3 + 4 * i]), tonumber(argv[4 + 4 * i]), tonumber(argv[5 + 4 * i]), tonumber(argv[6 + 4 * i])
+    end
+    return call
+  end
   for i = 1, (#argv - 6) / 3 do
     call.limits[i], call.windows[i], call.amounts[i] = tonumber(argv[4 + 3 * i]), tonumber(argv[5 + 3 * i]), tonumber(argv[6 + 3 * i])
   end
@@ -55,12 +62,14 @@ local function run(keys, call, clock)
   -- its delta (token settlements; a concurrency rule's is minus its slots, given back), 'refund' takes back
   -- each rule's cost (a charge that was never granted).
   if mode == 'adjust' or mode == 'refund' then
-    local settle = adjust
-    if mode == 'refund' then settle = refund end
     for i = 1, #keys do
       if amounts[i] ~= 0 and windows[i] == 0 then
         lease_release(keys[i], lease_id, math.abs(amounts[i]))
-      elseif amounts[i] ~= 0 then settle(keys[i], read_state(keys[i]), limits[i], windows[i], now, call.at, amounts[i], pad) end
+      elseif mode == 'refund' and amounts[i] ~= 0 then
+        refund(keys[i], read_state(keys[i]), limits[i], windows[i], now, call.at, amounts[i], pad)
+      elseif amounts[i] ~= 0 then
+        adjust(keys[i], read_state(keys[i]), limits[i], windows[i], now, call.at, call.charges[i], amounts[i], pad)
+      end
     end
     return fmt(now)
   end

@@ -37,7 +37,7 @@ end
 
 -- A charge made at `at` moves by delta while its window is the current one (never below 0 nor above the
 -- limit); once that window is over, nothing changes.
-local function adjust(key, state, limit, window, now, at, delta, pad)
+local function adjust(key, state, limit, window, now, at, charged, delta, pad)
   local k = floordiv(at, window)
   if k ~= floordiv(now, window) then return end
   local units = 0
@@ -56,7 +56,7 @@ end
 -- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
 -- another slot denied): an adjustment by -cost.
 local function refund(key, state, limit, window, now, at, cost, pad)
-  adjust(key, state, limit, window, now, at, -cost, pad)
+  adjust(key, state, limit, window, now, at, cost, -cost, pad)
 end
 
 local function used(key, state, limit, window, now)

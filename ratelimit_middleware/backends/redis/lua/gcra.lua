@@ -58,14 +58,17 @@ local function commit(key, state, limit, window, now, cost, pad)
   redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now, pad))
 end
 
--- An overage is charged as if at `at` (what has drained since stays drained), saturating one window ahead (a
+-- An overage is charged as if at `at`, behind the charge itself (`at + charged * interval` at the earliest, also
+-- once its key has drained and gone), and what has drained since stays drained, saturating one window ahead (a
 -- bucket is never more than empty). A refund gives back only what of the charge cannot have drained yet: its
 -- units drain one per interval from `at` at the earliest, and the end of the bucket may be later charges'.
-local function adjust(key, state, limit, window, now, at, delta, pad)
+local function adjust(key, state, limit, window, now, at, charged, delta, pad)
   local interval = window / limit
   local tat
   if delta >= 0 then
-    tat = arrival(state, at) + delta * interval
+    tat = at + charged * interval
+    if state and state > tat then tat = state end
+    tat = tat + delta * interval
     local full = now + window
     if tat > full then
       if not state or state < full then tat = full else tat = state end
@@ -90,7 +93,7 @@ end
 -- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
 -- another slot denied): an adjustment by -cost.
 local function refund(key, state, limit, window, now, at, cost, pad)
-  adjust(key, state, limit, window, now, at, -cost, pad)
+  adjust(key, state, limit, window, now, at, cost, -cost, pad)
 end
 
 -- Less the slack admission grants, as whole units.

@@ -120,7 +120,7 @@ end
 -- The entries logged at `at` settle as one (they expire together): an overage goes on the last of them (or
 -- on a new entry at `at` if there is none), a refund takes from the last ones first, never below a cost of
 -- 0; every later entry's cumulative cost moves by the change. Once `at` has left the window, nothing changes.
-local function adjust(key, state, limit, window, now, at, delta, pad)
+local function adjust(key, state, limit, window, now, at, charged, delta, pad)
   if at <= now - window then return end
   if delta > 0 then -- an overage: counted up to MAX_AMOUNT units in the window
     local room = MAX_AMOUNT
@@ -185,7 +185,7 @@ end
 -- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
 -- another slot denied): an adjustment by -cost, after which the entries it emptied go, as if never logged.
 local function refund(key, state, limit, window, now, at, cost, pad)
-  adjust(key, state, limit, window, now, at, -cost, pad)
+  adjust(key, state, limit, window, now, at, cost, -cost, pad)
   local emptied = {}
   for _, logged in ipairs(redis.call('ZRANGEBYSCORE', key, fmt(at), fmt(at))) do
     local _, logged_cost = entry(logged)

@@ -64,7 +64,7 @@ end
 
 -- A charge made at `at` moves by delta in the window it was counted in, current or previous (never below 0
 -- nor above the limit); once it no longer counts, nothing changes.
-local function adjust(key, state, limit, window, now, at, delta, pad)
+local function adjust(key, state, limit, window, now, at, charged, delta, pad)
   local k, start, _, previous, units = counts(state, window, now)
   local charged_in = floordiv(at, window)
   if charged_in == k then
@@ -85,7 +85,7 @@ end
 -- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
 -- another slot denied): an adjustment by -cost.
 local function refund(key, state, limit, window, now, at, cost, pad)
-  adjust(key, state, limit, window, now, at, -cost, pad)
+  adjust(key, state, limit, window, now, at, cost, -cost, pad)
 end
 
 local function used(key, state, limit, window, now)
