@@ -92,6 +92,23 @@ def test_a_gcra_overage_lands_behind_its_charge_after_a_refund_emptied_the_key(
     assert limiter.get_request_count("b", "x", tier="per_model", unit="input_tokens") == 24
 
 
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window"])
+def test_a_settlement_lands_while_the_clock_is_behind_its_charges_window(
+    algorithm: str, storage: Storage, clock: FakeClock
+) -> None:
+    """Redis' clock may step back across a window boundary between a reservation and its settlement: the
+    key's window stays current (as memory, whose clock never goes back, sees it), and the overage lands
+    there (saturating the window counter), not dropped while the key went on counting the estimate."""
+    clock.now = 1080.5  # window [1080, 1140)
+    limiter = tokens_limiter(storage, algorithm, tokens="100/minute")
+    reservation = limiter.reserve("u", "m", input_tokens=10)
+    clock.now = 1079.5
+    reservation.settle(10, 100)  # 110 used: the window is full
+    clock.now = 1081.0
+    assert limiter.get_request_count("u", "m", unit="tokens") == 100
+    assert not limiter.reserve("u", "m", input_tokens=80).allowed
+
+
 def test_refund_never_exceeds_the_reservation(algorithm: str, storage: Storage) -> None:
     limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=300).settle(300, 0)

@@ -35,16 +35,12 @@ local function commit(key, state, limit, window, now, cost, pad)
   redis.call('SET', key, string.format('%d:%d', k, units + cost), 'PX', ttl_ms((k + 1) * window - now, pad))
 end
 
--- A charge made at `at` moves by delta while its window is the current one (never below 0 nor above the
--- limit); once that window is over, nothing changes.
+-- A charge made at `at` moves by delta while its window is the key's current one (never below 0 nor above
+-- the limit): a stored window later than now stays current, as in evaluate, so a settlement made while
+-- Redis' clock is behind the charge's window still lands. Once that window is over, nothing changes.
 local function adjust(key, state, limit, window, now, at, charged, delta, pad)
-  local k = floordiv(at, window)
-  if k ~= floordiv(now, window) then return end
-  local units = 0
-  if state then
-    if state.k > k then return end -- Redis' clock stepped back: leave the later window alone
-    if state.k == k then units = state.used end
-  end
+  local k, units = current(state, window, now)
+  if floordiv(at, window) ~= k then return end
   units = clamp(units + delta, limit)
   if units == 0 then -- the same as no state: leave none
     if state then redis.call('DEL', key) end
