@@ -109,6 +109,21 @@ def test_a_settlement_lands_while_the_clock_is_behind_its_charges_window(
     assert not limiter.reserve("u", "m", input_tokens=80).allowed
 
 
+def test_a_gcra_overage_settled_while_the_clock_is_behind_its_charge_saturates_from_the_charge(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """An overage saturates one window ahead: of the charge's time at least, as memory (whose clock never
+    goes back) counts it, not of a Redis clock that stepped back since, from where a bucket 5 s ahead was
+    already full and the whole overage was dropped."""
+    limiter = tokens_limiter(storage, "gcra", tokens="100/10 seconds")  # 10 tokens per second
+    reservation = limiter.reserve("u", "m", input_tokens=50)  # the bucket is full again at 1005
+    clock.now = 995.0
+    reservation.settle(50, 60)  # 110 used: the bucket is empty, full again at 1010
+    clock.now = 1000.0
+    assert limiter.get_request_count("u", "m", unit="tokens") == 100
+    assert not limiter.reserve("u", "m", input_tokens=45).allowed
+
+
 def test_refund_never_exceeds_the_reservation(algorithm: str, storage: Storage) -> None:
     limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=300).settle(300, 0)

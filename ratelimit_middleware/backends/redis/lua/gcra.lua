@@ -60,8 +60,10 @@ end
 
 -- An overage is charged as if at `at`, behind the charge itself (`at + charged * interval` at the earliest, also
 -- once its key has drained and gone), and what has drained since stays drained, saturating one window ahead (a
--- bucket is never more than empty). A refund gives back only what of the charge cannot have drained yet: its
--- units drain one per interval from `at` at the earliest, and the end of the bucket may be later charges'.
+-- bucket is never more than empty), a window ahead of the charge's time at least: Redis' clock may have
+-- stepped back since, and time never runs backwards for a key (memory's clock never does). A refund gives back
+-- only what of the charge cannot have drained yet: its units drain one per interval from `at` at the
+-- earliest, and the end of the bucket may be later charges'.
 local function adjust(key, state, limit, window, now, at, charged, delta, pad)
   local interval = window / limit
   local tat
@@ -70,6 +72,7 @@ local function adjust(key, state, limit, window, now, at, charged, delta, pad)
     if state and state > tat then tat = state end
     tat = tat + delta * interval
     local full = now + window
+    if at > now then full = at + window end
     if tat > full then
       if not state or state < full then tat = full else tat = state end
     end
