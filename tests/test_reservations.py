@@ -124,6 +124,22 @@ def test_a_gcra_overage_settled_while_the_clock_is_behind_its_charge_saturates_f
     assert not limiter.reserve("u", "m", input_tokens=45).allowed
 
 
+def test_a_sliding_log_reservation_made_while_the_clock_is_behind_settles_where_it_was_logged(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """After Redis' clock stepped back, a reservation is logged at the key's newest entry (a log never runs
+    backwards), as memory, whose clock never goes back, logs it: its settlement lands there, an overage
+    counting as long as the charge, a cancellation giving the tokens back."""
+    limiter = tokens_limiter(storage, tokens="100/10 seconds")
+    limiter.reserve("u", "m", input_tokens=1).settle(1, 0)  # the newest entry: 1000
+    clock.now = 995.0
+    limiter.reserve("u", "m", input_tokens=10).settle(10, 80)  # 90 used, logged at 1000
+    limiter.reserve("u", "m", input_tokens=5).cancel()
+    clock.now = 1006.0
+    assert limiter.get_request_count("u", "m", unit="tokens") == 91
+    assert not limiter.reserve("u", "m", input_tokens=80).allowed
+
+
 def test_refund_never_exceeds_the_reservation(algorithm: str, storage: Storage) -> None:
     limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=300).settle(300, 0)

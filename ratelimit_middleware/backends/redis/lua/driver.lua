@@ -6,7 +6,8 @@
 --   units its charge made (the cost it was reserved at). A rule with window 0 is a concurrency limit
 --   (concurrency.lua's leases).
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
--- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad),
+-- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad)
+-- (returning the time it charged at when that is later than now: the sliding log's, see below),
 -- adjust(key, state, limit, window, now, at, charged, delta, pad), refund(key, state, limit, window, now,
 -- at, cost, pad) and used(key, state, limit, window, now).
 --
@@ -93,14 +94,22 @@ local function run(keys, call, clock)
     reply[4 * i - 1] = fmt(retry_after)
     reply[4 * i] = fmt(reset_after)
   end
+  -- The time of the charge: a sliding log never logs before its newest entry, so after Redis' clock stepped
+  -- back a charge lands later than now, where its settlement must look for it. Keys of the call that charged
+  -- at an earlier time then find nothing there: their refund is lost and an overage is logged later, where it
+  -- counts longer (conservative both).
+  local charged_at = now
   if all_allow then
     for i = 1, #keys do
       if amounts[i] > 0 and windows[i] == 0 then
         lease_take(keys[i], lease_id, amounts[i], now, pad, call.lease)
-      elseif amounts[i] > 0 then commit(keys[i], states[i], limits[i], windows[i], now, amounts[i], pad) end
+      elseif amounts[i] > 0 then
+        local at = commit(keys[i], states[i], limits[i], windows[i], now, amounts[i], pad)
+        if at and at > charged_at then charged_at = at end
+      end
     end
   end
-  if mode == 'reserve' then reply[4 * #keys + 1] = fmt(now) end
+  if mode == 'reserve' then reply[4 * #keys + 1] = fmt(charged_at) end
   -- 'reserve' denied: then the units each rule counts (before this request), for messages.
   if mode == 'reserve' and not all_allow then
     for i = 1, #keys do

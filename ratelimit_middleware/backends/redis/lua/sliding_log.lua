@@ -102,6 +102,7 @@ local function rebase(key, now, window)
   return read_state(key)
 end
 
+-- The time the request was logged at (the receipt of a reservation names it).
 local function commit(key, state, limit, window, now, cost, pad)
   if state and state.total > MAX_AMOUNT - cost then state = rebase(key, now, window) end
   local total, at = 0, now
@@ -115,6 +116,7 @@ local function commit(key, state, limit, window, now, cost, pad)
   end
   redis.call('ZADD', key, fmt(at), member(total, cost, at))
   redis.call('PEXPIRE', key, ttl_ms(at + window - now, pad))
+  return at
 end
 
 -- The entries logged at `at` settle as one (they expire together): an overage goes on the last of them (or
