@@ -132,6 +132,21 @@ def test_sliding_window_counts_a_large_previous_window_exactly(clock: FakeClock,
     assert limiter.get_request_count("u", "m") == 2**52 - 1
 
 
+def test_sliding_window_remaining_rounds_as_memory_does(clock: FakeClock, storage: Storage) -> None:
+    """The estimate adds the current window's units and the request's cost as one integer, then to the
+    previous window's share: the script added them one by one, two roundings near 2**52, one unit apart."""
+    limiter = limiter_on(storage, "sliding_window", MAX_AMOUNT)
+    twin = limiter_on(MemoryStorage(clock=clock), "sliding_window", MAX_AMOUNT)
+    clock.now = START
+    assert all(one.check("u", "m").allowed for one in (limiter, twin))
+    clock.now = START + WINDOW
+    assert all(one.check("u", "m", 2**52 - 1).allowed for one in (limiter, twin))
+    clock.now = START + WINDOW + 3 * WINDOW / 8
+    # 0.625 of the previous unit and 2**52 units in this window: 2**52 + 0.625, rounded to 2**52 + 1.
+    remaining = [one.check("u", "m").remaining for one in (limiter, twin)]
+    assert remaining == [2**52 - 1, 2**52 - 1]
+
+
 def test_sliding_log_counts_an_overage_up_to_2_53(clock: FakeClock, storage: Storage) -> None:
     """The sliding log counts an overage settled after the fact exactly, beyond the limit, but no further
     than 2**53 units in the window: past it, its float64 sums (Redis' doubles) would skip units."""

@@ -40,7 +40,7 @@ local function evaluate(key, state, limit, window, now, cost)
   local tolerance = window * 1e-9
   local fits_at = fits_from(start, window, limit, previous, units, cost)
   if units <= limit - cost and at >= fits_at - tolerance then
-    local estimate = previous * (1 - (at - start) / window) + units + cost
+    local estimate = previous * (1 - (at - start) / window) + (units + cost) -- as Python: one rounding
     local remaining = trunc(limit - estimate + 1e-9)
     if remaining < 0 then remaining = 0 end
     return 1, remaining, 0, start + 2 * window - at
