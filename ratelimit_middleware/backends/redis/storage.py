@@ -317,7 +317,8 @@ class RedisBackend:
         for group in groups:
             leased = [i for i in group if costs[i] and i in self._leased] if lease_id else []
             if leased:
-                args = self._args("adjust", leased, [-costs[i] for i in leased], "", lease_id)
+                charged = [costs[i] for i in leased]
+                args = self._args("adjust", leased, [-amount for amount in charged], "", lease_id, charged)
                 releases.append(Call(self._script, [keys[i] for i in leased], args))
             else:
                 releases.append(None)
