@@ -358,7 +358,7 @@ def first_of(*functions: KeyFunction) -> KeyFunction:
                 return value
         return None
 
-    leading = _LEADING.get(functions[0])
+    leading = leading_header(functions[0])
     if leading is not None:
         header, rest = leading
         after = functions[1:] if rest is None else (rest, *functions[1:])

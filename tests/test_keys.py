@@ -268,6 +268,8 @@ def test_only_from_header_and_first_of_one_have_a_leading_header() -> None:
     assert keys.leading_header(keys.api_key()) is None
     assert keys.leading_header(lambda request: "mine") is None
     assert keys.leading_header(operator.attrgetter("path")) is None  # no weak reference to it
+    # Nor can one lead a first_of, which must still build (it raised TypeError from the weak reference).
+    assert keys.leading_header(keys.first_of(operator.attrgetter("path"), keys.from_header("a"))) is None
 
 
 @given(_KEYS, _KEYS, _HEADERS, st.sampled_from(["", "q=3"]))
