@@ -14,7 +14,9 @@ So ``per_user = "100/hour"`` in every entry of a plan caps a user over all its m
 ``Plans.load(path)`` reads TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML); ``Plans.from_env()``
 reads ``RATELIMIT_POLICY`` (a path) or ``RATELIMIT_POLICY_TOML`` (the policy itself). Plans listed in
 ``shadow_plans`` (one name, or a list) are evaluated and recorded but never deny (``Shadow``): a new plan's
-limits roll out safely. Every mistake fails at start-up with a ``PolicyError`` naming the file, and the field
+limits roll out safely. Their clients' requests are in shadow whichever entry limits them (a model the plan
+does not list falls back to the default plan's), and other plans' are enforced, the default plan's entries
+included. Every mistake fails at start-up with a ``PolicyError`` naming the file, and the field
 (``plans.free.*.per_user_model.tokens``) or the line; an argument of another type given in code (a list for
 ``default_plan``) is a ``TypeError`` naming it.
 """
@@ -214,9 +216,9 @@ class Plans:
         self._plans = dict.fromkeys(plans)  # the plan names, in order
         self.uses_reservations = any(limiter.uses_reservations for limiter in self._limiters.values())
         self.shadow_plans = shadow_plans
-        self._shadows = {
-            key: Shadow(limiter) for key, limiter in self._limiters.items() if key[0] in shadow_plans
-        }
+        # A shadow plan's request may fall back to another plan's entry, and an enforced plan's to a shadow
+        # plan's: the caller's plan says which, so every entry has its shadow form when any plan is in shadow.
+        self._shadows = {key: Shadow(limiter) for key, limiter in self._limiters.items() if shadow_plans}
 
     # -- choosing ---------------------------------------------------------------------------------------
 
@@ -230,10 +232,12 @@ class Plans:
         return plan if plan is not None and plan in self._plans else self.default_plan
 
     def route(self, request: RequestView, model: str) -> tuple[Shadow | MultiTierRateLimiter, str]:
-        """The limiter of a request (its plan's, in shadow for ``shadow_plans``) and its canonical model."""
+        """The limiter of a request (its plan's entry for the model, or the entry it falls back to; in shadow
+        when the request's plan is one of ``shadow_plans``) and its canonical model."""
         model = self.canonical(model)
-        key = self._key(self.plan_of(request), model)
-        return self._shadows.get(key) or self._limiters[key], model
+        plan = self.plan_of(request)
+        key = self._key(plan, model)
+        return (self._shadows[key] if plan in self.shadow_plans else self._limiters[key]), model
 
     def limiter(self, plan: str, model: str) -> MultiTierRateLimiter:
         """The limiter of ``plan`` for ``model``: its own entry, else the plan's ``"*"``, else the default
@@ -300,8 +304,11 @@ class Plans:
                 "the plan of clients whose plan key gives none or an unknown plan"
             )
         shadow_plans = data.get("shadow_plans", [])
-        if not isinstance(shadow_plans, list) or not all(isinstance(plan, str) for plan in shadow_plans):
-            raise PolicyError(f"{source}: shadow_plans: expected a list of plan names, got {shadow_plans!r}")
+        names = isinstance(shadow_plans, (str, list)) and all(isinstance(plan, str) for plan in shadow_plans)
+        if not names:
+            raise PolicyError(
+                f"{source}: shadow_plans: expected a plan name or a list of them, got {shadow_plans!r}"
+            )
         return cls(
             plans,
             default_plan=default_plan,

@@ -291,3 +291,8 @@ def test_shadow_plans_from_a_policy_file(tmp_path: Any) -> None:
 
     with pytest.raises(PolicyError, match="shadow_plans: 'gold'"):
         Plans.load(policy)
+    policy.write_text('shadow_plans = "free"\n[plans.free."*"]\nper_user_model = "1/minute"\n')
+    assert Plans.load(policy).shadow_plans == frozenset({"free"})  # one name, as Plans(shadow_plans=) takes
+    policy.write_text('shadow_plans = ["free", 1]\n[plans.free."*"]\nper_user_model = "1/minute"\n')
+    with pytest.raises(PolicyError, match=r"shadow_plans: expected a plan name or a list of them, got \['fr"):
+        Plans.load(policy)

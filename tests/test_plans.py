@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 
 from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.backends.base import Storage
+from ratelimit_middleware.keys import from_header
 from ratelimit_middleware.plans import Plans, PolicyError
 
 from .servers import ROOT
@@ -311,6 +312,30 @@ def test_shadow_plans_are_routed_per_request() -> None:
     sent = [send(client, "pro", "gpt") for _ in range(2)]
     assert [response.headers["x-ratelimit-limit-requests"] for response in sent] == ["100", "100"]
     assert [send(client, None, "gpt").status_code for _ in range(2)] == [200, 200]  # shadow: never denied
+
+
+def test_shadow_follows_the_callers_plan_not_the_entry_it_falls_back_to() -> None:
+    """A plan's request for a model it does not list is limited by the default plan's entry: in shadow when
+    the caller's plan is (never denied), enforced when it is not, whether or not the default plan is."""
+    policy = {
+        "free": {"*": {"per_user_model": "1/minute"}},
+        "pro": {"gpt-4": {"per_user_model": "1/minute"}},
+        "trial": {"gpt-4": {"per_user_model": "1/minute"}},
+    }
+
+    def client(shadow: str) -> TestClient:
+        plan_key = from_header("x-plan")
+        plans = Plans(policy, default_plan="free", plan_key=plan_key, shadow_plans=shadow)
+        app = Starlette(routes=[Route("/v1/chat", echo, methods=["POST"])])
+        app.add_middleware(RateLimitMiddleware, limiter=plans)
+        return TestClient(app)
+
+    free_in_shadow = client("free")
+    assert [send(free_in_shadow, "pro", "llama").status_code for _ in range(2)] == [200, 429]
+    assert [send(free_in_shadow, None, "llama", "v").status_code for _ in range(2)] == [200, 200]
+    trial_in_shadow = client("trial")
+    assert [send(trial_in_shadow, "trial", "llama").status_code for _ in range(2)] == [200, 200]
+    assert [send(trial_in_shadow, None, "llama", "v").status_code for _ in range(2)] == [200, 429]
 
 
 def test_an_alias_must_name_a_canonical_model() -> None:
