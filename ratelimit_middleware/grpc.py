@@ -46,7 +46,7 @@ except ModuleNotFoundError as error:
         "ratelimit_middleware.grpc needs grpcio: pip install 'ratelimit-middleware[grpc]'"
     ) from error
 
-from ratelimit_middleware.checker import Checker, LimiterSpec, reserver_of
+from ratelimit_middleware.checker import Checker, LimiterSpec, as_checker, reserver_of
 from ratelimit_middleware.contract import HTTPResponse
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.gate import Ask, Gate, routed
@@ -308,6 +308,31 @@ class _Ask:
     question: Ask
 
 
+def _method_rules(
+    exempt_methods: Iterable[str], method_limits: Mapping[str, LimiterSpec | None] | None
+) -> tuple[tuple[str, ...], dict[str, Checker | None]]:
+    """The gate's path rules for ``exempt_methods`` and ``method_limits``, checked under those names (the
+    gate's own errors would name its HTTP options). A pattern is a full method name, no HTTP method: calls
+    are matched as POST, so a GET rule would never apply."""
+    exempt = string_items(exempt_methods, "exempt_methods")
+    if method_limits is not None and not isinstance(method_limits, Mapping):
+        raise TypeError(
+            "method_limits must be a mapping of method pattern to limiter (or None to exempt), got "
+            f"{method_limits!r}"
+        )
+    limits = {
+        pattern: None if spec is None else as_checker(spec, f"method_limits[{pattern!r}]")
+        for pattern, spec in (method_limits or {}).items()
+    }
+    for pattern in (*exempt, *limits):
+        if not isinstance(pattern, str) or not pattern.startswith("/") or len(pattern.split()) != 1:
+            raise ValueError(
+                "a gRPC method pattern is a full method name, '/pkg.Service/Method' or '/pkg.Service/*', "
+                f"without an HTTP method: {pattern!r}"
+            )
+    return exempt, limits
+
+
 class _Core:
     """What both interceptors decide; they only do the gRPC I/O (and call the limiter, sync or async)."""
 
@@ -332,24 +357,19 @@ class _Core:
         check_hook(request_body, "request_body", ("message",))
         if not isinstance(add_metadata, bool):  # named here: the gate would call it add_headers
             raise TypeError(f"add_metadata must be True or False, got {add_metadata!r}")
+        exempt, limits = _method_rules(exempt_methods, method_limits)
         self.gate = Gate(
             limiter,
             user_key=user_key,
             model_key=model_key or from_header("x-model"),  # then "default"
-            exempt_paths=string_items(exempt_methods, "exempt_methods"),
-            path_limits=method_limits,
+            exempt_paths=exempt,
+            path_limits=limits,
             exempt_methods=(),
             on_error=on_error,
             add_headers=add_metadata,
             observers=observers,
             shadow=shadow,
         )
-        named = self.gate.routes.with_methods()
-        if named:  # calls are matched as POST: a GET rule would never apply
-            raise ValueError(
-                "gRPC method patterns take no HTTP method, only the full method name ('/pkg.Service/Method', "
-                f"'/pkg.Service/*'): {named[0]!r}"
-            )
         self.gate.check_token_options(estimator=estimator is not None, usage=usage is not None)
         self.estimator = estimator
         self.usage = usage

@@ -123,10 +123,6 @@ class PathRules(Generic[T]):
     def __bool__(self) -> bool:
         return bool(self._rules)
 
-    def with_methods(self) -> list[str]:
-        """The patterns that name a method, as written."""
-        return [pattern.text for pattern, _ in self._rules if pattern.methods is not None]
-
     def match(self, method: str, path: str, tidy: bool = False) -> tuple[bool, T | None]:
         """``(True, value)`` for the first rule that matches this method and spelling of a path (``tidy``: the
         tidied one, matched against the patterns tidied), else ``(False, None)``."""

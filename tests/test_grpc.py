@@ -822,5 +822,27 @@ def test_add_metadata_must_be_a_boolean() -> None:
 def test_method_patterns_with_an_http_method_are_refused(rules: dict[str, Any]) -> None:
     """Calls are looked up as POST to the full method name: a GET rule was accepted and never applied."""
     for interceptor in (RateLimitInterceptor, AsyncRateLimitInterceptor):
-        with pytest.raises(ValueError, match=r"^gRPC method patterns take no HTTP method.*: '(GET|POST) /"):
+        with pytest.raises(ValueError, match=r"^a gRPC method pattern is a full .*: '(GET|POST) /"):
+            interceptor("100/hour", **rules)
+
+
+@pytest.mark.parametrize(
+    ("rules", "error", "says"),
+    [
+        ({"method_limits": ["/a.B/*"]}, TypeError, r"^method_limits must be a mapping of method pattern to "),
+        (
+            {"method_limits": {"/a.B/C": 5}},
+            TypeError,
+            r"^method_limits\['/a.B/C'\] must be a limiter, .* 5$",
+        ),
+        ({"method_limits": {"a.B/C": "1/minute"}}, ValueError, r"^a gRPC method pattern .*: 'a.B/C'$"),
+        ({"exempt_methods": ["a.B/C"]}, ValueError, r"^a gRPC method pattern .*: 'a.B/C'$"),
+    ],
+)
+def test_bad_method_rules_are_named_as_the_interceptor_takes_them(
+    rules: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    """The gate's messages named its HTTP options (path_limits) or spoke of path patterns."""
+    for interceptor in (RateLimitInterceptor, AsyncRateLimitInterceptor):
+        with pytest.raises(error, match=says):
             interceptor("100/hour", **rules)
