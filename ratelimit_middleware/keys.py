@@ -243,11 +243,25 @@ _LONGEST_ADDRESS = 100
 no address, and is kept out of the cache below."""
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""RFC 6052's well-known prefix: a translator (NAT64, SIIT) writes an IPv4 address ``a.b.c.d`` as
+``64:ff9b::a.b.c.d``."""
+
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+"""RFC 8215's local-use prefix for translators, of which a network takes a prefix of 32 to 96 bits: where
+the IPv4 address sits depends on that length (RFC 6052, 2.2), but the address is one per IPv4 address
+whatever it is."""
+
+
 def address_key(address: str, ipv6_prefix: int = 64) -> str | None:
     """``"ip:<address>"`` of one client address as a server or a proxy writes it (``None`` if it is none):
     IPv4 as it is, an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) as that IPv4 address, other IPv6 ones
     as their network of ``ipv6_prefix`` bits (``"ip:2001:db8:1:2::/64"``; at 128 the address itself), since
     one host usually holds a whole /64 and may send each request from a new address of it.
+
+    Translated addresses are IPv4 clients, each of its own, whom a /64 would lump together: one of the
+    well-known NAT64 prefix (``64:ff9b::a.b.c.d``) is the IPv4 address it embeds, one of the local-use
+    prefix (``64:ff9b:1::/48``) the whole address (one per IPv4 address, wherever its prefix length puts it).
 
     ``client_ip`` keys with it, and so does the gate for a user key with no answer."""
     return _address_key(address, ipv6_prefix) if len(address) <= _LONGEST_ADDRESS else None
@@ -257,7 +271,9 @@ def address_key(address: str, ipv6_prefix: int = 64) -> str | None:
 def _address_key(address: str, ipv6_prefix: int) -> str | None:
     """``address_key``, remembered: parsing costs microseconds, on every request keyed by address."""
     parsed = _parse_ip(address)
-    if isinstance(parsed, ipaddress.IPv6Address) and ipv6_prefix < 128:
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed in _NAT64:
+        return f"ip:{ipaddress.IPv4Address(int(parsed) & 0xFFFFFFFF)}"
+    if isinstance(parsed, ipaddress.IPv6Address) and ipv6_prefix < 128 and parsed not in _LOCAL_NAT64:
         shift = 128 - ipv6_prefix
         return f"ip:{ipaddress.IPv6Address(int(parsed) >> shift << shift)}/{ipv6_prefix}"
     return f"ip:{parsed}" if parsed is not None else None

@@ -204,6 +204,28 @@ def test_an_ipv6_client_is_its_network_of_ipv6_prefix_bits() -> None:
     assert key(view(client="1" * 10_000)) is None  # no address, and never remembered
 
 
+def test_a_nat64_client_is_the_ipv4_address_it_embeds() -> None:
+    """Behind a translator (SIIT, NAT64), every IPv4 client reaches an IPv6 server from an address of the
+    translator's prefix: keyed on the /64, they all shared one bucket. In RFC 6052's well-known prefix
+    ``64:ff9b::/96`` the client is its embedded IPv4 address (as an IPv4-mapped one is); in the local-use
+    ``64:ff9b:1::/48`` (RFC 8215), whose prefix length decides where the IPv4 address sits, the full
+    address, which is one per IPv4 address whatever that length."""
+    for key in (keys.client_ip(), keys.client_ip(ipv6_prefix=128), keys.client_ip(ipv6_prefix=32)):
+        assert key(view(client="64:ff9b::203.0.113.9")) == "ip:203.0.113.9"
+        assert key(view(client="64:ff9b::cb00:710a")) == "ip:203.0.113.10"
+        assert key(view(client="64:ff9b:1::cb00:7109")) == "ip:64:ff9b:1::cb00:7109"  # a /96 prefix
+        assert key(view(client="64:ff9b:1:cb00:71:900::")) == "ip:64:ff9b:1:cb00:71:900::"  # a /48 prefix
+        assert key(view(client="64:ff9b:1:cb00:71:a00::")) == "ip:64:ff9b:1:cb00:71:a00::"
+    assert keys.address_key("[64:ff9b::203.0.113.9]:443") == "ip:203.0.113.9"
+    behind = keys.client_ip(trusted_proxies=["64:ff9b::203.0.113.5"])  # a proxy as it arrives
+    assert behind(view({"X-Forwarded-For": "64:ff9b::198.51.100.4"}, client="64:ff9b::cb00:7105")) == (
+        "ip:198.51.100.4"
+    )
+    # Outside the two prefixes, IPv6 as any other.
+    assert keys.address_key("64:ff9b::1:cb00:7109") == "ip:64:ff9b::/64"
+    assert keys.address_key("64:ff9b:2::cb00:7109") == "ip:64:ff9b:2::/64"
+
+
 def test_a_forwarded_hop_without_for_still_counts_as_a_hop() -> None:
     """The trusted proxy wrote ``proto=https`` only: the element before it is the client's own, not its."""
     spoofed = {"Forwarded": "for=6.6.6.6, proto=https"}
@@ -496,6 +518,8 @@ def test_an_ipv6_client_cannot_take_a_new_address_per_request(
     assert get("/v1/models", {}, "2001:db8:1:3::1") == 200  # another /64, another client
     assert [get("/v1/models", {}, "203.0.113.7") for _ in range(3)] == [200, 200, 429]
     assert get("/v1/models", {}, "::ffff:203.0.113.7") == 429  # the same IPv4 client, as a dual-stack server
+    assert get("/v1/models", {}, "64:ff9b::203.0.113.7") == 429  # the same, through a NAT64 translator
+    assert get("/v1/models", {}, "64:ff9b::203.0.113.8") == 200  # another IPv4 client through it
     if name == "the gate's fallback":
         assert get("/v1/models", {"X-User-ID": "alice"}, "2001:db8:1:2::9") == 200
 
