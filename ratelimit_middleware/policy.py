@@ -72,7 +72,7 @@ class Rule:
         return f"Rule({self.tier!r}, {self.unit!r}, {self.limit}/{self.seconds:g}, {self.algorithm.name!r})"
 
 
-CounterName = tuple[str, str, str, int, float, int]
+CounterName = tuple[str, str, str, int | None, float, int]
 """``(algorithm, unit, tier, limit, window, n)``: see ``counter_names``."""
 
 
@@ -83,11 +83,16 @@ def counter_names(policy: Policy) -> tuple[CounterName, ...]:
     policy named alike (``"10/minute;10/minute"`` has two counters). Limiters bound to one storage count a
     rule of one name in one counter per identity, whatever else their policies hold: the Redis keys are made
     of these names (``backends.redis.keyspace``), and a ``MemoryStorage`` shares its stores by them.
+
+    A concurrency limit's name has no limit (``None``): the slots held are the same whatever it is, and
+    each limiter compares their count with its own, so that processes with an old and a new
+    ``max_concurrent`` (a rollout) count one user's slots together.
     """
-    seen: dict[tuple[str, str, str, int, float], int] = {}
+    seen: dict[tuple[str, str, str, int | None, float], int] = {}
     names = []
     for rule in policy.all_rules:
-        base = (rule.algorithm.name, rule.unit, rule.tier, rule.limit, rule.seconds)
+        limit = None if rule.unit == "concurrent" else rule.limit
+        base = (rule.algorithm.name, rule.unit, rule.tier, limit, rule.seconds)
         seen[base] = seen.get(base, 0) + 1
         names.append((*base, seen[base]))
     return tuple(names)

@@ -115,7 +115,7 @@ def test_token_and_slot_keys_differ_from_request_keys(
     names = {key.decode() for key in client.keys(f"{storage.key_prefix}:*")}
     prefix = storage.key_prefix
     assert names == {
-        f"{prefix}:concurrency:concurrent:per_user_model:2/0:{{u}}:m",
+        f"{prefix}:concurrency:concurrent:per_user_model:{{u}}:m",
         f"{prefix}:sliding_log:per_user_model:1000/60:{{u}}:m",
         f"{prefix}:sliding_log:input_tokens:per_user_model:1000/60:{{u}}:m",
         f"{prefix}:sliding_log:tokens:per_user_model:1000/60:{{u}}:m",

@@ -209,6 +209,25 @@ def test_concurrency_slots_are_taken_and_released(storage: Storage) -> None:
     assert limiter.reserve("v", "m").allowed  # another user has slots of their own
 
 
+def test_limiters_with_another_max_concurrent_count_the_same_slots(storage: Storage) -> None:
+    """A rollout of a new ``max_concurrent``: old and new processes (limiters on one storage) counted their
+    slots apart, the limit being part of the counter's name, so a user held old plus new slots. The slots
+    held are the same whatever the limit; each limiter compares their count with its own."""
+    old = tokens_limiter(storage, requests="100/minute", max_concurrent=2)
+    new = tokens_limiter(storage, requests="100/minute", max_concurrent=3)
+    held = [old.reserve("u", "m"), old.reserve("u", "m")]
+    assert all(reservation.allowed for reservation in held)
+    assert new.get_request_count("u", "m", unit="concurrent") == 2
+    third = new.reserve("u", "m")
+    assert third.allowed and third.decision.remaining == 0
+    assert not new.reserve("u", "m").allowed and not old.reserve("u", "m").allowed
+    held[0].settle(0, 0)
+    assert not old.reserve("u", "m").allowed  # 2 still held: the old limit's
+    assert new.reserve("u", "m").allowed
+    assert old.get_request_count("u", "m", unit="concurrent") == 3
+    assert old.get_request_count("u", "m") == new.get_request_count("u", "m") == 4  # one request counter
+
+
 def test_context_manager_releases_on_success_and_cancels_on_error(storage: Storage) -> None:
     limiter = tokens_limiter(storage, tokens="1000/minute", max_concurrent=1)
     with limiter.reserve("u", "m", input_tokens=300) as reservation:

@@ -1,11 +1,14 @@
 """Redis key names: one key per (rule, identity), unambiguous and safe for Redis Cluster.
 
 A key is ``<prefix>:<algorithm>:<tier>:<limit>/<window>:<identity>``, for instance
-``ratelimit:sliding_log:per_user_model:100/3600:{alice}:gpt-4``. The algorithm is part of the name because
-each stores a different type; the limit and window are, so that limiters with different limits never share
-state (limiters configured alike, in any process, do: that is the point). Token and concurrency rules add
-their unit after the algorithm (``ratelimit:sliding_log:tokens:per_user_model:1000/60:{alice}:gpt-4``,
-``ratelimit:concurrency:concurrent:per_user:5/0:{alice}``), so they never share a request rule's key.
+``ratelimit:sliding_log:per_user_model:100/3600:{alice}:gpt-4``: the name of the rule's counter
+(``policy.counter_names``). The algorithm is part of the name because each stores a different type; the
+limit and window are, so that limiters with different limits never share state (limiters configured alike,
+in any process, do: that is the point). Token and concurrency rules add their unit after the algorithm
+(``ratelimit:sliding_log:tokens:per_user_model:1000/60:{alice}:gpt-4``), so they never share a request
+rule's key. A concurrency rule names no limit and no window (``ratelimit:concurrency:concurrent:per_user:
+{alice}``): its leases are the same whatever the limit, so limiters with another ``max_concurrent`` count
+them together.
 
 User and model are escaped (``%`` ``:`` ``{`` ``}`` percent-encoded, the empty string written ``%``) so that
 ``("a:b", "c")`` and ``("a", "b:c")`` stay apart and user input can never open or close a hash tag. The
@@ -24,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from redis.crc import key_slot
 
-from ...policy import Policy, Rule
+from ...policy import Policy, Rule, counter_names
 
 __all__ = ["check_prefix", "escape", "rule_key_maker", "slot_groups"]
 
@@ -69,15 +72,12 @@ def rule_key_maker(prefix: str, policy: Policy) -> Callable[[Rule, str, str], by
     (``#2``), as the in-memory backend gives every rule its own store.
     """
     bases: list[bytes] = []
-    seen: dict[bytes, int] = {}
-    for rule in policy.all_rules:
+    for algorithm, unit, tier, limit, seconds, n in counter_names(policy):
         # Request keys keep their historical name; other units (tokens, concurrency slots) name theirs.
-        kind = policy.algorithm if rule.unit == "requests" else f"{rule.algorithm.name}:{rule.unit}"
-        base = f"{prefix}:{kind}:{rule.tier}:{rule.limit}/{_number(rule.seconds)}".encode()
-        seen[base] = seen.get(base, 0) + 1
-        if seen[base] > 1:
-            base += b"#%d" % seen[base]
-        bases.append(base + b":")
+        kind = algorithm if unit == "requests" else f"{algorithm}:{unit}"
+        span = "" if limit is None else f":{limit}/{_number(seconds)}"
+        base = f"{prefix}:{kind}:{tier}{span}".encode()
+        bases.append(base + (b"#%d:" % n if n > 1 else b":"))
     makers = [_identities(rule.tier) for rule in policy.all_rules]
 
     def key(rule: Rule, user: str, model: str) -> bytes:
