@@ -32,7 +32,7 @@ import redis
 import redis.asyncio
 
 from ratelimit_middleware import Limits, MultiTierRateLimiter, RateLimiter, RedisStorage
-from ratelimit_middleware.errors import UncheckedDecision
+from ratelimit_middleware.errors import LocalDecision, UncheckedDecision
 from ratelimit_middleware.reservation import Reservation
 
 from .conftest import unique_prefix
@@ -141,6 +141,71 @@ def test_a_reservation_redis_makes_after_its_timeout_gives_its_slot_back(
     assert counts(limiter) == (1, 100, 0)
     assert warnings(caplog, "a reservation got no answer from Redis") == 1
     assert limiter.reserve("u", "m").allowed
+
+
+def in_memory(limiter: RateLimiter) -> tuple[int, ...]:
+    """What on_error="local"'s in-memory limiter counts for user ``u`` (requests, tokens, slots)."""
+    local = limiter._backend._fallback._local  # type: ignore[attr-defined]
+    return tuple(local.used("u", "m", rule) for rule in limiter.policy.all_rules)
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_reservation_answered_in_memory_after_its_timeout_is_held_in_memory_alone(
+    busy: tuple[str, RedisServer], api: str
+) -> None:
+    """on_error="local": a reservation that times out is made in memory and settled there; Redis, which
+    makes it late, counts its request (which ran: each store counts it once, and each decides alone) and
+    gives its slot back at once (its undo), so the slot is held in one place only and freed by the
+    settlement, with nothing left held. Its tokens stay counted in Redis as estimated until their window
+    passes: settling them there needs the reply's time of the charge (DESIGN.md)."""
+    url, server = busy
+    storage = RedisStorage(url, key_prefix=unique_prefix(), timeout=TIMEOUT, on_error="local")
+    limiter = RateLimiter(limit="10/minute", tokens="1000/minute", max_concurrent=1, storage=storage)
+    assert counts(limiter) == (0, 0, 0)
+
+    def made_late() -> None:
+        eventually(lambda: counts(limiter)[0] == 1, "Redis never made the reservation")
+        eventually(lambda: counts(limiter)[2] == 0, "the slot of the reservation Redis made late is held")
+        assert counts(limiter) == (1, 100, 0)
+        assert in_memory(limiter) == (1, 100, 1)
+
+    async def areserve() -> Reservation:
+        await limiter.aget_request_count("u", "m")  # the event loop's connections
+        with stopped(server):
+            reservation = await limiter.areserve("u", "m", input_tokens=100)
+        await asyncio.to_thread(made_late)
+        await reservation.asettle(10, 0)
+        await limiter.storage.aclose()
+        return reservation
+
+    if api == "sync":
+        with stopped(server):
+            reservation = limiter.reserve("u", "m", input_tokens=100)
+        made_late()
+        reservation.settle(10, 0)
+    else:
+        reservation = asyncio.run(areserve())
+    assert isinstance(reservation.decision, LocalDecision)
+    assert in_memory(limiter) == (1, 10, 0)
+    assert counts(limiter) == (1, 100, 0)
+    assert limiter.reserve("u", "m").allowed  # max_concurrent=1: no slot held anywhere
+
+
+def test_a_check_answered_in_memory_after_its_timeout_counts_once_in_each_store(
+    busy: tuple[str, RedisServer],
+) -> None:
+    """on_error="local": a check that times out is decided in memory, and Redis counts it when it runs it
+    late. Once in each: memory decides while Redis does not answer, Redis once it does, neither adds the
+    other's count (a request admitted in memory meanwhile is one Redis never sees)."""
+    url, server = busy
+    storage = RedisStorage(url, key_prefix=unique_prefix(), timeout=TIMEOUT, on_error="local")
+    limiter = RateLimiter(limit="3/minute", storage=storage)
+    assert limiter.get_request_count("u", "m") == 0
+    with stopped(server):
+        assert isinstance(limiter.check("u", "m"), LocalDecision)
+    eventually(lambda: limiter.get_request_count("u", "m") == 1, "Redis never made the check")
+    assert in_memory(limiter) == (1,)
+    assert [limiter.check("u", "m").allowed for _ in range(3)] == [True, True, False]
 
 
 @pytest.mark.parametrize("api", ["sync", "async"])
