@@ -9,7 +9,8 @@ model, after mapping model ``aliases`` to their canonical names. Pass it to a mi
 A counter is named by its rule (tier, unit, limit, window), not by plan or entry: a rule stated alike in
 several entries or plans counts in one counter (their limiters share one storage, which names counters so).
 So ``per_user = "100/hour"`` in every entry of a plan caps a user over all its models, and
-``per_model = "600/minute"`` in every plan caps the model over all plans; another limit is another counter.
+``per_model = "600/minute"`` in every plan caps the model over all plans; another limit is another counter,
+but for ``max_concurrent``: the requests in flight are one count, which each plan compares with its own limit.
 
 ``Plans.load(path)`` reads TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML); ``Plans.from_env()``
 reads ``RATELIMIT_POLICY`` (a path) or ``RATELIMIT_POLICY_TOML`` (the policy itself). Plans listed in

@@ -387,3 +387,20 @@ def test_plans_name_a_user_or_model_that_is_not_a_str(method: str) -> None:
         getattr(plans, method)("u", ["m"])
     with pytest.raises(TypeError, match=r"^user must be a str, got None$"):
         getattr(plans, method)(None, "m")
+
+
+def test_plans_count_a_models_requests_in_flight_together_each_against_its_own_limit() -> None:
+    """INTEGRATION.md: the lower plan's max_concurrent is reached first, by anyone's requests in flight."""
+    plans = Plans(
+        {
+            "free": {"*": {"per_model": {"max_concurrent": 1}}},
+            "pro": {"*": {"per_model": {"max_concurrent": 2}}},
+        },
+        default_plan="free",
+    )
+    free, pro = plans.limiter("free", "gpt"), plans.limiter("pro", "gpt")
+    held = pro.reserve("p", "gpt")
+    assert held.allowed and not free.reserve("f", "gpt").allowed  # one in flight: free's limit
+    assert pro.reserve("q", "gpt").allowed and not pro.reserve("r", "gpt").allowed
+    held.cancel()
+    assert not free.reserve("f", "gpt").allowed  # pro's second is still in flight
