@@ -3,8 +3,9 @@
 ``app.add_middleware(RateLimitMiddleware, limiter=..., ...)`` in FastAPI or Starlette, or
 ``RateLimitMiddleware(app, ...)`` around any ASGI app (Django's included). Lifespan and websocket scopes pass
 through untouched; responses, streams included, are never buffered: allowed responses only get headers added
-to their ``http.response.start``. The body is read only when a key function asks for it, up to
-``max_body_size``, and replayed to the app byte for byte.
+to their ``http.response.start`` (and lose the usage chunk that ``stream_usage`` asked for, not the client).
+The body is read only when a key function asks for it, up to ``max_body_size``, and replayed to the app byte
+for byte.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .renewal import keep
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
 from .tokens import Meter
+from .usage_chunk import UsageChunkFilter
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -249,22 +251,35 @@ async def run_metered(
     send: Send,
     reservation: Reservation,
     described: list[Decision],
+    asked_usage: bool,
 ) -> None:
     """Run the app for a reserved request, with the headers of ``described``, reading its usage as the
-    response goes by and renewing its concurrency leases meanwhile, then settle."""
+    response goes by and renewing its concurrency leases meanwhile, then settle. ``asked_usage``: the
+    middleware asked for the stream's usage chunk, which the client then does not get (``UsageChunkFilter``).
+    """
     meter = Meter(reservation.reserved)
+    unasked: UsageChunkFilter | None = None
 
     async def send_metered(message: Message) -> None:
+        nonlocal unasked
         if message["type"] == "http.response.start":
             headers = message.get("headers", ())
-            meter.start(
-                int(message["status"]),
-                _header_value(headers, b"content-type"),
-                _header_value(headers, b"content-encoding"),
-            )
+            content_type = _header_value(headers, b"content-type")
+            encoding = _header_value(headers, b"content-encoding")
+            meter.start(int(message["status"]), content_type, encoding)
+            if asked_usage and UsageChunkFilter.applies(
+                content_type, _header_value(headers, b"content-length"), encoding
+            ):
+                unasked = UsageChunkFilter()
             message = with_described(scope, message, described)
         elif message["type"] == "http.response.body":
-            meter.body(message.get("body", b""))
+            chunk = message.get("body", b"")
+            meter.body(chunk)
+            if unasked is not None:
+                passed = unasked.pass_on(chunk)
+                if not message.get("more_body", False):
+                    passed += unasked.rest()
+                message = {**message, "body": passed}
         await send(message)
 
     stop_renewing = keep(reservation)  # the concurrency leases, while the response runs
@@ -303,7 +318,7 @@ class RateLimitMiddleware:
     settled with the usage the response reports (JSON or server-sent events, gzip or deflate included),
     refunded when the app fails; the concurrency slot is held until the response ends. ``stream_usage=True``
     sets ``stream_options.include_usage`` in streaming requests (a client's ``false`` included), so that
-    their streams end with the exact usage.
+    their streams end with the exact usage; a client that did not ask for that usage chunk does not get it.
 
     ``observers`` (``observe.Observer``, e.g. ``metrics.PrometheusMetrics``) see every decision, failure and
     settlement. ``shadow=True`` evaluates and records everything, adds the headers, but never denies: for
@@ -342,7 +357,7 @@ class RateLimitMiddleware:
             body = self.gate.usage_requesting_body(request)
             if body is not None:
                 scope, receive = with_body(scope, body, from_server)
-            await run_metered(self.gate, self.app, scope, receive, send, metered, described)
+            await run_metered(self.gate, self.app, scope, receive, send, metered, described, body is not None)
             return
         if not described:  # no headers to add, or a layer outside adds them
             await self.app(scope, receive, send)

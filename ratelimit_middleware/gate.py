@@ -494,11 +494,11 @@ class Gate:
         """With ``stream_usage``: the body of a streaming request that did not ask for usage, asking for it.
 
         OpenAI-compatible servers then end the stream with a usage chunk (``stream_options.include_usage``),
-        which settles the reservation exactly. A client's ``"include_usage": false`` is overridden too (the
-        usage chunk then reaches that client as well): it kept the chunk away, so that the stream paid only
-        for the text the meter counts. Only on the endpoints that take that option (chat completions,
-        completions): others (Anthropic's messages, OpenAI's responses) would refuse the body. ``None``:
-        leave the body as it is.
+        which settles the reservation exactly. A client's ``"include_usage": false`` is overridden too: it
+        kept the chunk away, so that the stream paid only for the text the meter counts. The client gets no
+        chunk it did not ask for (``usage_chunk.UsageChunkFilter``). Only on the endpoints that take that
+        option (chat completions, completions): others (Anthropic's messages, OpenAI's responses) would
+        refuse the body. ``None``: leave the body as it is.
         """
         if not self.stream_usage or not request.body_loaded or not _takes_include_usage(request.path):
             return None

@@ -305,6 +305,18 @@ def _parsed(data: bytes | bytearray) -> Any:
         return None
 
 
+def is_event_stream(content_type: str) -> bool:
+    """Whether a ``Content-Type`` is that of server-sent events."""
+    return content_type.split(";")[0].strip().lower() == "text/event-stream"
+
+
+def event_payload(event: bytes | bytearray) -> Any:
+    """The JSON value of a server-sent event, its line ends as LF: its ``data`` lines joined; ``None`` for an
+    event without data, OpenAI's ``[DONE]``, or data that is not JSON."""
+    data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
+    return None if not data or data == b"[DONE]" else _parsed(data)
+
+
 class UsageReader:
     """Reads token usage from a response as its body chunks go by (it never changes or holds them)."""
 
@@ -325,7 +337,7 @@ class UsageReader:
 
     def __init__(self, content_type: str, max_json_size: int = _MAX_EVENT_SIZE) -> None:
         content_type = _check_str(content_type, "content_type")
-        self._stream = content_type.split(";")[0].strip().lower() == "text/event-stream"
+        self._stream = is_event_stream(content_type)
         self._max_json_size = check_amount(max_json_size, "max_json_size")
         self._buffer = bytearray()
         self._tail = False  # a JSON body past max_json_size: only its end is kept
@@ -389,10 +401,9 @@ class UsageReader:
             self._scanned = len(buffer)
 
     def _read_event(self, event: bytes | bytearray) -> None:
-        """Take the usage and count the generated text of one event (its ``data`` lines joined)."""
-        data = b"\n".join(line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:"))
-        if data and data != b"[DONE]":
-            payload = _parsed(data)
+        """Take the usage and count the generated text of one event."""
+        payload = event_payload(event)
+        if payload is not None:
             self._read(payload)
             text = _streamed_text(payload)
             if text:

@@ -3,7 +3,8 @@
 ``app.wsgi_app = RateLimitWSGI(app.wsgi_app)`` in Flask, or around any WSGI app. With no options it limits
 each user on each model to 100 requests per hour, in memory, with the default key functions. The body is read
 only when a key function asks for it, up to ``max_body_size``, and replayed to the app byte for byte by
-replacing ``wsgi.input``. Allowed responses are passed through unbuffered, with headers added.
+replacing ``wsgi.input``. Allowed responses are passed through unbuffered, with headers added (and without the
+usage chunk that ``stream_usage`` asked for, not the client).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .renewal import LeaseKeeper
 from .request import BodyNotLoaded, RequestView, ServerHeaders
 from .reservation import Reservation
 from .tokens import Meter
+from .usage_chunk import UsageChunkFilter
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -228,22 +230,26 @@ def admit(
 
 class _Metered:
     """The app's response iterable, read by a ``Meter`` as the server sends it; settles once, when the body
-    ends or on ``close()``, whichever comes first (a wrapper that never closes keeps no slot held)."""
+    ends or on ``close()``, whichever comes first (a wrapper that never closes keeps no slot held).
+    ``unasked``: the filter that takes out the usage chunk the middleware asked for, if any."""
 
-    def __init__(self, body: Iterable[bytes], meter: Meter, settle: Callable[[], None]) -> None:
-        self._body = body
+    def __init__(self, meter: Meter, settle: Callable[[], None]) -> None:
+        self.body: Iterable[bytes] = ()
+        self.unasked: UsageChunkFilter | None = None
         self._meter = meter
         self._settle: Callable[[], None] | None = settle
 
     def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._body:
+        for chunk in self.body:
             self._meter.body(chunk)
-            yield chunk
+            yield chunk if self.unasked is None else self.unasked.pass_on(chunk)
+        if self.unasked is not None and (rest := self.unasked.rest()):
+            yield rest
         self._settled()
 
     def close(self) -> None:
         try:
-            close = getattr(self._body, "close", None)
+            close = getattr(self.body, "close", None)
             if close is not None:
                 close()
         finally:
@@ -268,9 +274,12 @@ def run_metered(
     reservation: Reservation,
     described: list[Decision],
     leases: LeaseKeeper,
+    asked_usage: bool,
 ) -> Iterable[bytes]:
     """Run the app for a reserved request, with the headers of ``described``, reading its usage as the
-    response goes by and having ``leases`` renew its concurrency leases meanwhile; settle at the end."""
+    response goes by and having ``leases`` renew its concurrency leases meanwhile; settle at the end.
+    ``asked_usage``: the middleware asked for the stream's usage chunk, which the client then does not get
+    (``UsageChunkFilter``)."""
     meter = Meter(reservation.reserved)
     stop_renewing = leases.keep(reservation)
 
@@ -290,19 +299,22 @@ def run_metered(
     def start_metered(
         status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        meter.start(
-            int(status.split(" ", 1)[0]),
-            _header_value(headers, "content-type"),
-            _header_value(headers, "content-encoding"),
-        )
+        content_type = _header_value(headers, "content-type")
+        encoding = _header_value(headers, "content-encoding")
+        meter.start(int(status.split(" ", 1)[0]), content_type, encoding)
+        if asked_usage and UsageChunkFilter.applies(
+            content_type, _header_value(headers, "content-length"), encoding
+        ):
+            metered.unasked = UsageChunkFilter()
         return start_response(status, with_described(environ, headers, described), exc_info)
 
+    metered = _Metered(meter, settle)
     try:
-        body = app(environ, start_metered)
+        metered.body = app(environ, start_metered)
     except BaseException:
         settle()
         raise
-    return _Metered(body, meter, settle)
+    return metered
 
 
 def _reason(status: int) -> str:
@@ -364,7 +376,16 @@ class RateLimitWSGI:
             body = self.gate.usage_requesting_body(request)
             if body is not None:
                 with_body(environ, body)
-            return run_metered(self.gate, self.app, environ, start_response, metered, described, self.leases)
+            return run_metered(
+                self.gate,
+                self.app,
+                environ,
+                start_response,
+                metered,
+                described,
+                self.leases,
+                body is not None,
+            )
         if not described:  # no headers to add, or a layer outside adds them
             return self.app(environ, start_response)
 

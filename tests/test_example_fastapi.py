@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import httpx2
@@ -222,7 +223,28 @@ def test_the_plan_header_picks_the_budget(token_server: str) -> None:
     )  # type: ignore[arg-type]
     assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
     streamed = list(pro.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True))  # type: ignore[arg-type]
-    assert streamed[-1].usage is not None  # the middleware asked for usage (stream_usage=True)
+    assert streamed and all(chunk.choices for chunk in streamed)
+
+
+def test_openai_client_streams_without_the_usage_chunk_it_did_not_ask_for(token_server: str) -> None:
+    """stream_usage=True asks the app for the usage chunk (choices empty) of every stream, to settle it
+    exactly; it reached a client that never asked, and ``chunk.choices[0]`` raised IndexError there. The
+    settlement still uses that chunk's usage: not the estimate, nor the text counted."""
+    import main  # type: ignore[import-not-found]
+
+    sdk = client(token_server, "uma")
+    content = "stream without usage, please"
+    stream = sdk.chat.completions.create(
+        model="llama-3-8b", messages=[{"role": "user", "content": content}], stream=True, max_tokens=200
+    )
+    chunks = list(stream)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == main.REPLY
+    assert all(chunk.usage is None for chunk in chunks)
+    with httpx2.Client() as http:
+        metrics = http.get(f"{token_server}/metrics/").text
+    settled = re.search(r'ratelimit_tokens_settled_total\{model="llama-3-8b"\} (\S+)', metrics)
+    exact = main.count_tokens(content) + main.count_tokens(main.REPLY)  # the app's own usage
+    assert settled is not None and float(settled[1]) == exact
 
 
 def test_default_limits_cover_requests_tokens_and_concurrency() -> None:

@@ -381,7 +381,8 @@ def test_stream_usage_asks_for_usage_even_of_a_client_that_said_not_to() -> None
         "stream_options": {"include_usage": False},
     }
     response = TestClient(app).post("/v1/chat/completions", json=body, headers={"X-User-ID": "alice"})
-    assert response.status_code == 200 and '"usage"' in response.text  # the client gets the chunk too
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    assert '"usage"' not in response.text  # it said not to: the chunk is the middleware's alone
     assert limits.get_request_count("alice", "m", unit="tokens") == 7
 
 
@@ -433,6 +434,189 @@ def test_stream_usage_in_wsgi() -> None:
     app.wsgi_app = RateLimitWSGI(app.wsgi_app, limits, stream_usage=True)  # type: ignore[method-assign]
     assert chat(BufferedClient(app), stream=True).status_code == 200
     assert limits.get_request_count("alice", "m", unit="tokens") == 11
+
+
+USAGE_ONLY = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion.chunk",
+    "choices": [],
+    "usage": {"prompt_tokens": 6, "completion_tokens": 9, "total_tokens": 15},
+}
+WITH_CHOICES = {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "lo"}}], "usage": {"x": 1}}
+
+
+def asked_events(eol: bytes) -> list[bytes]:
+    """A stream as a server sends it when asked for usage: a usage chunk that has choices (some servers put
+    usage on every chunk) stays whole; only the one without choices, last, is the middleware's."""
+    events = [
+        b'data: {"choices": [{"index": 0, "delta": {"content": "hel"}}]}',
+        b"data: " + json.dumps(WITH_CHOICES).encode(),
+        b": keep-alive",
+        b"data: " + json.dumps(USAGE_ONLY).encode(),
+        b"data: [DONE]",
+    ]
+    return [event + eol + eol for event in events]
+
+
+def unasked(events: list[bytes]) -> bytes:
+    """What a client that did not ask for usage gets of ``events``: all but the usage chunk."""
+    return b"".join(event for event in events if b'"choices": []' not in event)
+
+
+def pieces(events: list[bytes], split: str) -> list[bytes]:
+    """The stream in the pieces an app sends it in: an event each, all at once, or a byte each (every event
+    end, CRLF included, cut everywhere)."""
+    stream = b"".join(events)
+    return {"events": events, "whole": [stream], "bytes": [stream[i : i + 1] for i in range(len(stream))]}[
+        split
+    ]
+
+
+def chat_body(asks: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x" * 40}],
+        "max_tokens": 100,
+        "stream": True,
+    }
+    return {**body, "stream_options": {"include_usage": True}} if asks else body
+
+
+def streaming_app(sent: list[bytes]) -> Starlette:
+    """An OpenAI-compatible server that sends ``sent`` when the request asks for usage."""
+
+    async def endpoint(request: Request) -> Response:
+        assert ((await request.json()).get("stream_options") or {}).get("include_usage") is True
+
+        async def events() -> Any:
+            for piece in sent:
+                yield piece
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/chat/completions", endpoint, methods=["POST"])])
+
+
+@pytest.mark.parametrize("split", ["events", "whole", "bytes"])
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("asks", [False, True], ids=["unasked", "asked"])
+def test_the_usage_chunk_the_middleware_asked_for_is_not_passed_on(
+    eol: bytes, split: str, asks: bool
+) -> None:
+    """The usage chunk (no choices) reached clients that never asked for it, which crash on
+    ``chunk.choices[0]``; the stream still settles with its usage. A client that asked gets it as sent."""
+    events = asked_events(eol)
+    limits = limiter(tokens="1000/minute")
+    app = streaming_app(pieces(events, split))
+    app.add_middleware(RateLimitMiddleware, limiter=limits, stream_usage=True)
+    response = TestClient(app).post("/v1/chat/completions", json=chat_body(asks), headers=ALICE)
+    assert response.status_code == 200
+    assert response.content == (b"".join(events) if asks else unasked(events))
+    assert limits.get_request_count("alice", "m", unit="tokens") == 15
+
+
+@pytest.mark.parametrize("split", ["events", "whole", "bytes"])
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("asks", [False, True], ids=["unasked", "asked"])
+def test_the_usage_chunk_the_middleware_asked_for_is_not_passed_on_in_wsgi(
+    eol: bytes, split: str, asks: bool
+) -> None:
+    events = asked_events(eol)
+    limits = limiter(tokens="1000/minute")
+    app = Flask(__name__)
+
+    @app.post("/v1/chat/completions")
+    def view() -> FlaskResponse:
+        assert (flask_request.get_json()["stream_options"] or {}).get("include_usage") is True
+        return FlaskResponse(iter(pieces(events, split)), mimetype="text/event-stream")
+
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, limits, stream_usage=True)  # type: ignore[method-assign]
+    response = BufferedClient(app).post("/v1/chat/completions", json=chat_body(asks), headers=ALICE)
+    assert response.status_code == 200
+    assert response.data == (b"".join(events) if asks else unasked(events))
+    assert limits.get_request_count("alice", "m", unit="tokens") == 15
+
+
+def passes_in_asgi(sent: list[bytes]) -> list[bytes]:
+    """The body of each message the middleware sends on, for each message of ``sent`` the app sends."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for index, piece in enumerate(sent):
+            await send({"type": "http.response.body", "body": piece, "more_body": index < len(sent) - 1})
+
+    middleware = RateLimitMiddleware(app, limiter=limiter(tokens="1000/minute"), stream_usage=True)
+    body = json.dumps(chat_body(False)).encode()
+    scope = http_scope(headers=[("X-User-ID", "alice"), ("Content-Type", "application/json")])
+    return [message["body"] for message in asyncio.run(call(middleware, scope, [body]))[1:]]
+
+
+def passes_in_wsgi(sent: list[bytes]) -> list[bytes]:
+    """The chunks the middleware yields, for each chunk of ``sent`` a Flask view yields."""
+    app = Flask(__name__)
+    app.add_url_rule(
+        "/v1/chat/completions",
+        "chat",
+        lambda: FlaskResponse(iter(sent), mimetype="text/event-stream"),
+        methods=["POST"],
+    )
+    app.wsgi_app = RateLimitWSGI(  # type: ignore[method-assign]
+        app.wsgi_app, limiter(tokens="1000/minute"), stream_usage=True
+    )
+    response = app.test_client().post(
+        "/v1/chat/completions", json=chat_body(False), headers=ALICE, buffered=False
+    )
+    with contextlib.closing(response):
+        return list(response.response)
+
+
+@pytest.mark.parametrize("passes", [passes_in_asgi, passes_in_wsgi], ids=["asgi", "wsgi"])
+def test_events_pass_on_as_soon_as_they_are_complete(passes: Any) -> None:
+    """Only an event not complete yet is held back: each piece the app sends carries on the events it
+    completes, at once, whether it holds one event or one byte."""
+    events = asked_events(b"\r\n")
+    passed_on, offset = [], 0  # (where each event the client gets ends in the stream, the event)
+    for event in events:
+        offset += len(event)
+        if b'"choices": []' not in event:
+            passed_on.append((offset, event))
+    for sent in (events, pieces(events, "bytes")):
+        expected, start = [], 0
+        for piece in sent:  # the events this piece completes, less the usage chunk
+            end = start + len(piece)
+            expected.append(b"".join(event for stop, event in passed_on if start < stop <= end))
+            start = end
+        assert passes(sent) == expected
+
+
+def test_a_stream_of_a_set_length_or_compressed_keeps_its_usage_chunk() -> None:
+    """Taking bytes out would make a Content-Length wrong, and compressed events cannot be seen: such
+    streams pass as they are, and still settle."""
+    stream = b"".join(asked_events(b"\n"))
+
+    async def sized(request: Request) -> Response:
+        return Response(stream, media_type="text/event-stream")
+
+    limits = limiter(tokens="1000/minute")
+    app = Starlette(routes=[Route("/v1/chat/completions", sized, methods=["POST"])])
+    app.add_middleware(RateLimitMiddleware, limiter=limits, stream_usage=True)
+    response = TestClient(app).post("/v1/chat/completions", json=chat_body(False), headers=ALICE)
+    assert response.content == stream and response.headers["content-length"] == str(len(stream))
+    assert limits.get_request_count("alice", "m", unit="tokens") == 15
+
+    compressed = streaming_app([stream])
+    compressed.add_middleware(GZipMiddleware, minimum_size=0, exclude_content_types=())
+    compressed.add_middleware(RateLimitMiddleware, limiter=limits, stream_usage=True)
+    response = TestClient(compressed).post("/v1/chat/completions", json=chat_body(False), headers=ALICE)
+    assert response.headers["content-encoding"] == "gzip" and response.content == stream
+    assert limits.get_request_count("alice", "m", unit="tokens") == 30
 
 
 def provider_event(event: dict[str, Any]) -> str:

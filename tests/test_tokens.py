@@ -14,6 +14,7 @@ import pytest
 
 from ratelimit_middleware.config import MAX_AMOUNT
 from ratelimit_middleware.tokens import Meter, UsageReader, count_text_tokens, estimate
+from ratelimit_middleware.usage_chunk import UsageChunkFilter
 
 
 def sse(*events: object) -> bytes:
@@ -647,3 +648,61 @@ def test_the_public_token_functions_name_a_bad_argument(
     negative default_output_tokens gave a negative estimate: estimate(None, -5) was (0, -5)."""
     with pytest.raises(error, match=re.escape(says)):
         call()
+
+
+def filtered(stream: bytes, cuts: list[int]) -> bytes:
+    """``stream`` through a ``UsageChunkFilter``, cut at ``cuts``."""
+    usage_filter = UsageChunkFilter()
+    passed, previous = b"", 0
+    for cut in [*cuts, len(stream)]:
+        passed += usage_filter.pass_on(stream[previous:cut])
+        previous = cut
+    return passed + usage_filter.rest()
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_the_usage_chunk_filter_takes_out_that_chunk_wherever_the_stream_is_cut(eol: bytes) -> None:
+    """Only the usage chunk without choices goes, the rest as it came: a byte order mark, comments, a chunk
+    with choices and usage (whole), [DONE], an event the stream did not complete; cut anywhere, a CRLF too."""
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+    both = json.dumps({"choices": [{"delta": {"content": "a"}}], "usage": {"prompt_tokens": 1}}).encode()
+    kept = [
+        b"\xef\xbb\xbfdata: " + json.dumps({"choices": [{"delta": {"content": "hi"}}]}).encode(),
+        b": ping",
+        b"data: " + both,
+        b'data: {"choices": [],' + eol + b'data: "usage": null}',  # no usage object: not the chunk
+    ]
+    stream = b"".join(event + eol + eol for event in [*kept[:3], b"data: " + usage, kept[3]])
+    stream += b"data: [DONE]" + eol + eol + b"data: cut short"
+    expected = stream.replace(b"data: " + usage + eol + eol, b"")
+    assert filtered(stream, []) == expected
+    assert filtered(stream, list(range(1, len(stream)))) == expected
+    for cut in range(len(stream) + 1):
+        assert filtered(stream, [cut]) == expected
+
+
+def test_the_usage_chunk_filter_holds_back_no_more_than_an_event_and_a_bound() -> None:
+    usage_filter = UsageChunkFilter()
+    assert usage_filter.pass_on(b"data: 1\n\ndata: {") == b"data: 1\n\n"
+    assert usage_filter.pass_on(b'"choices": [], "usage": {}}\n') == b""
+    assert usage_filter.pass_on(b"\ndata: 2\n\n") == b"data: 2\n\n"
+    large = b"data: " + b"x" * (64 * 1024)  # past the bound: no usage chunk, on as it comes
+    assert usage_filter.pass_on(large) == large[:-3]
+    assert usage_filter.pass_on(b"\n\n") == large[-3:] + b"\n\n"
+    assert usage_filter.rest() == b""
+
+
+@pytest.mark.parametrize(
+    ("content_type", "length", "encoding", "applies"),
+    [
+        ("text/event-stream; charset=utf-8", "", "", True),
+        ("Text/Event-Stream", "", "identity", True),
+        ("text/event-stream", "120", "", False),
+        ("text/event-stream", "", "gzip", False),
+        ("application/json", "", "", False),
+    ],
+)
+def test_the_usage_chunk_filter_applies_to_streams_it_can_change(
+    content_type: str, length: str, encoding: str, applies: bool
+) -> None:
+    assert UsageChunkFilter.applies(content_type, length, encoding) is applies
