@@ -256,9 +256,12 @@ async def run_metered(
     """Run the app for a reserved request, with the headers of ``described``, reading its usage as the
     response goes by and renewing its concurrency leases meanwhile, then settle. ``asked_usage``: the
     middleware asked for the stream's usage chunk, which the client then does not get (``UsageChunkFilter``).
+    A ``HEAD``'s body (Starlette sends one, for the server to drop) is neither read nor sent on: its estimate
+    stands, as under WSGI, where werkzeug drops that body inside the app.
     """
     meter = Meter(reservation.reserved)
     unasked: UsageChunkFilter | None = None
+    head = scope["method"] == "HEAD"
 
     async def send_metered(message: Message) -> None:
         nonlocal unasked
@@ -272,6 +275,8 @@ async def run_metered(
             ):
                 unasked = UsageChunkFilter()
             message = with_described(scope, message, described)
+        elif message["type"] == "http.response.body" and head:
+            message = {**message, "body": b""}
         elif message["type"] == "http.response.body":
             chunk = message.get("body", b"")
             meter.body(chunk)

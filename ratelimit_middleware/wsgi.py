@@ -231,16 +231,22 @@ def admit(
 class _Metered:
     """The app's response iterable, read by a ``Meter`` as the server sends it; settles once, when the body
     ends or on ``close()``, whichever comes first (a wrapper that never closes keeps no slot held).
-    ``unasked``: the filter that takes out the usage chunk the middleware asked for, if any."""
+    ``unasked``: the filter that takes out the usage chunk the middleware asked for, if any; ``withheld``: a
+    ``HEAD``'s body, neither read nor sent on (an empty chunk for each, so that the app's iteration goes on
+    as a server's would)."""
 
-    def __init__(self, meter: Meter, settle: Callable[[], None]) -> None:
+    def __init__(self, meter: Meter, settle: Callable[[], None], withheld: bool) -> None:
         self.body: Iterable[bytes] = ()
         self.unasked: UsageChunkFilter | None = None
         self._meter = meter
         self._settle: Callable[[], None] | None = settle
+        self._withheld = withheld
 
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self.body:
+            if self._withheld:
+                yield b""
+                continue
             self._meter.body(chunk)
             yield chunk if self.unasked is None else self.unasked.pass_on(chunk)
         if self.unasked is not None and (rest := self.unasked.rest()):
@@ -279,7 +285,8 @@ def run_metered(
     """Run the app for a reserved request, with the headers of ``described``, reading its usage as the
     response goes by and having ``leases`` renew its concurrency leases meanwhile; settle at the end.
     ``asked_usage``: the middleware asked for the stream's usage chunk, which the client then does not get
-    (``UsageChunkFilter``)."""
+    (``UsageChunkFilter``). A ``HEAD``'s body, which werkzeug drops inside the app and a server must, is
+    neither read nor sent on: its estimate stands, as under ASGI."""
     meter = Meter(reservation.reserved)
     stop_renewing = leases.keep(reservation)
 
@@ -308,7 +315,7 @@ def run_metered(
             metered.unasked = UsageChunkFilter()
         return start_response(status, with_described(environ, headers, described), exc_info)
 
-    metered = _Metered(meter, settle)
+    metered = _Metered(meter, settle, environ.get("REQUEST_METHOD") == "HEAD")
     try:
         metered.body = app(environ, start_metered)
     except BaseException:

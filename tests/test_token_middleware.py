@@ -924,6 +924,91 @@ def test_a_denial_to_head_has_no_body_in_wsgi() -> None:
     )
 
 
+HEAD_USAGE = {"usage": {"prompt_tokens": 5, "completion_tokens": 7}}  # 12: what the app reports
+HEAD_STREAM = [
+    'data: {"choices": [{"delta": {"content": "hello"}}]}\n\n',
+    f"data: {json.dumps(HEAD_USAGE)}\n\n",
+]
+
+
+def generated_in_asgi(limits: MultiTierRateLimiter, method: str, path: str, body: bytes) -> bytes:
+    """A Starlette app whose GET routes generate; HEAD runs them, streams included (Starlette sends the body
+    and the server drops it). The body the client gets."""
+
+    async def answer(request: Request) -> Response:
+        return JSONResponse(HEAD_USAGE)
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(iter(HEAD_STREAM), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/answer", answer), Route("/stream", stream)])  # GET, and HEAD with it
+    app.add_middleware(RateLimitMiddleware, limiter=limits)
+    response = TestClient(app).request(method, path, content=body, headers=ALICE)
+    assert response.status_code == 200
+    return response.content
+
+
+def generated_in_wsgi(limits: MultiTierRateLimiter, method: str, path: str, body: bytes) -> bytes:
+    """The same app in Flask (werkzeug drops a HEAD's body itself, a stream's before it runs)."""
+    app = Flask(__name__)
+    app.add_url_rule("/answer", "answer", lambda: HEAD_USAGE)
+    app.add_url_rule(
+        "/stream", "stream", lambda: FlaskResponse(iter(HEAD_STREAM), mimetype="text/event-stream")
+    )
+    app.wsgi_app = RateLimitWSGI(app.wsgi_app, limits)  # type: ignore[method-assign]
+    response = app.test_client().open(path, method=method, data=body, headers=ALICE, buffered=True)
+    assert response.status_code == 200
+    return response.data
+
+
+@pytest.mark.parametrize("generated", [generated_in_asgi, generated_in_wsgi], ids=["asgi", "wsgi"])
+@pytest.mark.parametrize("path", ["/answer", "/stream"])
+def test_a_head_is_charged_its_estimate_in_asgi_and_wsgi_alike(generated: Any, path: str) -> None:
+    """A HEAD gets no body, so none of the tokens its GET route generates: it is charged its estimate, as it
+    was under WSGI (nothing without a body, the estimate of one it has), never the usage of the body the app
+    made for it, as it was under ASGI. A GET is charged that usage."""
+    limits = limiter(tokens="1000/minute")
+    assert generated(limits, "GET", path, b"") != b""
+    assert limits.get_request_count("alice", "default", unit="tokens") == 12
+    assert generated(limits, "HEAD", path, b"") == b""
+    assert limits.get_request_count("alice", "default", unit="tokens") == 12
+    prompt = json.dumps({"messages": [{"role": "user", "content": "x" * 40}], "max_tokens": 30}).encode()
+    assert generated(limits, "HEAD", path, prompt) == b""
+    assert limits.get_request_count("alice", "default", unit="tokens") == 12 + 10 + 30
+
+
+def test_the_body_an_app_sends_to_a_head_goes_no_further() -> None:
+    """Whatever server runs the app, one that would send a HEAD's body on included, the tokens an app
+    generates for a HEAD never reach the client: they go uncharged, so they must."""
+    answer = json.dumps(HEAD_USAGE).encode()
+    length = str(len(answer))  # a HEAD's is the GET's
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", length.encode())]}
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+    def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", length)])
+        return [answer]
+
+    limits = limiter(tokens="1000/minute")
+    scope = http_scope(method="HEAD", headers=ALICE.items())
+    sent = asyncio.run(call(RateLimitMiddleware(asgi_app, limits), scope))
+    assert headers_of(sent)["content-length"] == length and body_of(sent) == b""
+    environ = {
+        "REQUEST_METHOD": "HEAD",
+        "PATH_INFO": "/",
+        "HTTP_X_USER_ID": "alice",
+        "wsgi.input": io.BytesIO(),
+    }
+    body = RateLimitWSGI(wsgi_app, limits)(environ, lambda status, headers, exc_info=None: None)
+    assert b"".join(body) == b""
+    body.close()  # type: ignore[attr-defined]
+    assert limits.get_request_count("alice", "default", unit="tokens") == 0
+
+
 def test_stream_usage_leaves_other_apis_bodies_alone() -> None:
     """Anthropic's messages and OpenAI's responses refuse ``stream_options``: their bodies pass untouched."""
     seen: list[bytes] = []
