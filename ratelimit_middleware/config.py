@@ -58,7 +58,8 @@ _LOOSE_ITEM = re.compile(r"^\s*(?P<amount>[^\s/]+)\s*(?:/|\s+per\s+)", re.IGNORE
 def _what_is_wrong(part: str, match: re.Match[str] | None) -> str:
     """Why ``part`` is not a limit: its amount, its unit, or its shape."""
     shape = (
-        f"expected '<amount>/<unit>' or '<amount> per <n> <unit>' with unit one of {', '.join(_FULL_NAMES)}"
+        f"expected '<amount>/<unit>' or '<amount> per <n> <unit>' with unit one of {', '.join(_FULL_NAMES)} "
+        "(or plural; also sec, min, hr and s, m, h, d, w, y)"
     )
     if match is not None:
         return f"unknown unit {match['unit']!r}: {shape}"

@@ -72,6 +72,7 @@ def test_parse_rejects_bad_strings_naming_them(text: str) -> None:
         ("-1/minute", "the amount '-1' must be a whole number >= 0"),
         ("ten per minute", "the amount 'ten' must be a whole number >= 0"),
         ("10/fortnight", "unknown unit 'fortnight'"),
+        ("10/ms", "month, year (or plural; also sec, min, hr and s, m, h, d, w, y)"),
     ],
 )
 def test_parse_says_what_is_wrong_with_a_limit(text: str, says: str) -> None:
