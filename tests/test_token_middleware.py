@@ -1009,6 +1009,27 @@ def test_the_body_an_app_sends_to_a_head_goes_no_further() -> None:
     assert limits.get_request_count("alice", "default", unit="tokens") == 0
 
 
+@pytest.mark.parametrize(("path_limits", "charged"), [(None, 30), ({"GET /v1/responses/*": "600/minute"}, 0)])
+def test_a_retrieval_route_is_kept_from_charging_again_by_a_request_limit(
+    path_limits: dict[str, str] | None, charged: int
+) -> None:
+    """INTEGRATION.md: a response reporting usage is charged it, a GET's too (an app may generate on one), so
+    a route returning a stored response with its usage would charge it again: a path rule of requests only
+    keeps it from doing so, and still limits it."""
+
+    async def stored(request: Request) -> Response:
+        return JSONResponse(
+            {"id": "resp_1", "status": "completed", "usage": {"input_tokens": 10, "output_tokens": 20}}
+        )
+
+    limits = limiter(requests="100/minute", tokens="1000/minute")
+    app = Starlette(routes=[Route("/v1/responses/{id}", stored)])
+    app.add_middleware(RateLimitMiddleware, limiter=limits, path_limits=path_limits)
+    client = TestClient(app)
+    assert client.get("/v1/responses/resp_1", headers=ALICE).status_code == 200
+    assert limits.get_request_count("alice", "default", unit="tokens") == charged
+
+
 def test_stream_usage_leaves_other_apis_bodies_alone() -> None:
     """Anthropic's messages and OpenAI's responses refuse ``stream_options``: their bodies pass untouched."""
     seen: list[bytes] = []
