@@ -140,6 +140,33 @@ def test_a_sliding_log_reservation_made_while_the_clock_is_behind_settles_where_
     assert not limiter.reserve("u", "m", input_tokens=80).allowed
 
 
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window"])
+@pytest.mark.parametrize(
+    ("window", "times"),
+    [
+        ("minute", (1080.5, 1079.5, 1081.0)),  # window [1080, 1140)
+        ("1.1 seconds", (997.75, 997.6, 997.8)),  # window 907: 907 * 1.1 rounds to 997.7, in window 906
+    ],
+)
+def test_a_reservation_made_while_the_clock_is_behind_its_keys_window_settles_there(
+    algorithm: str, window: str, times: tuple[float, float, float], storage: Storage, clock: FakeClock
+) -> None:
+    """After Redis' clock stepped back across a window boundary, a reservation is counted in the key's
+    later window (it stays current), as memory, whose clock never goes back, counts it: its receipt names
+    that window, so that its settlement lands there (not dropped for naming an earlier window, nor landing
+    in the counter's previous window), an overage counting, a cancellation giving the tokens back."""
+    ahead, behind, later = times
+    clock.now = ahead
+    limiter = tokens_limiter(storage, algorithm, tokens=f"100/{window}")
+    limiter.reserve("u", "m", input_tokens=1).settle(1, 0)
+    clock.now = behind
+    limiter.reserve("u", "m", input_tokens=10).settle(10, 80)  # 90 used, counted in the key's window
+    limiter.reserve("u", "m", input_tokens=5).cancel()
+    clock.now = later
+    assert limiter.get_request_count("u", "m", unit="tokens") == 91
+    assert not limiter.reserve("u", "m", input_tokens=10).allowed
+
+
 def test_refund_never_exceeds_the_reservation(algorithm: str, storage: Storage) -> None:
     limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=300).settle(300, 0)

@@ -62,6 +62,14 @@ local function wait_until(now, wait, admits)
   return wait
 end
 
+-- The first time of aligned window k by floordiv: k * window, raised to the next floats while that rounds
+-- into window k - 1 (a decimal window's start may).
+local function window_start(k, window)
+  local start = k * window
+  while floordiv(start, window) < k do start = next_up(start) end
+  return start
+end
+
 -- min(max(x, 0), limit): a settled count is never negative, and a window never more than full.
 local function clamp(x, limit)
   if x < 0 then return 0 end

@@ -7,7 +7,7 @@
 --   (concurrency.lua's leases).
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
 -- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad)
--- (returning the time it charged at when that is later than now: the sliding log's, see below),
+-- (returning the time it charged at when that is later than now, see below),
 -- adjust(key, state, limit, window, now, at, charged, delta, pad), refund(key, state, limit, window, now,
 -- at, cost, pad) and used(key, state, limit, window, now).
 --
@@ -94,10 +94,10 @@ local function run(keys, call, clock)
     reply[4 * i - 1] = fmt(retry_after)
     reply[4 * i] = fmt(reset_after)
   end
-  -- The time of the charge: a sliding log never logs before its newest entry, so after Redis' clock stepped
-  -- back a charge lands later than now, where its settlement must look for it. Keys of the call that charged
-  -- at an earlier time then find nothing there: their refund is lost and an overage is logged later, where it
-  -- counts longer (conservative both).
+  -- The time of the charge: a key's time never runs backwards, so after Redis' clock stepped back a charge
+  -- lands later than now (a sliding log's at its newest entry, a window's in the key's later window, at its
+  -- start), where its settlement must look for it. A key of the call that charged at an earlier time then
+  -- misses its settlement (see DESIGN.md).
   local charged_at = now
   if all_allow then
     for i = 1, #keys do

@@ -10,12 +10,12 @@ local function read_state(key)
 end
 
 -- (k, start, now, previous, current) as seen at now. A stored window later than now (Redis' clock stepped
--- back) stays current, from its start: time never runs backwards for a key.
+-- back) stays current, from its start (now is raised to it): time never runs backwards for a key.
 local function counts(state, window, now)
   local k = floordiv(now, window)
   if state and state.k > k then
     k = state.k
-    if now < k * window then now = k * window end
+    now = window_start(k, window)
   end
   local start = k * window
   if not state then return k, start, now, 0, 0 end
@@ -56,10 +56,13 @@ local function evaluate(key, state, limit, window, now, cost)
   return 0, 0, wait, reset
 end
 
+-- Counts the request in the key's current window; the time of the charge when that window is later than
+-- now's (Redis' clock stepped back): its start, where the settlement finds it (see driver.lua).
 local function commit(key, state, limit, window, now, cost, pad)
   local k, start, at, previous, units = counts(state, window, now)
   local value = string.format('%d:%d:%d', k, previous, units + cost)
   redis.call('SET', key, value, 'PX', ttl_ms(start + 2 * window - now, pad))
+  return at
 end
 
 -- A charge made at `at` moves by delta in the window it was counted in, current or previous (never below 0
