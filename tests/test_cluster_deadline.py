@@ -27,7 +27,7 @@ from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecision
 
 from .conftest import unique_prefix
-from .redis_server import LoopThread, RedisCluster
+from .redis_server import LoopThread, RedisCluster, Slots
 from .stalling_proxy import StallingProxy
 
 TIMEOUT = 0.2
@@ -188,38 +188,6 @@ def test_a_mapping_longer_than_the_timeout_goes_on_and_serves_the_next_calls(
     )  # mapping meanwhile
     assert decision.allowed
     rate.storage.close()
-
-
-class Slots:
-    """Moves an empty slot between nodes as ``redis-cli --cluster reshard`` does (IMPORTING on the target,
-    MIGRATING on the source, then NODE on every node, the target first)."""
-
-    def __init__(self, cluster: RedisCluster) -> None:
-        self.clients = [node.client(socket_timeout=5) for node in cluster.nodes]
-        self.ids = [client.execute_command("CLUSTER", "MYID") for client in self.clients]
-
-    def begin(self, slot: int, source: int, target: int) -> None:
-        self.clients[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[source])
-        self.clients[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[target])
-
-    def end(self, slot: int, target: int) -> None:
-        for index in sorted(range(len(self.clients)), key=lambda index: index != target):
-            self.clients[index].execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.ids[target])
-
-    def keys(self, slot: int, index: int) -> list[bytes]:
-        return list(self.clients[index].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100))
-
-    def give_back(self, slot: int, moved_to: int) -> None:
-        """End a test's move of ``slot`` to node ``moved_to``: its keys there go, and it returns to node 0."""
-        self.end(slot, moved_to)
-        for key in self.keys(slot, moved_to):
-            self.clients[moved_to].delete(key)
-        self.begin(slot, moved_to, 0)
-        self.end(slot, 0)
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
 
 
 @pytest.mark.parametrize("on_error", ["allow", "local"])

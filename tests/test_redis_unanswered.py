@@ -30,13 +30,14 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio
+from redis.crc import key_slot
 
 from ratelimit_middleware import Limits, MultiTierRateLimiter, RateLimiter, RedisStorage
 from ratelimit_middleware.errors import LocalDecision, UncheckedDecision
 from ratelimit_middleware.reservation import Reservation
 
 from .conftest import unique_prefix
-from .redis_server import RedisCluster, RedisServer
+from .redis_server import RedisCluster, RedisServer, Slots
 from .servers import ROOT, free_port, stop, wait_until_up
 
 TIMEOUT = 0.5
@@ -250,6 +251,66 @@ def test_a_reservation_over_cluster_slots_one_of_which_does_not_answer_gives_eve
     eventually(lambda: held("per_model") == 0, "the slot Redis made late on the stopped node is held")
     eventually(lambda: held("per_user_model") == 0, "the user's slot, which answered, is held")
     assert limiter.reserve("u", model).allowed
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_reservation_redis_makes_late_on_a_slots_importing_node_gives_its_slot_back(
+    redis_cluster: RedisCluster, api: str
+) -> None:
+    """The user's slot is being migrated, its keys moved already: the slot's node answers ASK, and the
+    reservation goes to the importing node after ASKING, where it runs late (the node busy past the
+    timeout). Its undo, written after it, must go after ASKING too: without it the node refuses it (MOVED:
+    the slot is not its own yet), and the slot stayed held until its lease expired."""
+    slots = Slots(redis_cluster)
+    client = redis_cluster.client()
+    home, importing = redis_cluster.nodes[0], redis_cluster.nodes[2]
+
+    def on(node: RedisServer, name: str) -> bool:
+        return bool(client.get_node_from_key(name).port == node.port)
+
+    user = next(
+        name
+        for name in (f"ask{n}" for n in range(10_000))
+        if on(home, name) and not slots.keys(key_slot(name.encode()), 0)
+    )
+    neighbour = next(name for name in (f"ask{n}" for n in range(10_000)) if on(importing, name))
+    client.close()
+    slot = key_slot(user.encode())
+    storage = RedisStorage(
+        f"redis+cluster://127.0.0.1:{home.port}", key_prefix=unique_prefix(), timeout=TIMEOUT
+    )
+    limiter = RateLimiter(limit="10/minute", tokens="1000/minute", max_concurrent=2, storage=storage)
+
+    def held() -> int:
+        return limiter.get_request_count(user, "m", unit="concurrent")
+
+    async def areserve() -> UncheckedDecision:
+        await limiter.areserve(neighbour, "m")  # connected to the importing node
+        with stopped(importing):
+            reservation = await limiter.areserve(user, "m", input_tokens=100)
+        await storage.aclose()
+        return reservation.decision  # type: ignore[return-value]
+
+    try:
+        first = limiter.reserve(user, "m", input_tokens=100)  # the keys exist: they move with the slot
+        limiter.reserve(neighbour, "m")  # connected to the importing node, the script loaded there
+        slots.begin(slot, 0, 2)
+        slots.migrate(slot, 0, 2)
+        assert held() == 1  # read on the importing node, after ASK
+        if api == "sync":
+            with stopped(importing):
+                decision = limiter.reserve(user, "m", input_tokens=100).decision
+        else:
+            decision = asyncio.run(areserve())
+        assert isinstance(decision, UncheckedDecision)
+        eventually(lambda: limiter.get_request_count(user, "m") == 2, "Redis never made the reservation")
+        eventually(lambda: held() == 1, "the slot of the reservation made late on the importing node is held")
+        first.cancel()
+        assert held() == 0
+    finally:
+        slots.give_back(slot, 2)
+        slots.close()
+        storage.close()
 
 
 def test_a_reservation_whose_reply_lands_after_its_batch_deadline_is_cancelled_once_made(

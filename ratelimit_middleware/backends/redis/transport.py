@@ -261,18 +261,22 @@ class _Route:
 
     It goes to its slot's node in the map. MOVED (the slot has moved) and ASK (it is moving, and this
     command's keys are not all on the node) name the node to send it to, ASK with ASKING on the same
-    connection; neither ran it. TRYAGAIN (the slot is moving and some keys of a command with several are
-    on neither side, a new user's for instance) did not run it either: it goes to its slot's node again after
-    a pause of ``_PAUSE``, while the deadline leaves time for the pause and as long again for the round trip,
-    and raises ``NotRun`` after that. A healthy cluster moving one slot is no Redis failure: counted as one,
-    it would open the breaker for the calls on every other slot.
+    connection, and so each command of its undo (an ASKING serves the next command only, and an importing
+    node refuses the slot's commands without it); neither ran it. TRYAGAIN (the slot is moving and some keys
+    of a command with several are on neither side, a new user's for instance) did not run it either: it goes
+    to its slot's node again after a pause of ``_PAUSE``, while the deadline leaves time for the pause and as
+    long again for the round trip, and raises ``NotRun`` after that. A healthy cluster moving one slot is no
+    Redis failure: counted as one, it would open the breaker for the calls on every other slot.
     """
 
-    def __init__(self, command: Command, deadline: float) -> None:
+    def __init__(self, command: Command, deadline: float, undo: Sequence[Command] = ()) -> None:
         self.command = command
         self.deadline = deadline
+        self._undo = undo
         self.sent: list[Command] = [command]
         """What to send next (on one connection)."""
+        self.undo: Sequence[Command] = undo
+        """What undoes ``sent``, written after it on its connection if its reply never comes."""
         self.address: tuple[str, int] | None = None
         """Where: ``None`` for the slot's node in the map, or the (host, port) a redirect named."""
         self.pause = 0.0
@@ -285,13 +289,17 @@ class _Route:
         if isinstance(reply, TryAgainError):
             if self.deadline - time.monotonic() < 2 * _PAUSE:
                 raise NotRun(f"the cluster slot kept migrating until the limiter's timeout ran out ({reply})")
-            self.sent, self.address, self.pause, self._redirects = [self.command], None, _PAUSE, 0
+            self.sent, self.undo, self.address, self.pause = [self.command], self._undo, None, _PAUSE
+            self._redirects = 0
             return False
         if not isinstance(reply, AskError) or self._redirects == _REDIRECTS:
             return True
         self._redirects += 1
-        moved = isinstance(reply, MovedError)
-        self.sent = [self.command] if moved else [("ASKING",), self.command]
+        if isinstance(reply, MovedError):
+            self.sent, self.undo = [self.command], self._undo
+        else:
+            self.sent = [("ASKING",), self.command]
+            self.undo = [command for undo in self._undo for command in (("ASKING",), undo)]
         self.address, self.pause = (reply.host, reply.port), 0.0
         return False
 
@@ -398,13 +406,14 @@ class SyncCluster:
                 self._remapping = False
 
     def _send(self, client: Any, command: Command, deadline: float, undo: Sequence[Command]) -> Any:
-        route = _Route(command, deadline)
+        route = _Route(command, deadline, undo)
         while True:
             if route.pause:
                 time.sleep(route.pause)
             node = self._node(client, route)
             try:
-                reply = _exchange(client.get_redis_connection(node).connection_pool, route.sent, undo)[-1]
+                pool = client.get_redis_connection(node).connection_pool
+                reply = _exchange(pool, route.sent, route.undo)[-1]
             except (RedisConnectionError, RedisTimeoutError):
                 self._remap(client)
                 raise
@@ -495,7 +504,7 @@ class AsyncCluster:
         return nodes.get_node_from_slot(_slot(route.command))
 
     async def _one(self, command: Command, deadline: float, undo: Sequence[Command]) -> Any:
-        route = _Route(command, deadline)
+        route = _Route(command, deadline, undo)
         while True:
             if route.pause:
                 await asyncio.sleep(route.pause)
@@ -503,7 +512,7 @@ class AsyncCluster:
             connection = node.acquire_connection()
             try:
                 await set_up(connection, connection.connect, self.setup, deadline)
-                reply = (await _aexchange(connection, route.sent, undo))[-1]
+                reply = (await _aexchange(connection, route.sent, route.undo))[-1]
             except (RedisConnectionError, RedisTimeoutError, asyncio.CancelledError):  # the deadline cancels
                 self._remap()
                 raise
