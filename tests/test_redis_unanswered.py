@@ -209,6 +209,35 @@ def test_a_check_answered_in_memory_after_its_timeout_counts_once_in_each_store(
     assert [limiter.check("u", "m").allowed for _ in range(3)] == [True, True, False]
 
 
+def test_a_reservation_cut_off_while_its_write_drains_gives_its_slot_back(
+    busy: tuple[str, RedisServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An asyncio write hands the reservation's bytes to its connection's transport, then waits in drain()
+    while the transport's buffer is above its high-water mark (Redis not reading a large write). A deadline
+    that lands there cancels the wait with the bytes written: the connection is closed, which sends them
+    first, and Redis makes the reservation. Its undo must be written after them before that, though redis-py's
+    write had not returned: the slot is given back, not held until its lease expires. drain() is held here
+    by a buffer that never drains (the bytes reached Redis at once), the point where the deadline cuts it."""
+    url, _ = busy
+    limiter = limiter_on(url)
+
+    async def full(writer: asyncio.StreamWriter) -> None:
+        await asyncio.get_running_loop().create_future()  # the transport's buffer never drains
+
+    async def areserve() -> UncheckedDecision:
+        await limiter.aget_request_count("u", "m")  # connected, the scripts loaded
+        with monkeypatch.context() as patch:
+            patch.setattr(asyncio.StreamWriter, "drain", full)
+            reservation = await limiter.areserve("u", "m", input_tokens=100)
+        await limiter.storage.aclose()
+        return reservation.decision  # type: ignore[return-value]
+
+    assert isinstance(asyncio.run(areserve()), UncheckedDecision)  # cut off: let through by on_error
+    eventually(lambda: counts(limiter)[0] == 1, "Redis never made the reservation")
+    eventually(lambda: counts(limiter)[2] == 0, "the slot of the reservation cut off while draining is held")
+    assert counts(limiter) == (1, 100, 0)
+
+
 @pytest.mark.parametrize("api", ["sync", "async"])
 def test_a_reservation_over_cluster_slots_one_of_which_does_not_answer_gives_every_slot_back(
     redis_cluster: RedisCluster, api: str, caplog: pytest.LogCaptureFixture

@@ -182,11 +182,20 @@ class SyncPool:
 
 async def _aexchange(connection: Any, commands: Sequence[Command], undo: Sequence[Command] = ()) -> list[Any]:
     """``_exchange`` for event loops, on an asyncio ``connection`` its caller holds (and releases); ``undo``
-    is written without waiting (into the connection's buffer, which closing it sends first)."""
+    is written without waiting (into the connection's buffer, which closing it sends first).
+
+    The commands go into the connection's transport here, not through redis-py's ``send_packed_command``:
+    that may be cancelled (the call's deadline) after its write, while it waits for the buffer to drain, and
+    it then closes the connection, whose transport still sends the commands; the undo would not follow them.
+    Here the commands count as written from the moment they are in the transport."""
     written = False
     try:
-        await connection.send_packed_command(pack(commands))
+        connection._writer.write(pack(commands))
         written = True
+        try:
+            await connection._writer.drain()  # at once, unless Redis is not reading a large write
+        except OSError as error:  # the connection was lost: redis-py's error, as send_packed_command raises
+            raise RedisConnectionError(f"Error while writing to Redis: {error}") from error
         replies: list[Any] = []
         for _ in commands:
             try:
@@ -224,7 +233,8 @@ class AsyncPool:
 
 
 # The transports rely on redis-py internals, all named here: a sync connection's ``_sock`` (``wait_until``;
-# and whether ``_exchange`` may write undos on it) and an asyncio one's ``_writer`` (``_aexchange``'s undos);
+# and whether ``_exchange`` may write undos on it) and an asyncio one's ``_writer`` (``_aexchange`` writes
+# its commands and undos there);
 # for the sync cluster, a connection's ``_connect``, which opens the socket with ``socket_connect_timeout``
 # and leaves it (for a TLS handshake too) with ``socket_timeout`` (``with_deadlines``); the cluster client's
 # ``nodes_manager``, its map of the slots (``SyncCluster._send``); and its building of each node's pool from
