@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import time
 from collections.abc import Callable
 from typing import cast
@@ -24,7 +25,7 @@ def check_callable(function: object, name: str, parameters: tuple[str, ...]) -> 
     if not callable(function):
         raise TypeError(f"{name} must be callable, got {function!r}")
     try:
-        signature = inspect.signature(function)
+        signature = inspect.signature(function, follow_wrapped=False)  # a decorator's wrapper is called
     except (TypeError, ValueError):
         return
     try:
@@ -61,9 +62,20 @@ def checked_clock(clock: object) -> Callable[[], float]:
     read = cast("Callable[[], object]", clock)
 
     def checked() -> float:
-        now = read()
-        if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
-            raise ValueError(f"clock {read!r} read {now!r}: a clock must return a finite number of seconds")
+        reading = read()
+        now = reading if type(reading) is float else _seconds(reading)
+        if not math.isfinite(now):
+            raise ValueError(
+                f"clock {read!r} read {reading!r}: a clock must return a finite number of seconds"
+            )
         return now
 
     return checked
+
+
+def _seconds(reading: object) -> float:
+    """A clock's reading other than a float: an int, or another real number (a Fraction, numpy's), as a
+    float; anything else (a bool, a string, None) as NaN, which no clock may read."""
+    if isinstance(reading, bool) or not isinstance(reading, numbers.Real):
+        return math.nan
+    return float(reading)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from fractions import Fraction
 
 import pytest
 
@@ -261,6 +262,15 @@ def test_counts_read_every_rule_even_two_windows_of_one_length(clock: FakeClock,
         limiter.allow("u", "m")
     counted = [(rule.limit, rule.seconds, used) for rule, used in limiter.counts("u", "m")]
     assert counted == [(3, 60.0, 3), (1000, 60.0, 3), (5, 3600.0, 3)]
+
+
+def test_a_clock_reading_any_real_number_is_taken_as_seconds(algorithm: str) -> None:
+    """A clock of Fractions (or numpy numbers) reads real numbers: taken as float seconds, not refused."""
+    now = [Fraction(1, 3)]
+    limiter = RateLimiter(1, 60, algorithm=algorithm, clock=lambda: now[0])
+    assert [limiter.allow("u", "m") for _ in range(2)] == [True, False]
+    now[0] += 3600
+    assert limiter.allow("u", "m")
 
 
 @pytest.mark.parametrize("reading", [math.inf, math.nan, -math.inf, "soon", None])

@@ -422,6 +422,21 @@ class _KeyObject:
         return "team"
 
 
+def _with_teams(key: Callable[[RequestView, dict[str, str]], str]) -> KeyFunction:
+    """A decorator that supplies an argument, keeping the function's name (``functools.wraps``)."""
+
+    @functools.wraps(key)
+    def wrapper(request: RequestView) -> str:
+        return key(request, {"alice": "team-a"})
+
+    return wrapper
+
+
+@_with_teams
+def _team_key(request: RequestView, teams: dict[str, str]) -> str:
+    return teams.get(request.header("x-user-id") or "", "nobody")
+
+
 @pytest.mark.parametrize(
     "user_key",
     [
@@ -431,6 +446,7 @@ class _KeyObject:
         _KeyObject(),
         functools.partial(_two_requests, "fixed"),
         operator.attrgetter("path"),  # a builtin without a signature: taken as it is
+        _team_key,  # called as the wrapper, not as the function it wraps (which takes two arguments)
     ],
 )
 def test_key_functions_that_take_the_request_still_limit(user_key: KeyFunction) -> None:
