@@ -262,6 +262,7 @@ def address_key(address: str, ipv6_prefix: int = 64) -> str | None:
     Translated addresses are IPv4 clients, each of its own, whom a /64 would lump together: one of the
     well-known NAT64 prefix (``64:ff9b::a.b.c.d``) is the IPv4 address it embeds, one of the local-use
     prefix (``64:ff9b:1::/48``) the whole address (one per IPv4 address, wherever its prefix length puts it).
+    A link-local address (``fe80::/10``) is the whole address too: every host of a link is in one /64.
 
     ``client_ip`` keys with it, and so does the gate for a user key with no answer."""
     return _address_key(address, ipv6_prefix) if len(address) <= _LONGEST_ADDRESS else None
@@ -273,7 +274,12 @@ def _address_key(address: str, ipv6_prefix: int) -> str | None:
     parsed = _parse_ip(address)
     if isinstance(parsed, ipaddress.IPv6Address) and parsed in _NAT64:
         return f"ip:{ipaddress.IPv4Address(int(parsed) & 0xFFFFFFFF)}"
-    if isinstance(parsed, ipaddress.IPv6Address) and ipv6_prefix < 128 and parsed not in _LOCAL_NAT64:
+    if (
+        isinstance(parsed, ipaddress.IPv6Address)
+        and ipv6_prefix < 128
+        and not parsed.is_link_local  # every host of a link is in fe80::/64
+        and parsed not in _LOCAL_NAT64
+    ):
         shift = 128 - ipv6_prefix
         return f"ip:{ipaddress.IPv6Address(int(parsed) >> shift << shift)}/{ipv6_prefix}"
     return f"ip:{parsed}" if parsed is not None else None

@@ -226,6 +226,15 @@ def test_a_nat64_client_is_the_ipv4_address_it_embeds() -> None:
     assert keys.address_key("64:ff9b:2::cb00:7109") == "ip:64:ff9b:2::/64"
 
 
+def test_a_link_local_client_is_its_whole_address() -> None:
+    """Every host of a link has an address of the one ``fe80::/64``: keyed on the /64, all the clients of a
+    link shared one bucket. A link-local address is one host's (its zone, the server's interface, kept)."""
+    assert keys.address_key("fe80::1") == "ip:fe80::1"
+    assert keys.address_key("fe80::2") == "ip:fe80::2"
+    assert keys.address_key("fe80::1%eth0") != keys.address_key("fe80::1%eth1")
+    assert keys.client_ip()(view(client="fe80::a:b:c:d")) == "ip:fe80::a:b:c:d"
+
+
 def test_a_forwarded_hop_without_for_still_counts_as_a_hop() -> None:
     """The trusted proxy wrote ``proto=https`` only: the element before it is the client's own, not its."""
     spoofed = {"Forwarded": "for=6.6.6.6, proto=https"}
