@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,7 @@ from werkzeug.test import Client
 from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 from ratelimit_middleware.asgi import RateLimitMiddleware
 from ratelimit_middleware.backends.redis import CircuitBreaker
-from ratelimit_middleware.backends.redis.deadlines import with_deadlines
+from ratelimit_middleware.backends.redis.deadlines import NotRun, until, with_deadlines
 from ratelimit_middleware.backends.redis.transport import SyncPool
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
@@ -220,11 +222,69 @@ def test_a_sync_call_waits_only_for_what_is_left_of_its_deadline(redis_server: R
     connection: Any = pool.get_connection()
     pool.release(connection)
     key = f"{unique_prefix()}:late"
-    with pytest.raises(redis.exceptions.TimeoutError, match="timeout ran out"):
+    with pytest.raises(NotRun, match="before the call was sent"):  # no failure of Redis
         transport.send([("INCR", key)], time.monotonic() - 0.001)
+    assert connection._sock is not None  # nothing was written: the connection stays, in step
     assert transport.send([("GET", key)], time.monotonic() + 0.5) == [None]  # the late INCR was never sent
     assert connection._sock.gettimeout() <= 0.5  # not the connection's 5 s
     transport.close()
+
+
+def test_a_reply_that_has_arrived_is_read_after_the_deadline(redis_server: RedisServer) -> None:
+    """A thread that did not get the interpreter's lock back before its call's deadline (a burst of threads)
+    still reads the reply Redis sent in time: the command ran, and reading it waits for nothing. Taken for a
+    timeout, it was counted as a failure of Redis, and the decision Redis made was answered by the policy."""
+    pool = redis.ConnectionPool.from_url(
+        redis_server.url, connection_class=with_deadlines(redis.connection.Connection, 1.0)
+    )
+    connection: Any = pool.get_connection()  # outside a call: set up at once
+    connection.send_command("PING")
+    assert select.select([connection._sock], [], [], 5.0)[0]  # the reply is here
+    with until(time.monotonic() - 0.001):
+        assert connection.read_response() == b"PONG"
+        with pytest.raises(redis.exceptions.TimeoutError):  # none is on its way: nothing is waited for
+            connection.read_response()
+    pool.disconnect()
+
+
+class _BusySetup(redis.connection.Connection):
+    """A connection whose setup does not start until ``go`` is set: a process too busy to run it (its
+    thread waiting for the interpreter's lock), Redis itself never asked."""
+
+    go = threading.Event()
+    done = threading.Event()
+
+    def connect(self) -> None:
+        self.go.wait()
+        super().connect()
+        self.done.set()
+
+
+@pytest.mark.parametrize("on_error", POLICIES)
+def test_calls_that_wait_for_a_setup_the_process_is_too_busy_to_run_are_not_failures_of_redis(
+    redis_server: RedisServer, breaker_clock: FakeClock, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    """A burst of threads on a fresh process: each call sets up a connection of its own, and the threads
+    and the setups' own keep each other waiting for the interpreter's lock past the calls' timeout. Those
+    calls never reached Redis: counted as failures, three opened the breaker, and the rest of the burst was
+    answered by the policy for a second (unchecked on a healthy Redis, with on_error='allow'). They are
+    ``NotRun``: answered by the policy, logged as such, never counted; the setup serves the next call."""
+    _BusySetup.go.clear()
+    _BusySetup.done.clear()
+    pool = redis.ConnectionPool(port=redis_server.port, connection_class=_BusySetup)
+    limiter = make_limiter(redis.Redis(connection_pool=pool), on_error, breaker_clock)
+    outcomes = [timed(lambda: limiter.check("u", "m"))[0] for _ in range(5)]
+    check_policy(on_error, outcomes)
+    assert not limiter.storage.breaker.is_open
+    said = [r.getMessage() for r in caplog.records if "never having run it" in r.getMessage()]
+    assert len(said) == 5 and all("the process was too busy" in message for message in said), said
+    assert outage_logs(caplog) == (0, 0)  # no "Redis cannot be reached"
+    _BusySetup.go.set()
+    assert _BusySetup.done.wait(5.0)
+    decision = limiter.check("u", "m")
+    assert type(decision) is Decision and decision.allowed  # decided in Redis, on the connection set up
+    assert limiter.get_request_count("u", "m") == 1
+    limiter.storage.close()
 
 
 @pytest.mark.parametrize("on_error", POLICIES)
@@ -401,7 +461,9 @@ def test_connecting_waits_only_until_the_call_s_deadline(server: RedisServer, de
     server.pause()  # the kernel still accepts the connection: the handshake's reply never comes
     try:
         started = time.monotonic()
-        with pytest.raises((redis.TimeoutError, redis.ConnectionError)):
+        # NotRun with the deadlines: Redis kept the setup waiting for less than 90% of the connection's
+        # socket timeout, which the limiter's pools set to its timeout (see ``deadlines._KEPT``)
+        with pytest.raises((redis.TimeoutError, redis.ConnectionError, NotRun)):
             SyncPool(pool).send([("PING",)], started + 0.2)
         elapsed = time.monotonic() - started
     finally:

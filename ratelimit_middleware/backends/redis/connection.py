@@ -12,7 +12,8 @@ what is left of it (on a cluster too: see ``transport``); an async call has a
 hard deadline of ``timeout`` for all of its round trips (``asyncio.timeout``, in the calling task, or in its
 batch's: a coalesced call is answered by its batch's deadline whatever becomes of that task), after which
 its connection is closed; one whose time ran out before it could be sent (its event loop was blocked
-meanwhile) is never sent, and raises ``NotRun``. A new connection is set up apart from the calls, within
+meanwhile; a sync call's thread, or the setup of its new connection, waited for the interpreter's lock) is
+never sent, and raises ``NotRun``. A new connection is set up apart from the calls, within
 ``setup`` seconds, and waited for until the call's deadline only (see ``deadlines``). Errors are redis-py's
 (``ConnectionError``, ``TimeoutError``, ``ResponseError``...) and ``NotRun``: the storage decides what they
 mean.

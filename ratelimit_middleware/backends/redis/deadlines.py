@@ -12,19 +12,32 @@ was lost, and the next call started over: such a Redis was never used. So a new 
 the calls that need it wait for it until their own deadline only: a setup that outlasts its call still
 ends, and its connection, left in its pool, serves the next call.
 
-A call uses a connection whose setup it waited for only when what is left of its time is at least as long
-as it waited (``_worth_using``): the call that starts a setup waits a round trip at least (three with
-redis-py's CLIENT SETINFO), and a call takes one once Redis has its script, so that a call on a new
-connection does not run out of time midway (which would close the connection, and start the setups over)
-because of the link's length. A connection it does not use is left, connected, to the next call.
+A call uses a connection whose setup it waited for only when what is left of its time is at least a round
+trip (``_worth_using``), since a call takes one once Redis has its script, so that a call on a new connection
+does not run out of time midway (which would close the connection, and start the setups over) because of the
+link's length. That round trip is what the call waited for the setup (the call that starts a setup waits a
+round trip at least, three with CLIENT SETINFO), or for a sync connection the quickest of its setup's
+commands if shorter (CLIENT SETINFO twice, AUTH...): in a thread, the wait is no measure of the link, since
+the thread and the setup's own wait for the interpreter's lock too, for as long as the process' other
+threads keep it (a burst of calls, each setting up a connection of its own). A connection a call does not use
+is left, connected, to the next call.
+
+A call that ends before it sent anything never reached Redis, and says nothing of its health: it raises
+``NotRun``, which the circuit breaker does not count. So does a sync call whose time ran out before it could
+write (its thread waited for the interpreter's lock meanwhile), one that waited for a setup that ended but
+with too little time left to be used, and one whose deadline came while it waited for a setup that Redis
+had not kept waiting for ``_KEPT`` of a call's timeout (the setup had not started, or its thread waited for
+the lock: the process was too busy). One whose setup Redis kept waiting that long (a Redis that accepts
+connections but does not answer) is a failure of Redis (``redis.TimeoutError``), as a call without a reply.
 """
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import contextlib
+import math
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,27 +46,37 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .misconfig import causes
 
 __all__ = [
     "REFUSED_FOR",
+    "NotRun",
     "again",
     "left",
     "refusal",
     "seen",
     "set_up",
     "timed",
+    "unsent",
     "until",
-    "wait_until",
     "with_deadlines",
     "with_setup",
     "within",
 ]
 
 T = TypeVar("T")
+
+
+class NotRun(RedisError):
+    """A call that Redis never ran, for a reason that says nothing about Redis' health: its time ran out
+    before it could be sent (an event loop blocked past it, a thread that waited for the interpreter's lock,
+    a new connection whose setup the process was too busy to finish in time), or its cluster slot was being
+    migrated until then (TRYAGAIN). The storage answers it by its policy; the circuit breaker does not count
+    it."""
+
 
 _deadline: ContextVar[float | None] = ContextVar("ratelimit_redis_deadline", default=None)
 """The deadline of the call running in this thread (sync) or task (async), if any."""
@@ -90,18 +113,40 @@ def left(deadline: float) -> float:
     return seconds
 
 
-def wait_until(connection: Any, deadline: float) -> None:
-    """Let ``connection``'s next socket operation wait only until ``deadline``."""
-    seconds = left(deadline)
+def unsent(deadline: float) -> float:
+    """``left``, for a call that has sent nothing yet: ``NotRun`` once ``deadline`` has passed."""
+    seconds = deadline - time.monotonic()
+    if seconds <= 0:
+        raise NotRun(
+            "the limiter's timeout ran out before the call was sent: the process was too busy (its threads "
+            "waited for the interpreter's lock)"
+        )
+    return seconds
+
+
+_KEPT = 0.9
+"""The share of a call's timeout for which Redis must have kept a new connection's setup waiting (to connect,
+or for a reply) for a call whose deadline came while it waited for that setup to be a failure of Redis: so
+it is in a Redis that accepts connections but does not answer, whereas a setup that the process was too
+busy to run is not waiting on Redis (hardly ever for that long: only while its thread, the reply read, waits
+for the interpreter's lock)."""
+
+_ARRIVED = 1e-6
+"""Seconds a read whose call's deadline has passed waits: none, but what has arrived is read (a socket's
+timeout of 0 would make it non-blocking, which redis-py takes for a broken connection)."""
+
+
+def _wait_until(connection: Any, seconds: float) -> None:
+    """Let ``connection``'s next socket operation wait only ``seconds``."""
     sock = connection._sock  # redis-py's socket: its timeout bounds every read and write
     if sock is not None:
         sock.settimeout(seconds)
 
 
-def _worth_using(since: float, deadline: float) -> bool:
-    """Whether a call that waited for a connection's setup from ``since`` may use it by ``deadline``."""
-    now = time.monotonic()
-    return deadline - now >= now - since
+def _worth_using(round_trip: float, deadline: float) -> bool:
+    """Whether a call may use a connection whose setup it waited for, a round trip of the link taking
+    ``round_trip`` seconds: what is left of its time, until ``deadline``, is at least that."""
+    return deadline - time.monotonic() >= round_trip
 
 
 REFUSED_FOR = 1.0
@@ -143,17 +188,11 @@ def again(work: Future[Any] | asyncio.Future[Any]) -> bool:
     return time.monotonic() - _refused.setdefault(work, time.monotonic()) >= REFUSED_FOR
 
 
-def _late(since: float) -> RedisTimeoutError:
-    return RedisTimeoutError(
-        f"a new connection to Redis took {(time.monotonic() - since) * 1000:.0f} ms to set up, too long to "
-        "be used within this call's timeout: it serves the next call"
-    )
-
-
-def _unfinished(seconds: float) -> RedisTimeoutError:
-    return RedisTimeoutError(
-        f"a new connection to Redis was not set up within the call's timeout: it goes on (for up to "
-        f"{seconds:g} s) and serves the next call"
+def _late(since: float) -> NotRun:
+    return NotRun(
+        f"a new connection to Redis was set up, but the call that waited "
+        f"{(time.monotonic() - since) * 1000:.0f} ms for it had less than a round trip left to use it: it "
+        "serves the next call"
     )
 
 
@@ -169,6 +208,19 @@ class _Deadlines:
     """Seconds a new connection's setup may take (set by ``with_deadlines``)."""
     _setup: Future[None] | None = None  # the setup under way, or finished unseen by any call
     _sock: Any
+    _round_trip: float | None = None
+    """The quickest round trip of a command on this connection (seconds), if it made one: in its setup,
+    CLIENT SETINFO's (not the TCP connect's, which a proxy next to the process answers)."""
+    _waiting: float | None = None
+    """Since when this connection has been waiting on Redis (to connect, or for a reply), if it is."""
+    _sent = 0.0  # when its last command was written
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        parent: Any = super()
+        parent.__init__(*args, **kwargs)
+        self._timeout: float = self.socket_timeout or self.setup
+        """A call's timeout: the limiter's pools give their connections that as ``socket_timeout`` (which a
+        setup changes while it connects)."""
 
     def connect(self) -> None:
         """Connect, if not connected: within a call, apart from it (see the module)."""
@@ -184,18 +236,36 @@ class _Deadlines:
             if self._sock is not None:
                 return
             setup = self._setup = Future()
-            threading.Thread(target=self._set_up, args=(setup,), name="ratelimit-setup", daemon=True).start()
+            # Not ``threading.Thread.start``, which waits for the thread to run: in a burst of calls, each
+            # setting up a connection, that was a wait for the interpreter's lock, twice, before any wait of
+            # the call's own.
+            _thread.start_new_thread(self._set_up, (setup,))
         if refused is not None:
             raise refused  # until the new setup ends
         waited = not setup.done()
         since = time.monotonic()
         try:
-            setup.result(left(deadline))
+            setup.result(unsent(deadline))
         except FutureTimeout:
-            raise _unfinished(self.setup) from None
+            raise self._unfinished() from None
         self._setup = None  # a failure stays, for ``again`` to judge
-        if waited and not _worth_using(since, deadline):
+        round_trip = min(time.monotonic() - since, self._round_trip or math.inf)
+        if waited and not _worth_using(round_trip, deadline):
             raise _late(since)  # redis-py's pool keeps the connection, connected, for the next call
+
+    def _unfinished(self) -> BaseException:
+        """The error of a call whose deadline came while it waited for this connection's setup: a failure
+        of Redis if Redis has kept the setup waiting for ``_KEPT`` of a call's timeout, else ``NotRun``."""
+        waiting = self._waiting
+        if waiting is not None and time.monotonic() - waiting >= _KEPT * self._timeout:
+            return RedisTimeoutError(
+                f"Redis has not answered a new connection's setup within the limiter's timeout "
+                f"({self._timeout:g} s; the setup goes on for up to {self.setup:g} s)"
+            )
+        return NotRun(
+            "a new connection to Redis was still being set up when the limiter's timeout ran out, Redis not "
+            "having kept it waiting: the process was too busy (the setup goes on and serves the next call)"
+        )
 
     def _set_up(self, setup: Future[None]) -> None:
         """Connect within ``setup`` seconds (on a thread of its own): every wait cut to what is left."""
@@ -215,24 +285,38 @@ class _Deadlines:
             return parent._connect()
         timeouts = self.socket_connect_timeout, self.socket_timeout
         self.socket_connect_timeout = self.socket_timeout = left(deadline)
+        self._waiting = time.monotonic()
         try:
             return parent._connect()
         finally:
+            self._waiting = None
             self.socket_connect_timeout, self.socket_timeout = timeouts
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """Write ``command``; ``NotRun`` if the call's deadline has passed (nothing is written)."""
         deadline = _deadline.get()
         if deadline is not None:
-            wait_until(self, deadline)
+            _wait_until(self, unsent(deadline))
         parent: Any = super()
         parent.send_packed_command(command, check_health)
+        self._sent = time.monotonic()
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        """Read a reply, waiting until the call's deadline only; once it has passed, a reply that has
+        arrived is still read (Redis ran the command: the thread was not given the interpreter's lock to read
+        it in time), without waiting for one."""
         deadline = _deadline.get()
         if deadline is not None:
-            wait_until(self, deadline)
+            _wait_until(self, max(deadline - time.monotonic(), _ARRIVED))
         parent: Any = super()
-        return parent.read_response(*args, **kwargs)
+        self._waiting = time.monotonic()
+        try:
+            reply = parent.read_response(*args, **kwargs)
+        finally:
+            self._waiting = None
+        round_trip = time.monotonic() - self._sent
+        self._round_trip = round_trip if self._round_trip is None else min(self._round_trip, round_trip)
+        return reply
 
 
 _MADE: dict[tuple[type[Any], type[Any], float], type[Any]] = {}
@@ -253,8 +337,9 @@ def with_deadlines(connection_class: type[Any], setup: float) -> type[Any]:
     and whose setup runs apart from the calls, within ``setup`` seconds.
 
     While a call runs ``until`` its deadline on a thread, every write and read of that thread is
-    cut to what is left of it, and fails at once when nothing is: a call never outlasts its deadline,
-    however many waits it takes. A new connection is set up on a thread of its own, ``until`` a deadline
+    cut to what is left of it; once nothing is, a write raises ``NotRun`` (nothing was sent) and a read
+    takes only a reply that has arrived: a call never outlasts its deadline, however many waits it takes. A
+    new connection is set up on a thread of its own, ``until`` a deadline
     ``setup`` seconds away, which the call waits for until its own deadline only. Outside a call (a cluster
     mapped, or mapped again, on a thread of its own) it is the plain class.
     """
@@ -318,7 +403,7 @@ async def set_up(
     since = time.monotonic()
     await asyncio.shield(setup)  # the call's deadline cancels the wait, not the setup
     connection._limiter_setup = None  # a failure stays, for ``again`` to judge
-    if waited and not _worth_using(since, deadline):
+    if waited and not _worth_using(time.monotonic() - since, deadline):
         raise _late(since)
 
 

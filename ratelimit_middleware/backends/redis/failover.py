@@ -19,7 +19,8 @@ instead, from the first one (each kind at most once a minute), saying what to ch
 itself. ``RateLimiterUnavailable`` names the last failure and has it as its ``__cause__``.
 
 A call Redis never ran for a reason of its own (``NotRun``: its event loop was blocked past its deadline
-before it could be sent, or its cluster slot was migrating until then) is answered by the policy too, but is
+before it could be sent, its thread or the setup of its new connection waited for the interpreter's lock
+until then, or its cluster slot was migrating until then) is answered by the policy too, but is
 no failure of Redis: the breaker does not count it (one stalled loop or one moving slot would otherwise
 open it for every call), and it is logged as a warning, once per batch of such calls, so that no call is
 admitted unchecked unseen.

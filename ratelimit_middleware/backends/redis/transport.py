@@ -44,7 +44,7 @@ from redis.exceptions import AskError, MovedError, RedisError, ResponseError, Tr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .deadlines import again, left, refusal, seen, set_up, timed, until
+from .deadlines import NotRun, again, refusal, seen, set_up, timed, unsent, until
 
 _pack_command: Callable[[tuple[Any, ...]], Any] | None
 try:
@@ -95,12 +95,6 @@ def pack(commands: Sequence[Command]) -> bytes:
     """Commands in the Redis protocol, ready to be written at once (redis-py's own packer costs far more
     than the rest of a decision)."""
     return b"".join(_pack_one(command) for command in commands)
-
-
-class NotRun(RedisError):
-    """A call that Redis never ran, for a reason that says nothing about Redis' health: its time ran out
-    before it could be sent (an event loop blocked past it), or its cluster slot was being migrated until
-    then (TRYAGAIN). The storage answers it by its policy; the circuit breaker does not count it."""
 
 
 Undos = Sequence[Sequence[Command]]
@@ -154,6 +148,8 @@ def _exchange(
             except ResponseError as error:  # the reply was read whole: the connection is in step
                 replies.append(error)
         return replies
+    except NotRun:  # raised before anything was written (see ``deadlines``): the connection is in step
+        raise
     except BaseException:
         if written and undo and connection._sock is not None:  # redis-py closes it when a write fails
             with until(time.monotonic() + UNDO_WRITE), contextlib.suppress(RedisError, OSError):
@@ -232,9 +228,9 @@ class AsyncPool:
         await self.pool.disconnect()
 
 
-# The transports rely on redis-py internals, all named here: a sync connection's ``_sock`` (``wait_until``;
-# and whether ``_exchange`` may write undos on it) and an asyncio one's ``_writer`` (``_aexchange`` writes
-# its commands and undos there);
+# The transports rely on redis-py internals, all named here: a sync connection's ``_sock`` (its waits, in
+# ``deadlines``; and whether ``_exchange`` may write undos on it) and an asyncio one's ``_writer``
+# (``_aexchange`` writes its commands and undos there);
 # for the sync cluster, a connection's ``_connect``, which opens the socket with ``socket_connect_timeout``
 # and leaves it (for a TLS handshake too) with ``socket_timeout`` (``with_deadlines``); the cluster client's
 # ``nodes_manager``, its map of the slots (``SyncCluster._send``); and its building of each node's pool from
@@ -361,7 +357,7 @@ class SyncCluster:
         if refused is not None:
             raise refused  # until the new mapping ends
         try:
-            return making.result(left(deadline))
+            return making.result(unsent(deadline))
         except FutureTimeout:
             raise RedisTimeoutError("the limiter's timeout ran out while mapping the cluster") from None
 
