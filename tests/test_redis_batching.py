@@ -189,8 +189,8 @@ def test_a_call_the_script_fails_on_fails_alone(redis_server: RedisServer) -> No
     limiter = limiter_on(redis_server, 5)
     connection = limiter.storage.connection
     script = script_for("sliding_log")
-    good = ["decide", "", "0", "", "60.0", "", "5", "60.0", "1"]
-    bad = [*good[:6], "five", "60.0", "1"]
+    good = ["decide", "", "0", "60.0", "", "5", "60.0", "1"]
+    bad = [*good[:5], "five", "60.0", "1"]
 
     async def scenario() -> list[Any]:
         calls = [

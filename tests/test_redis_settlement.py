@@ -38,10 +38,9 @@ class OnRedis:
         self.rule = [str(limit), repr(window)]
 
     def run(self, mode: str, now: float, amount: int, at: float | None = None, charged: int = 0) -> Any:
-        at_arg = "" if at is None else repr(at)
-        args: list[Arg] = [mode, repr(now), PAD, at_arg, LEASE, "", *self.rule, str(amount)]
-        if mode == "adjust":  # and the units of the charge it settles
-            args.append(str(charged))
+        args: list[Arg] = [mode, repr(now), PAD, LEASE, "", *self.rule, str(amount)]
+        if mode == "adjust":  # and the time and units of the charge it settles
+            args += (repr(at), str(charged))
         return self.connection.evaluate(Call(self.script, [self.key], args))
 
 

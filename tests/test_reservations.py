@@ -167,6 +167,44 @@ def test_a_reservation_made_while_the_clock_is_behind_its_keys_window_settles_th
     assert not limiter.reserve("u", "m", input_tokens=10).allowed
 
 
+def test_a_reservation_settles_each_key_where_it_was_charged_after_the_clock_stepped_back(
+    algorithm: str, storage: Storage, clock: FakeClock
+) -> None:
+    """After Redis' clock stepped back across a window boundary, one reservation charges keys used before
+    (the user's, by another model; the model's, by another user) in their later window, and the user's
+    fresh key of this model at Redis' time, in the earlier one: each settles where it was charged, a
+    cancellation taking back exactly the 5 reserved and an overage of 80 adding exactly 80 on every key,
+    not dropped or misplaced on the key charged at the earlier time for following the others' (on a
+    cluster the user's two keys share a slot). A reservation the model's limit denies charges nothing: a
+    cluster gives back what the user's slot charged, on each key where it charged. Memory, whose clock
+    never goes back, charges them all at the later time: the same counts."""
+    limiter = MultiTierRateLimiter(
+        per_user=Limits(tokens="200/hour"),
+        per_model=Limits(tokens="100/hour"),
+        per_user_model=Limits(tokens="200/hour"),
+        algorithm=algorithm,
+        storage=storage,
+    )
+    clock.now = 3600.5  # window [3600, 7200)
+    limiter.reserve("u", "a", input_tokens=1).settle(1, 0)
+    limiter.reserve("v", "b", input_tokens=1).settle(1, 0)
+    clock.now = 3599.5  # window [0, 3600)
+
+    def counts() -> list[int]:
+        return [
+            limiter.get_request_count("u", "b", tier=tier, unit="tokens")
+            for tier in ("per_user", "per_model", "per_user_model")
+        ]
+
+    before = counts()
+    limiter.reserve("u", "b", input_tokens=5).cancel()
+    limiter.reserve("u", "b", input_tokens=10).settle(10, 80)
+    after = counts()
+    assert [now - then for now, then in zip(after, before, strict=True)] == [90, 90, 90]
+    assert not limiter.reserve("u", "b", input_tokens=10).allowed  # the model's 100 tokens are used
+    assert counts() == after
+
+
 def test_refund_never_exceeds_the_reservation(algorithm: str, storage: Storage) -> None:
     limiter = tokens_limiter(storage, algorithm, tokens="1000/minute")
     limiter.reserve("u", "m", input_tokens=300).settle(300, 0)

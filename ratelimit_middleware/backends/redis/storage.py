@@ -9,10 +9,10 @@ window (two for the sliding window counter) and so leaves Redis once its user go
 On a Redis Cluster the keys of one user share a slot, but shared tiers (per_model, global) live on slots of
 their own. A decision then runs one script per slot, each checking and charging its own rules (a
 reservation); if one slot denies while others allowed, the others' charges are refunded (the script's
-``refund`` mode, at the time of the charge, which each reply ends with). A denied request so charges
+``refund`` mode, at the time of each rule's charge, which each reply ends with). A denied request so charges
 nothing, as on one Redis; meanwhile a reservation may make a concurrent request on the same key see a
 fuller window, so a cluster can deny slightly more than one Redis would, never admit more. Token and
-concurrency reservations work the same way, and remember the time of the charge on each slot for their
+concurrency reservations work the same way, and remember the time of each rule's charge for their
 settlement.
 
 When Redis is slow or gone, ``failover`` answers (``on_error``): no Redis exception reaches the caller.
@@ -27,7 +27,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from ...algorithms import Verdict
@@ -198,9 +198,10 @@ class RedisStorage:
 class Charge(NamedTuple):
     """The receipt of a reservation made in Redis."""
 
-    parts: tuple[tuple[tuple[int, ...], Arg], ...]
-    """Indexes of the rules charged together (one slot of a cluster; all of them on one Redis), each with the
-    Redis time of their charge."""
+    parts: tuple[tuple[int, ...], ...]
+    """Indexes of the rules charged together (one slot of a cluster; all of them on one Redis)."""
+    times: tuple[Arg, ...]
+    """The Redis time of each rule's charge (one per rule of the policy), where its settlement finds it."""
     lease_id: str
     """Names the reservation's concurrency leases (``""`` when it took none)."""
     costs: tuple[int, ...]
@@ -214,6 +215,13 @@ def _verdicts(reply: Sequence[Any]) -> list[Verdict]:
         (reply[i] == 1, int(reply[i + 1]), float(reply[i + 2]), float(reply[i + 3]))
         for i in range(0, len(reply) - 3, 4)
     ]
+
+
+def _times(charged_at: Any, count: int) -> list[Arg]:
+    """The time each of a script's ``count`` rules was charged at, from its reply: one time for all, or a
+    list of one per rule when they differ (a key whose time was ahead of Redis' clock, which stepped
+    back)."""
+    return list(charged_at) if isinstance(charged_at, list) else [charged_at] * count
 
 
 class RedisBackend:
@@ -256,20 +264,22 @@ class RedisBackend:
         mode: str,
         rules: Sequence[int],
         amounts: Sequence[int],
-        at: Arg = "",
         lease_id: str = "",
+        times: Sequence[Arg] = (),
         charges: Sequence[int] = (),
     ) -> list[Arg]:
-        """A script's ARGV (see driver.lua) for ``rules`` moved by ``amounts`` (one per rule); 'adjust' also
-        takes the units each rule's charge made (``charges``)."""
+        """A script's ARGV (see driver.lua) for ``rules`` moved by ``amounts`` (one per rule); 'refund' and
+        'adjust' also take the time of each rule's charge (``times``), and 'adjust' the units it made
+        (``charges``)."""
         now = "" if self._clock is None else repr(float(self._clock()))
-        args: list[Arg] = [mode, now, self._pad, at, self._lease, lease_id]
+        args: list[Arg] = [mode, now, self._pad, self._lease, lease_id]
+        tails: Iterable[tuple[Arg, ...]] = [()] * len(rules)  # what a rule takes after its amount
         if charges:
-            for index, amount, charged in zip(rules, amounts, charges, strict=True):
-                args += (*self._rule_args[index], str(amount), str(charged))
-            return args
-        for index, amount in zip(rules, amounts, strict=True):
-            args += (*self._rule_args[index], str(amount))
+            tails = zip(times, map(str, charges), strict=True)
+        elif times:
+            tails = zip(times)
+        for index, amount, tail in zip(rules, amounts, tails, strict=True):
+            args += (*self._rule_args[index], str(amount), *tail)
         return args
 
     def _decision_args(self, cost: int) -> list[Arg]:
@@ -299,7 +309,7 @@ class RedisBackend:
             Call(
                 self._script,
                 [keys[i] for i in group],
-                self._args("reserve", group, [costs[i] for i in group], "", lease_id),
+                self._args("reserve", group, [costs[i] for i in group], lease_id),
                 () if release is None else (release.by_sha(),),
             )
             for group, release in zip(groups, self._releases(keys, groups, costs, lease_id), strict=True)
@@ -311,14 +321,15 @@ class RedisBackend:
         """Per group, what gives back the leases a reservation of it takes (``None``: it takes none): its
         undo, written after it if its reply never comes (Redis may still run it: see ``transport``).
         Harmless if it did not run: the lease id is this reservation's alone (see concurrency.lua), so that
-        no other lease is ever given back. Its token charge cannot be told apart without the reply's time of
-        the charge: it stays counted until its window passes."""
+        no other lease is ever given back (a lease's time is not needed). Its token charge cannot be told
+        apart without the reply's time of the charge: it stays counted until its window passes."""
         releases: list[Call | None] = []
         for group in groups:
             leased = [i for i in group if costs[i] and i in self._leased] if lease_id else []
             if leased:
                 charged = [costs[i] for i in leased]
-                args = self._args("adjust", leased, [-amount for amount in charged], "", lease_id, charged)
+                amounts = [-amount for amount in charged]
+                args = self._args("adjust", leased, amounts, lease_id, [""] * len(leased), charged)
                 releases.append(Call(self._script, [keys[i] for i in leased], args))
             else:
                 releases.append(None)
@@ -349,7 +360,8 @@ class RedisBackend:
         size = len(keys)
         verdicts: list[Verdict] = [(True, 0, 0.0, 0.0)] * size
         used: list[int] = [0] * size
-        parts: list[tuple[tuple[int, ...], Arg]] = []
+        parts: list[tuple[int, ...]] = []
+        times: list[Arg] = [""] * size
         rules = self._policy.all_rules
         for group, reply in zip(groups, replies, strict=True):
             count = len(group)
@@ -361,16 +373,18 @@ class RedisBackend:
                 else:
                     used[index] = max(rules[index].limit - verdict[1] - costs[index], 0)
             if not denied:  # so charged: the reply ends with the time of the charge
-                parts.append((tuple(group), reply[4 * count]))
+                parts.append(tuple(group))
+                for index, at in zip(group, _times(reply[4 * count], count), strict=True):
+                    times[index] = at
         if len(parts) == len(groups):
-            return Reserved(verdicts, Charge(tuple(parts), lease_id, tuple(costs))), []
+            return Reserved(verdicts, Charge(tuple(parts), tuple(times), lease_id, tuple(costs))), []
         refunds = [
             Call(
                 self._script,
                 [keys[i] for i in group],
-                self._args("refund", group, [costs[i] for i in group], at, lease_id),
+                self._args("refund", group, [costs[i] for i in group], lease_id, [times[i] for i in group]),
             )
-            for group, at in parts
+            for group in parts
         ]
         return Reserved(verdicts, None, used), refunds
 
@@ -563,7 +577,8 @@ class RedisBackend:
         count = len(self._every)
         verdicts = _verdicts(reply[: 4 * count])
         if len(reply) == 4 * count + 1:
-            return Reserved(verdicts, Charge(((tuple(self._every), reply[-1]),), lease_id, tuple(costs)))
+            times = tuple(_times(reply[-1], count))
+            return Reserved(verdicts, Charge((tuple(self._every),), times, lease_id, tuple(costs)))
         return Reserved(verdicts, None, [int(units) for units in reply[4 * count + 1 :]])
 
     def reserve(self, user: str, model: str, costs: Sequence[int]) -> Reserved:
@@ -650,14 +665,15 @@ class RedisBackend:
             )
 
     def _adjust_calls(self, user: str, model: str, charge: Charge, deltas: Sequence[int]) -> list[Call]:
-        """One script per part of the charge whose rules move (at that part's time)."""
+        """One script per part of the charge whose rules move (each at the time of its charge)."""
         calls = []
-        for part, at in charge.parts:
+        for part in charge.parts:
             rules = [index for index in part if deltas[index]]
             if rules:
                 keys = self._keys(user, model, [self._policy.all_rules[i] for i in rules])
                 amounts, charges = [deltas[i] for i in rules], [charge.costs[i] for i in rules]
-                args = self._args("adjust", rules, amounts, at, charge.lease_id, charges)
+                times = [charge.times[i] for i in rules]
+                args = self._args("adjust", rules, amounts, charge.lease_id, times, charges)
                 calls.append(Call(self._script, keys, args))
         return calls
 
@@ -737,7 +753,7 @@ class RedisBackend:
             Call(
                 self._script,
                 [keys[i] for i in group],
-                self._args("renew", [leased[i].index for i in group], [1] * len(group), "", charge.lease_id),
+                self._args("renew", [leased[i].index for i in group], [1] * len(group), charge.lease_id),
             )
             for group in groups
         ]

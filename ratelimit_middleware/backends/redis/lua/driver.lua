@@ -1,10 +1,10 @@
 -- The modes of every script, appended to its algorithm. A call's KEYS holds one key per rule; its ARGV is
 --   mode ('decide', 'reserve', 'adjust', 'refund', 'renew' or 'used'), now ('' = Redis TIME), ttl_pad_ms,
---   at ('adjust' and 'refund': when the charge was made), lease (seconds a concurrency slot is held unless
---   renewed), lease id (the reservation's, naming its leases), then per rule: limit, window, amount (its cost
---   for 'decide', 'reserve', 'refund' and 'renew', its change for 'adjust') and, for 'adjust' only, the
---   units its charge made (the cost it was reserved at). A rule with window 0 is a concurrency limit
---   (concurrency.lua's leases).
+--   lease (seconds a concurrency slot is held unless renewed), lease id (the reservation's, naming its
+--   leases), then per rule: limit, window, amount (its cost for 'decide', 'reserve', 'refund' and 'renew', its
+--   change for 'adjust') and, for 'adjust' and 'refund', the time its charge was made at ('reserve' replies
+--   with it), and for 'adjust' then the units that charge made (the cost it was reserved at). A rule with
+--   window 0 is a concurrency limit (concurrency.lua's leases).
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
 -- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad)
 -- (returning the time it charged at when that is later than now, see below),
@@ -26,18 +26,18 @@ end
 -- A call's arguments, the numbers read once (calls of a batch with the same arguments share them); `now` is
 -- nil for Redis' time.
 local function parse(argv)
+  local mode = argv[1]
   local call = {
-    mode = argv[1], now = tonumber(argv[2]), pad = tonumber(argv[3]), at = tonumber(argv[4]),
-    lease = tonumber(argv[5]), lease_id = argv[6], limits = {}, windows = {}, amounts = {}, charges = {},
+    mode = mode, now = tonumber(argv[2]), pad = tonumber(argv[3]), lease = tonumber(argv[4]),
+    lease_id = argv[5], limits = {}, windows = {}, amounts = {}, times = {}, charges = {},
   }
-  if call.mode == 'adjust' then
-    for i = 1, (#argv - 6) / 4 do
-      call.limits[i], call.windows[i], call.amounts[i], call.charges[i] = tonumber(argv[3 + 4 * i]), tonumber(argv[4 + 4 * i]), tonumber(argv[5 + 4 * i]), tonumber(argv[6 + 4 * i])
-    end
-    return call
-  end
-  for i = 1, (#argv - 6) / 3 do
-    call.limits[i], call.windows[i], call.amounts[i] = tonumber(argv[4 + 3 * i]), tonumber(argv[5 + 3 * i]), tonumber(argv[6 + 3 * i])
+  local width = 3
+  if mode == 'adjust' then width = 5 elseif mode == 'refund' then width = 4 end
+  for i = 1, (#argv - 5) / width do
+    local a = 5 + width * (i - 1)
+    call.limits[i], call.windows[i], call.amounts[i] = tonumber(argv[a + 1]), tonumber(argv[a + 2]), tonumber(argv[a + 3])
+    if width > 3 then call.times[i] = tonumber(argv[a + 4]) end
+    if width > 4 then call.charges[i] = tonumber(argv[a + 5]) end
   end
   return call
 end
@@ -59,24 +59,25 @@ local function run(keys, call, clock)
     return held
   end
 
-  -- Settle a charge made at `at` (by 'reserve', whose reply ends with that time): 'adjust' moves each rule by
-  -- its delta (token settlements; a concurrency rule's is minus its slots, given back), 'refund' takes back
-  -- each rule's cost (a charge that was never granted).
+  -- Settle each rule's charge at the time it was made (by 'reserve', whose reply names it): 'adjust' moves
+  -- each rule by its delta (token settlements; a concurrency rule's is minus its slots, given back), 'refund'
+  -- takes back each rule's cost (a charge that was never granted).
   if mode == 'adjust' or mode == 'refund' then
+    local times = call.times
     for i = 1, #keys do
       if amounts[i] ~= 0 and windows[i] == 0 then
         lease_release(keys[i], lease_id, math.abs(amounts[i]))
       elseif mode == 'refund' and amounts[i] ~= 0 then
-        refund(keys[i], read_state(keys[i]), limits[i], windows[i], now, call.at, amounts[i], pad)
+        refund(keys[i], read_state(keys[i]), limits[i], windows[i], now, times[i], amounts[i], pad)
       elseif amounts[i] ~= 0 then
-        adjust(keys[i], read_state(keys[i]), limits[i], windows[i], now, call.at, call.charges[i], amounts[i], pad)
+        adjust(keys[i], read_state(keys[i]), limits[i], windows[i], now, times[i], call.charges[i], amounts[i], pad)
       end
     end
     return fmt(now)
   end
 
   -- Check every rule, write only if all allow. The reply: allowed, remaining, retry_after, reset_after per
-  -- rule; for 'reserve', then the time of the charge (which 'adjust' and 'refund' take).
+  -- rule; for 'reserve', then the time of the charge (see below).
   local states, reply, all_allow = {}, {}, true
   for i = 1, #keys do
     local state, allowed, remaining, retry_after, reset_after
@@ -94,22 +95,36 @@ local function run(keys, call, clock)
     reply[4 * i - 1] = fmt(retry_after)
     reply[4 * i] = fmt(reset_after)
   end
-  -- The time of the charge: a key's time never runs backwards, so after Redis' clock stepped back a charge
-  -- lands later than now (a sliding log's at its newest entry, a window's in the key's later window, at its
-  -- start), where its settlement must look for it. A key of the call that charged at an earlier time then
-  -- misses its settlement (see DESIGN.md).
-  local charged_at = now
+  -- The time of the charge, where its settlement looks for it: now, for every rule. But a key's time never
+  -- runs backwards, so after Redis' clock stepped back a charge may land later than now (a sliding log's at
+  -- its newest entry, a window's in the key's later window, at its start), and other keys of the call at now:
+  -- the reply then names the time of each rule's charge (now for a rule it did not charge), in a list.
+  local later
   if all_allow then
     for i = 1, #keys do
       if amounts[i] > 0 and windows[i] == 0 then
         lease_take(keys[i], lease_id, amounts[i], now, pad, call.lease)
       elseif amounts[i] > 0 then
         local at = commit(keys[i], states[i], limits[i], windows[i], now, amounts[i], pad)
-        if at and at > charged_at then charged_at = at end
+        if at and at > now then
+          later = later or {}
+          later[i] = at
+        end
       end
     end
   end
-  if mode == 'reserve' then reply[4 * #keys + 1] = fmt(charged_at) end
+  if mode == 'reserve' then
+    local stamp = fmt(now)
+    if later then
+      local times = {}
+      for i = 1, #keys do
+        if later[i] then times[i] = fmt(later[i]) else times[i] = stamp end
+      end
+      reply[4 * #keys + 1] = times
+    else
+      reply[4 * #keys + 1] = stamp
+    end
+  end
   -- 'reserve' denied: then the units each rule counts (before this request), for messages.
   if mode == 'reserve' and not all_allow then
     for i = 1, #keys do
