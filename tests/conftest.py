@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import redis
 import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
+from hypothesis import settings
 
 from ratelimit_middleware import ALGORITHMS, MemoryStorage, RedisStorage
+from ratelimit_middleware.algorithms.sliding_log import Log
 from ratelimit_middleware.backends.base import Backend, Reserved, ReservingBackend, Storage
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.policy import Policy, Rule
@@ -340,21 +345,49 @@ def redis_prefix(storage: object) -> str | None:
 def held_keys(limiter: Any) -> int:
     """The keys a limiter holds: ``len()`` in memory, the keys under its prefix in Redis (on every node of
     the cluster for the cluster storage)."""
-    prefix = redis_prefix(limiter.storage)
-    if prefix is None:
+    if redis_prefix(limiter.storage) is None:
         return len(limiter)
+    return sum(1 for _ in _redis_keys(limiter, "*"))
+
+
+def log_entries(log: Log) -> list[tuple[float, float]]:
+    """``(time, cumulative cost)`` of every entry of a sliding log in memory, whatever its layout."""
+    if isinstance(log, bytearray):
+        return list(struct.iter_unpack("dd", log))
+    if isinstance(log, bytes):
+        times = [time for (time,) in struct.iter_unpack("d", log)]
+    else:
+        times = list(log) if isinstance(log, array) else [log]
+    return [(t, float(i)) for i, t in enumerate(times, 1)]
+
+
+def stored_entries(limiter: Any) -> int:
+    """The entries of every sliding log a limiter holds: in memory those of each log's layout, in Redis the
+    members of its sliding logs' ZSETs (on every node of the cluster for the cluster storage)."""
+    if redis_prefix(limiter.storage) is None:
+        backend = limiter._backend
+        return sum(
+            len(log_entries(log))
+            for rule, store in zip(backend._policy.all_rules, backend._stores, strict=True)
+            if rule.algorithm.name == "sliding_log"
+            for log in store.values()
+        )
+    return sum(client.zcard(key) for client, key in _redis_keys(limiter, "sliding_log:*"))
+
+
+def _redis_keys(limiter: Any, match: str) -> Iterator[tuple[redis.Redis, bytes]]:
+    """Each key under a Redis limiter's prefix that ``match`` matches after it, with its server's client."""
     if isinstance(limiter.storage, ClusterStorage):
         servers = live_cluster().nodes
-    else:  # the prefix is the storage's own: counting it on every standalone server counts its keys
+    else:  # the prefix is the storage's own: looking on every standalone server finds its keys
         servers = [server for server in (_Live.server, _Live.valkey) if server is not None]
-    count = 0
     for server in servers:
         client = server.client()
         try:
-            count += sum(1 for _ in client.scan_iter(match=f"{prefix}:*", count=1000))
+            for key in client.scan_iter(match=f"{redis_prefix(limiter.storage)}:{match}", count=1000):
+                yield client, key
         finally:
             client.close()
-    return count
 
 
 # -- the contract ---------------------------------------------------------------------------------------
@@ -379,6 +412,12 @@ _NEEDS = {
 }
 NETWORK_STORAGES = frozenset(_NEEDS)
 """Storages with a round trip per call: tests with heavy loops scale their work down on these."""
+
+
+def examples_on(storage_name: str, n: int) -> settings:
+    """Hypothesis settings for ``n`` examples in memory, a sixth as many on network storages (a round trip
+    per call)."""
+    return settings(max_examples=n // 6 if storage_name in NETWORK_STORAGES else n, deadline=None)
 
 
 @pytest.fixture(params=sorted(STORAGES))

@@ -11,7 +11,7 @@ to ``GCRA_MAX_LIMIT``, at most ``GCRA_MAX_RATE`` per second, and refuses finer o
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ratelimit_middleware import Limits, MemoryStorage, MultiTierRateLimiter, RateLimiter
@@ -21,7 +21,7 @@ from ratelimit_middleware.config import MAX_AMOUNT
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.reservation import Reservation
 
-from .conftest import NETWORK_STORAGES, FakeClock, StorageFactory
+from .conftest import FakeClock, StorageFactory, examples_on
 
 WINDOW = 3600.0
 START = 1_779_998_400.0  # an hour boundary at a Unix time, as Redis' clock reads
@@ -85,11 +85,6 @@ class Exact:
 def limiter_on(storage: Storage, algorithm: str, limit: int) -> MultiTierRateLimiter:
     limits = Limits(requests=f"{limit}/hour", tokens=f"{limit}/hour")
     return MultiTierRateLimiter(per_user_model=limits, algorithm=algorithm, storage=storage)
-
-
-def examples(storage_name: str, n: int) -> settings:
-    """``n`` examples in memory, a sixth as many on network storages (a round trip per call)."""
-    return settings(max_examples=n // 6 if storage_name in NETWORK_STORAGES else n, deadline=None)
 
 
 def within_limit(*decisions: Decision) -> None:
@@ -170,7 +165,7 @@ def test_amounts_up_to_2_53_are_exact_and_alike_on_every_storage(
     and costs near 2**53: each decision and count as memory gives it and as exact integers say."""
     exact = algorithm != "sliding_window"
 
-    @examples(storage_name, 150)
+    @examples_on(storage_name, 150)
     @given(limit=st.sampled_from([MAX_AMOUNT, MAX_AMOUNT - 1, 2**52 + 1]), steps=traffic)
     def check(limit: int, steps: list[Step]) -> None:
         clock = FakeClock(START)
@@ -241,7 +236,7 @@ def test_gcra_at_its_largest_limits_is_alike_on_every_storage(
     interval = window / limit
     costs = st.one_of(st.sampled_from([0, 1, 2, limit // 2, limit - 1, limit]), st.integers(0, limit))
 
-    @examples(storage_name, 100)
+    @examples_on(storage_name, 100)
     @given(steps=st.lists(st.tuples(st.integers(0, 10), costs), min_size=1, max_size=14))
     def check(steps: list[tuple[int, int]]) -> None:
         clock = FakeClock(START)

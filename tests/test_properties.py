@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from ratelimit_middleware import RateLimiter
 from ratelimit_middleware.algorithms.gcra import GCRA
 
-from .conftest import NETWORK_STORAGES, FakeClock, StorageFactory
+from .conftest import FakeClock, StorageFactory, examples_on
 
 Examples = Callable[[int], settings]
 
@@ -49,10 +49,7 @@ def run(
 def examples(storage_name: str) -> Examples:
     """Hypothesis settings for ``n`` examples in memory, a sixth as many on network storages."""
 
-    def make(n: int) -> settings:
-        return settings(max_examples=n // 6 if storage_name in NETWORK_STORAGES else n, deadline=None)
-
-    return make
+    return lambda n: examples_on(storage_name, n)
 
 
 def units_in(admitted: list[tuple[float, int]], start: float, end: float) -> int:

@@ -33,6 +33,7 @@ from ratelimit_middleware import (
 from ratelimit_middleware.asgi import RateLimitMiddleware, Receive, Scope, Send
 from ratelimit_middleware.backends.redis import coalescer
 from ratelimit_middleware.backends.redis.clients import RedisClient
+from ratelimit_middleware.backends.redis.storage import CLOCK_TTL_PAD_MS
 from ratelimit_middleware.errors import LocalDecision, RateLimiterUnavailable, UncheckedDecision
 from ratelimit_middleware.reservation import Reservation
 
@@ -497,6 +498,40 @@ def test_redis_reserves_and_settles_exactly_as_memory(
         for unit in ("requests", "tokens", "concurrent"):
             counts = [limiter.get_request_count("u", "m", unit=unit) for limiter in limiters]
             assert counts[0] == counts[1], unit
+
+
+def test_a_sliding_log_key_expires_with_the_entries_a_settlement_leaves(
+    redis_server: RedisServer, client: redis.Redis, clock: FakeClock
+) -> None:
+    """A cancelled reservation's entry goes, and with it its hold on the key: the key expires one window
+    after the newest entry left (30 s from now, not the cancelled one's 60), and goes with its last."""
+    storage = storage_on(redis_server, clock)
+    limiter = RateLimiter(input_tokens="100/minute", storage=storage)
+    kept = limiter.reserve("u", "m", input_tokens=10)
+    clock.advance(30)
+    limiter.reserve("u", "m", input_tokens=10).cancel()
+    [key] = client.keys(f"{storage.key_prefix}:*")
+    assert CLOCK_TTL_PAD_MS + 29_000 < client.pttl(key) <= CLOCK_TTL_PAD_MS + 30_000
+    kept.settle(0, 0)
+    assert client.keys(f"{storage.key_prefix}:*") == []
+
+
+def test_a_settlement_drops_the_empty_entries_an_earlier_version_kept(
+    redis_server: RedisServer, client: redis.Redis, clock: FakeClock
+) -> None:
+    """Entries of cost 0 that an earlier version left in a sliding log (members ending with their time) go
+    when a settlement rewrites them, instead of becoming alike members of one another: the count stays
+    exact and the key holds what it counts."""
+    storage = storage_on(redis_server, clock)
+    limiter = RateLimiter(input_tokens="100/minute", storage=storage)
+    first = limiter.reserve("u", "m", input_tokens=10)
+    [key] = client.keys(f"{storage.key_prefix}:*")
+    client.zadd(key, {"B10:0:1001": 1001, "B10:0:1002": 1002})  # two reservations of 1001 and 1002 cancelled
+    clock.now = 1003.0
+    assert limiter.reserve("u", "m", input_tokens=5).allowed
+    first.settle(15, 0)
+    assert client.zrange(key, 0, -1, withscores=True) == [(b"A0:15", 1000.0), (b"B15:5", 1003.0)]
+    assert limiter.get_request_count("u", "m", unit="input_tokens") == 20
 
 
 def test_a_shorter_lease_elsewhere_never_shortens_the_slots_key(

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from ratelimit_middleware import Limits, MemoryStorage, MultiTierRateLimiter, RateLimiter
 from ratelimit_middleware.backends.base import Storage
+from ratelimit_middleware.reservation import Reservation
 
-from .conftest import FakeClock
+from .conftest import FakeClock, StorageFactory, examples_on, held_keys, stored_entries
 
 
 def tokens_limiter(
@@ -203,6 +204,56 @@ def test_a_reservation_settles_each_key_where_it_was_charged_after_the_clock_ste
     assert [now - then for now, then in zip(after, before, strict=True)] == [90, 90, 90]
     assert not limiter.reserve("u", "b", input_tokens=10).allowed  # the model's 100 tokens are used
     assert counts() == after
+
+
+def test_reservations_settled_at_zero_or_cancelled_leave_no_log_entries(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """A sliding log keeps only what it counts: reservations cancelled (a client that disconnects, an
+    upstream error) or settled at 0 leave no entry, however many the window sees, instead of one each for
+    the whole window (a key growing with the reservations made, not with the limit). The count, the
+    figures and the next decisions are those of the entries that count; the key goes with its last."""
+    limiter = RateLimiter(input_tokens="100/hour", storage=storage)
+    kept = limiter.reserve("u", "m", input_tokens=10)
+    for i in range(40):
+        clock.advance(1)
+        reservation = limiter.reserve("u", "m", input_tokens=10)
+        assert reservation.allowed
+        reservation.settle(0, 0) if i % 2 else reservation.cancel()
+    assert stored_entries(limiter) == 1
+    assert limiter.get_request_count("u", "m", unit="input_tokens") == 10
+    figures = limiter.reserve("u", "m", input_tokens=0).decision  # charges nothing
+    assert (figures.remaining, figures.reset_after) == (90, 3600 - 40)  # reset by the entry that counts
+    denied = limiter.reserve("u", "m", input_tokens=91).decision
+    assert not denied.allowed and denied.retry_after == 3600 - 40
+    kept.cancel()
+    assert stored_entries(limiter) == 0 and held_keys(limiter) == 0
+
+
+def test_entries_emptied_at_one_instant_go_and_a_later_overage_logs_there(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """Reservations made at one instant settle as one: cancelling both empties their entries, which go, a
+    later entry counting on from what is left; a third made then and settled with usage logs a new entry
+    at that instant, before the later one, which counts on from it."""
+    limiter = RateLimiter(input_tokens="100/hour", storage=storage)
+    first, second = (limiter.reserve("u", "m", input_tokens=40) for _ in range(2))
+    third = limiter.reserve("u", "m", input_tokens=0)
+    clock.advance(1)
+    assert limiter.reserve("u", "m", input_tokens=15).allowed
+    first.cancel()
+    assert stored_entries(limiter) == 2  # the 40 left at 1000 and the 15 at 1001
+    second.cancel()
+    assert stored_entries(limiter) == 1
+    assert limiter.get_request_count("u", "m", unit="input_tokens") == 15
+    third.settle(30, 0)
+    assert stored_entries(limiter) == 2
+    assert limiter.get_request_count("u", "m", unit="input_tokens") == 45
+    denied = limiter.reserve("u", "m", input_tokens=56).decision
+    assert not denied.allowed and denied.retry_after == 3600 - 1  # until the 30 at 1000 leave
+    clock.advance(3600 - 1)
+    assert limiter.get_request_count("u", "m", unit="input_tokens") == 15
+    assert limiter.reserve("u", "m", input_tokens=85).allowed
 
 
 def test_refund_never_exceeds_the_reservation(algorithm: str, storage: Storage) -> None:
@@ -427,36 +478,62 @@ Step = tuple[float, int, "int | None", int]
 operations = settlements(30, 400, 600)
 
 
-@settings(max_examples=200, deadline=None)
-@given(steps=operations)
 def test_sliding_log_settlements_match_a_reference_log(
-    steps: list[Step],
+    storage_name: str, storage_for: StorageFactory
 ) -> None:
-    """Exact token accounting under out-of-order settlements, refunds, overages and cancellations."""
-    clock = FakeClock(0.0)
-    limiter = RateLimiter(tokens="1000/10 seconds", storage=MemoryStorage(clock=clock))
-    log: list[list[float]] = []  # [time, cost] of every admitted reservation
-    pending: list[tuple[int, object, list[float], int | None]] = []
-    for index, (step, estimate, actual, delay) in enumerate(steps):
-        clock.advance(step)
-        used = sum(cost for t, cost in log if t > clock.now - 10)
-        reservation = limiter.reserve("u", "m", input_tokens=estimate)
-        assert reservation.allowed == (used + estimate <= 1000)
-        if reservation.allowed:
-            entry = [clock.now, float(estimate)]
-            log.append(entry)
-            pending.append((index + delay, reservation, entry, actual))
-        for due in [p for p in pending if p[0] <= index]:
-            pending.remove(due)
-            _, held, entry, settled_to = due
-            if entry[0] > clock.now - 10:  # a settlement lands only while its charge still counts
-                entry[1] = float(settled_to or 0)
-            if settled_to is None:
-                held.cancel()  # type: ignore[attr-defined]
-            else:
-                held.settle(settled_to, 0)  # type: ignore[attr-defined]
-        expected = sum(cost for t, cost in log if t > clock.now - 10)
-        assert limiter.get_request_count("u", "m", unit="tokens") == expected
+    """Exact token accounting under out-of-order settlements, refunds, overages and cancellations: each
+    decision as the reference log says and as memory gives it, and a log that keeps only entries that count
+    (at an instant whose reservations now count nothing, none; else at most one per reservation made then).
+    """
+
+    @examples_on(storage_name, 200)
+    @given(steps=operations)
+    def check(steps: list[Step]) -> None:
+        clock = FakeClock(0.0)
+        limiter = RateLimiter(tokens="1000/10 seconds", storage=storage_for(clock))
+        twin = RateLimiter(tokens="1000/10 seconds", storage=MemoryStorage(clock=clock))
+        log: list[list[float]] = []  # [time, cost] of every admitted reservation
+        pending: list[tuple[int, tuple[Reservation, Reservation], list[float], int | None]] = []
+        for index, (step, estimate, actual, delay) in enumerate(steps):
+            clock.advance(step)
+            live = [(t, cost) for t, cost in log if t > clock.now - 10]
+            used = sum(cost for _, cost in live)
+            reservation, theirs = (one.reserve("u", "m", input_tokens=estimate) for one in (limiter, twin))
+            assert reservation.decision == theirs.decision
+            assert reservation.allowed == (used + estimate <= 1000)
+            if reservation.allowed:
+                assert reservation.decision.remaining == 1000 - used - estimate
+                entry = [clock.now, float(estimate)]
+                log.append(entry)
+                pending.append((index + delay, (reservation, theirs), entry, actual))
+            else:  # until enough of the oldest units have left
+                freed = 0.0
+                for t, cost in live:
+                    freed += cost
+                    if used - freed + estimate <= 1000:
+                        assert reservation.decision.retry_after == t + 10 - clock.now
+                        break
+            for due in [p for p in pending if p[0] <= index]:
+                pending.remove(due)
+                _, held, entry, settled_to = due
+                if entry[0] > clock.now - 10:  # a settlement lands only while its charge still counts
+                    entry[1] = float(settled_to or 0)
+                for one in held:
+                    if settled_to is None:
+                        one.cancel()
+                    else:
+                        one.settle(settled_to, 0)
+            expected = sum(cost for t, cost in log if t > clock.now - 10)
+            assert limiter.get_request_count("u", "m", unit="tokens") == expected
+            instants = {t for t, _ in log}
+            bound = sum(
+                len([1 for t, _ in log if t == instant])
+                for instant in instants
+                if sum(cost for t, cost in log if t == instant)
+            )
+            assert stored_entries(limiter) <= bound
+
+    check()
 
 
 def test_two_reserving_limits_hold_and_give_back_together(storage: Storage) -> None:

@@ -18,16 +18,7 @@ from hypothesis import strategies as st
 
 from ratelimit_middleware.algorithms.sliding_log import _FEW, Log, SlidingLog
 
-
-def entries(log: Log) -> list[tuple[float, float]]:
-    """``(time, cumulative cost)`` of every entry, whatever the layout."""
-    if isinstance(log, bytearray):
-        return list(struct.iter_unpack("dd", log))
-    if isinstance(log, bytes):
-        times = [time for (time,) in struct.iter_unpack("d", log)]
-    else:
-        times = list(log) if isinstance(log, array) else [log]
-    return [(t, float(i)) for i, t in enumerate(times, 1)]
+from .conftest import log_entries as entries
 
 
 def as_pairs(log: Log | None) -> bytearray | None:
@@ -88,9 +79,29 @@ def test_settling_a_charge_moves_to_pairs_only_when_something_changes() -> None:
     settled = log.adjust(single, 20.0, 10.0, 1, 4)
     assert type(settled) is bytearray and entries(settled) == [(10.0, 5.0)]
     times = log.commit(log.commit(single, 11.0, 1), 12.0, 1)
-    refunded = log.adjust(times, 20.0, 11.0, 1, -1)
-    assert type(refunded) is bytearray and entries(refunded) == [(10.0, 1.0), (11.0, 1.0), (12.0, 2.0)]
+    refunded = log.adjust(times, 20.0, 11.0, 1, -1)  # the emptied entry goes
+    assert type(refunded) is bytearray and entries(refunded) == [(10.0, 1.0), (12.0, 2.0)]
     assert log.used(refunded, 20.0) == 2
+
+
+def test_a_settlement_removes_the_entries_it_empties() -> None:
+    """Entries logged at one instant settle as one, a refund taking from the last first: those it takes to
+    zero go, later cumulative costs staying right; an overage after that logs a new entry there; a log with
+    nothing left is forgotten."""
+    log = SlidingLog(100, 60.0)
+    state = log.commit(log.commit(log.commit(None, 10.0, 5), 10.0, 3), 11.0, 2)
+    state = log.adjust(state, 12.0, 10.0, 5, -6)  # takes the 3, then 3 of the 5
+    assert state is not None and entries(state) == [(10.0, 2.0), (11.0, 4.0)]
+    state = log.adjust(state, 12.0, 10.0, 3, -2)
+    assert state is not None and entries(state) == [(11.0, 2.0)]
+    state = log.adjust(state, 12.0, 10.0, 0, 4)  # a charge of 0 at 10 settled at 4
+    assert state is not None and entries(state) == [(10.0, 4.0), (11.0, 6.0)]
+    assert log.evaluate(state, 12.0, 0) == (True, 94, 0.0, 59.0)  # reset by the newest entry (at 11)
+    state = log.adjust(state, 13.0, 11.0, 2, -2)
+    assert state is not None and entries(state) == [(10.0, 4.0)]
+    assert log.evaluate(state, 13.0, 0) == (True, 96, 0.0, 57.0)  # now by the entry at 10
+    assert log.adjust(state, 13.0, 10.0, 4, -4) is None
+    assert log.adjust(log.commit(None, 10.0, 1), 20.0, 10.0, 1, -1) is None  # a single time, too
 
 
 def test_an_integer_clock_works() -> None:
@@ -157,4 +168,5 @@ def test_compact_layouts_answer_like_pairs(
             moved = moved or charged_at > now - window  # a settlement lands while its charge counts
             log = algorithm.adjust(log, now, charged_at, charged, settle)
             reference = as_pairs(algorithm.adjust(reference, now, charged_at, charged, settle))
+            moved = moved and log is not None  # a log emptied is forgotten: the next starts afresh
         assert isinstance(log, bytearray) == moved

@@ -4,7 +4,9 @@ Every admitted request is logged with its time; a request admitted at ``t`` coun
 in ``[t, t + window)``. A request of ``cost`` fits when the units logged in ``(now - window, now]`` plus
 ``cost`` stay within the limit, and when it does not, ``retry_after`` is exactly the time until enough old
 entries leave the window. Memory grows with the number of admitted requests in a window (never with their
-cost). A log has one of three layouts, told apart by type, and only ever moves down this list:
+cost), and never with those settled at a cost of zero: a settlement removes the entries it empties, so that
+every entry costs at least 1. A log has one of three layouts, told apart by type, and only ever moves down
+this list:
 
 - a ``float``, the time of a single request of cost 1: a key seen once in a window, the most common log,
   costs 24 bytes instead of a container;
@@ -152,6 +154,7 @@ class SlidingLog(Algorithm[Log]):
                 return state
             log[16 * first : 16 * first] = _ENTRY.pack(at, base)
             end += 1
+        emptied = 0  # entries at the end of the run that the refund takes to a cost of zero
         with memoryview(log) as raw, raw.cast("d") as values:
             # Entries charged at the same instant expire together, so settle them as one: an overage goes on
             # the last of them, a refund takes from the last ones first, never below a cost of zero.
@@ -164,6 +167,7 @@ class SlidingLog(Algorithm[Log]):
                     cost = values[2 * i + 1] - (values[2 * i - 1] if i else 0.0)
                     taken = min(cost, owed)
                     changes.append(-taken)
+                    emptied += taken == cost
                     owed -= taken
                     if not owed:
                         break
@@ -174,7 +178,10 @@ class SlidingLog(Algorithm[Log]):
                 values[2 * (start + offset) + 1] += running
             for position in range(2 * end + 1, len(values), 2):
                 values[position] += running
-        return log
+        # Emptied entries go (no later cumulative cost changes): a reservation settled at zero or cancelled
+        # leaves nothing, and a log with nothing left is forgotten.
+        del log[16 * (end - emptied) : 16 * end]
+        return log or None
 
     def _until_expired(self, time: float, now: float) -> float:
         """Seconds from ``now`` until an entry logged at ``time`` has left the window, by the very test that

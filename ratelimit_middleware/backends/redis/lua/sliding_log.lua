@@ -5,8 +5,8 @@
 -- sum: the units in the window are the last entry's cumulative cost and cost, minus the cumulative cost
 -- before the first live entry. A request at t counts in [t, t + window): live entries have time > now -
 -- window. Expired entries are trimmed on writes; the key expires one window after its newest entry.
--- A settled entry may keep a cost of 0 (as in memory): its member then ends with its time, so that two such
--- entries never share a member.
+-- Every entry costs at least 1 (as in memory): a settlement that empties entries removes them (see adjust),
+-- so the log holds only what it counts, and cumulative costs grow strictly: no two members are alike.
 -- Doubles hold every integer up to 2^53 (config.MAX_AMOUNT) and no further, as memory's float64 pairs: before
 -- a cumulative cost would pass it, the expired entries go and the rest count from the first live one
 -- (rebase); sums that may pass it are compared as differences; an overage stops at 2^53 units in the window.
@@ -18,10 +18,19 @@ local function entry(member)
   return tonumber(before), tonumber(cost)
 end
 
-local function member(before, cost, at)
+local function member(before, cost)
   local digits = string.format('%d', before)
-  if cost == 0 then return string.format('%c%s:0:%s', 64 + #digits, digits, fmt(at)) end
   return string.format('%c%s:%d', 64 + #digits, digits, cost)
+end
+
+-- Append an entry (score `time`, `cost` after the cumulative cost `before`) to `new`, ZADD's arguments,
+-- unless it costs 0 (a settlement emptied it; or a log written by a version that kept such entries): the
+-- cumulative cost after it.
+local function put(new, time, before, cost)
+  if cost == 0 then return before end
+  new[#new + 1] = time
+  new[#new + 1] = member(before, cost)
+  return before + cost
 end
 
 -- The log's cumulative cost and newest time, and its oldest entry (time, and cumulative cost before it: the
@@ -94,8 +103,7 @@ local function rebase(key, now, window)
   for i = 1, #entries, 2 do
     local before, cost = entry(entries[i])
     old[#old + 1] = entries[i]
-    new[#new + 1] = entries[i + 1]
-    new[#new + 1] = member(before - base, cost, tonumber(entries[i + 1]))
+    put(new, entries[i + 1], before - base, cost)
   end
   chunked('ZREM', key, old, 1000)
   chunked('ZADD', key, new, 1000)
@@ -114,14 +122,17 @@ local function commit(key, state, limit, window, now, cost, pad)
       redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - window))
     end
   end
-  redis.call('ZADD', key, fmt(at), member(total, cost, at))
+  redis.call('ZADD', key, fmt(at), member(total, cost))
   redis.call('PEXPIRE', key, ttl_ms(at + window - now, pad))
   return at
 end
 
 -- The entries logged at `at` settle as one (they expire together): an overage goes on the last of them (or
 -- on a new entry at `at` if there is none), a refund takes from the last ones first, never below a cost of
--- 0; every later entry's cumulative cost moves by the change. Once `at` has left the window, nothing changes.
+-- 0, and the entries it empties go (a reservation settled at 0 or cancelled leaves nothing, however many
+-- there are in the window); every later entry's cumulative cost moves by the change. The key then expires
+-- one window after its newest remaining entry (Redis deletes it with its last). Once `at` has left the
+-- window, nothing changes.
 local function adjust(key, state, limit, window, now, at, charged, delta, pad)
   if at <= now - window then return end
   if delta > 0 then -- an overage: counted up to MAX_AMOUNT units in the window
@@ -166,34 +177,22 @@ local function adjust(key, state, limit, window, now, at, charged, delta, pad)
   -- Remove every entry to rewrite before adding any back, so that a new member never meets an old one.
   local old, new, before = {}, {}, base
   for i = 1, #run do old[#old + 1] = run[i] end
-  for i = 1, #costs do
-    new[#new + 1] = stamp
-    new[#new + 1] = member(before, costs[i], at)
-    before = before + costs[i]
-  end
+  for i = 1, #costs do before = put(new, stamp, before, costs[i]) end
   for i = 1, #later, 2 do
     local _, cost = entry(later[i])
     old[#old + 1] = later[i]
-    new[#new + 1] = later[i + 1]
-    new[#new + 1] = member(before, cost, tonumber(later[i + 1]))
-    before = before + cost
+    before = put(new, later[i + 1], before, cost)
   end
   chunked('ZREM', key, old, 1000)
   chunked('ZADD', key, new, 1000)
   local last = redis.call('ZRANGE', key, '-1', '-1', 'WITHSCORES')
-  redis.call('PEXPIRE', key, ttl_ms(tonumber(last[2]) + window - now, pad))
+  if #last > 0 then redis.call('PEXPIRE', key, ttl_ms(tonumber(last[2]) + window - now, pad)) end
 end
 
 -- Undo a charge of `cost` made at `at` that was never granted (a decision spread over cluster slots that
--- another slot denied): an adjustment by -cost, after which the entries it emptied go, as if never logged.
+-- another slot denied): an adjustment by -cost, whose emptied entries go, as if never logged.
 local function refund(key, state, limit, window, now, at, cost, pad)
   adjust(key, state, limit, window, now, at, cost, -cost, pad)
-  local emptied = {}
-  for _, logged in ipairs(redis.call('ZRANGEBYSCORE', key, fmt(at), fmt(at))) do
-    local _, logged_cost = entry(logged)
-    if logged_cost == 0 then emptied[#emptied + 1] = logged end
-  end
-  if #emptied > 0 then chunked('ZREM', key, emptied, 1000) end
 end
 
 local function used(key, state, limit, window, now)
