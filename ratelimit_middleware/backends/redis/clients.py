@@ -121,12 +121,22 @@ _HINTS = {
 }
 _PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
 
+_MAX_CONNECTIONS = 2**31
+"""The connections each of the limiter's pools (per standalone Redis, per cluster node; sync and asyncio) may
+hold: no practical cap, as redis-py's pools once had by default. redis-py 8 caps them at 100 unless told,
+and a call that finds its pool full fails at once (``MaxConnectionsError``) with Redis healthy: a burst of
+more than 100 calls in flight (threads, or asyncio calls that are not coalesced: settlements, renewals,
+every call on a cluster) had the rest answered by ``on_error``, their settlements dropped. A pool holds as
+many connections as calls were in flight at once; Redis' own ``maxclients`` (10000 by default) is the real
+bound, and its refusal is a failure of Redis."""
+
 
 class _Pool(NamedTuple):
     """How to make connections to one standalone Redis: a connection class and its settings.
 
     Not the pool's ``max_connections``: the caller sized it for its own use, and a limiter call that found
-    the pool full would fail (and fail open) with Redis healthy."""
+    the pool full would fail (and fail open) with Redis healthy. The limiter's pools have
+    ``_MAX_CONNECTIONS``."""
 
     connection_class: type[Any]
     settings: Mapping[str, Any]
@@ -343,6 +353,7 @@ class Endpoint:
             socket_connect_timeout=self.setup,
             decode_responses=False,
             address_remap=self._cluster.address_remap,
+            max_connections=_MAX_CONNECTIONS,  # per node
             **_QUIET,
         )
         return options
@@ -359,6 +370,7 @@ class Endpoint:
         assert self._sync_pool is not None
         return redis.ConnectionPool(
             connection_class=with_deadlines(self._sync_pool.connection_class, self.setup),
+            max_connections=_MAX_CONNECTIONS,
             **self._pool_settings(self._sync_pool, redis.retry.Retry(NoBackoff(), 0), self.timeout),
         )
 
@@ -367,6 +379,7 @@ class Endpoint:
         assert self._async_pool is not None
         return redis.asyncio.ConnectionPool(
             connection_class=with_setup(self._async_pool.connection_class, self.setup),
+            max_connections=_MAX_CONNECTIONS,
             # No per-read timeout: every async call has a deadline of ``timeout`` for all its reads.
             **self._pool_settings(self._async_pool, redis.asyncio.retry.Retry(NoBackoff(), 0), None),
         )

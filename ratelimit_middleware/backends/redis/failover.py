@@ -23,7 +23,9 @@ before it could be sent, its thread or the setup of its new connection waited fo
 until then, or its cluster slot was migrating until then) is answered by the policy too, but is
 no failure of Redis: the breaker does not count it (one stalled loop or one moving slot would otherwise
 open it for every call), and it is logged as a warning, once per batch of such calls, so that no call is
-admitted unchecked unseen.
+admitted unchecked unseen. Nor does a call that found its connection pool full (``MaxConnectionsError``:
+the limiter's pools have no practical cap, see ``clients``, so this would be a limit of the process, never
+of Redis), logged as a warning once a minute.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
 
 from ...backends.base import Reserved
 from ...backends.memory import MemoryBackend, MemoryStorage
@@ -44,14 +46,17 @@ from .breaker import CircuitBreaker
 from .misconfig import Misconfiguration, misconfiguration
 from .transport import NotRun
 
-__all__ = ["ON_ERROR", "REDIS_ERRORS", "Failover", "Fallback", "LocalCharge", "OnError"]
+__all__ = ["ON_ERROR", "REDIS_ERRORS", "UNSENT", "Failover", "Fallback", "LocalCharge", "OnError"]
 
 OnError = Literal["allow", "deny", "local"]
 ON_ERROR: tuple[OnError, ...] = ("allow", "deny", "local")
 
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
-"""What the policy answers: connection errors, timeouts, error replies, cluster errors, and ``NotRun`` (a
-``RedisError`` too, but no failure of Redis: see ``Failover.failed``)."""
+"""What the policy answers: connection errors, timeouts, error replies, cluster errors, and ``UNSENT``."""
+
+UNSENT = (NotRun, MaxConnectionsError)
+"""Calls that never reached Redis, for reasons of this process (``RedisError``s too, but no failures of
+Redis: see ``Failover.failed``)."""
 
 logger = logging.getLogger("ratelimit_middleware")
 
@@ -127,8 +132,18 @@ class Failover:
             logger.warning(message, *args)
 
     def failed(self, error: BaseException) -> None:
-        """Record a call that Redis could not serve; a ``NotRun`` call is logged but not counted."""
+        """Record a call that Redis could not serve; an ``UNSENT`` call is logged but not counted."""
         self._last = error
+        if isinstance(error, MaxConnectionsError):
+            self.warn(
+                "pool full",
+                "a call was answered with on_error=%r, the limiter's connection pool being full (%s: %s), "
+                "Redis never having got it (not counted as a failure of Redis; logged at most once a minute)",
+                self.on_error,
+                type(error).__name__,
+                error,
+            )
+            return
         if isinstance(error, NotRun):
             if error is not self._not_run:
                 self._not_run = error

@@ -38,11 +38,10 @@ from ..base import Reserved
 from .breaker import CircuitBreaker
 from .clients import RedisClient
 from .connection import Arg, Call, Connection
-from .failover import REDIS_ERRORS, Failover, OnError
+from .failover import REDIS_ERRORS, UNSENT, Failover, OnError
 from .keyspace import check_prefix, rule_key_maker, slot_groups
 from .orphans import detached, kept
 from .scripts import script_for
-from .transport import NotRun
 
 __all__ = [
     "CLOCK_TTL_PAD_MS",
@@ -409,7 +408,7 @@ class RedisBackend:
             result = send()
         except REDIS_ERRORS as error:
             failover.failed(error)
-            if lost is not None and not isinstance(error, NotRun):
+            if lost is not None and not isinstance(error, UNSENT):
                 lost(error)
             return fallback()
         failover.succeeded()
@@ -429,7 +428,7 @@ class RedisBackend:
             result = await send()
         except REDIS_ERRORS as error:
             failover.failed(error)
-            if lost is not None and not isinstance(error, NotRun):
+            if lost is not None and not isinstance(error, UNSENT):
                 lost(error)
             return fallback()
         failover.succeeded()
