@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 from redis.crc import key_slot
 
 from ratelimit_middleware import Limits, MultiTierRateLimiter, RateLimiter, RedisStorage
@@ -39,6 +40,7 @@ from ratelimit_middleware.reservation import Reservation
 from .conftest import unique_prefix
 from .redis_server import RedisCluster, RedisServer, Slots
 from .servers import ROOT, free_port, stop, wait_until_up
+from .stalling_proxy import StallingProxy
 
 TIMEOUT = 0.5
 """The storages' timeout here: Redis stays stopped until the calls that must time out have."""
@@ -280,6 +282,143 @@ def test_a_reservation_over_cluster_slots_one_of_which_does_not_answer_gives_eve
     eventually(lambda: held("per_model") == 0, "the slot Redis made late on the stopped node is held")
     eventually(lambda: held("per_user_model") == 0, "the user's slot, which answered, is held")
     assert limiter.reserve("u", model).allowed
+
+
+RELEASE_LOST = "the concurrency slots of a reservation answered with on_error could not be given back"
+
+
+def apart_from_global(cluster: RedisCluster) -> tuple[str, RedisServer, RedisServer]:
+    """A user whose slot is on another node than the shared ``{global}`` slot, that node, and the global's."""
+    client = cluster.client()
+    holder = {node.port: node for node in cluster.nodes}
+    shared = holder[client.get_node_from_key("{global}").port]
+    user = next(
+        name for name in (f"g{n}" for n in range(1000)) if client.get_node_from_key(name).port != shared.port
+    )
+    user_node = holder[client.get_node_from_key(user).port]
+    client.close()
+    return user, user_node, shared
+
+
+def spread_limiter(storage: RedisStorage) -> MultiTierRateLimiter:
+    return MultiTierRateLimiter(
+        per_user=Limits(max_concurrent=1), global_limit=Limits(max_concurrent=50), storage=storage
+    )
+
+
+async def reserve_with_every_connection_taken(
+    limiter: MultiTierRateLimiter, user: str, user_node: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> UncheckedDecision:
+    """Reserve for ``user`` with the user's node stopped, every connection the reservation uses kept taken
+    (as by other calls in flight), so that what follows it on the cluster needs new connections."""
+    await limiter.aget_request_count(user, "m", "global", "concurrent")  # mapped, connected
+    with monkeypatch.context() as patch:
+        patch.setattr(redis.asyncio.cluster.ClusterNode, "release", lambda node, connection: None)
+        user_node.pause()
+        reservation = await limiter.areserve(user, "m")
+    return reservation.decision  # type: ignore[return-value]
+
+
+def test_closing_a_storage_waits_for_the_slots_a_reservation_over_cluster_slots_gives_back(
+    redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reservation over the user's slot and the shared ``{global}`` one (on another node, a slow link away
+    here: 20 ms a round trip through a delaying proxy) whose user's node is stopped: it times out, and the
+    global slot, which answered, is given back apart, in a task of its own. When that needs a new connection,
+    ``aclose`` right after the reservation returned closed it before the release was written: the slot was
+    held until its lease expired, and nothing was logged. ``aclose`` now waits for the release. The user's
+    slot, whose node is still stopped, cannot be given back so: that is logged (its undo, written after the
+    reservation, gives it back once the node reads again)."""
+    user, user_node, shared = apart_from_global(redis_cluster)
+    proxies = {
+        port: StallingProxy(port, delay=0.01 if port == shared.port else 0.0) for port in redis_cluster.ports
+    }
+
+    def remap(address: tuple[str, int]) -> tuple[str, int]:
+        host, port = address
+        return (host, proxies[port].port) if port in proxies else address
+
+    prefix = unique_prefix()
+    client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=user_node.port, address_remap=remap)
+    storage = RedisStorage(client, key_prefix=prefix, timeout=TIMEOUT)
+    reader = spread_limiter(
+        RedisStorage(f"redis+cluster://127.0.0.1:{shared.port}", key_prefix=prefix, timeout=TIMEOUT)
+    )
+
+    async def reserve_then_close() -> tuple[UncheckedDecision, int]:
+        decision = await reserve_with_every_connection_taken(
+            spread_limiter(storage), user, user_node, monkeypatch
+        )
+        await storage.aclose()
+        return decision, reader.get_request_count(user, "m", "global", "concurrent")  # before the loop turns
+
+    assert reader.get_request_count(user, "m", "global", "concurrent") == 0  # mapped, connected
+    try:
+        decision, held = asyncio.run(reserve_then_close())
+        assert isinstance(decision, UncheckedDecision)
+        assert held == 0
+        assert warnings(caplog, RELEASE_LOST) == 1
+    finally:
+        user_node.resume()
+        for proxy in proxies.values():
+            proxy.close()
+    eventually(
+        lambda: reader.get_request_count(user, "m", "per_user", "concurrent") == 0,
+        "the slot Redis made late on the stopped node is held",
+    )
+
+
+def test_the_slots_a_reservation_over_cluster_slots_gives_back_are_given_back_when_its_loop_ends(
+    redis_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same reservation, its event loop ended right after it returned, without ``aclose``: ``asyncio.run``
+    cancelled the task giving back the global slot before it was written (it waited for a new connection).
+    The release is then made at once through the sync connections, as a settlement cancelled is."""
+    user, user_node, shared = apart_from_global(redis_cluster)
+    storage = RedisStorage(
+        f"redis+cluster://127.0.0.1:{shared.port}", key_prefix=unique_prefix(), timeout=TIMEOUT
+    )
+    limiter = spread_limiter(storage)
+
+    def held(tier: str) -> int:
+        return limiter.get_request_count(user, "m", tier, "concurrent")
+
+    assert held("per_user") == held("global") == 0  # the sync connections too
+    try:
+        decision = asyncio.run(reserve_with_every_connection_taken(limiter, user, user_node, monkeypatch))
+        assert isinstance(decision, UncheckedDecision)
+        assert held("global") == 0  # at once: given back as the loop ended
+        eventually(lambda: warnings(caplog, RELEASE_LOST) == 1, "the stopped node's release failed unseen")
+    finally:
+        user_node.resume()
+    eventually(lambda: held("per_user") == 0, "the slot Redis made late on the stopped node is held")
+    storage.close()
+
+
+def test_closing_a_storage_waits_for_the_slots_a_sync_reservation_over_cluster_slots_gives_back(
+    redis_cluster: RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sync: the user's slot answered, and the global one's node is stopped (the sync calls of a cluster go
+    one after the other). Each slot is given back on a thread of its own (the stopped node's release must not
+    use up the user's slot's time), which ``close`` right after the reservation returned waits for: closed
+    under it, the release failed, and the slot was held until its lease expired."""
+    user, user_node, shared = apart_from_global(redis_cluster)
+    url, prefix = f"redis+cluster://127.0.0.1:{user_node.port}", unique_prefix()
+    storage = RedisStorage(url, key_prefix=prefix, timeout=TIMEOUT)
+    limiter = spread_limiter(storage)
+    reader = spread_limiter(RedisStorage(url, key_prefix=prefix, timeout=TIMEOUT))
+
+    def held(tier: str) -> int:
+        return reader.get_request_count(user, "m", tier, "concurrent")
+
+    assert limiter.get_request_count(user, "m", "global", "concurrent") == held("per_user") == 0  # mapped
+    with stopped(shared):
+        decision = limiter.reserve(user, "m").decision
+        storage.close()
+        assert isinstance(decision, UncheckedDecision)
+        assert held("per_user") == 0  # at once: given back before the connections closed
+        eventually(lambda: warnings(caplog, RELEASE_LOST) == 1, "the stopped node's release failed unseen")
+    eventually(lambda: held("global") == 0, "the slot Redis made late on the stopped node is held")
 
 
 @pytest.mark.parametrize("api", ["sync", "async"])

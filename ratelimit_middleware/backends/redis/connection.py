@@ -36,7 +36,7 @@ from .clients import Endpoint, RedisClient
 from .coalescer import Coalescer, Orphan
 from .deadlines import within
 from .keyspace import slot_groups
-from .orphans import kept
+from .orphans import Orphans
 from .scripts import Script
 from .transport import (
     AsyncCluster,
@@ -112,7 +112,8 @@ class Connection:
     """The transports of one storage, and the commands a backend needs: scripts and deletes.
 
     ``round_trips`` counts the requests sent to Redis (a pipelined batch counts once), for tests and
-    benchmarks.
+    benchmarks. ``orphans`` holds the storage's work under way apart from the calls (see ``orphans``), which
+    closing the connections first waits for.
     """
 
     def __init__(self, client: RedisClient, *, timeout: float, setup: float) -> None:
@@ -123,6 +124,7 @@ class Connection:
         self._sync: SyncTransport | None = None
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._lock = threading.Lock()
+        self.orphans = Orphans()
         _LIVE.add(self)
 
     def forget(self) -> None:
@@ -131,6 +133,7 @@ class Connection:
         setup) runs on threads and tasks the child does not have, so that the child's calls would wait for
         it until their deadlines, forever. The child makes its own on its next calls."""
         self._sync, self._loops, self._lock = None, {}, threading.Lock()
+        self.orphans = Orphans()
 
     # -- which methods ---------------------------------------------------------------------------------
 
@@ -189,14 +192,18 @@ class Connection:
         return state
 
     def close(self) -> None:
-        """Close the sync connections (they reopen on the next call)."""
+        """Close the sync connections (they reopen on the next call), once the work on threads of their own
+        under way has ended (within the timeout: see ``orphans``)."""
+        self.orphans.join(self.timeout)
         with self._lock:
             transport, self._sync = self._sync, None
         if transport is not None:
             transport.close()
 
     async def aclose(self) -> None:
-        """Close the running event loop's connections (they reopen on the next call)."""
+        """Close the running event loop's connections (they reopen on the next call), once its work under way
+        apart from the calls has ended (within the timeout: see ``orphans``)."""
+        await self.orphans.finish(self.timeout)
         with self._lock:
             state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is not None:
@@ -322,7 +329,7 @@ class Connection:
         work = self._deadline(lambda deadline: self._arun(state.transport, [call], deadline))
         if orphan is None:
             return _raised((await work)[0])
-        return _raised((await kept(work, lambda replies: _succeeded(replies[0], orphan)))[0])
+        return _raised((await self.orphans.kept(work, lambda replies: _succeeded(replies[0], orphan)))[0])
 
     async def aevaluate_all(self, calls: Sequence[Call], deadline: float | None = None) -> list[Any]:
         """``evaluate_all`` for event loops: the calls sent together, within one deadline (``deadline``: one

@@ -21,11 +21,9 @@ When Redis is slow or gone, ``failover`` answers (``on_error``): no Redis except
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple, NoReturn, TypeVar
@@ -40,7 +38,6 @@ from .clients import RedisClient
 from .connection import Arg, Call, Connection
 from .failover import REDIS_ERRORS, UNSENT, Failover, OnError
 from .keyspace import check_prefix, rule_key_maker, slot_groups
-from .orphans import detached, kept
 from .scripts import script_for
 
 __all__ = [
@@ -183,11 +180,15 @@ class RedisStorage:
         )
 
     def close(self) -> None:
-        """Close this storage's sync connections (a client passed in is the caller's, and untouched)."""
+        """Close this storage's sync connections (a client passed in is the caller's, and untouched), once the
+        work they do apart from the calls has ended (giving back the slots of a reservation that failed on
+        a cluster; within the timeout)."""
         self.connection.close()
 
     async def aclose(self) -> None:
-        """Close this storage's connections for the running event loop."""
+        """Close this storage's connections for the running event loop, once the work they do apart from the
+        calls has ended (cancelling a reservation made for a cancelled caller, giving back the slots of one
+        that failed on a cluster; within the timeout)."""
         await self.connection.aclose()
 
     def __repr__(self) -> str:
@@ -457,15 +458,43 @@ class RedisBackend:
         )
 
     def _release(self, releases: Sequence[Call]) -> None:
-        """Send ``releases`` (see ``_failed_apart``) within a timeout of their own; one that fails leaves its
-        leases to expire."""
-        with contextlib.suppress(*REDIS_ERRORS):
-            self._connection.evaluate_all(releases)
+        """Send ``releases`` (see ``_failed_apart``), each on a thread of its own: the node that did not
+        answer the reservation may not answer its release either, and must not use up the others' time (the
+        sync calls of a cluster go one after the other). One that fails is logged, and leaves its leases to
+        expire."""
+        for release in releases:
+            self._connection.orphans.apart(functools.partial(self._release_one, release))
+
+    def _release_one(self, release: Call) -> None:
+        try:
+            self._connection.evaluate(release)
+        except REDIS_ERRORS as error:
+            self._release_failed(error)
 
     async def _arelease(self, releases: Sequence[Call]) -> None:
-        """``_release`` for event loops."""
-        with contextlib.suppress(*REDIS_ERRORS):
+        """``_release`` for event loops (the releases sent at once, within one timeout). Cancelled, its event
+        loop ending (``asyncio.run`` cancels the tasks left when its coroutine returns) before it could end,
+        it is made at once through the sync connections, when the storage has them (see ``_settles_now``)."""
+        try:
             await self._connection.aevaluate_all(releases)
+        except REDIS_ERRORS as error:
+            self._release_failed(error)
+        except asyncio.CancelledError:
+            if self._settles_now():
+                self._release(releases)
+                self._connection.orphans.join(self._connection.timeout)  # made before the process may end
+            raise
+
+    def _release_failed(self, error: BaseException) -> None:
+        self._failover.warn(
+            "release lost",
+            "the concurrency slots of a reservation answered with on_error could not be given back (%s: "
+            "%s); they are held until their lease expires (%g s) unless Redis gives them back by itself (it "
+            "does for a reservation it makes late) (logged at most once a minute)",
+            type(error).__name__,
+            error,
+            self.lease,
+        )
 
     @staticmethod
     def _refund(send: Callable[[], object]) -> None:
@@ -600,8 +629,8 @@ class RedisBackend:
                 replies = connection.evaluate_all(calls, deadline)
             except REDIS_ERRORS:
                 releases = self._failed_apart(keys, groups, costs, lease_id)
-                if releases:  # on a thread: the caller waited its timeout already
-                    threading.Thread(target=self._release, args=(releases,), daemon=True).start()
+                if releases:  # on threads: the caller waited its timeout already
+                    self._release(releases)
                 raise
             reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
             if refunds:
@@ -633,7 +662,9 @@ class RedisBackend:
             except REDIS_ERRORS:
                 releases = self._failed_apart(keys, groups, costs, lease_id)
                 if releases:
-                    detached(self._arelease(releases), "giving back the leases of a failed reservation")
+                    connection.orphans.detached(
+                        self._arelease(releases), "giving back the leases of a failed reservation"
+                    )
                 raise
             reserved, refunds = self._gather(keys, groups, replies, costs, lease_id)
             if refunds:
@@ -647,7 +678,7 @@ class RedisBackend:
                     calls[0], lambda reply: abandoned(self._reserved(reply, lease_id, costs))
                 )
                 return self._reserved(reply, lease_id, costs)
-            return await kept(spread(calls), abandoned)
+            return await connection.orphans.kept(spread(calls), abandoned)
 
         return await self._aguarded(
             send, lambda: self._fallback.reserve(user, model, costs), self._reservation_lost
@@ -658,7 +689,7 @@ class RedisBackend:
         would: its tokens refunded, its slots given back, its request counted (a denial charged nothing)."""
         if isinstance(reserved.receipt, Charge):
             deltas = self._policy.cancellation(costs)
-            detached(
+            self._connection.orphans.detached(
                 self.aadjust(user, model, reserved.receipt, deltas),
                 "cancelling the reservation of a cancelled request",
             )
