@@ -251,7 +251,8 @@ def test_bad_urls_name_the_schemes(url: str) -> None:
     [("timeout=0.5", "'timeout'"), ("ssl=true", "'ssl'.*rediss://"), ("cluster=true", "'cluster'"),
      ("ssl_cert_reqs=none", "'ssl_cert_reqs'"), ("readonly=true", "'readonly'"),
      ("protocol=4", "protocol must be"), ("socket_timeout=abc", "'socket_timeout'"),
-     ("encoding=bogus-enc", "unknown encoding: bogus-enc")],
+     ("encoding=bogus-enc", "unknown encoding: bogus-enc"),
+     ("max_connections=10", "'max_connections' is not an option the limiter takes .*not capped")],
 )  # fmt: skip
 def test_url_options_the_connections_do_not_take_fail_at_construction(query: str, named: str) -> None:
     """redis-py passes the options it does not know to the connections, which rejected them (TypeError) on

@@ -103,6 +103,7 @@ def test_a_cluster_url_serves_both_kinds_of_methods_across_slots(redis_cluster: 
     [("redis+cluster://127.0.0.1:7000/2", "database 0 only"), ("redis+cluster:///", "names no host"),
      ("redis+cluster://127.0.0.1:7000?ssl=true", "'ssl'.*rediss://"),
      ("redis+cluster://127.0.0.1:7000?frobnicate=1", "'frobnicate' is not an option a Redis Cluster client"),
+     ("redis+cluster://127.0.0.1:7000?max_connections=10", "'max_connections' .*not capped"),
      ("rediss+cluster://:pw@127.0.0.1:7000?socket_timeout=x", "Invalid value for 'socket_timeout'"),
      ("redis+cluster://127.0.0.1:7000/abc", "the database must be a number, got 'abc'"),
      ("redis+cluster://127.0.0.1:7000?protocol=9", "protocol must be either 2 or 3"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -118,6 +119,8 @@ _HINTS = {
     "cluster": "name a Redis Cluster with a redis+cluster:// URL",
     "ssl": "use a rediss:// URL for TLS",
     "timeout": "the limiter's timeout is RedisStorage(timeout=...)",
+    "max": "the limiter's pools are not capped, as a call that found one full would fail with Redis healthy; "
+    "Redis' maxclients bounds its connections",
 }
 _PIPELINES = (redis.client.Pipeline, redis.asyncio.client.Pipeline)
 
@@ -270,6 +273,8 @@ class Endpoint:
                 self._check_cluster(client)
             elif scheme in ("redis", "rediss", "unix"):
                 url = f"{scheme}{separator}{rest}"
+                if "max_connections" in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query):
+                    raise _bad_url(client, _unknown_option("max_connections", "the limiter"))
                 try:
                     self._sync_pool = _pool_of(redis.ConnectionPool.from_url(url))
                     self._async_pool = _pool_of(redis.asyncio.ConnectionPool.from_url(url))
