@@ -20,6 +20,7 @@ __all__ = ["UsageChunkFilter"]
 
 _EOL = rb"(?:\r\n|\n|\r(?=[^\n]))"  # a CR that ends a chunk may be the first half of a CRLF
 _EVENT_END = re.compile(_EOL + _EOL)
+_LAST_EVENT_END = re.compile(rb"(?:\r\n|\n|\r){2}\Z")  # at the body's end, a CR ends a line
 _LONGEST_END = 3  # bytes of an event end (at most 4) that may have been searched already, with no match
 _CR = re.compile(rb"\r\n?")
 _BOM = b"\xef\xbb\xbf"
@@ -81,8 +82,11 @@ class UsageChunkFilter:
         return b"".join(passed)
 
     def rest(self) -> bytes:
-        """At the end of the body: what was held of an event the stream did not complete, as it came."""
+        """At the end of the body: what was held, as it came (an event the stream did not complete), but for
+        a usage chunk that a CR, which ``pass_on`` could not tell from half a CRLF, ended last."""
         rest = bytes(self._held)
         self._held.clear()
         self._scanned = 0
+        if not self._passing and _LAST_EVENT_END.search(rest) and _usage_only(rest):
+            return b""
         return rest

@@ -681,6 +681,16 @@ def test_the_usage_chunk_filter_takes_out_that_chunk_wherever_the_stream_is_cut(
         assert filtered(stream, [cut]) == expected
 
 
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_the_usage_chunk_filter_takes_out_that_chunk_when_it_ends_the_stream(eol: bytes) -> None:
+    """A bare CR that ends the body ends a line: the usage chunk ending a CR stream passed on."""
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+    first = b'data: {"choices": [{"delta": {"content": "a"}}]}' + eol + eol
+    stream = first + b"data: " + usage + eol + eol
+    for cut in range(len(stream) + 1):
+        assert filtered(stream, [cut]) == first
+
+
 def test_the_usage_chunk_filter_holds_back_no_more_than_an_event_and_a_bound() -> None:
     usage_filter = UsageChunkFilter()
     assert usage_filter.pass_on(b"data: 1\n\ndata: {") == b"data: 1\n\n"
