@@ -14,15 +14,20 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio.cluster
+import redis.backoff
 import redis.cluster
+import redis.connection
+import redis.retry
 from redis.crc import key_slot
 
 from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 from ratelimit_middleware.backends.redis import CircuitBreaker
+from ratelimit_middleware.backends.redis.deadlines import with_deadlines
+from ratelimit_middleware.backends.redis.transport import SyncCluster
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecision
 
@@ -542,3 +547,85 @@ def test_a_cluster_a_slow_link_away_serves_concurrent_callers(redis_cluster: Red
             client.close()
         for proxy in proxies.values():
             proxy.close()
+
+
+class _HeldSetup(redis.connection.Connection):
+    """A connection whose setup, once ``armed``, waits for ``go`` before reading the reply to its first
+    command (a link slow to answer it), and which records what other threads write on it meanwhile."""
+
+    armed = threading.Event()
+    held = threading.Event()
+    go = threading.Event()
+    foreign: ClassVar[list[Any]] = []
+    setting_up: int | None = None
+    """The thread setting it up, if one is."""
+
+    def connect(self) -> None:
+        if self._sock is not None:  # connected, or being set up on another thread
+            super().connect()
+            return
+        self.setting_up = threading.get_ident()
+        try:
+            super().connect()
+        finally:
+            self.setting_up = None
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.setting_up not in (None, threading.get_ident()):
+            self.foreign.append(command)
+        super().send_packed_command(command, check_health)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self.setting_up == threading.get_ident() and self.armed.is_set() and not self.held.is_set():
+            self.held.set()
+            self.go.wait()
+        return super().read_response(*args, **kwargs)
+
+
+def test_a_mapping_again_waits_for_the_setup_under_way_on_a_connection_it_takes(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """A call gave up on a new connection whose setup, on its own thread, waited for a reply; the connection
+    went back to its node's pool, and the mapping again that the call's failure starts took it from there.
+    That mapping (on a thread of its own, with no deadline) wrote CLUSTER SLOTS on it at once, the setup
+    still waiting for its reply: each read the other's, the setup failed (or went on with a wrong answer),
+    and a reply left unread answered a later call. The mapping now waits for the setup to end."""
+    for event in (_HeldSetup.armed, _HeldSetup.held, _HeldSetup.go):
+        event.clear()
+    _HeldSetup.foreign.clear()
+    port = redis_cluster.ports[0]
+    transport = SyncCluster(
+        lambda: redis.cluster.RedisCluster(
+            url=f"redis://127.0.0.1:{port}",  # with a URL, redis-py gives every node's pool the class
+            connection_class=with_deadlines(_HeldSetup, 5.0),
+            socket_timeout=TIMEOUT,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+    )
+    key = name_on(redis_cluster, caller, 0)
+    try:
+        client: Any = transport._cluster(time.monotonic() + 5.0)
+        node = client.get_node("127.0.0.1", port)
+        client.nodes_manager.startup_nodes = {node.name: node}  # mapped again from it (else a random node)
+        client.get_redis_connection(node).connection_pool.disconnect()
+        _HeldSetup.armed.set()
+        with pytest.raises(redis.exceptions.RedisError):  # it gave up waiting for the new connection
+            transport.send([("INCRBY", key, 7)], time.monotonic() + TIMEOUT)
+        assert _HeldSetup.held.wait(5.0)
+        transport._remap(client)  # as the call's timeout does (if it was taken for a failure of Redis)
+        remap = next(thread for thread in threading.enumerate() if thread.name == "ratelimit-cluster-remap")
+        # Before, the mapping wrote at once, and ended on the setup's reply: it is given time to (no
+        # assertion on how long it takes; a mapping that waits, as it must, simply waits that long).
+        remap.join(0.5)
+        _HeldSetup.go.set()
+        remap.join(5.0)
+        assert not remap.is_alive()
+        deadline = time.monotonic() + 5.0
+        assert transport.send([("INCRBY", key, 7)], deadline) == [7]  # no reply left from the crossing
+        assert transport.send([("INCRBY", key, 1)], deadline) == [8]
+        assert client.nodes_manager.get_node_from_slot(key_slot(key.encode())).port == port  # mapped
+        assert _HeldSetup.foreign == []  # nothing was written on the connection while its setup ran
+    finally:
+        _HeldSetup.go.set()
+        transport.close()
+        caller.delete(key)

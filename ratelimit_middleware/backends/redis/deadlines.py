@@ -41,6 +41,7 @@ import sys
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent import futures
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextvars import ContextVar
@@ -226,10 +227,16 @@ class _Deadlines:
         """Connect, if not connected: within a call, apart from it (see the module)."""
         parent: Any = super()  # untyped in redis-py
         deadline = _deadline.get()
+        setup, refused = self._setup, None
         if deadline is None:  # not within a call (a cluster being mapped on a thread of its own)
+            if setup is not None:
+                # A setup begun by a call that gave up waiting for it is under way on its own thread, the
+                # socket already open: a command written meanwhile would be read in its place (its replies
+                # and the setup's crossed). Its end, whatever it was, is waited for (its waits end within
+                # ``setup`` seconds); a connection it left closed is then connected here.
+                futures.wait((setup,))
             parent.connect()
             return
-        setup, refused = self._setup, None
         if setup is not None and again(setup):
             refused, setup = refusal(setup), None
         if setup is None:
@@ -341,7 +348,8 @@ def with_deadlines(connection_class: type[Any], setup: float) -> type[Any]:
     takes only a reply that has arrived: a call never outlasts its deadline, however many waits it takes. A
     new connection is set up on a thread of its own, ``until`` a deadline
     ``setup`` seconds away, which the call waits for until its own deadline only. Outside a call (a cluster
-    mapped, or mapped again, on a thread of its own) it is the plain class.
+    mapped, or mapped again, on a thread of its own) it is the plain class, save that it waits for a setup
+    under way (which a call that gave up waiting for it left in the pool) before it uses the connection.
     """
     return _made(_Deadlines, connection_class, setup)
 
