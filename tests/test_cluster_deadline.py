@@ -9,6 +9,7 @@ resumed and killed ones restarted before it ends.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import threading
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio.cluster
+import redis.asyncio.connection
 import redis.backoff
 import redis.cluster
 import redis.connection
@@ -26,8 +28,8 @@ from redis.crc import key_slot
 
 from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 from ratelimit_middleware.backends.redis import CircuitBreaker
-from ratelimit_middleware.backends.redis.deadlines import with_deadlines
-from ratelimit_middleware.backends.redis.transport import SyncCluster
+from ratelimit_middleware.backends.redis.deadlines import with_deadlines, within
+from ratelimit_middleware.backends.redis.transport import AsyncCluster, SyncCluster
 from ratelimit_middleware.decision import Decision
 from ratelimit_middleware.errors import RateLimiterUnavailable, UncheckedDecision
 
@@ -628,4 +630,87 @@ def test_a_mapping_again_waits_for_the_setup_under_way_on_a_connection_it_takes(
     finally:
         _HeldSetup.go.set()
         transport.close()
+        caller.delete(key)
+
+
+class _HeldAsyncSetup(redis.asyncio.connection.Connection):
+    """``_HeldSetup`` for event loops (its events are set and waited for in one loop)."""
+
+    armed = False
+    held: asyncio.Event
+    go: asyncio.Event
+    foreign: ClassVar[list[Any]] = []
+    setting_up: asyncio.Task[Any] | None = None
+
+    async def connect(self) -> None:
+        if self.is_connected:  # connected, or being set up in another task
+            await super().connect()
+            return
+        self.setting_up = asyncio.current_task()
+        try:
+            await super().connect()
+        finally:
+            self.setting_up = None
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if self.setting_up not in (None, asyncio.current_task()):
+            self.foreign.append(command)
+        await super().send_packed_command(command, check_health)
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self.setting_up is asyncio.current_task() and self.armed and not self.held.is_set():
+            self.held.set()
+            await self.go.wait()
+        return await super().read_response(*args, **kwargs)
+
+
+def test_an_async_mapping_again_waits_for_the_setup_under_way_on_a_connection_it_takes(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """``test_a_mapping_again_waits_for_the_setup_under_way_on_a_connection_it_takes`` for event loops: the
+    mapping again (in a task of its own) found the connection connected, its handshake under way in the
+    setup's task, and wrote CLUSTER SLOTS on it at once."""
+    port = redis_cluster.ports[0]
+    key = name_on(redis_cluster, caller, 0)
+
+    async def scenario() -> None:
+        _HeldAsyncSetup.armed = False
+        _HeldAsyncSetup.held, _HeldAsyncSetup.go = asyncio.Event(), asyncio.Event()
+        _HeldAsyncSetup.foreign.clear()
+        client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=port)
+        nodes: Any = client.nodes_manager
+        nodes.connection_kwargs["connection_class"] = _HeldAsyncSetup  # for the nodes it will make
+        for node in nodes.startup_nodes.values():
+            node.connection_class = _HeldAsyncSetup
+        transport = AsyncCluster(client, 5.0)
+        try:
+            assert await transport.send([("INCRBY", key, 0)], time.monotonic() + 5.0) == [0]  # mapped
+            node = nodes.get_node("127.0.0.1", port)
+            nodes.startup_nodes = {node.name: node}  # mapped again from it (else a random node)
+            await node.disconnect()  # a new connection needed
+            _HeldAsyncSetup.armed = True
+            with pytest.raises(asyncio.TimeoutError):  # it gave up waiting for the new connection
+                await within(
+                    lambda: transport.send([("INCRBY", key, 7)], time.monotonic() + TIMEOUT), TIMEOUT
+                )
+            await asyncio.wait_for(_HeldAsyncSetup.held.wait(), 5.0)
+            transport._remap()  # as the call's timeout does
+            remap = transport._remapping
+            assert remap is not None
+            # Before, the mapping wrote at once: it is given time to (see the sync test).
+            await asyncio.wait((remap,), timeout=0.5)
+            _HeldAsyncSetup.go.set()
+            await asyncio.wait_for(remap, 5.0)
+            deadline = time.monotonic() + 5.0
+            assert await transport.send([("INCRBY", key, 7)], deadline) == [7]  # no reply left over
+            assert await transport.send([("INCRBY", key, 1)], deadline) == [8]
+            assert nodes.get_node_from_slot(key_slot(key.encode())).port == port  # mapped
+            assert _HeldAsyncSetup.foreign == []  # nothing written on the connection while its setup ran
+        finally:
+            _HeldAsyncSetup.go.set()
+            await transport.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
         caller.delete(key)

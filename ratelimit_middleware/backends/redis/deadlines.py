@@ -59,7 +59,6 @@ __all__ = [
     "left",
     "refusal",
     "seen",
-    "set_up",
     "timed",
     "unsent",
     "until",
@@ -81,6 +80,9 @@ class NotRun(RedisError):
 
 _deadline: ContextVar[float | None] = ContextVar("ratelimit_redis_deadline", default=None)
 """The deadline of the call running in this thread (sync) or task (async), if any."""
+
+_setting_up: ContextVar[object | None] = ContextVar("ratelimit_redis_setting_up", default=None)
+"""The asyncio connection whose setup this task runs, if any."""
 
 
 if sys.version_info >= (3, 11):
@@ -381,6 +383,7 @@ async def _connected(connection: Any, connect: Callable[[], Awaitable[None]], se
     begun while the node stalled failed with the call that began it, just as the node might answer again,
     and the call after it, waiting for that setup, got its failure at once."""
     read_timeout, connection.socket_timeout = connection.socket_timeout, seconds
+    _setting_up.set(connection)  # in the setup's own task
     try:
         await timed(connect, seconds, "setting up a new connection to Redis")
     except BaseException:
@@ -417,21 +420,34 @@ async def set_up(
 
 class _SetUpApart:
     """Connections whose setup runs apart from the calls (a mixin of redis-py's asyncio connection classes,
-    for a pool: its ``get_connection`` connects them, within a call that runs ``until`` its deadline)."""
+    for a pool or a cluster's nodes: connected within a call that runs ``until`` its deadline)."""
 
     setup: float
     """Seconds a new connection's setup may take (set by ``with_setup``)."""
+    _limiter_setup: asyncio.Future[None] | None = None  # see ``set_up``
 
     async def connect(self) -> None:
         parent: Any = super()
         deadline = _deadline.get()
-        if deadline is None:  # pragma: no cover - the pools are only used within calls
+        if deadline is None:  # pragma: no cover - the limiter connects them within calls
             await parent.connect()
             return
         await set_up(self, parent.connect, self.setup, deadline)
 
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """Write ``command`` once the setup under way, if any, has ended (whatever its end), unless this is
+        that setup's own: a call that gave up waiting for it left the connection, connected and its handshake
+        under way, to the next, and redis-py's own commands (a cluster mapped again, in a task of its own)
+        would be written meanwhile, their replies and the setup's crossed. The limiter's calls write
+        their commands once they waited for the setup."""
+        setup = self._limiter_setup
+        if setup is not None and not setup.done() and _setting_up.get() is not self:
+            await asyncio.wait((setup,))
+        parent: Any = super()
+        await parent.send_packed_command(command, check_health)
+
 
 def with_setup(connection_class: type[Any], setup: float) -> type[Any]:
     """``connection_class`` (an asyncio redis-py connection class) whose setup runs apart from the calls,
-    within ``setup`` seconds."""
+    within ``setup`` seconds, and on which nothing else is written while it runs."""
     return _made(_SetUpApart, connection_class, setup)

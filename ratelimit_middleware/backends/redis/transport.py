@@ -44,7 +44,7 @@ from redis.exceptions import AskError, MovedError, RedisError, ResponseError, Tr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .deadlines import NotRun, again, refusal, seen, set_up, timed, unsent, until
+from .deadlines import NotRun, again, refusal, seen, timed, unsent, until, with_setup
 
 _pack_command: Callable[[tuple[Any, ...]], Any] | None
 try:
@@ -234,7 +234,9 @@ class AsyncPool:
 # for the sync cluster, a connection's ``_connect``, which opens the socket with ``socket_connect_timeout``
 # and leaves it (for a TLS handshake too) with ``socket_timeout`` (``with_deadlines``); the cluster client's
 # ``nodes_manager``, its map of the slots (``SyncCluster._send``); and its building of each node's pool from
-# the connection class it is given along with a URL (``clients.Endpoint.sync_cluster``).
+# the connection class it is given along with a URL (``clients.Endpoint.sync_cluster``); for the asyncio
+# cluster, its client's connection settings (``nodes_manager.connection_kwargs``, from which it makes its
+# nodes) and its startup nodes' ``connection_class`` (``AsyncCluster``).
 
 
 _REDIRECTS = 5
@@ -455,6 +457,13 @@ class AsyncCluster:
     def __init__(self, client: redis.asyncio.cluster.RedisCluster, setup: float) -> None:
         self.client = client
         self.setup = setup
+        # Its nodes' connections (those of the nodes it has, and of those it makes from its settings) are
+        # ``with_setup``: redis-py's asyncio cluster client takes no connection class.
+        nodes: Any = client.nodes_manager
+        settings = nodes.connection_kwargs
+        settings["connection_class"] = with_setup(settings["connection_class"], setup)
+        for node in nodes.startup_nodes.values():
+            node.connection_class = settings["connection_class"]
         self._mapping: asyncio.Future[None] | None = None
         self._mapped = False
         self._lock = asyncio.Lock()
@@ -517,7 +526,8 @@ class AsyncCluster:
             node = self._node(route)
             connection = node.acquire_connection()
             try:
-                await set_up(connection, connection.connect, self.setup, deadline)
+                with until(deadline):  # the node's connections are ``with_setup``
+                    await connection.connect()
                 reply = (await _aexchange(connection, route.sent, route.undo))[-1]
             except (RedisConnectionError, RedisTimeoutError, asyncio.CancelledError):  # the deadline cancels
                 self._remap()
