@@ -714,3 +714,56 @@ def test_an_async_mapping_again_waits_for_the_setup_under_way_on_a_connection_it
         asyncio.run(scenario())
     finally:
         caller.delete(key)
+
+
+def test_the_end_of_an_event_loop_maps_nothing_again(
+    redis_cluster: RedisCluster, caller: redis.cluster.RedisCluster
+) -> None:
+    """``asyncio.run`` ending while an async cluster call waits for its reply cancels the call. That
+    cancellation mapped the cluster again, as the call's deadline does, in a task the ending loop never ran
+    to its end ("Task was destroyed but it is pending", "coroutine ... was never awaited"). A call cancelled
+    by its caller, before its deadline, says nothing of the node: nothing is mapped again."""
+    index = 0
+    key = name_on(redis_cluster, caller, index)
+    transport: AsyncCluster | None = None
+
+    async def main() -> None:
+        nonlocal transport
+        transport = AsyncCluster(
+            redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0]), 5.0
+        )
+        assert await transport.send([("INCRBY", key, 1)], time.monotonic() + 5.0) == [1]  # mapped, connected
+        redis_cluster.nodes[index].pause()
+        call = asyncio.ensure_future(transport.send([("INCRBY", key, 1)], time.monotonic() + 60.0))
+        for _ in range(10):  # it writes its command, and waits for the reply; the loop then ends
+            await asyncio.sleep(0)
+        assert not call.done()
+
+    async def cut() -> None:
+        """A call its deadline cuts short, on the same paused node, still has the cluster mapped again."""
+        transport = AsyncCluster(
+            redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0]), 5.0
+        )
+        try:
+            await transport.send([("INCRBY", key, 1)], time.monotonic() + 5.0)
+            redis_cluster.nodes[index].pause()
+            try:
+                deadline = time.monotonic() + TIMEOUT  # as the storage's calls: before their ``within``
+                with pytest.raises(asyncio.TimeoutError):
+                    await within(lambda: transport.send([("INCRBY", key, 1)], deadline), TIMEOUT)
+            finally:
+                redis_cluster.nodes[index].resume()
+            assert transport._remapping is not None
+            await transport._remapping
+        finally:
+            await transport.aclose()
+
+    try:
+        asyncio.run(main())
+        assert transport is not None
+        assert transport._remapping is None
+        redis_cluster.nodes[index].resume()
+        asyncio.run(cut())
+    finally:
+        redis_cluster.nodes[index].resume()
+        caller.delete(key)

@@ -529,8 +529,15 @@ class AsyncCluster:
                 with until(deadline):  # the node's connections are ``with_setup``
                     await connection.connect()
                 reply = (await _aexchange(connection, route.sent, route.undo))[-1]
-            except (RedisConnectionError, RedisTimeoutError, asyncio.CancelledError):  # the deadline cancels
+            except (RedisConnectionError, RedisTimeoutError):
                 self._remap()
+                raise
+            except asyncio.CancelledError:
+                # Its deadline (its caller's ``within``, which comes after ``deadline``) cut it short; a
+                # cancellation before that is its caller's (the end of the event loop, which would never run
+                # a mapping begun then to its end; a client gone), and says nothing of the node.
+                if time.monotonic() >= deadline:
+                    self._remap()
                 raise
             finally:
                 node.release(connection)
