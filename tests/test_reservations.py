@@ -168,6 +168,26 @@ def test_a_reservation_made_while_the_clock_is_behind_its_keys_window_settles_th
     assert not limiter.reserve("u", "m", input_tokens=10).allowed
 
 
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window", "sliding_log"])
+def test_a_reservation_of_no_tokens_made_while_the_clock_is_behind_settles_where_the_key_counts(
+    algorithm: str, storage: Storage, clock: FakeClock
+) -> None:
+    """A reservation that charges a rule nothing (an estimate of 0 tokens) still names, for that rule, the
+    time a charge would count at: after Redis' clock stepped back, the key's later window or newest log
+    entry, as memory, whose clock never goes back, counts it. Its overage lands there, counting as long as
+    the key's other units: not dropped (a fixed window: Redis' earlier window is not the key's), put in the
+    counter's previous window (weighing less, and gone a window early), or logged a second early (expiring
+    a second early)."""
+    clock.now = 1080.5  # window [1080, 1140)
+    limiter = tokens_limiter(storage, algorithm, tokens="100/minute")
+    limiter.reserve("u", "m", input_tokens=1).settle(1, 0)
+    clock.now = 1079.5  # window [1020, 1080)
+    limiter.reserve("u", "m", input_tokens=0).settle(0, 50)
+    clock.now = 1139.9  # the key's window, and its log's entries, still count
+    assert limiter.get_request_count("u", "m", unit="tokens") == 51
+    assert not limiter.reserve("u", "m", input_tokens=50).allowed
+
+
 def test_a_reservation_settles_each_key_where_it_was_charged_after_the_clock_stepped_back(
     algorithm: str, storage: Storage, clock: FakeClock
 ) -> None:
@@ -200,8 +220,9 @@ def test_a_reservation_settles_each_key_where_it_was_charged_after_the_clock_ste
     before = counts()
     limiter.reserve("u", "b", input_tokens=5).cancel()
     limiter.reserve("u", "b", input_tokens=10).settle(10, 80)
+    limiter.reserve("u", "b", input_tokens=0).settle(0, 5)  # charging nothing, each key still has a time
     after = counts()
-    assert [now - then for now, then in zip(after, before, strict=True)] == [90, 90, 90]
+    assert [now - then for now, then in zip(after, before, strict=True)] == [95, 95, 95]
     assert not limiter.reserve("u", "b", input_tokens=10).allowed  # the model's 100 tokens are used
     assert counts() == after
 

@@ -6,9 +6,8 @@
 --   with it), and for 'adjust' then the units that charge made (the cost it was reserved at). A rule with
 --   window 0 is a concurrency limit (concurrency.lua's leases).
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
--- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad)
--- (returning the time it charged at when that is later than now, see below),
--- adjust(key, state, limit, window, now, at, charged, delta, pad), refund(key, state, limit, window, now,
+-- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad),
+-- charged_at(state, window, now) (the time a charge made at now counts at, see below), adjust(key, state, limit, window, now, at, charged, delta, pad), refund(key, state, limit, window, now,
 -- at, cost, pad) and used(key, state, limit, window, now).
 --
 -- A batch runs the calls of one round trip in one script (coalescer.py), which spares Redis most of what
@@ -98,18 +97,22 @@ local function run(keys, call, clock)
   -- The time of the charge, where its settlement looks for it: now, for every rule. But a key's time never
   -- runs backwards, so after Redis' clock stepped back a charge may land later than now (a sliding log's at
   -- its newest entry, a window's in the key's later window, at its start), and other keys of the call at now:
-  -- the reply then names the time of each rule's charge (now for a rule it did not charge), in a list.
+  -- the reply then names the time of each rule's charge, in a list. A rule charged nothing (an estimate of 0
+  -- tokens) has a time too, where a charge would have landed: its settlement may charge an overage.
   local later
   if all_allow then
     for i = 1, #keys do
-      if amounts[i] > 0 and windows[i] == 0 then
-        lease_take(keys[i], lease_id, amounts[i], now, pad, call.lease)
-      elseif amounts[i] > 0 then
-        local at = commit(keys[i], states[i], limits[i], windows[i], now, amounts[i], pad)
-        if at and at > now then
+      if windows[i] ~= 0 and mode == 'reserve' then
+        local at = charged_at(states[i], windows[i], now)
+        if at > now then
           later = later or {}
           later[i] = at
         end
+      end
+      if amounts[i] > 0 and windows[i] == 0 then
+        lease_take(keys[i], lease_id, amounts[i], now, pad, call.lease)
+      elseif amounts[i] > 0 then
+        commit(keys[i], states[i], limits[i], windows[i], now, amounts[i], pad)
       end
     end
   end

@@ -30,12 +30,18 @@ local function evaluate(key, state, limit, window, now, cost)
   return 0, 0, to_next, to_next
 end
 
--- Counts the request in the key's current window; the time of the charge when that window is later than
--- now's (Redis' clock stepped back): its start, where the settlement finds it (see driver.lua).
+-- Counts the request in the key's current window.
 local function commit(key, state, limit, window, now, cost, pad)
   local k, units = current(state, window, now)
   redis.call('SET', key, string.format('%d:%d', k, units + cost), 'PX', ttl_ms((k + 1) * window - now, pad))
+end
+
+-- A charge at now counts in the key's current window: at its start when that window is later than now's
+-- (Redis' clock stepped back), where the settlement finds it (see driver.lua).
+local function charged_at(state, window, now)
+  local k = current(state, window, now)
   if k > floordiv(now, window) then return window_start(k, window) end
+  return now
 end
 
 -- A charge made at `at` moves by delta while its window is the key's current one (never below 0 nor above

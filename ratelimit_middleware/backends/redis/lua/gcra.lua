@@ -58,6 +58,11 @@ local function commit(key, state, limit, window, now, cost, pad)
   redis.call('SET', key, fmt(tat), 'PX', ttl_ms(tat - now, pad))
 end
 
+-- Every charge is made at now, behind the key's arrival time.
+local function charged_at(state, window, now)
+  return now
+end
+
 -- An overage is charged as if at `at`, behind the charge itself (`at + charged * interval` at the earliest, also
 -- once its key has drained and gone), and what has drained since stays drained, saturating one window ahead (a
 -- bucket is never more than empty), a window ahead of the charge's time at least: Redis' clock may have

@@ -110,21 +110,24 @@ local function rebase(key, now, window)
   return read_state(key)
 end
 
--- The time the request was logged at (the receipt of a reservation names it).
+-- The time a request at now is logged at (the receipt of a reservation names it): never before the newest
+-- entry (Redis' clock stepped back), so that the log stays in time order.
+local function charged_at(state, window, now)
+  if state and state.last_time > now then return state.last_time end
+  return now
+end
+
 local function commit(key, state, limit, window, now, cost, pad)
   if state and state.total > MAX_AMOUNT - cost then state = rebase(key, now, window) end
-  local total, at = 0, now
+  local at, total = charged_at(state, window, now), 0
   if state then
     total = state.total
-    -- Never log before the newest entry (Redis' clock stepped back): the log stays in time order.
-    if state.last_time > now then at = state.last_time end
     if state.first_time <= now - window then
       redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now - window))
     end
   end
   redis.call('ZADD', key, fmt(at), member(total, cost))
   redis.call('PEXPIRE', key, ttl_ms(at + window - now, pad))
-  return at
 end
 
 -- The entries logged at `at` settle as one (they expire together): an overage goes on the last of them (or

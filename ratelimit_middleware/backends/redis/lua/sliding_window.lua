@@ -56,12 +56,17 @@ local function evaluate(key, state, limit, window, now, cost)
   return 0, 0, wait, reset
 end
 
--- Counts the request in the key's current window; the time of the charge when that window is later than
--- now's (Redis' clock stepped back): its start, where the settlement finds it (see driver.lua).
+-- Counts the request in the key's current window.
 local function commit(key, state, limit, window, now, cost, pad)
-  local k, start, at, previous, units = counts(state, window, now)
+  local k, start, _, previous, units = counts(state, window, now)
   local value = string.format('%d:%d:%d', k, previous, units + cost)
   redis.call('SET', key, value, 'PX', ttl_ms(start + 2 * window - now, pad))
+end
+
+-- A charge at now counts in the key's current window: at its start when that window is later than now's
+-- (Redis' clock stepped back), where the settlement finds it (see driver.lua).
+local function charged_at(state, window, now)
+  local _, _, at = counts(state, window, now)
   return at
 end
 
