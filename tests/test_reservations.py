@@ -125,6 +125,22 @@ def test_a_gcra_overage_settled_while_the_clock_is_behind_its_charge_saturates_f
     assert not limiter.reserve("u", "m", input_tokens=45).allowed
 
 
+def test_a_gcra_overage_settled_once_its_bucket_drained_lands_as_on_a_bucket_gone(
+    storage: Storage, clock: FakeClock
+) -> None:
+    """A drained bucket (its arrival time passed) is the same as none, whether its key is still there or gone
+    (memory sweeps it now and then, Redis expires it at that time): an overage settled then is charged behind
+    the charge itself, from the reservation's time, not behind the arrival time the drained key still holds,
+    which counted the charges ahead of it again (70 instead of 40) while the key was kept."""
+    limiter = tokens_limiter(storage, "gcra", tokens="100/10 seconds")  # 10 tokens per second
+    limiter.reserve("u", "m", input_tokens=30).settle(30, 0)  # full again at 1003
+    reservation = limiter.reserve("u", "m", input_tokens=10)  # its charge ends at 1001 at the earliest
+    clock.now = 1005.0  # drained at 1004
+    reservation.settle(10, 80)  # 80 more from 1001: full again at 1009
+    assert limiter.get_request_count("u", "m", unit="tokens") == 40
+    assert limiter.reserve("u", "m", input_tokens=60).allowed
+
+
 def test_a_sliding_log_reservation_made_while_the_clock_is_behind_settles_where_it_was_logged(
     storage: Storage, clock: FakeClock
 ) -> None:

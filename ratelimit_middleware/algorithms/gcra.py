@@ -4,8 +4,9 @@ Units replenish evenly, one every ``window / limit`` seconds (the emission inter
 the whole limit: ``limit`` units can pass at once, then one more each ``T``. The state is the theoretical
 arrival time ``tat``: the time at which the bucket would be full again. A request of ``cost`` fits when
 ``max(tat, now) + cost * T - now <= window`` (up to the float rounding of the sums). In any interval of length
-``d`` it admits at most ``limit + d / T`` units. Settlements are conservative: never less than if the actual
-usage had been charged at the reservation's time.
+``d`` it admits at most ``limit + d / T`` units. Settlements are conservative while the bucket holds debt:
+never less than if the actual usage had been charged at the reservation's time. Once it drained, an overage
+lands from the end of its own charge, the charges ahead of it forgotten (the key no longer tells them).
 
 Time is a float, and so is every sum of intervals: a limit is refused (``ValueError``) whose slack of
 ``_SLACK`` of the window passes a tenth of a unit (above ``GCRA_MAX_LIMIT``), or whose interval is finer than
@@ -128,12 +129,14 @@ class GCRA(Algorithm[float]):
             # As if charged at `at`, behind the charge itself: the part of that debt that has drained since
             # stays drained. The charge ends at `at + charged * T` at the earliest, also when its key has
             # drained and gone since (swept, expired, deleted by a refund): without it the overage would
-            # land on an empty bucket at `at`, forgetting the charge ahead of it. A bucket is never more than
-            # empty: `tat` saturates one window ahead, as a window counter at its limit (a key many windows
-            # ahead would also outlive every idle key behind it in memory's sweep).
+            # land on an empty bucket at `at`, forgetting the charge ahead of it. A key drained but still
+            # there is the same as one gone (memory sweeps it at times, Redis expires it at `tat`), not a
+            # later end of the charge: the settlement never depends on when it goes. A bucket is never more
+            # than empty: `tat` saturates one window ahead, as a window counter at its limit (a key many
+            # windows ahead would also outlive every idle key behind it in memory's sweep).
             interval = self.interval
             tat = at + charged * interval
-            if state is not None and state > tat:
+            if state is not None and state > tat and state > now:
                 tat = state
             tat += delta * interval
             full = now + self.window

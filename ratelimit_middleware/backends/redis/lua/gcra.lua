@@ -64,7 +64,8 @@ local function charged_at(state, window, now)
 end
 
 -- An overage is charged as if at `at`, behind the charge itself (`at + charged * interval` at the earliest, also
--- once its key has drained and gone), and what has drained since stays drained, saturating one window ahead (a
+-- once its key has drained and gone: a key drained but not yet expired is the same as one gone, as in
+-- memory, which sweeps it at times), and what has drained since stays drained, saturating one window ahead (a
 -- bucket is never more than empty), a window ahead of the charge's time at least: Redis' clock may have
 -- stepped back since, and time never runs backwards for a key (memory's clock never does). A refund gives back
 -- only what of the charge cannot have drained yet: its units drain one per interval from `at` at the
@@ -74,7 +75,7 @@ local function adjust(key, state, limit, window, now, at, charged, delta, pad)
   local tat
   if delta >= 0 then
     tat = at + charged * interval
-    if state and state > tat then tat = state end
+    if state and state > tat and state > now then tat = state end
     tat = tat + delta * interval
     local full = now + window
     if at > now then full = at + window end
