@@ -24,7 +24,7 @@ from werkzeug.test import Client
 
 from ratelimit_middleware import MultiTierRateLimiter, RedisRateLimiter, RedisStorage
 from ratelimit_middleware.asgi import RateLimitMiddleware
-from ratelimit_middleware.backends.redis import CircuitBreaker
+from ratelimit_middleware.backends.redis import CircuitBreaker, deadlines
 from ratelimit_middleware.backends.redis.deadlines import NotRun, until, with_deadlines
 from ratelimit_middleware.backends.redis.transport import SyncPool
 from ratelimit_middleware.decision import Decision
@@ -284,6 +284,29 @@ def test_calls_that_wait_for_a_setup_the_process_is_too_busy_to_run_are_not_fail
     decision = limiter.check("u", "m")
     assert type(decision) is Decision and decision.allowed  # decided in Redis, on the connection set up
     assert limiter.get_request_count("u", "m") == 1
+    limiter.storage.close()
+
+
+def test_a_setup_whose_thread_cannot_start_leaves_no_setup_behind(
+    redis_server: RedisServer, breaker_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process out of threads: the call is not run (the policy answers it, the breaker does not count
+    it), and its connection keeps no setup that never ends, which every later call on it waited for until
+    its timeout (and a cluster mapped again, for ever)."""
+
+    def no_thread(*args: object) -> int:
+        raise RuntimeError("can't start new thread")
+
+    pool = redis.ConnectionPool(port=redis_server.port, max_connections=1)  # one connection: the same
+    limiter = make_limiter(redis.Redis(connection_pool=pool), "deny", breaker_clock)
+    with monkeypatch.context() as patched:
+        patched.setattr(deadlines._thread, "start_new_thread", no_thread)
+        outcome = timed(lambda: limiter.check("u", "m"))[0]
+    assert isinstance(outcome, RateLimiterUnavailable)
+    assert not limiter.storage.breaker.is_open
+    decisions = [limiter.check("u", "m") for _ in range(3)]
+    assert [type(decision) for decision in decisions] == [Decision] * 3
+    assert [decision.allowed for decision in decisions] == [True, True, False]
     limiter.storage.close()
 
 

@@ -244,11 +244,15 @@ class _Deadlines:
         if setup is None:
             if self._sock is not None:
                 return
-            setup = self._setup = Future()
+            setup = Future()
             # Not ``threading.Thread.start``, which waits for the thread to run: in a burst of calls, each
             # setting up a connection, that was a wait for the interpreter's lock, twice, before any wait of
             # the call's own.
-            _thread.start_new_thread(self._set_up, (setup,))
+            try:
+                _thread.start_new_thread(self._set_up, (setup,))
+            except RuntimeError as error:  # out of threads: kept, the setup would never end
+                raise NotRun(f"no thread could be started to set up a connection: {error}") from error
+            self._setup = setup
         if refused is not None:
             raise refused  # until the new setup ends
         waited = not setup.done()
