@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import inspect
 import re
-import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -273,7 +272,7 @@ class Endpoint:
                 self._check_cluster(client)
             elif scheme in ("redis", "rediss", "unix"):
                 url = f"{scheme}{separator}{rest}"
-                if "max_connections" in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query):
+                if "max_connections" in parse_qs(urlsplit(url).query):
                     raise _bad_url(client, _unknown_option("max_connections", "the limiter"))
                 try:
                     self._sync_pool = _pool_of(redis.ConnectionPool.from_url(url))

@@ -7,7 +7,8 @@
 --   window 0 is a concurrency limit (concurrency.lua's leases).
 -- An algorithm defines read_state(key), evaluate(key, state, limit, window, now, cost) returning
 -- (allowed 1/0, remaining, retry_after, reset_after), commit(key, state, limit, window, now, cost, pad),
--- charged_at(state, window, now) (the time a charge made at now counts at, see below), adjust(key, state, limit, window, now, at, charged, delta, pad), refund(key, state, limit, window, now,
+-- charged_at(state, window, now) (the time a charge made at now counts at, see below),
+-- adjust(key, state, limit, window, now, at, charged, delta, pad), refund(key, state, limit, window, now,
 -- at, cost, pad) and used(key, state, limit, window, now).
 --
 -- A batch runs the calls of one round trip in one script (coalescer.py), which spares Redis most of what
